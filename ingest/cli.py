@@ -1,0 +1,203 @@
+"""`recolor ingest ...` and `recolor lake ...`: argument parsing and printing, nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+
+from ingest.images import DEFAULT_MAX_PIXELS
+from ingest.lake import LAKE_ENV, Lake
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_bytes(text: str) -> int:
+    """'64MB', '1.5GiB', '500k', '1048576' to a byte count (powers of 1024)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: use e.g. 64MB, 1GB or a byte count")
+    number, unit, _ = match.groups()
+    return int(float(number) * 1024 ** " kmgt".index(unit.lower() or " "))
+
+
+def _categories(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def add_ingest_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "ingest",
+        help="turn an image set into a new version of a lake dataset",
+        description="Shard ImageNet, COCO or any image folder (local or s3://) into WebDataset tar shards of "
+        "precomputed Lab arrays, with a Parquet manifest, as a new immutable version of a lake dataset. "
+        "Re-running adds only new images; an interrupted run resumes.",
+    )
+    kinds = parser.add_subparsers(dest="kind", required=True, metavar="{imagenet,coco,folder}")
+    imagenet = kinds.add_parser("imagenet", help="ImageNet layout: train/<wnid>/*.JPEG (and val/)")
+    coco = kinds.add_parser("coco", help="COCO layout: <split>2017/*.jpg listed by an annotation JSON")
+    folder = kinds.add_parser("folder", help="any tree of images (jpg, png, webp, bmp, tif, gif)")
+    imagenet.add_argument(
+        "--source-split",
+        dest="imagenet_splits",
+        default="train",
+        type=lambda s: tuple(s.split(",")),
+        help="ImageNet folders to read: train, val or train,val (default: train)",
+    )
+    coco.add_argument("--annotations", required=True, help="COCO-format JSON (instances, panoptic or captions)")
+    coco.add_argument("--split", dest="coco_split", help="image folder, e.g. val2017 (default: from the JSON's name)")
+    coco.add_argument("--category", dest="categories", type=_categories, default=(), help="e.g. person,dog")
+    for sub in (imagenet, coco, folder):
+        sub.add_argument("source", help="source root: a local folder or s3://bucket/prefix")
+        sub.add_argument("--dataset", required=True, help="lake dataset to create or extend, e.g. imagenet-5k")
+        sub.add_argument("--lake", help=f"lake URI: a folder or s3://bucket/prefix (default: ${LAKE_ENV}, else ./lake)")
+        sub.add_argument("--size", type=int, default=256, help="output side in pixels (default: 256)")
+        sub.add_argument(
+            "--resize",
+            choices=("cover", "squash"),
+            default="cover",
+            help="cover: shorter side to --size then center crop (default); squash: plain resize, as the recipe",
+        )
+        sub.add_argument("--limit", type=int, help="ingest at most N images (ImageNet: spread evenly over classes)")
+        sub.add_argument("--seed", type=int, default=0, help="seed of the --limit subset (default: 0)")
+        sub.add_argument("--val-fraction", type=float, default=0.2, help="validation share (default: 0.2)")
+        sub.add_argument("--shard-size", type=parse_bytes, default="64MB", help="target training shard size")
+        sub.add_argument(
+            "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images (decompression bombs)"
+        )
+        sub.add_argument("--workers", type=int, help="CPUs of the local Ray instance (default: all)")
+        sub.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else local)")
+        sub.add_argument("--no-ray", dest="use_ray", action="store_false", help="run in this process (debugging)")
+        sub.add_argument("--json", action="store_true", help="print the summary as JSON")
+        sub.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+        sub.set_defaults(handler=run_ingest_command)
+
+
+def run_ingest_command(args) -> int:
+    from ingest.run import IngestConfig, run_ingest
+
+    config = IngestConfig(
+        kind=args.kind,
+        source=args.source,
+        dataset=args.dataset,
+        lake=args.lake,
+        size=args.size,
+        resize=args.resize,
+        limit=args.limit,
+        seed=args.seed,
+        val_fraction=args.val_fraction,
+        shard_size=args.shard_size,
+        max_pixels=args.max_pixels,
+        annotations=getattr(args, "annotations", None),
+        coco_split=getattr(args, "coco_split", None),
+        categories=getattr(args, "categories", ()),
+        imagenet_splits=getattr(args, "imagenet_splits", ("train",)),
+        workers=args.workers,
+        ray_address=args.ray_address,
+        use_ray=args.use_ray,
+        progress=args.progress and not args.json,
+    )
+    summary = run_ingest(config)
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=2))
+        return 0
+    rejected = ", ".join(f"{reason} {count}" for reason, count in summary.rejected.items()) or "none"
+    rate = summary.listed / summary.seconds if summary.seconds else 0.0
+    print(
+        f"listed {summary.listed}, ingested {summary.ingested}, duplicates {summary.duplicates}, "
+        f"rejected: {rejected}  ({summary.seconds:.1f} s, {rate:.1f} img/s)"
+    )
+    if summary.resumed_chunks:
+        print(f"resumed: {summary.resumed_chunks} chunk(s) were already done by an earlier run")
+    if summary.version is None:
+        where = f"{summary.dataset}@{summary.parent}" if summary.parent else summary.dataset
+        print(f"nothing new: {where} already holds every image of this source; no version written")
+    else:
+        counts = ", ".join(f"{split} {n}" for split, n in summary.counts.items())
+        print(f"committed {summary.dataset}@{summary.version} ({counts})")
+    return 0
+
+
+def add_lake_parser(subparsers) -> None:
+    parser = subparsers.add_parser("lake", help="list and inspect lake datasets and versions")
+    commands = parser.add_subparsers(dest="lake_command", required=True)
+    ls = commands.add_parser("ls", help="list datasets with their latest version and counts")
+    show = commands.add_parser("show", help="show one version: counts, bytes, shards, rejects, history")
+    show.add_argument("ref", metavar="NAME[@VERSION]", help="dataset, optionally @version (default: latest)")
+    show.add_argument("--rejects", type=int, default=5, metavar="N", help="list N rejected files (default: 5)")
+    for sub in (ls, show):
+        sub.add_argument("--lake", help=f"lake URI (default: ${LAKE_ENV}, else ./lake)")
+        sub.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.set_defaults(handler=run_lake_ls)
+    show.set_defaults(handler=run_lake_show)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def run_lake_ls(args) -> int:
+    lake = Lake(args.lake)
+    lake.check()
+    rows = []
+    for dataset in lake.datasets():
+        ref = lake.resolve(dataset)
+        rows.append(
+            {
+                "dataset": dataset,
+                "latest": ref.version,
+                "versions": len(lake.versions(dataset)),
+                "counts": ref.record["counts"],
+                "bytes": sum(ref.record["bytes"].values()),
+                "created": ref.record["created"],
+            }
+        )
+    if args.json:
+        print(json.dumps({"lake": lake.storage.root_uri, "datasets": rows}, indent=2))
+        return 0
+    if not rows:
+        print(f"no datasets in {lake.storage.root_uri} (create one with `recolor ingest`)")
+        return 0
+    print(f"lake {lake.storage.root_uri}")
+    print(f"{'dataset':<24} {'latest':>6} {'train':>8} {'val':>7} {'size':>10}  created")
+    for row in rows:
+        counts = row["counts"]
+        print(
+            f"{row['dataset']:<24} {'@' + str(row['latest']):>6} {counts.get('train', 0):>8} {counts.get('val', 0):>7} "
+            f"{_human(row['bytes']):>10}  {row['created']}"
+        )
+    return 0
+
+
+def run_lake_show(args) -> int:
+    lake = Lake(args.lake)
+    lake.check()
+    ref = lake.resolve(args.ref)
+    summary = lake.summary(ref)
+    rejects = lake.rejects(ref).to_pylist()
+    if args.json:
+        print(json.dumps(summary | {"rejects": rejects[: args.rejects]}, indent=2))
+        return 0
+    stats = summary["stats"]
+    print(f"{ref.ref}  ({summary['uri']})")
+    print(f"  created   {summary['created']}   parent: {summary['parent'] or '-'}")
+    print(f"  samples   {summary['size']}x{summary['size']} {summary['resize']}, encoding {summary['encoding']}")
+    for split in ("train", "val"):
+        count = summary["counts"].get(split, 0)
+        print(f"  {split:<6}    {count:>8} samples  {summary['shards'].get(split, 0):>4} shards  "
+              f"{_human(summary['bytes'].get(split, 0)):>10}")
+    print(f"  this ingest: listed {stats['listed']}, ingested {stats['ingested']}, duplicates {stats['duplicates']}")
+    for reason, count in stats["rejected"].items():
+        print(f"    rejected {reason:<14} {count}")
+    for reject in rejects[: args.rejects]:
+        print(f"      {reject['reason']:<12} {reject['source_uri']}  ({reject['detail']})")
+    print("  sources:")
+    for source in summary["sources"]:
+        print(f"    {source['kind']:<9} {source['root']}  ({source['ingested']} ingested, ingest {source['ingest_id']})")
+    print(f"  versions  {', '.join(map(str, summary['versions']))}")
+    print(f"  manifest  sha256 {summary['manifest_sha256'][:16]}...")
+    return 0

@@ -1,0 +1,212 @@
+"""The lake's catalog: datasets, immutable versions, manifests and rejects.
+
+Layout below the lake root (a local folder or s3://bucket/prefix):
+
+    <dataset>/versions/<NNNNNN>.json                  version record: the commit point
+    <dataset>/ingests/<ingest_id>/shards/<split>-<ingest_id>-<NNNNNN>.tar
+    <dataset>/ingests/<ingest_id>/chunks/<NNNNNN>.json   per-shard results, for resuming
+    <dataset>/ingests/<ingest_id>/manifest-p<parent>.parquet
+    <dataset>/ingests/<ingest_id>/rejects.parquet
+
+A version exists once its record exists, and the record is written last, create-exclusive:
+readers list `versions/` and never see a version whose shards or manifest are incomplete.
+A version's manifest holds every sample of its parent plus the new ones, and its record lists
+every shard it uses (shards are shared with earlier versions, never copied or rewritten).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ingest.storage import Storage, StorageError, open_storage
+
+LAKE_ENV = "RECOLOR_LAKE"
+DEFAULT_LAKE = "lake"
+SPLITS = ("train", "val")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("split", pa.string()),
+        ("shard", pa.string()),
+        ("index_in_shard", pa.int32()),
+        ("source_dataset", pa.string()),
+        ("source_uri", pa.string()),
+        ("sha256", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("label", pa.string()),
+        ("label_name", pa.string()),
+        ("coco_id", pa.int64()),
+        ("categories", pa.list_(pa.string())),
+        ("ingest_id", pa.string()),
+    ]
+)
+REJECTS_SCHEMA = pa.schema(
+    [("source_uri", pa.string()), ("reason", pa.string()), ("detail", pa.string()), ("ingest_id", pa.string())]
+)
+
+
+class LakeError(RuntimeError):
+    """A lake, dataset or version is missing or malformed; the message says what to do."""
+
+
+def resolve_lake_uri(uri: str | None) -> str:
+    """The lake to use: the argument, else $RECOLOR_LAKE, else ./lake (the embedded default)."""
+    return uri or os.environ.get(LAKE_ENV) or DEFAULT_LAKE
+
+
+def validate_name(name: str, what: str = "dataset name") -> str:
+    """Refuse names that could escape the lake as paths or object keys."""
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+        raise LakeError(
+            f"invalid {what} {name!r}: use letters, digits, '.', '_' and '-' (starting with a letter or digit, "
+            "no '..', at most 128 characters)"
+        )
+    return name
+
+
+def parse_dataset_ref(ref: str) -> tuple[str, int | None]:
+    """`NAME` or `NAME@VERSION` (VERSION a number or `latest`) to (name, version or None)."""
+    name, _, version = ref.partition("@")
+    validate_name(name)
+    if not version or version == "latest":
+        return name, None
+    try:
+        number = int(version.lstrip("v"))
+    except ValueError:
+        raise LakeError(f"invalid version {version!r} in {ref!r}: use NAME@N (a number) or NAME@latest") from None
+    if number < 1:
+        raise LakeError(f"invalid version {version!r} in {ref!r}: versions start at 1")
+    return name, number
+
+
+def version_key(dataset: str, version: int) -> str:
+    return f"{dataset}/versions/{version:06d}.json"
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def table_to_parquet(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class VersionRef:
+    dataset: str
+    version: int
+    record: dict
+
+    @property
+    def ref(self) -> str:
+        return f"{self.dataset}@{self.version}"
+
+
+class Lake:
+    """Read access to a lake, plus the commit of new versions (used by ingest)."""
+
+    def __init__(self, uri: str | None = None, storage: Storage | None = None):
+        self.uri = resolve_lake_uri(uri)
+        try:
+            self.storage = storage or open_storage(self.uri)
+        except StorageError as e:
+            raise LakeError(f"bad lake URI {self.uri!r}: {e}") from None
+
+    def check(self) -> None:
+        """Fail early on an unreachable lake or bad credentials."""
+        self.storage.check_access()
+
+    def datasets(self) -> list[str]:
+        return [name for name in self.storage.list_children("") if self.versions(name)]
+
+    def versions(self, dataset: str) -> list[int]:
+        validate_name(dataset)
+        numbers = []
+        for obj in self.storage.list(f"{dataset}/versions"):
+            name = obj.key.rsplit("/", 1)[-1]
+            if name.endswith(".json") and name[:-5].isdigit():
+                numbers.append(int(name[:-5]))
+        return sorted(numbers)
+
+    def latest_version(self, dataset: str) -> int | None:
+        versions = self.versions(dataset)
+        return versions[-1] if versions else None
+
+    def resolve(self, ref: str) -> VersionRef:
+        """Find `NAME[@VERSION]` (latest when no version is given) and load its record."""
+        dataset, version = parse_dataset_ref(ref)
+        if version is None:
+            version = self.latest_version(dataset)
+            if version is None:
+                known = ", ".join(self.datasets()) or "none"
+                raise LakeError(
+                    f"dataset {dataset!r} has no versions in lake {self.uri} (datasets there: {known}); "
+                    "run `recolor ingest` first"
+                )
+        try:
+            record = json.loads(self.storage.read_bytes(version_key(dataset, version)))
+        except FileNotFoundError:
+            have = ", ".join(map(str, self.versions(dataset))) or "none"
+            raise LakeError(f"{dataset}@{version} does not exist in lake {self.uri} (versions: {have})") from None
+        return VersionRef(dataset, version, record)
+
+    def manifest(self, ref: VersionRef) -> pa.Table:
+        return self._read_table(ref, ref.record["manifest"], MANIFEST_SCHEMA)
+
+    def rejects(self, ref: VersionRef) -> pa.Table:
+        return self._read_table(ref, ref.record["rejects"], REJECTS_SCHEMA)
+
+    def _read_table(self, ref: VersionRef, key: str, schema: pa.Schema) -> pa.Table:
+        if not key:
+            return schema.empty_table()
+        data = self.storage.read_bytes(f"{ref.dataset}/{key}")
+        return pq.read_table(io.BytesIO(data))
+
+    def shard_uri(self, dataset: str, shard: str) -> str:
+        return self.storage.uri(f"{dataset}/{shard}")
+
+    def shards(self, ref: VersionRef, split: str) -> list[dict]:
+        """The version's shards of one split: [{"path", "uri", "count", "bytes"}], in order."""
+        return [
+            dict(entry, uri=self.shard_uri(ref.dataset, entry["path"]))
+            for entry in ref.record["shards"].get(split, [])
+        ]
+
+    def commit_version(self, dataset: str, version: int, record: dict) -> None:
+        """Publish a version: create-exclusive write of its record (raises AlreadyExistsError on a race)."""
+        data = json.dumps(record, indent=2, sort_keys=True).encode()
+        self.storage.put_if_absent(version_key(dataset, version), data)
+
+    def summary(self, ref: VersionRef) -> dict:
+        """What `lake show` prints: counts and bytes per split, stats, reject reasons, versions."""
+        record = ref.record
+        return {
+            "dataset": ref.dataset,
+            "version": ref.version,
+            "uri": self.storage.uri(version_key(ref.dataset, ref.version)),
+            "created": record["created"],
+            "parent": record.get("parent"),
+            "counts": record["counts"],
+            "bytes": record["bytes"],
+            "shards": {split: len(entries) for split, entries in record["shards"].items()},
+            "size": record["size"],
+            "resize": record["resize"],
+            "encoding": record["encoding"]["name"],
+            "stats": record["stats"],
+            "manifest_sha256": record["manifest_sha256"],
+            "sources": record.get("sources", []),
+            "versions": self.versions(ref.dataset),
+        }

@@ -1,0 +1,509 @@
+"""Ingest: list a source, turn its images into Lab shards with Ray tasks, commit a lake version.
+
+The work is split into chunks, one chunk per pair of shards (train and val). A chunk task
+reads each image once: it hashes the bytes (the sample key and the split come from the
+content hash, so they are the same in every run), skips content the dataset already has,
+decodes, converts to Lab, sets gray photos aside, and writes its shards. It then writes a
+small result record; a rerun with the same arguments finds those records and skips the
+finished chunks, so an interrupted ingest resumes where it stopped.
+
+When every chunk is done the driver merges the results with the parent version (dropping
+content that two chunks or a concurrent ingest both brought), writes the manifest and
+rejects tables, and commits the version record last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+
+from ingest import faults
+from ingest.images import DEFAULT_MAX_PIXELS, RESIZE_MODES, ImageRejected, decode_image, is_grayscale, mean_chroma
+from ingest.lab import ENCODING, rgb8_to_lab8
+from ingest.lake import (
+    MANIFEST_SCHEMA,
+    REJECTS_SCHEMA,
+    Lake,
+    LakeError,
+    sha256_hex,
+    table_to_parquet,
+    validate_name,
+)
+from ingest.shards import ShardWriter, filter_shard
+from ingest.sources import SourceItem, list_coco, list_folder, list_imagenet, select_subset
+from ingest.storage import AlreadyExistsError, local_temp_dir, open_storage, read_uri
+
+SOURCE_KINDS = ("imagenet", "coco", "folder")
+KEY_LENGTH = 20  # hex digits of the content SHA-256 that name a sample: 80 bits, no collisions in practice
+COMMIT_ATTEMPTS = 5
+
+
+@dataclass
+class IngestConfig:
+    """Everything that decides what an ingest writes (and so its ingest id), plus how it runs."""
+
+    kind: str  # "imagenet", "coco" or "folder"
+    source: str  # the source root: a local path or s3://bucket/prefix
+    dataset: str  # the lake dataset to create or extend
+    lake: str | None = None  # lake URI; None: $RECOLOR_LAKE, else ./lake
+    size: int = 256  # output side in pixels
+    resize: str = "cover"  # "cover": shorter side to size, center crop; "squash": plain resize (the recipe's)
+    limit: int | None = None  # take at most this many images (spread evenly across ImageNet classes)
+    seed: int = 0  # seed of the --limit subset
+    val_fraction: float = 0.2  # share of samples in the validation split, decided by content hash
+    shard_size: int = 64 * 2**20  # target bytes of a training shard
+    max_pixels: int = DEFAULT_MAX_PIXELS  # refuse larger images (decompression bombs)
+    annotations: str | None = None  # COCO: the annotation JSON
+    coco_split: str | None = None  # COCO: image folder, e.g. val2017 (default: from the JSON's name)
+    categories: tuple[str, ...] = ()  # COCO: keep images with one of these categories
+    imagenet_splits: tuple[str, ...] = ("train",)  # ImageNet: source folders to read
+    workers: int | None = None  # CPUs of the local Ray instance (default: all)
+    ray_address: str | None = None  # a Ray cluster to run on; None: $RAY_ADDRESS, else a local instance
+    use_ray: bool = True  # False runs every chunk in this process (debugging, benchmarks)
+    progress: bool = True  # show a progress bar
+
+    def __post_init__(self):
+        if self.kind not in SOURCE_KINDS:
+            raise ValueError(f"kind must be one of {SOURCE_KINDS}, got {self.kind!r}")
+        validate_name(self.dataset)
+        if not 16 <= self.size <= 4096:
+            raise ValueError(f"size must be between 16 and 4096 pixels, got {self.size}")
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be at least 1, got {self.limit}")
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be positive, got {self.shard_size}")
+        if self.kind == "coco" and not self.annotations:
+            raise ValueError("a COCO source needs --annotations FILE (a COCO-format JSON)")
+
+    @property
+    def images_per_chunk(self) -> int:
+        sample_bytes = 3 * self.size * self.size + 1536  # npy array + header + JSON + tar headers
+        train_samples = max(1, self.shard_size // sample_bytes)
+        return max(1, round(train_samples / (1.0 - self.val_fraction)))
+
+
+@dataclass
+class ChunkSpec:
+    """One Ray task's work: these items into the shards numbered `index`."""
+
+    lake_uri: str
+    dataset: str
+    ingest_id: str
+    index: int
+    items: list[SourceItem]
+    kind: str
+    size: int
+    resize: str
+    val_fraction: float
+    max_pixels: int
+
+    @property
+    def result_key(self) -> str:
+        return f"{self.dataset}/ingests/{self.ingest_id}/chunks/{self.index:06d}.json"
+
+    def shard_path(self, split: str) -> str:
+        """Shard path relative to the dataset folder."""
+        return f"ingests/{self.ingest_id}/shards/{split}-{self.ingest_id}-{self.index:06d}.tar"
+
+
+@dataclass
+class IngestSummary:
+    dataset: str
+    version: int | None  # None when nothing new was found
+    parent: int | None
+    ingest_id: str
+    listed: int
+    ingested: int
+    duplicates: int
+    rejected: dict[str, int] = field(default_factory=dict)  # reason -> count, "grayscale" included
+    counts: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    resumed_chunks: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def list_source(config: IngestConfig) -> list[SourceItem]:
+    """List the configured source and apply --limit; raises SourceError on a bad source."""
+    if config.kind == "imagenet":
+        items = list_imagenet(config.source, config.imagenet_splits)
+    elif config.kind == "coco":
+        items = list_coco(config.source, config.annotations, config.coco_split, config.categories)
+    else:
+        items = list_folder(config.source)
+    return select_subset(items, config.limit, config.seed, by_label=config.kind == "imagenet")
+
+
+def ingest_id_for(config: IngestConfig, items: list[SourceItem]) -> str:
+    """Deterministic id of an ingest: same arguments and same listing give the same id (so it resumes)."""
+    fields = {
+        "dataset": config.dataset,
+        "kind": config.kind,
+        "size": config.size,
+        "resize": config.resize,
+        "val_fraction": config.val_fraction,
+        "shard_size": config.shard_size,
+        "max_pixels": config.max_pixels,
+        "items": [item.uri for item in items],
+    }
+    return sha256_hex(json.dumps(fields, sort_keys=True).encode())[:12]
+
+
+def split_for(sha256: str, val_fraction: float) -> str:
+    """The sample's split from its content hash: every run, and every re-ingest, agrees."""
+    return "val" if int(sha256[-8:], 16) / 2**32 < val_fraction else "train"
+
+
+def _metadata(item: SourceItem, key: str, sha: str, split: str, width: int, height: int, kind: str) -> dict:
+    return {
+        "key": key,
+        "sha256": sha,
+        "split": split,
+        "source_dataset": kind,
+        "source_name": item.name,
+        "width": width,
+        "height": height,
+        "label": item.label,
+        "label_name": item.label_name,
+        "coco_id": item.coco_id,
+        "categories": list(item.categories),
+    }
+
+
+def process_chunk(spec: ChunkSpec, known_keys: frozenset[str] | set[str]) -> dict:
+    """Turn one chunk of source images into shards; returns (and stores) the chunk's result record.
+
+    Args:
+        spec: the chunk's items and the ingest's parameters.
+        known_keys: sample keys the dataset already holds (skipped as duplicates).
+
+    Returns:
+        {"index", "rows": manifest rows, "rejects": reject rows, "duplicates", "shards": {split: {...}}}
+    """
+    storage = open_storage(spec.lake_uri)
+    try:
+        return json.loads(storage.read_bytes(spec.result_key)) | {"resumed": True}
+    except FileNotFoundError:
+        pass
+    temp_dir = Path(local_temp_dir())
+    writers = {split: ShardWriter(temp_dir / f"{split}.tar") for split in ("train", "val")}
+    rows: list[dict] = []
+    rejects: list[dict] = []
+    duplicates = 0
+    seen: set[str] = set()
+    try:
+        for item in spec.items:
+            try:
+                data = read_uri(item.uri)
+            except FileNotFoundError:
+                rejects.append({"source_uri": item.uri, "reason": "missing", "detail": "listed but not found"})
+                continue
+            except (OSError, RuntimeError) as e:
+                rejects.append({"source_uri": item.uri, "reason": "unreadable", "detail": f"{type(e).__name__}: {e}"})
+                continue
+            sha = sha256_hex(data)
+            key = sha[:KEY_LENGTH]
+            if key in known_keys or key in seen:
+                duplicates += 1
+                continue
+            seen.add(key)
+            try:
+                decoded = decode_image(data, spec.size, spec.resize, spec.max_pixels)
+            except ImageRejected as e:
+                rejects.append({"source_uri": item.uri, "reason": e.reason, "detail": e.detail})
+                continue
+            lab8 = rgb8_to_lab8(decoded.rgb)
+            if is_grayscale(decoded.source_mode, lab8):
+                detail = f"mode {decoded.source_mode}, mean chroma {mean_chroma(lab8):.2f}"
+                rejects.append({"source_uri": item.uri, "reason": "grayscale", "detail": detail})
+                continue
+            split = split_for(sha, spec.val_fraction)
+            writer = writers[split]
+            meta = _metadata(item, key, sha, split, decoded.width, decoded.height, spec.kind)
+            rows.append(
+                {
+                    "key": key,
+                    "split": split,
+                    "shard": spec.shard_path(split),
+                    "index_in_shard": writer.count,
+                    "source_dataset": spec.kind,
+                    "source_uri": item.uri,
+                    "sha256": sha,
+                    "width": decoded.width,
+                    "height": decoded.height,
+                    "label": item.label,
+                    "label_name": item.label_name,
+                    "coco_id": item.coco_id,
+                    "categories": list(item.categories),
+                    "ingest_id": spec.ingest_id,
+                }
+            )
+            writer.write(key, lab8, meta)
+        shards = {}
+        for split, writer in writers.items():
+            count = writer.close()
+            if count:
+                faults.maybe_fail("shard_upload")
+                storage.upload_file(f"{spec.dataset}/{spec.shard_path(split)}", writer.path)
+                shards[split] = {"path": spec.shard_path(split), "count": count, "bytes": writer.path.stat().st_size}
+    finally:
+        for writer in writers.values():
+            writer.close()
+            writer.path.unlink(missing_ok=True)
+        temp_dir.rmdir()
+    for reject in rejects:
+        reject["ingest_id"] = spec.ingest_id
+    result = {"index": spec.index, "rows": rows, "rejects": rejects, "duplicates": duplicates, "shards": shards}
+    faults.maybe_fail("chunk_result")
+    storage.write_bytes(spec.result_key, json.dumps(result).encode())
+    return result
+
+
+def run_ingest(config: IngestConfig) -> IngestSummary:
+    """Ingest a source into a new version of `config.dataset`.
+
+    Checks the lake and the source before writing anything; then runs one task per chunk
+    (on Ray unless `use_ray` is False), merges and commits.
+
+    Raises:
+        SourceError, LakeError, StorageError: bad source, lake or credentials (nothing written).
+    """
+    started = time.perf_counter()
+    lake = Lake(config.lake)
+    lake.check()
+    items = list_source(config)
+    parent = lake.latest_version(config.dataset)
+    parent_ref = lake.resolve(f"{config.dataset}@{parent}") if parent else None
+    if parent_ref is not None:
+        _check_compatible(parent_ref.record, config)
+    known = frozenset(lake.manifest(parent_ref).column("key").to_pylist()) if parent_ref else frozenset()
+
+    ingest_id = ingest_id_for(config, items)
+    per_chunk = config.images_per_chunk
+    specs = [
+        ChunkSpec(
+            lake_uri=lake.storage.root_uri,
+            dataset=config.dataset,
+            ingest_id=ingest_id,
+            index=start // per_chunk,
+            items=items[start : start + per_chunk],
+            kind=config.kind,
+            size=config.size,
+            resize=config.resize,
+            val_fraction=config.val_fraction,
+            max_pixels=config.max_pixels,
+        )
+        for start in range(0, len(items), per_chunk)
+    ]
+    results = _run_chunks(specs, known, config)
+    resumed = sum(1 for r in results if r.get("resumed"))
+    return _commit(lake, config, ingest_id, items, results, started, resumed)
+
+
+def _check_compatible(record: dict, config: IngestConfig) -> None:
+    if record["size"] != config.size or record["resize"] != config.resize:
+        raise LakeError(
+            f"{record['dataset']}@{record['version']} holds {record['size']}px '{record['resize']}' samples; "
+            f"this ingest asks for {config.size}px '{config.resize}': use the same --size/--resize or a new --dataset"
+        )
+
+
+def _progress_bar(config: IngestConfig, total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="img", desc=f"ingest {config.dataset}", disable=not config.progress, smoothing=0.1)
+
+
+def _run_chunks(specs: list[ChunkSpec], known: frozenset[str], config: IngestConfig) -> list[dict]:
+    results: list[dict] = []
+    stats: Counter = Counter()
+    with _progress_bar(config, sum(len(s.items) for s in specs)) as bar:
+
+        def done(spec: ChunkSpec, result: dict) -> None:
+            results.append(result)
+            stats["ok"] += len(result["rows"])
+            stats["dup"] += result["duplicates"]
+            stats["rejected"] += len(result["rejects"])
+            bar.set_postfix(stats, refresh=False)
+            bar.update(len(spec.items))
+
+        if not config.use_ray:
+            for spec in specs:
+                done(spec, process_chunk(spec, known))
+        else:
+            import ray
+
+            from ingest.ray_util import ensure_ray
+
+            with ensure_ray(config.ray_address, config.workers):
+                remote = ray.remote(num_cpus=1, max_retries=3)(process_chunk)
+                known_ref = ray.put(known)
+                pending = {remote.remote(spec, known_ref): spec for spec in specs}
+                while pending:
+                    ready, _ = ray.wait(list(pending), num_returns=1)
+                    for ref in ready:
+                        done(pending.pop(ref), ray.get(ref))
+    return sorted(results, key=lambda r: r["index"])
+
+
+def _dedup_and_rewrite(lake: Lake, dataset: str, results: list[dict], base_keys: frozenset[str]) -> tuple[list, int]:
+    """Drop samples whose content is already in `base_keys` or in an earlier chunk; rewrite their shards.
+
+    Chunks deduplicate within themselves; two chunks (or a concurrent ingest) holding the same
+    photo is rare, and rewriting the few affected shards keeps shards and manifest in agreement.
+    Returns the kept rows (with shard positions updated) and the number of dropped duplicates.
+    """
+    seen = set(base_keys)
+    kept_rows: list[dict] = []
+    dropped = 0
+    for result in results:
+        by_shard: dict[str, list[dict]] = {}
+        shard_dropped: set[str] = set()
+        for row in result["rows"]:
+            if row["key"] in seen:
+                dropped += 1
+                shard_dropped.add(row["shard"])
+                continue
+            seen.add(row["key"])
+            by_shard.setdefault(row["shard"], []).append(row)
+        for split, shard in list(result["shards"].items()):
+            rows = by_shard.get(shard["path"], [])
+            if shard["path"] in shard_dropped:
+                shard.update(_rewrite_shard(lake, dataset, shard["path"], {r["key"] for r in rows}))
+                if not rows:
+                    del result["shards"][split]
+            for index, row in enumerate(rows):
+                kept_rows.append(dict(row, index_in_shard=index))
+    return kept_rows, dropped
+
+
+def _rewrite_shard(lake: Lake, dataset: str, path: str, keep: set[str]) -> dict:
+    key = f"{dataset}/{path}"
+    temp_dir = Path(local_temp_dir())
+    temp = temp_dir / "shard.tar"
+    try:
+        with lake.storage.open_read(key) as source:
+            count = filter_shard(source, temp, keep)
+        if count:
+            lake.storage.upload_file(key, temp)
+        return {"count": count, "bytes": temp.stat().st_size}
+    finally:
+        temp.unlink(missing_ok=True)
+        temp_dir.rmdir()
+
+
+def _commit(lake, config, ingest_id, items, results, started, resumed) -> IngestSummary:
+    rejects = [reject for result in results for reject in result["rejects"]]
+    reasons = Counter(reject["reason"] for reject in rejects)
+    chunk_duplicates = sum(result["duplicates"] for result in results)
+    dataset_prefix = f"{config.dataset}/ingests/{ingest_id}"
+    rejects_path = f"ingests/{ingest_id}/rejects.parquet"
+    lake.storage.write_bytes(
+        f"{config.dataset}/{rejects_path}", table_to_parquet(pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA))
+    )
+    for _ in range(COMMIT_ATTEMPTS):
+        parent = lake.latest_version(config.dataset)
+        parent_ref = lake.resolve(f"{config.dataset}@{parent}") if parent else None
+        parent_table = lake.manifest(parent_ref) if parent_ref else MANIFEST_SCHEMA.empty_table()
+        base_keys = frozenset(parent_table.column("key").to_pylist())
+        rows, dropped = _dedup_and_rewrite(lake, config.dataset, results, base_keys)
+        summary = IngestSummary(
+            dataset=config.dataset,
+            version=None,
+            parent=parent,
+            ingest_id=ingest_id,
+            listed=len(items),
+            ingested=len(rows),
+            duplicates=chunk_duplicates + dropped,
+            rejected=dict(sorted(reasons.items())),
+            resumed_chunks=resumed,
+        )
+        if not rows:
+            summary.counts = dict(parent_ref.record["counts"]) if parent_ref else {}
+            summary.seconds = time.perf_counter() - started
+            return summary
+        faults.maybe_fail("manifest")
+        manifest = pa.concat_tables([parent_table, pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)])
+        manifest_bytes = table_to_parquet(manifest)
+        manifest_path = f"ingests/{ingest_id}/manifest-p{parent or 0}.parquet"
+        lake.storage.write_bytes(f"{config.dataset}/{manifest_path}", manifest_bytes)
+        version = (parent or 0) + 1
+        record = _version_record(config, version, parent_ref, ingest_id, items, results, summary)
+        record.update(manifest=manifest_path, manifest_sha256=sha256_hex(manifest_bytes), rejects=rejects_path)
+        faults.maybe_fail("commit")
+        try:
+            lake.commit_version(config.dataset, version, record)
+        except AlreadyExistsError:
+            continue  # another ingest took this number: merge with its version and try the next
+        summary.version = version
+        summary.counts = record["counts"]
+        summary.seconds = time.perf_counter() - started
+        return summary
+    raise LakeError(
+        f"could not commit a version of {config.dataset} after {COMMIT_ATTEMPTS} attempts: other ingests keep "
+        f"committing; rerun this command (finished shards under {lake.storage.uri(dataset_prefix)} are kept)"
+    )
+
+
+def _version_record(config, version, parent_ref, ingest_id, items, results, summary) -> dict:
+    shards = {split: list(parent_ref.record["shards"].get(split, [])) if parent_ref else [] for split in ("train", "val")}
+    for result in results:
+        for split, shard in sorted(result["shards"].items()):
+            shards[split].append(shard)
+    counts = {split: sum(s["count"] for s in entries) for split, entries in shards.items()}
+    sizes = {split: sum(s["bytes"] for s in entries) for split, entries in shards.items()}
+    rejected = Counter(summary.rejected)
+    source = {
+        "kind": config.kind,
+        "root": config.source,
+        "annotations": config.annotations,
+        "listed": len(items),
+        "ingested": summary.ingested,
+        "ingest_id": ingest_id,
+    }
+    return {
+        "format": "recolor-lake-v1",
+        "dataset": config.dataset,
+        "version": version,
+        "parent": parent_ref.version if parent_ref else None,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "ingest_id": ingest_id,
+        "encoding": ENCODING,
+        "size": config.size,
+        "resize": config.resize,
+        "counts": counts,
+        "bytes": sizes,
+        "shards": shards,
+        "stats": {
+            "listed": len(items),
+            "ingested": summary.ingested,
+            "duplicates": summary.duplicates,
+            "grayscale": rejected.get("grayscale", 0),
+            "rejected": dict(sorted(rejected.items())),
+        },
+        "params": {
+            "val_fraction": config.val_fraction,
+            "shard_size": config.shard_size,
+            "max_pixels": config.max_pixels,
+            "limit": config.limit,
+            "seed": config.seed,
+            "categories": list(config.categories),
+            "imagenet_splits": list(config.imagenet_splits),
+            "coco_split": config.coco_split,
+        },
+        "sources": (parent_ref.record.get("sources", []) if parent_ref else []) + [source],
+        "host": os.uname().nodename,
+    }

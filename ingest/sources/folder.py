@@ -1,0 +1,32 @@
+"""Any tree of images, local or on S3."""
+
+from __future__ import annotations
+
+from ingest.sources.base import SourceError, SourceItem, open_source_root
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def list_folder(root: str) -> list[SourceItem]:
+    """Every image file below `root` (extensions matched case-insensitively), sorted by path.
+
+    Raises:
+        SourceError: the root is missing or holds no image.
+    """
+    storage = open_source_root(root)
+    items = [
+        SourceItem(uri=storage.uri(obj.key), name=obj.key)
+        for obj in storage.list("")
+        if is_image_name(obj.key) and not _hidden(obj.key)
+    ]
+    if not items:
+        raise SourceError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+    return items
+
+
+def _hidden(key: str) -> bool:
+    return any(part.startswith(".") for part in key.split("/"))

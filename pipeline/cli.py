@@ -1,0 +1,41 @@
+"""The `recolor` command: one entry point for ingest, the lake, training and colorize."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ingest.cli import add_ingest_parser, add_lake_parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="recolor",
+        description="Automatic image colorization at scale: ingest images into a Lab data lake, train pix2pix "
+        "colorizers with Ray Train, track them in MLflow, colorize photos.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_ingest_parser(subparsers)
+    add_lake_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; user errors print one line and exit 2, without a traceback."""
+    from ingest.lake import LakeError
+    from ingest.sources import SourceError
+    from ingest.storage import StorageError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (SourceError, LakeError, StorageError, ValueError, FileNotFoundError) as e:
+        print(f"recolor: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("recolor: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

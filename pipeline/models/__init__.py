@@ -1,0 +1,106 @@
+"""Generators and discriminator of the colorizer, and the factories the training loop builds them with."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from pipeline.models.layers import NORM_KINDS, init_weights, norm_layer
+from pipeline.models.patchgan import PatchGANDiscriminator
+from pipeline.models.resnet import ResNet18, ResNet18Encoder
+from pipeline.models.resnet_unet import ResNetUNet, load_backbone_weights
+from pipeline.models.unet import UNetGenerator
+
+GENERATOR_ARCHS = ("unet_256", "resnet18_unet")
+
+__all__ = [
+    "GENERATOR_ARCHS",
+    "NORM_KINDS",
+    "PatchGANDiscriminator",
+    "ResNet18",
+    "ResNet18Encoder",
+    "ResNetUNet",
+    "UNetGenerator",
+    "build_discriminator",
+    "build_generator",
+    "init_weights",
+    "load_backbone_weights",
+    "norm_layer",
+]
+
+
+def build_generator(
+    arch: str,
+    norm: str = "batch",
+    in_channels: int = 1,
+    out_channels: int = 2,
+    base_filters: int = 64,
+    dropout: float = 0.5,
+    init_std: float = 0.02,
+    backbone_state_dict: Mapping[str, torch.Tensor] | None = None,
+) -> nn.Module:
+    """Build an initialized generator.
+
+    Args:
+        arch: "unet_256" (pix2pix U-Net) or "resnet18_unet" (U-Net on a ResNet18 encoder).
+        norm: "batch", "sync_batch" or "instance".
+        in_channels: input channels (1: L).
+        out_channels: output channels (2: ab).
+        base_filters: first-layer filters of "unet_256" (the ResNet encoder's widths are fixed).
+        dropout: dropout probability of "unet_256"'s three innermost up blocks.
+        init_std: standard deviation of the N(0, std) init ("resnet18_unet": decoder only).
+        backbone_state_dict: torchvision-layout resnet18 weights for "resnet18_unet"'s encoder; None starts
+            from torchvision's random init.
+
+    Returns:
+        The generator, on the CPU, in training mode.
+
+    Raises:
+        ValueError: for an unknown arch or norm, or backbone weights given to an arch without a backbone.
+    """
+    if norm not in NORM_KINDS:
+        raise ValueError(f"unknown norm {norm!r}; expected one of {NORM_KINDS}")
+    if arch == "unet_256":
+        if backbone_state_dict is not None:
+            raise ValueError("unet_256 has no pretrained backbone; backbone weights apply to resnet18_unet only")
+        return UNetGenerator(
+            in_channels=in_channels,
+            out_channels=out_channels,
+            base_filters=base_filters,
+            num_downs=8,
+            norm=norm,
+            dropout=dropout,
+            init_std=init_std,
+        )
+    if arch == "resnet18_unet":
+        model = ResNetUNet(in_channels=in_channels, out_channels=out_channels, norm=norm, init_std=init_std)
+        if backbone_state_dict is not None:
+            load_backbone_weights(model, backbone_state_dict)
+        return model
+    raise ValueError(f"unknown generator arch {arch!r}; expected one of {GENERATOR_ARCHS}")
+
+
+def build_discriminator(
+    in_channels: int = 3,
+    base_filters: int = 64,
+    num_layers: int = 3,
+    norm: str = "batch",
+    init_std: float = 0.02,
+) -> PatchGANDiscriminator:
+    """Build an initialized 70x70 PatchGAN (with the defaults).
+
+    Args:
+        in_channels: input channels (3: L and ab).
+        base_filters: first-layer filters.
+        num_layers: stride-2 layers (3 gives 70x70 patches and 30x30 logits for 256x256 inputs).
+        norm: "batch", "sync_batch" or "instance".
+        init_std: standard deviation of the N(0, std) init.
+
+    Returns:
+        The discriminator, on the CPU, in training mode.
+    """
+    return PatchGANDiscriminator(
+        in_channels=in_channels, base_filters=base_filters, num_layers=num_layers, norm=norm, init_std=init_std
+    )
