@@ -93,4 +93,3 @@ def generator_loss(
     loss_gan = gan_loss(fake_logits, target_is_real=True)
     loss_l1 = nn.functional.l1_loss(fake_ab, real_ab) * l1_lambda
     return {"loss_G_GAN": loss_gan, "loss_G_L1": loss_l1, "loss_G": loss_gan + loss_l1}
-

@@ -1,4 +1,4 @@
-"""ResNet18 (BasicBlock) with torchvision's exact state-dict layout, written here because torchvision is not a dependency.
+"""ResNet18 (BasicBlock) in torchvision's exact state-dict layout, written here: torchvision is not a dependency.
 
 Attribute names mirror `torchvision.models.resnet18` one for one (`conv1`, `bn1`, `layer1` .. `layer4` of
 `BasicBlock`s with `conv1`, `bn1`, `conv2`, `bn2`, `downsample.0` / `downsample.1`, then `fc`), so a torchvision

@@ -108,7 +108,9 @@ class ResNetUNet(nn.Module):
         init_std: standard deviation of the decoder's N(0, std) init.
     """
 
-    def __init__(self, in_channels: int = 1, out_channels: int = 2, norm: str = "batch", init_std: float = 0.02):
+    def __init__(
+        self, in_channels: int = 1, out_channels: int = 2, norm: str = "batch", init_std: float = 0.02
+    ) -> None:
         super().__init__()
         encoder_norm = "sync_batch" if norm == "sync_batch" else "batch"
         self.encoder = ResNet18Encoder(in_channels=in_channels, norm=encoder_norm)
