@@ -188,8 +188,10 @@ def run_lake_show(args) -> int:
     print(f"  samples   {summary['size']}x{summary['size']} {summary['resize']}, encoding {summary['encoding']}")
     for split in ("train", "val"):
         count = summary["counts"].get(split, 0)
-        print(f"  {split:<6}    {count:>8} samples  {summary['shards'].get(split, 0):>4} shards  "
-              f"{_human(summary['bytes'].get(split, 0)):>10}")
+        print(
+            f"  {split:<6}    {count:>8} samples  {summary['shards'].get(split, 0):>4} shards  "
+            f"{_human(summary['bytes'].get(split, 0)):>10}"
+        )
     print(f"  this ingest: listed {stats['listed']}, ingested {stats['ingested']}, duplicates {stats['duplicates']}")
     for reason, count in stats["rejected"].items():
         print(f"    rejected {reason:<14} {count}")
@@ -197,7 +199,9 @@ def run_lake_show(args) -> int:
         print(f"      {reject['reason']:<12} {reject['source_uri']}  ({reject['detail']})")
     print("  sources:")
     for source in summary["sources"]:
-        print(f"    {source['kind']:<9} {source['root']}  ({source['ingested']} ingested, ingest {source['ingest_id']})")
+        print(
+            f"    {source['kind']:<9} {source['root']}  ({source['ingested']} ingested, ingest {source['ingest_id']})"
+        )
     print(f"  versions  {', '.join(map(str, summary['versions']))}")
     print(f"  manifest  sha256 {summary['manifest_sha256'][:16]}...")
     return 0

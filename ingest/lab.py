@@ -111,6 +111,40 @@ def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
 def rgb8_to_lab8(rgb: np.ndarray) -> np.ndarray:
     """The ingest hot path: 8-bit sRGB (H, W, 3) straight to the stored uint8 Lab (3, H, W).
 
+    There are only 2**24 8-bit colours, so the whole conversion is one lookup in a table of
+    their stored Lab codes (64 MiB, built once per process in about a third of a second by
+    `rgb8_to_lab8_direct`, and identical to it by construction).
+    """
+    rgb = np.asarray(rgb, dtype=np.uint8)
+    height, width, _ = rgb.shape
+    index = rgb[..., 0].astype(np.uint32) << 16
+    index |= rgb[..., 1].astype(np.uint32) << 8
+    index |= rgb[..., 2]
+    packed = _lab8_table().take(index)  # (H, W) little-endian uint32: bytes L, a, b, 0
+    return np.ascontiguousarray(packed.view(np.uint8).reshape(height, width, 4)[..., :3].transpose(2, 0, 1))
+
+
+_LAB8_TABLE: np.ndarray | None = None
+
+
+def _lab8_table() -> np.ndarray:
+    global _LAB8_TABLE
+    if _LAB8_TABLE is None:
+        table = np.empty(1 << 24, dtype="<u4")
+        plane = np.empty((256, 256, 3), dtype=np.uint8)
+        plane[..., 1] = np.arange(256, dtype=np.uint8)[:, None]
+        plane[..., 2] = np.arange(256, dtype=np.uint8)[None, :]
+        for red in range(256):
+            plane[..., 0] = red
+            lab8 = rgb8_to_lab8_direct(plane).reshape(3, -1).astype("<u4")
+            table[red << 16 : (red + 1) << 16] = lab8[0] | (lab8[1] << 8) | (lab8[2] << 16)
+        _LAB8_TABLE = table
+    return _LAB8_TABLE
+
+
+def rgb8_to_lab8_direct(rgb: np.ndarray) -> np.ndarray:
+    """`rgb8_to_lab8` computed arithmetically (builds its table; also the reference in tests).
+
     Float32 throughout (the result is rounded to integers, far coarser than float32's error),
     gamma by table lookup, the white point folded into the matrix.
     """

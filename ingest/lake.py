@@ -173,7 +173,7 @@ class Lake:
         if not key:
             return schema.empty_table()
         data = self.storage.read_bytes(f"{ref.dataset}/{key}")
-        return pq.read_table(io.BytesIO(data))
+        return pq.read_table(io.BytesIO(data), use_threads=False)
 
     def shard_uri(self, dataset: str, shard: str) -> str:
         return self.storage.uri(f"{dataset}/{shard}")
@@ -181,8 +181,7 @@ class Lake:
     def shards(self, ref: VersionRef, split: str) -> list[dict]:
         """The version's shards of one split: [{"path", "uri", "count", "bytes"}], in order."""
         return [
-            dict(entry, uri=self.shard_uri(ref.dataset, entry["path"]))
-            for entry in ref.record["shards"].get(split, [])
+            dict(entry, uri=self.shard_uri(ref.dataset, entry["path"])) for entry in ref.record["shards"].get(split, [])
         ]
 
     def commit_version(self, dataset: str, version: int, record: dict) -> None:

@@ -459,7 +459,9 @@ def _commit(lake, config, ingest_id, items, results, started, resumed) -> Ingest
 
 
 def _version_record(config, version, parent_ref, ingest_id, items, results, summary) -> dict:
-    shards = {split: list(parent_ref.record["shards"].get(split, [])) if parent_ref else [] for split in ("train", "val")}
+    shards = {
+        split: list(parent_ref.record["shards"].get(split, [])) if parent_ref else [] for split in ("train", "val")
+    }
     for result in results:
         for split, shard in sorted(result["shards"].items()):
             shards[split].append(shard)

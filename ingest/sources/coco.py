@@ -1,8 +1,8 @@
 """COCO 2017 in its native layout, driven by a COCO-format annotation file.
 
-    ROOT/<split>2017/<id>.jpg
-    FILE: instances_*, panoptic_* or captions_* JSON; all share `images` (and, except captions,
-    `categories`). Only the images the file lists are ingested.
+ROOT/<split>2017/<id>.jpg
+FILE: instances_*, panoptic_* or captions_* JSON; all share `images` (and, except captions,
+`categories`). Only the images the file lists are ingested.
 """
 
 from __future__ import annotations

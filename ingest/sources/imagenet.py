@@ -1,9 +1,9 @@
 """ImageNet (ILSVRC 2012) in its native layout, local or on S3.
 
-    ROOT/train/<wnid>/<wnid>_<n>.JPEG
-    ROOT/val/<wnid>/*.JPEG                      (class folders), or
-    ROOT/val/*.JPEG + ROOT/LOC_val_solution.csv (flat, Kaggle layout)
-    ROOT/LOC_synset_mapping.txt                 (optional: "<wnid> <names>" per line)
+ROOT/train/<wnid>/<wnid>_<n>.JPEG
+ROOT/val/<wnid>/*.JPEG                      (class folders), or
+ROOT/val/*.JPEG + ROOT/LOC_val_solution.csv (flat, Kaggle layout)
+ROOT/LOC_synset_mapping.txt                 (optional: "<wnid> <names>" per line)
 """
 
 from __future__ import annotations

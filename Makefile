@@ -1,0 +1,37 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU wheel of torch first: installed after the project, pip would pull several GB of CUDA packages.
+# Elsewhere add e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" (or a CUDA index on GPU hosts).
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+LAKE ?= lake
+DEMO_PHOTOS = $$($(BIN)/python -c "import os, skimage.data; print(os.path.dirname(skimage.data.__file__))")
+
+.PHONY: demo test install lint bench clean-demo
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev]"
+	touch $@
+
+install: $(BIN)/.installed
+
+# The main job on the embedded default (a lake in ./lake, a local Ray instance).
+demo: $(BIN)/.installed
+	$(BIN)/recolor ingest folder "$(DEMO_PHOTOS)" --dataset demo-photos --lake $(LAKE) --size 256
+	$(BIN)/recolor lake show demo-photos --lake $(LAKE)
+
+test: $(BIN)/.installed
+	$(BIN)/pytest -q
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: $(BIN)/.installed
+	$(BIN)/python bench/ingest.py
+
+clean-demo:
+	rm -rf $(LAKE)
