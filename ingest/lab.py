@@ -245,3 +245,14 @@ def rgb_to_lab_torch(rgb: torch.Tensor) -> torch.Tensor:
     xyzn = torch.einsum("ij,njhw->nihw", matrix, linear)
     f = torch.where(xyzn > 0.008856, xyzn.clamp(min=0.008856) ** (1.0 / 3.0), 7.787 * xyzn + 16.0 / 116.0)
     return torch.stack([116.0 * f[:, 1] - 16.0, 500.0 * (f[:, 0] - f[:, 1]), 200.0 * (f[:, 1] - f[:, 2])], dim=1)
+
+
+def lab8_to_network_torch(lab8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored uint8 Lab batches (N, 3, H, W), on any device, to the network's float L_in and ab_in."""
+    values = lab8.float()
+    return values[:, :1] * (2.0 / 255.0) - 1.0, (values[:, 1:] - AB_OFFSET) / AB_NORM
+
+
+def network_to_lab_torch(light: torch.Tensor, ab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Network L_in (N, 1, H, W) and ab_in (N, 2, H, W) to L in 0..100 and ab in real units."""
+    return (light.float() + 1.0) * 50.0, ab.float() * AB_NORM

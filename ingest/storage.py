@@ -65,9 +65,16 @@ def join_key(*parts: str) -> str:
 
 
 def split_uri(uri: str) -> tuple[str, str]:
-    """Split `s3://bucket/a/b.jpg` into (`s3://bucket/a`, `b.jpg`), a local path likewise."""
+    """Split `s3://bucket/a/b.jpg` into (`s3://bucket/a`, `b.jpg`), a local path likewise.
+
+    A bare name lies in the working directory (`b.jpg` -> (`.`, `b.jpg`)), `/b.jpg` in `/`.
+    """
     uri = uri.rstrip("/")
-    head, _, tail = uri.rpartition("/")
+    head, slash, tail = uri.rpartition("/")
+    if not slash:
+        head = "."
+    elif not head:
+        head = "/"
     return head, tail
 
 
@@ -378,3 +385,9 @@ def _translate_client_error(error, what: str, uri: str) -> Exception:
 def local_temp_dir(prefix: str = "recolor-") -> str:
     """A private temporary folder for spooling shards before upload."""
     return tempfile.mkdtemp(prefix=prefix)
+
+
+def open_uri(uri: str) -> BinaryIO:
+    """Open one object for streaming reads given its full URI (local path or `s3://`)."""
+    parent, name = split_uri(uri)
+    return open_storage(parent or "/").open_read(name)

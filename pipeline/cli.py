@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ingest.cli import add_ingest_parser, add_lake_parser
+from pipeline.train_cli import add_train_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_ingest_parser(subparsers)
     add_lake_parser(subparsers)
+    add_train_parser(subparsers)
     return parser
 
 
@@ -25,11 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     from ingest.lake import LakeError
     from ingest.sources import SourceError
     from ingest.storage import StorageError
+    from pipeline.data import DataError
 
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (SourceError, LakeError, StorageError, ValueError, FileNotFoundError) as e:
+    except (SourceError, LakeError, StorageError, DataError, ValueError, FileNotFoundError) as e:
         print(f"recolor: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -37,6 +37,7 @@ def build_generator(
     in_channels: int = 1,
     out_channels: int = 2,
     base_filters: int = 64,
+    num_downs: int = 8,
     dropout: float = 0.5,
     init_std: float = 0.02,
     backbone_state_dict: Mapping[str, torch.Tensor] | None = None,
@@ -49,6 +50,7 @@ def build_generator(
         in_channels: input channels (1: L).
         out_channels: output channels (2: ab).
         base_filters: first-layer filters of "unet_256" (the ResNet encoder's widths are fixed).
+        num_downs: downsamplings of "unet_256" (8 for 256 px; the input side must be at least 2**num_downs).
         dropout: dropout probability of "unet_256"'s three innermost up blocks.
         init_std: standard deviation of the N(0, std) init ("resnet18_unet": decoder only).
         backbone_state_dict: torchvision-layout resnet18 weights for "resnet18_unet"'s encoder; None starts
@@ -69,7 +71,7 @@ def build_generator(
             in_channels=in_channels,
             out_channels=out_channels,
             base_filters=base_filters,
-            num_downs=8,
+            num_downs=num_downs,
             norm=norm,
             dropout=dropout,
             init_std=init_std,

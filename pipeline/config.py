@@ -1,0 +1,222 @@
+"""Typed training configuration: dataclasses, YAML presets in `configs/`, `key=value` overrides.
+
+`dataclasses.asdict(config)` is what Ray's `train_loop_config` carries and what MLflow logs as
+params, so what ran is what was logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+GAN_MODES = ("vanilla", "lsgan")
+ARCHS = ("unet_256", "resnet18_unet")
+NORMS = ("batch", "sync_batch", "instance")
+AMP_MODES = ("bf16", "fp16", "none")
+
+
+@dataclass
+class StageConfig:
+    """One stage of a run: its epochs, loss and learning-rate schedule."""
+
+    name: str = "gan"  # shown in logs and metric names
+    epochs: int = 1  # epochs of this stage
+    gan_mode: str | None = "vanilla"  # "vanilla" (BCE), "lsgan" (MSE), or None: L1 only, no discriminator
+    lr: float = 2e-4  # Adam learning rate of both networks
+    decay_epochs: int = 0  # the last N epochs decay the rate linearly to zero (pix2pix); 0: constant
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ValueError(f"stage {self.name!r}: epochs must be at least 1, got {self.epochs}")
+        if self.gan_mode is not None and self.gan_mode not in GAN_MODES:
+            raise ValueError(f"stage {self.name!r}: gan_mode must be one of {GAN_MODES} or null, got {self.gan_mode!r}")
+        if not 0 <= self.decay_epochs <= self.epochs:
+            raise ValueError(f"stage {self.name!r}: decay_epochs must be in 0..epochs, got {self.decay_epochs}")
+        if self.lr <= 0:
+            raise ValueError(f"stage {self.name!r}: lr must be positive, got {self.lr}")
+
+
+@dataclass
+class ModelConfig:
+    """The networks."""
+
+    arch: str = "unet_256"  # "unet_256" (pix2pix U-Net) or "resnet18_unet" (ResNet18 encoder)
+    norm: str = "batch"  # "batch", "sync_batch" (DDP-wide statistics) or "instance"
+    base_filters: int = 64  # first-layer filters of the U-Net and the PatchGAN
+    num_downs: int = 8  # U-Net downsamplings; the image side must be at least 2**num_downs
+    backbone_weights: str | None = None  # torchvision resnet18 state dict file or s3:// URI; None: random init
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"model.arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"model.norm must be one of {NORMS}, got {self.norm!r}")
+        if self.base_filters < 1:
+            raise ValueError(f"model.base_filters must be positive, got {self.base_filters}")
+        if self.backbone_weights and self.arch != "resnet18_unet":
+            raise ValueError("model.backbone_weights applies to arch resnet18_unet only")
+
+
+@dataclass
+class DataConfig:
+    """Where the samples come from and how they are fed."""
+
+    datasets: list[str] = field(default_factory=list)  # lake datasets, NAME or NAME@VERSION; mixed freely
+    lake: str | None = None  # lake URI; None: $RECOLOR_LAKE, else ./lake
+    batch_size: int = 16  # per worker
+    shuffle_window: int = 512  # samples shuffled together (after a seeded shuffle of shard order)
+    flip: bool = True  # random horizontal flip of training samples
+    prefetch_batches: int = 4  # batches read ahead by a background thread
+    max_val_batches: int | None = None  # cap validation per worker (None: the whole split)
+    max_bad_fraction: float = 0.01  # stop when more than this share of samples is corrupt
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size must be at least 1, got {self.batch_size}")
+        if self.shuffle_window < 1:
+            raise ValueError(f"data.shuffle_window must be at least 1, got {self.shuffle_window}")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run."""
+
+    name: str = "colorizer"  # run name: rerunning with the same name resumes from its latest checkpoint
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    data: DataConfig = field(default_factory=DataConfig)
+    l1_lambda: float = 100.0  # weight of the L1 term
+    beta1: float = 0.5  # Adam betas, as the recipe
+    beta2: float = 0.999
+    workers: int = 2  # Ray Train workers (DDP ranks)
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    amp: str = "bf16"  # autocast dtype on CUDA ("none" to turn off); CPU always runs fp32
+    channels_last: bool = True  # memory format on CUDA
+    compile: bool = False  # torch.compile both networks
+    deterministic: bool = False  # deterministic kernels (slower); resumed runs then match uninterrupted ones
+    storage: str | None = None  # checkpoints and run state: a folder or s3://...; None: ./ray_results
+    checkpoint_every: int = 200  # steps between checkpoints (and one at every epoch's end)
+    keep_checkpoints: int = 3
+    max_failures: int = 2  # worker-group restarts Ray Train may do
+    log_every: int = 10  # steps between loss logs
+    max_steps: int | None = None  # stop after this many steps in total (smoke tests, benchmarks)
+
+    def __post_init__(self):
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$", self.name):
+            raise ValueError(f"name {self.name!r}: use letters, digits, '.', '_' and '-'")
+        if not self.stages:
+            raise ValueError("a run needs at least one stage")
+        if self.workers < 1:
+            raise ValueError(f"workers must be at least 1, got {self.workers}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        for interval in ("checkpoint_every", "log_every", "keep_checkpoints"):
+            if getattr(self, interval) < 1:
+                raise ValueError(f"{interval} must be at least 1, got {getattr(self, interval)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        return _build(cls, values, "")
+
+
+def _build(cls, values: dict[str, Any], path: str):
+    if not isinstance(values, dict):
+        raise ValueError(f"{path or 'config'}: expected a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown config field(s) {', '.join(path + u for u in unknown)}; known: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        nested = _NESTED.get((cls, name))
+        if nested is StageConfig:
+            kwargs[name] = [_build(StageConfig, stage, f"{path}{name}.{i}.") for i, stage in enumerate(value)]
+        elif nested is not None:
+            kwargs[name] = _build(nested, value, f"{path}{name}.")
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+_NESTED = {(TrainConfig, "model"): ModelConfig, (TrainConfig, "data"): DataConfig, (TrainConfig, "stages"): StageConfig}
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as YAML: `3` is an int, `null` None, `[a, b]` a list, `1e-4` a float."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str) and re.fullmatch(r"[-+]?\d*\.?\d+[eE][-+]?\d+", value):
+        return float(value)  # YAML 1.1 reads 1e-4 as a string
+    return value
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` overrides (list items by index: `stages.0.epochs=3`) to a config mapping."""
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {override!r}: expected key=value, e.g. data.batch_size=8")
+        target: Any = values
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if isinstance(target, list):
+                target = target[_index(part, key, len(target))]
+            else:
+                target = target.setdefault(part, {})
+        last = parts[-1]
+        if isinstance(target, list):
+            target[_index(last, key, len(target))] = parse_value(text)
+        else:
+            target[last] = parse_value(text)
+    return values
+
+
+def _index(part: str, key: str, length: int) -> int:
+    if not part.isdigit() or int(part) >= length:
+        raise ValueError(f"override {key!r}: {part!r} is not an index of a list of {length}")
+    return int(part)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Load a YAML preset (or the defaults when `path` is None) and apply overrides.
+
+    Raises:
+        ValueError: unknown fields, bad values or a malformed override, naming the field.
+        FileNotFoundError: the preset does not exist.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"config {path} does not exist (presets are in configs/)")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"config {path}: expected a YAML mapping at the top level")
+    values = apply_overrides(values, overrides or [])
+    return TrainConfig.from_dict(values)
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"model": {"arch": "x"}, "stages": [{"epochs": 2}]}` to `{"model.arch": "x", "stages.0.epochs": 2}`."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for index, item in enumerate(value):
+                flat.update(flatten(item, f"{name}.{index}."))
+        else:
+            flat[name] = value
+    return flat

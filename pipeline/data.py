@@ -1,0 +1,383 @@
+"""Training data straight from lake shards (local or S3), split exactly across DDP ranks.
+
+Exact epochs. The manifest knows how many samples each shard holds, so the split is done on
+sample counts, not on shard files: each epoch the shard order is shuffled (seeded by seed and
+epoch) and laid end to end, every rank takes its own contiguous range of `steps * batch_size`
+samples, and `steps = total // (world_size * batch_size)`. Every rank therefore runs the same
+number of steps whatever the shard sizes (DDP cannot hang at an epoch's end), every sample is
+used at most once per epoch, and at most `world_size * batch_size - 1` samples (the remainder,
+less than one global batch) sit out an epoch; which ones changes with the shuffle. A range may
+start or end inside a shard, and with more ranks than shards several ranks read one shard.
+
+Shuffling. Within a rank's range, samples are read in order and shuffled in windows of
+`shuffle_window` samples with a generator seeded by (seed, epoch, rank, window). Because the
+order is a pure function of those numbers, resuming mid-epoch skips the samples already trained
+on without decoding them: whole shards are not even opened.
+
+Stages are small generator functions (read -> decode -> shuffle -> flip -> batch), each testable
+on plain lists; tar parsing is webdataset's (`tar_file_expander`, `group_by_keys`).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class DataError(RuntimeError):
+    """The training data cannot be used as configured (too many corrupt samples, empty split, ...)."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    uri: str
+    count: int
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Samples [start, stop) of one shard."""
+
+    shard: ShardInfo
+    start: int
+    stop: int
+
+    @property
+    def length(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass
+class DataPlan:
+    """The pinned dataset versions of a run and their shards, resolved once on the driver."""
+
+    refs: list[str]  # "name@version"
+    digests: dict[str, str]  # ref -> manifest SHA-256
+    uris: dict[str, str]  # ref -> URI of the version record
+    size: int  # sample side in pixels
+    train: list[ShardInfo] = field(default_factory=list)
+    val: list[ShardInfo] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "refs": self.refs,
+            "digests": self.digests,
+            "uris": self.uris,
+            "size": self.size,
+            "train": [[s.uri, s.count] for s in self.train],
+            "val": [[s.uri, s.count] for s in self.val],
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict) -> DataPlan:
+        return cls(
+            refs=list(values["refs"]),
+            digests=dict(values["digests"]),
+            uris=dict(values["uris"]),
+            size=int(values["size"]),
+            train=[ShardInfo(uri, int(count)) for uri, count in values["train"]],
+            val=[ShardInfo(uri, int(count)) for uri, count in values["val"]],
+        )
+
+    def count(self, split: str) -> int:
+        return sum(s.count for s in (self.train if split == "train" else self.val))
+
+
+def resolve_data(datasets: list[str], lake_uri: str | None) -> DataPlan:
+    """Pin `NAME[@VERSION]` references to versions and list their shards (grayscale-free by construction).
+
+    Raises:
+        LakeError: an unknown dataset or version; DataError: no datasets, or mixed sample sizes.
+    """
+    from ingest.lake import Lake
+
+    if not datasets:
+        raise DataError("no training data: pass --dataset NAME[@VERSION] (or set data.datasets in the config)")
+    lake = Lake(lake_uri)
+    lake.check()
+    plan = DataPlan(refs=[], digests={}, uris={}, size=0)
+    for name in datasets:
+        ref = lake.resolve(name)
+        size = int(ref.record["size"])
+        if plan.size and size != plan.size:
+            raise DataError(f"{ref.ref} holds {size}px samples but {plan.refs[0]} holds {plan.size}px: mix one size")
+        plan.size = size
+        plan.refs.append(ref.ref)
+        plan.digests[ref.ref] = ref.record["manifest_sha256"]
+        plan.uris[ref.ref] = lake.storage.uri(f"{ref.dataset}/versions/{ref.version:06d}.json")
+        plan.train += [ShardInfo(s["uri"], int(s["count"])) for s in lake.shards(ref, "train")]
+        plan.val += [ShardInfo(s["uri"], int(s["count"])) for s in lake.shards(ref, "val")]
+    return plan
+
+
+def steps_per_epoch(total: int, world_size: int, batch_size: int) -> int:
+    return total // (world_size * batch_size)
+
+
+def _segments(shards: list[ShardInfo], order: Iterable[int], begin: int, end: int) -> list[Segment]:
+    """The parts of `shards` (laid end to end in `order`) that fall in the sample range [begin, end)."""
+    segments = []
+    offset = 0
+    for index in order:
+        shard = shards[index]
+        low, high = max(begin, offset), min(end, offset + shard.count)
+        if low < high:
+            segments.append(Segment(shard, low - offset, high - offset))
+        offset += shard.count
+        if offset >= end:
+            break
+    return segments
+
+
+def plan_train_epoch(
+    shards: list[ShardInfo], epoch: int, seed: int, rank: int, world_size: int, batch_size: int
+) -> tuple[list[Segment], int]:
+    """This rank's segments of one training epoch, and the epoch's step count (the same on every rank).
+
+    Raises:
+        DataError: fewer samples than one global batch.
+    """
+    total = sum(s.count for s in shards)
+    steps = steps_per_epoch(total, world_size, batch_size)
+    if steps == 0:
+        raise DataError(
+            f"the training split has {total} samples, fewer than one global batch ({world_size} workers x "
+            f"batch {batch_size}): ingest more images or lower data.batch_size / --workers"
+        )
+    order = np.random.default_rng([seed, epoch]).permutation(len(shards))
+    per_rank = steps * batch_size
+    return _segments(shards, order, rank * per_rank, (rank + 1) * per_rank), steps
+
+
+def plan_validation(shards: list[ShardInfo], rank: int, world_size: int) -> list[Segment]:
+    """This rank's share of the validation split: contiguous, in order; every sample exactly once overall."""
+    total = sum(s.count for s in shards)
+    base, extra = divmod(total, world_size)
+    begin = rank * base + min(rank, extra)
+    return _segments(shards, range(len(shards)), begin, begin + base + (1 if rank < extra else 0))
+
+
+def open_shard(uri: str):
+    from ingest.storage import open_uri
+
+    return open_uri(uri)
+
+
+def read_segments(
+    segments: list[Segment], skip: int = 0, opener: Callable = open_shard
+) -> Iterator[tuple[str, str, bytes | None]]:
+    """Yield (shard uri, key, lab.npy bytes or None when unreadable) for the samples of `segments`, in order.
+
+    The first `skip` samples are passed over: whole segments without opening them, the rest of the
+    way by reading tar headers and bytes but decoding nothing.
+    """
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    for segment in segments:
+        if skip >= segment.length:
+            skip -= segment.length
+            continue
+        start = segment.start + skip
+        skip = 0
+        position = 0
+        emitted = 0
+        try:
+            with opener(segment.shard.uri) as stream:
+                samples = group_by_keys(tar_file_expander([{"url": segment.shard.uri, "stream": stream}]))
+                for position, sample in enumerate(samples):
+                    if position < start:
+                        continue
+                    if position >= segment.stop:
+                        break
+                    yield segment.shard.uri, sample["__key__"], sample.get("lab.npy")
+                    emitted += 1
+        except Exception as e:  # noqa: BLE001 - a broken shard costs its remaining samples, named below
+            log.warning("shard %s is unreadable after %d samples: %s", segment.shard.uri, start + emitted, e)
+        # A truncated or short shard: its missing samples count as unreadable.
+        for missing in range(segment.length - (start - segment.start) - emitted):
+            yield segment.shard.uri, f"<missing #{start + emitted + missing}>", None
+
+
+def decode_sample(data: bytes | None, size: int) -> np.ndarray | None:
+    """A stored Lab array (uint8, (3, size, size)), or None when the bytes are not one. Never unpickles."""
+    if data is None:
+        return None
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception:  # noqa: BLE001 - garbage bytes, pickled objects, truncated headers
+        return None
+    if array.dtype != np.uint8 or array.shape != (3, size, size):
+        return None
+    return array
+
+
+class BadSampleCounter:
+    """Counts corrupt samples and stops the run when there are too many."""
+
+    def __init__(self, max_fraction: float, expected: int):
+        self.max_fraction = max_fraction
+        self.expected = max(expected, 1)
+        self.bad = 0
+        self.seen = 0
+
+    def record(self, uri: str, key: str, ok: bool) -> None:
+        self.seen += 1
+        if ok:
+            return
+        self.bad += 1
+        log.warning("skipping corrupt sample %s in shard %s", key, uri)
+        if self.bad > self.max_fraction * self.expected:
+            raise DataError(
+                f"{self.bad} corrupt samples (of {self.expected} expected on this worker) exceed "
+                f"data.max_bad_fraction={self.max_fraction}; last: {key} in {uri}. Re-ingest the dataset."
+            )
+
+
+def windows(items: Iterable, size: int) -> Iterator[list]:
+    window: list = []
+    for item in items:
+        window.append(item)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def train_samples(
+    raw: Iterator[tuple[str, str, bytes | None]],
+    size: int,
+    window: int,
+    seed: int,
+    epoch: int,
+    rank: int,
+    first_window: int,
+    skip_in_window: int,
+    flip: bool,
+    counter: BadSampleCounter,
+) -> Iterator[np.ndarray]:
+    """Decode, shuffle within windows, flip. Corrupt samples are replaced by a good one of the same window
+    (and counted), so the rank still yields exactly as many samples as planned."""
+    for number, items in enumerate(windows(raw, window), start=first_window):
+        arrays = []
+        for uri, key, data in items:
+            array = decode_sample(data, size)
+            counter.record(uri, key, array is not None)
+            arrays.append(array)
+        good = [a for a in arrays if a is not None]
+        if not good:
+            raise DataError(f"a whole window of {len(items)} samples was corrupt (first shard: {items[0][0]})")
+        arrays = [a if a is not None else good[i % len(good)] for i, a in enumerate(arrays)]
+        rng = np.random.default_rng([seed, epoch, rank, number])
+        order = rng.permutation(len(arrays))
+        flips = rng.random(len(arrays)) < 0.5
+        start = skip_in_window if number == first_window else 0
+        for position in range(start, len(arrays)):
+            array = arrays[order[position]]
+            yield np.ascontiguousarray(array[:, :, ::-1]) if flip and flips[position] else array
+
+
+def batches(arrays: Iterable[np.ndarray], batch_size: int, drop_last: bool) -> Iterator[np.ndarray]:
+    for group in windows(arrays, batch_size):
+        if len(group) == batch_size or not drop_last:
+            yield np.stack(group)
+
+
+def train_batches(
+    plan: DataPlan,
+    epoch: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    shuffle_window: int,
+    flip: bool,
+    start_step: int = 0,
+    max_bad_fraction: float = 0.01,
+    opener: Callable = open_shard,
+) -> tuple[Iterator[np.ndarray], int, BadSampleCounter]:
+    """One epoch of uint8 Lab batches (batch, 3, H, W) for this rank, from step `start_step` on.
+
+    Returns:
+        (batch iterator, steps in the epoch, the corrupt-sample counter).
+    """
+    segments, steps = plan_train_epoch(plan.train, epoch, seed, rank, world_size, batch_size)
+    skip = start_step * batch_size
+    first_window, skip_in_window = divmod(skip, shuffle_window)
+    counter = BadSampleCounter(max_bad_fraction, steps * batch_size)
+    raw = read_segments(segments, skip=first_window * shuffle_window, opener=opener)
+    samples = train_samples(
+        raw, plan.size, shuffle_window, seed, epoch, rank, first_window, skip_in_window, flip, counter
+    )
+    return batches(samples, batch_size, drop_last=True), steps, counter
+
+
+def validation_batches(
+    plan: DataPlan,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    max_batches: int | None = None,
+    opener: Callable = open_shard,
+) -> Iterator[np.ndarray]:
+    """This rank's validation share, in order, in batches (the last may be smaller); corrupt samples skipped."""
+    segments = plan_validation(plan.val, rank, world_size)
+    counter = BadSampleCounter(1.0, sum(s.length for s in segments))
+
+    def decoded():
+        for uri, key, data in read_segments(segments, opener=opener):
+            array = decode_sample(data, plan.size)
+            counter.record(uri, key, array is not None)
+            if array is not None:
+                yield array
+
+    for number, batch in enumerate(batches(decoded(), batch_size, drop_last=False)):
+        if max_batches is not None and number >= max_batches:
+            return
+        yield batch
+
+
+def prefetch(iterator: Iterator, depth: int) -> Iterator:
+    """Run `iterator` in a background thread, `depth` items ahead (shard I/O and decoding overlap compute)."""
+    if depth <= 0:
+        yield from iterator
+        return
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce():
+        try:
+            for item in iterator:
+                while not stop.is_set():
+                    try:
+                        items.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            items.put(done)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            items.put(e)
+
+    thread = threading.Thread(target=produce, name="recolor-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()

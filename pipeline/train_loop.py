@@ -1,0 +1,432 @@
+"""The per-worker training loop: what every Ray Train worker (DDP rank) runs.
+
+Only this module moves models to devices, wraps them in DDP (through Ray's `prepare_model`),
+and talks to `ray.train`. `is_rank_zero` decides who logs and who writes checkpoints.
+
+Each step is the recipe's: generate ab from L; one discriminator update on (L, fake ab detached)
+as fake and (L, true ab) as real; then one generator update (GAN loss of fakes judged real +
+lambda * L1) with the discriminator frozen. A stage without a GAN loss (the ResNet18 recipe's
+pretraining) updates the generator on L1 alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ingest.lab import lab8_to_network_torch, network_to_lab_torch
+from pipeline.checkpoint import FORMAT, Position, load_checkpoint, save_checkpoint
+from pipeline.config import StageConfig, TrainConfig
+from pipeline.data import DataPlan, prefetch, train_batches, validation_batches
+from pipeline.losses import GANLoss, discriminator_loss, generator_loss
+from pipeline.metrics import colorization_metric_sums, gray_baseline_metric_sums, metric_means
+from pipeline.models import build_discriminator, build_generator
+from pipeline.tracking import Logger, NullLogger
+
+log = logging.getLogger(__name__)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP (or torch.compile) wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def set_requires_grad(model: nn.Module, flag: bool) -> None:
+    for parameter in model.parameters():
+        parameter.requires_grad_(flag)
+
+
+def step_seed(seed: int, rank: int, global_step: int) -> int:
+    """The seed of one step on one rank: dropout masks depend only on (seed, rank, step), so resumes are exact."""
+    return zlib.crc32(f"{seed}/{rank}/{global_step}".encode())
+
+
+def lr_lambda(stage: StageConfig):
+    """pix2pix's schedule: constant, then linear decay to zero over the last `decay_epochs` epochs."""
+    constant = stage.epochs - stage.decay_epochs
+
+    def factor(epoch: int) -> float:
+        if stage.decay_epochs == 0 or epoch < constant:
+            return 1.0
+        return max(0.0, 1.0 - (epoch - constant + 1) / (stage.decay_epochs + 1))
+
+    return factor
+
+
+def load_backbone(uri: str) -> dict[str, torch.Tensor]:
+    """A torchvision-layout resnet18 state dict from a file or s3:// URI."""
+    from ingest.storage import read_uri
+
+    data = read_uri(uri)
+    import io
+
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    return state
+
+
+@dataclass
+class Networks:
+    """The two networks (possibly DDP-wrapped), their optimizers and schedulers for the current stage."""
+
+    generator: nn.Module
+    discriminator: nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    sched_g: torch.optim.lr_scheduler.LRScheduler
+    sched_d: torch.optim.lr_scheduler.LRScheduler
+
+
+class ColorizerTrainer:
+    """Holds one rank's training state; `run()` trains every stage from the current position."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        plan: DataPlan,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        prepare=None,
+        logger: Logger | None = None,
+        report=None,
+        checkpoint_payload: dict | None = None,
+    ):
+        self.config = config
+        self.plan = plan
+        self.rank = rank
+        self.world_size = world_size
+        self.device = device
+        self.is_rank_zero = rank == 0
+        self.logger = logger if logger is not None and self.is_rank_zero else NullLogger()
+        self.report = report or (lambda metrics, payload: None)
+        self.position = Position()
+        self.cuda = device.type == "cuda"
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp) if self.cuda else None
+        self.memory_format = torch.channels_last if self.cuda and config.channels_last else torch.contiguous_format
+
+        model = config.model
+        backbone = load_backbone(model.backbone_weights) if model.backbone_weights else None
+        generator = build_generator(
+            model.arch,
+            norm=model.norm,
+            base_filters=model.base_filters,
+            num_downs=model.num_downs,
+            backbone_state_dict=backbone,
+        )
+        discriminator = build_discriminator(base_filters=model.base_filters, norm=model.norm)
+        if checkpoint_payload is not None:
+            generator.load_state_dict(checkpoint_payload["generator"])
+            discriminator.load_state_dict(checkpoint_payload["discriminator"])
+            self.position = Position(**checkpoint_payload["position"])
+        if model.norm == "sync_batch" and world_size > 1:
+            generator = nn.SyncBatchNorm.convert_sync_batchnorm(generator)
+            discriminator = nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
+        prepare = prepare or (lambda module: module.to(device))
+        self.generator = prepare(generator.to(memory_format=self.memory_format))
+        self.discriminator = prepare(discriminator.to(memory_format=self.memory_format))
+        if config.compile:
+            self.generator = torch.compile(self.generator)
+            self.discriminator = torch.compile(self.discriminator)
+        self._resume_payload = checkpoint_payload
+
+    # ----------------------------------------------------------------------------------------- steps
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return torch.autocast(device_type=self.device.type, enabled=False)
+        return torch.autocast(device_type="cuda", dtype=self.autocast_dtype)
+
+    def _optimizers(self, stage: StageConfig):
+        betas = (self.config.beta1, self.config.beta2)
+        opt_g = torch.optim.Adam(self.generator.parameters(), lr=stage.lr, betas=betas)
+        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=stage.lr, betas=betas)
+        schedule = lr_lambda(stage)
+        return (
+            opt_g,
+            opt_d,
+            torch.optim.lr_scheduler.LambdaLR(opt_g, schedule),
+            torch.optim.lr_scheduler.LambdaLR(opt_d, schedule),
+        )
+
+    def train_step(self, batch: torch.Tensor, stage: StageConfig, gan_loss: GANLoss | None, opts) -> dict[str, float]:
+        """One step on a uint8 Lab batch: D update, then G update with D frozen (or L1 only)."""
+        opt_g, opt_d = opts
+        lab8 = batch.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        light, real_ab = lab8_to_network_torch(lab8)
+        with self._autocast():
+            fake_ab = self.generator(light)
+        losses: dict[str, torch.Tensor] = {}
+        if gan_loss is not None:
+            # Discriminator: fakes (detached, so G gets no gradient here) judged fake, reals judged real.
+            set_requires_grad(self.discriminator, True)
+            opt_d.zero_grad(set_to_none=True)
+            with self._autocast():
+                fake_logits = self.discriminator(torch.cat([light, fake_ab.detach()], dim=1))
+                real_logits = self.discriminator(torch.cat([light, real_ab], dim=1))
+            d_losses = discriminator_loss(gan_loss, fake_logits.float(), real_logits.float())
+            d_losses["loss_D"].backward()
+            opt_d.step()
+            losses.update(d_losses)
+            # Generator: the discriminator is frozen and called unwrapped, so DDP syncs no D gradients.
+            set_requires_grad(self.discriminator, False)
+            opt_g.zero_grad(set_to_none=True)
+            with self._autocast():
+                logits = unwrap(self.discriminator)(torch.cat([light, fake_ab], dim=1))
+            g_losses = generator_loss(gan_loss, logits.float(), fake_ab.float(), real_ab, self.config.l1_lambda)
+            g_losses["loss_G"].backward()
+            opt_g.step()
+            losses.update(g_losses)
+        else:
+            opt_g.zero_grad(set_to_none=True)
+            loss_l1 = nn.functional.l1_loss(fake_ab.float(), real_ab) * self.config.l1_lambda
+            loss_l1.backward()
+            opt_g.step()
+            losses.update(loss_G_L1=loss_l1, loss_G=loss_l1)
+        return {name: float(value.detach()) for name, value in losses.items()}
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Metrics on this rank's share of the validation split, all-reduced; gray baseline beside them."""
+        generator = unwrap(self.generator)
+        was_training = generator.training
+        generator.eval()
+        names: list[str] = []
+        totals: torch.Tensor | None = None
+        for batch in prefetch(
+            validation_batches(
+                self.plan, self.rank, self.world_size, self.config.data.batch_size, self.config.data.max_val_batches
+            ),
+            self.config.data.prefetch_batches,
+        ):
+            lab8 = torch.from_numpy(batch).to(self.device)
+            light, real_ab = lab8_to_network_torch(lab8)
+            with self._autocast():
+                fake_ab = generator(light.contiguous(memory_format=self.memory_format))
+            lightness, pred_ab = network_to_lab_torch(light, fake_ab)
+            _, true_ab = network_to_lab_torch(light, real_ab)
+            sums = colorization_metric_sums(lightness, pred_ab, true_ab)
+            gray = gray_baseline_metric_sums(lightness, true_ab)
+            combined = {**sums, **{f"gray_{k}": v for k, v in gray.items()}}
+            names = sorted(combined)
+            values = torch.stack([combined[name] for name in names])
+            totals = values if totals is None else totals + values
+        generator.train(was_training)
+        if not names:  # this rank had no validation samples: contribute zeros
+            names = self._metric_names()
+            totals = torch.zeros(len(names), dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(totals)
+        sums = dict(zip(names, totals, strict=True))
+        if float(sums["count"]) == 0:
+            return {}
+        model = metric_means({k: v for k, v in sums.items() if not k.startswith("gray_")})
+        gray = metric_means({k[5:]: v for k, v in sums.items() if k.startswith("gray_")})
+        result = {f"val_{k}": v for k, v in model.items()}
+        result.update({f"val_gray_{k}": v for k, v in gray.items()})
+        result["val_count"] = float(sums["count"])
+        return result
+
+    def _metric_names(self) -> list[str]:
+        dummy = torch.zeros(1, 1, 8, 8, dtype=torch.float64)
+        sums = colorization_metric_sums(dummy, torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8, 8))
+        return sorted([*sums, *(f"gray_{k}" for k in sums)])
+
+    # ------------------------------------------------------------------------------------ checkpoints
+
+    def payload(self, next_position: Position, opts, scheds) -> dict:
+        return {
+            "format": FORMAT,
+            "generator": unwrap(self.generator).state_dict(),
+            "discriminator": unwrap(self.discriminator).state_dict(),
+            "opt_g": opts[0].state_dict(),
+            "opt_d": opts[1].state_dict(),
+            "sched_g": scheds[0].state_dict(),
+            "sched_d": scheds[1].state_dict(),
+            "position": next_position.to_dict(),
+            "rng": {"torch": torch.get_rng_state()},
+            "config": self.config.to_dict(),
+            "data": {"refs": self.plan.refs, "digests": self.plan.digests},
+        }
+
+    # ---------------------------------------------------------------------------------------- the run
+
+    def run(self) -> dict[str, float]:
+        config = self.config
+        last_metrics: dict[str, float] = {}
+        progress = _progress_bar(self.is_rank_zero, config)
+        for stage_index in range(self.position.stage, len(config.stages)):
+            stage = config.stages[stage_index]
+            gan_loss = GANLoss(stage.gan_mode) if stage.gan_mode else None
+            opt_g, opt_d, sched_g, sched_d = self._optimizers(stage)
+            resume = self._resume_payload
+            if resume is not None and resume["position"]["stage"] == stage_index:
+                opt_g.load_state_dict(resume["opt_g"])
+                opt_d.load_state_dict(resume["opt_d"])
+                sched_g.load_state_dict(resume["sched_g"])
+                sched_d.load_state_dict(resume["sched_d"])
+            self._resume_payload = None
+            opts, scheds = (opt_g, opt_d), (sched_g, sched_d)
+            start_epoch = self.position.epoch if stage_index == self.position.stage else 0
+            for epoch in range(start_epoch, stage.epochs):
+                metrics = self._run_epoch(stage_index, stage, epoch, gan_loss, opts, scheds, progress)
+                if metrics is None:  # max_steps reached
+                    progress.close()
+                    return last_metrics
+                last_metrics = metrics
+            self.position = Position(stage_index + 1, 0, 0, self.position.global_step)
+        progress.close()
+        return last_metrics
+
+    def _run_epoch(self, stage_index, stage, epoch, gan_loss, opts, scheds, progress) -> dict | None:
+        config = self.config
+        start_step = self.position.step_in_epoch if self.position.epoch == epoch else 0
+        # Shuffles differ per stage and epoch; flips and windows too (they derive from the same numbers).
+        shuffle_epoch = stage_index * 100_000 + epoch
+        batches, steps, bad = train_batches(
+            self.plan,
+            shuffle_epoch,
+            config.seed,
+            self.rank,
+            self.world_size,
+            config.data.batch_size,
+            config.data.shuffle_window,
+            config.data.flip,
+            start_step,
+            config.data.max_bad_fraction,
+        )
+        progress.reset(total=steps)
+        progress.update(start_step)
+        progress.set_description(f"{stage.name} epoch {epoch + 1}/{stage.epochs}")
+        window_start, window_steps = time.perf_counter(), 0
+        losses: dict[str, float] = {}
+        step_in_epoch = start_step
+        for batch in prefetch((torch.from_numpy(b) for b in batches), config.data.prefetch_batches):
+            if config.max_steps is not None and self.position.global_step >= config.max_steps:
+                return None
+            torch.manual_seed(step_seed(config.seed, self.rank, self.position.global_step))
+            losses = self.train_step(batch, stage, gan_loss, opts)
+            step_in_epoch += 1
+            self.position = Position(stage_index, epoch, step_in_epoch, self.position.global_step + 1)
+            window_steps += 1
+            progress.update(1)
+            step = self.position.global_step
+            if step % config.log_every == 0 or step_in_epoch == steps:
+                elapsed = time.perf_counter() - window_start
+                images_per_s = window_steps * batch.shape[0] * self.world_size / elapsed
+                throughput = {"images_per_s": images_per_s, "step_time_s": elapsed / window_steps}
+                self.logger.log({**losses, **throughput, "lr": opts[0].param_groups[0]["lr"]}, step)
+                shown = {k: f"{v:.3g}" for k, v in losses.items() if k in ("loss_D", "loss_G", "loss_G_L1")}
+                progress.set_postfix(shown | {"img/s": f"{images_per_s:.1f}"})
+                window_start, window_steps = time.perf_counter(), 0
+            if step_in_epoch < steps and step % config.checkpoint_every == 0:
+                self._checkpoint({**losses, "epoch": epoch, "stage": stage_index}, self.position, opts, scheds)
+        # Epoch end: schedule, validation on every rank, a checkpoint pointing at the next epoch.
+        for scheduler in scheds:
+            scheduler.step()
+        metrics = {**losses, **self.validate(), "bad_samples": float(bad.bad)}
+        self.logger.log(
+            {k: v for k, v in metrics.items() if k.startswith("val_") or k == "bad_samples"}, self.position.global_step
+        )
+        next_position = Position(stage_index, epoch + 1, 0, self.position.global_step)
+        self.position = next_position
+        self._checkpoint({**metrics, "epoch": epoch, "stage": stage_index, "epoch_end": 1}, next_position, opts, scheds)
+        return metrics
+
+    def _checkpoint(self, metrics: dict, position: Position, opts, scheds) -> None:
+        payload = self.payload(position, opts, scheds) if self.is_rank_zero else None
+        self.report({**metrics, "global_step": position.global_step}, payload)
+
+
+class _NoProgress:
+    def reset(self, total=None):
+        pass
+
+    def update(self, n=1):
+        pass
+
+    def set_description(self, text):
+        pass
+
+    def set_postfix(self, values):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress_bar(enabled: bool, config: TrainConfig):
+    if not enabled or os.environ.get("RECOLOR_NO_PROGRESS"):
+        return _NoProgress()
+    try:
+        from ray.experimental.tqdm_ray import tqdm
+    except ImportError:
+        from tqdm.auto import tqdm
+    return tqdm(total=0, desc="train", unit="step")
+
+
+def ray_report(metrics: dict, payload: dict | None) -> None:
+    """Report to Ray Train: every rank calls this equally often (it is a barrier); rank 0 adds the checkpoint."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = None
+        if payload is not None:
+            save_checkpoint(directory, payload)
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report({k: float(v) for k, v in metrics.items()}, checkpoint=checkpoint)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train's entry point on every worker."""
+    import ray.train
+    import ray.train.torch
+
+    config = TrainConfig.from_dict(loop_config["train"])
+    plan = DataPlan.from_dict(loop_config["data_plan"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    if config.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed % 2**32)
+    payload = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            payload = load_checkpoint(directory)
+        log.info("rank %d resuming from %s at %s", rank, checkpoint.path, payload["position"])
+    logger = None
+    if rank == 0 and loop_config.get("logger_factory") is not None:
+        logger = loop_config["logger_factory"](config, plan, payload)
+    trainer = ColorizerTrainer(
+        config,
+        plan,
+        rank,
+        world_size,
+        ray.train.torch.get_device(),
+        prepare=ray.train.torch.prepare_model,
+        logger=logger,
+        report=ray_report,
+        checkpoint_payload=payload,
+    )
+    try:
+        trainer.run()
+    finally:
+        trainer.logger.close()

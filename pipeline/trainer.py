@@ -1,0 +1,132 @@
+"""The driver side of training: pin the data, build Ray Train's `TorchTrainer`, run it.
+
+`recolor train` and the Ray job entrypoint (`jobs/train.py`) both call `run_training`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pipeline.config import TrainConfig
+from pipeline.data import DataPlan, resolve_data
+
+DEFAULT_STORAGE = "ray_results"
+STORAGE_ENV = "RECOLOR_STORAGE"
+
+
+@dataclass
+class TrainResult:
+    name: str
+    storage: str  # where the run's checkpoints live
+    checkpoint: str | None  # the latest checkpoint's path
+    metrics: dict  # metrics reported with the latest checkpoint
+    plan: DataPlan
+    error: str | None = None
+
+
+def resolve_storage(storage: str | None) -> str:
+    """The run storage: the argument, else $RECOLOR_STORAGE, else ./ray_results (absolute: Ray needs it)."""
+    storage = storage or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+    if storage.startswith("s3://"):
+        return storage
+    return str(Path(storage).expanduser().absolute())
+
+
+def storage_filesystem(storage: str):
+    """A pyarrow file system for s3:// storage that honours AWS_ENDPOINT_URL (MinIO, rclone); None for local."""
+    if not storage.startswith("s3://"):
+        return None
+    import pyarrow.fs
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs = {
+        "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        "retry_strategy": pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=8),
+    }
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        kwargs.update(access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"))
+    return pyarrow.fs.S3FileSystem(**kwargs)
+
+
+def _storage_path_for_ray(storage: str) -> str:
+    # With an explicit file system Ray wants the path without the scheme.
+    return storage[len("s3://") :] if storage.startswith("s3://") else storage
+
+
+def run_training(config: TrainConfig, ray_address: str | None = None, logger_factory=None) -> TrainResult:
+    """Train `config` with Ray Train DDP; resumes when a run of the same name exists in the storage.
+
+    Args:
+        config: the run.
+        ray_address: a Ray cluster; None uses $RAY_ADDRESS, else a local instance.
+        logger_factory: called on rank 0 as `factory(config, plan, checkpoint_payload)` to make its logger.
+
+    Raises:
+        LakeError, DataError: unknown or unusable datasets (before any worker starts).
+        RuntimeError: training failed after `max_failures` restarts.
+    """
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ingest.ray_util import ensure_ray
+    from pipeline.train_loop import train_loop_per_worker
+
+    plan = resolve_data(config.data.datasets, config.data.lake)
+    storage = resolve_storage(config.storage)
+    needed_cpus = config.workers * config.cpus_per_worker
+    with ensure_ray(ray_address, max(os.cpu_count() or 1, needed_cpus)):
+        resources = {"CPU": config.cpus_per_worker}
+        if config.use_gpu:
+            resources["GPU"] = 1
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "train": config.to_dict(),
+                "data_plan": plan.to_dict(),
+                "logger_factory": logger_factory,
+            },
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=config.workers, use_gpu=config.use_gpu, resources_per_worker=resources
+            ),
+            torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
+            run_config=ray.train.RunConfig(
+                name=config.name,
+                storage_path=_storage_path_for_ray(storage),
+                storage_filesystem=storage_filesystem(storage),
+                failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
+                worker_runtime_env={"env_vars": _forwarded_env()},
+            ),
+        )
+        result = trainer.fit()
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    return TrainResult(
+        name=config.name,
+        storage=f"{storage.rstrip('/')}/{config.name}",
+        checkpoint=checkpoint,
+        metrics=dict(result.metrics or {}),
+        plan=plan,
+        error=str(result.error) if result.error else None,
+    )
+
+
+def _forwarded_env() -> dict[str, str]:
+    # Workers on other nodes need the endpoints; credentials travel in the runtime env, never in logs or params.
+    names = (
+        "AWS_ENDPOINT_URL",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_DEFAULT_REGION",
+        "AWS_REGION",
+        "RECOLOR_LAKE",
+        "MLFLOW_TRACKING_URI",
+        "RECOLOR_NO_PROGRESS",
+        "RECOLOR_FAILPOINT",
+    )
+    return {name: os.environ[name] for name in names if name in os.environ}
