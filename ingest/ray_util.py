@@ -22,7 +22,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None):
         yield
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs = {} if address else {"num_cpus": num_cpus, "include_dashboard": False}
+    # A local instance gets the dashboard too: Ray Train's state API (and the user) need it.
+    kwargs = {} if address else {"num_cpus": num_cpus}
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, **kwargs)
     try:
         yield

@@ -50,12 +50,11 @@ def load_checkpoint(source: str | Path | bytes, map_location: str | torch.device
     else:
         path = Path(source)
         handle = path / CHECKPOINT_FILE if path.is_dir() else path
+    name = "checkpoint bytes" if isinstance(source, bytes) else str(source)
     try:
         payload = torch.load(handle, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated, corrupt or foreign files
-        raise ValueError(
-            f"{source if not isinstance(source, bytes) else 'checkpoint'} is not a readable checkpoint: {e}"
-        )
+        raise ValueError(f"{name} is not a readable checkpoint: {e}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT or "generator" not in payload:
-        raise ValueError(f"{source if not isinstance(source, bytes) else 'checkpoint'} is not a recolor checkpoint")
+        raise ValueError(f"{name} is not a recolor checkpoint")
     return payload

@@ -265,7 +265,7 @@ class ColorizerTrainer:
     def run(self) -> dict[str, float]:
         config = self.config
         last_metrics: dict[str, float] = {}
-        progress = _progress_bar(self.is_rank_zero, config)
+        progress = Progress(self.is_rank_zero)
         for stage_index in range(self.position.stage, len(config.stages)):
             stage = config.stages[stage_index]
             gan_loss = GANLoss(stage.gan_mode) if stage.gan_mode else None
@@ -306,9 +306,7 @@ class ColorizerTrainer:
             start_step,
             config.data.max_bad_fraction,
         )
-        progress.reset(total=steps)
-        progress.update(start_step)
-        progress.set_description(f"{stage.name} epoch {epoch + 1}/{stage.epochs}")
+        progress.start_epoch(f"{stage.name} epoch {epoch + 1}/{stage.epochs}", steps, start_step)
         window_start, window_steps = time.perf_counter(), 0
         losses: dict[str, float] = {}
         step_in_epoch = start_step
@@ -320,7 +318,7 @@ class ColorizerTrainer:
             step_in_epoch += 1
             self.position = Position(stage_index, epoch, step_in_epoch, self.position.global_step + 1)
             window_steps += 1
-            progress.update(1)
+            progress.step()
             step = self.position.global_step
             if step % config.log_every == 0 or step_in_epoch == steps:
                 elapsed = time.perf_counter() - window_start
@@ -328,7 +326,7 @@ class ColorizerTrainer:
                 throughput = {"images_per_s": images_per_s, "step_time_s": elapsed / window_steps}
                 self.logger.log({**losses, **throughput, "lr": opts[0].param_groups[0]["lr"]}, step)
                 shown = {k: f"{v:.3g}" for k, v in losses.items() if k in ("loss_D", "loss_G", "loss_G_L1")}
-                progress.set_postfix(shown | {"img/s": f"{images_per_s:.1f}"})
+                progress.update(shown | {"img/s": f"{images_per_s:.1f}"})
                 window_start, window_steps = time.perf_counter(), 0
             if step_in_epoch < steps and step % config.checkpoint_every == 0:
                 self._checkpoint({**losses, "epoch": epoch, "stage": stage_index}, self.position, opts, scheds)
@@ -349,31 +347,35 @@ class ColorizerTrainer:
         self.report({**metrics, "global_step": position.global_step}, payload)
 
 
-class _NoProgress:
-    def reset(self, total=None):
-        pass
+class Progress:
+    """Rank 0's progress bar: Ray's tqdm (the driver draws it), showing the epoch, losses and images/s."""
 
-    def update(self, n=1):
-        pass
+    def __init__(self, enabled: bool):
+        self.bar = None
+        self.label = ""
+        if enabled and not os.environ.get("RECOLOR_NO_PROGRESS"):
+            from ray.experimental.tqdm_ray import tqdm
 
-    def set_description(self, text):
-        pass
+            self.bar = tqdm(total=0, desc="train", unit="step")
 
-    def set_postfix(self, values):
-        pass
+    def start_epoch(self, label: str, total: int, done: int) -> None:
+        self.label = label
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.n = done
+            self.bar.set_description(label)
 
-    def close(self):
-        pass
+    def update(self, values: dict[str, str]) -> None:
+        if self.bar is not None:
+            self.bar.set_description(" ".join([self.label, *(f"{k}={v}" for k, v in values.items())]))
 
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
 
-def _progress_bar(enabled: bool, config: TrainConfig):
-    if not enabled or os.environ.get("RECOLOR_NO_PROGRESS"):
-        return _NoProgress()
-    try:
-        from ray.experimental.tqdm_ray import tqdm
-    except ImportError:
-        from tqdm.auto import tqdm
-    return tqdm(total=0, desc="train", unit="step")
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def ray_report(metrics: dict, payload: dict | None) -> None:
@@ -395,6 +397,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     config = TrainConfig.from_dict(loop_config["train"])
     plan = DataPlan.from_dict(loop_config["data_plan"])
+    # Ray Train logs every report with all its metrics at INFO: the progress bar says it better.
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(os.environ.get("RECOLOR_TRAIN_LOG_LEVEL", "WARNING"))
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     if config.deterministic:

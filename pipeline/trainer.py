@@ -102,6 +102,7 @@ def run_training(config: TrainConfig, ray_address: str | None = None, logger_fac
                 failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
                 worker_runtime_env={"env_vars": _forwarded_env()},
+                logging_config=ray.train.LoggingConfig(log_level=os.environ.get("RECOLOR_TRAIN_LOG_LEVEL", "WARNING")),
             ),
         )
         result = trainer.fit()
