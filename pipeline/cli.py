@@ -29,7 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     from ingest.storage import StorageError
     from pipeline.data import DataError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options (`recolor train cfg.yaml --workers 2 data.batch_size=8`).
+    if extra and hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.handler(args)
     except (SourceError, LakeError, StorageError, DataError, ValueError, FileNotFoundError) as e:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ingest import faults
 from ingest.lab import lab8_to_network_torch, network_to_lab_torch
 from pipeline.checkpoint import FORMAT, Position, load_checkpoint, save_checkpoint
 from pipeline.config import StageConfig, TrainConfig
@@ -313,6 +314,7 @@ class ColorizerTrainer:
         for batch in prefetch((torch.from_numpy(b) for b in batches), config.data.prefetch_batches):
             if config.max_steps is not None and self.position.global_step >= config.max_steps:
                 return None
+            faults.maybe_fail("train_step", self.rank)
             torch.manual_seed(step_seed(config.seed, self.rank, self.position.global_step))
             losses = self.train_step(batch, stage, gan_loss, opts)
             step_in_epoch += 1
@@ -434,5 +436,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     )
     try:
         trainer.run()
+        if loop_config.get("on_worker_end") is not None:
+            loop_config["on_worker_end"](trainer)
     finally:
         trainer.logger.close()

@@ -59,13 +59,16 @@ def _storage_path_for_ray(storage: str) -> str:
     return storage[len("s3://") :] if storage.startswith("s3://") else storage
 
 
-def run_training(config: TrainConfig, ray_address: str | None = None, logger_factory=None) -> TrainResult:
+def run_training(
+    config: TrainConfig, ray_address: str | None = None, logger_factory=None, on_worker_end=None
+) -> TrainResult:
     """Train `config` with Ray Train DDP; resumes when a run of the same name exists in the storage.
 
     Args:
         config: the run.
         ray_address: a Ray cluster; None uses $RAY_ADDRESS, else a local instance.
         logger_factory: called on rank 0 as `factory(config, plan, checkpoint_payload)` to make its logger.
+        on_worker_end: called on every rank with its `ColorizerTrainer` after training (inspection, tests).
 
     Raises:
         LakeError, DataError: unknown or unusable datasets (before any worker starts).
