@@ -93,6 +93,7 @@ def run_training(
                 "train": config.to_dict(),
                 "data_plan": plan.to_dict(),
                 "logger_factory": logger_factory,
+                "on_worker_end": on_worker_end,
             },
             scaling_config=ray.train.ScalingConfig(
                 num_workers=config.workers, use_gpu=config.use_gpu, resources_per_worker=resources
