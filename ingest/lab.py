@@ -250,7 +250,10 @@ def rgb_to_lab_torch(rgb: torch.Tensor) -> torch.Tensor:
 def lab8_to_network_torch(lab8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Stored uint8 Lab batches (N, 3, H, W), on any device, to the network's float L_in and ab_in."""
     values = lab8.float()
-    return values[:, :1] * (2.0 / 255.0) - 1.0, (values[:, 1:] - AB_OFFSET) / AB_NORM
+    # In place on the fresh float copy: no temporaries (this runs on every training batch).
+    light = values[:, :1].mul_(2.0 / 255.0).sub_(1.0)
+    ab = values[:, 1:].sub_(AB_OFFSET).mul_(1.0 / AB_NORM)
+    return light, ab
 
 
 def network_to_lab_torch(light: torch.Tensor, ab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

