@@ -130,7 +130,9 @@ class Lake:
         self.storage.check_access()
 
     def datasets(self) -> list[str]:
-        return [name for name in self.storage.list_children("") if self.versions(name)]
+        # Other folders may share the lake's root ("lost+found", "my notes"): they are not datasets, not errors.
+        names = self.storage.list_children("")
+        return [name for name in names if _NAME.match(name) and ".." not in name and self.versions(name)]
 
     def versions(self, dataset: str) -> list[int]:
         validate_name(dataset)

@@ -25,6 +25,8 @@ def list_folder(root: str) -> list[SourceItem]:
     ]
     if not items:
         raise SourceError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+    # A local walk lists a folder's files before its sub-folders; S3 lists keys in plain string order.
+    items.sort(key=lambda item: item.name)
     return items
 
 
