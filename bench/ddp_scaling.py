@@ -37,6 +37,9 @@ class FileLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
 
+    def log_image(self, png: bytes, artifact_path: str) -> None:
+        pass
+
     def close(self) -> None:
         pass
 

@@ -1,12 +1,28 @@
-"""Loggers: an interface of two methods, so the training loop never asks whether tracking is on."""
+"""Tracking: loggers (an interface of two methods) and the MLflow run of a training run.
+
+The training loop only sees `Logger.log(metrics, step)` and `close()`: a `NullLogger` on ranks
+other than 0, an `MlflowLogger` on rank 0 when tracking is on. The driver creates (or, when a
+run of the same name resumes, finds) the MLflow run and logs what it knows before training:
+the flattened config as params, tags, and the dataset versions as inputs.
+
+Tracking URI: `--tracking-uri`, else `MLFLOW_TRACKING_URI`, else the embedded default, a SQLite
+file `./mlflow.db` (registry included) with artifacts in `./mlartifacts`.
+"""
 
 from __future__ import annotations
 
+import os
+import subprocess
+from pathlib import Path
 from typing import Protocol
+
+EXPERIMENT_DEFAULT = "recolor"
+RUN_NAME_TAG = "recolor.run_name"
 
 
 class Logger(Protocol):
     def log(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_image(self, png: bytes, artifact_path: str) -> None: ...
     def close(self) -> None: ...
 
 
@@ -14,6 +30,9 @@ class NullLogger:
     """Logs nothing (ranks other than 0, and runs without tracking)."""
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_image(self, png: bytes, artifact_path: str) -> None:
         pass
 
     def close(self) -> None:
@@ -25,10 +44,165 @@ class MemoryLogger:
 
     def __init__(self) -> None:
         self.history: dict[str, list[tuple[int, float]]] = {}
+        self.images: dict[str, bytes] = {}
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         for name, value in metrics.items():
             self.history.setdefault(name, []).append((step, float(value)))
 
+    def log_image(self, png: bytes, artifact_path: str) -> None:
+        self.images[artifact_path] = png
+
     def close(self) -> None:
         pass
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """The argument, else $MLFLOW_TRACKING_URI, else `sqlite:///<cwd>/mlflow.db` (absolute, so Ray workers agree)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{Path('mlflow.db').absolute()}"
+
+
+def _local_artifact_root(tracking_uri: str) -> str | None:
+    # The embedded default keeps artifacts beside the database; a server decides for itself.
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri[len("sqlite:///") :]).parent / "mlartifacts").absolute().as_uri()
+    return None
+
+
+def get_experiment_id(client, name: str, tracking_uri: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=_local_artifact_root(tracking_uri))
+
+
+class MlflowLogger:
+    """Rank 0's logger: metrics to an existing MLflow run (batched), MLflow system metrics on."""
+
+    def __init__(self, tracking_uri: str, run_id: str, system_metrics: bool = True):
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri)
+        self.run_id = run_id
+        self.tracking_uri = tracking_uri
+        self.monitor = None
+        if system_metrics:
+            try:
+                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+                self.monitor = SystemMetricsMonitor(run_id, sampling_interval=10, tracking_uri=tracking_uri)
+                self.monitor.start()
+            except Exception:  # noqa: BLE001 - system metrics are a nicety; never fail training for them
+                self.monitor = None
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(name, float(value), now, step) for name, value in metrics.items()]
+        for start in range(0, len(batch), 1000):
+            self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
+
+    def log_image(self, png: bytes, artifact_path: str) -> None:
+        import tempfile
+
+        directory, name = os.path.split(artifact_path)
+        with tempfile.TemporaryDirectory() as temp:
+            path = Path(temp) / name
+            path.write_bytes(png)
+            self.client.log_artifact(self.run_id, str(path), artifact_path=directory or None)
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.finish()
+            self.monitor = None
+
+
+def git_commit() -> str | None:
+    """The repository's commit, when the code runs from a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def start_or_resume_run(
+    tracking_uri: str, experiment: str, config, plan, storage: str, device: str
+) -> tuple[str, bool]:
+    """The MLflow run of a training run: the unfinished run with the same name, or a new one.
+
+    A new run gets the full flattened config as params, the tags, and every dataset version as an
+    input (source: the version's lake URI, digest: its manifest's SHA-256) for training and validation.
+
+    Returns:
+        (run id, whether an existing run is resumed).
+    """
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.entities import Param, RunTag
+
+    from pipeline.config import flatten
+
+    client = MlflowClient(tracking_uri)
+    experiment_id = get_experiment_id(client, experiment, tracking_uri)
+    existing = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{RUN_NAME_TAG}` = '{config.name}'",
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
+    if existing and existing[0].info.status != "FINISHED":
+        client.update_run(existing[0].info.run_id, status="RUNNING")
+        return existing[0].info.run_id, True
+    tags = {
+        RUN_NAME_TAG: config.name,
+        "recolor.ray_run_name": config.name,
+        "recolor.storage": storage,
+        "recolor.arch": config.model.arch,
+        "recolor.workers": str(config.workers),
+        "recolor.device": device,
+        "recolor.stages": ",".join(stage.name for stage in config.stages),
+        "recolor.datasets": ",".join(plan.refs),
+    }
+    for ref in plan.refs:
+        tags[f"recolor.dataset.{ref}"] = plan.digests[ref]
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    run = client.create_run(experiment_id, run_name=config.name, tags=tags)
+    run_id = run.info.run_id
+    params = [
+        Param(key, "None" if value is None else str(value)[:6000]) for key, value in flatten(config.to_dict()).items()
+    ]
+    for start in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[start : start + 100], tags=[RunTag("recolor.params_logged", "1")])
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        with mlflow.start_run(run_id=run_id):
+            for ref in plan.refs:
+                # One input per split: MLflow keeps a single context per dataset name and digest.
+                for split, context in (("train", "training"), ("val", "validation")):
+                    dataset = lake_dataset(f"{ref}/{split}", plan.uris[ref], plan.digests[ref])
+                    mlflow.log_input(dataset, context=context)
+        client.update_run(run_id, status="RUNNING")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    return run_id, False
+
+
+def lake_dataset(ref: str, uri: str, manifest_sha256: str):
+    """An MLflow dataset for a lake version: its record's URI as source, its manifest's digest."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    # MLflow stores at most 36 characters of digest; the full SHA-256 is in the run's tags.
+    return MetaDataset(resolve_dataset_source(uri), name=ref, digest=manifest_sha256[:32])

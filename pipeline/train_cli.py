@@ -31,6 +31,13 @@ def add_train_parser(subparsers) -> None:
     )
     parser.add_argument("--name", help="run name; an existing run of this name is resumed")
     parser.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow: a server URL or sqlite:///file (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)",
+    )
+    parser.add_argument("--experiment", default="recolor", help="MLflow experiment (default: recolor)")
+    parser.add_argument("--model-name", default="colorizer", help="registered model name (default: colorizer)")
+    parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(handler=run_train_command)
 
@@ -49,11 +56,19 @@ def config_from_args(args):
 
 
 def run_train_command(args) -> int:
-    from pipeline.trainer import run_training
+    from pipeline.trainer import TrackingOptions, run_training
 
     config = config_from_args(args)
-    result = run_training(config, ray_address=args.ray_address)
+    tracking = TrackingOptions(
+        enabled=not args.no_tracking,
+        tracking_uri=args.tracking_uri,
+        experiment=args.experiment,
+        model_name=args.model_name,
+    )
+    result = run_training(config, ray_address=args.ray_address, tracking=tracking)
     summary = {
+        "mlflow_run_id": result.run_id,
+        "model_version": result.model_version,
         "name": result.name,
         "storage": result.storage,
         "checkpoint": result.checkpoint,
@@ -72,6 +87,11 @@ def run_train_command(args) -> int:
         if shown:
             print(f"  validation: {shown}")
         print(f"  latest checkpoint: {result.checkpoint}")
+        if result.run_id:
+            print(
+                f"  MLflow run {result.run_id}; registered {args.model_name} version {result.model_version} "
+                "(alias candidate)"
+            )
     if result.error:
         print(f"recolor: error: training failed: {result.error}")
         return 1

@@ -23,13 +23,14 @@ import torch
 from torch import nn
 
 from ingest import faults
-from ingest.lab import lab8_to_network_torch, network_to_lab_torch
+from ingest.lab import lab8_to_network_torch
 from pipeline.checkpoint import FORMAT, Position, load_checkpoint, save_checkpoint
 from pipeline.config import StageConfig, TrainConfig
 from pipeline.data import DataPlan, prefetch, train_batches, validation_batches
+from pipeline.evaluation import accumulate, finalize
 from pipeline.losses import GANLoss, discriminator_loss, generator_loss
-from pipeline.metrics import colorization_metric_sums, gray_baseline_metric_sums, metric_means
 from pipeline.models import build_discriminator, build_generator
+from pipeline.plots import sample_grid
 from pipeline.tracking import Logger, NullLogger
 
 log = logging.getLogger(__name__)
@@ -198,51 +199,30 @@ class ColorizerTrainer:
         return {name: float(value.detach()) for name, value in losses.items()}
 
     @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        """Metrics on this rank's share of the validation split, all-reduced; gray baseline beside them."""
+    def validate(self, grid_name: str | None = None) -> dict[str, float]:
+        """Metrics on this rank's share of the validation split, all-reduced; gray baseline beside them.
+
+        Rank 0 also logs a sample grid of its first validation batch (the same images every epoch).
+        """
         generator = unwrap(self.generator)
         was_training = generator.training
         generator.eval()
-        names: list[str] = []
-        totals: torch.Tensor | None = None
-        for batch in prefetch(
-            validation_batches(
-                self.plan, self.rank, self.world_size, self.config.data.batch_size, self.config.data.max_val_batches
-            ),
-            self.config.data.prefetch_batches,
-        ):
-            lab8 = torch.from_numpy(batch).to(self.device)
-            light, real_ab = lab8_to_network_torch(lab8)
-            with self._autocast():
-                fake_ab = generator(light.contiguous(memory_format=self.memory_format))
-            lightness, pred_ab = network_to_lab_torch(light, fake_ab)
-            _, true_ab = network_to_lab_torch(light, real_ab)
-            sums = colorization_metric_sums(lightness, pred_ab, true_ab)
-            gray = gray_baseline_metric_sums(lightness, true_ab)
-            combined = {**sums, **{f"gray_{k}": v for k, v in gray.items()}}
-            names = sorted(combined)
-            values = torch.stack([combined[name] for name in names])
-            totals = values if totals is None else totals + values
+        batches = validation_batches(
+            self.plan, self.rank, self.world_size, self.config.data.batch_size, self.config.data.max_val_batches
+        )
+        totals, first = accumulate(
+            generator,
+            prefetch(batches, self.config.data.prefetch_batches),
+            self.device,
+            self._autocast,
+            self.memory_format,
+        )
         generator.train(was_training)
-        if not names:  # this rank had no validation samples: contribute zeros
-            names = self._metric_names()
-            totals = torch.zeros(len(names), dtype=torch.float64, device=self.device)
         if self.world_size > 1:
             torch.distributed.all_reduce(totals)
-        sums = dict(zip(names, totals, strict=True))
-        if float(sums["count"]) == 0:
-            return {}
-        model = metric_means({k: v for k, v in sums.items() if not k.startswith("gray_")})
-        gray = metric_means({k[5:]: v for k, v in sums.items() if k.startswith("gray_")})
-        result = {f"val_{k}": v for k, v in model.items()}
-        result.update({f"val_gray_{k}": v for k, v in gray.items()})
-        result["val_count"] = float(sums["count"])
-        return result
-
-    def _metric_names(self) -> list[str]:
-        dummy = torch.zeros(1, 1, 8, 8, dtype=torch.float64)
-        sums = colorization_metric_sums(dummy, torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8, 8))
-        return sorted([*sums, *(f"gray_{k}" for k in sums)])
+        if grid_name and first is not None:
+            self.logger.log_image(sample_grid(*first), grid_name)
+        return finalize(totals)
 
     # ------------------------------------------------------------------------------------ checkpoints
 
@@ -335,7 +315,9 @@ class ColorizerTrainer:
         # Epoch end: schedule, validation on every rank, a checkpoint pointing at the next epoch.
         for scheduler in scheds:
             scheduler.step()
-        metrics = {**losses, **self.validate(), "bad_samples": float(bad.bad)}
+        self._sync_buffers()
+        grid = f"samples/{stage_index}-{stage.name}/epoch_{epoch + 1:03d}.png"
+        metrics = {**losses, **self.validate(grid), "bad_samples": float(bad.bad), "stage": float(stage_index)}
         self.logger.log(
             {k: v for k, v in metrics.items() if k.startswith("val_") or k == "bad_samples"}, self.position.global_step
         )
@@ -343,6 +325,15 @@ class ColorizerTrainer:
         self.position = next_position
         self._checkpoint({**metrics, "epoch": epoch, "stage": stage_index, "epoch_end": 1}, next_position, opts, scheds)
         return metrics
+
+    def _sync_buffers(self) -> None:
+        """Give every rank rank 0's BatchNorm statistics, the checkpoint's. DDP broadcasts buffers only as a
+        forward starts, so after a step each rank holds statistics updated with its own batch; validation,
+        sharded across ranks, must judge one model."""
+        if self.world_size > 1:
+            for network in (self.generator, self.discriminator):
+                for buffer in unwrap(network).buffers():
+                    torch.distributed.broadcast(buffer, src=0)
 
     def _checkpoint(self, metrics: dict, position: Position, opts, scheds) -> None:
         payload = self.payload(position, opts, scheds) if self.is_rank_zero else None
@@ -421,8 +412,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             payload = load_checkpoint(directory)
         log.info("rank %d resuming from %s at %s", rank, checkpoint.path, payload["position"])
     logger = None
+    tracking = loop_config.get("tracking")
     if rank == 0 and loop_config.get("logger_factory") is not None:
         logger = loop_config["logger_factory"](config, plan, payload)
+    elif rank == 0 and tracking:
+        from pipeline.tracking import MlflowLogger
+
+        logger = MlflowLogger(tracking["uri"], tracking["run_id"])
     trainer = ColorizerTrainer(
         config,
         plan,

@@ -25,6 +25,8 @@ class TrainResult:
     metrics: dict  # metrics reported with the latest checkpoint
     plan: DataPlan
     error: str | None = None
+    run_id: str | None = None  # the MLflow run
+    model_version: str | None = None  # the registered generator's version
 
 
 def resolve_storage(storage: str | None) -> str:
@@ -59,8 +61,22 @@ def _storage_path_for_ray(storage: str) -> str:
     return storage[len("s3://") :] if storage.startswith("s3://") else storage
 
 
+@dataclass
+class TrackingOptions:
+    """Where and how a training run is tracked."""
+
+    enabled: bool = True
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else ./mlflow.db
+    experiment: str = "recolor"
+    model_name: str | None = "colorizer"  # registered model; None: log the model without registering
+
+
 def run_training(
-    config: TrainConfig, ray_address: str | None = None, logger_factory=None, on_worker_end=None
+    config: TrainConfig,
+    ray_address: str | None = None,
+    logger_factory=None,
+    on_worker_end=None,
+    tracking: TrackingOptions | None = None,
 ) -> TrainResult:
     """Train `config` with Ray Train DDP; resumes when a run of the same name exists in the storage.
 
@@ -69,6 +85,7 @@ def run_training(
         ray_address: a Ray cluster; None uses $RAY_ADDRESS, else a local instance.
         logger_factory: called on rank 0 as `factory(config, plan, checkpoint_payload)` to make its logger.
         on_worker_end: called on every rank with its `ColorizerTrainer` after training (inspection, tests).
+        tracking: MLflow settings; None means tracking off (the CLI turns it on by default).
 
     Raises:
         LakeError, DataError: unknown or unusable datasets (before any worker starts).
@@ -82,6 +99,14 @@ def run_training(
 
     plan = resolve_data(config.data.datasets, config.data.lake)
     storage = resolve_storage(config.storage)
+    run_info = None
+    if tracking is not None and tracking.enabled:
+        from pipeline.tracking import resolve_tracking_uri, start_or_resume_run
+
+        tracking_uri = resolve_tracking_uri(tracking.tracking_uri)
+        device = "cuda" if config.use_gpu else "cpu"
+        run_id, _ = start_or_resume_run(tracking_uri, tracking.experiment, config, plan, storage, device)
+        run_info = {"uri": tracking_uri, "run_id": run_id}
     needed_cpus = config.workers * config.cpus_per_worker
     with ensure_ray(ray_address, max(os.cpu_count() or 1, needed_cpus)):
         resources = {"CPU": config.cpus_per_worker}
@@ -94,6 +119,7 @@ def run_training(
                 "data_plan": plan.to_dict(),
                 "logger_factory": logger_factory,
                 "on_worker_end": on_worker_end,
+                "tracking": run_info,
             },
             scaling_config=ray.train.ScalingConfig(
                 num_workers=config.workers, use_gpu=config.use_gpu, resources_per_worker=resources
@@ -111,7 +137,7 @@ def run_training(
         )
         result = trainer.fit()
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
-    return TrainResult(
+    train_result = TrainResult(
         name=config.name,
         storage=f"{storage.rstrip('/')}/{config.name}",
         checkpoint=checkpoint,
@@ -119,6 +145,52 @@ def run_training(
         plan=plan,
         error=str(result.error) if result.error else None,
     )
+    if run_info is not None:
+        train_result.run_id = run_info["run_id"]
+        train_result.model_version = finish_tracking(run_info, tracking, train_result, result.checkpoint)
+    return train_result
+
+
+def finish_tracking(run_info: dict, tracking: TrackingOptions, result: TrainResult, checkpoint) -> str | None:
+    """After training: loss curves as a PNG, the generator logged and registered (alias `candidate`), run status."""
+    from mlflow import MlflowClient
+
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.plots import LOSS_PANELS, loss_curves
+    from pipeline.registry import generator_from_checkpoint, log_generator, min_side
+    from pipeline.tracking import MlflowLogger
+
+    client = MlflowClient(run_info["uri"])
+    run_id = run_info["run_id"]
+    if result.error:
+        client.set_terminated(run_id, status="FAILED")
+        return None
+    history = {
+        name: [(m.step, m.value) for m in client.get_metric_history(run_id, name)]
+        for names in LOSS_PANELS.values()
+        for name in names
+    }
+    logger = MlflowLogger(run_info["uri"], run_id, system_metrics=False)
+    logger.log_image(loss_curves(history, title=result.name), "plots/loss_curves.png")
+    version = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            payload = load_checkpoint(directory)
+        generator = generator_from_checkpoint(payload)
+        metrics = {k: f"{v:.6g}" for k, v in result.metrics.items() if k.startswith("val_")}
+        tags = {"run_id": run_id, "run_name": result.name, "datasets": ",".join(result.plan.refs), **metrics}
+        registered = log_generator(
+            generator,
+            run_id,
+            run_info["uri"],
+            registered_name=tracking.model_name,
+            alias="candidate" if tracking.model_name else None,
+            version_tags=tags,
+            image_size=max(result.plan.size, min_side(generator)),
+        )
+        version = registered.version if registered is not None else None
+    client.set_terminated(run_id, status="FINISHED")
+    return version
 
 
 def _forwarded_env() -> dict[str, str]:
@@ -133,5 +205,7 @@ def _forwarded_env() -> dict[str, str]:
         "MLFLOW_TRACKING_URI",
         "RECOLOR_NO_PROGRESS",
         "RECOLOR_FAILPOINT",
+        "RECOLOR_FAILPOINT_ONCE",  # without it a restarted worker hits the failpoint again, and again
+        "RECOLOR_TRAIN_LOG_LEVEL",
     )
     return {name: os.environ[name] for name in names if name in os.environ}
