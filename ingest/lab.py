@@ -259,3 +259,11 @@ def lab8_to_network_torch(lab8: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 def network_to_lab_torch(light: torch.Tensor, ab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Network L_in (N, 1, H, W) and ab_in (N, 2, H, W) to L in 0..100 and ab in real units."""
     return (light.float() + 1.0) * 50.0, ab.float() * AB_NORM
+
+
+def lightness(rgb: np.ndarray) -> np.ndarray:
+    """L (0..100, float32) of 8-bit sRGB (..., 3) without computing a and b: cheap at full resolution."""
+    linear = np.take(_LINEAR_LUT32, np.asarray(rgb, dtype=np.uint8))
+    y = linear @ XYZ_FROM_RGB[1].astype(np.float32)  # Y of D65 white is 1: no normalization needed
+    f = np.where(y > 0.008856, np.cbrt(y), 7.787 * y + np.float32(16.0 / 116.0))
+    return (116.0 * f - 16.0).astype(np.float32)

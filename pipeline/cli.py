@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ingest.cli import add_ingest_parser, add_lake_parser
+from pipeline.model_cli import add_model_parsers
 from pipeline.train_cli import add_train_parser
 
 
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_ingest_parser(subparsers)
     add_lake_parser(subparsers)
     add_train_parser(subparsers)
+    add_model_parsers(subparsers)
     return parser
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,8 +148,36 @@ def _build(cls, values: dict[str, Any], path: str):
         elif nested is not None:
             kwargs[name] = _build(nested, value, f"{path}{name}.")
         else:
-            kwargs[name] = value
+            kwargs[name] = _checked(f"{path}{name}", typing.get_type_hints(cls)[name], fields[name].type, value)
     return cls(**kwargs)
+
+
+_FLOAT_TEXT = r"[-+]?\d*\.?\d+[eE][-+]?\d+"
+
+
+def _checked(name: str, hint: Any, shown: str, value: Any) -> Any:
+    """`value` if it has the field's type (an int or `1e-4` text where a float is wanted: as a float).
+
+    Raises:
+        ValueError: naming the field, e.g. `data.batch_size: expected int, got 'abc'`.
+    """
+    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    for option in typing.get_args(hint) if union else (hint,):
+        if option is type(None) and value is None:
+            return value
+        if option is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if option is float and isinstance(value, str) and re.fullmatch(_FLOAT_TEXT, value):
+            return float(value)  # YAML 1.1 reads `lr: 1e-4` as a string
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option in (bool, str) and isinstance(value, option):
+            return value
+        if typing.get_origin(option) is list and isinstance(value, list):
+            (item,) = typing.get_args(option)
+            if all(isinstance(v, item) for v in value):
+                return value
+    raise ValueError(f"{name}: expected {shown}, got {value!r}")
 
 
 _NESTED = {(TrainConfig, "model"): ModelConfig, (TrainConfig, "data"): DataConfig, (TrainConfig, "stages"): StageConfig}
@@ -156,7 +186,7 @@ _NESTED = {(TrainConfig, "model"): ModelConfig, (TrainConfig, "data"): DataConfi
 def parse_value(text: str) -> Any:
     """A command-line value as YAML: `3` is an int, `null` None, `[a, b]` a list, `1e-4` a float."""
     value = yaml.safe_load(text)
-    if isinstance(value, str) and re.fullmatch(r"[-+]?\d*\.?\d+[eE][-+]?\d+", value):
+    if isinstance(value, str) and re.fullmatch(_FLOAT_TEXT, value):
         return float(value)  # YAML 1.1 reads 1e-4 as a string
     return value
 
@@ -169,7 +199,11 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             raise ValueError(f"override {override!r}: expected key=value, e.g. data.batch_size=8")
         target: Any = values
         parts = key.split(".")
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts):
+            if not isinstance(target, list | dict):
+                raise ValueError(f"override {key!r}: {'.'.join(parts[:depth])} holds {target!r}, not a section")
+            if depth == len(parts) - 1:
+                break
             if isinstance(target, list):
                 target = target[_index(part, key, len(target))]
             else:

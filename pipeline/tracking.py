@@ -173,7 +173,7 @@ def start_or_resume_run(
         "recolor.datasets": ",".join(plan.refs),
     }
     for ref in plan.refs:
-        tags[f"recolor.dataset.{ref}"] = plan.digests[ref]
+        tags[manifest_tag(ref)] = plan.digests[ref]
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
@@ -197,6 +197,11 @@ def start_or_resume_run(
     finally:
         mlflow.set_tracking_uri(previous)
     return run_id, False
+
+
+def manifest_tag(ref: str) -> str:
+    """The tag holding a dataset version's full manifest SHA-256 (`@` is not allowed in MLflow keys)."""
+    return "recolor.manifest." + ref.replace("@", ":")
 
 
 def lake_dataset(ref: str, uri: str, manifest_sha256: str):

@@ -1,0 +1,183 @@
+"""`recolor evaluate`: a generator's metrics on a lake dataset, an evaluation run, champion promotion.
+
+Promotion moves the registry alias `champion` to the evaluated model version only when it beats
+the current champion on the same data (both evaluated now, with the same code) on a chosen metric.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+# Lower is better for these; higher for the rest (psnr, ssim, auc, colorfulness).
+LOWER_IS_BETTER = {"l1_ab", "colorfulness_abs_diff"}
+EVAL_EXPERIMENT = "recolor-evaluation"
+
+
+@dataclass
+class Evaluation:
+    model_uri: str
+    dataset: str  # name@version, pinned
+    split: str
+    metrics: dict[str, float]
+    run_id: str | None = None
+    promotion: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def compute_metrics(generator, plan, split: str, batch_size: int, device: torch.device, max_batches=None) -> dict:
+    """The training validation's metrics (`eval_*`, gray baseline beside them) over one split of `plan`."""
+    from pipeline.data import validation_batches
+    from pipeline.evaluation import accumulate, finalize
+    from pipeline.registry import min_side
+
+    if plan.size < min_side(generator):
+        raise ValueError(
+            f"the model needs samples of at least {min_side(generator)} px but {', '.join(plan.refs)} holds "
+            f"{plan.size} px ones: evaluate on a dataset ingested with --size {min_side(generator)} or more"
+        )
+    shards = plan.train if split == "train" else plan.val
+    if not shards:
+        raise ValueError(f"{', '.join(plan.refs)} has no samples in split {split!r}")
+    view = dataclasses.replace(plan, val=shards)
+    totals, _ = accumulate(generator.to(device).eval(), validation_batches(view, 0, 1, batch_size, max_batches), device)
+    return finalize(totals.cpu(), prefix="eval_")
+
+
+def parse_registered(uri: str) -> tuple[str, str | None, str | None] | None:
+    """`models:/NAME@ALIAS` -> (NAME, None, ALIAS); `models:/NAME/VERSION` -> (NAME, VERSION, None); else None."""
+    if not uri.startswith("models:/"):
+        return None
+    rest = uri[len("models:/") :]
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        return name, None, alias
+    name, _, version = rest.partition("/")
+    return name, version or None, None
+
+
+def better(metric: str, candidate: float, champion: float) -> bool:
+    return candidate < champion if metric in LOWER_IS_BETTER else candidate > champion
+
+
+def evaluate(
+    model_uri: str,
+    dataset: str,
+    lake: str | None = None,
+    split: str = "val",
+    batch_size: int = 16,
+    device: str = "cpu",
+    tracking_uri: str | None = None,
+    experiment: str = EVAL_EXPERIMENT,
+    promote: bool = False,
+    metric: str = "l1_ab",
+    max_batches: int | None = None,
+) -> Evaluation:
+    """Evaluate a generator on a lake dataset, log an evaluation run, optionally promote it to `champion`.
+
+    Raises:
+        ValueError: unknown metric, a model URI that cannot be promoted, unloadable model.
+        LakeError: unknown dataset or version.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipeline.data import resolve_data
+    from pipeline.evaluation import metric_names
+    from pipeline.registry import load_generator
+    from pipeline.tracking import get_experiment_id, lake_dataset, manifest_tag, resolve_tracking_uri
+
+    known = {name for name in metric_names() if not name.startswith("gray_") and name != "count"}
+    if metric not in known:
+        raise ValueError(f"unknown metric {metric!r}: use one of {', '.join(sorted(known))}")
+    tracking_uri = resolve_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    registered = parse_registered(model_uri)
+    if promote and registered is None:
+        raise ValueError("--promote needs a registered model: models:/NAME/VERSION or models:/NAME@ALIAS")
+    torch_device = torch.device(device)
+    plan = resolve_data([dataset], lake)
+    generator = load_generator(model_uri, tracking_uri, torch_device)
+    metrics = compute_metrics(generator, plan, split, batch_size, torch_device, max_batches)
+    result = Evaluation(model_uri, plan.refs[0], split, metrics)
+
+    version = None
+    if registered is not None:
+        name, version, alias = registered
+        if version is None:
+            version = client.get_model_version_by_alias(name, alias).version
+    if promote:
+        result.promotion = _promotion(
+            client,
+            registered[0],
+            version,
+            metrics,
+            metric,
+            plan,
+            split,
+            batch_size,
+            torch_device,
+            tracking_uri,
+            max_batches,
+        )
+
+    experiment_id = get_experiment_id(client, experiment, tracking_uri)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        with mlflow.start_run(experiment_id=experiment_id, run_name=f"eval {plan.refs[0]}") as run:
+            mlflow.log_params(
+                {
+                    "model_uri": model_uri,
+                    "dataset": plan.refs[0],
+                    "split": split,
+                    "batch_size": batch_size,
+                    "metric": metric,
+                }
+            )
+            tags = {"recolor.kind": "evaluation", manifest_tag(plan.refs[0]): plan.digests[plan.refs[0]]}
+            if registered is not None:
+                tags.update({"recolor.model_name": registered[0], "recolor.model_version": str(version)})
+            tags.update({f"promotion.{k}": str(v) for k, v in result.promotion.items()})
+            mlflow.set_tags(tags)
+            mlflow.log_metrics(metrics)
+            mlflow.log_input(
+                lake_dataset(f"{plan.refs[0]}/{split}", plan.uris[plan.refs[0]], plan.digests[plan.refs[0]]),
+                context="evaluation",
+            )
+            result.run_id = run.info.run_id
+    finally:
+        mlflow.set_tracking_uri(previous)
+    if registered is not None:
+        client.set_model_version_tag(
+            registered[0], str(version), f"eval.{plan.refs[0].replace('@', ':')}.{split}.{metric}", f"{metrics[f'eval_{metric}']:.6g}"
+        )
+    return result
+
+
+def _promotion(client, name, version, metrics, metric, plan, split, batch_size, device, tracking_uri, max_batches):
+    from pipeline.registry import load_generator
+
+    key = f"eval_{metric}"
+    decision = {"metric": metric, "candidate_version": str(version), "candidate_value": metrics[key]}
+    try:
+        champion = client.get_model_version_by_alias(name, "champion")
+    except Exception:  # noqa: BLE001 - no champion yet
+        champion = None
+    if champion is None:
+        client.set_registered_model_alias(name, "champion", str(version))
+        return decision | {"decision": "promoted", "reason": "no champion yet"}
+    decision["champion_version"] = str(champion.version)
+    if str(champion.version) == str(version):
+        return decision | {"decision": "unchanged", "reason": "already the champion"}
+    champion_model = load_generator(f"models:/{name}/{champion.version}", tracking_uri, device)
+    champion_value = compute_metrics(champion_model, plan, split, batch_size, device, max_batches)[key]
+    decision["champion_value"] = champion_value
+    if better(metric, metrics[key], champion_value):
+        client.set_registered_model_alias(name, "champion", str(version))
+        return decision | {"decision": "promoted", "reason": f"{metric} {metrics[key]:.6g} beats {champion_value:.6g}"}
+    return decision | {"decision": "kept", "reason": f"{metric} {metrics[key]:.6g} does not beat {champion_value:.6g}"}

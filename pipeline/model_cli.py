@@ -1,0 +1,174 @@
+"""`recolor evaluate`, `recolor colorize`, `recolor runs compare`: parsing and printing only."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+TRACKING_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)"
+
+
+def add_model_parsers(subparsers) -> None:
+    evaluate = subparsers.add_parser(
+        "evaluate",
+        help="score a generator on a lake dataset; optionally promote it to champion",
+        description="Compute the validation metrics (L1 ab, PSNR, SSIM, colorfulness, AuC) and the gray baseline on "
+        "a lake dataset with the same code as training, log an evaluation run to MLflow, and with --promote move the "
+        "registry alias `champion` to the model only if it beats the current champion on the same data.",
+    )
+    evaluate.add_argument(
+        "--model",
+        required=True,
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/generator or a checkpoint path",
+    )
+    evaluate.add_argument("--dataset", required=True, metavar="NAME[@VERSION]")
+    evaluate.add_argument("--lake", help="lake URI (default: $RECOLOR_LAKE, else ./lake)")
+    evaluate.add_argument("--split", choices=("val", "train"), default="val")
+    evaluate.add_argument("--promote", action="store_true", help="move alias champion here if it beats the champion")
+    evaluate.add_argument(
+        "--metric", default="l1_ab", help="promotion metric: l1_ab (default), psnr, ssim, auc, colorfulness_abs_diff"
+    )
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--max-batches", type=int, help="evaluate at most N batches (quick checks)")
+    evaluate.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    evaluate.add_argument("--tracking-uri", help=TRACKING_HELP)
+    evaluate.add_argument("--experiment", default="recolor-evaluation")
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(handler=run_evaluate)
+
+    colorize = subparsers.add_parser(
+        "colorize",
+        help="color photos with a generator, at full resolution",
+        description="Colorize images (files, folders recursively, s3:// prefixes; any format ingest accepts) with a "
+        "registered generator or a checkpoint. Outputs are PNGs of the original size whose L channel is the input's.",
+    )
+    colorize.add_argument("inputs", nargs="+", metavar="INPUT")
+    colorize.add_argument(
+        "--model",
+        required=True,
+        help="models:/NAME@ALIAS (e.g. models:/colorizer@champion), "
+        "models:/NAME/VERSION, runs:/ID/generator or a checkpoint path",
+    )
+    colorize.add_argument("-o", "--out", required=True, help="output folder")
+    colorize.add_argument("--size", type=int, default=256, help="network input side (default: 256)")
+    colorize.add_argument("--batch-size", type=int, default=8)
+    colorize.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    colorize.add_argument("--tracking-uri", help=TRACKING_HELP)
+    colorize.add_argument("--no-progress", dest="progress", action="store_false")
+    colorize.set_defaults(handler=run_colorize)
+
+    runs = subparsers.add_parser("runs", help="compare training runs from MLflow in the terminal")
+    runs_commands = runs.add_subparsers(dest="runs_command", required=True)
+    compare = runs_commands.add_parser("compare", help="runs side by side: differing params, final metrics")
+    compare.add_argument("--experiment", default="recolor")
+    compare.add_argument("--tracking-uri", help=TRACKING_HELP)
+    compare.add_argument("--max-runs", type=int, default=10)
+    compare.add_argument("--json", action="store_true")
+    compare.set_defaults(handler=run_compare)
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def run_evaluate(args) -> int:
+    from pipeline.evaluate import evaluate
+
+    result = evaluate(
+        args.model,
+        args.dataset,
+        lake=args.lake,
+        split=args.split,
+        batch_size=args.batch_size,
+        device=args.device,
+        tracking_uri=args.tracking_uri,
+        experiment=args.experiment,
+        promote=args.promote,
+        metric=args.metric,
+        max_batches=args.max_batches,
+    )
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    m = result.metrics
+    print(f"{result.model_uri} on {result.dataset} ({result.split}, {m.get('eval_count', 0):.0f} images):")
+    for name in ("l1_ab", "psnr", "ssim", "auc", "colorfulness", "colorfulness_abs_diff"):
+        print(f"  {name:<22} {m[f'eval_{name}']:10.4f}   gray baseline {m[f'eval_gray_{name}']:10.4f}")
+    if result.promotion:
+        p = result.promotion
+        print(f"  promotion: {p['decision']} ({p['reason']})")
+    print(f"  evaluation run {result.run_id}")
+    return 0
+
+
+def run_colorize(args) -> int:
+    from pipeline.colorize import colorize
+
+    summary = colorize(
+        args.model,
+        args.inputs,
+        args.out,
+        size=args.size,
+        batch_size=args.batch_size,
+        device=args.device,
+        tracking_uri=args.tracking_uri,
+        progress=args.progress,
+    )
+    print(f"colorized {len(summary.written)} image(s) into {args.out}")
+    for uri, reason in summary.failed:
+        print(f"  skipped {uri}: {reason}", file=sys.stderr)
+    if summary.failed:
+        print(f"recolor: error: {len(summary.failed)} input(s) could not be read", file=sys.stderr)
+        return 1
+    return 0
+
+
+KEY_METRICS = ("val_l1_ab", "val_psnr", "val_ssim", "val_auc", "val_colorfulness_abs_diff", "loss_G_L1", "loss_D")
+
+
+def run_compare(args) -> int:
+    from mlflow import MlflowClient
+
+    from pipeline.tracking import resolve_tracking_uri
+
+    client = MlflowClient(resolve_tracking_uri(args.tracking_uri))
+    experiment = client.get_experiment_by_name(args.experiment)
+    if experiment is None:
+        raise ValueError(f"no MLflow experiment {args.experiment!r} (train a model first, or pass --experiment)")
+    runs = client.search_runs(
+        [experiment.experiment_id], max_results=args.max_runs, order_by=["attributes.start_time DESC"]
+    )
+    keys = sorted({k for run in runs for k in run.data.params})
+    differing = [k for k in keys if len({run.data.params.get(k) for run in runs}) > 1]
+    rows = [
+        {
+            "run_id": run.info.run_id,
+            "name": run.info.run_name,
+            "status": run.info.status,
+            "params": {k: run.data.params.get(k) for k in differing},
+            "metrics": {k: run.data.metrics[k] for k in KEY_METRICS if k in run.data.metrics},
+        }
+        for run in runs
+    ]
+    if args.json:
+        print(json.dumps({"experiment": args.experiment, "differing_params": differing, "runs": rows}, indent=2))
+        return 0
+    if not rows:
+        print(f"experiment {args.experiment} has no runs")
+        return 0
+    columns = [row["name"][:18] for row in rows]
+    width = max(24, *(len(k) for k in differing)) if differing else 24
+    print(f"{'':<{width}} " + " ".join(f"{c:>18}" for c in columns))
+    print(f"{'run id':<{width}} " + " ".join(f"{row['run_id'][:8]:>18}" for row in rows))
+    for key in differing:
+        print(f"{key:<{width}} " + " ".join(f"{str(row['params'][key])[:18]:>18}" for row in rows))
+    for key in KEY_METRICS:
+        values = [row["metrics"].get(key) for row in rows]
+        if any(v is not None for v in values):
+            print(f"{key:<{width}} " + " ".join(f"{v:>18.4f}" if v is not None else f"{'-':>18}" for v in values))
+    return 0
