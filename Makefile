@@ -19,10 +19,19 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-# The main job on the embedded default (a lake in ./lake, a local Ray instance).
+# The main job on the embedded default: a lake in ./lake, MLflow in ./mlflow.db, a local Ray instance.
 demo: $(BIN)/.installed
 	$(BIN)/recolor ingest folder "$(DEMO_PHOTOS)" --dataset demo-photos --lake $(LAKE) --size 256
 	$(BIN)/recolor lake show demo-photos --lake $(LAKE)
+	$(BIN)/recolor train configs/demo.yaml --lake $(LAKE) --workers 2
+	$(BIN)/recolor evaluate --model models:/colorizer@candidate --dataset demo-photos --lake $(LAKE) --promote
+	$(BIN)/recolor colorize --model models:/colorizer@champion "$(DEMO_PHOTOS)/coffee.png" \
+		"$(DEMO_PHOTOS)/camera.png" -o outputs/colorized
+	@echo
+	@echo "lake:        $(LAKE)/demo-photos   (recolor lake show demo-photos)"
+	@echo "checkpoints: ray_results/demo"
+	@echo "colorized:   outputs/colorized"
+	@echo "MLflow UI:   $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000   then open http://127.0.0.1:5000"
 
 test: $(BIN)/.installed
 	$(BIN)/pytest -q
@@ -34,4 +43,4 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/ingest.py
 
 clean-demo:
-	rm -rf $(LAKE)
+	rm -rf $(LAKE) mlflow.db mlartifacts ray_results outputs
