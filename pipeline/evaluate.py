@@ -153,9 +153,8 @@ def evaluate(
     finally:
         mlflow.set_tracking_uri(previous)
     if registered is not None:
-        client.set_model_version_tag(
-            registered[0], str(version), f"eval.{plan.refs[0].replace('@', ':')}.{split}.{metric}", f"{metrics[f'eval_{metric}']:.6g}"
-        )
+        tag = f"eval.{plan.refs[0].replace('@', ':')}.{split}.{metric}"
+        client.set_model_version_tag(registered[0], str(version), tag, f"{metrics[f'eval_{metric}']:.6g}")
     return result
 
 

@@ -51,9 +51,79 @@ def storage_filesystem(storage: str):
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
+        # S3-compatible servers (older MinIO, rclone) reject the SDK's default streaming checksums
+        # (aws-chunked uploads without Content-Length): ask for checksums only where required.
+        for name in ("AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION"):
+            os.environ.setdefault(name, "WHEN_REQUIRED")
     if os.environ.get("AWS_ACCESS_KEY_ID"):
         kwargs.update(access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"))
-    return pyarrow.fs.S3FileSystem(**kwargs)
+    return pyarrow.fs.PyFileSystem(NoDirectoryMarkers(pyarrow.fs.S3FileSystem(**kwargs)))
+
+
+def _handler_base():
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystemHandler
+
+
+class NoDirectoryMarkers(_handler_base()):
+    """An S3 file system that never writes directory markers (empty `prefix/` objects).
+
+    Object stores have no directories; Ray's storage layer still asks for them, and some
+    S3-compatible servers (rclone serve s3 on a local disk) store a marker as a file, which then
+    blocks every key below it. Everything else is passed to the wrapped file system.
+    """
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def get_type_name(self):
+        return "s3-no-markers"
+
+    def equals(self, other):
+        return isinstance(other, NoDirectoryMarkers) and self.inner.equals(other.inner)
+
+    def normalize_path(self, path):
+        return self.inner.normalize_path(path)
+
+    def get_file_info(self, paths):
+        return self.inner.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        return self.inner.get_file_info(selector)
+
+    def create_dir(self, path, recursive):
+        pass
+
+    def delete_dir(self, path):
+        self.inner.delete_dir(path)
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        self.inner.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self):
+        self.inner.delete_dir_contents("/", accept_root_dir=True)
+
+    def delete_file(self, path):
+        self.inner.delete_file(path)
+
+    def move(self, src, dest):
+        self.inner.move(src, dest)
+
+    def copy_file(self, src, dest):
+        self.inner.copy_file(src, dest)
+
+    def open_input_stream(self, path):
+        return self.inner.open_input_stream(path)
+
+    def open_input_file(self, path):
+        return self.inner.open_input_file(path)
+
+    def open_output_stream(self, path, metadata):
+        return self.inner.open_output_stream(path, metadata=metadata)
+
+    def open_append_stream(self, path, metadata):
+        return self.inner.open_append_stream(path, metadata=metadata)
 
 
 def _storage_path_for_ray(storage: str) -> str:
@@ -137,6 +207,8 @@ def run_training(
         )
         result = trainer.fit()
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    if checkpoint and storage.startswith("s3://") and not checkpoint.startswith("s3://"):
+        checkpoint = f"s3://{checkpoint}"
     train_result = TrainResult(
         name=config.name,
         storage=f"{storage.rstrip('/')}/{config.name}",
@@ -207,5 +279,7 @@ def _forwarded_env() -> dict[str, str]:
         "RECOLOR_FAILPOINT",
         "RECOLOR_FAILPOINT_ONCE",  # without it a restarted worker hits the failpoint again, and again
         "RECOLOR_TRAIN_LOG_LEVEL",
+        "AWS_REQUEST_CHECKSUM_CALCULATION",
+        "AWS_RESPONSE_CHECKSUM_VALIDATION",
     )
     return {name: os.environ[name] for name in names if name in os.environ}
