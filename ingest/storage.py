@@ -134,48 +134,43 @@ class LocalStorage:
     def open_read(self, key: str) -> BinaryIO:
         return open(self._path(key), "rb")
 
-    def _temp_path(self, path: Path) -> Path:
-        # Hidden and unique, in the same folder so the rename is atomic on every POSIX file system.
-        return path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+    def _publish(self, key: str, fill, place) -> None:
+        """Write a hidden temporary file beside the target with `fill(temp)`, then `place(temp, target)`.
+
+        The temporary file sits in the same folder so the rename (or link) is atomic on every POSIX
+        file system: readers see the whole file or nothing.
+        """
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+        try:
+            fill(temp)
+            place(temp, path)
+        finally:
+            temp.unlink(missing_ok=True)
+
+    @staticmethod
+    def _writer(data: bytes):
+        def fill(temp: Path) -> None:
+            with open(temp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+
+        return fill
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = self._temp_path(path)
-        try:
-            with open(temp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temp, path)
-        finally:
-            temp.unlink(missing_ok=True)
+        self._publish(key, self._writer(data), os.replace)
 
     def upload_file(self, key: str, local_path: str | Path) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = self._temp_path(path)
-        try:
-            shutil.copyfile(local_path, temp)
-            os.replace(temp, path)
-        finally:
-            temp.unlink(missing_ok=True)
+        self._publish(key, lambda temp: shutil.copyfile(local_path, temp), os.replace)
 
     def put_if_absent(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = self._temp_path(path)
         try:
-            with open(temp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             # link() fails if the name exists: an atomic create-exclusive of a complete file.
-            os.link(temp, path)
+            self._publish(key, self._writer(data), os.link)
         except FileExistsError:
             raise AlreadyExistsError(f"{self.uri(key)} already exists") from None
-        finally:
-            temp.unlink(missing_ok=True)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
