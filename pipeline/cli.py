@@ -7,6 +7,8 @@ import sys
 
 from ingest.cli import add_ingest_parser, add_lake_parser
 from pipeline.model_cli import add_model_parsers
+from pipeline.stack_cli import add_stack_parser
+from pipeline.submit import add_submit_parser
 from pipeline.train_cli import add_train_parser
 
 
@@ -21,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_lake_parser(subparsers)
     add_train_parser(subparsers)
     add_model_parsers(subparsers)
+    add_submit_parser(subparsers)
+    add_stack_parser(subparsers)
     return parser
 
 

@@ -1,0 +1,29 @@
+"""Ray job: train a colorizer with Ray Train DDP. The arguments are those of `recolor train`.
+
+    ray job submit --working-dir . -- python -m jobs.train configs/demo.yaml --dataset demo-photos
+    recolor submit train configs/pix2pix_unet.yaml --dataset imagenet-5k@1 --workers 8 --gpu
+
+Inside a Ray job $RAY_ADDRESS names the cluster, so the workers are placed on its (GPU) nodes.
+Data comes from --lake / $RECOLOR_LAKE, checkpoints go to --storage / $RECOLOR_STORAGE, the
+run is logged to --tracking-uri / $MLFLOW_TRACKING_URI; S3 from the AWS_* variables.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from jobs.common import describe_endpoints, shutdown_ray
+
+
+def main(argv: list[str]) -> int:
+    from pipeline.cli import main as recolor
+
+    print(f"jobs.train: {describe_endpoints()}", flush=True)
+    try:
+        return recolor(["train", *argv])
+    finally:
+        shutdown_ray()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
