@@ -12,9 +12,9 @@ generated token. Everything listens on 127.0.0.1 only. The stack folder (default
 holds the S3 data, the MLflow database, a log per process, the token file and `stack.json`, the
 state file (mode 600): PIDs, ports and keys.
 
-Every process the stack starts, and every process those start (Ray workers, job drivers),
-carries `RECOLOR_STACK_ID=<id>` in its environment; `down` signals the recorded PIDs, then
-kills whatever still carries this stack's id, and touches nothing else.
+Each service starts in its own session with `RECOLOR_STACK_ID=<id>` in its environment; `down`
+signals the recorded PIDs, then ends whatever is left of those sessions, of that id and of their
+descendants (Ray workers, job drivers; see `pipeline.process_tree`), and touches nothing else.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pipeline.process_tree import process_start_time, stack_members, still_alive
 from pipeline.stack import free_port, rclone_binary, wait_for_port
 
 DEFAULT_DIR = ".stack"
@@ -118,36 +119,14 @@ class StackState:
 # --- processes ---------------------------------------------------------------------------------------
 
 
-def process_start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks after boot; None when it is gone or a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    fields = stat.rsplit(")", 1)[1].split()  # the command name, in parentheses, may contain spaces
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
-
-
 def is_running(service: Service) -> bool:
     return process_start_time(service.pid) == service.start_time
 
 
-def tagged_processes(stack_id: str) -> list[int]:
-    """PIDs of the live processes whose environment carries this stack's id (ours, and only ours)."""
-    marker = f"{TAG}={stack_id}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:  # gone, or another user's
-            continue
-        if marker in environ.split(b"\0") and process_start_time(int(entry.name)) is not None:
-            found.append(int(entry.name))
-    return found
+def stack_processes(state: StackState) -> dict[int, int]:
+    """The live processes of this stack, {pid: start_time} (see `pipeline.process_tree`)."""
+    leaders = {service.pid: service.start_time for service in state.services.values()}
+    return stack_members(f"{TAG}={state.stack_id}".encode(), leaders)
 
 
 def _spawn(name: str, command: list[str], env: dict[str, str], state: StackState, port: int) -> subprocess.Popen:
@@ -246,7 +225,7 @@ def start_stack(
     stack_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     if (stack_dir / STATE_FILE).exists():
         previous = StackState.load(stack_dir)
-        if any(is_running(s) for s in previous.services.values()) or tagged_processes(previous.stack_id):
+        if stack_processes(previous):
             raise StackError(f"a stack is already running in {stack_dir} (`recolor stack down --dir {stack_dir}`)")
         _keep_ray_logs(previous)  # a stack that died without `down`: keep its logs, start afresh
     (stack_dir / "logs").mkdir(exist_ok=True)
@@ -357,41 +336,51 @@ def stop_stack(stack_dir: str | Path, timeout: float = 30.0) -> list[str]:
     """Stop what `start_stack` recorded in `stack_dir`, and nothing else; returns what was stopped.
 
     The recorded leaders get SIGTERM (a PID whose start time changed belongs to someone else now
-    and is left alone). Whatever still carries the stack's id afterwards (the orphans of a leader
-    that died) gets SIGTERM, then SIGKILL. Data and logs stay; the state file is removed.
+    and is left alone), Ray first so that jobs end before their storage does. Whatever of the
+    stack still runs after `timeout` seconds (or at once, when no leader was left to stop it) gets
+    SIGTERM, then SIGKILL. Data and logs stay; the state and token files are removed.
     """
     state = StackState.load(stack_dir)
+    known = stack_processes(state)  # before any signal: the session and parent links still hold
     stopped = []
     for name in SERVICE_ORDER:
         service = state.services.get(name)
         if service is not None and is_running(service):
             os.kill(service.pid, signal.SIGTERM)
             stopped.append(f"{name} (pid {service.pid})")
-            if name == "ray":  # Ray stops its workers and job drivers: let it finish before storage goes away
-                _wait_gone(lambda s=service: [s.pid] if is_running(s) else [], timeout)
-    remaining = _wait_gone(lambda: tagged_processes(state.stack_id), timeout if stopped else 0.0)
-    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        if not remaining:
+            if name == "ray":  # Ray stops its workers and job drivers itself when given the time
+                _wait_gone({service.pid: service.start_time}, timeout)
+
+    def remaining() -> dict[int, int]:
+        known.update(stack_processes(state))
+        return still_alive(known)
+
+    left = _wait_gone(remaining, timeout if stopped else 0.0)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not left:
             break
-        stopped.append(f"{len(remaining)} leftover process(es) sent {sig.name}")
-        for pid in remaining:
+        stopped.append(f"{len(left)} leftover process(es) sent {sig.name}")
+        for pid in left:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-        remaining = _wait_gone(lambda: tagged_processes(state.stack_id), grace)
-    if remaining:
-        raise StackError(f"processes {remaining} of stack {state.stack_id} survived SIGKILL")
+        left = _wait_gone(remaining, 5.0)
+    if left:
+        raise StackError(f"processes {sorted(left)} of stack {state.stack_id} survived SIGKILL")
     _keep_ray_logs(state)
+    Path(state.token_path).unlink(missing_ok=True)  # the token of a cluster that no longer exists
     state.path.unlink(missing_ok=True)
     return stopped
 
 
-def _wait_gone(alive, timeout: float) -> list[int]:
+def _wait_gone(alive, timeout: float) -> dict[int, int]:
+    """Wait until `alive` (a {pid: start_time} dict, or a function returning one) is empty; returns what is left."""
+    check = alive if callable(alive) else lambda: still_alive(alive)
     deadline = time.monotonic() + timeout
-    remaining = alive()
-    while remaining and time.monotonic() < deadline:
+    left = check()
+    while left and time.monotonic() < deadline:
         time.sleep(0.2)
-        remaining = alive()
-    return remaining
+        left = check()
+    return left
 
 
 def _keep_ray_logs(state: StackState) -> None:

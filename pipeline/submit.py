@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import shlex
 import sys
@@ -51,8 +52,16 @@ WORKING_DIR_EXCLUDES = [
     "/dist",
 ]
 FORWARDED_PREFIXES = ("AWS_", "MLFLOW_", "RECOLOR_")
-# Paths on the submitter's machine, or the local stack's bookkeeping: meaningless inside a job.
-NOT_FORWARDED = {"AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "RECOLOR_STACK_ID"}
+# Files and profiles of the submitter's machine, or the local stack's bookkeeping: meaningless inside a job
+# (`--forward-env NAME` still forwards one when the cluster has the same path).
+NOT_FORWARDED = {
+    "AWS_PROFILE",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CA_BUNDLE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "RECOLOR_STACK_ID",
+}
 
 
 class SubmitError(RuntimeError):
@@ -121,6 +130,7 @@ def job_client(address: str | None = None):
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
+    _quiet_ray_logging()
     url = resolve_address(address)
     token = resolve_token()
     headers = {"Authorization": f"Bearer {token}"} if token else None
@@ -141,6 +151,14 @@ def job_client(address: str | None = None):
         yield client
     except AuthenticationError as e:
         raise SubmitError(_auth_hint(url, token, e)) from None
+
+
+def _quiet_ray_logging() -> None:
+    # Ray's client logs every packaging step at INFO, and warns that it skips .git and .venv, which the
+    # excludes skip anyway; keep its real warnings (a large package, a failed upload).
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)
+    logging.getLogger("ray._private.runtime_env.working_dir").setLevel(logging.ERROR)
 
 
 def _auth_hint(url: str, token: str | None, error: Exception) -> str:
