@@ -1,0 +1,297 @@
+"""Checkpoints: one plain dict that survives save -> load, refuses foreign files, and resumes a trainer exactly.
+
+The trainer runs in this process (no Ray, one rank, CPU) on a tiny U-Net over a lake ingested from
+generated 64 px photos, so a whole multi-stage run takes a couple of seconds.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ingest.run import IngestConfig, run_ingest
+from pipeline.checkpoint import CHECKPOINT_FILE, FORMAT, Position, load_checkpoint, save_checkpoint
+from pipeline.config import DataConfig, ModelConfig, StageConfig, TrainConfig
+from pipeline.data import DataPlan, resolve_data
+from pipeline.train_loop import ColorizerTrainer, unwrap
+
+# --- a tiny lake and config ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_lake(tmp_path_factory, photo_writer) -> tuple[str, DataPlan]:
+    """20 colourful photos ingested at 64 px (the validation split is a fifth of them, by content hash)."""
+    root = tmp_path_factory.mktemp("tiny-lake")
+    photo_writer(root / "photos", range(20), width=80, height=64)
+    lake = str(root / "lake")
+    run_ingest(
+        IngestConfig(
+            kind="folder",
+            source=str(root / "photos"),
+            dataset="tiny",
+            lake=lake,
+            size=64,
+            use_ray=False,
+            progress=False,
+        )
+    )
+    plan = resolve_data(["tiny"], lake)
+    assert plan.count("train") >= 12 and plan.count("val") >= 2
+    return lake, plan
+
+
+def tiny_config(lake: str, **overrides) -> TrainConfig:
+    values = dict(
+        name="tiny",
+        model=ModelConfig(base_filters=4, num_downs=6),
+        stages=[StageConfig(name="l1", epochs=1, gan_mode=None), StageConfig(name="gan", epochs=2, decay_epochs=1)],
+        data=DataConfig(datasets=["tiny"], lake=lake, batch_size=2, shuffle_window=8, prefetch_batches=2),
+        checkpoint_every=1,
+        log_every=1,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(autouse=True)
+def no_progress_bar(monkeypatch):
+    monkeypatch.setenv("RECOLOR_NO_PROGRESS", "1")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread, as a Ray worker of one CPU has: tiny convolutions gain nothing from more, and on a
+    busy machine OpenMP's spinning threads make these runs ten times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Recorder:
+    """A `report` callback: keeps every report's metrics, and saves the payload of chosen global steps."""
+
+    def __init__(self, folder: Path | None = None, save_at: tuple[int, ...] = ()):
+        self.metrics: list[dict] = []
+        self.folder = folder
+        self.save_at = save_at
+        self.saved: dict[int, Path] = {}
+
+    def __call__(self, metrics: dict, payload: dict | None) -> None:
+        assert payload is not None  # rank 0 always adds its checkpoint
+        self.metrics.append(dict(metrics))
+        step = int(metrics["global_step"])
+        if step in self.save_at:
+            # Saved at once, as ray_report does: the payload's tensors are the live parameters.
+            directory = self.folder / f"step{step}"
+            directory.mkdir()
+            self.saved[step] = save_checkpoint(directory, payload)
+
+
+def new_trainer(config: TrainConfig, plan: DataPlan, report=None, payload: dict | None = None) -> ColorizerTrainer:
+    torch.manual_seed(config.seed)  # as train_loop_per_worker: the same initial weights on every rank
+    return ColorizerTrainer(config, plan, 0, 1, torch.device("cpu"), report=report, checkpoint_payload=payload)
+
+
+def states(trainer: ColorizerTrainer) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer (BatchNorm running statistics included) of both networks."""
+    generator = {f"G.{k}": v for k, v in unwrap(trainer.generator).state_dict().items()}
+    discriminator = {f"D.{k}": v for k, v in unwrap(trainer.discriminator).state_dict().items()}
+    return {name: tensor.detach().clone() for name, tensor in {**generator, **discriminator}.items()}
+
+
+def assert_same_states(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> None:
+    assert first.keys() == second.keys()
+    different = [name for name in first if not torch.equal(first[name], second[name])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+# --- save and load ---------------------------------------------------------------------------------
+
+
+def example_payload() -> dict:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+    model(torch.randn(2, 1, 5, 5)).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    return {
+        "format": FORMAT,
+        "generator": model.state_dict(),
+        "discriminator": {"weight": torch.arange(6.0).reshape(2, 3)},
+        "opt_g": optimizer.state_dict(),
+        "opt_d": optimizer.state_dict(),
+        "sched_g": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
+        "sched_d": {"last_epoch": 1},
+        "position": Position(stage=1, epoch=2, step_in_epoch=3, global_step=40).to_dict(),
+        "rng": {"torch": torch.get_rng_state()},
+        "config": TrainConfig(stages=[StageConfig(gan_mode=None), StageConfig()]).to_dict(),
+        "data": {"refs": ["tiny@1"], "digests": {"tiny@1": "ab" * 32}},
+    }
+
+
+def assert_same_payload(loaded, expected) -> None:
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(loaded, torch.Tensor) and torch.equal(loaded, expected)
+    elif isinstance(expected, dict):
+        assert loaded.keys() == expected.keys()
+        for key in expected:
+            assert_same_payload(loaded[key], expected[key])
+    elif isinstance(expected, list | tuple):
+        assert len(loaded) == len(expected)
+        for a, b in zip(loaded, expected, strict=True):
+            assert_same_payload(a, b)
+    else:
+        assert loaded == expected
+
+
+def test_save_then_load_round_trips_every_part_of_the_payload(tmp_path) -> None:
+    payload = example_payload()
+    path = save_checkpoint(tmp_path, payload)
+    assert path == tmp_path / CHECKPOINT_FILE
+    for source in (tmp_path, path, str(path), path.read_bytes()):  # a directory, a file, bytes
+        loaded = load_checkpoint(source)
+        assert_same_payload(loaded, payload)
+    loaded = load_checkpoint(path)
+    assert TrainConfig.from_dict(loaded["config"]).stages[0].gan_mode is None
+    assert Position(**loaded["position"]) == Position(1, 2, 3, 40)
+    optimizer = torch.optim.Adam(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2)).parameters())
+    optimizer.load_state_dict(loaded["opt_g"])  # loads back into a fresh optimizer
+    assert optimizer.param_groups[0]["betas"] == (0.5, 0.999)
+
+
+class Touch:
+    """Unpickling this creates a file: proof that something unpickled it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_corrupt_and_foreign_files_are_value_errors_naming_the_file(tmp_path) -> None:
+    good = save_checkpoint(tmp_path, example_payload()).read_bytes()
+    marker = tmp_path / "unpickled"
+    code = io.BytesIO()
+    torch.save({"format": FORMAT, "generator": Touch(marker)}, code)
+    cases = {
+        "garbage.pt": (b"\x00\x01 definitely not a zip or a pickle" * 10, "not a readable checkpoint"),
+        "truncated.pt": (good[: len(good) // 2], "not a readable checkpoint"),
+        "empty.pt": (b"", "not a readable checkpoint"),
+        "plain-pickle.pt": (pickle.dumps({"format": FORMAT, "generator": {}}), "not a readable checkpoint"),
+        "code.pt": (code.getvalue(), "not a readable checkpoint"),
+    }
+    foreign = {
+        "foreign.pt": {"state_dict": {"weight": torch.zeros(2)}},
+        "other-format.pt": {**example_payload(), "format": FORMAT + 1},
+        "no-generator.pt": {"format": FORMAT},
+        "a-list.pt": [torch.zeros(1)],
+    }
+    for name, value in foreign.items():
+        buffer = io.BytesIO()
+        torch.save(value, buffer)
+        cases[name] = (buffer.getvalue(), "is not a recolor checkpoint")
+    for name, (data, message) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=message) as error:
+            load_checkpoint(path)
+        assert str(path) in str(error.value), name
+    assert not marker.exists(), "loading a checkpoint ran code from it"
+    with pytest.raises(ValueError, match="checkpoint bytes"):
+        load_checkpoint(b"junk")
+    empty_dir = tmp_path / "empty-dir"
+    empty_dir.mkdir()
+    with pytest.raises(ValueError, match="empty-dir"):
+        load_checkpoint(empty_dir)
+
+
+# --- a real trainer ------------------------------------------------------------------------------
+
+
+def test_trainer_stops_at_max_steps_and_its_payload_restores_a_fresh_trainer(tiny_lake, tmp_path) -> None:
+    lake, plan = tiny_lake
+    config = tiny_config(lake, max_steps=3, checkpoint_every=1)
+    recorder = Recorder(tmp_path, save_at=(2, 3))
+    trainer = new_trainer(config, plan, recorder)
+    before = states(trainer)
+    assert trainer.run() == {}  # stopped by max_steps before any epoch ended
+    assert trainer.position == Position(stage=0, epoch=0, step_in_epoch=3, global_step=3)
+    assert [m["global_step"] for m in recorder.metrics] == [1, 2, 3]
+    changed = [name for name, tensor in states(trainer).items() if not torch.equal(tensor, before[name])]
+    assert any(name.startswith("G.") for name in changed)
+    assert not any(name.startswith("D.") for name in changed)  # the L1-only stage leaves D alone
+
+    payload = load_checkpoint(recorder.saved[2])
+    assert payload["position"] == {"stage": 0, "epoch": 0, "step_in_epoch": 2, "global_step": 2}
+    assert payload["config"] == config.to_dict()
+    assert payload["data"] == {"refs": plan.refs, "digests": plan.digests}
+    assert payload["opt_g"]["state"], "the generator's Adam moments are missing"
+    assert payload["sched_g"]["last_epoch"] == 0
+
+    # The last checkpoint holds the trainer's final state: a fresh trainer (other seed) loads it identically.
+    torch.manual_seed(1234)
+    fresh = ColorizerTrainer(
+        config, plan, 0, 1, torch.device("cpu"), checkpoint_payload=load_checkpoint(recorder.saved[3])
+    )
+    assert fresh.position == trainer.position
+    assert_same_states(states(fresh), states(trainer))
+    assert not torch.equal(states(fresh)["G.down_blocks.0.weight"], before["G.down_blocks.0.weight"])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_lake, tmp_path_factory):
+    """The whole tiny run (L1 stage of 1 epoch, GAN stage of 2 epochs), never interrupted."""
+    lake, plan = tiny_lake
+    recorder = Recorder()
+    trainer = new_trainer(tiny_config(lake), plan, recorder)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RECOLOR_NO_PROGRESS", "1")
+        trainer.run()
+    return trainer, recorder
+
+
+def test_uninterrupted_run_trains_every_stage_and_validates_each_epoch(uninterrupted, tiny_lake) -> None:
+    trainer, recorder = uninterrupted
+    _, plan = tiny_lake
+    steps = plan.count("train") // 2
+    assert trainer.position == Position(stage=2, epoch=0, step_in_epoch=0, global_step=3 * steps)
+    assert [m["global_step"] for m in recorder.metrics] == list(range(1, 3 * steps + 1))
+    epoch_ends = [m for m in recorder.metrics if m.get("epoch_end")]
+    assert [m["global_step"] for m in epoch_ends] == [steps, 2 * steps, 3 * steps]
+    assert all(m["val_count"] == plan.count("val") and m["bad_samples"] == 0 for m in epoch_ends)
+    assert "loss_D" not in epoch_ends[0] and "loss_D" in epoch_ends[1]  # stage 1 is L1 only
+    assert all(np.isfinite(m["loss_G"]) for m in recorder.metrics)
+
+
+@pytest.mark.parametrize("where", ["mid L1 stage", "stage boundary", "mid GAN epoch 2 (decaying lr)"])
+def test_resume_from_a_checkpoint_matches_the_uninterrupted_run(uninterrupted, tiny_lake, tmp_path, where) -> None:
+    reference, reference_recorder = uninterrupted
+    lake, plan = tiny_lake
+    steps = plan.count("train") // 2
+    resume_at = {"mid L1 stage": 3, "stage boundary": steps, "mid GAN epoch 2 (decaying lr)": 2 * steps + 3}[where]
+
+    first = Recorder(tmp_path, save_at=(resume_at,))
+    new_trainer(tiny_config(lake, max_steps=resume_at), plan, first).run()
+    assert first.metrics == reference_recorder.metrics[:resume_at]  # identical up to the interruption
+
+    payload = load_checkpoint(recorder_path := first.saved[resume_at])
+    assert payload["position"]["global_step"] == resume_at, recorder_path
+    second = Recorder()
+    torch.manual_seed(99)  # the resumed weights must come from the checkpoint, not from the seed
+    resumed = ColorizerTrainer(
+        tiny_config(lake), plan, 0, 1, torch.device("cpu"), report=second, checkpoint_payload=payload
+    )
+    resumed.run()
+    assert resumed.position == reference.position
+    assert [m["global_step"] for m in second.metrics] == list(range(resume_at + 1, 3 * steps + 1))
+    assert second.metrics == reference_recorder.metrics[resume_at:]  # the same losses, step by step
+    assert_same_states(states(resumed), states(reference))

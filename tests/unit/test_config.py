@@ -1,0 +1,249 @@
+"""Typed training config: the presets hold the recipe, overrides reach any field, bad input names the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import StageConfig, TrainConfig, apply_overrides, flatten, load_config, parse_value
+from pipeline.train_loop import lr_lambda
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+# --- presets -------------------------------------------------------------------------------------
+
+
+def test_pix2pix_preset_is_the_recipe() -> None:
+    config = load_config(CONFIGS / "pix2pix_unet.yaml")
+    assert config.model.arch == "unet_256" and config.model.num_downs == 8 and config.model.base_filters == 64
+    assert config.model.norm == "batch"
+    [stage] = config.stages
+    assert stage.gan_mode == "vanilla" and stage.lr == 2e-4 and stage.decay_epochs == 0
+    assert (config.beta1, config.beta2) == (0.5, 0.999)
+    assert config.l1_lambda == 100.0
+    assert config.data.batch_size == 16 and config.data.flip is True
+
+
+def test_resnet18_preset_pretrains_on_l1_then_adds_the_gan_loss() -> None:
+    config = load_config(CONFIGS / "resnet18_unet.yaml")
+    assert config.model.arch == "resnet18_unet" and config.model.backbone_weights is None
+    pretrain, gan = config.stages
+    assert pretrain.gan_mode is None and pretrain.epochs == 20
+    assert gan.gan_mode == "vanilla" and gan.epochs == 20
+    assert pretrain.lr == gan.lr == 2e-4
+    assert (config.beta1, config.beta2) == (0.5, 0.999)  # the defaults are the recipe's
+    assert config.l1_lambda == 100.0
+
+
+def test_demo_preset_is_tiny_and_cpu_only() -> None:
+    config = load_config(CONFIGS / "demo.yaml")
+    assert config.name == "demo" and config.use_gpu is False
+    assert config.data.datasets == ["demo-photos"] and config.data.batch_size == 2
+    assert config.stages[0].decay_epochs == 1 and config.stages[0].lr == 2e-4
+    assert config.model.base_filters < 64
+
+
+def test_every_preset_round_trips_through_a_plain_dict() -> None:
+    # The dict is what Ray's train_loop_config carries and what a checkpoint stores.
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        config = load_config(path)
+        assert TrainConfig.from_dict(config.to_dict()) == config, path.name
+
+
+def test_a_missing_preset_names_the_presets_folder(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="configs/"):
+        load_config(tmp_path / "nope.yaml")
+
+
+# --- overrides -----------------------------------------------------------------------------------
+
+
+def test_overrides_reach_nested_fields_and_list_items() -> None:
+    config = load_config(
+        CONFIGS / "resnet18_unet.yaml",
+        [
+            "stages.0.epochs=3",
+            "stages.1.lr=1e-4",
+            "data.batch_size=8",
+            "model.backbone_weights=s3://weights/resnet18.pth",
+            "data.datasets=[imagenet-5k@1, coco-val]",
+            "data.max_val_batches=null",
+            "deterministic=true",
+        ],
+    )
+    assert config.stages[0].epochs == 3 and config.stages[1].epochs == 20
+    assert config.stages[1].lr == pytest.approx(1e-4) and isinstance(config.stages[1].lr, float)
+    assert config.data.batch_size == 8
+    assert config.model.backbone_weights == "s3://weights/resnet18.pth"
+    assert config.data.datasets == ["imagenet-5k@1", "coco-val"]
+    assert config.data.max_val_batches is None
+    assert config.deterministic is True
+
+
+def test_null_turns_a_gan_stage_into_an_l1_only_stage() -> None:
+    config = load_config(CONFIGS / "pix2pix_unet.yaml", ["stages.0.gan_mode=null"])
+    assert config.stages[0].gan_mode is None
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("1e-4", 1e-4),
+        ("2.5E+3", 2500.0),
+        ("3", 3),
+        ("0.5", 0.5),
+        ("null", None),
+        ("true", True),
+        ("[a, b]", ["a", "b"]),
+    ],
+)
+def test_parse_value_reads_yaml_and_exponent_floats(text, expected) -> None:
+    value = parse_value(text)
+    assert value == expected and type(value) is type(expected)
+
+
+def test_an_int_where_a_float_is_wanted_becomes_a_float() -> None:
+    config = load_config(None, ["l1_lambda=10", "stages=[{lr: 1}]"])
+    assert config.l1_lambda == 10.0 and isinstance(config.l1_lambda, float)
+    assert config.stages[0].lr == 1.0 and isinstance(config.stages[0].lr, float)
+
+
+def test_exponent_floats_in_a_yaml_file_load_as_floats(tmp_path) -> None:
+    # YAML 1.1 reads `1e-4` (no dot) as a string.
+    preset = tmp_path / "p.yaml"
+    preset.write_text("stages:\n  - lr: 1e-4\nl1_lambda: 1e2\n")
+    config = load_config(preset)
+    assert config.stages[0].lr == pytest.approx(1e-4) and config.l1_lambda == 100.0
+
+
+def test_apply_overrides_edits_the_mapping_in_place() -> None:
+    values = {"stages": [{"epochs": 1}, {"epochs": 2}]}
+    assert apply_overrides(values, ["stages.1.epochs=5", "model.arch=resnet18_unet"]) is values
+    assert values == {"stages": [{"epochs": 1}, {"epochs": 5}], "model": {"arch": "resnet18_unet"}}
+
+
+# --- errors name the field -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("nope=1", "nope"),
+        ("model.nope=1", "model.nope"),
+        ("stages.0.nope=1", "stages.0.nope"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("data.batch_size=abc", "data.batch_size"),
+        ("data.shuffle_window=0", "data.shuffle_window"),
+        ("data.max_bad_fraction=2", "data.max_bad_fraction"),
+        ("data.datasets=demo-photos", "data.datasets"),
+        ("model.arch=vgg16", "model.arch"),
+        ("model.norm=group", "model.norm"),
+        ("model.base_filters=0", "model.base_filters"),
+        ("model.backbone_weights=w.pth", "model.backbone_weights"),
+        ("stages.0.gan_mode=wgan", "gan_mode"),
+        ("stages.0.epochs=0", "epochs"),
+        ("stages.0.epochs=two", "stages.0.epochs"),
+        ("stages.0.decay_epochs=99", "decay_epochs"),
+        ("stages.0.lr=-1e-4", "lr"),
+        ("stages.3.epochs=1", "stages.3.epochs"),
+        ("stages.x.epochs=1", "stages.x.epochs"),
+        ("stages=[]", "stage"),
+        ("workers=0", "workers"),
+        ("workers=1.5", "workers"),
+        ("seed=abc", "seed"),
+        ("deterministic=maybe", "deterministic"),
+        ("amp=int8", "amp"),
+        ("checkpoint_every=0", "checkpoint_every"),
+        ("log_every=0", "log_every"),
+        ("name=has space", "name"),
+        ("model.arch.depth=3", "model.arch"),
+        ("data.batch_size", "key=value"),
+        ("=3", "key=value"),
+    ],
+)
+def test_bad_overrides_raise_value_error_naming_the_field(override, named) -> None:
+    with pytest.raises(ValueError) as error:
+        load_config(CONFIGS / "pix2pix_unet.yaml", [override])
+    assert named in str(error.value)
+
+
+def test_unknown_fields_in_a_preset_are_refused_and_the_known_ones_listed(tmp_path) -> None:
+    preset = tmp_path / "typo.yaml"
+    preset.write_text("data:\n  batchsize: 8\n")
+    with pytest.raises(ValueError, match=r"unknown config field\(s\) data\.batchsize; known: .*batch_size"):
+        load_config(preset)
+
+
+def test_a_preset_that_is_not_a_mapping_is_refused(tmp_path) -> None:
+    preset = tmp_path / "list.yaml"
+    preset.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="mapping"):
+        load_config(preset)
+
+
+# --- flatten (MLflow params) ---------------------------------------------------------------------
+
+
+def test_flatten_joins_keys_with_dots_and_indexes_list_items() -> None:
+    values = {
+        "name": "run",
+        "model": {"arch": "unet_256", "backbone_weights": None},
+        "stages": [{"epochs": 2, "gan_mode": None}, {"epochs": 3, "gan_mode": "vanilla"}],
+        "data": {"datasets": ["a@1", "b"], "batch_size": 4},
+        "empty": [],
+    }
+    assert flatten(values) == {
+        "name": "run",
+        "model.arch": "unet_256",
+        "model.backbone_weights": None,
+        "stages.0.epochs": 2,
+        "stages.0.gan_mode": None,
+        "stages.1.epochs": 3,
+        "stages.1.gan_mode": "vanilla",
+        "data.datasets": ["a@1", "b"],  # a list of plain values stays one param
+        "data.batch_size": 4,
+        "empty": [],
+    }
+
+
+def test_flatten_of_a_whole_config_has_one_key_per_leaf() -> None:
+    config = load_config(CONFIGS / "resnet18_unet.yaml")
+    flat = flatten(config.to_dict())
+    assert flat["stages.1.gan_mode"] == "vanilla" and flat["stages.0.gan_mode"] is None
+    assert flat["model.arch"] == "resnet18_unet" and flat["data.batch_size"] == 16
+    assert not any(isinstance(value, dict) for value in flat.values())
+
+
+# --- learning-rate schedule ----------------------------------------------------------------------
+
+
+def test_lr_lambda_is_constant_without_decay() -> None:
+    factor = lr_lambda(StageConfig(epochs=5, decay_epochs=0))
+    assert [factor(epoch) for epoch in range(8)] == [1.0] * 8
+
+
+def test_lr_lambda_is_constant_then_decays_linearly_to_zero() -> None:
+    # pix2pix: n_epochs constant, then n_epochs_decay epochs with 1 - k / (n_epochs_decay + 1).
+    factor = lr_lambda(StageConfig(epochs=6, decay_epochs=3))
+    values = [factor(epoch) for epoch in range(8)]
+    assert values[:3] == [1.0, 1.0, 1.0]
+    assert values[3:6] == pytest.approx([0.75, 0.5, 0.25])
+    assert values[6] == 0.0 and values[7] == 0.0  # after the last epoch: zero, never negative
+
+
+def test_lr_lambda_drives_lambda_lr_as_the_loop_steps_it() -> None:
+    import torch
+
+    stage = StageConfig(epochs=4, decay_epochs=4, lr=2e-4)
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([parameter], lr=stage.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage))
+    rates = []
+    for _ in range(stage.epochs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()  # at each epoch's end, as the training loop does
+    assert rates == pytest.approx([2e-4 * f for f in (0.8, 0.6, 0.4, 0.2)])
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0)

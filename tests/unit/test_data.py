@@ -1,0 +1,457 @@
+"""The training data reader on synthetic shards whose every sample carries its own id.
+
+Each sample is a uint8 (3, 8, 8) array: channel 0 holds id // 256, channel 1 id % 256 (the same in
+every pixel, so a flip keeps the id) and channel 2 the column index, so a flipped sample reads
+7..0 along a row. Shards are written with `ShardWriter` in uneven sizes; plans are built by hand.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ingest.shards import ShardWriter, encode_npy
+from pipeline.data import (
+    DataError,
+    DataPlan,
+    ShardInfo,
+    decode_sample,
+    open_shard,
+    plan_train_epoch,
+    prefetch,
+    read_segments,
+    steps_per_epoch,
+    train_batches,
+    validation_batches,
+)
+
+SIZE = 8
+UNEVEN = [7, 1, 13, 4]  # 25 training samples
+
+
+def sample_array(sample_id: int) -> np.ndarray:
+    array = np.empty((3, SIZE, SIZE), dtype=np.uint8)
+    array[0] = sample_id // 256
+    array[1] = sample_id % 256
+    array[2] = np.arange(SIZE, dtype=np.uint8)[None, :]
+    return array
+
+
+def sample_id(array: np.ndarray) -> int:
+    return int(array[0, 0, 0]) * 256 + int(array[1, 0, 0])
+
+
+def is_flipped(array: np.ndarray) -> bool:
+    return int(array[2, 0, 0]) == SIZE - 1
+
+
+def write_shards(folder: Path, counts: list[int], first_id: int = 0, prefix: str = "train") -> list[ShardInfo]:
+    """Shards of `counts` samples with consecutive ids from `first_id`; returns their ShardInfo."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = []
+    next_id = first_id
+    for number, count in enumerate(counts):
+        path = folder / f"{prefix}-{number:06d}.tar"
+        with ShardWriter(path) as writer:
+            for _ in range(count):
+                writer.write(f"s{next_id:06d}", sample_array(next_id), {"key": f"s{next_id:06d}", "id": next_id})
+                next_id += 1
+        shards.append(ShardInfo(str(path), count))
+    return shards
+
+
+def make_plan(train: list[ShardInfo], val: list[ShardInfo] | None = None) -> DataPlan:
+    return DataPlan(refs=["synthetic@1"], digests={}, uris={}, size=SIZE, train=train, val=val or [])
+
+
+def epoch_batches(plan: DataPlan, rank: int, world_size: int, batch_size: int, **kwargs) -> tuple[list, int, object]:
+    options = {"epoch": 0, "seed": 7, "shuffle_window": 5, "flip": True}
+    options.update(kwargs)
+    iterator, steps, counter = train_batches(
+        plan,
+        options.pop("epoch"),
+        options.pop("seed"),
+        rank,
+        world_size,
+        batch_size,
+        options.pop("shuffle_window"),
+        options.pop("flip"),
+        **options,
+    )
+    return list(iterator), steps, counter
+
+
+def ids_of(batches: list[np.ndarray]) -> list[int]:
+    return [sample_id(array) for batch in batches for array in batch]
+
+
+@pytest.fixture(scope="module")
+def uneven_plan(tmp_path_factory) -> DataPlan:
+    folder = tmp_path_factory.mktemp("uneven")
+    return make_plan(write_shards(folder, UNEVEN), write_shards(folder, [3, 5, 2], first_id=1000, prefix="val"))
+
+
+# --- exact epochs ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "counts, world_size, batch_size",
+    [
+        (UNEVEN, 1, 4),
+        (UNEVEN, 2, 3),
+        (UNEVEN, 3, 2),
+        (UNEVEN, 4, 1),
+        ([9, 8], 6, 2),  # more ranks than shards: several ranks read one shard
+        ([5, 4], 6, 1),
+    ],
+)
+def test_every_rank_runs_the_same_steps_and_no_sample_repeats(tmp_path, counts, world_size, batch_size) -> None:
+    plan = make_plan(write_shards(tmp_path, counts))
+    total = sum(counts)
+    expected_steps = total // (world_size * batch_size)
+    assert steps_per_epoch(total, world_size, batch_size) == expected_steps
+    for epoch in range(2):
+        used: list[int] = []
+        for rank in range(world_size):
+            batches, steps, counter = epoch_batches(plan, rank, world_size, batch_size, epoch=epoch)
+            assert steps == expected_steps
+            assert len(batches) == steps, f"rank {rank} ran {len(batches)} steps, not {steps}"
+            assert all(batch.shape == (batch_size, 3, SIZE, SIZE) and batch.dtype == np.uint8 for batch in batches)
+            assert counter.bad == 0
+            used += ids_of(batches)
+        assert len(used) == len(set(used)), "a sample was used twice in one epoch"
+        assert set(used) <= set(range(total))
+        left_out = total - len(used)
+        assert 0 <= left_out < world_size * batch_size
+
+
+def test_the_left_out_remainder_changes_between_epochs(uneven_plan) -> None:
+    left_out = []
+    for epoch in range(4):
+        used = set()
+        for rank in range(2):
+            used |= set(ids_of(epoch_batches(uneven_plan, rank, 2, 4, epoch=epoch)[0]))
+        left_out.append(frozenset(range(25)) - used)
+    assert all(len(ids) == 25 - 2 * 4 * 3 for ids in left_out)
+    assert len(set(left_out)) > 1
+
+
+def test_fewer_samples_than_one_global_batch_is_a_data_error(tmp_path) -> None:
+    plan = make_plan(write_shards(tmp_path, [3, 2]))
+    with pytest.raises(DataError, match=r"5 samples, fewer than one global batch \(2 workers x batch 3\)"):
+        train_batches(plan, 0, 0, 0, 2, 3, 4, True)
+
+
+# --- shuffling ---------------------------------------------------------------------------------------
+
+
+def test_epochs_shuffle_differently_and_the_same_seed_and_epoch_repeat(uneven_plan) -> None:
+    def order(epoch: int, seed: int = 7) -> list[int]:
+        return ids_of(epoch_batches(uneven_plan, 0, 1, 4, epoch=epoch, seed=seed)[0])
+
+    first = order(0)
+    assert order(0) == first
+    assert order(1) != first and order(2) != order(1)
+    assert order(0, seed=8) != first
+    assert first != sorted(first), "samples come out in storage order"
+
+
+def test_shuffle_mixes_across_shards_within_a_window(uneven_plan) -> None:
+    # A window bigger than the epoch: one permutation of everything this rank reads.
+    ids = ids_of(epoch_batches(uneven_plan, 0, 1, 5, shuffle_window=64)[0])
+    assert sorted(ids) == list(range(25))
+    assert ids != sorted(ids)
+
+
+# --- resume ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world_size, rank", [(1, 0), (2, 0), (2, 1), (3, 2)])
+def test_resuming_at_any_step_yields_the_tail_of_the_uninterrupted_epoch(uneven_plan, world_size, rank) -> None:
+    # Batch 2, window 5: resume points fall inside windows, on their edges and across shards.
+    full, steps, _ = epoch_batches(uneven_plan, rank, world_size, 2, epoch=3)
+    assert len(full) == steps
+    for start_step in range(steps + 1):
+        tail, tail_steps, _ = epoch_batches(uneven_plan, rank, world_size, 2, epoch=3, start_step=start_step)
+        assert tail_steps == steps
+        assert len(tail) == steps - start_step, start_step
+        for got, expected in zip(tail, full[start_step:], strict=True):
+            np.testing.assert_array_equal(got, expected)
+
+
+def test_resuming_does_not_open_shards_already_trained_on(uneven_plan) -> None:
+    opened: list[str] = []
+
+    def opener(uri: str):
+        opened.append(uri)
+        return open_shard(uri)
+
+    full, steps, _ = epoch_batches(uneven_plan, 0, 1, 1, shuffle_window=1, opener=opener)
+    everything = list(opened)
+    assert sorted(everything) == sorted(s.uri for s in uneven_plan.train)
+    opened.clear()
+    tail, _, _ = epoch_batches(uneven_plan, 0, 1, 1, shuffle_window=1, start_step=steps - 1, opener=opener)
+    assert opened == [everything[-1]]  # only the shard holding the last sample
+    np.testing.assert_array_equal(tail[0], full[-1])
+
+
+# --- flips -------------------------------------------------------------------------------------------
+
+
+def test_flips_are_random_per_sample_and_deterministic(uneven_plan) -> None:
+    batches = epoch_batches(uneven_plan, 0, 1, 5, epoch=1)[0]
+    flipped = [is_flipped(array) for batch in batches for array in batch]
+    assert 0 < sum(flipped) < len(flipped)
+    for batch in batches:  # a flip mirrors columns and nothing else
+        for array in batch:
+            expected = sample_array(sample_id(array))
+            np.testing.assert_array_equal(array, expected[:, :, ::-1] if is_flipped(array) else expected)
+    again = epoch_batches(uneven_plan, 0, 1, 5, epoch=1)[0]
+    assert [is_flipped(a) for b in again for a in b] == flipped
+    other_epoch = epoch_batches(uneven_plan, 0, 1, 5, epoch=2)[0]
+    assert {sample_id(a): is_flipped(a) for b in other_epoch for a in b} != {
+        sample_id(a): is_flipped(a) for b in batches for a in b
+    }
+
+
+def test_no_flips_when_turned_off(uneven_plan) -> None:
+    batches = epoch_batches(uneven_plan, 0, 1, 5, flip=False)[0]
+    assert not any(is_flipped(array) for batch in batches for array in batch)
+
+
+def test_reading_shards_ahead_yields_what_streaming_yields(tmp_path) -> None:
+    # Read-ahead (the default on s3://) downloads whole shards in threads: same samples, same gaps.
+    shards = write_shards(tmp_path, [7, 1, 13, 4, 6])
+    cut = Path(shards[2].uri)
+    cut.write_bytes(cut.read_bytes()[:9000])
+    Path(shards[4].uri).unlink()  # gone: all its samples are unreadable
+    segments, _ = plan_train_epoch(shards, epoch=1, seed=3, rank=0, world_size=1, batch_size=3)
+    for skip in (0, 5, 12):
+        streamed = list(read_segments(segments, skip=skip, readahead=0))
+        assert len(streamed) == 30 - skip
+        assert list(read_segments(segments, skip=skip, readahead=2)) == streamed
+    streamed = list(read_segments(segments, readahead=0))
+    by_shard = {uri: [data for u, _, data in streamed if u == uri] for uri in (shards[2].uri, shards[4].uri)}
+    assert all(data is None for data in by_shard[shards[4].uri])
+    gaps = [data is None for data in by_shard[shards[2].uri]]
+    assert gaps.index(True) > 0 and all(gaps[gaps.index(True) :])  # the cut shard: a readable head, then gaps
+    assert all(data is not None for uri, _, data in streamed if uri not in by_shard)
+    partial = read_segments(segments, readahead=2)
+    next(partial)
+    partial.close()  # stopping early leaves no download thread behind
+    assert not [t for t in threading.enumerate() if t.name.startswith("recolor-shard")]
+
+
+# --- validation --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 12])
+def test_validation_covers_every_sample_once_in_order(uneven_plan, world_size) -> None:
+    ids: list[int] = []
+    for rank in range(world_size):
+        batches = list(validation_batches(uneven_plan, rank, world_size, batch_size=3))
+        assert all(len(batch) <= 3 for batch in batches)
+        assert not any(is_flipped(array) for batch in batches for array in batch)
+        ids += ids_of(batches)
+    assert ids == list(range(1000, 1010))
+
+
+def test_validation_stops_after_max_batches(uneven_plan) -> None:
+    batches = list(validation_batches(uneven_plan, 0, 1, batch_size=3, max_batches=2))
+    assert ids_of(batches) == list(range(1000, 1006))
+
+
+# --- corrupt samples and shards ----------------------------------------------------------------------
+
+
+class Touch:
+    """Unpickling this creates a file: proof that something unpickled it."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def corrupt_members(marker: Path) -> dict[str, bytes]:
+    """.lab.npy payloads that are not a usable sample, by kind."""
+    pickled = io.BytesIO()
+    np.save(pickled, np.array([Touch(str(marker))], dtype=object), allow_pickle=True)
+    return {
+        "garbage": b"\x00not an npy file at all" * 3,
+        "pickled": pickled.getvalue(),
+        "wrong_shape": encode_npy(np.zeros((3, SIZE // 2, SIZE // 2), dtype=np.uint8)),
+        "wrong_dtype": encode_npy(np.zeros((3, SIZE, SIZE), dtype=np.float32)),
+        "truncated": encode_npy(sample_array(0))[:40],
+    }
+
+
+def test_decode_sample_refuses_bad_members_and_never_unpickles(tmp_path) -> None:
+    marker = tmp_path / "unpickled"
+    members = corrupt_members(marker)
+    for kind, data in members.items():
+        assert decode_sample(data, SIZE) is None, kind
+    assert decode_sample(None, SIZE) is None
+    assert not marker.exists()
+    np.load(io.BytesIO(members["pickled"]), allow_pickle=True)  # the payload is live...
+    assert marker.exists()  # ...so decode_sample really did refuse to unpickle it
+    np.testing.assert_array_equal(decode_sample(encode_npy(sample_array(300)), SIZE), sample_array(300))
+
+
+def write_corrupt_shard(path: Path, marker: Path, first_id: int, count: int) -> list[str]:
+    """A shard of `count` samples whose first few have a bad .lab.npy member (or none); returns the bad kinds."""
+    bad = corrupt_members(marker)
+    kinds = [*bad, "missing"]
+    with ShardWriter(path) as writer:
+        for offset in range(count):
+            key = f"s{first_id + offset:06d}"
+            if offset < len(kinds):
+                kind = kinds[offset]
+                if kind != "missing":
+                    writer.write_raw(f"{key}.lab.npy", bad[kind])
+                writer.write_raw(f"{key}.json", b"{}")
+            else:
+                writer.write(key, sample_array(first_id + offset), {"key": key})
+    return kinds
+
+
+def test_corrupt_samples_are_replaced_and_counted_without_changing_the_steps(tmp_path) -> None:
+    marker = tmp_path / "unpickled"
+    good = write_shards(tmp_path, [10, 10])
+    corrupt_path = tmp_path / "corrupt.tar"
+    kinds = write_corrupt_shard(corrupt_path, marker, first_id=100, count=12)
+    plan = make_plan([good[0], ShardInfo(str(corrupt_path), 12), good[1]])
+    total_bad = 0
+    for rank in range(2):
+        batches, steps, counter = epoch_batches(plan, rank, 2, 4, shuffle_window=8, max_bad_fraction=0.5)
+        assert len(batches) == steps == 32 // 8
+        assert all(batch.shape == (4, 3, SIZE, SIZE) for batch in batches)
+        # Replacements are good samples of the same window: every yielded array is a real sample.
+        for batch in batches:
+            for array in batch:
+                expected = sample_array(sample_id(array))
+                np.testing.assert_array_equal(array, expected[:, :, ::-1] if is_flipped(array) else expected)
+        total_bad += counter.bad
+    # The epoch uses 32 of 32 samples: all the corrupt ones were read by some rank.
+    assert total_bad == len(kinds)
+    assert not marker.exists()
+
+
+def test_too_many_corrupt_samples_stop_the_run_naming_the_shard(tmp_path) -> None:
+    good = write_shards(tmp_path, [10])
+    corrupt_path = tmp_path / "corrupt-000007.tar"
+    write_corrupt_shard(corrupt_path, tmp_path / "unpickled", first_id=100, count=12)
+    plan = make_plan([good[0], ShardInfo(str(corrupt_path), 12)])
+    with pytest.raises(DataError, match=r"exceed data\.max_bad_fraction=0\.1.*corrupt-000007\.tar"):
+        epoch_batches(plan, 0, 1, 2, shuffle_window=4, max_bad_fraction=0.1)
+
+
+def test_a_truncated_shard_costs_its_missing_samples_only(tmp_path) -> None:
+    shards = write_shards(tmp_path, [10, 20, 10])
+    cut = Path(shards[1].uri)
+    data = cut.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    plan = make_plan(shards)
+    batches, steps, counter = epoch_batches(plan, 0, 1, 4, shuffle_window=64, max_bad_fraction=0.5)
+    assert len(batches) == steps == 10
+    readable = set(ids_of(batches))
+    assert set(range(10)) | set(range(30, 40)) <= readable  # the intact shards are all there
+    assert 0 < counter.bad <= 20 and counter.bad == 40 - len(readable)
+    assert readable & set(range(10, 30)), "the readable first half of the cut shard was lost too"
+
+
+def test_a_truncated_shard_above_the_limit_is_a_data_error_naming_it(tmp_path) -> None:
+    shards = write_shards(tmp_path, [10, 20, 10])
+    cut = Path(shards[1].uri)
+    cut.write_bytes(cut.read_bytes()[:3000])
+    plan = make_plan(shards)
+    with pytest.raises(DataError, match=re.escape(f"in {cut}")):
+        epoch_batches(plan, 0, 1, 4, shuffle_window=64, max_bad_fraction=0.05)
+
+
+def test_a_window_with_nothing_readable_is_a_data_error(tmp_path) -> None:
+    shards = write_shards(tmp_path, [8, 8])
+    Path(shards[0].uri).write_bytes(b"")
+    plan = make_plan(shards)
+    with pytest.raises(DataError, match="whole window"):
+        epoch_batches(plan, 0, 1, 4, shuffle_window=4, max_bad_fraction=1.0)
+
+
+def test_validation_skips_corrupt_samples(tmp_path) -> None:
+    corrupt_path = tmp_path / "val.tar"
+    kinds = write_corrupt_shard(corrupt_path, tmp_path / "unpickled", first_id=100, count=9)
+    plan = make_plan(write_shards(tmp_path, [4]), [ShardInfo(str(corrupt_path), 9)])
+    ids = ids_of(list(validation_batches(plan, 0, 1, batch_size=2)))
+    assert ids == list(range(100 + len(kinds), 109))
+
+
+# --- prefetch ----------------------------------------------------------------------------------------
+
+
+def prefetch_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "recolor-prefetch"]
+
+
+def wait_for_no_prefetch_thread(timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while prefetch_threads() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not prefetch_threads(), "the prefetch thread outlived its consumer"
+
+
+def test_prefetch_yields_everything_in_order() -> None:
+    assert list(prefetch(iter(range(100)), depth=3)) == list(range(100))
+    assert list(prefetch(iter(range(5)), depth=0)) == list(range(5))
+    wait_for_no_prefetch_thread()
+
+
+def test_prefetch_reraises_the_producers_exception_after_its_items() -> None:
+    def failing():
+        yield 1
+        yield 2
+        raise DataError("shard s3://lake/x.tar is broken")
+
+    seen = []
+    with pytest.raises(DataError, match="x.tar is broken"):
+        for item in prefetch(failing(), depth=4):
+            seen.append(item)
+    assert seen == [1, 2]
+    wait_for_no_prefetch_thread()
+
+
+@pytest.mark.parametrize("length", [3, 4, 10_000, None])
+def test_prefetch_stops_its_thread_when_the_consumer_stops_early(length) -> None:
+    # None: an endless producer. 3 and 4: the producer finishes while the queue is full.
+    source = iter(range(length)) if length is not None else iter(int, 1)
+    iterator = prefetch(source, depth=2)
+    assert next(iterator) == 0
+    time.sleep(0.3)  # let the producer fill the queue
+    iterator.close()
+    wait_for_no_prefetch_thread()
+
+
+def test_prefetch_stops_its_thread_when_the_consumer_stops_after_an_error_is_queued() -> None:
+    def failing():
+        yield 1
+        yield 2
+        raise RuntimeError("late")
+
+    iterator = prefetch(failing(), depth=1)
+    assert next(iterator) == 1
+    time.sleep(0.3)
+    iterator.close()
+    wait_for_no_prefetch_thread()
+
+
+def test_a_plan_round_trips_through_a_plain_dict() -> None:
+    # Ray ships the plan to workers as a plain dict inside train_loop_config.
+    plan = make_plan([ShardInfo("s3://lake/a.tar", 3)], [ShardInfo("/lake/b.tar", 2)])
+    assert DataPlan.from_dict(plan.to_dict()) == plan
+    assert plan.count("train") == 3 and plan.count("val") == 2
