@@ -171,8 +171,9 @@ def _auth_hint(url: str, token: str | None, error: Exception) -> str:
     return f"{url} refused the token ({first_line}); check RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH"
 
 
-def follow_logs(client, job_id: str, out=sys.stdout) -> str:
-    """Print the job's logs as they come until it ends; returns its final status."""
+def follow_logs(client, job_id: str, out=None) -> str:
+    """Print the job's logs (to `out`, default stdout) as they come until it ends; returns its final status."""
+    out = out or sys.stdout
 
     async def tail() -> None:
         async for chunk in client.tail_job_logs(job_id):
