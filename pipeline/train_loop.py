@@ -313,7 +313,8 @@ class ColorizerTrainer:
             if step_in_epoch < steps and step % config.checkpoint_every == 0:
                 self._checkpoint({**losses, "epoch": epoch, "stage": stage_index}, self.position, opts, scheds)
         # Epoch end: schedule, validation on every rank, a checkpoint pointing at the next epoch.
-        for scheduler in scheds:
+        # The discriminator's schedule advances only in stages that train it (an L1-only stage never steps opt_d).
+        for scheduler in scheds if gan_loss is not None else scheds[:1]:
             scheduler.step()
         self._sync_buffers()
         grid = f"samples/{stage_index}-{stage.name}/epoch_{epoch + 1:03d}.png"
