@@ -158,6 +158,7 @@ def _quiet_ray_logging() -> None:
     # excludes skip anyway; keep its real warnings (a large package, a failed upload).
     logging.getLogger("ray").setLevel(logging.WARNING)
     logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)
+    logging.getLogger("ray.dashboard.modules.dashboard_sdk").setLevel(logging.WARNING)
     logging.getLogger("ray._private.runtime_env.working_dir").setLevel(logging.ERROR)
 
 
@@ -181,7 +182,10 @@ def follow_logs(client, job_id: str, out=None) -> str:
             out.flush()
 
     asyncio.run(tail())
-    return str(client.get_job_status(job_id))
+    info = client.get_job_info(job_id)
+    if str(info.status) != "SUCCEEDED" and info.message:
+        print(f"job {job_id}: {info.message}", file=sys.stderr)
+    return str(info.status)
 
 
 # --- the commands ------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import types
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,10 @@ class FakeClient:
 
     def get_job_status(self, job_id) -> str:
         return self.final
+
+    def get_job_info(self, job_id):
+        message = None if self.final == "SUCCEEDED" else "Job entrypoint command failed with exit code 2"
+        return types.SimpleNamespace(status=self.final, message=message)
 
 
 @pytest.fixture
@@ -165,6 +170,7 @@ def test_submit_follows_logs_and_exits_with_the_job_status(fake_cluster, clean_e
     assert fake_cluster.submitted["entrypoint"].startswith("python -m jobs.evaluate --model models:/colorizer/1")
     assert out.splitlines() == ["raysubmit_fake", "listed 3, ingested 3"]
     assert f"job raysubmit_fake {final}" in err
+    assert ("exit code 2" in err) == (final != "SUCCEEDED")
 
 
 def test_unreachable_job_server(clean_env, capsys) -> None:

@@ -1,0 +1,320 @@
+"""The local stack as real processes: `recolor stack up`, its services, a Ray job submitted through it, `down`.
+
+One stack serves the module (starting it costs about 25 s): `rclone serve s3`, `mlflow server` and a
+Ray head with token auth, on 127.0.0.1. The tests check what a user relies on: the printed keys open
+S3, MLflow answers and stores artifacts in S3, the job API refuses requests without the token, no port
+listens beyond loopback, `recolor submit ingest` commits a lake version in S3, and `down` ends every
+process of the stack and nothing else. The stack is torn down after the module even when a test fails.
+
+The end-to-end run of training and evaluation lands with the MLflow issue; `submit` and
+`mlflow_client` below are what it needs (see `submit_train_and_evaluate`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import socket
+import stat
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+import pytest
+import requests
+from botocore.exceptions import ClientError
+
+from ingest.lake import Lake
+from pipeline.local_stack import StackError, StackState, stack_processes, stop_stack
+from pipeline.process_tree import still_alive
+from pipeline.stack import free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.s3]
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL_SHARDS = ["--size", "64", "--shard-size", "40k"]
+
+
+@dataclass
+class Stack:
+    dir: Path
+    exports: dict[str, str]  # as `recolor stack up` printed them
+    state: StackState
+
+    def s3(self, secret: str | None = None):
+        return boto3.client(
+            "s3",
+            endpoint_url=self.exports["AWS_ENDPOINT_URL"],
+            aws_access_key_id=self.exports["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=secret or self.exports["AWS_SECRET_ACCESS_KEY"],
+            region_name="us-east-1",
+        )
+
+    def secrets(self) -> list[str]:
+        return [self.state.secret_key, Path(self.state.token_path).read_text().strip()]
+
+
+def parse_exports(text: str) -> dict[str, str]:
+    exports = {}
+    for line in text.splitlines():
+        words = shlex.split(line)
+        assert words[0] == "export", line
+        name, _, value = words[1].partition("=")
+        exports[name] = value
+    return exports
+
+
+def teardown(stack_dir: Path, cli_runner) -> None:
+    """`recolor stack down`; should it fail, stop the stack in this process, and say so."""
+    if not (stack_dir / "stack.json").exists():
+        return
+    result = cli_runner("stack", "down", "--dir", stack_dir, cwd=stack_dir.parent, timeout=120)
+    if result.returncode != 0 or (stack_dir / "stack.json").exists():
+        with contextlib.suppress(StackError):
+            stop_stack(stack_dir)
+        raise AssertionError(f"`recolor stack down` failed: {result.stdout}{result.stderr}")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, cli_runner):
+    base = tmp_path_factory.mktemp("stack")
+    stack_dir = base / "stack"
+    try:
+        # Free ports rather than 8265/5000: another Ray or MLflow on this machine must not matter.
+        ports = ["--dashboard-port", str(free_port()), "--mlflow-port", str(free_port())]
+        up = cli_runner("stack", "up", "--dir", stack_dir, *ports, cwd=base, timeout=240)
+        assert up.returncode == 0, up.stderr + "".join(
+            f"\n--- {log.name}\n{log.read_text()[-3000:]}" for log in sorted((stack_dir / "logs").glob("*.log"))
+        )
+        assert "up in" in up.stderr
+        yield Stack(stack_dir, parse_exports(up.stdout), StackState.load(stack_dir))
+    finally:
+        teardown(stack_dir, cli_runner)
+
+
+def submit(stack: Stack, cli_runner, kind: str, *args, timeout: float = 300, env: dict | None = None):
+    """`recolor submit KIND ARGS...` against the stack from a shell with its exports; follows the logs,
+    so the job's own output is in `stdout` (after the job id on the first line)."""
+    return cli_runner("submit", kind, *args, cwd=stack.dir.parent, env=stack.exports | (env or {}), timeout=timeout)
+
+
+def ray_logs(stack: Stack, limit: int = 4000) -> str:
+    """The tails of the head's job and runtime-env logs: what a failed job's own log may not say."""
+    logs = Path(stack.state.ray_temp_dir) / "session_latest" / "logs"
+    patterns = ("job-driver-*.log", "runtime_env_setup-*.log", "dashboard_JobHead.log", "runtime_env_agent.log")
+    return "".join(
+        f"\n--- {path.name}\n{path.read_text(errors='replace')[-limit:]}"
+        for pattern in patterns
+        for path in sorted(logs.glob(pattern))
+    )
+
+
+def mlflow_client(stack: Stack):
+    from mlflow import MlflowClient
+
+    return MlflowClient(stack.exports["MLFLOW_TRACKING_URI"])
+
+
+def submit_train_and_evaluate(stack: Stack, cli_runner, dataset: str, model_uri_of, workers: int = 2):
+    """Train on the stack with `workers` DDP workers and the demo preset, then evaluate and promote.
+
+    `model_uri_of(train_result)` turns the train job's result (a CliResult) into the `--model` URI for
+    evaluation. Returns (train, evaluate) CliResults; the caller asserts on them and on MLflow.
+    """
+    train = submit(
+        stack, cli_runner, "train", "configs/demo.yaml", "--dataset", dataset, "--workers", str(workers),
+        "stages.0.epochs=1", timeout=600,
+    )  # fmt: skip
+    if train.returncode != 0:
+        return train, None
+    evaluate = submit(
+        stack, cli_runner, "evaluate", "--model", model_uri_of(train), "--dataset", dataset, "--promote"
+    )  # fmt: skip
+    return train, evaluate
+
+
+# --- the services -------------------------------------------------------------------------------------
+
+
+def test_s3_answers_to_the_printed_keys_only(stack) -> None:
+    assert {b["Name"] for b in stack.s3().list_buckets()["Buckets"]} >= {"lake", "mlflow", "runs"}
+    with pytest.raises(ClientError, match="SignatureDoesNotMatch|AccessDenied|InvalidAccessKeyId"):
+        stack.s3(secret="not-the-secret").list_buckets()
+
+
+def test_mlflow_answers_and_keeps_artifacts_in_s3(stack) -> None:
+    client = mlflow_client(stack)
+    assert "Default" in [e.name for e in client.search_experiments()]
+    experiment = client.create_experiment("stack-check")
+    run = client.create_run(experiment)
+    client.log_metric(run.info.run_id, "val_l1_ab", 7.5)
+    client.log_text(run.info.run_id, "hello", "notes/hello.txt")
+    assert client.get_run(run.info.run_id).data.metrics == {"val_l1_ab": 7.5}
+    keys = [o["Key"] for o in stack.s3().list_objects_v2(Bucket="mlflow").get("Contents", [])]
+    assert any(
+        key.startswith("artifacts/") and key.endswith(f"{run.info.run_id}/artifacts/notes/hello.txt") for key in keys
+    ), keys
+
+
+def test_state_is_private_and_logs_hold_no_secrets(stack) -> None:
+    for path in (stack.dir / "stack.json", Path(stack.state.token_path)):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    logs = [p for p in (stack.dir / "logs").iterdir() if p.is_file()]
+    logs += [p for p in Path(stack.state.ray_temp_dir).rglob("*") if p.is_file() and not p.is_socket()]
+    assert {p.name for p in logs} >= {"s3.log", "mlflow.log", "ray.log"}
+    for path in logs:
+        with contextlib.suppress(OSError):
+            text = path.read_bytes()
+            for secret in stack.secrets():
+                assert secret.encode() not in text, f"a secret is in {path}"
+
+
+def test_job_api_requires_the_token(stack, cli_runner, monkeypatch, tmp_path) -> None:
+    url = stack.exports["RAY_API_SERVER_ADDRESS"]
+    token = Path(stack.state.token_path).read_text().strip()
+    assert requests.get(f"{url}/api/jobs/", timeout=10).status_code == 401
+    assert requests.get(f"{url}/api/jobs/", headers={"Authorization": "Bearer wrong"}, timeout=10).status_code == 403
+    assert requests.get(f"{url}/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=10).ok
+
+    listed = cli_runner("jobs", "list", cwd=tmp_path, env=stack.exports)
+    assert listed.returncode == 0, listed.stderr
+    # Without RAY_AUTH_TOKEN(_PATH) and with an empty home (no ~/.ray/auth_token): refused, nothing submitted.
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    bare = {k: v for k, v in stack.exports.items() if not k.startswith("RAY_AUTH")} | {"HOME": str(tmp_path)}
+    refused = cli_runner("jobs", "list", cwd=tmp_path, env=bare)
+    assert refused.returncode == 2 and "requires a token" in refused.stderr, refused.stderr
+    refused = cli_runner(
+        "submit", "--no-follow", "ingest", "folder", "s3://lake/none", "--dataset", "x", cwd=tmp_path, env=bare
+    )
+    assert refused.returncode == 2 and "requires a token" in refused.stderr, refused.stderr
+    wrong = cli_runner("jobs", "list", cwd=tmp_path, env=bare | {"RAY_AUTH_TOKEN": "wrong"})
+    assert wrong.returncode == 2 and "refused the token" in wrong.stderr, wrong.stderr
+    jobs = requests.get(f"{url}/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=10).json()
+    assert not any("s3://lake/none" in job["entrypoint"] for job in jobs)
+
+
+def listening_sockets(pids) -> list[tuple[str, int, int]]:
+    """(address, port, pid) of every TCP socket in LISTEN state owned by `pids`, read from /proc/net."""
+    inodes = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if target.startswith("socket:["):
+                        inodes[target[8:-1]] = pid
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
+                continue
+            address_hex, port_hex = fields[1].split(":")
+            raw = bytes.fromhex(address_hex)
+            # The kernel prints each 32-bit word in host (little-endian) order.
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            found.append(
+                (
+                    socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw),
+                    int(port_hex, 16),
+                    inodes[fields[9]],
+                )
+            )
+    return found
+
+
+def other_addresses() -> set[str]:
+    """This machine's IPv4 addresses other than loopback."""
+    addresses = set()
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        addresses |= set(subprocess.run(["hostname", "-I"], capture_output=True, text=True, timeout=5).stdout.split())
+    with contextlib.suppress(OSError):
+        addresses |= {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)}
+    return {a for a in addresses if ":" not in a and not a.startswith("127.")}
+
+
+def test_every_port_listens_on_loopback_only(stack) -> None:
+    pids = stack_processes(stack.state)
+    sockets = listening_sockets(pids)
+    ports = {port for _, port, _ in sockets}
+    state = stack.state
+    assert {state.s3_port, state.mlflow_port, state.dashboard_port, state.gcs_port} <= ports
+    exposed = [(a, p, pid) for a, p, pid in sockets if a not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
+    assert not exposed, f"listening beyond loopback: {exposed}"
+    for address in other_addresses():
+        for port in sorted(ports):
+            with socket.socket() as sock:
+                sock.settimeout(2)
+                assert sock.connect_ex((address, port)) != 0, f"{address}:{port} accepts connections"
+
+
+# --- a job through the stack ------------------------------------------------------------------------------
+
+
+def test_submit_ingest_commits_a_version_in_s3(
+    stack, cli_runner, photo_writer, tmp_path, monkeypatch, lake_check
+) -> None:
+    client = stack.s3()
+    for path in photo_writer(tmp_path / "photos", range(6), width=80, height=64):
+        client.upload_file(str(path), "lake", f"sources/photos/{path.name}")
+
+    result = submit(
+        stack, cli_runner, "ingest", "folder", "s3://lake/sources/photos", "--dataset", "photos", *SMALL_SHARDS
+    )
+    assert result.returncode == 0, result.stdout + result.stderr + ray_logs(stack)
+    job_id = result.stdout.splitlines()[0]
+    assert job_id.startswith("raysubmit_")
+    assert "committed photos@1 (train" in result.stdout  # the job's own output, followed live
+    assert f"job {job_id} SUCCEEDED" in result.stderr
+    assert "forwarded variables: AWS_ACCESS_KEY_ID" in result.stderr
+    for secret in stack.secrets():
+        assert secret not in result.stdout + result.stderr
+
+    record = json.loads(client.get_object(Bucket="lake", Key="lake/photos/versions/000001.json")["Body"].read())
+    assert sum(record["counts"].values()) == 6
+    for name, value in stack.exports.items():
+        monkeypatch.setenv(name, value)
+    lake = Lake("s3://lake/lake")
+    assert len(lake_check(lake, lake.resolve("photos@1"))) == 6
+
+    logs = cli_runner("jobs", "logs", job_id, cwd=tmp_path, env=stack.exports)
+    assert logs.returncode == 0 and "committed photos@1" in logs.stdout
+    listed = cli_runner("jobs", "list", cwd=tmp_path, env=stack.exports)
+    assert any(line.startswith(job_id) and "SUCCEEDED" in line for line in listed.stdout.splitlines()), listed.stdout
+
+
+def test_a_failing_job_fails_the_submit(stack, cli_runner) -> None:
+    result = submit(stack, cli_runner, "ingest", "folder", "s3://lake/no-such-folder", "--dataset", "nothing")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "FAILED" in result.stderr
+
+
+# --- down (last: it ends the module's stack) -------------------------------------------------------------
+
+
+def test_down_stops_the_stack_and_nothing_else(stack, cli_runner) -> None:
+    members = stack_processes(stack.state)
+    leaders = {service.pid for service in stack.state.services.values()}
+    assert leaders <= set(members) and len(members) > len(leaders)
+    bystander = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    try:
+        down = cli_runner("stack", "down", "--dir", stack.dir, cwd=stack.dir.parent, timeout=120)
+        assert down.returncode == 0, down.stderr
+        assert "ray (pid" in down.stdout and "mlflow (pid" in down.stdout and "s3 (pid" in down.stdout
+        assert still_alive(members) == {}
+        assert bystander.poll() is None, "down killed a process it did not start"
+    finally:
+        bystander.kill()
+        bystander.wait()
+    for port in (stack.state.s3_port, stack.state.mlflow_port, stack.state.dashboard_port, stack.state.gcs_port):
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", port)) != 0, port
+    assert not (stack.dir / "stack.json").exists() and not Path(stack.state.token_path).exists()
+    assert (stack.dir / "logs" / "ray.log").exists() and list((stack.dir / "logs").glob("ray-session_*"))
+    assert not Path(stack.state.ray_temp_dir).exists()
+    again = cli_runner("stack", "down", "--dir", stack.dir, cwd=stack.dir.parent)
+    assert again.returncode == 1 and "no stack in" in again.stderr
