@@ -175,7 +175,10 @@ class Lake:
         if not key:
             return schema.empty_table()
         data = self.storage.read_bytes(f"{ref.dataset}/{key}")
-        return pq.read_table(io.BytesIO(data), use_threads=False)
+        # Synchronous, on this thread: with pre-buffering Arrow's IO threads can drop the last reference to
+        # the Python bytes while the interpreter exits, which aborts the process after the work is done
+        # ("terminate called without an active exception", exit code -6).
+        return pq.ParquetFile(io.BytesIO(data), pre_buffer=False).read(use_threads=False)
 
     def shard_uri(self, dataset: str, shard: str) -> str:
         return self.storage.uri(f"{dataset}/{shard}")

@@ -7,6 +7,8 @@ import io
 import json
 import re
 import shutil
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 from datetime import datetime
@@ -383,3 +385,21 @@ def test_concurrent_ingest_that_commits_first_is_merged_not_duplicated(
     lake = Lake(str(lake_dir))
     rows = lake_check(lake, lake.resolve("photos"))
     assert [Path(row["source_uri"]).parent.name for row in rows] == ["a", "a", "a", "b", "b"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through /proc")
+def test_reading_tables_starts_no_arrow_threads(mixed_lake, tmp_path) -> None:
+    """Arrow IO threads that outlive a table read can abort the process at exit (exit code -6 after
+    `recolor lake show` printed everything); a read on the calling thread leaves none behind."""
+    code = (
+        "import os, sys\n"
+        "from ingest.lake import Lake\n"
+        "lake = Lake(sys.argv[1]); ref = lake.resolve('photos')\n"
+        "before = len(os.listdir('/proc/self/task'))\n"
+        "rows = lake.manifest(ref).num_rows + lake.rejects(ref).num_rows\n"
+        "print(rows, before, len(os.listdir('/proc/self/task')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "lake")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    rows, before, after = map(int, result.stdout.split())
+    assert rows == 8 + 5 and after == before
