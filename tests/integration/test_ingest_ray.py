@@ -42,3 +42,15 @@ def test_ray_and_in_process_ingests_write_identical_lakes(ray_local, photo_folde
     ray_shards = {p.relative_to(tmp_path / "ray"): p.read_bytes() for p in (tmp_path / "ray").rglob("*.tar")}
     local_shards = {p.relative_to(tmp_path / "local"): p.read_bytes() for p in (tmp_path / "local").rglob("*.tar")}
     assert ray_shards == local_shards
+
+
+def test_cli_runs_on_a_given_ray_cluster_and_leaves_it_running(ray_local, photo_folder, tmp_path, recolor) -> None:
+    """`--ray-address` connects to an existing cluster (here the session's) instead of starting one."""
+    address = ray_local.get_runtime_context().gcs_address
+    source = photo_folder(range(4), width=64, height=48)
+    args = ["ingest", "folder", source, "--dataset", "photos", "--lake", tmp_path / "lake", "--size", "32"]
+    result = recolor(*args, "--ray-address", address, "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "committed photos@1" in result.stdout
+    assert ray_local.is_initialized() and ray_local.cluster_resources().get("CPU") == 2
+    assert sum(Lake(str(tmp_path / "lake")).resolve("photos").record["counts"].values()) == 4
