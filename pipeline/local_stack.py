@@ -88,6 +88,10 @@ class StackState:
             "AWS_ACCESS_KEY_ID": self.access_key,
             "AWS_SECRET_ACCESS_KEY": self.secret_key,
             "AWS_DEFAULT_REGION": "us-east-1",
+            # rclone's S3 server rejects the streaming (aws-chunked) uploads that newer AWS SDKs send by
+            # default to compute checksums; pyarrow's S3 (Ray Train checkpoints) reads these too.
+            "AWS_REQUEST_CHECKSUM_CALCULATION": "WHEN_REQUIRED",
+            "AWS_RESPONSE_CHECKSUM_VALIDATION": "WHEN_REQUIRED",
             "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{self.mlflow_port}",
             "RECOLOR_LAKE": "s3://lake/lake",
             "RECOLOR_STORAGE": "s3://runs/train",
@@ -263,12 +267,7 @@ def _start_services(state: StackState, num_cpus: int) -> dict[str, subprocess.Po
         # Made before the server starts: rclone caches its bucket list, so later mkdirs would stay invisible.
         (s3_root / bucket).mkdir(parents=True, exist_ok=True)
     base = _base_env(state.stack_id)
-    s3_env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{state.s3_port}",
-        "AWS_ACCESS_KEY_ID": state.access_key,
-        "AWS_SECRET_ACCESS_KEY": state.secret_key,
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
+    s3_env = {name: value for name, value in state.exports().items() if name.startswith("AWS_")}
     processes = {}
     # The key pair goes in by environment, not argv, where any local user could read it with `ps`.
     # rclone reads list flags from the environment as CSV, so the "key,secret" pair is quoted.
