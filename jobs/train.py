@@ -10,6 +10,7 @@ run is logged to --tracking-uri / $MLFLOW_TRACKING_URI; S3 from the AWS_* variab
 
 from __future__ import annotations
 
+import os
 import sys
 
 from jobs.common import describe_endpoints, shutdown_ray
@@ -19,6 +20,8 @@ def main(argv: list[str]) -> int:
     from pipeline.cli import main as recolor
 
     print(f"jobs.train: {describe_endpoints()}", flush=True)
+    # A job log is a file: progress bars (cursor movements, carriage returns) would fill it with fragments.
+    os.environ.setdefault("RECOLOR_NO_PROGRESS", "1")
     try:
         return recolor(["train", *argv])
     finally:
