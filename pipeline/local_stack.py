@@ -25,6 +25,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -75,6 +76,7 @@ class StackState:
     dashboard_port: int
     gcs_port: int
     ray_temp_dir: str  # Ray's session folder (sockets must stay under ~100 characters, so not below `dir`)
+    agent_port: int = 0  # the head's dashboard agent: jobs are accepted once it listens
     services: dict[str, Service] = field(default_factory=dict)
 
     @property
@@ -104,6 +106,7 @@ class StackState:
         # Created with mode 600 before anything is written: the file holds the S3 keys.
         temp = self.path.with_suffix(".tmp")
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # a leftover file keeps its old mode through O_CREAT
         with os.fdopen(fd, "w") as f:
             json.dump(asdict(self), f, indent=2)
         os.replace(temp, self.path)
@@ -196,8 +199,6 @@ def _port(preferred: int | None, default: int) -> int:
     """`preferred` if given; else `default` when it is free (stable URLs to bookmark), else any free port."""
     if preferred:
         return preferred
-    import socket
-
     with socket.socket() as sock:
         try:
             sock.bind(("127.0.0.1", default))
@@ -236,6 +237,7 @@ def start_stack(
     stack_id = secrets.token_hex(8)
     token_path = stack_dir / TOKEN_FILE
     fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(32))
     state = StackState(
@@ -250,13 +252,15 @@ def start_stack(
         dashboard_port=_port(dashboard_port, 8265),
         gcs_port=free_port(),
         ray_temp_dir=str(Path(tempfile.gettempdir()) / f"recolor-stack-{stack_id}"),
+        agent_port=free_port(),
     )
     state.save()
     try:
         processes = _start_services(state, num_cpus)
         _wait_ready(state, processes, timeout)
     except BaseException:
-        stop_stack(stack_dir)
+        with contextlib.suppress(Exception):  # the reason it failed matters more than a failed cleanup
+            stop_stack(stack_dir)
         raise
     return state
 
@@ -295,8 +299,8 @@ def _start_services(state: StackState, num_cpus: int) -> dict[str, subprocess.Po
     ray += ["--dashboard-port", str(state.dashboard_port), "--num-cpus", str(num_cpus)]
     ray += ["--temp-dir", state.ray_temp_dir, "--disable-usage-stats"]
     # Explicit free ports: Ray's defaults (52365, 10001, ...) clash with any other Ray on this machine.
+    ray += ["--dashboard-agent-listen-port", str(state.agent_port)]
     for flag in (
-        "--dashboard-agent-listen-port",
         "--dashboard-agent-grpc-port",
         "--runtime-env-agent-port",
         "--ray-client-server-port",
@@ -325,6 +329,11 @@ def _wait_ready(state: StackState, processes: dict[str, subprocess.Popen], timeo
             _wait_http(name, url, processes[name], max(deadline - time.monotonic(), 1.0), headers)
         except StackError as e:
             raise StackError(f"{e}; see {state.services[name].log}") from e
+    # The job API answers before the head's agent registers; a job submitted then is refused.
+    try:
+        wait_for_port(state.agent_port, max(deadline - time.monotonic(), 1.0), processes["ray"])
+    except (RuntimeError, TimeoutError) as e:
+        raise StackError(f"Ray's dashboard agent: {e}; see {state.ray_temp_dir}/session_latest/logs") from e
 
 
 def _token_header(state: StackState) -> dict[str, str]:
@@ -397,7 +406,6 @@ def _keep_ray_logs(state: StackState) -> None:
 
 def stack_status(state: StackState) -> dict[str, dict]:
     """Per service: running (recorded PID alive), answering (its port accepts connections), URL."""
-    import socket
 
     def answers(port: int) -> bool:
         with socket.socket() as sock:
