@@ -50,6 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("recolor: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception as e:
+        # Failures inside Ray tasks (a worker that kept crashing, a lost node) arrive as Ray errors
+        # whose text is a remote traceback: one line is enough, the work done so far is kept.
+        if type(e).__module__.startswith("ray."):
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"recolor: error: {type(e).__name__}: {first}; rerun the same command to resume", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

@@ -93,8 +93,20 @@ class LocalS3Server:
         return self
 
     def create_bucket(self, name: str) -> None:
-        # A bucket is a folder of the served root; creating it directly avoids needing credentials here.
-        (self.root / name).mkdir(parents=True, exist_ok=True)
+        """Create a bucket through the S3 API (rclone caches its bucket list: a bare mkdir may stay unseen)."""
+        import boto3
+
+        client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name="us-east-1",
+        )
+        try:
+            client.create_bucket(Bucket=name)
+        except client.exceptions.BucketAlreadyOwnedByYou:
+            pass
 
     def stop(self) -> None:
         if self.process is None:
