@@ -7,6 +7,7 @@ test speaks the same protocol it speaks to MinIO or AWS.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -103,10 +104,8 @@ class LocalS3Server:
             aws_secret_access_key=self.secret_key,
             region_name="us-east-1",
         )
-        try:
+        with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou, client.exceptions.BucketAlreadyExists):
             client.create_bucket(Bucket=name)
-        except client.exceptions.BucketAlreadyOwnedByYou:
-            pass
 
     def stop(self) -> None:
         if self.process is None:
