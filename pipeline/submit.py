@@ -254,6 +254,11 @@ def add_submit_parser(subparsers) -> None:
     stop.set_defaults(handler=run_jobs_stop)
 
 
+# What the job server's answers raise: SubmitError (ours), RuntimeError (Ray's client, e.g. an unknown job
+# id or an HTTP 500), OSError (requests' connection errors, mid-way).
+JOB_SERVER_ERRORS = (SubmitError, RuntimeError, OSError)
+
+
 def _error(message: str) -> int:
     print(f"recolor: error: {message}", file=sys.stderr)
     return 2
@@ -293,7 +298,7 @@ def run_submit_command(args) -> int:
                     file=sys.stderr,
                 )
                 return 130
-    except SubmitError as e:
+    except JOB_SERVER_ERRORS as e:
         return _error(str(e))
     print(f"job {job_id} {final}", file=sys.stderr)
     return 0 if final == "SUCCEEDED" else 1
@@ -303,7 +308,7 @@ def run_jobs_list(args) -> int:
     try:
         with job_client(args.address) as client:
             jobs = client.list_jobs()
-    except SubmitError as e:
+    except JOB_SERVER_ERRORS as e:
         return _error(str(e))
     jobs.sort(key=lambda job: job.start_time or 0)
     print(f"{'submission id':<30} {'status':<10} {'started':<19}  entrypoint")
@@ -317,7 +322,7 @@ def run_jobs_status(args) -> int:
     try:
         with job_client(args.address) as client:
             info = client.get_job_info(args.job_id)
-    except (SubmitError, RuntimeError) as e:
+    except JOB_SERVER_ERRORS as e:
         return _error(str(e))
     print(f"{args.job_id} {info.status}" + (f": {info.message}" if info.message else ""))
     return 0
@@ -331,7 +336,7 @@ def run_jobs_logs(args) -> int:
                 print(f"job {args.job_id} {final}", file=sys.stderr)
             else:
                 sys.stdout.write(client.get_job_logs(args.job_id))
-    except (SubmitError, RuntimeError) as e:
+    except JOB_SERVER_ERRORS as e:
         return _error(str(e))
     return 0
 
@@ -340,7 +345,7 @@ def run_jobs_stop(args) -> int:
     try:
         with job_client(args.address) as client:
             stopped = client.stop_job(args.job_id)
-    except (SubmitError, RuntimeError) as e:
+    except JOB_SERVER_ERRORS as e:
         return _error(str(e))
     print(f"{args.job_id}: {'stop requested' if stopped else 'was not running'}")
     return 0

@@ -178,3 +178,13 @@ def test_unreachable_job_server(clean_env, capsys) -> None:
 
     assert main(["jobs", "list", "--address", f"http://127.0.0.1:{free_port()}"]) == 2
     assert "no Ray job server at http://127.0.0.1:" in capsys.readouterr().err
+
+
+def test_a_refused_submission_is_one_error_line(fake_cluster, clean_env, capsys) -> None:
+    def refuse(**kwargs):
+        raise RuntimeError("Request failed with status code 500: No available agent to submit job.")
+
+    fake_cluster.submit_job = refuse
+    assert main(["submit", "train", "configs/demo.yaml"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["recolor: error: Request failed with status code 500: No available agent to submit job."]
