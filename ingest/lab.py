@@ -215,10 +215,11 @@ def denormalize_torch(light: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
     return torch.cat([(light + 1.0) * 50.0, ab * AB_NORM], dim=1)
 
 
-def lab_to_rgb_torch(lab: torch.Tensor) -> torch.Tensor:
+def lab_to_rgb_torch(lab: torch.Tensor, clip: bool = True) -> torch.Tensor:
     """Lab (N, 3, H, W) in real units to sRGB (N, 3, H, W) in [0, 1], matching `lab_to_rgb`.
 
-    Runs on whatever device the tensor is on; computes in float32 at least.
+    Runs on whatever device the tensor is on; computes in float32 at least. `clip=False` leaves
+    colours outside the sRGB gamut outside [0, 1], so that callers can see them.
     """
     import torch
 
@@ -233,7 +234,7 @@ def lab_to_rgb_torch(lab: torch.Tensor) -> torch.Tensor:
     rgb = torch.where(
         linear > 0.0031308, 1.055 * torch.clamp(linear, min=0.0031308) ** (1 / 2.4) - 0.055, linear * 12.92
     )
-    return rgb.clamp(0.0, 1.0)
+    return rgb.clamp(0.0, 1.0) if clip else rgb
 
 
 def rgb_to_lab_torch(rgb: torch.Tensor) -> torch.Tensor:

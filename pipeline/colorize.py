@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ingest.images import ImageRejected, decode_image
-from ingest.lab import AB_NORM, lab_to_rgb_torch, lightness, rgb8_to_lab8
+from ingest.lab import AB_NORM, XYZ_FROM_RGB, lab_to_rgb_torch, lightness, rgb8_to_lab8
 from ingest.sources.folder import is_image_name
 
 
@@ -62,6 +62,34 @@ def _network_input(rgb: np.ndarray, size: int) -> torch.Tensor:
     return torch.from_numpy(lab8[:1].astype(np.float32) * (2.0 / 255.0) - 1.0)
 
 
+def lab_to_rgb_keeping_lightness(lab: torch.Tensor) -> torch.Tensor:
+    """Lab (N, 3, H, W) to sRGB in [0, 1] with every pixel's L kept.
+
+    A predicted colour outside the sRGB gamut (a strong colour on a bright sky or in a deep shadow)
+    is mixed, in linear light, with the gray of its own luminance until it fits: luminance, and so L,
+    stays; only chroma goes. Clipping R, G and B one by one instead would change L by several units,
+    and the output's L would no longer be the photo's.
+    """
+    rgb = lab_to_rgb_torch(lab, clip=False)
+    outside = ((rgb < 0) | (rgb > 1)).any(dim=1)  # (N, H, W)
+    if not outside.any():
+        return rgb.clamp(0.0, 1.0)
+    pixels = rgb.permute(0, 2, 3, 1)[outside]  # (P, 3), only the pixels to fix
+    linear = torch.where(pixels > 0.04045, ((pixels.clamp(min=0.04045) + 0.055) / 1.055) ** 2.4, pixels / 12.92)
+    luminance = torch.as_tensor(XYZ_FROM_RGB[1], dtype=linear.dtype, device=linear.device)
+    gray = (linear @ luminance).clamp(0.0, 1.0)[:, None]  # Y: a function of L alone
+    # The largest share t of the colour (gray + t * (colour - gray)) that keeps every channel in [0, 1].
+    infinity = torch.full_like(linear, float("inf"))
+    above = torch.where(linear > 1, (1 - gray) / (linear - gray), infinity)
+    below = torch.where(linear < 0, gray / (gray - linear), infinity)
+    share = torch.minimum(above, below).amin(dim=1, keepdim=True).clamp(0.0, 1.0)
+    mapped = (gray + share * (linear - gray)).clamp(0.0, 1.0)
+    fixed = torch.where(mapped > 0.0031308, 1.055 * mapped.clamp(min=0.0031308) ** (1 / 2.4) - 0.055, mapped * 12.92)
+    rgb = rgb.permute(0, 2, 3, 1).clone()
+    rgb[outside] = fixed
+    return rgb.permute(0, 3, 1, 2).clamp(0.0, 1.0)
+
+
 @torch.no_grad()
 def colorize_rgb(generator, photos: list[np.ndarray], size: int, device: torch.device) -> list[np.ndarray]:
     """Color a batch of 8-bit RGB photos of any sizes; returns 8-bit RGB arrays of the same sizes."""
@@ -73,7 +101,7 @@ def colorize_rgb(generator, photos: list[np.ndarray], size: int, device: torch.d
         ab_full = torch.nn.functional.interpolate(ab[None], size=(height, width), mode="bicubic", align_corners=False)
         light = torch.from_numpy(lightness(rgb)).to(device)[None, None]
         lab = torch.cat([light, ab_full * AB_NORM], dim=1)
-        out = lab_to_rgb_torch(lab)[0].permute(1, 2, 0).cpu().numpy()
+        out = lab_to_rgb_keeping_lightness(lab)[0].permute(1, 2, 0).cpu().numpy()
         results.append((out * 255.0 + 0.5).clip(0, 255).astype(np.uint8))
     return results
 

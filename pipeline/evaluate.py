@@ -89,7 +89,13 @@ def evaluate(
     from pipeline.data import resolve_data
     from pipeline.evaluation import metric_names
     from pipeline.registry import load_generator
-    from pipeline.tracking import get_experiment_id, lake_dataset, manifest_tag, resolve_tracking_uri
+    from pipeline.tracking import (
+        fluent_tracking_uri,
+        get_experiment_id,
+        lake_dataset,
+        manifest_tag,
+        resolve_tracking_uri,
+    )
 
     known = {name for name in metric_names() if not name.startswith("gray_") and name != "count"}
     if metric not in known:
@@ -126,32 +132,28 @@ def evaluate(
         )
 
     experiment_id = get_experiment_id(client, experiment, tracking_uri)
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        with mlflow.start_run(experiment_id=experiment_id, run_name=f"eval {plan.refs[0]}") as run:
-            mlflow.log_params(
-                {
-                    "model_uri": model_uri,
-                    "dataset": plan.refs[0],
-                    "split": split,
-                    "batch_size": batch_size,
-                    "metric": metric,
-                }
-            )
-            tags = {"recolor.kind": "evaluation", manifest_tag(plan.refs[0]): plan.digests[plan.refs[0]]}
-            if registered is not None:
-                tags.update({"recolor.model_name": registered[0], "recolor.model_version": str(version)})
-            tags.update({f"promotion.{k}": str(v) for k, v in result.promotion.items()})
-            mlflow.set_tags(tags)
-            mlflow.log_metrics(metrics)
-            mlflow.log_input(
-                lake_dataset(f"{plan.refs[0]}/{split}", plan.uris[plan.refs[0]], plan.digests[plan.refs[0]]),
-                context="evaluation",
-            )
-            result.run_id = run.info.run_id
-    finally:
-        mlflow.set_tracking_uri(previous)
+    run_name = f"eval {plan.refs[0]}"
+    with fluent_tracking_uri(tracking_uri), mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
+        mlflow.log_params(
+            {
+                "model_uri": model_uri,
+                "dataset": plan.refs[0],
+                "split": split,
+                "batch_size": batch_size,
+                "metric": metric,
+            }
+        )
+        tags = {"recolor.kind": "evaluation", manifest_tag(plan.refs[0]): plan.digests[plan.refs[0]]}
+        if registered is not None:
+            tags.update({"recolor.model_name": registered[0], "recolor.model_version": str(version)})
+        tags.update({f"promotion.{k}": str(v) for k, v in result.promotion.items()})
+        mlflow.set_tags(tags)
+        mlflow.log_metrics(metrics)
+        mlflow.log_input(
+            lake_dataset(f"{plan.refs[0]}/{split}", plan.uris[plan.refs[0]], plan.digests[plan.refs[0]]),
+            context="evaluation",
+        )
+        result.run_id = run.info.run_id
     if registered is not None:
         tag = f"eval.{plan.refs[0].replace('@', ':')}.{split}.{metric}"
         client.set_model_version_tag(registered[0], str(version), tag, f"{metrics[f'eval_{metric}']:.6g}")

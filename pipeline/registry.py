@@ -59,6 +59,8 @@ def log_generator(
     from mlflow import MlflowClient
     from mlflow.models import infer_signature
 
+    from pipeline.tracking import fluent_tracking_uri
+
     generator = generator.cpu().eval()
     example = np.zeros((1, 1, image_size, image_size), dtype=np.float32)
     with torch.no_grad():
@@ -66,23 +68,18 @@ def log_generator(
     signature = infer_signature(example, output)
     package = str(Path(__file__).resolve().parent)
     requirements = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pytorch.log_model(
-                generator,
-                name=MODEL_ARTIFACT,
-                signature=signature,
-                input_example=example,
-                pip_requirements=requirements,
-                code_paths=[package],
-                serialization_format="pickle",
-                registered_model_name=registered_name,
-                await_registration_for=60,
-            )
-    finally:
-        mlflow.set_tracking_uri(previous)
+    with fluent_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(
+            generator,
+            name=MODEL_ARTIFACT,
+            signature=signature,
+            input_example=example,
+            pip_requirements=requirements,
+            code_paths=[package],
+            serialization_format="pickle",
+            registered_model_name=registered_name,
+            await_registration_for=60,
+        )
     if registered_name is None:
         return None
     client = MlflowClient(tracking_uri)
@@ -117,19 +114,16 @@ def load_generator(uri: str, tracking_uri: str | None = None, device: str | torc
     import mlflow
     import mlflow.pytorch
 
-    from pipeline.tracking import resolve_tracking_uri
+    from pipeline.tracking import fluent_tracking_uri, resolve_tracking_uri
 
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
     try:
-        model = mlflow.pytorch.load_model(uri, map_location=torch.device(device))
+        with fluent_tracking_uri(resolve_tracking_uri(tracking_uri)):
+            model = mlflow.pytorch.load_model(uri, map_location=torch.device(device))
     except Exception as e:  # noqa: BLE001 - MLflow raises many kinds; the user needs one line
         raise ValueError(
             f"cannot load a generator from {uri!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
             "Use models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/generator or a checkpoint path."
         ) from None
-    finally:
-        mlflow.set_tracking_uri(previous)
     return model.eval()
 
 

@@ -11,6 +11,8 @@ file `./mlflow.db` (registry included) with artifacts in `./mlartifacts`.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import subprocess
 from pathlib import Path
@@ -57,6 +59,24 @@ class MemoryLogger:
         pass
 
 
+@contextlib.contextmanager
+def fluent_tracking_uri(uri: str):
+    """MLflow's fluent API (`start_run`, `log_input`, `log_model`, `load_model`) on `uri` for the block.
+
+    `mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI; setting back `mlflow.get_tracking_uri()`
+    afterwards would pin the default of that moment (./mlflow.db of the then current folder) for the rest
+    of the process, its Ray workers and its subprocesses. The previous setting, or its absence, comes back.
+    """
+    import mlflow
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")  # set_tracking_uri keeps it equal to MLflow's own setting
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)  # None unsets both
+
+
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """The argument, else $MLFLOW_TRACKING_URI, else `sqlite:///<cwd>/mlflow.db` (absolute, so Ray workers agree)."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -95,7 +115,9 @@ class MlflowLogger:
 
                 self.monitor = SystemMetricsMonitor(run_id, sampling_interval=10, tracking_uri=tracking_uri)
                 self.monitor.start()
-            except Exception:  # noqa: BLE001 - system metrics are a nicety; never fail training for them
+            except Exception as e:  # noqa: BLE001 - system metrics are a nicety; never fail training for them
+                # Say so: MLflow needs psutil for them, and a silent gap in the UI looks like a bug.
+                logging.getLogger(__name__).warning("MLflow system metrics are off: %s: %s", type(e).__name__, e)
                 self.monitor = None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -184,18 +206,13 @@ def start_or_resume_run(
     ]
     for start in range(0, len(params), 100):
         client.log_batch(run_id, params=params[start : start + 100], tags=[RunTag("recolor.params_logged", "1")])
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        with mlflow.start_run(run_id=run_id):
-            for ref in plan.refs:
-                # One input per split: MLflow keeps a single context per dataset name and digest.
-                for split, context in (("train", "training"), ("val", "validation")):
-                    dataset = lake_dataset(f"{ref}/{split}", plan.uris[ref], plan.digests[ref])
-                    mlflow.log_input(dataset, context=context)
-        client.update_run(run_id, status="RUNNING")
-    finally:
-        mlflow.set_tracking_uri(previous)
+    with fluent_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
+        for ref in plan.refs:
+            # One input per split: MLflow keeps a single context per dataset name and digest.
+            for split, context in (("train", "training"), ("val", "validation")):
+                dataset = lake_dataset(f"{ref}/{split}", plan.uris[ref], plan.digests[ref])
+                mlflow.log_input(dataset, context=context)
+    client.update_run(run_id, status="RUNNING")
     return run_id, False
 
 

@@ -386,9 +386,12 @@ def ray_report(metrics: dict, payload: dict | None) -> None:
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train's entry point on every worker."""
+    import ray
     import ray.train
     import ray.train.torch
 
+    if loop_config.get("credentials") is not None:  # S3 and MLflow credentials, for boto3 and MLflow to find
+        os.environ.update(ray.get(loop_config["credentials"]))
     config = TrainConfig.from_dict(loop_config["train"])
     plan = DataPlan.from_dict(loop_config["data_plan"])
     # Ray Train logs every report with all its metrics at INFO: the progress bar says it better.

@@ -190,6 +190,8 @@ def run_training(
                 "logger_factory": logger_factory,
                 "on_worker_end": on_worker_end,
                 "tracking": run_info,
+                # An object reference, not the values: Ray shows a run's config on its dashboard.
+                "credentials": ray.put(_credentials()),
             },
             scaling_config=ray.train.ScalingConfig(
                 num_workers=config.workers, use_gpu=config.use_gpu, resources_per_worker=resources
@@ -265,12 +267,25 @@ def finish_tracking(run_info: dict, tracking: TrackingOptions, result: TrainResu
     return version
 
 
+CREDENTIAL_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
+
+
+def _credentials() -> dict[str, str]:
+    # Never in the runtime env: Ray's runtime env agent logs every runtime env, values included, in plain text.
+    return {name: os.environ[name] for name in CREDENTIAL_ENV if name in os.environ}
+
+
 def _forwarded_env() -> dict[str, str]:
-    # Workers on other nodes need the endpoints; credentials travel in the runtime env, never in logs or params.
+    # Workers on other nodes need the endpoints (the credentials go by `_credentials`, see there).
     names = (
         "AWS_ENDPOINT_URL",
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
         "AWS_DEFAULT_REGION",
         "AWS_REGION",
         "RECOLOR_LAKE",
@@ -281,5 +296,8 @@ def _forwarded_env() -> dict[str, str]:
         "RECOLOR_TRAIN_LOG_LEVEL",
         "AWS_REQUEST_CHECKSUM_CALCULATION",
         "AWS_RESPONSE_CHECKSUM_VALIDATION",
+        # MLflow's own knobs for system metrics: rank 0's monitor runs on a worker, not here.
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL",
+        "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING",
     )
     return {name: os.environ[name] for name in names if name in os.environ}
