@@ -1,4 +1,5 @@
-"""What every job entrypoint does around the CLI call: say where it reads and writes, then clean up."""
+"""What every job entrypoint does around the CLI call: open its credentials, say where it reads and writes,
+and clean up."""
 
 from __future__ import annotations
 
@@ -15,11 +16,19 @@ ENDPOINT_VARIABLES = (
 )
 
 
-def describe_endpoints(environ=os.environ) -> str:
-    """One line naming the endpoints in effect; credentials are only said to be set or not."""
-    parts = [f"{name}={environ[name]}" for name in ENDPOINT_VARIABLES if environ.get(name)]
+def start_job(name: str, environ=os.environ) -> None:
+    """Open the credentials `recolor submit` sealed (see `pipeline.sealed_env`; the workers open them
+    through the runtime env's setup hook), then print one line naming the endpoints in effect.
+    Credential values are never printed, only whether they are set."""
+    from pipeline.sealed_env import unseal_environ
+
+    opened = unseal_environ(environ)
+    parts = [f"{variable}={environ[variable]}" for variable in ENDPOINT_VARIABLES if environ.get(variable)]
     credentials = "set" if environ.get("AWS_ACCESS_KEY_ID") else "not set (instance role or anonymous)"
-    return f"endpoints: {', '.join(parts) or 'none set (embedded defaults)'}; S3 credentials {credentials}"
+    if opened:
+        credentials += f" (opened from the submission: {', '.join(opened)})"
+    print(f"jobs.{name}: endpoints: {', '.join(parts) or 'none set (embedded defaults)'}; S3 credentials {credentials}")
+    sys.stdout.flush()
 
 
 def shutdown_ray() -> None:

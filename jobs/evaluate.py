@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import sys
 
-from jobs.common import describe_endpoints, shutdown_ray
+from jobs.common import shutdown_ray, start_job
 
 
 def main(argv: list[str]) -> int:
     from pipeline.cli import main as recolor
 
-    print(f"jobs.evaluate: {describe_endpoints()}", flush=True)
+    start_job("evaluate")
     try:
         return recolor(["evaluate", *argv])
     finally:

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import sys
 
-from jobs.common import describe_endpoints, shutdown_ray
+from jobs.common import shutdown_ray, start_job
 
 
 def main(argv: list[str]) -> int:
     from pipeline.cli import main as recolor
 
-    print(f"jobs.ingest: {describe_endpoints()}", flush=True)
+    start_job("ingest")
     try:
         # A job log is a file: a progress bar's carriage returns would fill it with partial lines.
         return recolor(["ingest", *argv, "--no-progress"])

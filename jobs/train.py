@@ -13,13 +13,13 @@ from __future__ import annotations
 import os
 import sys
 
-from jobs.common import describe_endpoints, shutdown_ray
+from jobs.common import shutdown_ray, start_job
 
 
 def main(argv: list[str]) -> int:
     from pipeline.cli import main as recolor
 
-    print(f"jobs.train: {describe_endpoints()}", flush=True)
+    start_job("train")
     # A job log is a file: progress bars (cursor movements, carriage returns) would fill it with fragments.
     os.environ.setdefault("RECOLOR_NO_PROGRESS", "1")
     try:

@@ -9,8 +9,9 @@ lakes, MLflow stores, caches or git metadata) and runs `python -m jobs.<kind> AR
 cluster, whose Python must already have the project's dependencies (the cluster image installs
 the project; the local stack's head uses this environment). The endpoint variables (`AWS_*`,
 `MLFLOW_*`, `RECOLOR_*`) travel from the submitter's environment into the job; their values are
-never printed. Requests carry the cluster's token: `$RAY_AUTH_TOKEN`, else the file
-`$RAY_AUTH_TOKEN_PATH`, else `~/.ray/auth_token`.
+never printed, and credentials among them travel sealed with the cluster token (Ray logs runtime
+environments in plain text; see `pipeline.sealed_env`). Requests carry the cluster's token:
+`$RAY_AUTH_TOKEN`, else the file `$RAY_AUTH_TOKEN_PATH`, else `~/.ray/auth_token`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import shlex
 import sys
 from datetime import datetime
 from pathlib import Path
+
+from pipeline import sealed_env
 
 JOB_KINDS = ("ingest", "train", "evaluate")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -82,20 +85,10 @@ def resolve_address(address: str | None = None, environ=os.environ) -> str:
 
 def resolve_token(environ=os.environ) -> str | None:
     """The cluster token, looked up the way Ray looks it up; None when there is none."""
-    if environ.get("RAY_AUTH_TOKEN", "").strip():
-        return environ["RAY_AUTH_TOKEN"].strip()
-    path = environ.get("RAY_AUTH_TOKEN_PATH")
-    candidates = [Path(path).expanduser()] if path else [Path.home() / ".ray" / "auth_token"]
-    for candidate in candidates:
-        try:
-            token = candidate.read_text().strip()
-        except FileNotFoundError:
-            if path:  # Ray treats an unreadable explicit path as an error too
-                raise SubmitError(f"RAY_AUTH_TOKEN_PATH={path}: no such file") from None
-            continue
-        if token:
-            return token
-    return None
+    try:
+        return sealed_env.resolve_token(environ)
+    except sealed_env.SealError as e:
+        raise SubmitError(str(e)) from None
 
 
 def forwarded_env(environ=os.environ, extra: list[str] = ()) -> dict[str, str]:
@@ -111,12 +104,32 @@ def build_entrypoint(kind: str, job_args: list[str]) -> str:
     return shlex.join(["python", "-m", f"jobs.{kind}", *job_args])
 
 
+def seal_credentials(env_vars: dict[str, str], token: str | None) -> tuple[dict[str, str], list[str], list[str]]:
+    """Split the forwarded variables: endpoints stay readable, credentials are sealed with the cluster
+    token (see `pipeline.sealed_env`), or left out when there is no token to seal them with.
+
+    Returns:
+        (the job's env_vars, the names sealed, the names left out)
+    """
+    plain = {name: value for name, value in env_vars.items() if not sealed_env.is_secret_name(name)}
+    secret = {name: value for name, value in env_vars.items() if sealed_env.is_secret_name(name)}
+    if not secret:
+        return plain, [], []
+    if token is None:
+        return plain, [], sorted(secret)
+    return plain | {sealed_env.SEALED_ENV: sealed_env.seal(secret, token)}, sorted(secret), []
+
+
 def build_runtime_env(working_dir: Path, env_vars: dict[str, str]) -> dict:
-    """The job's runtime environment: the project as working directory, the forwarded variables."""
+    """The job's runtime environment: the project as working directory, the forwarded variables, and
+    the hook that opens sealed credentials in every worker."""
     working_dir = Path(working_dir).resolve()
     if not (working_dir / "jobs").is_dir() or not (working_dir / "pyproject.toml").is_file():
         raise SubmitError(f"{working_dir} is not the project root (no jobs/ or pyproject.toml): pass --working-dir")
-    return {"working_dir": str(working_dir), "excludes": list(WORKING_DIR_EXCLUDES), "env_vars": dict(env_vars)}
+    runtime_env = {"working_dir": str(working_dir), "excludes": list(WORKING_DIR_EXCLUDES), "env_vars": dict(env_vars)}
+    if sealed_env.SEALED_ENV in env_vars:
+        runtime_env["worker_process_setup_hook"] = sealed_env.SETUP_HOOK
+    return runtime_env
 
 
 @contextlib.contextmanager
@@ -271,8 +284,9 @@ def run_submit_command(args) -> int:
         from pipeline.cli import main
 
         return main([options.kind, "--help"])
-    env_vars = forwarded_env(extra=options.forward_env) if options.forward else {}
+    forwarded = forwarded_env(extra=options.forward_env) if options.forward else {}
     try:
+        env_vars, sealed, left_out = seal_credentials(forwarded, resolve_token())
         runtime_env = build_runtime_env(Path(options.working_dir), env_vars)
         entrypoint = build_entrypoint(options.kind, job_args)
         with job_client(options.address) as client:
@@ -284,7 +298,12 @@ def run_submit_command(args) -> int:
             )
             print(f"submitted {job_id} to {resolve_address(options.address)}: {entrypoint}", file=sys.stderr)
             print(f"  working dir {runtime_env['working_dir']}", file=sys.stderr)
-            print(f"  forwarded variables: {', '.join(env_vars) or 'none'}", file=sys.stderr)
+            plain = [name for name in env_vars if name != sealed_env.SEALED_ENV]
+            print(f"  forwarded variables: {', '.join(plain) or 'none'}", file=sys.stderr)
+            if sealed:
+                print(f"  sealed with the cluster token: {', '.join(sealed)}", file=sys.stderr)
+            if left_out:
+                print(f"  not forwarded (no cluster token to seal them with): {', '.join(left_out)}", file=sys.stderr)
             print(job_id)
             sys.stdout.flush()
             if not options.follow:

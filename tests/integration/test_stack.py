@@ -279,9 +279,15 @@ def test_submit_ingest_commits_a_version_in_s3(
     assert job_id.startswith("raysubmit_")
     assert "committed photos@1 (train" in result.stdout  # the job's own output, followed live
     assert f"job {job_id} SUCCEEDED" in result.stderr
-    assert "forwarded variables: AWS_ACCESS_KEY_ID" in result.stderr
+    assert "forwarded variables: AWS_DEFAULT_REGION, AWS_ENDPOINT_URL" in result.stderr
+    assert "sealed with the cluster token: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY" in result.stderr
+    # The head has no S3 keys of its own: the job's tasks wrote to S3 with the sealed ones. Ray logs every
+    # runtime environment in plain text; the secret must be in none of its logs.
     for secret in stack.secrets():
         assert secret not in result.stdout + result.stderr
+    for path in Path(stack.state.ray_temp_dir).rglob("*"):
+        if path.is_file() and not path.is_socket() and path.suffix in (".log", ".out", ".err", ".txt"):
+            assert stack.state.secret_key.encode() not in path.read_bytes(), f"the S3 secret is in {path}"
 
     record = json.loads(client.get_object(Bucket="lake", Key="lake/photos/versions/000001.json")["Body"].read())
     assert sum(record["counts"].values()) == 6

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import types
 from pathlib import Path
 
 import pytest
 from ray._private.runtime_env.packaging import _get_excludes
 
-from pipeline import submit
+from pipeline import sealed_env, submit
 from pipeline.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -135,6 +136,7 @@ def test_working_dir_must_be_the_project(tmp_path) -> None:
 
 
 def test_submit_runs_the_job_module_with_options_anywhere(fake_cluster, clean_env, capsys) -> None:
+    clean_env.setenv("RAY_AUTH_TOKEN", "cluster-token")
     clean_env.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
     clean_env.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
     args = ["submit", "--no-follow", "ingest", "folder", "s3://b/photos", "--dataset", "photos", "--lake", "s3://l"]
@@ -145,10 +147,38 @@ def test_submit_runs_the_job_module_with_options_anywhere(fake_cluster, clean_en
     sent = fake_cluster.submitted
     assert sent["entrypoint"] == "python -m jobs.ingest folder s3://b/photos --dataset photos --lake s3://l"
     assert sent["submission_id"] == "job-1"
-    assert sent["runtime_env"]["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "s3cr3t-value"
     assert out.splitlines() == ["job-1"]
-    assert "AWS_SECRET_ACCESS_KEY" in err and "MLFLOW_TRACKING_URI" in err
+    assert "forwarded variables: MLFLOW_TRACKING_URI" in err
+    assert "sealed with the cluster token: AWS_SECRET_ACCESS_KEY" in err
     assert "s3cr3t-value" not in out + err and "mlflow.internal" not in out + err
+
+
+def test_credentials_travel_sealed(fake_cluster, clean_env) -> None:
+    clean_env.setenv("RAY_AUTH_TOKEN", "cluster-token")
+    clean_env.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
+    clean_env.setenv("AWS_ACCESS_KEY_ID", "recolor")
+    clean_env.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
+    assert main(["submit", "--no-follow", "train", "configs/demo.yaml"]) == 0
+    runtime_env = fake_cluster.submitted["runtime_env"]
+    # Ray logs runtime environments: nothing secret may be readable in one.
+    assert "s3cr3t-value" not in json.dumps(runtime_env)
+    env_vars = runtime_env["env_vars"]
+    assert env_vars["AWS_ENDPOINT_URL"] == "http://minio:9000" and "AWS_SECRET_ACCESS_KEY" not in env_vars
+    assert sealed_env.unseal(env_vars[sealed_env.SEALED_ENV], "cluster-token") == {
+        "AWS_ACCESS_KEY_ID": "recolor",
+        "AWS_SECRET_ACCESS_KEY": "s3cr3t-value",
+    }
+    assert runtime_env["worker_process_setup_hook"] == "pipeline.sealed_env.unseal_environ"
+
+
+def test_without_a_token_credentials_stay_home(fake_cluster, clean_env, capsys) -> None:
+    clean_env.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
+    clean_env.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
+    assert main(["submit", "--no-follow", "train", "configs/demo.yaml"]) == 0
+    runtime_env = fake_cluster.submitted["runtime_env"]
+    assert runtime_env["env_vars"] == {"AWS_ENDPOINT_URL": "http://minio:9000"}
+    assert "worker_process_setup_hook" not in runtime_env
+    assert "not forwarded (no cluster token to seal them with): AWS_SECRET_ACCESS_KEY" in capsys.readouterr().err
 
 
 def test_submit_quotes_arguments(fake_cluster, clean_env) -> None:
