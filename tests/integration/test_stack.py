@@ -308,6 +308,39 @@ def test_a_failing_job_fails_the_submit(stack, cli_runner) -> None:
     assert "FAILED" in result.stderr
 
 
+def test_main_job_end_to_end_through_the_stack(stack, cli_runner, photo_writer, tmp_path) -> None:
+    """Issue 5's end to end: submit ingest into s3://, submit train (two workers, tiny config), submit
+    evaluate --promote; the lake version is in S3, the MLflow run has its metrics and its artifacts in S3,
+    and the registered model carries alias `champion`. (A submission without the token is refused:
+    `test_job_api_requires_the_token`.)"""
+    client = stack.s3()
+    for path in photo_writer(tmp_path / "photos", range(100, 114), width=96, height=72):
+        client.upload_file(str(path), "lake", f"sources/e2e/{path.name}")
+    ingest = submit(stack, cli_runner, "ingest", "folder", "s3://lake/sources/e2e", "--dataset", "e2e", *SMALL_SHARDS)
+    assert ingest.returncode == 0, ingest.stdout + ingest.stderr + ray_logs(stack)
+    record = json.loads(client.get_object(Bucket="lake", Key="lake/e2e/versions/000001.json")["Body"].read())
+    assert record["counts"]["train"] >= 4, record["counts"]
+
+    overrides = ("model.num_downs=6", "data.batch_size=2", "--name", "e2e")
+    train, evaluate = submit_train_and_evaluate(stack, cli_runner, "e2e", *overrides)
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:] + ray_logs(stack)
+    assert evaluate is not None and evaluate.returncode == 0, evaluate.stdout + evaluate.stderr + ray_logs(stack)
+    assert "promotion: promoted" in evaluate.stdout
+
+    mlflow = mlflow_client(stack)
+    experiment = mlflow.get_experiment_by_name("recolor")
+    (run,) = mlflow.search_runs([experiment.experiment_id], filter_string="tags.`recolor.run_name` = 'e2e'")
+    assert {"loss_D", "loss_G", "loss_G_L1", "val_l1_ab", "val_gray_l1_ab"} <= set(run.data.metrics)
+    assert run.data.tags["recolor.datasets"] == "e2e@1"
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket="mlflow").get("Contents", [])]
+    mine = [key for key in keys if f"/{run.info.run_id}/artifacts/" in key]
+    assert any("/samples/" in key and key.endswith(".png") for key in mine), keys
+    assert any(key.endswith("plots/loss_curves.png") for key in mine), keys
+    champion = mlflow.get_model_version_by_alias("colorizer", "champion")
+    assert champion.run_id == run.info.run_id
+    assert f"models:/colorizer/{champion.version}" == registered_model_uri(train)
+
+
 # --- down (last: it ends the module's stack) -------------------------------------------------------------
 
 
