@@ -77,7 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=4, help="per worker")
+    parser.add_argument("--batch", type=int, default=8, help="per worker (default: 8)")
     parser.add_argument("--base-filters", type=int, default=16)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
