@@ -223,8 +223,14 @@ def manifest_tag(ref: str) -> str:
 
 def lake_dataset(ref: str, uri: str, manifest_sha256: str):
     """An MLflow dataset for a lake version: its record's URI as source, its manifest's digest."""
+    import warnings
+
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
+    with warnings.catch_warnings():
+        # A local path matches MLflow's local-artifact source twice over; it warns and picks that one.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        source = resolve_dataset_source(uri)
     # MLflow stores at most 36 characters of digest; the full SHA-256 is in the run's tags.
-    return MetaDataset(resolve_dataset_source(uri), name=ref, digest=manifest_sha256[:32])
+    return MetaDataset(source, name=ref, digest=manifest_sha256[:32])
