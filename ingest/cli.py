@@ -125,11 +125,21 @@ def add_lake_parser(subparsers) -> None:
     show = commands.add_parser("show", help="show one version: counts, bytes, shards, rejects, history")
     show.add_argument("ref", metavar="NAME[@VERSION]", help="dataset, optionally @version (default: latest)")
     show.add_argument("--rejects", type=int, default=5, metavar="N", help="list N rejected files (default: 5)")
-    for sub in (ls, show):
+    gc = commands.add_parser(
+        "gc",
+        help="list objects no version references (left by interrupted ingests); delete them with --delete",
+        description="List the objects of a dataset (or of every dataset) that no version record references: shards "
+        "and resume records of ingests that never committed, or whose results a later commit superseded. Nothing is "
+        "deleted unless --delete is given; an interrupted ingest whose leftovers are deleted starts over when rerun.",
+    )
+    gc.add_argument("dataset", nargs="?", help="one dataset (default: all)")
+    gc.add_argument("--delete", action="store_true", help="delete what is listed")
+    for sub in (ls, show, gc):
         sub.add_argument("--lake", help=f"lake URI (default: ${LAKE_ENV}, else ./lake)")
         sub.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(handler=run_lake_ls)
     show.set_defaults(handler=run_lake_show)
+    gc.set_defaults(handler=run_lake_gc)
 
 
 def _human(n: float) -> str:
@@ -204,4 +214,26 @@ def run_lake_show(args) -> int:
         )
     print(f"  versions  {', '.join(map(str, summary['versions']))}")
     print(f"  manifest  sha256 {summary['manifest_sha256'][:16]}...")
+    return 0
+
+
+def run_lake_gc(args) -> int:
+    from ingest.lake import validate_name
+
+    lake = Lake(args.lake)
+    lake.check()
+    datasets = [validate_name(args.dataset)] if args.dataset else lake.datasets()
+    found = [obj for dataset in datasets for obj in lake.unreferenced(dataset)]
+    if args.delete:
+        for obj in found:
+            lake.storage.delete(obj.key)
+    if args.json:
+        listing = [{"key": obj.key, "bytes": obj.size} for obj in found]
+        print(json.dumps({"lake": lake.storage.root_uri, "unreferenced": listing, "deleted": args.delete}, indent=2))
+        return 0
+    for obj in found:
+        print(f"{_human(obj.size):>10}  {lake.storage.uri(obj.key)}")
+    total = _human(sum(obj.size for obj in found))
+    verb = "deleted" if args.delete else "unreferenced (rerun with --delete to remove)"
+    print(f"{len(found)} object(s), {total}, {verb}")
     return 0

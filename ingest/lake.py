@@ -194,6 +194,20 @@ class Lake:
         data = json.dumps(record, indent=2, sort_keys=True).encode()
         self.storage.put_if_absent(version_key(dataset, version), data)
 
+    def unreferenced(self, dataset: str) -> list:
+        """Objects of `dataset` that no version references: what interrupted or superseded ingests left.
+
+        Version records, and the shards, manifests and rejects tables they name, are referenced;
+        everything else below the dataset (unfinished shards, resume records) is listed.
+        """
+        keep = set()
+        for version in self.versions(dataset):
+            record = self.resolve(f"{dataset}@{version}").record
+            keep.add(version_key(dataset, version))
+            keep.update(f"{dataset}/{record[name]}" for name in ("manifest", "rejects") if record.get(name))
+            keep.update(f"{dataset}/{shard['path']}" for entries in record["shards"].values() for shard in entries)
+        return [obj for obj in self.storage.list(dataset) if obj.key not in keep]
+
     def summary(self, ref: VersionRef) -> dict:
         """What `lake show` prints: counts and bytes per split, stats, reject reasons, versions."""
         record = ref.record
