@@ -81,7 +81,7 @@ def best_of(rounds: int, fn) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", help="folder of images (default: scikit-image's bundled photos)")
-    parser.add_argument("--rounds", type=int, default=3, help="repeat each measurement, keep the best")
+    parser.add_argument("--rounds", type=int, default=5, help="repeat each measurement, keep the best (default: 5)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
 

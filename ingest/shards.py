@@ -68,35 +68,65 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
 
 
 class ShardWriter:
-    """Writes samples to one local tar file; `close()` returns the sample count."""
+    """Writes samples to one local tar file; `close()` returns the sample count.
+
+    Members are written straight to the file (header, bytes, padding), the Lab array from its own
+    memory: the same bytes `tarfile` writes, without its copies through intermediate buffers.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._tar = tarfile.open(self.path, "w", format=tarfile.USTAR_FORMAT)
+        self._file = open(self.path, "wb")
+        self._offset = 0
         self.count = 0
 
     def write(self, key: str, lab8: np.ndarray, meta: dict) -> None:
         if "." in key or "/" in key:
             raise ValueError(f"sample key {key!r} must not contain '.' or '/' (WebDataset splits keys at dots)")
-        self._add(f"{key}.{LAB_MEMBER}", encode_npy(lab8))
+        lab8 = np.ascontiguousarray(lab8)
+        self._add(f"{key}.{LAB_MEMBER}", npy_header(lab8), memoryview(lab8).cast("B"))
         self._add(f"{key}.{META_MEMBER}", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
         self.count += 1
 
     def write_raw(self, name: str, data: bytes) -> None:
         self._add(name, data)
 
-    def _add(self, name: str, data: bytes) -> None:
-        self._tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+    def _add(self, name: str, *parts) -> None:
+        size = sum(len(part) for part in parts)
+        self._file.write(_tarinfo(name, size).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
+        for part in parts:
+            self._file.write(part)
+        padding = -size % 512
+        if padding:
+            self._file.write(b"\0" * padding)
+        self._offset += 512 + size + padding
 
     def close(self) -> int:
-        self._tar.close()
+        if not self._file.closed:
+            # End of archive: two zero blocks, then zeros up to a whole record, as tarfile does.
+            end = 1024 + (-(self._offset + 1024) % tarfile.RECORDSIZE)
+            self._file.write(b"\0" * end)
+            self._file.close()
         return self.count
 
     def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._tar.close()
+        self.close()
+
+
+_HEADERS: dict[tuple, bytes] = {}
+
+
+def npy_header(array: np.ndarray) -> bytes:
+    """The bytes `numpy.save` writes before the data of an array of this shape and dtype (cached)."""
+    signature = (array.shape, array.dtype.str)
+    header = _HEADERS.get(signature)
+    if header is None:
+        header = encode_npy(np.zeros(array.shape, dtype=array.dtype))[: -array.nbytes or None]
+        _HEADERS[signature] = header
+    return header
 
 
 class TarFormatError(ValueError):

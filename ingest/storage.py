@@ -163,7 +163,13 @@ class LocalStorage:
         self._publish(key, self._writer(data), os.replace)
 
     def upload_file(self, key: str, local_path: str | Path) -> None:
-        self._publish(key, lambda temp: shutil.copyfile(local_path, temp), os.replace)
+        def fill(temp: Path) -> None:
+            try:
+                os.link(local_path, temp)  # same file system: no copy of a 64 MiB shard
+            except OSError:
+                shutil.copyfile(local_path, temp)
+
+        self._publish(key, fill, os.replace)
 
     def put_if_absent(self, key: str, data: bytes) -> None:
         try:
