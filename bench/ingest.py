@@ -16,21 +16,19 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
-# This file is named like the `ingest` package: put the repository root, not bench/, first on the path.
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, one_core  # noqa: E402
 
-# One core: keep BLAS and friends from using more threads than the work is measured on.
-for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_name, "1")
+# One core; and the repository root ahead of bench/ (this file is named like the `ingest` package).
+one_core()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -136,7 +134,7 @@ def main() -> None:
         "floor_img_s": count / floor_s,
         "seed_bytes": seed_bytes[0] / count,
         "ingest_bytes": shard_bytes / max(ingested, 1),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "machine": machine(),
     }
     result["ingest_vs_seed"] = result["ingest_img_s"] / result["seed_img_s"]
     result["floor_vs_ingest"] = result["floor_img_s"] / result["ingest_img_s"]

@@ -212,7 +212,7 @@ def denormalize_torch(light: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
     """Network L (N, 1, H, W) and ab (N, 2, H, W) back to Lab (N, 3, H, W) in real units."""
     import torch
 
-    return torch.cat([(light + 1.0) * 50.0, ab * AB_NORM], dim=1)
+    return torch.cat(network_to_lab_torch(light, ab), dim=1)
 
 
 def lab_to_rgb_torch(lab: torch.Tensor, clip: bool = True) -> torch.Tensor:

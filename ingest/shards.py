@@ -214,10 +214,12 @@ def iter_samples(fileobj) -> Iterator[dict]:
 
 
 def filter_shard(source, destination: str | Path, keep_keys: set[str]) -> int:
-    """Copy the samples whose key is in `keep_keys` from a tar stream into a new local shard."""
-    writer = ShardWriter(destination)
-    with writer:
+    """Copy the samples whose key is in `keep_keys` from a tar stream into a new local shard; returns how many."""
+    written: set[str] = set()
+    with ShardWriter(destination) as writer:
         for name, data in iter_members(source):
-            if name.partition(".")[0] in keep_keys:
+            key = name.partition(".")[0]
+            if key in keep_keys:
                 writer.write_raw(name, data)
-    return len(keep_keys)
+                written.add(key)
+    return len(written)

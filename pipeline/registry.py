@@ -7,7 +7,6 @@ local or... the latest one under a run's storage folder).
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -125,9 +124,3 @@ def load_generator(uri: str, tracking_uri: str | None = None, device: str | torc
             "Use models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/generator or a checkpoint path."
         ) from None
     return model.eval()
-
-
-def png_bytes_to_array(data: bytes) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(data)))

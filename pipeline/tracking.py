@@ -41,24 +41,6 @@ class NullLogger:
         pass
 
 
-class MemoryLogger:
-    """Keeps every logged value in memory: `history[name] = [(step, value), ...]`."""
-
-    def __init__(self) -> None:
-        self.history: dict[str, list[tuple[int, float]]] = {}
-        self.images: dict[str, bytes] = {}
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        for name, value in metrics.items():
-            self.history.setdefault(name, []).append((step, float(value)))
-
-    def log_image(self, png: bytes, artifact_path: str) -> None:
-        self.images[artifact_path] = png
-
-    def close(self) -> None:
-        pass
-
-
 @contextlib.contextmanager
 def fluent_tracking_uri(uri: str):
     """MLflow's fluent API (`start_run`, `log_input`, `log_model`, `load_model`) on `uri` for the block.
@@ -151,7 +133,9 @@ def git_commit() -> str | None:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
         )
-        return out.stdout.strip() or None if out.returncode == 0 else None
+        if out.returncode != 0:
+            return None
+        return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
 

@@ -11,6 +11,7 @@ pretraining) updates the generator on L1 alone.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import tempfile
@@ -70,8 +71,6 @@ def load_backbone(uri: str) -> dict[str, torch.Tensor]:
     from ingest.storage import read_uri
 
     data = read_uri(uri)
-    import io
-
     state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
