@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ingest.storage import StorageError
+
 log = logging.getLogger(__name__)
 
 
@@ -231,6 +233,8 @@ def read_segments(
                         break
                     yield segment.shard.uri, sample["__key__"], sample.get("lab.npy")
                     emitted += 1
+        except StorageError:
+            raise  # the store is unreachable (after its retries): not the shard's fault, nothing to skip
         except Exception as e:  # noqa: BLE001 - a broken shard costs its remaining samples, named below
             log.warning("shard %s is unreadable after %d samples: %s", segment.shard.uri, start + emitted, e)
         # A truncated or short shard: its missing samples count as unreadable.
