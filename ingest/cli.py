@@ -134,12 +134,33 @@ def add_lake_parser(subparsers) -> None:
     )
     gc.add_argument("dataset", nargs="?", help="one dataset (default: all)")
     gc.add_argument("--delete", action="store_true", help="delete what is listed")
+    gc.add_argument(
+        "--min-age",
+        type=_duration,
+        default="1h",
+        metavar="AGE",
+        help="only objects at least this old, as 90s, 30m, 1h or 2d (default: 1h): younger ones may belong to an "
+        "ingest still running; use 0 when none is",
+    )
     for sub in (ls, show, gc):
         sub.add_argument("--lake", help=f"lake URI (default: ${LAKE_ENV}, else ./lake)")
         sub.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(handler=run_lake_ls)
     show.set_defaults(handler=run_lake_show)
     gc.set_defaults(handler=run_lake_gc)
+
+
+def _duration(text: str) -> float:
+    """`90`, `90s`, `30m`, `1h`, `2d` -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: use seconds or 90s, 30m, 1h, 2d") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a duration cannot be negative")
+    return value
 
 
 def _human(n: float) -> str:
@@ -223,7 +244,7 @@ def run_lake_gc(args) -> int:
     lake = Lake(args.lake)
     lake.check()
     datasets = [validate_name(args.dataset)] if args.dataset else lake.datasets()
-    found = [obj for dataset in datasets for obj in lake.unreferenced(dataset)]
+    found = [obj for dataset in datasets for obj in lake.unreferenced(dataset, args.min_age)]
     if args.delete:
         for obj in found:
             lake.storage.delete(obj.key)

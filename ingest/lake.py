@@ -21,6 +21,7 @@ import io
 import json
 import os
 import re
+import time
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -194,11 +195,13 @@ class Lake:
         data = json.dumps(record, indent=2, sort_keys=True).encode()
         self.storage.put_if_absent(version_key(dataset, version), data)
 
-    def unreferenced(self, dataset: str) -> list:
+    def unreferenced(self, dataset: str, min_age: float = 0.0) -> list:
         """Objects of `dataset` that no version references: what interrupted or superseded ingests left.
 
         Version records, and the shards, manifests and rejects tables they name, are referenced;
-        everything else below the dataset (unfinished shards, resume records) is listed.
+        everything else below the dataset (shards and resume records of ingests that never committed,
+        temporary files and unfinished multipart uploads of killed writers, stale commit claims) is
+        listed, if it is at least `min_age` seconds old: younger ones may belong to a running ingest.
         """
         keep = set()
         for version in self.versions(dataset):
@@ -206,7 +209,12 @@ class Lake:
             keep.add(version_key(dataset, version))
             keep.update(f"{dataset}/{record[name]}" for name in ("manifest", "rejects") if record.get(name))
             keep.update(f"{dataset}/{shard['path']}" for entries in record["shards"].values() for shard in entries)
-        return [obj for obj in self.storage.list(dataset) if obj.key not in keep]
+        cutoff = time.time() - min_age
+        return [
+            obj
+            for obj in self.storage.list(dataset, include_partial=True)
+            if obj.key not in keep and obj.modified <= cutoff
+        ]
 
     def summary(self, ref: VersionRef) -> dict:
         """What `lake show` prints: counts and bytes per split, stats, reject reasons, versions."""

@@ -11,20 +11,38 @@ them; MinIO, rclone and AWS all work the same way.
 
 Writes are atomic for readers: a local write goes to a hidden temporary file and is renamed
 into place; an S3 PUT (single or multipart) only becomes visible once complete.
+
+An unreachable S3 endpoint (connection refused or reset, timeouts, 5xx answers) is retried with
+exponential backoff for up to `RECOLOR_S3_RETRY_SECONDS` (default 120) per operation, streaming
+reads included (they resume at the byte they stopped at); past that, a `StorageError` says what
+could not be reached and that rerunning resumes.
+
+`put_if_absent` is a create-exclusive write. Local folders use link(2), atomic on POSIX file
+systems. S3 stores that honour a conditional PUT (`If-None-Match: *`: AWS S3 since 2024, MinIO)
+get exactly that; for stores that ignore it (rclone serve s3, older MinIO), found by a probe once
+per process, a claim protocol on plain PUT/LIST/HEAD gives the same guarantee on stores with
+read-after-write consistency (AWS, MinIO, rclone on a local disk): see `S3Storage.put_if_absent`.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
+import random
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 from urllib.parse import urlparse
+
+from ingest import faults
+
+log = logging.getLogger(__name__)
 
 
 class StorageError(RuntimeError):
@@ -39,6 +57,7 @@ class AlreadyExistsError(StorageError):
 class ObjectInfo:
     key: str
     size: int
+    modified: float = 0.0  # seconds since the epoch
 
 
 class Storage(Protocol):
@@ -54,7 +73,7 @@ class Storage(Protocol):
     def put_if_absent(self, key: str, data: bytes) -> None: ...
     def exists(self, key: str) -> bool: ...
     def size(self, key: str) -> int: ...
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]: ...
+    def list(self, prefix: str = "", include_partial: bool = False) -> Iterator[ObjectInfo]: ...
     def list_children(self, prefix: str = "") -> list[str]: ...
     def delete(self, key: str) -> None: ...
     def check_access(self) -> None: ...
@@ -145,6 +164,7 @@ class LocalStorage:
         temp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
         try:
             fill(temp)
+            faults.maybe_fail("upload_partial")
             place(temp, path)
         finally:
             temp.unlink(missing_ok=True)
@@ -184,25 +204,29 @@ class LocalStorage:
     def size(self, key: str) -> int:
         return self._path(key).stat().st_size
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        """Every file below `prefix` (a folder key), recursively, sorted, skipping temporary files."""
+    def list(self, prefix: str = "", include_partial: bool = False) -> Iterator[ObjectInfo]:
+        """Every file below `prefix` (a folder key), recursively, sorted.
+
+        Temporary files of unfinished writes are skipped unless `include_partial` (for `lake gc`).
+        """
         base = self._path(prefix)
         if base.is_file():
-            yield ObjectInfo(prefix, base.stat().st_size)
+            stat = base.stat()
+            yield ObjectInfo(prefix, stat.st_size, stat.st_mtime)
             return
         if not base.is_dir():
             return
         for dirpath, dirnames, filenames in os.walk(base):
             dirnames.sort()
             for name in sorted(filenames):
-                if name.startswith(".") and name.endswith(".tmp"):
+                if name.startswith(".") and name.endswith(".tmp") and not include_partial:
                     continue
                 path = Path(dirpath) / name
                 try:
-                    size = path.stat().st_size
+                    stat = path.stat()
                 except FileNotFoundError:  # removed while listing
                     continue
-                yield ObjectInfo(path.relative_to(self.root).as_posix(), size)
+                yield ObjectInfo(path.relative_to(self.root).as_posix(), stat.st_size, stat.st_mtime)
 
     def list_children(self, prefix: str = "") -> list[str]:
         """Names of the sub-folders directly below `prefix`, sorted."""
@@ -245,74 +269,150 @@ class S3Storage:
         return f"s3://{self.bucket}/{self._key(key)}"
 
     def _call(self, what: str, key: str, fn, *args, **kwargs):
-        import botocore.exceptions
-
-        try:
-            return fn(*args, **kwargs)
-        except botocore.exceptions.ClientError as e:
-            raise _translate_client_error(e, what, self.uri(key)) from None
-        except botocore.exceptions.NoCredentialsError:
-            raise StorageError(
-                f"no S3 credentials to {what} {self.uri(key)}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                "(and AWS_ENDPOINT_URL for MinIO or another S3-compatible store)"
-            ) from None
-        except botocore.exceptions.EndpointConnectionError as e:
-            raise StorageError(
-                f"cannot reach the S3 endpoint to {what} {self.uri(key)} ({e}): check AWS_ENDPOINT_URL and that "
-                "the server is running"
-            ) from None
+        """Run one S3 request, retrying while the endpoint is unreachable; translate errors into ours."""
+        retry = _Retry(self.client.meta.endpoint_url, what, self.uri(key))
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - sorted below: transient ones are retried, the rest translated
+                if not _is_transient(e):
+                    raise _translate(e, what, self.uri(key)) from None
+                retry.wait(e)
 
     def read_bytes(self, key: str) -> bytes:
-        response = self._call("read", key, self.client.get_object, Bucket=self.bucket, Key=self._key(key))
-        return response["Body"].read()
+        with self.open_read(key) as stream:
+            return stream.read()
 
     def open_read(self, key: str) -> BinaryIO:
+        """A stream of the object that survives connection drops: it reopens at the byte it stopped at."""
         response = self._call("read", key, self.client.get_object, Bucket=self.bucket, Key=self._key(key))
+        body = _ResumableBody(self, key, response)
         # Tar parsing reads in small blocks: buffer the HTTP body in large reads.
-        return io.BufferedReader(_RawBody(response["Body"]), buffer_size=READ_BUFFER)
+        return io.BufferedReader(body, buffer_size=READ_BUFFER)
 
     def write_bytes(self, key: str, data: bytes) -> None:
         self._call("write", key, self.client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data)
 
     def upload_file(self, key: str, local_path: str | Path) -> None:
         # upload_file switches to multipart above 8 MiB; the object appears only when complete.
-        self._call("upload", key, self.client.upload_file, str(local_path), self.bucket, self._key(key))
+        self._call(
+            "upload",
+            key,
+            self.client.upload_file,
+            str(local_path),
+            self.bucket,
+            self._key(key),
+            Callback=_upload_progress,
+        )
 
     def put_if_absent(self, key: str, data: bytes) -> None:
-        """Create `key` only if absent.
+        """Create `key` only if absent; raises AlreadyExistsError when another writer has it.
 
-        Uses a conditional PUT (`If-None-Match: *`), which AWS S3 and MinIO enforce atomically. Stores
-        that ignore the header (rclone serve s3, older MinIO) get a check-then-put, which narrows the
-        race to the PUT's round trip but cannot close it; the README documents that guarantee.
+        With a store that honours `If-None-Match: *` this is one conditional PUT. Otherwise a
+        claim protocol: write a claim object `KEY.claims/ID`, list the claims, and PUT the key only
+        if no other live claim is there and the key is still absent; else withdraw and retry after
+        a random pause. Two writers A and B cannot both see only their own claim: A's LIST would have
+        to precede B's claim PUT and B's LIST precede A's claim PUT, while each PUT precedes its own
+        LIST. This needs read-after-write consistent LIST and HEAD (AWS S3, MinIO, rclone on a local
+        disk). A claim older than CLAIM_TTL_S (a crashed writer) is ignored; `lake gc` lists it.
         """
-        if self.exists(key):
-            raise AlreadyExistsError(f"{self.uri(key)} already exists")
-        import botocore.exceptions
+        if self.conditional_writes():
+            self._conditional_put(key, data)
+        else:
+            self._claimed_put(key, data)
 
+    def conditional_writes(self) -> bool:
+        """Whether the store enforces `If-None-Match: *` (probed once per process, endpoint and bucket).
+
+        `RECOLOR_S3_CONDITIONAL_WRITES=on|off` skips the probe.
+        """
+        setting = os.environ.get("RECOLOR_S3_CONDITIONAL_WRITES", "auto").lower()
+        if setting in ("on", "off"):
+            return setting == "on"
+        probe_key = (self.client.meta.endpoint_url, self.bucket)
+        if probe_key not in _CONDITIONAL:
+            probe = join_key(self.prefix, f".recolor-probe/{uuid.uuid4().hex}")
+            self._call("write", probe, self.client.put_object, Bucket=self.bucket, Key=probe, Body=b"1")
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=probe, Body=b"2", IfNoneMatch="*")
+                _CONDITIONAL[probe_key] = False
+            except Exception as e:  # noqa: BLE001 - a refusal is the answer we hope for
+                if not _is_precondition_failure(e):
+                    raise
+                _CONDITIONAL[probe_key] = True
+            finally:
+                self._call("delete", probe, self.client.delete_object, Bucket=self.bucket, Key=probe)
+            if not _CONDITIONAL[probe_key]:
+                log.info("%s ignores conditional PUTs: using claims for create-exclusive writes", self.root_uri)
+        return _CONDITIONAL[probe_key]
+
+    def _conditional_put(self, key: str, data: bytes) -> None:
+        put = self.client.put_object
+        retry = _Retry(self.client.meta.endpoint_url, "write", self.uri(key))
+        retried = False
+        while True:
+            try:
+                put(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
+                return
+            except Exception as e:  # noqa: BLE001 - sorted below
+                if _is_precondition_failure(e):
+                    # After a dropped connection the first PUT may have landed: then the object is ours.
+                    if retried and self._holds(key, data):
+                        return
+                    raise AlreadyExistsError(f"{self.uri(key)} already exists") from None
+                if not _is_transient(e):
+                    raise _translate(e, "write", self.uri(key)) from None
+                retried = True
+                retry.wait(e)
+
+    def _holds(self, key: str, data: bytes) -> bool:
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
-        except botocore.exceptions.ClientError as e:
-            code = e.response.get("Error", {}).get("Code", "")
-            if code in ("PreconditionFailed", "ConditionalRequestConflict") or _status(e) in (409, 412):
-                raise AlreadyExistsError(f"{self.uri(key)} already exists") from None
-            raise _translate_client_error(e, "write", self.uri(key)) from None
+            return self.read_bytes(key) == data
+        except FileNotFoundError:
+            return False
+
+    def _claimed_put(self, key: str, data: bytes) -> None:
+        claims = f"{key}.claims"
+        deadline = time.monotonic() + CLAIM_WAIT_S
+        while True:
+            if self.exists(key):
+                raise AlreadyExistsError(f"{self.uri(key)} already exists")
+            claim = join_key(claims, f"{time.time_ns()}-{uuid.uuid4().hex[:12]}")
+            self.write_bytes(claim, b"")
+            try:
+                now = time.time()
+                rivals = [
+                    obj
+                    for obj in self.list(claims)
+                    if obj.key != claim and (obj.modified == 0.0 or now - obj.modified < CLAIM_TTL_S)
+                ]
+                if not rivals:
+                    if self.exists(key):
+                        raise AlreadyExistsError(f"{self.uri(key)} already exists")
+                    self.write_bytes(key, data)
+                    return
+            finally:
+                self.delete(claim)
+            if time.monotonic() > deadline:
+                raise StorageError(
+                    f"could not create {self.uri(key)}: other writers kept claiming it for {CLAIM_WAIT_S:.0f} s "
+                    f"(claims under {self.uri(claims)}); rerun the command"
+                )
+            time.sleep(random.uniform(0.05, 0.5))
 
     def exists(self, key: str) -> bool:
-        import botocore.exceptions
-
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            self._call("check", key, self.client.head_object, Bucket=self.bucket, Key=self._key(key))
             return True
-        except botocore.exceptions.ClientError as e:
-            if _status(e) == 404:
-                return False
-            raise _translate_client_error(e, "check", self.uri(key)) from None
+        except FileNotFoundError:
+            return False
 
     def size(self, key: str) -> int:
         response = self._call("check", key, self.client.head_object, Bucket=self.bucket, Key=self._key(key))
         return int(response["ContentLength"])
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def list(self, prefix: str = "", include_partial: bool = False) -> Iterator[ObjectInfo]:
+        """Every object below `prefix`; with `include_partial`, also unfinished multipart uploads (size 0)."""
         full = self._key(prefix)
         if full:
             full += "/"
@@ -321,7 +421,17 @@ class S3Storage:
         pages = self._call("list", prefix, lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=full)))
         for page in pages:
             for item in page.get("Contents", []):
-                yield ObjectInfo(item["Key"][strip:], int(item["Size"]))
+                yield ObjectInfo(item["Key"][strip:], int(item["Size"]), item["LastModified"].timestamp())
+        if include_partial:
+            for upload in self._multipart_uploads(full):
+                yield ObjectInfo(f"{upload['Key'][strip:]}?uploadId={upload['UploadId']}", 0,
+                                 upload["Initiated"].timestamp())  # fmt: skip
+
+    def _multipart_uploads(self, full_prefix: str) -> list[dict]:
+        response = self._call(
+            "list", full_prefix, self.client.list_multipart_uploads, Bucket=self.bucket, Prefix=full_prefix
+        )
+        return response.get("Uploads", [])
 
     def list_children(self, prefix: str = "") -> list[str]:
         """Names of the "folders" (common prefixes) directly below `prefix`, sorted."""
@@ -335,6 +445,17 @@ class S3Storage:
         return sorted(names)
 
     def delete(self, key: str) -> None:
+        name, _, upload_id = key.partition("?uploadId=")
+        if upload_id:  # an unfinished multipart upload, as `list(include_partial=True)` names it
+            self._call(
+                "abort",
+                name,
+                self.client.abort_multipart_upload,
+                Bucket=self.bucket,
+                Key=self._key(name),
+                UploadId=upload_id,
+            )
+            return
         self._call("delete", key, self.client.delete_object, Bucket=self.bucket, Key=self._key(key))
 
     def check_access(self) -> None:
@@ -350,21 +471,140 @@ class S3Storage:
 
 
 READ_BUFFER = 4 * 2**20
+CLAIM_TTL_S = 300.0  # a claim older than this is a crashed writer's
+CLAIM_WAIT_S = 120.0
+_CONDITIONAL: dict[tuple[str, str], bool] = {}
 
 
-class _RawBody(io.RawIOBase):
-    """botocore's StreamingBody as a raw stream, so io.BufferedReader can put a large buffer in front."""
+def _upload_progress(_bytes: int) -> None:
+    faults.maybe_fail("upload_partial")
 
-    def __init__(self, body):
-        self._body = body
+
+def retry_seconds() -> float:
+    return float(os.environ.get("RECOLOR_S3_RETRY_SECONDS", "120"))
+
+
+class _Retry:
+    """Backoff for one operation against an unreachable endpoint: 0.2 s doubling to 5 s, with jitter,
+    until `RECOLOR_S3_RETRY_SECONDS` after the first failure; then a StorageError that says what to do."""
+
+    def __init__(self, endpoint: str, what: str, uri: str):
+        self.endpoint, self.what, self.uri = endpoint, what, uri
+        self.deadline: float | None = None
+        self.delay = 0.2
+        self.attempts = 0
+
+    def wait(self, error: Exception) -> None:
+        now = time.monotonic()
+        limit = retry_seconds()
+        if self.deadline is None:
+            self.deadline = now + limit
+            log.warning(
+                "S3 endpoint %s failed to %s %s (%s); retrying for up to %.0f s",
+                self.endpoint,
+                self.what,
+                self.uri,
+                _one_line(error),
+                limit,
+            )
+        self.attempts += 1
+        if now >= self.deadline:
+            raise StorageError(
+                f"S3 endpoint {self.endpoint} unreachable for {limit:.0f} s ({self.attempts} attempts) while trying "
+                f"to {self.what} {self.uri}: {_one_line(error)}. Check that the server is up and AWS_ENDPOINT_URL; "
+                "rerunning the same command resumes where this one stopped"
+            ) from None
+        time.sleep(min(self.delay * random.uniform(0.5, 1.0), self.deadline - now))
+        self.delay = min(self.delay * 2, 5.0)
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(f"{type(error).__name__}: {error}".split())[:300]
+
+
+_TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "RequestTimeTooSkewed"}
+
+
+def _is_transient(error: Exception) -> bool:
+    """Connection trouble or a server-side hiccup, worth retrying (not a 4xx that will answer the same)."""
+    import boto3.exceptions
+    import botocore.exceptions
+    import urllib3.exceptions
+
+    if isinstance(
+        error,
+        (
+            botocore.exceptions.ConnectionError,
+            botocore.exceptions.HTTPClientError,
+            botocore.exceptions.IncompleteReadError,
+            urllib3.exceptions.HTTPError,
+            ConnectionError,
+            TimeoutError,
+        ),
+    ):
+        return True
+    if isinstance(error, botocore.exceptions.ClientError):
+        return _status(error) >= 500 or error.response.get("Error", {}).get("Code", "") in _TRANSIENT_CODES
+    if isinstance(error, boto3.exceptions.S3UploadFailedError):
+        text = str(error)
+        return any(f"({code})" in text for code in _TRANSIENT_CODES) or any(
+            f"({status})" in text for status in ("500", "502", "503", "504")
+        )
+    return False
+
+
+def _is_precondition_failure(error: Exception) -> bool:
+    import botocore.exceptions
+
+    if not isinstance(error, botocore.exceptions.ClientError):
+        return False
+    code = error.response.get("Error", {}).get("Code", "")
+    return code in ("PreconditionFailed", "ConditionalRequestConflict") or _status(error) in (409, 412)
+
+
+class _ResumableBody(io.RawIOBase):
+    """An S3 object body as a raw stream; a dropped connection reopens it with a Range from the current
+    byte (and If-Match on the ETag, so a replaced object fails instead of mixing two versions)."""
+
+    def __init__(self, storage: S3Storage, key: str, response: dict):
+        self._storage, self._key = storage, key
+        self._body = response["Body"]
+        self._etag = response.get("ETag")
+        self._position = 0
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        data = self._body.read(len(buffer))
+        retry = None
+        while True:
+            try:
+                data = self._body.read(len(buffer))
+                break
+            except Exception as e:  # noqa: BLE001 - only transient errors are retried
+                if not _is_transient(e):
+                    raise
+                retry = retry or _Retry(self._storage.client.meta.endpoint_url, "read", self._storage.uri(self._key))
+                retry.wait(e)
+                self._reopen()
         buffer[: len(data)] = data
+        self._position += len(data)
         return len(data)
+
+    def _reopen(self) -> None:
+        storage = self._storage
+        extra = {"IfMatch": self._etag} if self._etag else {}
+        response = storage._call(
+            "read",
+            self._key,
+            storage.client.get_object,
+            Bucket=storage.bucket,
+            Key=storage._key(self._key),
+            Range=f"bytes={self._position}-",
+            **extra,
+        )
+        self._body.close()
+        self._body = response["Body"]
 
     def close(self) -> None:
         self._body.close()
@@ -393,7 +633,8 @@ def _new_s3_client():
     from botocore.config import Config
 
     config = Config(
-        retries={"max_attempts": int(os.environ.get("RECOLOR_S3_MAX_ATTEMPTS", "8")), "mode": "standard"},
+        # A few quick attempts in botocore; longer outages are retried (with a deadline) by S3Storage._call.
+        retries={"max_attempts": int(os.environ.get("RECOLOR_S3_MAX_ATTEMPTS", "3")), "mode": "standard"},
         connect_timeout=10,
         read_timeout=60,
         # Path-style addressing works for MinIO and rclone as well as AWS.
@@ -406,6 +647,23 @@ def _new_s3_client():
 
 def _status(error) -> int:
     return int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+def _translate(error: Exception, what: str, uri: str) -> Exception:
+    """Our exception for a failed S3 request: FileNotFoundError or a StorageError saying what to do."""
+    import boto3.exceptions
+    import botocore.exceptions
+
+    if isinstance(error, botocore.exceptions.ClientError):
+        return _translate_client_error(error, what, uri)
+    if isinstance(error, botocore.exceptions.NoCredentialsError):
+        return StorageError(
+            f"no S3 credentials to {what} {uri}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            "(and AWS_ENDPOINT_URL for MinIO or another S3-compatible store)"
+        )
+    if isinstance(error, boto3.exceptions.S3UploadFailedError):
+        return StorageError(f"S3 upload failed while trying to {what} {uri}: {_one_line(error)}")
+    return error
 
 
 def _translate_client_error(error, what: str, uri: str) -> Exception:

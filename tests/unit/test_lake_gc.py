@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from ingest.lake import Lake
 from ingest.run import IngestConfig, run_ingest
 from pipeline.cli import main
@@ -25,10 +27,17 @@ def test_gc_lists_orphans_and_deletes_only_when_asked(tmp_path, photo_writer, ca
     orphan.parent.mkdir(parents=True)
     orphan.write_bytes(b"x" * 1000)
 
+    # By default only objects older than an hour are listed: fresh ones may be a running ingest's.
     assert main(["lake", "gc", "--lake", str(lake_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["unreferenced"] == []
+    temp = orphan.parent / ".train-deadbeef0000-000001.tar.0123456789ab.tmp"  # a killed writer's
+    temp.write_bytes(b"y" * 10)
+
+    assert main(["lake", "gc", "--lake", str(lake_dir), "--json", "--min-age", "0"]) == 0
     listed = json.loads(capsys.readouterr().out)["unreferenced"]
     keys = {item["key"] for item in listed}
     assert "photos/ingests/deadbeef0000/shards/train-deadbeef0000-000000.tar" in keys
+    assert "photos/ingests/deadbeef0000/shards/.train-deadbeef0000-000001.tar.0123456789ab.tmp" in keys
     # Resume records of the committed ingest are listed too; nothing a version names is.
     ref = lake.resolve("photos")
     named = {f"photos/{s['path']}" for entries in ref.record["shards"].values() for s in entries}
@@ -36,9 +45,9 @@ def test_gc_lists_orphans_and_deletes_only_when_asked(tmp_path, photo_writer, ca
     assert not keys & named
     assert orphan.exists()  # listing deletes nothing
 
-    assert main(["lake", "gc", "photos", "--lake", str(lake_dir), "--delete"]) == 0
+    assert main(["lake", "gc", "photos", "--lake", str(lake_dir), "--delete", "--min-age", "0s"]) == 0
     assert "deleted" in capsys.readouterr().out
-    assert not orphan.exists()
+    assert not orphan.exists() and not temp.exists()
     assert lake.unreferenced("photos") == []
     assert len(lake_check(lake, lake.resolve("photos@1"))) == 6  # the version is whole
 
@@ -46,3 +55,10 @@ def test_gc_lists_orphans_and_deletes_only_when_asked(tmp_path, photo_writer, ca
 def test_gc_refuses_bad_dataset_names(tmp_path, capsys):
     assert main(["lake", "gc", "../etc", "--lake", str(tmp_path)]) == 2
     assert "invalid dataset name" in capsys.readouterr().err
+
+
+def test_gc_refuses_a_bad_min_age(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["lake", "gc", "--lake", str(tmp_path), "--min-age", "soon"])
+    assert exit_.value.code == 2
+    assert "'soon' is not a duration" in capsys.readouterr().err
