@@ -8,50 +8,77 @@ L channel is the input's.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
 
-from ingest.images import ImageRejected, decode_image
+from ingest.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
 from ingest.lab import AB_NORM, XYZ_FROM_RGB, lab_to_rgb_torch, lightness, rgb8_to_lab8
-from ingest.sources.folder import is_image_name
+from ingest.sources import SourceError, list_folder
 
 
 @dataclass
 class ColorizeSummary:
     written: list[str] = field(default_factory=list)
-    failed: list[tuple[str, str]] = field(default_factory=list)  # (input, reason)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (input, "reason: detail")
 
 
-def list_inputs(inputs: list[str]) -> list[tuple[str, str]]:
-    """(URI, output name) for every image in the given files, folders (recursive) and s3:// prefixes.
+def list_inputs(inputs: list[str]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Every image in the given files, folders (recursive) and s3:// prefixes, and the inputs that give none.
 
-    A path that does not exist is listed as given: reading it fails, and it is reported like any unreadable input.
+    Folders are listed as ingest's folder source lists them: image extensions, hidden files and folders
+    skipped, sorted. A path that does not exist is listed as given: reading it fails, and it is reported
+    like any unreadable input.
+
+    Returns:
+        ([(URI, output name)], [(input, "reason: detail")]): the output name is the path below the given
+        folder with a .png extension; see `output_names` for clashes. A given folder without images fails
+        with reason `no_images`; an input whose output another one already takes fails with `name_clash`.
     """
-    from ingest.storage import open_storage
-
     found: list[tuple[str, str]] = []
+    failed: list[tuple[str, str]] = []
     for given in inputs:
-        if given.startswith("s3://"):
-            storage = open_storage(given)
-            keys = [obj.key for obj in storage.list("") if is_image_name(obj.key)]
-            if keys:
-                found += [(storage.uri(key), key) for key in keys]
-            else:  # a single object
-                found.append((given, given.rstrip("/").rsplit("/", 1)[-1]))
-            continue
-        path = Path(given)
-        if path.is_dir():
-            found += [
-                (str(p), p.relative_to(path).as_posix())
-                for p in sorted(path.rglob("*"))
-                if p.is_file() and is_image_name(p.name) and not p.name.startswith(".")
-            ]
+        if given.startswith("s3://") or Path(given).is_dir():
+            try:
+                found += [(item.uri, item.name) for item in list_folder(given)]
+            except SourceError as e:
+                if not given.startswith("s3://"):
+                    failed.append((given, f"no_images: {e}"))
+                else:  # no image below the prefix: a single object
+                    found.append((given, given.rstrip("/").rsplit("/", 1)[-1]))
         else:
-            found.append((str(path), path.name))
-    return found
+            found.append((given, Path(given).name))
+    items: list[tuple[str, str]] = []
+    claimed: dict[str, str] = {}
+    for (uri, _), target in zip(found, output_names([name for _, name in found]), strict=True):
+        if target in claimed:
+            failed.append((uri, f"name_clash: its output {target} is already that of {claimed[target]}"))
+        else:
+            claimed[target] = uri
+            items.append((uri, target))
+    return items, failed
+
+
+def output_names(names: list[str]) -> list[str]:
+    """Output paths (POSIX, relative) for input names: `a/photo.jpg` -> `a/photo.png`.
+
+    Where two different names would share an output (`photo.jpg` and `photo.png`), or an output would
+    be the name of another's folder (`shot.jpg` beside a folder `shot.png/`), the input keeps its
+    extension: `photo.jpg.png`, `photo.png.png`. The same name twice (one file name in two given
+    folders) keeps one output; `list_inputs` reports the later input as a clash.
+    """
+    plain = [PurePosixPath(name).with_suffix(".png").as_posix() for name in names]
+    sources: dict[str, set[str]] = defaultdict(set)
+    for name, target in zip(names, plain, strict=True):
+        sources[target].add(name)
+    folders = {parent.as_posix() for target in plain for parent in PurePosixPath(target).parents}
+    return [
+        f"{name}.png" if len(sources[target]) > 1 or target in folders else target
+        for name, target in zip(names, plain, strict=True)
+    ]
 
 
 def _network_input(rgb: np.ndarray, size: int) -> torch.Tensor:
@@ -115,8 +142,20 @@ def colorize(
     device: str = "cpu",
     tracking_uri: str | None = None,
     progress: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> ColorizeSummary:
-    """Colorize every image of `inputs` into `out_dir` (PNG, same relative names); unreadable ones are reported."""
+    """Colorize every image of `inputs` into `out_dir` as PNGs (names from `list_inputs`).
+
+    An input that cannot be colorized does not stop the others: it is listed in `summary.failed` with
+    a reason (`empty`, `not_an_image`, `corrupt`, `too_large`, `missing`, `unreadable`, `no_images`,
+    `name_clash`, `unwritable`) and a detail. Gray photos of any kind are colorized like the others.
+
+    Args:
+        max_pixels: refuse larger images (decompression bombs) with reason `too_large`.
+
+    Raises:
+        ValueError: the model cannot be loaded.
+    """
     from PIL import Image
     from tqdm.auto import tqdm
 
@@ -124,28 +163,34 @@ def colorize(
     from pipeline.registry import load_generator, min_side
 
     torch_device = torch.device(device)
-    items = list_inputs(inputs)
+    items, failed = list_inputs(inputs)
     generator = load_generator(model_uri, tracking_uri, torch_device)
     size = max(size, min_side(generator))
     out = Path(out_dir)
-    summary = ColorizeSummary()
+    summary = ColorizeSummary(failed=failed)
     pending: list[tuple[str, str, np.ndarray]] = []
 
     def flush() -> None:
         if not pending:
             return
         colored = colorize_rgb(generator, [rgb for _, _, rgb in pending], size, torch_device)
-        for (_, name, _), rgb in zip(pending, colored, strict=True):
-            target = (out / name).with_suffix(".png")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(rgb).save(target)
+        for (uri, name, _), rgb in zip(pending, colored, strict=True):
+            target = out / name
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rgb).save(target, format="PNG")
+            except OSError as e:  # a file where a folder should be, a full disk: this output only
+                summary.failed.append((uri, f"unwritable: {target}: {e}"))
+                if target.is_file():
+                    target.unlink()  # no half-written picture left behind
+                continue
             summary.written.append(str(target))
         pending.clear()
 
     with tqdm(total=len(items), unit="img", desc="colorize", disable=not progress) as bar:
         for uri, name in items:
             try:
-                pending.append((uri, name, decode_image(read_uri(uri), size=None).rgb))
+                pending.append((uri, name, decode_image(read_uri(uri), size=None, max_pixels=max_pixels).rgb))
             except ImageRejected as e:
                 summary.failed.append((uri, f"{e.reason}: {e.detail}"))
             except FileNotFoundError:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+from ingest.images import DEFAULT_MAX_PIXELS
+
 TRACKING_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)"
 
 
@@ -39,8 +41,14 @@ def add_model_parsers(subparsers) -> None:
     colorize = subparsers.add_parser(
         "colorize",
         help="color photos with a generator, at full resolution",
-        description="Colorize images (files, folders recursively, s3:// prefixes; any format ingest accepts) with a "
-        "registered generator or a checkpoint. Outputs are PNGs of the original size whose L channel is the input's.",
+        description="Colorize images (files, folders recursively, s3:// prefixes; any format ingest accepts, gray "
+        "ones included) with a registered generator or a checkpoint. Outputs are PNGs of the original size (EXIF "
+        "orientation applied) whose L channel is the input's, named like the inputs below the given folders.",
+        epilog="An input that cannot be colorized does not stop the others: each is printed on stderr as "
+        "`skipped INPUT: REASON: DETAIL`, REASON one of empty, not_an_image, corrupt, too_large (see --max-pixels), "
+        "missing, unreadable, no_images (a given folder without images), name_clash (two inputs, one output name), "
+        "unwritable. Exit status: 0 when every input was colorized, 1 when some were skipped, 2 for a bad model or "
+        "option.",
     )
     colorize.add_argument("inputs", nargs="+", metavar="INPUT")
     colorize.add_argument(
@@ -52,6 +60,12 @@ def add_model_parsers(subparsers) -> None:
     colorize.add_argument("-o", "--out", required=True, help="output folder")
     colorize.add_argument("--size", type=int, default=256, help="network input side (default: 256)")
     colorize.add_argument("--batch-size", type=int, default=8)
+    colorize.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"skip larger images as too_large (decompression bombs; default: {DEFAULT_MAX_PIXELS})",
+    )
     colorize.add_argument("--device", default="cuda" if _cuda() else "cpu")
     colorize.add_argument("--tracking-uri", help=TRACKING_HELP)
     colorize.add_argument("--no-progress", dest="progress", action="store_false")
@@ -118,6 +132,7 @@ def run_colorize(args) -> int:
         device=args.device,
         tracking_uri=args.tracking_uri,
         progress=args.progress,
+        max_pixels=args.max_pixels,
     )
     print(f"colorized {len(summary.written)} image(s) into {args.out}")
     for uri, reason in summary.failed:

@@ -1,0 +1,117 @@
+"""What `recolor colorize` reads and where it writes: listing inputs, output names, clashes, unwritable outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from bad_files import hue_picture, write_checkpoint
+from PIL import Image
+
+from pipeline.colorize import colorize, list_inputs, output_names
+
+
+def picture(path: Path, seed: int, size=(24, 16)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    hue_picture(seed, *size).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("model"))
+
+
+# --- output names ----------------------------------------------------------------------------------
+
+
+def test_output_names_swap_the_extension_for_png() -> None:
+    assert output_names(["a/photo.jpg", "café photo ü.JPEG", "scan.tiff", "noext", "a.b.c.gif"]) == [
+        "a/photo.png",
+        "café photo ü.png",
+        "scan.png",
+        "noext.png",
+        "a.b.c.png",
+    ]
+
+
+def test_inputs_that_would_share_an_output_keep_their_extension() -> None:
+    assert output_names(["photo.jpg", "photo.png", "other.jpg"]) == ["photo.jpg.png", "photo.png.png", "other.png"]
+    # A file's output would be the name of a folder of outputs: the file keeps its extension.
+    assert output_names(["shot.jpg", "shot.png/inner.jpg"]) == ["shot.jpg.png", "shot.png/inner.png"]
+
+
+# --- listing -----------------------------------------------------------------------------------------
+
+
+def test_folders_are_listed_like_ingest_lists_them(tmp_path) -> None:
+    root = tmp_path / "photos"
+    for name in ("b.jpg", "a/c.png", "folder.jpg/inside.jpg", ".hidden.jpg", ".cache/d.jpg"):
+        picture(root / name, len(name))
+    (root / "notes.txt").write_text("not an image name")
+    items, failed = list_inputs([str(root)])
+    assert items == [(str(root / name), out) for name, out in [
+        ("a/c.png", "a/c.png"), ("b.jpg", "b.png"), ("folder.jpg/inside.jpg", "folder.jpg/inside.png"),
+    ]]  # fmt: skip
+    assert failed == []
+
+
+def test_a_given_folder_without_images_is_reported(tmp_path) -> None:
+    (tmp_path / "empty.jpg").mkdir()
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "readme.txt").write_text("hello")
+    items, failed = list_inputs([str(tmp_path / "empty.jpg"), str(tmp_path / "texts")])
+    assert items == []
+    assert [(uri, reason.split(":")[0]) for uri, reason in failed] == [
+        (str(tmp_path / "empty.jpg"), "no_images"),
+        (str(tmp_path / "texts"), "no_images"),
+    ]
+    assert "no images" in failed[0][1]
+
+
+def test_one_name_in_two_given_folders_is_a_clash_not_an_overwrite(tmp_path) -> None:
+    first, second = picture(tmp_path / "a" / "x.jpg", 1), picture(tmp_path / "b" / "x.jpg", 2)
+    items, failed = list_inputs([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert items == [(str(first), "x.png")]
+    [(uri, reason)] = failed
+    assert uri == str(second) and reason.startswith("name_clash: ") and str(first) in reason
+
+
+def test_a_missing_path_is_listed_as_given(tmp_path) -> None:
+    items, failed = list_inputs([str(tmp_path / "gone.jpg")])
+    assert items == [(str(tmp_path / "gone.jpg"), "gone.png")] and failed == []
+
+
+# --- colorize ----------------------------------------------------------------------------------------
+
+
+def test_same_stem_inputs_both_get_an_output(tmp_path, checkpoint) -> None:
+    inputs = tmp_path / "in"
+    picture(inputs / "photo.jpg", 1, (30, 20))
+    picture(inputs / "photo.png", 2, (20, 30))
+    summary = colorize(str(checkpoint), [str(inputs)], str(tmp_path / "out"), size=64, progress=False)
+    assert summary.failed == []
+    assert sorted(Path(p).name for p in summary.written) == ["photo.jpg.png", "photo.png.png"]
+    assert np.asarray(Image.open(tmp_path / "out" / "photo.png.png")).shape == (30, 20, 3)
+
+
+def test_an_unwritable_output_skips_that_input_only(tmp_path, checkpoint) -> None:
+    inputs = tmp_path / "in"
+    picture(inputs / "a.jpg", 1)
+    picture(inputs / "b.jpg", 2)
+    out = tmp_path / "out"
+    (out / "a.png").mkdir(parents=True)  # a folder where the output should go
+    summary = colorize(str(checkpoint), [str(inputs)], str(out), size=64, progress=False)
+    assert summary.written == [str(out / "b.png")]
+    [(uri, reason)] = summary.failed
+    assert uri == str(inputs / "a.jpg") and reason.startswith(f"unwritable: {out / 'a.png'}: ")
+
+
+def test_max_pixels_refuses_larger_inputs(tmp_path, checkpoint) -> None:
+    small, large = picture(tmp_path / "small.png", 1, (10, 10)), picture(tmp_path / "large.png", 2, (11, 10))
+    summary = colorize(str(checkpoint), [str(small), str(large)], str(tmp_path / "out"), size=64, progress=False,
+                       max_pixels=100)  # fmt: skip
+    assert summary.written == [str(tmp_path / "out" / "small.png")]
+    [(uri, reason)] = summary.failed
+    assert uri == str(large) and reason.startswith("too_large: 11x10 = 110 pixels")
