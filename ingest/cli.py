@@ -243,7 +243,7 @@ def run_lake_gc(args) -> int:
 
     lake = Lake(args.lake)
     lake.check()
-    datasets = [validate_name(args.dataset)] if args.dataset else lake.datasets()
+    datasets = [validate_name(args.dataset)] if args.dataset else lake.dataset_folders()
     found = [obj for dataset in datasets for obj in lake.unreferenced(dataset, args.min_age)]
     if args.delete:
         for obj in found:

@@ -135,6 +135,15 @@ class Lake:
         names = self.storage.list_children("")
         return [name for name in names if _NAME.match(name) and ".." not in name and self.versions(name)]
 
+    def dataset_folders(self) -> list[str]:
+        """Datasets with versions, and those whose first ingest never committed (what `lake gc` looks at)."""
+        names = self.storage.list_children("")
+        return [
+            name
+            for name in names
+            if _NAME.match(name) and ".." not in name and {"ingests", "versions"} & set(self.storage.list_children(name))
+        ]
+
     def versions(self, dataset: str) -> list[int]:
         validate_name(dataset)
         numbers = []

@@ -226,6 +226,7 @@ def process_chunk(spec: ChunkSpec, known_keys: frozenset[str] | set[str]) -> dic
                 }
             )
             writer.write(key, lab8, meta)
+            faults.maybe_fail("shard_write")
         shards = {}
         for split, writer in writers.items():
             count = writer.close()

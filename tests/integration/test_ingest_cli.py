@@ -212,6 +212,8 @@ def assert_same_as_clean(lake_dir: Path, clean_lake: Path, lake_check) -> None:
         # retries the task (see the next test), so the run would not die; in-process it does.
         ("chunk_result:3", False, "2"),
         ("shard_upload:4", False, None),
+        ("shard_write:5", False, None),  # a shard half written in the local spool
+        ("upload_partial:3", False, None),  # a shard's bytes in a temporary file beside its place in the lake
     ],
 )
 def test_killed_ingest_rerun_equals_a_clean_run(
@@ -226,6 +228,9 @@ def test_killed_ingest_rerun_equals_a_clean_run(
     assert "committed" not in killed.stdout
     assert Lake(str(lake_dir)).versions("photos") == []  # no half-written version is visible
     assert list(lake_dir.glob("photos/ingests/*/chunks/*.json"))  # but finished chunks are kept
+    leftovers = gc_listing(recolor, lake_dir)
+    if failpoint.startswith("upload_partial"):
+        assert any(key.endswith(".tmp") for key in leftovers)  # the killed writer's temporary file
 
     rerun = recolor(*args)
     assert rerun.returncode == 0, rerun.stderr
@@ -235,6 +240,27 @@ def test_killed_ingest_rerun_equals_a_clean_run(
     else:
         assert "resumed: " in rerun.stdout
     assert_same_as_clean(lake_dir, clean_lake, lake_check)
+    assert_gc_leaves_the_version_whole(recolor, lake_dir, lake_check)
+
+
+def gc_listing(recolor, lake_dir: Path, *extra: str) -> list[str]:
+    result = recolor("lake", "gc", "--lake", lake_dir, "--json", "--min-age", "0", *extra)
+    assert result.returncode == 0, result.stderr
+    return [item["key"] for item in json.loads(result.stdout)["unreferenced"]]
+
+
+def assert_gc_leaves_the_version_whole(recolor, lake_dir: Path, lake_check) -> None:
+    """Whatever the killed run left is unreferenced: gc lists it, deletes it on request, and the version
+    reads whole before and after."""
+    lake = Lake(str(lake_dir))
+    ref = lake.resolve("photos@1")
+    named = {f"photos/{s['path']}" for entries in ref.record["shards"].values() for s in entries}
+    named |= {f"photos/{ref.record['manifest']}", f"photos/{ref.record['rejects']}", "photos/versions/000001.json"}
+    leftovers = gc_listing(recolor, lake_dir)
+    assert not set(leftovers) & named
+    assert gc_listing(recolor, lake_dir, "--delete") == leftovers
+    assert gc_listing(recolor, lake_dir) == []
+    assert len(lake_check(lake, lake.resolve("photos@1"))) == 16
 
 
 def test_worker_killed_in_a_ray_task_is_retried(kill_source, clean_lake, tmp_path, recolor, lake_check) -> None:
