@@ -137,12 +137,8 @@ class Lake:
 
     def dataset_folders(self) -> list[str]:
         """Datasets with versions, and those whose first ingest never committed (what `lake gc` looks at)."""
-        names = self.storage.list_children("")
-        return [
-            name
-            for name in names
-            if _NAME.match(name) and ".." not in name and {"ingests", "versions"} & set(self.storage.list_children(name))
-        ]
+        names = [name for name in self.storage.list_children("") if _NAME.match(name) and ".." not in name]
+        return [name for name in names if {"ingests", "versions"} & set(self.storage.list_children(name))]
 
     def versions(self, dataset: str) -> list[int]:
         validate_name(dataset)
