@@ -17,6 +17,8 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -332,6 +334,36 @@ def s3_env(s3_server, monkeypatch) -> S3Env:
 
 # ---------------------------------------------------------------------------------------------
 # Ray
+
+
+@pytest.fixture
+def own_s3(tmp_path, monkeypatch):
+    """A `rclone serve s3` of this test's own, with a bucket "faults", that the test may stop and restart
+    (same port, keys and files); the environment points boto3 at it."""
+    from pipeline.stack import LocalS3Server
+
+    server = LocalS3Server(tmp_path / "s3root", log_path=tmp_path / "rclone.log").start()
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in server.env().items():
+        monkeypatch.setenv(name, value)
+    server.create_bucket("faults")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _restart_later(server, seconds: float) -> threading.Thread:
+    thread = threading.Thread(target=lambda: (time.sleep(seconds), server.start()), daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.fixture
+def restart_later():
+    """`restart_later(server, seconds) -> Thread`: start a stopped server again in the background."""
+    return _restart_later
 
 
 @pytest.fixture(scope="session")

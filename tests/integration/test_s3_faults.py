@@ -1,7 +1,7 @@
 """The storage layer against a real S3 server that goes away: retries, deadlines, resumed reads, races.
 
-Each test runs its own `rclone serve s3`, so it can stop and restart it (same port, same keys,
-same files) without disturbing the session's server.
+Each test runs its own `rclone serve s3` (the `own_s3` fixture), so it can stop and restart it
+(same port, same keys, same files) without disturbing the session's server.
 """
 
 from __future__ import annotations
@@ -15,32 +15,11 @@ import pytest
 
 from ingest import storage as storage_module
 from ingest.storage import AlreadyExistsError, StorageError, open_storage
-from pipeline.stack import LocalS3Server
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def own_s3(tmp_path, monkeypatch):
-    server = LocalS3Server(tmp_path / "s3root", log_path=tmp_path / "rclone.log").start()
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_REGION"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in server.env().items():
-        monkeypatch.setenv(name, value)
-    server.create_bucket("faults")
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def restart_later(server: LocalS3Server, seconds: float) -> threading.Thread:
-    thread = threading.Thread(target=lambda: (time.sleep(seconds), server.start()), daemon=True)
-    thread.start()
-    return thread
-
-
-def test_an_outage_is_retried_and_the_operation_carries_on(own_s3, caplog) -> None:
+def test_an_outage_is_retried_and_the_operation_carries_on(own_s3, restart_later, caplog) -> None:
     store = open_storage("s3://faults/lake")
     store.write_bytes("a.bin", b"before")
     own_s3.stop()
@@ -66,7 +45,7 @@ def test_an_outage_past_the_deadline_is_a_clear_error(own_s3, monkeypatch) -> No
     assert time.monotonic() - started < 30  # gave up, did not hang
 
 
-def test_a_stream_cut_mid_object_resumes_at_the_byte_it_stopped(own_s3) -> None:
+def test_a_stream_cut_mid_object_resumes_at_the_byte_it_stopped(own_s3, restart_later) -> None:
     store = open_storage("s3://faults/lake")
     data = os.urandom(48 * 2**20)
     store.write_bytes("big.tar", data)
