@@ -7,19 +7,45 @@
 The position is where training continues: after an epoch's last step it already points at the
 next epoch (or stage). Random draws (dropout, flips, shuffles) are re-derived from the seed and
 the position, so a resumed run continues exactly as an uninterrupted one would.
+
+Faults. On a Ray Train worker, `upload_checkpoint` retries a failed upload with backoff after
+removing its partial copy (`upload_with_retries`), and `resume_payload` passes over a latest
+checkpoint that does not load for the newest older one that does (`fallback_order`,
+`first_readable`), so a bad write costs the steps since the checkpoint before it, not the run.
 """
 
 from __future__ import annotations
 
 import io
+import logging
+import os
+import posixpath
+import re
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
+from ingest import faults
+
+log = logging.getLogger(__name__)
+
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT = 1
+UPLOAD_ATTEMPTS_ENV = "RECOLOR_CHECKPOINT_UPLOAD_ATTEMPTS"
+DEFAULT_UPLOAD_ATTEMPTS = 4
+UPLOAD_BACKOFF_S = 1.0  # before the first retry; doubled before each next one
+# Ray Train names checkpoint directories `checkpoint_<local time, microseconds>`: names sort by age.
+RAY_CHECKPOINT_DIR = re.compile(r"^checkpoint_\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}(\.\d+)?$")
+
+T = TypeVar("T")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be uploaded, or none of a run's checkpoints can be read."""
 
 
 @dataclass
@@ -54,7 +80,188 @@ def load_checkpoint(source: str | Path | bytes, map_location: str | torch.device
     try:
         payload = torch.load(handle, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated, corrupt or foreign files
-        raise ValueError(f"{name} is not a readable checkpoint: {e}") from None
+        reason = (
+            str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        )  # torch's messages run to a page
+        raise ValueError(f"{name} is not a readable checkpoint: {reason}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT or "generator" not in payload:
         raise ValueError(f"{name} is not a recolor checkpoint")
+    return payload
+
+
+# --- faults ----------------------------------------------------------------------------------------
+
+
+def upload_attempts() -> int:
+    """How often a checkpoint upload is tried: $RECOLOR_CHECKPOINT_UPLOAD_ATTEMPTS, else 4."""
+    value = os.environ.get(UPLOAD_ATTEMPTS_ENV, "").strip()
+    if not value:
+        return DEFAULT_UPLOAD_ATTEMPTS
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{UPLOAD_ATTEMPTS_ENV}={value!r}: expected a whole number of at least 1")
+    return int(value)
+
+
+def upload_with_retries(
+    upload: Callable[[], T],
+    destination: str,
+    attempts: int,
+    discard: Callable[[], None] = lambda: None,
+    backoff_s: float = UPLOAD_BACKOFF_S,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Call `upload` until it succeeds, at most `attempts` times, waiting `backoff_s`, then twice as long, ...
+
+    Only OSError is retried: what storage and network failures raise (pyarrow, boto3's wrappers, the
+    `checkpoint_upload` failpoint). After each failure `discard` removes whatever the attempt left at
+    the destination, so a half-copied checkpoint is never taken for a whole one.
+
+    Args:
+        upload: one attempt; returns the uploaded checkpoint.
+        destination: where it goes, for the messages.
+        attempts: tries in all (at least 1).
+        discard: removes a failed attempt's partial copy; its own OSError is logged, not raised.
+        backoff_s: the wait before the first retry.
+        sleep: waits (tests pass a recorder).
+
+    Returns:
+        What `upload` returned.
+
+    Raises:
+        CheckpointError: the last attempt failed too; names the destination and the last error.
+    """
+    if attempts < 1:
+        raise ValueError(f"attempts must be at least 1, got {attempts}")
+    for attempt in range(1, attempts + 1):
+        try:
+            return upload()
+        except OSError as error:
+            try:
+                discard()
+            except OSError as cleanup_error:
+                log.warning("could not remove the partial checkpoint at %s: %s", destination, cleanup_error)
+            if attempt == attempts:
+                raise CheckpointError(
+                    f"checkpoint upload to {destination} failed {attempts} times; last error: {error}"
+                ) from error
+            delay = backoff_s * 2 ** (attempt - 1)
+            log.warning(
+                "checkpoint upload to %s failed (attempt %d of %d): %s; retrying in %.3g s",
+                destination,
+                attempt,
+                attempts,
+                error,
+                delay,
+            )
+            sleep(delay)
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def fallback_order(latest: str, names: Iterable[str]) -> list[str]:
+    """The checkpoint directories among `names` older than `latest` (all Ray Train's names), newest first.
+
+    Newer ones are left out: they were never reported (an upload cut short by a crash).
+    """
+    return sorted((name for name in names if RAY_CHECKPOINT_DIR.match(name) and name < latest), reverse=True)
+
+
+def first_readable(candidates: Iterable[str], load: Callable[[str], dict]) -> tuple[str, dict]:
+    """The first candidate that loads and its payload; a warning names each one that does not.
+
+    Args:
+        candidates: checkpoints, most wanted first (consumed lazily: later ones are looked up only if needed).
+        load: a candidate's payload; raises ValueError when it is not a readable checkpoint (`load_checkpoint`).
+
+    Raises:
+        CheckpointError: no candidate loads; names each with its error.
+    """
+    unreadable: dict[str, str] = {}
+    for candidate in candidates:
+        try:
+            payload = load(candidate)
+        except ValueError as error:
+            log.warning("%s is unreadable: %s", candidate, error)
+            unreadable[candidate] = str(error)
+            continue
+        if unreadable:
+            log.warning("resuming from %s instead of the unreadable %s", candidate, ", ".join(unreadable))
+        return candidate, payload
+    tried = "; ".join(f"{name}: {error}" for name, error in unreadable.items()) or "none found"
+    raise CheckpointError(f"no readable checkpoint to resume from ({tried})")
+
+
+# --- on a Ray Train worker ---------------------------------------------------------------------------
+
+
+def upload_checkpoint(checkpoint, dir_name: str):
+    """Ray Train's `checkpoint_upload_fn`: Ray's own copy to the run's storage, retried with backoff.
+
+    Ray retries an upload only on AWS error codes; a dropped connection to any store would fail the
+    worker group and cost the steps since the last checkpoint. After the last attempt the worker
+    fails all the same (CheckpointError), and Ray restarts it from the previous checkpoint.
+    """
+    import pyarrow.fs
+    import ray.train
+
+    context = ray.train.get_context()
+    storage = context.get_storage()
+    rank = context.get_world_rank()
+    destination = storage.build_checkpoint_path_from_name(dir_name)
+
+    def upload():
+        faults.maybe_fail("checkpoint_upload", rank)
+        return storage.persist_current_checkpoint(checkpoint, dir_name)
+
+    def discard():
+        filesystem = storage.storage_filesystem
+        if filesystem.get_file_info(destination).type != pyarrow.fs.FileType.NotFound:
+            filesystem.delete_dir(destination)
+
+    return upload_with_retries(upload, destination, upload_attempts(), discard)
+
+
+def resume_payload(latest, rank: int) -> dict | None:
+    """The checkpoint payload this rank resumes from: the run's latest, else the newest older one that loads.
+
+    Rank 0 tries them in order (a warning names each unreadable one) and tells every rank which it
+    took, so all ranks resume from the same step. Older checkpoints are found by listing the run's
+    storage: Ray Train hands a worker the latest only.
+
+    Raises:
+        CheckpointError: none of the run's checkpoints loads.
+    """
+    import pyarrow.fs
+    import ray.train
+    from ray.train.collective import broadcast_from_rank_zero
+
+    if latest is None:
+        return None
+    storage = ray.train.get_context().get_storage()
+    filesystem = storage.storage_filesystem
+    latest_name = posixpath.basename(latest.path.rstrip("/"))
+
+    def load(name: str) -> dict:
+        path = storage.build_checkpoint_path_from_name(name)
+        with ray.train.Checkpoint(path, filesystem=filesystem).as_directory() as directory:
+            return load_checkpoint(directory)
+
+    def candidates():
+        yield latest_name
+        listing = filesystem.get_file_info(pyarrow.fs.FileSelector(storage.experiment_fs_path))
+        names = [posixpath.basename(info.path) for info in listing if info.type == pyarrow.fs.FileType.Directory]
+        yield from fallback_order(latest_name, names)
+
+    chosen, payload, failure = None, None, None
+    if rank == 0:
+        try:
+            chosen, payload = first_readable(candidates(), load)
+        except CheckpointError as error:
+            failure = error
+    chosen = broadcast_from_rank_zero(chosen)  # a name, not the error: the broadcast carries 1 kB at most
+    if failure is not None:
+        raise failure
+    if chosen is None:
+        raise CheckpointError(f"no readable checkpoint to resume from in {storage.experiment_fs_path} (see rank 0)")
+    if rank != 0:
+        payload = load(chosen)
     return payload

@@ -1,7 +1,8 @@
 """The per-worker training loop: what every Ray Train worker (DDP rank) runs.
 
 Only this module moves models to devices, wraps them in DDP (through Ray's `prepare_model`),
-and talks to `ray.train`. `is_rank_zero` decides who logs and who writes checkpoints.
+and talks to `ray.train` (checkpoint uploads and the choice of checkpoint to resume from are
+`pipeline.checkpoint`'s). `is_rank_zero` decides who logs and who writes checkpoints.
 
 Each step is the recipe's: generate ab from L; one discriminator update on (L, fake ab detached)
 as fake and (L, true ab) as real; then one generator update (GAN loss of fakes judged real +
@@ -25,7 +26,7 @@ from torch import nn
 
 from ingest import faults
 from ingest.lab import lab8_to_network_torch
-from pipeline.checkpoint import FORMAT, Position, load_checkpoint, save_checkpoint
+from pipeline.checkpoint import FORMAT, Position, resume_payload, save_checkpoint, upload_checkpoint
 from pipeline.config import StageConfig, TrainConfig
 from pipeline.data import DataPlan, prefetch, train_batches, validation_batches
 from pipeline.evaluation import accumulate, finalize
@@ -317,7 +318,12 @@ class ColorizerTrainer:
             scheduler.step()
         self._sync_buffers()
         grid = f"samples/{stage_index}-{stage.name}/epoch_{epoch + 1:03d}.png"
-        metrics = {**losses, **self.validate(grid), "bad_samples": float(bad.bad), "stage": float(stage_index)}
+        metrics = {
+            **losses,
+            **self.validate(grid),
+            "bad_samples": self._sum_over_ranks(bad.bad),
+            "stage": float(stage_index),
+        }
         self.logger.log(
             {k: v for k, v in metrics.items() if k.startswith("val_") or k == "bad_samples"}, self.position.global_step
         )
@@ -334,6 +340,14 @@ class ColorizerTrainer:
             for network in (self.generator, self.discriminator):
                 for buffer in unwrap(network).buffers():
                     torch.distributed.broadcast(buffer, src=0)
+
+    def _sum_over_ranks(self, value: float) -> float:
+        """`value` summed over all ranks (each counts what it read, e.g. corrupt samples; rank 0 logs the total)."""
+        if self.world_size == 1:
+            return float(value)
+        total = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(total)
+        return float(total.item())
 
     def _checkpoint(self, metrics: dict, position: Position, opts, scheds) -> None:
         payload = self.payload(position, opts, scheds) if self.is_rank_zero else None
@@ -380,7 +394,8 @@ def ray_report(metrics: dict, payload: dict | None) -> None:
         if payload is not None:
             save_checkpoint(directory, payload)
             checkpoint = ray.train.Checkpoint.from_directory(directory)
-        ray.train.report({k: float(v) for k, v in metrics.items()}, checkpoint=checkpoint)
+        metrics = {k: float(v) for k, v in metrics.items()}
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_fn=upload_checkpoint)
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -408,12 +423,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2**32)
-    payload = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            payload = load_checkpoint(directory)
-        log.info("rank %d resuming from %s at %s", rank, checkpoint.path, payload["position"])
+    payload = resume_payload(ray.train.get_checkpoint(), rank)
+    if payload is not None:
+        log.info("rank %d resuming at %s", rank, payload["position"])
     logger = None
     tracking = loop_config.get("tracking")
     if rank == 0 and loop_config.get("logger_factory") is not None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from pipeline.config import TrainConfig
-from pipeline.data import DataPlan, resolve_data
+from pipeline.data import DataError, DataPlan, resolve_data
 
 DEFAULT_STORAGE = "ray_results"
 STORAGE_ENV = "RECOLOR_STORAGE"
@@ -158,17 +158,20 @@ def run_training(
         tracking: MLflow settings; None means tracking off (the CLI turns it on by default).
 
     Raises:
-        LakeError, DataError: unknown or unusable datasets (before any worker starts).
+        LakeError, DataError: unknown or unusable datasets (before any worker starts), or a worker's DataError
+            (too many corrupt samples) once the restarts are used up.
         RuntimeError: training failed after `max_failures` restarts.
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from ingest.ray_util import ensure_ray
+    from pipeline.checkpoint import upload_attempts
     from pipeline.train_loop import train_loop_per_worker
 
     plan = resolve_data(config.data.datasets, config.data.lake)
     storage = resolve_storage(config.storage)
+    upload_attempts()  # a bad $RECOLOR_CHECKPOINT_UPLOAD_ATTEMPTS stops here, not at a worker's first checkpoint
     run_info = None
     if tracking is not None and tracking.enabled:
         from pipeline.tracking import resolve_tracking_uri, start_or_resume_run
@@ -202,12 +205,20 @@ def run_training(
                 storage_path=_storage_path_for_ray(storage),
                 storage_filesystem=storage_filesystem(storage),
                 failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
+                # Two at least: when the latest checkpoint cannot be read, the run resumes from the one before.
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(config.keep_checkpoints, 2)),
                 worker_runtime_env={"env_vars": _forwarded_env()},
                 logging_config=ray.train.LoggingConfig(log_level=os.environ.get("RECOLOR_TRAIN_LOG_LEVEL", "WARNING")),
             ),
         )
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except ray.train.WorkerGroupError as error:
+            # Corrupt data is the user's to mend, not Ray's: say so in one line (the CLI's exit 2), not in tracebacks.
+            data_errors = [e for e in error.worker_failures.values() if isinstance(e, DataError)]
+            if data_errors:
+                raise DataError(str(data_errors[0])) from error
+            raise
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     if checkpoint and storage.startswith("s3://") and not checkpoint.startswith("s3://"):
         checkpoint = f"s3://{checkpoint}"
@@ -294,6 +305,7 @@ def _forwarded_env() -> dict[str, str]:
         "RECOLOR_FAILPOINT",
         "RECOLOR_FAILPOINT_ONCE",  # without it a restarted worker hits the failpoint again, and again
         "RECOLOR_TRAIN_LOG_LEVEL",
+        "RECOLOR_CHECKPOINT_UPLOAD_ATTEMPTS",
         "AWS_REQUEST_CHECKSUM_CALCULATION",
         "AWS_RESPONSE_CHECKSUM_VALIDATION",
         # MLflow's own knobs for system metrics: rank 0's monitor runs on a worker, not here.

@@ -14,8 +14,21 @@ import numpy as np
 import pytest
 import torch
 
+from ingest import faults
 from ingest.run import IngestConfig, run_ingest
-from pipeline.checkpoint import CHECKPOINT_FILE, FORMAT, Position, load_checkpoint, save_checkpoint
+from pipeline.checkpoint import (
+    CHECKPOINT_FILE,
+    FORMAT,
+    UPLOAD_ATTEMPTS_ENV,
+    CheckpointError,
+    Position,
+    fallback_order,
+    first_readable,
+    load_checkpoint,
+    save_checkpoint,
+    upload_attempts,
+    upload_with_retries,
+)
 from pipeline.config import DataConfig, ModelConfig, StageConfig, TrainConfig
 from pipeline.data import DataPlan, resolve_data
 from pipeline.train_loop import ColorizerTrainer, unwrap
@@ -212,6 +225,163 @@ def test_corrupt_and_foreign_files_are_value_errors_naming_the_file(tmp_path) ->
     empty_dir.mkdir()
     with pytest.raises(ValueError, match="empty-dir"):
         load_checkpoint(empty_dir)
+
+
+# --- faults: uploads that fail, checkpoints that do not load ------------------------------------------
+
+
+class FlakyUpload:
+    """An upload into `destination` that fails its first `failures` attempts midway, leaving a partial file."""
+
+    def __init__(self, source: Path, destination: Path, failures: int, error=OSError):
+        self.source, self.destination, self.failures, self.error = source, destination, failures, error
+        self.calls = 0
+
+    def __call__(self) -> Path:
+        self.calls += 1
+        self.destination.mkdir(exist_ok=True)
+        target = self.destination / CHECKPOINT_FILE
+        data = self.source.read_bytes()
+        if self.calls <= self.failures:
+            target.write_bytes(data[: len(data) // 3])
+            raise self.error(f"connection reset during attempt {self.calls}")
+        target.write_bytes(data)
+        return target
+
+
+def discard_directory(directory: Path):
+    def discard() -> None:
+        for path in directory.glob("*"):
+            path.unlink()
+        directory.rmdir()
+
+    return discard
+
+
+def test_an_upload_that_fails_twice_is_retried_with_growing_waits_and_only_the_whole_copy_remains(
+    tmp_path, caplog
+) -> None:
+    source = save_checkpoint(tmp_path, example_payload())
+    destination = tmp_path / "runs" / "checkpoint_2025-01-01_00-00-00.000001"
+    destination.parent.mkdir()
+    upload = FlakyUpload(source, destination, failures=2)
+    waits: list[float] = []
+    with caplog.at_level("WARNING", logger="pipeline.checkpoint"):
+        result = upload_with_retries(
+            upload, str(destination), attempts=4, discard=discard_directory(destination), sleep=waits.append
+        )
+    assert result == destination / CHECKPOINT_FILE and upload.calls == 3
+    assert waits == [1.0, 2.0]
+    assert_same_payload(load_checkpoint(destination), example_payload())
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2
+    for attempt, message in enumerate(warnings, start=1):
+        assert f"checkpoint upload to {destination} failed (attempt {attempt} of 4)" in message
+        assert f"connection reset during attempt {attempt}" in message
+
+
+def test_an_upload_that_keeps_failing_gives_up_after_the_last_attempt_with_a_clear_error(tmp_path) -> None:
+    source = save_checkpoint(tmp_path, example_payload())
+    destination = tmp_path / "checkpoint_2025-01-01_00-00-00.000001"
+    upload = FlakyUpload(source, destination, failures=10)
+    waits: list[float] = []
+    with pytest.raises(CheckpointError) as error:
+        upload_with_retries(
+            upload,
+            str(destination),
+            attempts=3,
+            discard=discard_directory(destination),
+            backoff_s=0.5,
+            sleep=waits.append,
+        )
+    assert str(error.value) == (
+        f"checkpoint upload to {destination} failed 3 times; last error: connection reset during attempt 3"
+    )
+    assert isinstance(error.value.__cause__, OSError)
+    assert upload.calls == 3 and waits == [0.5, 1.0]
+    assert not destination.exists(), "the last partial copy was left behind"
+
+
+def test_the_checkpoint_upload_failpoint_is_one_transient_failure(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv(faults.ENV, "checkpoint_upload:1:raise")
+    monkeypatch.setenv(faults.ONCE_ENV, str(tmp_path / "fired"))
+    calls = []
+
+    def upload() -> str:
+        faults.maybe_fail("checkpoint_upload", 0)
+        calls.append(1)
+        return "uploaded"
+
+    assert upload_with_retries(upload, "somewhere", attempts=2, sleep=lambda s: None) == "uploaded"
+    assert len(calls) == 1 and (tmp_path / "fired").exists()
+
+
+def test_errors_other_than_os_errors_are_not_retried(tmp_path) -> None:
+    upload = FlakyUpload(save_checkpoint(tmp_path, example_payload()), tmp_path / "out", failures=1, error=TypeError)
+    with pytest.raises(TypeError):
+        upload_with_retries(upload, "out", attempts=4, sleep=lambda s: None)
+    assert upload.calls == 1
+
+
+def test_upload_attempts_come_from_the_environment(monkeypatch) -> None:
+    monkeypatch.delenv(UPLOAD_ATTEMPTS_ENV, raising=False)
+    assert upload_attempts() == 4
+    monkeypatch.setenv(UPLOAD_ATTEMPTS_ENV, "2")
+    assert upload_attempts() == 2
+    for bad in ("0", "-1", "two"):
+        monkeypatch.setenv(UPLOAD_ATTEMPTS_ENV, bad)
+        with pytest.raises(ValueError, match=UPLOAD_ATTEMPTS_ENV):
+            upload_attempts()
+
+
+def test_fallback_order_is_the_older_checkpoints_newest_first() -> None:
+    latest = "checkpoint_2025-03-01_10-00-00.000300"
+    names = [
+        "checkpoint_2025-03-01_09-59-59.999999",
+        latest,
+        "checkpoint_2025-03-01_10-00-00.000400",  # newer than the latest: an upload never reported
+        "checkpoint_2025-02-28_23-00-00.000000",
+        ".validate_storage_marker",
+        "checkpoint_manager_snapshot.json",
+        "checkpoint_2025-03-01_10-00-00.000299",
+    ]
+    assert fallback_order(latest, names) == [
+        "checkpoint_2025-03-01_10-00-00.000299",
+        "checkpoint_2025-03-01_09-59-59.999999",
+        "checkpoint_2025-02-28_23-00-00.000000",
+    ]
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_readable_one(tmp_path, caplog) -> None:
+    folders = {}
+    for step in (2, 4, 6):
+        folders[step] = tmp_path / f"step{step}"
+        folders[step].mkdir()
+        save_checkpoint(folders[step], {**example_payload(), "position": Position(0, 0, step, step).to_dict()})
+    latest = folders[6] / CHECKPOINT_FILE
+    latest.write_bytes(latest.read_bytes()[:1000])  # truncated
+    (folders[4] / CHECKPOINT_FILE).write_bytes(b"garbage" * 100)
+    requested: list[str] = []
+
+    def candidates():
+        for name in ("step6", "step4", "step2", "never-needed"):
+            requested.append(name)
+            yield name
+
+    with caplog.at_level("WARNING", logger="pipeline.checkpoint"):
+        name, payload = first_readable(candidates(), lambda name: load_checkpoint(tmp_path / name))
+    assert name == "step2" and payload["position"]["global_step"] == 2
+    assert requested == ["step6", "step4", "step2"]  # the older ones are looked up only when needed
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings[0].startswith("step6 is unreadable: ") and warnings[1].startswith("step4 is unreadable: ")
+    assert warnings[2] == "resuming from step2 instead of the unreadable step6, step4"
+
+    assert first_readable(["step2"], lambda name: load_checkpoint(tmp_path / name))[0] == "step2"
+    with pytest.raises(
+        CheckpointError,
+        match=r"^no readable checkpoint to resume from \(step6: .*step6 is not a readable.*; step4: .*\)$",
+    ):
+        first_readable(["step6", "step4"], lambda name: load_checkpoint(tmp_path / name))
 
 
 # --- a real trainer ------------------------------------------------------------------------------

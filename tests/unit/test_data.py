@@ -344,6 +344,23 @@ def test_corrupt_samples_are_replaced_and_counted_without_changing_the_steps(tmp
     assert not marker.exists()
 
 
+def test_each_corrupt_sample_is_a_warning_naming_its_key_and_shard(tmp_path, caplog) -> None:
+    corrupt_path = tmp_path / "corrupt-000003.tar"
+    kinds = write_corrupt_shard(corrupt_path, tmp_path / "unpickled", first_id=100, count=12)
+    assert {"garbage", "wrong_shape", "wrong_dtype", "truncated", "missing"} <= set(kinds)
+    cut = write_shards(tmp_path, [8], prefix="cut")[0]  # a truncated tar: its lost samples count too
+    Path(cut.uri).write_bytes(Path(cut.uri).read_bytes()[:5000])
+    plan = make_plan([ShardInfo(str(corrupt_path), 12), cut])
+    with caplog.at_level("WARNING", logger="pipeline.data"):
+        _, _, counter = epoch_batches(plan, 0, 1, 4, shuffle_window=20, max_bad_fraction=1.0)
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping corrupt sample ")]
+    assert len(skipped) == counter.bad
+    for offset, kind in enumerate(kinds):
+        assert f"skipping corrupt sample s{100 + offset:06d} in shard {corrupt_path}" in skipped, kind
+    lost = [message for message in skipped if message.endswith(f"in shard {cut.uri}")]
+    assert lost and counter.bad == len(kinds) + len(lost)
+
+
 def test_too_many_corrupt_samples_stop_the_run_naming_the_shard(tmp_path) -> None:
     good = write_shards(tmp_path, [10])
     corrupt_path = tmp_path / "corrupt-000007.tar"
