@@ -423,15 +423,20 @@ class S3Storage:
             for item in page.get("Contents", []):
                 yield ObjectInfo(item["Key"][strip:], int(item["Size"]), item["LastModified"].timestamp())
         if include_partial:
-            for upload in self._multipart_uploads(full):
+            for upload in self._multipart_uploads(prefix, full):
                 yield ObjectInfo(f"{upload['Key'][strip:]}?uploadId={upload['UploadId']}", 0,
                                  upload["Initiated"].timestamp())  # fmt: skip
 
-    def _multipart_uploads(self, full_prefix: str) -> list[dict]:
-        response = self._call(
-            "list", full_prefix, self.client.list_multipart_uploads, Bucket=self.bucket, Prefix=full_prefix
-        )
-        return response.get("Uploads", [])
+    def _multipart_uploads(self, prefix: str, full_prefix: str) -> list[dict]:
+        def uploads() -> list[dict]:
+            try:
+                return self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=full_prefix).get("Uploads", [])
+            except Exception as e:
+                if getattr(e, "response", {}).get("Error", {}).get("Code") == "NoSuchUpload":
+                    return []  # rclone's answer when there are none below a prefix
+                raise
+
+        return self._call("list", prefix, uploads)
 
     def list_children(self, prefix: str = "") -> list[str]:
         """Names of the "folders" (common prefixes) directly below `prefix`, sorted."""
