@@ -304,6 +304,11 @@ def _forwarded_env() -> dict[str, str]:
         "RECOLOR_NO_PROGRESS",
         "RECOLOR_FAILPOINT",
         "RECOLOR_FAILPOINT_ONCE",  # without it a restarted worker hits the failpoint again, and again
+        "RECOLOR_FAILPOINT_BARRIER",
+        "RECOLOR_S3_RETRY_SECONDS",
+        "RECOLOR_S3_MAX_ATTEMPTS",
+        "RECOLOR_S3_ADDRESSING",
+        "RECOLOR_S3_CONDITIONAL_WRITES",
         "RECOLOR_TRAIN_LOG_LEVEL",
         "RECOLOR_CHECKPOINT_UPLOAD_ATTEMPTS",
         "AWS_REQUEST_CHECKSUM_CALCULATION",
