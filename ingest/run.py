@@ -15,6 +15,7 @@ rejects tables, and commits the version record last (`ingest.commit`).
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -288,6 +289,12 @@ def run_ingest(config: IngestConfig) -> IngestSummary:
     return commit(lake, config, ingest_id, items, results, started, resumed)
 
 
+def _chunk_task(environment: dict[str, str], spec: ChunkSpec, known: frozenset[str]) -> dict:
+    """`process_chunk` in a Ray task, with the driver's store settings and credentials (see task_environment)."""
+    os.environ.update(environment)
+    return process_chunk(spec, known)
+
+
 def _check_compatible(record: dict, config: IngestConfig) -> None:
     if record["size"] != config.size or record["resize"] != config.resize:
         raise LakeError(
@@ -321,12 +328,12 @@ def _run_chunks(specs: list[ChunkSpec], known: frozenset[str], config: IngestCon
         else:
             import ray
 
-            from ingest.ray_util import ensure_ray
+            from ingest.ray_util import ensure_ray, task_environment
 
             with ensure_ray(config.ray_address, config.workers):
-                remote = ray.remote(num_cpus=1, max_retries=3)(process_chunk)
-                known_ref = ray.put(known)
-                pending = {remote.remote(spec, known_ref): spec for spec in specs}
+                remote = ray.remote(num_cpus=1, max_retries=3)(_chunk_task)
+                known_ref, environment_ref = ray.put(known), ray.put(task_environment())
+                pending = {remote.remote(environment_ref, spec, known_ref): spec for spec in specs}
                 while pending:
                     ready, _ = ray.wait(list(pending), num_returns=1)
                     for ref in ready:

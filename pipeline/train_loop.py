@@ -291,6 +291,7 @@ class ColorizerTrainer:
         window_start, window_steps = time.perf_counter(), 0
         losses: dict[str, float] = {}
         step_in_epoch = start_step
+        trained = start_step * config.data.batch_size  # samples this rank trained on this epoch, resumes included
         for batch in prefetch((torch.from_numpy(b) for b in batches), config.data.prefetch_batches):
             if config.max_steps is not None and self.position.global_step >= config.max_steps:
                 return None
@@ -298,6 +299,7 @@ class ColorizerTrainer:
             torch.manual_seed(step_seed(config.seed, self.rank, self.position.global_step))
             losses = self.train_step(batch, stage, gan_loss, opts)
             step_in_epoch += 1
+            trained += batch.shape[0]
             self.position = Position(stage_index, epoch, step_in_epoch, self.position.global_step + 1)
             window_steps += 1
             progress.step()
@@ -318,14 +320,28 @@ class ColorizerTrainer:
             scheduler.step()
         self._sync_buffers()
         grid = f"samples/{stage_index}-{stage.name}/epoch_{epoch + 1:03d}.png"
+        epoch_samples = self._sum_over_ranks(trained)
         metrics = {
             **losses,
             **self.validate(grid),
             "bad_samples": self._sum_over_ranks(bad.bad),
+            "epoch_samples": epoch_samples,
             "stage": float(stage_index),
         }
+        if self.rank == 0:
+            available = self.plan.count("train")
+            log.info(
+                "%s epoch %d: trained on %d of %d training samples (%d left out: less than one global batch of %d)",
+                stage.name,
+                epoch + 1,
+                epoch_samples,
+                available,
+                available - epoch_samples,
+                config.data.batch_size * self.world_size,
+            )
+        logged = ("bad_samples", "epoch_samples")
         self.logger.log(
-            {k: v for k, v in metrics.items() if k.startswith("val_") or k == "bad_samples"}, self.position.global_step
+            {k: v for k, v in metrics.items() if k.startswith("val_") or k in logged}, self.position.global_step
         )
         next_position = Position(stage_index, epoch + 1, 0, self.position.global_step)
         self.position = next_position

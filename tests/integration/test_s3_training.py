@@ -1,0 +1,114 @@
+"""Training that streams its lake from a real S3 server: through an outage, and at load.
+
+Both use the session's local Ray with two CPU workers (gloo) and a test-owned `rclone serve s3`
+(`own_s3`) that the outage test stops and restarts. Credentials reach the workers as training
+always sends them (a Ray object, never the runtime env).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import test_train_ray as base
+from test_train_faults import metric_recorder, worker_log
+from test_train_ray import tiny_config
+
+from ingest.lake import Lake
+from ingest.run import IngestConfig, run_ingest
+from pipeline.config import DataConfig, ModelConfig, StageConfig
+from pipeline.data import resolve_data
+from pipeline.trainer import run_training
+
+pytestmark = pytest.mark.slow
+
+quiet_env = base.quiet_env
+
+
+def read_metrics(path: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_training_reads_through_an_s3_outage_and_finishes(
+    ray_local, quiet_env, own_s3, restart_later, photo_writer, tmp_path
+) -> None:
+    photo_writer(tmp_path / "photos", range(700, 740), width=80, height=64)
+    lake = "s3://faults/lake"
+    run_ingest(IngestConfig(kind="folder", source=str(tmp_path / "photos"), dataset="photos", lake=lake, size=64,
+                            shard_size=40_000, use_ray=False, progress=False))  # fmt: skip
+    plan = resolve_data(["photos"], lake)
+    steps_per_epoch = plan.count("train") // (base.WORKERS * base.BATCH)
+    barrier = tmp_path / "barrier"
+    # Rank 0 waits before its third step until the test has stopped the server; the rest of the first
+    # epoch, its validation and the second epoch then read shards while the server is down.
+    quiet_env.setenv("RECOLOR_FAILPOINT", "train_step:3@0:barrier")
+    quiet_env.setenv("RECOLOR_FAILPOINT_BARRIER", f"{barrier}:2")
+
+    def outage() -> None:
+        deadline = time.monotonic() + 180
+        while not (barrier.exists() and any(barrier.iterdir())):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+        own_s3.stop()
+        (barrier / "test").touch()
+        time.sleep(5.0)
+        own_s3.start()
+
+    thread = threading.Thread(target=outage, daemon=True)
+    thread.start()
+    try:
+        result = run_training(
+            tiny_config(lake, tmp_path / "runs", "outage", stages=[StageConfig(name="gan", epochs=2)]),
+            logger_factory=metric_recorder(tmp_path / "metrics.jsonl"),
+        )
+    finally:
+        quiet_env.delenv("RECOLOR_FAILPOINT")
+        thread.join()
+    assert result.error is None, result.error
+    assert result.metrics["global_step"] == 2 * steps_per_epoch
+    assert any("retrying for up to 120 s" in message for message in worker_log(ray_local))
+    epoch_ends = [m for m in read_metrics(tmp_path / "metrics.jsonl") if "bad_samples" in m]
+    assert [m["bad_samples"] for m in epoch_ends] == [0.0, 0.0]  # an outage is waited out, never a corrupt sample
+
+
+LOAD_IMAGES = 2000
+
+
+def test_load_two_thousand_images_into_s3_then_an_epoch_streamed_by_two_workers(
+    ray_local, quiet_env, own_s3, photo_writer, tmp_path
+) -> None:
+    photo_writer(tmp_path / "photos", range(10_000, 10_000 + LOAD_IMAGES), width=40, height=32)
+    lake_uri = "s3://faults/load"
+    summary = run_ingest(IngestConfig(kind="folder", source=str(tmp_path / "photos"), dataset="load", lake=lake_uri,
+                                      size=32, use_ray=True, progress=False))  # fmt: skip
+    assert summary.ingested == LOAD_IMAGES and summary.version == 1
+    lake = Lake(lake_uri)
+    manifest = lake.manifest(lake.resolve("load"))
+    in_train = sum(1 for split in manifest.column("split").to_pylist() if split == "train")
+
+    batch, workers = 16, 2
+    config = tiny_config(
+        lake_uri,
+        tmp_path / "runs",
+        "load",
+        model=ModelConfig(base_filters=4, num_downs=5),
+        data=DataConfig(datasets=["load"], lake=lake_uri, batch_size=batch, shuffle_window=64),
+        deterministic=False,
+        log_every=20,
+    )
+    result = run_training(config, logger_factory=metric_recorder(tmp_path / "metrics.jsonl"))
+    assert result.error is None, result.error
+    remainder = in_train % (batch * workers)  # the documented remainder: less than one global batch
+    epoch_end = next(m for m in read_metrics(tmp_path / "metrics.jsonl") if "epoch_samples" in m)
+    assert epoch_end["epoch_samples"] == in_train - remainder
+    assert result.metrics["global_step"] == in_train // (batch * workers)
+    assert epoch_end["bad_samples"] == 0
+    assert any(
+        f"trained on {in_train - remainder} of {in_train} training samples ({remainder} left out" in message
+        for message in worker_log(ray_local)
+    )
