@@ -43,6 +43,17 @@ def test_an_outage_past_the_deadline_is_a_clear_error(own_s3, monkeypatch) -> No
     assert f"S3 endpoint {own_s3.endpoint} unreachable for 2 s" in message
     assert "s3://faults/lake/shard.tar" in message and "rerunning the same command resumes" in message
     assert time.monotonic() - started < 30  # gave up, did not hang
+    assert own_s3.secret_key not in message and own_s3.access_key not in message
+
+
+def test_refused_credentials_are_a_clear_error_that_shows_no_secret(own_s3, monkeypatch) -> None:
+    wrong = "wrong-secret-" + "x" * 24
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong)
+    with pytest.raises(StorageError) as error:
+        open_storage("s3://faults/lake").write_bytes("a.bin", b"x")
+    message = str(error.value)
+    assert "S3 refused to write s3://faults/lake/a.bin" in message and "AWS_SECRET_ACCESS_KEY" in message
+    assert wrong not in message and own_s3.secret_key not in message
 
 
 def test_a_stream_cut_mid_object_resumes_at_the_byte_it_stopped(own_s3, restart_later) -> None:
