@@ -8,22 +8,13 @@ import zlib
 
 import numpy as np
 import pytest
+from bad_files import encode, png_chunk
 from PIL import Image
 
 from ingest.images import ImageRejected, decode_image, is_gray_mode, is_grayscale, mean_chroma
 from ingest.lab import rgb8_to_lab8
 
 RED, GREEN, BLUE, YELLOW, WHITE = (220, 20, 30), (30, 180, 40), (20, 40, 220), (240, 230, 20), (255, 255, 255)
-
-
-def encode(image: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **options)
-    return buffer.getvalue()
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def png_rgb16(array: np.ndarray) -> bytes:
