@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from ingest.sources import SourceError
     from ingest.storage import StorageError
     from pipeline.data import DataError
+    from pipeline.trainer import TrainingError, describe_failure
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -47,15 +48,18 @@ def main(argv: list[str] | None = None) -> int:
     except (SourceError, LakeError, StorageError, DataError, ValueError, FileNotFoundError) as e:
         print(f"recolor: error: {e}", file=sys.stderr)
         return 2
+    except TrainingError as e:
+        run = f"; MLflow run {e.run_id} marked FAILED" if e.run_id else ""
+        print(f"recolor: error: training failed: {e}{run}; rerun the same command to resume", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("recolor: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     except Exception as e:
         # Failures inside Ray tasks (a worker that kept crashing, a lost node) arrive as Ray errors
-        # whose text is a remote traceback: one line is enough, the work done so far is kept.
+        # whose text is a remote traceback: one line naming the remote error is enough, the work done so far is kept.
         if type(e).__module__.startswith("ray."):
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            print(f"recolor: error: {type(e).__name__}: {first}; rerun the same command to resume", file=sys.stderr)
+            print(f"recolor: error: {describe_failure(e)}; rerun the same command to resume", file=sys.stderr)
             return 1
         raise
 

@@ -107,7 +107,7 @@ class TrainConfig:
     deterministic: bool = False  # deterministic kernels (slower); resumed runs then match uninterrupted ones
     storage: str | None = None  # checkpoints and run state: a folder or s3://...; None: ./ray_results
     checkpoint_every: int = 200  # steps between checkpoints (and one at every epoch's end)
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = 3  # at least 2: when the latest checkpoint is unreadable, a run resumes from the one before
     max_failures: int = 2  # worker-group restarts Ray Train may do
     log_every: int = 10  # steps between loss logs
     max_steps: int | None = None  # stop after this many steps in total (smoke tests, benchmarks)
@@ -121,9 +121,14 @@ class TrainConfig:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
-        for interval in ("checkpoint_every", "log_every", "keep_checkpoints"):
+        for interval in ("checkpoint_every", "log_every"):
             if getattr(self, interval) < 1:
                 raise ValueError(f"{interval} must be at least 1, got {getattr(self, interval)}")
+        if self.keep_checkpoints < 2:
+            raise ValueError(
+                f"keep_checkpoints must be at least 2, got {self.keep_checkpoints}: "
+                "when the latest checkpoint is unreadable, a run resumes from the one before"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -20,6 +20,7 @@ from typing import Protocol
 
 EXPERIMENT_DEFAULT = "recolor"
 RUN_NAME_TAG = "recolor.run_name"
+FAILURE_TAG = "recolor.failure"  # why a FAILED (or KILLED) run stopped, in one line
 
 
 class Logger(Protocol):
@@ -166,8 +167,11 @@ def start_or_resume_run(
         order_by=["attributes.start_time DESC"],
     )
     if existing and existing[0].info.status != "FINISHED":
-        client.update_run(existing[0].info.run_id, status="RUNNING")
-        return existing[0].info.run_id, True
+        run_id = existing[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        if FAILURE_TAG in existing[0].data.tags:
+            client.delete_tag(run_id, FAILURE_TAG)  # the run goes on: its last failure is no longer why it stopped
+        return run_id, True
     tags = {
         RUN_NAME_TAG: config.name,
         "recolor.ray_run_name": config.name,
@@ -198,6 +202,24 @@ def start_or_resume_run(
                 mlflow.log_input(dataset, context=context)
     client.update_run(run_id, status="RUNNING")
     return run_id, False
+
+
+def end_failed_run(tracking_uri: str, run_id: str, reason: str, status: str = "FAILED") -> None:
+    """End an MLflow run that stopped early: `status` (FAILED, or KILLED when interrupted), `reason` in a tag.
+
+    Never raises: it runs while another error is on its way to the user, which must not be masked
+    (a tracking server that is down is only logged here).
+    """
+    from mlflow import MlflowClient
+
+    try:
+        client = MlflowClient(tracking_uri)
+        client.set_tag(run_id, FAILURE_TAG, reason)
+        client.set_terminated(run_id, status=status)
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        logging.getLogger(__name__).warning(
+            "could not mark MLflow run %s %s: %s: %s", run_id, status, type(e).__name__, e
+        )
 
 
 def manifest_tag(ref: str) -> str:

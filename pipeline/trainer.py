@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -24,7 +25,7 @@ class TrainResult:
     checkpoint: str | None  # the latest checkpoint's path
     metrics: dict  # metrics reported with the latest checkpoint
     plan: DataPlan
-    error: str | None = None
+    error: str | None = None  # always None: a run that fails raises (DataError, TrainingError); kept for callers
     run_id: str | None = None  # the MLflow run
     model_version: str | None = None  # the registered generator's version
 
@@ -160,14 +161,10 @@ def run_training(
     Raises:
         LakeError, DataError: unknown or unusable datasets (before any worker starts), or a worker's DataError
             (too many corrupt samples) once the restarts are used up.
-        RuntimeError: training failed after `max_failures` restarts.
+        TrainingError: training failed after `max_failures` restarts; its message names the root cause in one
+            line. The MLflow run (when tracking) is then FAILED, tagged with that line; KILLED on Ctrl-C.
     """
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from ingest.ray_util import ensure_ray
     from pipeline.checkpoint import upload_attempts
-    from pipeline.train_loop import train_loop_per_worker
 
     plan = resolve_data(config.data.datasets, config.data.lake)
     storage = resolve_storage(config.storage)
@@ -180,6 +177,48 @@ def run_training(
         device = "cuda" if config.use_gpu else "cpu"
         run_id, _ = start_or_resume_run(tracking_uri, tracking.experiment, config, plan, storage, device)
         run_info = {"uri": tracking_uri, "run_id": run_id}
+    try:
+        result = _fit(config, plan, storage, ray_address, logger_factory, on_worker_end, run_info)
+        checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+        if checkpoint and storage.startswith("s3://") and not checkpoint.startswith("s3://"):
+            checkpoint = f"s3://{checkpoint}"
+        train_result = TrainResult(
+            name=config.name,
+            storage=f"{storage.rstrip('/')}/{config.name}",
+            checkpoint=checkpoint,
+            metrics=dict(result.metrics or {}),
+            plan=plan,
+        )
+        if run_info is not None:
+            train_result.run_id = run_info["run_id"]
+            train_result.model_version = finish_tracking(run_info, tracking, train_result, result.checkpoint)
+        return train_result
+    except BaseException as error:
+        # Whatever stops the run (workers out of restarts, Ctrl-C, an unreachable registry) ends its MLflow run:
+        # left RUNNING it would look alive forever. A rerun of the same name sets it back to RUNNING.
+        reason = describe_failure(error)
+        if run_info is not None:
+            from pipeline.tracking import end_failed_run
+
+            status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+            end_failed_run(run_info["uri"], run_info["run_id"], reason, status)
+        if not _is_training_failure(error):
+            raise
+        # Corrupt data is the user's to mend, not Ray's: say so in one line (the CLI's exit 2), not in tracebacks.
+        data_errors = [e for e in _worker_failures(error) if isinstance(e, DataError)]
+        if data_errors:
+            raise DataError(str(data_errors[0])) from error
+        raise TrainingError(reason, run_info["run_id"] if run_info else None) from error
+
+
+def _fit(config: TrainConfig, plan: DataPlan, storage: str, ray_address, logger_factory, on_worker_end, run_info):
+    """Ray Train's `TorchTrainer.fit`: its `Result`, or Ray's `TrainingFailedError` once the restarts are used up."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ingest.ray_util import ensure_ray
+    from pipeline.train_loop import train_loop_per_worker
+
     needed_cpus = config.workers * config.cpus_per_worker
     with ensure_ray(ray_address, max(os.cpu_count() or 1, needed_cpus)):
         resources = {"CPU": config.cpus_per_worker}
@@ -204,36 +243,90 @@ def run_training(
                 name=config.name,
                 storage_path=_storage_path_for_ray(storage),
                 storage_filesystem=storage_filesystem(storage),
+                # Every worker error counts, a DataError too: Ray Train 2.60 has no public way to mark an error
+                # as not worth a restart (its failure policy retries every WorkerGroupError up to max_failures).
                 failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-                # Two at least: when the latest checkpoint cannot be read, the run resumes from the one before.
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(config.keep_checkpoints, 2)),
+                # When the latest checkpoint cannot be read, the run resumes from the one before (config: >= 2).
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
                 worker_runtime_env={"env_vars": _forwarded_env()},
                 logging_config=ray.train.LoggingConfig(log_level=os.environ.get("RECOLOR_TRAIN_LOG_LEVEL", "WARNING")),
             ),
         )
-        try:
-            result = trainer.fit()
-        except ray.train.WorkerGroupError as error:
-            # Corrupt data is the user's to mend, not Ray's: say so in one line (the CLI's exit 2), not in tracebacks.
-            data_errors = [e for e in error.worker_failures.values() if isinstance(e, DataError)]
-            if data_errors:
-                raise DataError(str(data_errors[0])) from error
-            raise
-    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
-    if checkpoint and storage.startswith("s3://") and not checkpoint.startswith("s3://"):
-        checkpoint = f"s3://{checkpoint}"
-    train_result = TrainResult(
-        name=config.name,
-        storage=f"{storage.rstrip('/')}/{config.name}",
-        checkpoint=checkpoint,
-        metrics=dict(result.metrics or {}),
-        plan=plan,
-        error=str(result.error) if result.error else None,
-    )
-    if run_info is not None:
-        train_result.run_id = run_info["run_id"]
-        train_result.model_version = finish_tracking(run_info, tracking, train_result, result.checkpoint)
-    return train_result
+        # Ray Train 2.60 raises when training fails (never a Result with `.error`).
+        return trainer.fit()
+
+
+class TrainingError(RuntimeError):
+    """Training failed in the workers after `max_failures` restarts; the message is one line naming the root cause."""
+
+    def __init__(self, reason: str, run_id: str | None = None):
+        super().__init__(reason)
+        self.run_id = run_id  # the MLflow run, now FAILED; None without tracking
+
+
+def _is_training_failure(error: BaseException) -> bool:
+    from ray.train import TrainingFailedError
+
+    return isinstance(error, TrainingFailedError)
+
+
+def _worker_failures(error: BaseException) -> list[BaseException]:
+    # Ray Train's WorkerGroupError holds each failed rank's own exception (unwrapped from Ray's traceback wrapper).
+    failures = getattr(error, "worker_failures", None) or {}
+    return [failures[rank] for rank in sorted(failures)]
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The exception behind Ray's wrappers: what a worker, task or actor raised itself.
+
+    Ray Train raises a `WorkerGroupError` (holding each failed rank's exception) or a `ControllerError`; a Ray
+    task or actor that raised surfaces as a `RayTaskError` (the remote exception as `.cause`); a worker that
+    stopped answering as a health-check error wrapping the actor's death. Of several ranks' errors the first
+    that is not Ray's own (a dead actor, a lost node) wins: when one rank fails, the others often fail only
+    because it did.
+    """
+    from ray.exceptions import RayTaskError
+    from ray.train import ControllerError
+
+    seen: set[int] = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        failures = _worker_failures(error)
+        if failures:
+            causes = [root_cause(failure) for failure in failures]
+            error = next((cause for cause in causes if not _is_ray_error(cause)), causes[0])
+        elif isinstance(error, ControllerError):
+            error = error.controller_failure
+        elif isinstance(error, RayTaskError) and isinstance(getattr(error, "cause", None), BaseException):
+            error = error.cause
+        elif isinstance(getattr(error, "health_check_failure", None), BaseException):
+            error = error.health_check_failure
+        else:
+            break
+    return error
+
+
+def _is_ray_error(error: BaseException) -> bool:
+    return type(error).__module__.split(".")[0] == "ray"
+
+
+def describe_failure(error: BaseException, limit: int = 500) -> str:
+    """One line for a user and for MLflow: the root cause's type and the first line of its message.
+
+    Credentials found in the environment and passwords in URLs are masked: the line goes to logs and tags.
+    """
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    cause = root_cause(error) if _is_ray_error(error) else error
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    name = type(cause).__name__
+    text = f"{name}: {lines[0]}" if lines else name
+    for variable in CREDENTIAL_ENV:
+        secret = os.environ.get(variable)
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    text = re.sub(r"(\w+://[^/\s:@]+):[^/\s@]+@", r"\1:***@", text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def finish_tracking(run_info: dict, tracking: TrackingOptions, result: TrainResult, checkpoint) -> str | None:
@@ -247,9 +340,6 @@ def finish_tracking(run_info: dict, tracking: TrackingOptions, result: TrainResu
 
     client = MlflowClient(run_info["uri"])
     run_id = run_info["run_id"]
-    if result.error:
-        client.set_terminated(run_id, status="FAILED")
-        return None
     history = {
         name: [(m.step, m.value) for m in client.get_metric_history(run_id, name)]
         for names in LOSS_PANELS.values()

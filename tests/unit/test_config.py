@@ -157,6 +157,7 @@ def test_apply_overrides_edits_the_mapping_in_place() -> None:
         ("amp=int8", "amp"),
         ("checkpoint_every=0", "checkpoint_every"),
         ("log_every=0", "log_every"),
+        ("keep_checkpoints=1", "keep_checkpoints"),
         ("name=has space", "name"),
         ("model.arch.depth=3", "model.arch"),
         ("data.batch_size", "key=value"),
@@ -167,6 +168,17 @@ def test_bad_overrides_raise_value_error_naming_the_field(override, named) -> No
     with pytest.raises(ValueError) as error:
         load_config(CONFIGS / "pix2pix_unet.yaml", [override])
     assert named in str(error.value)
+
+
+def test_keep_checkpoints_below_two_is_refused_with_the_reason() -> None:
+    # A corrupt latest checkpoint needs the one before it to resume from.
+    with pytest.raises(ValueError) as error:
+        load_config(CONFIGS / "demo.yaml", ["keep_checkpoints=1"])
+    assert str(error.value) == (
+        "keep_checkpoints must be at least 2, got 1: when the latest checkpoint is unreadable, "
+        "a run resumes from the one before"
+    )
+    assert load_config(CONFIGS / "demo.yaml", ["keep_checkpoints=2"]).keep_checkpoints == 2
 
 
 def test_unknown_fields_in_a_preset_are_refused_and_the_known_ones_listed(tmp_path) -> None:
