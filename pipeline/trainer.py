@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from ingest.ray_util import CREDENTIAL_ENV
 from pipeline.config import TrainConfig
 from pipeline.data import DataError, DataPlan, resolve_data
 
@@ -366,16 +367,6 @@ def finish_tracking(run_info: dict, tracking: TrackingOptions, result: TrainResu
         version = registered.version if registered is not None else None
     client.set_terminated(run_id, status="FINISHED")
     return version
-
-
-CREDENTIAL_ENV = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
-)
 
 
 def _credentials() -> dict[str, str]:
