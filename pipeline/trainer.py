@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ingest.ray_util import CREDENTIAL_ENV
+from ingest.ray_util import CREDENTIAL_ENV, STORE_ENV
 from pipeline.config import TrainConfig
 from pipeline.data import DataError, DataPlan, resolve_data
 
@@ -26,7 +26,6 @@ class TrainResult:
     checkpoint: str | None  # the latest checkpoint's path
     metrics: dict  # metrics reported with the latest checkpoint
     plan: DataPlan
-    error: str | None = None  # always None: a run that fails raises (DataError, TrainingError); kept for callers
     run_id: str | None = None  # the MLflow run
     model_version: str | None = None  # the registered generator's version
 
@@ -377,23 +376,15 @@ def _credentials() -> dict[str, str]:
 def _forwarded_env() -> dict[str, str]:
     # Workers on other nodes need the endpoints (the credentials go by `_credentials`, see there).
     names = (
-        "AWS_ENDPOINT_URL",
-        "AWS_DEFAULT_REGION",
-        "AWS_REGION",
+        *STORE_ENV,
         "RECOLOR_LAKE",
         "MLFLOW_TRACKING_URI",
         "RECOLOR_NO_PROGRESS",
         "RECOLOR_FAILPOINT",
         "RECOLOR_FAILPOINT_ONCE",  # without it a restarted worker hits the failpoint again, and again
         "RECOLOR_FAILPOINT_BARRIER",
-        "RECOLOR_S3_RETRY_SECONDS",
-        "RECOLOR_S3_MAX_ATTEMPTS",
-        "RECOLOR_S3_ADDRESSING",
-        "RECOLOR_S3_CONDITIONAL_WRITES",
         "RECOLOR_TRAIN_LOG_LEVEL",
         "RECOLOR_CHECKPOINT_UPLOAD_ATTEMPTS",
-        "AWS_REQUEST_CHECKSUM_CALCULATION",
-        "AWS_RESPONSE_CHECKSUM_VALIDATION",
         # MLflow's own knobs for system metrics: rank 0's monitor runs on a worker, not here.
         "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL",
         "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING",
