@@ -280,15 +280,17 @@ class S3Storage:
                 retry.wait(e)
 
     def read_bytes(self, key: str) -> bytes:
-        with self.open_read(key) as stream:
-            return stream.read()
+        with self._body(key) as body:
+            return body.read_all()
 
     def open_read(self, key: str) -> BinaryIO:
         """A stream of the object that survives connection drops: it reopens at the byte it stopped at."""
-        response = self._call("read", key, self.client.get_object, Bucket=self.bucket, Key=self._key(key))
-        body = _ResumableBody(self, key, response)
         # Tar parsing reads in small blocks: buffer the HTTP body in large reads.
-        return io.BufferedReader(body, buffer_size=READ_BUFFER)
+        return io.BufferedReader(self._body(key), buffer_size=READ_BUFFER)
+
+    def _body(self, key: str) -> _ResumableBody:
+        response = self._call("read", key, self.client.get_object, Bucket=self.bucket, Key=self._key(key))
+        return _ResumableBody(self, key, response)
 
     def write_bytes(self, key: str, data: bytes) -> None:
         self._call("write", key, self.client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data)
@@ -581,10 +583,22 @@ class _ResumableBody(io.RawIOBase):
         return True
 
     def readinto(self, buffer) -> int:
+        data = self._read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def read_all(self) -> bytes:
+        """The rest of the object, read in large pieces (each resumable), without a buffer in front."""
+        pieces = []
+        while piece := self._read(READ_BUFFER):
+            pieces.append(piece)
+        return b"".join(pieces)
+
+    def _read(self, size: int) -> bytes:
         retry = None
         while True:
             try:
-                data = self._body.read(len(buffer))
+                data = self._body.read(size)
                 break
             except Exception as e:  # noqa: BLE001 - only transient errors are retried
                 if not _is_transient(e):
@@ -592,9 +606,8 @@ class _ResumableBody(io.RawIOBase):
                 retry = retry or _Retry(self._storage.client.meta.endpoint_url, "read", self._storage.uri(self._key))
                 retry.wait(e)
                 self._reopen()
-        buffer[: len(data)] = data
         self._position += len(data)
-        return len(data)
+        return data
 
     def _reopen(self) -> None:
         storage = self._storage

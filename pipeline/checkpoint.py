@@ -80,9 +80,8 @@ def load_checkpoint(source: str | Path | bytes, map_location: str | torch.device
     try:
         payload = torch.load(handle, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated, corrupt or foreign files
-        reason = (
-            str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        )  # torch's messages run to a page
+        lines = str(e).strip().splitlines()
+        reason = lines[0] if lines else type(e).__name__  # torch's messages run to a page
         raise ValueError(f"{name} is not a readable checkpoint: {reason}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT or "generator" not in payload:
         raise ValueError(f"{name} is not a recolor checkpoint")

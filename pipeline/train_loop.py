@@ -320,11 +320,11 @@ class ColorizerTrainer:
             scheduler.step()
         self._sync_buffers()
         grid = f"samples/{stage_index}-{stage.name}/epoch_{epoch + 1:03d}.png"
-        epoch_samples = self._sum_over_ranks(trained)
+        bad_samples, epoch_samples = self._sum_over_ranks(bad.bad, trained)
         metrics = {
             **losses,
             **self.validate(grid),
-            "bad_samples": self._sum_over_ranks(bad.bad),
+            "bad_samples": bad_samples,
             "epoch_samples": epoch_samples,
             "stage": float(stage_index),
         }
@@ -357,13 +357,13 @@ class ColorizerTrainer:
                 for buffer in unwrap(network).buffers():
                     torch.distributed.broadcast(buffer, src=0)
 
-    def _sum_over_ranks(self, value: float) -> float:
-        """`value` summed over all ranks (each counts what it read, e.g. corrupt samples; rank 0 logs the total)."""
+    def _sum_over_ranks(self, *values: float) -> list[float]:
+        """Each of `values` summed over all ranks, in one all-reduce (each rank counts what it read)."""
         if self.world_size == 1:
-            return float(value)
-        total = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(total)
-        return float(total.item())
+            return [float(value) for value in values]
+        totals = torch.tensor([float(value) for value in values], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(totals)
+        return totals.tolist()
 
     def _checkpoint(self, metrics: dict, position: Position, opts, scheds) -> None:
         payload = self.payload(position, opts, scheds) if self.is_rank_zero else None
