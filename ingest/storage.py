@@ -244,23 +244,29 @@ class LocalStorage:
 
 
 class S3Storage:
-    """An S3 bucket and prefix (AWS, MinIO, rclone serve s3, ...)."""
+    """An S3 bucket and prefix (AWS, MinIO, rclone serve s3, ...).
 
-    def __init__(self, bucket: str, prefix: str = ""):
+    `settings` (names of `S3_SETTINGS` and values) take the place of this process's environment:
+    an object that travels to another process (Ray's train controller, a worker on another node)
+    carries the endpoint and credentials it was made with.
+    """
+
+    def __init__(self, bucket: str, prefix: str = "", settings: dict[str, str] | None = None):
         self.bucket = bucket
         self.prefix = prefix
         self.root_uri = f"s3://{bucket}/{prefix}".rstrip("/")
+        self.settings = settings
         self._client = None
 
     @property
     def client(self):
         # Created lazily: a Storage is pickled into Ray tasks, a boto3 client cannot be.
         if self._client is None:
-            self._client = make_s3_client()
+            self._client = make_s3_client(self.settings)
         return self._client
 
     def __getstate__(self):
-        return {"bucket": self.bucket, "prefix": self.prefix, "root_uri": self.root_uri, "_client": None}
+        return {**self.__dict__, "_client": None}
 
     def _key(self, key: str) -> str:
         return join_key(self.prefix, key)
@@ -268,9 +274,12 @@ class S3Storage:
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
 
+    def _retry(self, what: str, key: str) -> _Retry:
+        return _Retry(self.client.meta.endpoint_url, what, self.uri(key), retry_seconds(self.settings))
+
     def _call(self, what: str, key: str, fn, *args, **kwargs):
         """Run one S3 request, retrying while the endpoint is unreachable; translate errors into ours."""
-        retry = _Retry(self.client.meta.endpoint_url, what, self.uri(key))
+        retry = self._retry(what, key)
         while True:
             try:
                 return fn(*args, **kwargs)
@@ -350,7 +359,7 @@ class S3Storage:
 
     def _conditional_put(self, key: str, data: bytes) -> None:
         put = self.client.put_object
-        retry = _Retry(self.client.meta.endpoint_url, "write", self.uri(key))
+        retry = self._retry("write", key)
         retried = False
         while True:
             try:
@@ -440,6 +449,65 @@ class S3Storage:
 
         return self._call("list", prefix, uploads)
 
+    def info(self, key: str) -> ObjectInfo | None:
+        """The object's size and modification time, or None when there is no such object."""
+        try:
+            head = self._call("check", key, self.client.head_object, Bucket=self.bucket, Key=self._key(key))
+        except FileNotFoundError:
+            return None
+        return ObjectInfo(key, int(head["ContentLength"]), head["LastModified"].timestamp())
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        """`length` bytes of the object from byte `start` (fewer at its end)."""
+        if length <= 0:
+            return b""
+        response = self._call(
+            "read",
+            key,
+            self.client.get_object,
+            Bucket=self.bucket,
+            Key=self._key(key),
+            Range=f"bytes={start}-{start + length - 1}",
+        )
+        with _ResumableBody(self, key, response) as body:
+            return body.read_all()
+
+    def list_level(self, prefix: str = "") -> tuple[list[ObjectInfo], list[str]]:
+        """The objects directly below `prefix` and the names of its "folders" (common prefixes)."""
+        full = self._key(prefix)
+        full = full + "/" if full else ""
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        paginator = self.client.get_paginator("list_objects_v2")
+        pages = self._call(
+            "list", prefix, lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=full, Delimiter="/"))
+        )
+        files = [
+            ObjectInfo(item["Key"][strip:], int(item["Size"]), item["LastModified"].timestamp())
+            for page in pages
+            for item in page.get("Contents", [])
+        ]
+        folders = sorted({p["Prefix"][len(full) :].rstrip("/") for page in pages for p in page.get("CommonPrefixes", [])})
+        return files, folders
+
+    def delete_many(self, keys: list[str]) -> None:
+        """Delete `keys` in batches of 1,000 (one request each); absent keys are no error."""
+        for start in range(0, len(keys), 1000):
+            batch = keys[start : start + 1000]
+            objects = {"Objects": [{"Key": self._key(key)} for key in batch], "Quiet": True}
+            response = self._call("delete", batch[0], self.client.delete_objects, Bucket=self.bucket, Delete=objects)
+            errors = response.get("Errors") or []
+            if errors:
+                first = errors[0]
+                raise StorageError(
+                    f"S3 refused to delete {len(errors)} of {len(batch)} objects, the first s3://{self.bucket}/"
+                    f"{first.get('Key')}: {first.get('Code')} {first.get('Message', '')}".rstrip()
+                )
+
+    def copy(self, source_key: str, key: str) -> None:
+        """Copy an object within the bucket (server-side)."""
+        source = {"Bucket": self.bucket, "Key": self._key(source_key)}
+        self._call("copy", key, self.client.copy, source, self.bucket, self._key(key))
+
     def list_children(self, prefix: str = "") -> list[str]:
         """Names of the "folders" (common prefixes) directly below `prefix`, sorted."""
         full = self._key(prefix)
@@ -487,23 +555,23 @@ def _upload_progress(_bytes: int) -> None:
     faults.maybe_fail("upload_partial")
 
 
-def retry_seconds() -> float:
-    return float(os.environ.get("RECOLOR_S3_RETRY_SECONDS", "120"))
+def retry_seconds(settings: dict[str, str] | None = None) -> float:
+    return float((os.environ if settings is None else settings).get("RECOLOR_S3_RETRY_SECONDS", "120"))
 
 
 class _Retry:
     """Backoff for one operation against an unreachable endpoint: 0.2 s doubling to 5 s, with jitter,
     until `RECOLOR_S3_RETRY_SECONDS` after the first failure; then a StorageError that says what to do."""
 
-    def __init__(self, endpoint: str, what: str, uri: str):
-        self.endpoint, self.what, self.uri = endpoint, what, uri
+    def __init__(self, endpoint: str, what: str, uri: str, limit_s: float):
+        self.endpoint, self.what, self.uri, self.limit_s = endpoint, what, uri, limit_s
         self.deadline: float | None = None
         self.delay = 0.2
         self.attempts = 0
 
     def wait(self, error: Exception) -> None:
         now = time.monotonic()
-        limit = retry_seconds()
+        limit = self.limit_s
         if self.deadline is None:
             self.deadline = now + limit
             log.warning(
@@ -603,7 +671,7 @@ class _ResumableBody(io.RawIOBase):
             except Exception as e:  # noqa: BLE001 - only transient errors are retried
                 if not _is_transient(e):
                     raise
-                retry = retry or _Retry(self._storage.client.meta.endpoint_url, "read", self._storage.uri(self._key))
+                retry = retry or self._storage._retry("read", self._key)
                 retry.wait(e)
                 self._reopen()
         self._position += len(data)
@@ -631,36 +699,72 @@ class _ResumableBody(io.RawIOBase):
 
 _CLIENTS: dict[tuple, object] = {}
 
+# The variables that say how to reach S3: endpoint, region, credentials and this project's knobs.
+S3_SETTINGS = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_REQUEST_CHECKSUM_CALCULATION",
+    "AWS_RESPONSE_CHECKSUM_VALIDATION",
+    "RECOLOR_S3_RETRY_SECONDS",
+    "RECOLOR_S3_MAX_ATTEMPTS",
+    "RECOLOR_S3_ADDRESSING",
+    "RECOLOR_S3_CONDITIONAL_WRITES",
+)
 
-def make_s3_client():
-    """A boto3 S3 client from the standard environment, with retries for flaky networks.
 
-    One client per process and environment, shared (boto3 clients are thread-safe): creating one
+def s3_settings() -> dict[str, str]:
+    """This process's S3 settings (see `S3_SETTINGS`), to hand to an object that runs elsewhere."""
+    return {name: os.environ[name] for name in S3_SETTINGS if name in os.environ}
+
+
+def make_s3_client(settings: dict[str, str] | None = None):
+    """A boto3 S3 client from `settings` (default: the standard environment), with retries for flaky networks.
+
+    One client per process and settings, shared (boto3 clients are thread-safe): creating one
     costs about 0.1 s, and ingest opens a store per source image.
     """
-    environment = sorted((k, v) for k, v in os.environ.items() if k.startswith(("AWS_", "RECOLOR_S3")))
-    settings = (os.getpid(), tuple(environment))
-    client = _CLIENTS.get(settings)
+    values = s3_settings() if settings is None else dict(settings)
+    key = (os.getpid(), tuple(sorted(values.items())))
+    client = _CLIENTS.get(key)
     if client is None:
-        client = _CLIENTS[settings] = _new_s3_client()
+        client = _CLIENTS[key] = _new_s3_client(values)
     return client
 
 
-def _new_s3_client():
+def _new_s3_client(settings: dict[str, str]):
     import boto3
     from botocore.config import Config
 
     config = Config(
         # A few quick attempts in botocore; longer outages are retried (with a deadline) by S3Storage._call.
-        retries={"max_attempts": int(os.environ.get("RECOLOR_S3_MAX_ATTEMPTS", "3")), "mode": "standard"},
+        retries={"max_attempts": int(settings.get("RECOLOR_S3_MAX_ATTEMPTS", "3")), "mode": "standard"},
         connect_timeout=10,
         read_timeout=60,
         # Path-style addressing works for MinIO and rclone as well as AWS.
-        s3={"addressing_style": os.environ.get("RECOLOR_S3_ADDRESSING", "path")},
+        s3={"addressing_style": settings.get("RECOLOR_S3_ADDRESSING", "path")},
         max_pool_connections=32,
+        # Checksums only where S3 requires them: S3-compatible servers (rclone, older MinIO) reject the
+        # streaming (aws-chunked) uploads that the SDK's default sends, and AWS accepts either.
+        request_checksum_calculation=settings.get("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required").lower(),
+        response_checksum_validation=settings.get("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required").lower(),
     )
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    return boto3.session.Session().client("s3", region_name=region, config=config)
+    region = settings.get("AWS_REGION") or settings.get("AWS_DEFAULT_REGION") or "us-east-1"
+    session = boto3.session.Session(profile_name=settings.get("AWS_PROFILE"))
+    return session.client(
+        "s3",
+        region_name=region,
+        config=config,
+        endpoint_url=settings.get("AWS_ENDPOINT_URL_S3") or settings.get("AWS_ENDPOINT_URL"),
+        aws_access_key_id=settings.get("AWS_ACCESS_KEY_ID"),
+        aws_secret_access_key=settings.get("AWS_SECRET_ACCESS_KEY"),
+        aws_session_token=settings.get("AWS_SESSION_TOKEN"),
+    )
 
 
 def _status(error) -> int:

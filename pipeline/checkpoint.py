@@ -10,8 +10,9 @@ the position, so a resumed run continues exactly as an uninterrupted one would.
 
 Faults. On a Ray Train worker, `upload_checkpoint` retries a failed upload with backoff after
 removing its partial copy (`upload_with_retries`), and `resume_payload` passes over a latest
-checkpoint that does not load for the newest older one that does (`fallback_order`,
-`first_readable`), so a bad write costs the steps since the checkpoint before it, not the run.
+checkpoint that is missing or does not load for the newest older one that does (`fallback_order`,
+`first_readable`), so a bad write costs the steps since the checkpoint before it, not the run;
+with none left the run starts over instead of failing at every rerun.
 """
 
 from __future__ import annotations
@@ -167,26 +168,42 @@ def fallback_order(latest: str, names: Iterable[str]) -> list[str]:
 def first_readable(candidates: Iterable[str], load: Callable[[str], dict]) -> tuple[str, dict]:
     """The first candidate that loads and its payload; a warning names each one that does not.
 
+    A candidate is passed over whatever its load raises (missing, partly written, corrupt, foreign),
+    except a `StorageError`: a store that cannot be reached would make every older checkpoint look
+    gone too, so that stops the search.
+
     Args:
         candidates: checkpoints, most wanted first (consumed lazily: later ones are looked up only if needed).
-        load: a candidate's payload; raises ValueError when it is not a readable checkpoint (`load_checkpoint`).
+        load: a candidate's payload (`load_checkpoint` raises ValueError for what is not a checkpoint).
 
     Raises:
         CheckpointError: no candidate loads; names each with its error.
+        StorageError: the store could not be reached.
     """
+    from ingest.storage import StorageError
+
     unreadable: dict[str, str] = {}
     for candidate in candidates:
         try:
             payload = load(candidate)
-        except ValueError as error:
-            log.warning("%s is unreadable: %s", candidate, error)
-            unreadable[candidate] = str(error)
+        except StorageError:
+            raise
+        except Exception as error:  # noqa: BLE001 - any other reason makes it one to pass over
+            reason = _one_line(error)
+            log.warning("%s is unreadable: %s", candidate, reason)
+            unreadable[candidate] = reason
             continue
         if unreadable:
             log.warning("resuming from %s instead of the unreadable %s", candidate, ", ".join(unreadable))
         return candidate, payload
     tried = "; ".join(f"{name}: {error}" for name, error in unreadable.items()) or "none found"
     raise CheckpointError(f"no readable checkpoint to resume from ({tried})")
+
+
+def _one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    return text if isinstance(error, ValueError) and text else f"{type(error).__name__}: {text}".rstrip(": ")
 
 
 # --- on a Ray Train worker ---------------------------------------------------------------------------
@@ -224,10 +241,12 @@ def resume_payload(latest, rank: int) -> dict | None:
 
     Rank 0 tries them in order (a warning names each unreadable one) and tells every rank which it
     took, so all ranks resume from the same step. Older checkpoints are found by listing the run's
-    storage: Ray Train hands a worker the latest only.
+    storage: Ray Train hands a worker the latest only. When none loads (every checkpoint deleted,
+    or none whole) the run starts from its first step, with a warning saying so; what is there is
+    left in place.
 
     Raises:
-        CheckpointError: none of the run's checkpoints loads.
+        StorageError: the run's storage could not be reached.
     """
     import pyarrow.fs
     import ray.train
@@ -246,7 +265,7 @@ def resume_payload(latest, rank: int) -> dict | None:
 
     def candidates():
         yield latest_name
-        listing = filesystem.get_file_info(pyarrow.fs.FileSelector(storage.experiment_fs_path))
+        listing = filesystem.get_file_info(pyarrow.fs.FileSelector(storage.experiment_fs_path, allow_not_found=True))
         names = [posixpath.basename(info.path) for info in listing if info.type == pyarrow.fs.FileType.Directory]
         yield from fallback_order(latest_name, names)
 
@@ -255,12 +274,97 @@ def resume_payload(latest, rank: int) -> dict | None:
         try:
             chosen, payload = first_readable(candidates(), load)
         except CheckpointError as error:
-            failure = error
+            log.warning(
+                "%s; starting run %s from its first step (the MLflow run's metrics restart at step 0)",
+                error,
+                storage.experiment_fs_path,
+            )
+            chosen = ""
+        except Exception as error:  # noqa: BLE001 - every rank must hear of it, or the others wait forever
+            failure, chosen = error, None
     chosen = broadcast_from_rank_zero(chosen)  # a name, not the error: the broadcast carries 1 kB at most
     if failure is not None:
         raise failure
     if chosen is None:
-        raise CheckpointError(f"no readable checkpoint to resume from in {storage.experiment_fs_path} (see rank 0)")
+        raise CheckpointError(f"rank 0 could not read the checkpoints in {storage.experiment_fs_path} (see its log)")
+    if chosen == "":
+        return None
     if rank != 0:
         payload = load(chosen)
     return payload
+
+
+# --- on the driver, before Ray Train starts --------------------------------------------------------
+
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
+
+
+def repair_run_snapshot(run_uri: str) -> str | None:
+    """Make Ray Train's record of the run at `run_uri` name only checkpoints that are there, before a rerun.
+
+    Ray Train refuses to start a run whose record names a checkpoint folder that is gone (deleted by
+    hand, by a lifecycle rule, or never completed), and says to pick a new name: every rerun would
+    fail the same way. Checkpoints without their `checkpoint.pt` are dropped from the record; the
+    latest becomes the newest one left. With none left the record is removed and the run starts from
+    its first step. Each change is one warning naming the checkpoints.
+
+    Returns:
+        What was done, in one line (None when the record was whole or there is none).
+
+    Raises:
+        StorageError: the run's storage could not be reached.
+    """
+    import json
+
+    from ingest.storage import open_storage
+
+    store = open_storage(run_uri)
+    try:
+        record = json.loads(store.read_bytes(SNAPSHOT_FILE))
+    except FileNotFoundError:
+        return None
+    except ValueError as error:
+        raise CheckpointError(
+            f"{store.uri(SNAPSHOT_FILE)} is not readable JSON ({error}): Ray Train's record of the run's checkpoints "
+            "is damaged. Delete it to start the run from its first step, or train under another --name"
+        ) from None
+    results = record.get("checkpoint_results") or []
+    present = {
+        result["checkpoint_dir_name"]
+        for result in results
+        if store.exists(posixpath.join(result["checkpoint_dir_name"], CHECKPOINT_FILE))
+    }
+    missing = [result["checkpoint_dir_name"] for result in results if result["checkpoint_dir_name"] not in present]
+    if not missing:
+        return None
+    if not present:
+        store.delete(SNAPSHOT_FILE)
+        message = (
+            f"none of the checkpoints recorded for {run_uri} is left ({', '.join(missing)} missing): "
+            "starting the run from its first step"
+        )
+        log.warning(message)
+        return message
+    kept = [(result, index) for result, index in zip(results, record["checkpoint_report_indices"])
+            if result["checkpoint_dir_name"] in present]  # fmt: skip
+    record["checkpoint_results"] = [result for result, _ in kept]
+    record["checkpoint_report_indices"] = [index for _, index in kept]
+    latest = record.get("latest_checkpoint_result")
+    if latest is None or latest["checkpoint_dir_name"] not in present:
+        record["latest_checkpoint_result"] = max(kept, key=lambda pair: pair[1])[0]
+    pending = [
+        (result, spec)
+        for result, spec in zip(record.get("pending_training_results", []), record.get("pending_validation_specs", []))
+        if result["checkpoint_dir_name"] in present
+    ]
+    record["pending_training_results"] = [result for result, _ in pending]
+    record["pending_validation_specs"] = [spec for _, spec in pending]
+    for field in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names",
+                  "failed_validation_checkpoint_dir_names"):  # fmt: skip
+        if field in record:
+            record[field] = [name for name in record[field] if name in present]
+    store.write_bytes(SNAPSHOT_FILE, json.dumps(record).encode())
+    chosen = record["latest_checkpoint_result"]["checkpoint_dir_name"]
+    message = f"checkpoints {', '.join(missing)} of {run_uri} are missing: resuming from {chosen}"
+    log.warning(message)
+    return message

@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from ingest.lake import LakeError
     from ingest.sources import SourceError
     from ingest.storage import StorageError
+    from pipeline.checkpoint import CheckpointError
     from pipeline.data import DataError
     from pipeline.trainer import TrainingError, describe_failure
 
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.handler(args)
-    except (SourceError, LakeError, StorageError, DataError, ValueError, FileNotFoundError) as e:
+    except (SourceError, LakeError, StorageError, DataError, CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"recolor: error: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:

@@ -9,7 +9,6 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 from ingest.ray_util import CREDENTIAL_ENV, STORE_ENV
 from pipeline.config import TrainConfig
@@ -39,92 +38,12 @@ def resolve_storage(storage: str | None) -> str:
 
 
 def storage_filesystem(storage: str):
-    """A pyarrow file system for s3:// storage that honours AWS_ENDPOINT_URL (MinIO, rclone); None for local."""
+    """The pyarrow file system Ray Train gets for s3:// run storage (see `ingest.arrow_fs`); None for local."""
     if not storage.startswith("s3://"):
         return None
-    import pyarrow.fs
+    from ingest.arrow_fs import s3_filesystem
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    kwargs = {
-        "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-        "retry_strategy": pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=8),
-    }
-    if endpoint:
-        parsed = urlparse(endpoint)
-        kwargs.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
-        # S3-compatible servers (older MinIO, rclone) reject the SDK's default streaming checksums
-        # (aws-chunked uploads without Content-Length): ask for checksums only where required.
-        for name in ("AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION"):
-            os.environ.setdefault(name, "WHEN_REQUIRED")
-    if os.environ.get("AWS_ACCESS_KEY_ID"):
-        kwargs.update(access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"))
-    return pyarrow.fs.PyFileSystem(NoDirectoryMarkers(pyarrow.fs.S3FileSystem(**kwargs)))
-
-
-def _handler_base():
-    import pyarrow.fs
-
-    return pyarrow.fs.FileSystemHandler
-
-
-class NoDirectoryMarkers(_handler_base()):
-    """An S3 file system that never writes directory markers (empty `prefix/` objects).
-
-    Object stores have no directories; Ray's storage layer still asks for them, and some
-    S3-compatible servers (rclone serve s3 on a local disk) store a marker as a file, which then
-    blocks every key below it. Everything else is passed to the wrapped file system.
-    """
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def get_type_name(self):
-        return "s3-no-markers"
-
-    def equals(self, other):
-        return isinstance(other, NoDirectoryMarkers) and self.inner.equals(other.inner)
-
-    def normalize_path(self, path):
-        return self.inner.normalize_path(path)
-
-    def get_file_info(self, paths):
-        return self.inner.get_file_info(paths)
-
-    def get_file_info_selector(self, selector):
-        return self.inner.get_file_info(selector)
-
-    def create_dir(self, path, recursive):
-        pass
-
-    def delete_dir(self, path):
-        self.inner.delete_dir(path)
-
-    def delete_dir_contents(self, path, missing_dir_ok=False):
-        self.inner.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
-
-    def delete_root_dir_contents(self):
-        self.inner.delete_dir_contents("/", accept_root_dir=True)
-
-    def delete_file(self, path):
-        self.inner.delete_file(path)
-
-    def move(self, src, dest):
-        self.inner.move(src, dest)
-
-    def copy_file(self, src, dest):
-        self.inner.copy_file(src, dest)
-
-    def open_input_stream(self, path):
-        return self.inner.open_input_stream(path)
-
-    def open_input_file(self, path):
-        return self.inner.open_input_file(path)
-
-    def open_output_stream(self, path, metadata):
-        return self.inner.open_output_stream(path, metadata=metadata)
-
-    def open_append_stream(self, path, metadata):
-        return self.inner.open_append_stream(path, metadata=metadata)
+    return s3_filesystem()
 
 
 def _storage_path_for_ray(storage: str) -> str:
@@ -164,11 +83,13 @@ def run_training(
         TrainingError: training failed after `max_failures` restarts; its message names the root cause in one
             line. The MLflow run (when tracking) is then FAILED, tagged with that line; KILLED on Ctrl-C.
     """
-    from pipeline.checkpoint import upload_attempts
+    from pipeline.checkpoint import repair_run_snapshot, upload_attempts
 
     plan = resolve_data(config.data.datasets, config.data.lake)
     storage = resolve_storage(config.storage)
     upload_attempts()  # a bad $RECOLOR_CHECKPOINT_UPLOAD_ATTEMPTS stops here, not at a worker's first checkpoint
+    # A rerun after checkpoints were lost resumes from what is left (or starts over) instead of failing forever.
+    repair_run_snapshot(f"{storage.rstrip('/')}/{config.name}")
     run_info = None
     if tracking is not None and tracking.enabled:
         from pipeline.tracking import resolve_tracking_uri, start_or_resume_run

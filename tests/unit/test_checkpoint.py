@@ -25,6 +25,7 @@ from pipeline.checkpoint import (
     fallback_order,
     first_readable,
     load_checkpoint,
+    repair_run_snapshot,
     save_checkpoint,
     upload_attempts,
     upload_with_retries,
@@ -382,6 +383,88 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_readable_one(tmp_p
         match=r"^no readable checkpoint to resume from \(step6: .*step6 is not a readable.*; step4: .*\)$",
     ):
         first_readable(["step6", "step4"], lambda name: load_checkpoint(tmp_path / name))
+
+
+def test_missing_and_unreachable_checkpoints_in_the_fallback(tmp_path, caplog) -> None:
+    save_checkpoint(tmp_path, example_payload())
+
+    def load(name: str) -> dict:
+        if name == "gone":
+            raise FileNotFoundError("Path not found: runs/r/gone")  # what Ray's download raises
+        if name == "partial":
+            raise OSError("unexpected end of stream")
+        return load_checkpoint(tmp_path)
+
+    with caplog.at_level("WARNING", logger="pipeline.checkpoint"):
+        assert first_readable(["gone", "partial", "whole"], load)[0] == "whole"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        "gone is unreadable: FileNotFoundError: Path not found: runs/r/gone",
+        "partial is unreadable: OSError: unexpected end of stream",
+        "resuming from whole instead of the unreadable gone, partial",
+    ]
+    from ingest.storage import StorageError
+
+    def unreachable(name: str) -> dict:
+        raise StorageError("S3 endpoint http://127.0.0.1:1 unreachable")
+
+    with pytest.raises(StorageError):  # a store that is down is not a reason to pass over every checkpoint
+        first_readable(["a", "b"], unreachable)
+
+
+def ray_snapshot(names: list[str], latest: str | None) -> dict:
+    """Ray Train 2.60's `checkpoint_manager_snapshot.json`, reduced to the fields the repair touches."""
+
+    def result(name: str) -> dict:
+        return {"version": 0, "checkpoint_dir_name": name, "metrics": {"global_step": float(names.index(name))}}
+
+    return {
+        "ray_version": "2.60.0",
+        "checkpoint_results": [result(name) for name in names],
+        "checkpoint_report_indices": list(range(10, 10 + len(names))),
+        "latest_checkpoint_result": result(latest) if latest else None,
+        "pending_training_results": [],
+        "pending_validation_specs": [],
+        "current_report_index": 10 + len(names),
+        "validated_checkpoint_dir_names": [],
+        "timed_out_validation_checkpoint_dir_names": [],
+        "failed_validation_checkpoint_dir_names": [],
+    }
+
+
+def test_a_rerun_after_lost_checkpoints_resumes_from_what_is_left_or_starts_over(tmp_path, caplog) -> None:
+    import json
+
+    run = tmp_path / "run"
+    names = ["checkpoint_2025-01-01_00-00-01.000000", "checkpoint_2025-01-01_00-00-02.000000",
+             "checkpoint_2025-01-01_00-00-03.000000"]  # fmt: skip
+    for name in names:
+        save_checkpoint((run / name).mkdir(parents=True) or run / name, example_payload())
+    snapshot = run / "checkpoint_manager_snapshot.json"
+    snapshot.write_text(json.dumps(ray_snapshot(names, names[2])))
+    assert repair_run_snapshot(str(run)) is None  # whole: untouched
+    assert json.loads(snapshot.read_text()) == ray_snapshot(names, names[2])
+
+    (run / names[2] / CHECKPOINT_FILE).unlink()  # the latest, lost
+    (run / names[0] / CHECKPOINT_FILE).unlink()
+    with caplog.at_level("WARNING", logger="pipeline.checkpoint"):
+        message = repair_run_snapshot(str(run))
+    assert message == f"checkpoints {names[0]}, {names[2]} of {run} are missing: resuming from {names[1]}"
+    assert message in caplog.messages
+    repaired = json.loads(snapshot.read_text())
+    assert [r["checkpoint_dir_name"] for r in repaired["checkpoint_results"]] == [names[1]]
+    assert repaired["checkpoint_report_indices"] == [11]
+    assert repaired["latest_checkpoint_result"]["checkpoint_dir_name"] == names[1]
+
+    (run / names[1] / CHECKPOINT_FILE).unlink()
+    message = repair_run_snapshot(str(run))
+    assert message.startswith(f"none of the checkpoints recorded for {run} is left") and "first step" in message
+    assert not snapshot.exists()  # Ray Train then starts the run afresh
+    assert repair_run_snapshot(str(run)) is None
+
+    snapshot.write_text('{"ray_version": "2.60.0", "checkpoint_res')  # torn
+    with pytest.raises(CheckpointError, match=r"checkpoint_manager_snapshot.json is not readable JSON .*--name"):
+        repair_run_snapshot(str(run))
 
 
 # --- a real trainer ------------------------------------------------------------------------------
