@@ -486,7 +486,8 @@ class S3Storage:
             for page in pages
             for item in page.get("Contents", [])
         ]
-        folders = sorted({p["Prefix"][len(full) :].rstrip("/") for page in pages for p in page.get("CommonPrefixes", [])})
+        prefixes = [p["Prefix"] for page in pages for p in page.get("CommonPrefixes", [])]
+        folders = sorted({prefix[len(full) :].rstrip("/") for prefix in prefixes})
         return files, folders
 
     def delete_many(self, keys: list[str]) -> None:

@@ -345,18 +345,15 @@ def repair_run_snapshot(run_uri: str) -> str | None:
         )
         log.warning(message)
         return message
-    kept = [(result, index) for result, index in zip(results, record["checkpoint_report_indices"])
-            if result["checkpoint_dir_name"] in present]  # fmt: skip
+    indices = record["checkpoint_report_indices"]
+    kept = [(r, i) for r, i in zip(results, indices, strict=True) if r["checkpoint_dir_name"] in present]
     record["checkpoint_results"] = [result for result, _ in kept]
     record["checkpoint_report_indices"] = [index for _, index in kept]
     latest = record.get("latest_checkpoint_result")
     if latest is None or latest["checkpoint_dir_name"] not in present:
         record["latest_checkpoint_result"] = max(kept, key=lambda pair: pair[1])[0]
-    pending = [
-        (result, spec)
-        for result, spec in zip(record.get("pending_training_results", []), record.get("pending_validation_specs", []))
-        if result["checkpoint_dir_name"] in present
-    ]
+    pending_results, specs = record.get("pending_training_results", []), record.get("pending_validation_specs", [])
+    pending = [(r, s) for r, s in zip(pending_results, specs, strict=True) if r["checkpoint_dir_name"] in present]
     record["pending_training_results"] = [result for result, _ in pending]
     record["pending_validation_specs"] = [spec for _, spec in pending]
     for field in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names",
