@@ -22,6 +22,8 @@ import logging
 import os
 import posixpath
 import re
+import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -233,7 +235,41 @@ def upload_checkpoint(checkpoint, dir_name: str):
         if filesystem.get_file_info(destination).type != pyarrow.fs.FileType.NotFound:
             filesystem.delete_dir(destination)
 
-    return upload_with_retries(upload, destination, upload_attempts(), discard)
+    try:
+        return upload_with_retries(upload, destination, upload_attempts(), discard)
+    except CheckpointError:
+        shutil.rmtree(checkpoint.path, ignore_errors=True)  # Ray deletes the local copy only after a success
+        raise
+    finally:
+        upload_finished()
+
+
+# Uploads handed to Ray's upload thread and not finished yet (rank 0's, in this worker process).
+_uploads = threading.Condition()
+_uploads_pending = 0
+
+
+def upload_started() -> None:
+    global _uploads_pending
+    with _uploads:
+        _uploads_pending += 1
+
+
+def upload_finished() -> None:
+    global _uploads_pending
+    with _uploads:
+        _uploads_pending = max(0, _uploads_pending - 1)
+        _uploads.notify_all()
+
+
+def wait_for_uploads(at_most: int) -> float:
+    """Block until at most `at_most` uploads are pending; returns the seconds waited (a warning when it waited)."""
+    start = time.monotonic()
+    with _uploads:
+        if _uploads_pending > at_most:
+            log.warning("checkpoint uploads are slower than checkpoint_every: training waits for the one in flight")
+        _uploads.wait_for(lambda: _uploads_pending <= at_most)
+    return time.monotonic() - start
 
 
 def resume_payload(latest, rank: int) -> dict | None:

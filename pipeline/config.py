@@ -20,6 +20,7 @@ GAN_MODES = ("vanilla", "lsgan")
 ARCHS = ("unet_256", "resnet18_unet")
 NORMS = ("batch", "sync_batch", "instance")
 AMP_MODES = ("bf16", "fp16", "none")
+CHECKPOINT_UPLOAD_MODES = ("async", "sync")
 
 
 @dataclass
@@ -107,6 +108,7 @@ class TrainConfig:
     deterministic: bool = False  # deterministic kernels (slower); resumed runs then match uninterrupted ones
     storage: str | None = None  # checkpoints and run state: a folder or s3://...; None: ./ray_results
     checkpoint_every: int = 200  # steps between checkpoints (and one at every epoch's end)
+    checkpoint_upload: str = "async"  # "async": uploads run beside training; "sync": each step waits for its upload
     keep_checkpoints: int = 3  # at least 2: when the latest checkpoint is unreadable, a run resumes from the one before
     max_failures: int = 2  # worker-group restarts Ray Train may do
     log_every: int = 10  # steps between loss logs
@@ -124,6 +126,10 @@ class TrainConfig:
         for interval in ("checkpoint_every", "log_every"):
             if getattr(self, interval) < 1:
                 raise ValueError(f"{interval} must be at least 1, got {getattr(self, interval)}")
+        if self.checkpoint_upload not in CHECKPOINT_UPLOAD_MODES:
+            raise ValueError(
+                f"checkpoint_upload must be one of {CHECKPOINT_UPLOAD_MODES}, got {self.checkpoint_upload!r}"
+            )
         if self.keep_checkpoints < 2:
             raise ValueError(
                 f"keep_checkpoints must be at least 2, got {self.keep_checkpoints}: "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import shutil
 import tempfile
 import time
 import zlib
@@ -26,7 +27,15 @@ from torch import nn
 
 from ingest import faults
 from ingest.lab import lab8_to_network_torch
-from pipeline.checkpoint import FORMAT, Position, resume_payload, save_checkpoint, upload_checkpoint
+from pipeline.checkpoint import (
+    FORMAT,
+    Position,
+    resume_payload,
+    save_checkpoint,
+    upload_checkpoint,
+    upload_started,
+    wait_for_uploads,
+)
 from pipeline.config import StageConfig, TrainConfig
 from pipeline.data import DataPlan, prefetch, train_batches, validation_batches
 from pipeline.evaluation import accumulate, finalize
@@ -401,17 +410,45 @@ class Progress:
             self.bar.close()
 
 
-def ray_report(metrics: dict, payload: dict | None) -> None:
-    """Report to Ray Train: every rank calls this equally often (it is a barrier); rank 0 adds the checkpoint."""
-    import ray.train
+def ray_reporter(upload_mode: str = "async"):
+    """Ray Train's report for `ColorizerTrainer`: every rank calls it equally often (it is a barrier); rank 0 adds
+    the checkpoint payload, saved to a local folder at once (the live weights) and uploaded by `upload_checkpoint`.
 
-    with tempfile.TemporaryDirectory() as directory:
-        checkpoint = None
-        if payload is not None:
-            save_checkpoint(directory, payload)
-            checkpoint = ray.train.Checkpoint.from_directory(directory)
+    With `upload_mode="async"` the upload runs in Ray's upload thread while training goes on: the checkpoint is
+    recorded (and older ones rotated out) only once its upload has completed, in report order, and a worker does
+    not finish before its last upload has. At most one upload waits behind the one in flight, so a store slower
+    than `checkpoint_every` slows training instead of filling the local disk.
+    """
+    import ray.train
+    from ray.train import CheckpointUploadMode
+
+    mode = CheckpointUploadMode.ASYNC if upload_mode == "async" else CheckpointUploadMode.SYNC
+
+    def report(metrics: dict, payload: dict | None) -> None:
         metrics = {k: float(v) for k, v in metrics.items()}
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_fn=upload_checkpoint)
+        if payload is None:
+            ray.train.report(metrics, checkpoint=None, checkpoint_upload_mode=mode)
+            return
+        if mode == CheckpointUploadMode.ASYNC:
+            wait_for_uploads(at_most=1)
+        directory = tempfile.mkdtemp(prefix="recolor-checkpoint-")
+        try:
+            save_checkpoint(directory, payload)
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        checkpoint = ray.train.Checkpoint.from_directory(directory)
+        upload_started()
+        # Ray deletes the local folder once the upload succeeded (upload_checkpoint does after the last failure).
+        ray.train.report(
+            metrics,
+            checkpoint=checkpoint,
+            checkpoint_upload_mode=mode,
+            delete_local_checkpoint_after_upload=True,
+            checkpoint_upload_fn=upload_checkpoint,
+        )
+
+    return report
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -458,7 +495,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         ray.train.torch.get_device(),
         prepare=ray.train.torch.prepare_model,
         logger=logger,
-        report=ray_report,
+        report=ray_reporter(config.checkpoint_upload),
         checkpoint_payload=payload,
     )
     try:

@@ -354,6 +354,67 @@ def own_s3(tmp_path, monkeypatch):
         server.stop()
 
 
+class MotoS3Server:
+    """moto's standalone S3 server on 127.0.0.1: unlike rclone it honours `If-None-Match: *` (conditional PUTs),
+    as AWS S3 and MinIO do."""
+
+    def __init__(self, log_path: Path):
+        from pipeline.stack import free_port
+
+        self.port = free_port()
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "moto-" + uuid.uuid4().hex[:8],
+            "AWS_SECRET_ACCESS_KEY": uuid.uuid4().hex,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def start(self) -> MotoS3Server:
+        from pipeline.stack import wait_for_port
+
+        binary = Path(sys.executable).parent / "moto_server"
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [str(binary), "-H", "127.0.0.1", "-p", str(self.port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_for_port(self.port, 60, self.process)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=20)
+            self.process = None
+
+
+@pytest.fixture
+def moto_s3(tmp_path, monkeypatch):
+    """A moto S3 server of this test's own with a bucket "faults"; the environment points boto3 at it."""
+    from ingest.storage import make_s3_client
+
+    server = MotoS3Server(tmp_path / "moto.log").start()
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in server.env().items():
+        monkeypatch.setenv(name, value)
+    make_s3_client().create_bucket(Bucket="faults")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 def _restart_later(server, seconds: float) -> threading.Thread:
     thread = threading.Thread(target=lambda: (time.sleep(seconds), server.start()), daemon=True)
     thread.start()

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from ingest.lake import Lake
+from ingest.storage import open_storage
 
 pytestmark = pytest.mark.slow
 
@@ -48,15 +49,25 @@ def keys_of(lake: Lake, version: int) -> set[str]:
 # --- two ingests into one dataset at once ------------------------------------------------------
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("where", ["local", "s3-claims", "s3-conditional"])
 def test_two_racing_ingests_take_one_version_number_each_and_lose_nothing(
-    where, own_s3, photo_writer, tmp_path, recolor, lake_check
+    where, request, photo_writer, tmp_path, recolor, lake_check
 ) -> None:
+    """Local folders publish with link(2); rclone (which ignores `If-None-Match`) takes the claim protocol;
+    moto, like AWS S3 and MinIO, gets conditional PUTs, forced here so no claim can stand in for them."""
     first = photo_writer(tmp_path / "first", range(500, 508), width=80, height=64)
     second = photo_writer(tmp_path / "second", range(506, 514), width=80, height=64)  # two photos in both
     lake_uri = str(tmp_path / "lake") if where == "local" else "s3://faults/lake"
     barrier = tmp_path / "barrier"
     env = {"RECOLOR_FAILPOINT": "commit:1:barrier", "RECOLOR_FAILPOINT_BARRIER": f"{barrier}:2"}
+    if where == "s3-claims":
+        request.getfixturevalue("own_s3")
+        assert not open_storage(lake_uri).conditional_writes()
+        env["RECOLOR_S3_CONDITIONAL_WRITES"] = "off"
+    elif where == "s3-conditional":
+        request.getfixturevalue("moto_s3")
+        assert open_storage(lake_uri).conditional_writes()  # the probe: moto refuses a PUT over an existing key
+        env["RECOLOR_S3_CONDITIONAL_WRITES"] = "on"
 
     runs = [
         in_background(recolor, *ingest_args(folder, lake_uri), env=env)

@@ -74,9 +74,15 @@ def test_rclone_ignores_conditional_puts_and_the_probe_says_so(own_s3) -> None:
     assert open_storage("s3://faults/lake").conditional_writes() is False
 
 
-@pytest.mark.parametrize("where", ["local", "s3-claims"])
-def test_racing_create_exclusive_writes_have_exactly_one_winner(where, own_s3, tmp_path) -> None:
+@pytest.mark.parametrize("where", ["local", "s3-claims", "s3-conditional"])
+def test_racing_create_exclusive_writes_have_exactly_one_winner(where, request, tmp_path, monkeypatch) -> None:
     uri = str(tmp_path / "lake") if where == "local" else "s3://faults/lake"
+    if where == "s3-claims":
+        request.getfixturevalue("own_s3")
+    elif where == "s3-conditional":  # moto honours If-None-Match: *, as AWS S3 and MinIO do
+        request.getfixturevalue("moto_s3")
+        assert open_storage(uri).conditional_writes()
+        monkeypatch.setattr(storage_module.S3Storage, "_claimed_put", None)  # a claim would now fail loudly
     racers = 6
     barrier = threading.Barrier(racers)
     outcomes: dict[int, str] = {}
