@@ -247,6 +247,8 @@ def upload_checkpoint(checkpoint, dir_name: str):
 # Uploads handed to Ray's upload thread and not finished yet (rank 0's, in this worker process).
 _uploads = threading.Condition()
 _uploads_pending = 0
+_warned_slow = False
+SLOW_UPLOAD_WARNING_S = 5.0
 
 
 def upload_started() -> None:
@@ -264,12 +266,19 @@ def upload_finished() -> None:
 
 def wait_for_uploads(at_most: int) -> float:
     """Block until at most `at_most` uploads are pending; returns the seconds waited (a warning when it waited)."""
+    global _warned_slow
     start = time.monotonic()
     with _uploads:
-        if _uploads_pending > at_most:
-            log.warning("checkpoint uploads are slower than checkpoint_every: training waits for the one in flight")
         _uploads.wait_for(lambda: _uploads_pending <= at_most)
-    return time.monotonic() - start
+    waited = time.monotonic() - start
+    if waited > SLOW_UPLOAD_WARNING_S and not _warned_slow:
+        _warned_slow = True
+        log.warning(
+            "training waited %.1f s for a checkpoint upload: the store takes longer than checkpoint_every steps "
+            "to take a checkpoint (said once)",
+            waited,
+        )
+    return waited
 
 
 def resume_payload(latest, rank: int) -> dict | None:
@@ -342,7 +351,9 @@ def repair_run_snapshot(run_uri: str) -> str | None:
     hand, by a lifecycle rule, or never completed), and says to pick a new name: every rerun would
     fail the same way. Checkpoints without their `checkpoint.pt` are dropped from the record; the
     latest becomes the newest one left. With none left the record is removed and the run starts from
-    its first step. Each change is one warning naming the checkpoints.
+    its first step. Each change is one warning naming the checkpoints. Checkpoint folders the record
+    does not name (an upload cut short by a crash or a stop) are deleted: no resume can use them.
+    Call it only while no driver runs this run.
 
     Returns:
         What was done, in one line (None when the record was whole or there is none).
@@ -358,6 +369,7 @@ def repair_run_snapshot(run_uri: str) -> str | None:
     try:
         record = json.loads(store.read_bytes(SNAPSHOT_FILE))
     except FileNotFoundError:
+        _delete_unrecorded(store, set())
         return None
     except ValueError as error:
         raise CheckpointError(
@@ -371,6 +383,7 @@ def repair_run_snapshot(run_uri: str) -> str | None:
         if store.exists(posixpath.join(result["checkpoint_dir_name"], CHECKPOINT_FILE))
     }
     missing = [result["checkpoint_dir_name"] for result in results if result["checkpoint_dir_name"] not in present]
+    _delete_unrecorded(store, {result["checkpoint_dir_name"] for result in results})
     if not missing:
         return None
     if not present:
@@ -401,3 +414,17 @@ def repair_run_snapshot(run_uri: str) -> str | None:
     message = f"checkpoints {', '.join(missing)} of {run_uri} are missing: resuming from {chosen}"
     log.warning(message)
     return message
+
+
+def _delete_unrecorded(store, recorded: set[str]) -> None:
+    """Delete checkpoint folders Ray Train has no record of: uploads cut short by a crash or a stop (never
+    resumed from) and rotated-out ones whose deletion failed. Left alone they would pile up run after run."""
+    from ingest.storage import LocalStorage
+
+    for name in store.list_children(""):
+        if RAY_CHECKPOINT_DIR.match(name) and name not in recorded:
+            for item in list(store.list(name, include_partial=True)):
+                store.delete(item.key)
+            if isinstance(store, LocalStorage):
+                shutil.rmtree(store.root / name, ignore_errors=True)  # the emptied folders too
+            log.info("deleted %s: a checkpoint Ray Train has no record of (an upload cut short)", store.uri(name))

@@ -53,9 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         run = f"; MLflow run {e.run_id} marked FAILED" if e.run_id else ""
         print(f"recolor: error: training failed: {e}{run}; rerun the same command to resume", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("recolor: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        name = getattr(e, "signal_name", "SIGINT")
+        print(f"recolor: stopped by {name}; rerun the same command to resume", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
     except Exception as e:
         # Failures inside Ray tasks (a worker that kept crashing, a lost node) arrive as Ray errors
         # whose text is a remote traceback: one line naming the remote error is enough, the work done so far is kept.

@@ -174,7 +174,54 @@ def _fit(config: TrainConfig, plan: DataPlan, storage: str, ray_address, logger_
             ),
         )
         # Ray Train 2.60 raises when training fails (never a Result with `.error`).
+        return _fit_until_stopped(trainer)
+
+
+class Stopped(KeyboardInterrupt):
+    """The driver got SIGINT or SIGTERM (Ctrl-C, a scheduler, `ray job stop`, `timeout`): the run is ended as KILLED,
+    its checkpoints kept; rerunning the same command resumes it."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+        self.exit_code = 143 if signal_name == "SIGTERM" else 130
+
+
+def _fit_until_stopped(trainer):
+    """`trainer.fit()`, with SIGINT and SIGTERM raising `Stopped` in this (the main) thread.
+
+    Ray's own handlers would not do: on SIGTERM its core worker prints a signal dump and aborts the process
+    (the MLflow run then stays RUNNING), and Ray Train's SIGINT handler exits with `SystemExit`. `fit` runs in a
+    thread of its own (Ray Train then installs no handler), and the handlers are installed after `ray.init`.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
         return trainer.fit()
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # noqa: BLE001 - handed to the main thread
+            outcome["error"] = error
+
+    def stop(signum, frame) -> None:
+        raise Stopped(signal.Signals(signum).name)
+
+    previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.25)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 class TrainingError(RuntimeError):
@@ -237,7 +284,7 @@ def describe_failure(error: BaseException, limit: int = 500) -> str:
     Credentials found in the environment and passwords in URLs are masked: the line goes to logs and tags.
     """
     if isinstance(error, KeyboardInterrupt):
-        return "interrupted"
+        return f"stopped by {getattr(error, 'signal_name', 'SIGINT')}"
     cause = root_cause(error) if _is_ray_error(error) else error
     lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
     name = type(cause).__name__

@@ -442,8 +442,14 @@ def test_a_rerun_after_lost_checkpoints_resumes_from_what_is_left_or_starts_over
         save_checkpoint((run / name).mkdir(parents=True) or run / name, example_payload())
     snapshot = run / "checkpoint_manager_snapshot.json"
     snapshot.write_text(json.dumps(ray_snapshot(names, names[2])))
-    assert repair_run_snapshot(str(run)) is None  # whole: untouched
+    cut_short = run / "checkpoint_2025-01-01_00-00-04.000000"  # an upload a crash cut short: never recorded
+    cut_short.mkdir()
+    (cut_short / CHECKPOINT_FILE).write_bytes(b"half")
+    (run / "notes").mkdir()
+    (run / "notes" / "keep.txt").write_text("not Ray's")
+    assert repair_run_snapshot(str(run)) is None  # the record is whole: untouched
     assert json.loads(snapshot.read_text()) == ray_snapshot(names, names[2])
+    assert not cut_short.exists() and (run / "notes" / "keep.txt").exists()
 
     (run / names[2] / CHECKPOINT_FILE).unlink()  # the latest, lost
     (run / names[0] / CHECKPOINT_FILE).unlink()
