@@ -51,7 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except TrainingError as e:
         run = f"; MLflow run {e.run_id} marked FAILED" if e.run_id else ""
-        print(f"recolor: error: training failed: {e}{run}; rerun the same command to resume", file=sys.stderr)
+        advice = (
+            "rerun the same command to resume"
+            if e.rerunnable
+            else "a rerun would fail the same way: fix the cause (config, data or code), then rerun to resume"
+        )
+        print(f"recolor: error: training failed: {e}{run}; {advice}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         name = getattr(e, "signal_name", "SIGINT")

@@ -126,6 +126,11 @@ class TrainConfig:
         for interval in ("checkpoint_every", "log_every"):
             if getattr(self, interval) < 1:
                 raise ValueError(f"{interval} must be at least 1, got {getattr(self, interval)}")
+        if self.model.norm == "sync_batch" and self.workers > 1 and not self.use_gpu:
+            raise ValueError(
+                "model.norm=sync_batch needs GPU workers (--gpu): SyncBatchNorm runs on CUDA only. "
+                "On CPU workers use model.norm=batch or instance"
+            )
         if self.checkpoint_upload not in CHECKPOINT_UPLOAD_MODES:
             raise ValueError(
                 f"checkpoint_upload must be one of {CHECKPOINT_UPLOAD_MODES}, got {self.checkpoint_upload!r}"

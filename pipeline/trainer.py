@@ -86,6 +86,7 @@ def run_training(
     from pipeline.checkpoint import repair_run_snapshot, upload_attempts
 
     plan = resolve_data(config.data.datasets, config.data.lake)
+    check_before_start(config, plan, ray_address)
     storage = resolve_storage(config.storage)
     upload_attempts()  # a bad $RECOLOR_CHECKPOINT_UPLOAD_ATTEMPTS stops here, not at a worker's first checkpoint
     # A rerun after checkpoints were lost resumes from what is left (or starts over) instead of failing forever.
@@ -129,7 +130,39 @@ def run_training(
         data_errors = [e for e in _worker_failures(error) if isinstance(e, DataError)]
         if data_errors:
             raise DataError(str(data_errors[0])) from error
-        raise TrainingError(reason, run_info["run_id"] if run_info else None) from error
+        cause = root_cause(error)
+        raise TrainingError(reason, run_info["run_id"] if run_info else None, is_transient(cause)) from error
+
+
+def check_before_start(config: TrainConfig, plan: DataPlan, ray_address: str | None = None) -> None:
+    """What the driver can tell in seconds, before a cluster starts: data too small to train, devices missing.
+
+    Raises:
+        DataError: the training split is smaller than one global batch, or the validation split is empty.
+        ValueError: GPU workers asked of a local machine without that many GPUs.
+    """
+    global_batch = config.workers * config.data.batch_size
+    train, val = plan.count("train"), plan.count("val")
+    refs = ", ".join(plan.refs)
+    if train < global_batch:
+        raise DataError(
+            f"{refs}: the training split has {train} samples, fewer than one global batch ({config.workers} workers "
+            f"x batch {config.data.batch_size}): ingest more images or lower data.batch_size / --workers"
+        )
+    if val == 0:
+        raise DataError(
+            f"{refs}: the validation split has no samples, so the run could report no validation metrics: "
+            "re-ingest with --val-fraction above 0, or add a dataset that has some"
+        )
+    if config.use_gpu and not (ray_address or os.environ.get("RAY_ADDRESS")):
+        import torch
+
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if available < config.workers:
+            raise ValueError(
+                f"--gpu with {config.workers} workers needs {config.workers} GPUs, and this machine has {available}: "
+                "drop --gpu, lower --workers, or pass --ray-address of a cluster with GPU nodes"
+            )
 
 
 def _fit(config: TrainConfig, plan: DataPlan, storage: str, ray_address, logger_factory, on_worker_end, run_info):
@@ -227,9 +260,22 @@ def _fit_until_stopped(trainer):
 class TrainingError(RuntimeError):
     """Training failed in the workers after `max_failures` restarts; the message is one line naming the root cause."""
 
-    def __init__(self, reason: str, run_id: str | None = None):
+    def __init__(self, reason: str, run_id: str | None = None, rerunnable: bool = True):
         super().__init__(reason)
         self.run_id = run_id  # the MLflow run, now FAILED; None without tracking
+        self.rerunnable = rerunnable  # whether rerunning the same command can succeed (see `is_transient`)
+
+
+def is_transient(cause: BaseException) -> bool:
+    """Whether a failure can pass by itself, so rerunning the same command may succeed: a lost worker or node,
+    a store or network that failed, memory that ran out. A mistake in the config, the data or the code (a
+    ValueError, TypeError, an unsupported option) fails the same way every time."""
+    from ingest.storage import StorageError
+    from pipeline.checkpoint import CheckpointError
+
+    return _is_ray_error(cause) or isinstance(
+        cause, (OSError, StorageError, CheckpointError, MemoryError, ConnectionError, TimeoutError)
+    )
 
 
 def _is_training_failure(error: BaseException) -> bool:

@@ -7,7 +7,10 @@ from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 from ray.train import ControllerError, WorkerGroupError
 
 from ingest.faults import InjectedFault
-from pipeline.trainer import describe_failure
+from pipeline.checkpoint import CheckpointError
+from pipeline.config import DataConfig, ModelConfig, TrainConfig
+from pipeline.data import DataError, DataPlan, ShardInfo
+from pipeline.trainer import Stopped, TrainingError, check_before_start, describe_failure, is_transient
 
 
 def test_a_worker_group_error_is_described_by_the_workers_own_error_not_rays_wrapper() -> None:
@@ -42,10 +45,74 @@ def test_a_description_masks_credentials_and_url_passwords_and_stays_short(monke
 @pytest.mark.parametrize(
     ("error", "expected"),
     [
-        (KeyboardInterrupt(), "interrupted"),
+        (KeyboardInterrupt(), "stopped by SIGINT"),
+        (Stopped("SIGTERM"), "stopped by SIGTERM"),
         (RuntimeError(), "RuntimeError"),
         (ValueError("  \nsecond"), "ValueError: second"),
     ],
 )
 def test_plain_errors_are_described_by_type_and_first_line(error, expected) -> None:
     assert describe_failure(error) == expected
+
+
+def plan_of(train: int, val: int) -> DataPlan:
+    return DataPlan(refs=["photos@3"], digests={}, uris={}, size=64, train=[ShardInfo("a.tar", train)],
+                    val=[ShardInfo("b.tar", val)] if val else [])  # fmt: skip
+
+
+def test_the_driver_refuses_data_too_small_to_train_before_any_worker_starts(monkeypatch) -> None:
+    config = TrainConfig(workers=2, data=DataConfig(batch_size=4))
+    check_before_start(config, plan_of(8, 1))  # exactly one global batch: fine
+    with pytest.raises(DataError, match=r"^photos@3: the training split has 7 samples, fewer than one global batch "
+                                        r"\(2 workers x batch 4\): ingest more images"):  # fmt: skip
+        check_before_start(config, plan_of(7, 1))
+    with pytest.raises(DataError, match=r"^photos@3: the validation split has no samples.*--val-fraction above 0"):
+        check_before_start(config, plan_of(100, 0))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ValueError, match=r"--gpu with 2 workers needs 2 GPUs, and this machine has 0: drop --gpu"):
+        check_before_start(TrainConfig(workers=2, use_gpu=True, data=DataConfig(batch_size=4)), plan_of(100, 4))
+    check_before_start(TrainConfig(workers=2, use_gpu=True), plan_of(100, 4), ray_address="ray://gpus:10001")
+
+
+def test_sync_batch_norm_on_cpu_workers_is_refused_when_the_config_is_read() -> None:
+    with pytest.raises(ValueError, match=r"model.norm=sync_batch needs GPU workers \(--gpu\).*model.norm=batch"):
+        TrainConfig(workers=2, model=ModelConfig(norm="sync_batch"))
+    TrainConfig(workers=1, model=ModelConfig(norm="sync_batch"))  # one rank: plain BatchNorm statistics
+    TrainConfig(workers=2, use_gpu=True, model=ModelConfig(norm="sync_batch"))
+
+
+@pytest.mark.parametrize(
+    ("cause", "transient"),
+    [
+        (ActorDiedError(), True),
+        (InjectedFault("x"), True),  # an OSError: what a store or network raises
+        (CheckpointError("upload failed 4 times"), True),
+        (MemoryError(), True),
+        (ValueError("bad option"), False),
+        (RuntimeError("SyncBatchNorm layers only work with GPU modules"), False),
+        (TypeError("x"), False),
+    ],
+)
+def test_only_failures_that_can_pass_by_themselves_are_called_rerunnable(cause, transient) -> None:
+    assert is_transient(cause) is transient
+
+
+def test_the_cli_says_rerun_only_when_a_rerun_can_succeed(monkeypatch, capsys) -> None:
+    import pipeline.train_cli
+    from pipeline.cli import main
+
+    def failing(reason: str, rerunnable: bool):
+        def handler(args):
+            raise TrainingError(reason, "abc123", rerunnable)
+
+        return handler
+
+    monkeypatch.setattr(pipeline.train_cli, "run_train_command", failing("ValueError: bad option", False))
+    assert main(["train", "configs/demo.yaml"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "recolor: error: training failed: ValueError: bad option; MLflow run abc123 marked FAILED; "
+        "a rerun would fail the same way: fix the cause (config, data or code), then rerun to resume"
+    )
+    monkeypatch.setattr(pipeline.train_cli, "run_train_command", failing("ActorDiedError: node lost", True))
+    assert main(["train", "configs/demo.yaml"]) == 1
+    assert capsys.readouterr().err.strip().endswith("marked FAILED; rerun the same command to resume")
