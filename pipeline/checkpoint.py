@@ -297,10 +297,13 @@ def resume_payload(latest, rank: int) -> dict | None:
     import ray.train
     from ray.train.collective import broadcast_from_rank_zero
 
-    if latest is None:
-        return None
     storage = ray.train.get_context().get_storage()
     filesystem = storage.storage_filesystem
+    if rank == 0:
+        # Uploads a killed worker group left half done: Ray keeps no record of them and would never delete them.
+        delete_unrecorded(_run_uri(storage))
+    if latest is None:
+        return None
     latest_name = posixpath.basename(latest.path.rstrip("/"))
 
     def load(name: str) -> dict:
@@ -414,6 +417,48 @@ def repair_run_snapshot(run_uri: str) -> str | None:
     message = f"checkpoints {', '.join(missing)} of {run_uri} are missing: resuming from {chosen}"
     log.warning(message)
     return message
+
+
+def latest_recorded(run_uri: str) -> tuple[str, dict] | None:
+    """The latest checkpoint Ray Train recorded for the run at `run_uri`: (folder name, the metrics reported with
+    it), or None when there is none. Read from Ray's record, without downloading the checkpoint."""
+    import json
+
+    from ingest.storage import open_storage
+
+    try:
+        record = json.loads(open_storage(run_uri).read_bytes(SNAPSHOT_FILE))
+    except (FileNotFoundError, ValueError):
+        return None
+    latest = record.get("latest_checkpoint_result")
+    if not latest:
+        return None
+    return latest["checkpoint_dir_name"], dict(latest.get("metrics") or {})
+
+
+def _run_uri(storage) -> str:
+    """The URI of a Ray Train run's folder (its `StorageContext`) for `ingest.storage.open_storage`."""
+    from ingest.arrow_fs import S3Handler
+
+    path = storage.experiment_fs_path
+    handler = getattr(storage.storage_filesystem, "handler", None)
+    return f"s3://{path}" if isinstance(handler, S3Handler) else path
+
+
+def delete_unrecorded(run_uri: str) -> None:
+    """Delete the checkpoint folders of the run at `run_uri` that Ray Train's record does not name."""
+    import json
+
+    from ingest.storage import open_storage
+
+    store = open_storage(run_uri)
+    try:
+        record = json.loads(store.read_bytes(SNAPSHOT_FILE))
+    except FileNotFoundError:
+        record = {}
+    except ValueError:
+        return  # a damaged record: the driver reports it (repair_run_snapshot); deleting by it would be a guess
+    _delete_unrecorded(store, {result["checkpoint_dir_name"] for result in record.get("checkpoint_results", [])})
 
 
 def _delete_unrecorded(store, recorded: set[str]) -> None:

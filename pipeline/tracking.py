@@ -120,7 +120,16 @@ class MlflowLogger:
         with tempfile.TemporaryDirectory() as temp:
             path = Path(temp) / name
             path.write_bytes(png)
-            self.client.log_artifact(self.run_id, str(path), artifact_path=directory or None)
+            try:
+                self.client.log_artifact(self.run_id, str(path), artifact_path=directory or None)
+            except Exception as e:  # noqa: BLE001 - a picture is not worth a restart of every worker
+                logging.getLogger(__name__).warning(
+                    "could not log %s to MLflow run %s (training goes on): %s: %s",
+                    artifact_path,
+                    self.run_id,
+                    type(e).__name__,
+                    " ".join(str(e).split())[:300],
+                )
 
     def close(self) -> None:
         if self.monitor is not None:
@@ -202,6 +211,32 @@ def start_or_resume_run(
                 mlflow.log_input(dataset, context=context)
     client.update_run(run_id, status="RUNNING")
     return run_id, False
+
+
+def finished_run(tracking_uri: str | None, experiment: str, name: str, model_name: str | None):
+    """(run id, newest registered model version or None) of the latest MLflow run named `name` if it is FINISHED;
+    None when there is no such run or it did not finish (failed, killed, or still running)."""
+    from mlflow import MlflowClient
+
+    tracking_uri = resolve_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs(
+        [found.experiment_id],
+        filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'",
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
+    if not runs or runs[0].info.status != "FINISHED":
+        return None
+    run_id = runs[0].info.run_id
+    version = None
+    if model_name:
+        versions = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+        version = max((v.version for v in versions), key=int, default=None)
+    return run_id, version
 
 
 def end_failed_run(tracking_uri: str, run_id: str, reason: str, status: str = "FAILED") -> None:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ from pathlib import Path
 from ingest.ray_util import CREDENTIAL_ENV, STORE_ENV
 from pipeline.config import TrainConfig
 from pipeline.data import DataError, DataPlan, resolve_data
+
+log = logging.getLogger(__name__)
 
 DEFAULT_STORAGE = "ray_results"
 STORAGE_ENV = "RECOLOR_STORAGE"
@@ -90,7 +93,11 @@ def run_training(
     storage = resolve_storage(config.storage)
     upload_attempts()  # a bad $RECOLOR_CHECKPOINT_UPLOAD_ATTEMPTS stops here, not at a worker's first checkpoint
     # A rerun after checkpoints were lost resumes from what is left (or starts over) instead of failing forever.
-    repair_run_snapshot(f"{storage.rstrip('/')}/{config.name}")
+    run_uri = f"{storage.rstrip('/')}/{config.name}"
+    repair_run_snapshot(run_uri)
+    finished = finished_earlier(config, plan, run_uri, tracking)
+    if finished is not None:
+        return finished
     run_info = None
     if tracking is not None and tracking.enabled:
         from pipeline.tracking import resolve_tracking_uri, start_or_resume_run
@@ -132,6 +139,48 @@ def run_training(
             raise DataError(str(data_errors[0])) from error
         cause = root_cause(error)
         raise TrainingError(reason, run_info["run_id"] if run_info else None, is_transient(cause)) from error
+
+
+def finished_earlier(config: TrainConfig, plan: DataPlan, run_uri: str, tracking) -> TrainResult | None:
+    """The result of a run that already trained all `config` asks for, and whose MLflow run is FINISHED; else None.
+
+    Rerunning a finished command then trains nothing, starts no cluster and registers no second model version:
+    it reports what the run left (its latest checkpoint, metrics, MLflow run and model version). A run whose
+    config asks for more (more epochs, another stage) is resumed as usual.
+    """
+    from pipeline.checkpoint import latest_recorded
+
+    latest = latest_recorded(run_uri)
+    if latest is None or not _trained_all(config, latest[1]):
+        return None
+    name, metrics = latest
+    result = TrainResult(name=config.name, storage=run_uri, checkpoint=f"{run_uri}/{name}", metrics=metrics, plan=plan)
+    if tracking is not None and tracking.enabled:
+        from pipeline.tracking import finished_run
+
+        found = finished_run(tracking.tracking_uri, tracking.experiment, config.name, tracking.model_name)
+        if found is None:  # stopped between the last checkpoint and registering the model: let the resume do that
+            return None
+        result.run_id, result.model_version = found
+    log.warning(
+        "run %s finished earlier at step %d: nothing to train (raise stages.N.epochs to train on, or pick another "
+        "--name)",
+        config.name,
+        int(metrics.get("global_step", 0)),
+    )
+    return result
+
+
+def _trained_all(config: TrainConfig, metrics: dict) -> bool:
+    step = metrics.get("global_step")
+    if config.max_steps is not None and step is not None and step >= config.max_steps:
+        return True
+    last_stage = len(config.stages) - 1
+    return (
+        metrics.get("epoch_end") == 1
+        and metrics.get("stage") == last_stage
+        and metrics.get("epoch") == config.stages[last_stage].epochs - 1
+    )
 
 
 def check_before_start(config: TrainConfig, plan: DataPlan, ray_address: str | None = None) -> None:

@@ -1,0 +1,54 @@
+"""Soak tests of long training runs (see `soak.py`): run storage in a local folder, and on S3 directly.
+
+`recolor train` runs as a real process with its own local Ray. The lake is on a test-owned `rclone serve s3`
+in both cases, so the outage reaches the workers' shard reads; with `--storage s3://...` it reaches the
+checkpoint uploads and Ray Train's run state too.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import soak
+from test_train_ray import REPO
+
+from ingest.lake import Lake
+from ingest.run import IngestConfig, run_ingest
+
+pytestmark = [pytest.mark.slow, pytest.mark.s3]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_long_run_survives_rotation_a_killed_worker_and_an_outage_then_a_rerun_trains_nothing(
+    where, own_s3, photo_writer, tmp_path, recolor
+) -> None:
+    from mlflow import MlflowClient
+
+    photo_writer(tmp_path / "photos", range(3000, 3000 + soak.PHOTOS), width=80, height=64)
+    lake = "s3://faults/lake"
+    run_ingest(IngestConfig(kind="folder", source=str(tmp_path / "photos"), dataset="soak", lake=lake, size=64,
+                            shard_size=40_000, use_ray=False, progress=False))  # fmt: skip
+    train_samples = Lake(lake).resolve("soak").record["counts"]["train"]
+    if where == "local":
+        storage = str(tmp_path / "runs")
+    else:
+        own_s3.create_bucket("runs")
+        storage = "s3://runs/train"
+    run_uri = f"{storage}/soak"
+
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["train", REPO / "configs" / "demo.yaml", "--dataset", "soak", "--lake", lake, "--storage", storage,
+            "--name", "soak", "--tracking-uri", tracking, *soak.OVERRIDES]  # fmt: skip
+    env = soak.failpoint_env(tmp_path)
+    outage = soak.Outage(run_uri, own_s3.stop, own_s3.start)
+    try:
+        result = recolor(*args, env=env, timeout=600)
+        finished_at = time.monotonic()
+    finally:
+        outage.join()
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    client = MlflowClient(tracking)
+    marker = tmp_path / "killed-once"
+    folders = soak.check_soaked_run(run_uri, train_samples, outage, finished_at, marker, client, "soak")
+    soak.check_rerun(recolor(*args, env=env, timeout=300), run_uri, folders, client, "soak")
