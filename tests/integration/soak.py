@@ -124,8 +124,9 @@ def check_soaked_run(
 
 def check_rerun(result, run_uri: str, folders_before: list[str], mlflow_client, run_name: str) -> None:
     """The same command again after the run finished: nothing trained, nothing registered, nothing deleted."""
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"run {run_name} finished earlier at step" in result.stderr, result.stderr[-3000:]
+    output = result.stdout + result.stderr  # a job's own output comes on stdout of `recolor submit`
+    assert result.returncode == 0, output[-3000:]
+    assert f"run {run_name} finished earlier at step" in output, output[-3000:]
     assert checkpoint_folders(run_uri) == folders_before
     experiment = mlflow_client.get_experiment_by_name("recolor")
     named = f"tags.`recolor.run_name` = '{run_name}'"

@@ -17,9 +17,11 @@ import json
 import os
 import re
 import shlex
+import signal
 import socket
 import stat
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -339,6 +341,65 @@ def test_main_job_end_to_end_through_the_stack(stack, cli_runner, photo_writer, 
     champion = mlflow.get_model_version_by_alias("colorizer", "champion")
     assert champion.run_id == run.info.run_id
     assert f"models:/colorizer/{champion.version}" == registered_model_uri(train)
+
+
+def stack_s3_outage(stack: Stack) -> tuple:
+    """(stop, start) of the stack's S3 server: the same command, environment and port again (a real outage:
+    connections refused), recorded in `stack.json` so that `down` stops the new process."""
+    from pipeline.local_stack import _spawn
+    from pipeline.stack import wait_for_port
+
+    service = stack.state.services["s3"]
+    command = [part.decode() for part in Path(f"/proc/{service.pid}/cmdline").read_bytes().split(b"\0") if part]
+    environ = Path(f"/proc/{service.pid}/environ").read_bytes().split(b"\0")
+    env = dict(item.decode().split("=", 1) for item in environ if b"=" in item)
+    current = {"pid": service.pid}
+
+    def stop() -> None:
+        os.kill(current["pid"], signal.SIGTERM)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(current["pid"], 0)
+        while still_alive({current["pid"]: service.start_time}):
+            time.sleep(0.05)
+
+    def start() -> None:
+        state = StackState.load(stack.dir)
+        process = _spawn("s3", command, env, state, service.port)
+        current["pid"] = process.pid
+        wait_for_port(service.port, 30, process)
+        stack.state = StackState.load(stack.dir)  # the later tests (down) see the new process
+
+    return stop, start
+
+
+def test_soak_a_long_job_through_the_stack(stack, cli_runner, photo_writer, tmp_path, monkeypatch) -> None:
+    """Issue 15's soak as a Ray job (see `soak.py`): rotations, rank 1 killed mid-epoch, the stack's S3 down for a
+    few seconds, then the same `recolor submit train` again with nothing left to train."""
+    import soak
+
+    client = stack.s3()
+    for path in photo_writer(tmp_path / "photos", range(4000, 4000 + soak.PHOTOS), width=80, height=64):
+        client.upload_file(str(path), "lake", f"sources/soak/{path.name}")
+    ingest = submit(stack, cli_runner, "ingest", "folder", "s3://lake/sources/soak", "--dataset", "soak", *SMALL_SHARDS)
+    assert ingest.returncode == 0, ingest.stdout + ingest.stderr + ray_logs(stack)
+    for name, value in stack.exports.items():
+        monkeypatch.setenv(name, value)
+    train_samples = Lake("s3://lake/lake").resolve("soak").record["counts"]["train"]
+    run_uri = "s3://runs/train/soak"  # $RECOLOR_STORAGE of the stack, and the run's name
+    args = ["configs/demo.yaml", "--dataset", "soak", "--workers", str(soak.WORKERS), "--name", "soak",
+            *soak.OVERRIDES]  # fmt: skip
+    env = soak.failpoint_env(tmp_path)
+    outage = soak.Outage(run_uri, *stack_s3_outage(stack))
+    try:
+        train = submit(stack, cli_runner, "train", *args, env=env, timeout=600)
+        finished_at = time.monotonic()
+    finally:
+        outage.join()
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:] + ray_logs(stack)
+    mlflow = mlflow_client(stack)
+    marker = tmp_path / "killed-once"
+    folders = soak.check_soaked_run(run_uri, train_samples, outage, finished_at, marker, mlflow, "soak")
+    soak.check_rerun(submit(stack, cli_runner, "train", *args, env=env), run_uri, folders, mlflow, "soak")
 
 
 # --- down (last: it ends the module's stack) -------------------------------------------------------------
