@@ -91,7 +91,8 @@ class StackState:
             "AWS_SECRET_ACCESS_KEY": self.secret_key,
             "AWS_DEFAULT_REGION": "us-east-1",
             # rclone's S3 server rejects the streaming (aws-chunked) uploads that newer AWS SDKs send by
-            # default to compute checksums; pyarrow's S3 (Ray Train checkpoints) reads these too.
+            # default to compute checksums. The project's own S3 clients need none of these (they default to
+            # checksums only where required); other tools pointed at the stack (aws, mlflow's boto3) do.
             "AWS_REQUEST_CHECKSUM_CALCULATION": "WHEN_REQUIRED",
             "AWS_RESPONSE_CHECKSUM_VALIDATION": "WHEN_REQUIRED",
             "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{self.mlflow_port}",

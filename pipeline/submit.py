@@ -95,14 +95,9 @@ def forwarded_env(environ=os.environ, extra: list[str] = ()) -> dict[str, str]:
     """The submitter's endpoint variables (and `extra` names) that a job should see."""
     names = {n for n in environ if n.startswith(FORWARDED_PREFIXES) and n not in NOT_FORWARDED}
     names |= {n for n in extra if n in environ}
-    forwarded = {name: environ[name] for name in sorted(names)}
-    if "AWS_ENDPOINT_URL" in forwarded or "AWS_ENDPOINT_URL_S3" in forwarded:
-        # An S3-compatible store (MinIO, rclone): Ray Train's controller uploads checkpoints with the AWS
-        # C++ SDK, whose default streaming checksums such stores may reject (HTTP 411). Ask for checksums
-        # only where required, unless the submitter chose otherwise.
-        for name in ("AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION"):
-            forwarded.setdefault(name, "WHEN_REQUIRED")
-    return dict(sorted(forwarded.items()))
+    # No checksum settings are added: every S3 client of the project asks for checksums only where
+    # required unless told otherwise (`ingest.storage`), in the job's processes as in this one.
+    return {name: environ[name] for name in sorted(names)}
 
 
 def build_entrypoint(kind: str, job_args: list[str]) -> str:

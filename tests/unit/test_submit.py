@@ -111,18 +111,14 @@ def test_forwarded_variables() -> None:
     assert submit.forwarded_env(environ) == {
         "AWS_ACCESS_KEY_ID": "key",
         "AWS_ENDPOINT_URL": "http://minio:9000",
-        # An S3-compatible endpoint: checksums only where required, or checkpoint uploads get HTTP 411.
-        "AWS_REQUEST_CHECKSUM_CALCULATION": "WHEN_REQUIRED",
-        "AWS_RESPONSE_CHECKSUM_VALIDATION": "WHEN_REQUIRED",
         "AWS_SECRET_ACCESS_KEY": "secret",
         "MLFLOW_TRACKING_URI": "http://mlflow:5000",
         "RECOLOR_LAKE": "s3://lake/lake",
     }
     assert submit.forwarded_env(environ, extra=["HF_TOKEN", "NOT_SET"])["HF_TOKEN"] == "x"
-    # The submitter's own choice wins; without an endpoint (AWS itself) nothing is added.
+    # A submitter's own checksum choice travels; none is added (every S3 client of the project sets its default).
     chosen = submit.forwarded_env(environ | {"AWS_REQUEST_CHECKSUM_CALCULATION": "WHEN_SUPPORTED"})
     assert chosen["AWS_REQUEST_CHECKSUM_CALCULATION"] == "WHEN_SUPPORTED"
-    assert "AWS_REQUEST_CHECKSUM_CALCULATION" not in submit.forwarded_env({"AWS_ACCESS_KEY_ID": "key"})
 
 
 def test_working_dir_ships_code_not_data() -> None:
@@ -183,11 +179,7 @@ def test_without_a_token_credentials_stay_home(fake_cluster, clean_env, capsys) 
     clean_env.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
     assert main(["submit", "--no-follow", "train", "configs/demo.yaml"]) == 0
     runtime_env = fake_cluster.submitted["runtime_env"]
-    assert runtime_env["env_vars"] == {
-        "AWS_ENDPOINT_URL": "http://minio:9000",
-        "AWS_REQUEST_CHECKSUM_CALCULATION": "WHEN_REQUIRED",
-        "AWS_RESPONSE_CHECKSUM_VALIDATION": "WHEN_REQUIRED",
-    }
+    assert runtime_env["env_vars"] == {"AWS_ENDPOINT_URL": "http://minio:9000"}
     assert "worker_process_setup_hook" not in runtime_env
     assert "not forwarded (no cluster token to seal them with): AWS_SECRET_ACCESS_KEY" in capsys.readouterr().err
 
