@@ -494,7 +494,9 @@ class S3Storage:
         """Delete `keys` in batches of 1,000 (one request each); absent keys are no error."""
         for start in range(0, len(keys), 1000):
             batch = keys[start : start + 1000]
-            objects = {"Objects": [{"Key": self._key(key)} for key in batch], "Quiet": True}
+            # A directory marker (`prefix/`, written by other tools) keeps its slash: it is a key of its own.
+            keys = [self._key(key) + ("/" if key.endswith("/") else "") for key in batch]
+            objects = {"Objects": [{"Key": key} for key in keys], "Quiet": True}
             response = self._call("delete", batch[0], self.client.delete_objects, Bucket=self.bucket, Delete=objects)
             errors = response.get("Errors") or []
             if errors:

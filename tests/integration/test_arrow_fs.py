@@ -132,3 +132,21 @@ def test_a_failed_upload_raises_and_leaves_nothing(s3_env, monkeypatch) -> None:
         write(fs, f"{s3_env.bucket}/refused.json", b"{}")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_env.env["AWS_SECRET_ACCESS_KEY"])
     assert keys(s3_env.bucket) == []
+
+
+def test_on_a_store_that_keeps_markers_as_keys_old_markers_are_folders_and_go_with_them(moto_s3) -> None:
+    """moto, like AWS S3, keeps a `prefix/` marker as a key of its own (rclone would store it as a file)."""
+    client = make_s3_client()
+    for key in ("runs/", "runs/r/", "runs/r/checkpoint_1/checkpoint.pt", "runs/r/checkpoint_2/"):
+        client.put_object(Bucket="faults", Key=key, Body=b"x" if key.endswith(".pt") else b"")
+    fs = s3_filesystem()
+    listing = fs.get_file_info(pyarrow.fs.FileSelector("faults/runs/r"))
+    assert [(i.base_name, i.type) for i in listing] == [
+        ("checkpoint_1", pyarrow.fs.FileType.Directory),
+        ("checkpoint_2", pyarrow.fs.FileType.Directory),
+    ]
+    assert fs.get_file_info(["faults/runs/r/checkpoint_1"])[0].type == pyarrow.fs.FileType.Directory
+    for name in ("checkpoint_1", "checkpoint_2"):
+        fs.delete_dir(f"faults/runs/r/{name}")
+    write(fs, "faults/runs/r/checkpoint_manager_snapshot.json", b"{}")
+    assert keys("faults") == ["runs/", "runs/r/", "runs/r/checkpoint_manager_snapshot.json"]  # none written
