@@ -36,7 +36,7 @@ def worker(config: dict) -> None:
 
     from pipeline.checkpoint import FORMAT, wait_for_uploads
     from pipeline.models import build_discriminator, build_generator
-    from pipeline.train_loop import ray_reporter
+    from pipeline.train.worker import ray_reporter
 
     torch.set_num_threads(1)
     generator, discriminator = build_generator("unet_256"), build_discriminator()
@@ -90,7 +90,7 @@ def run_mode(mode: str, steps: int, every: int, work: int, storage: str, out: Pa
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipeline.trainer import _storage_path_for_ray, storage_filesystem
+    from pipeline.train.driver import _storage_path_for_ray, storage_filesystem
 
     start = time.perf_counter()
     trainer = TorchTrainer(
@@ -134,7 +134,7 @@ def main() -> int:
     os.environ.setdefault("RECOLOR_NO_PROGRESS", "1")
     import ray
 
-    from pipeline.stack import LocalS3Server, apply_env
+    from infra.stack.s3_server import LocalS3Server, apply_env
 
     with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as root:
         server = LocalS3Server(Path(root) / "s3", log_path=Path(root) / "rclone.log").start()

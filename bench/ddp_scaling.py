@@ -3,7 +3,7 @@
     python bench/ddp_scaling.py
     python bench/ddp_scaling.py --json
 
-Runs `pipeline.trainer.run_training` (real Ray Train, gloo DDP on the CPU) on a lake of generated
+Runs `pipeline.train.driver.run_training` (real Ray Train, gloo DDP on the CPU) on a lake of generated
 256 px photos with a narrower U-Net (base_filters 16: the same layers and the same ratio of compute
 to gradient traffic as the full model, 1/16 of both), `--steps` steps per run, and reads the images/s
 that rank 0 logs for every step (all ranks' images), skipping the warm-up steps.
@@ -53,7 +53,7 @@ def make_file_logger(path: str):
 
 def run(workers: int, lake: str, work: Path, steps: int, batch: int, base_filters: int) -> list[float]:
     from pipeline.config import DataConfig, ModelConfig, StageConfig, TrainConfig
-    from pipeline.trainer import run_training
+    from pipeline.train.driver import run_training
 
     log_path = work / f"steps-{workers}.jsonl"
     config = TrainConfig(
@@ -85,7 +85,7 @@ def main() -> None:
 
     import ray
 
-    from ingest.run import IngestConfig, run_ingest
+    from ingest.driver import IngestConfig, run_ingest
 
     work = Path(tempfile.mkdtemp(prefix="recolor-bench-ddp-"))
     try:

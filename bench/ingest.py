@@ -50,8 +50,8 @@ def seed_recipe(paths: list[str], out_dir: Path) -> int:
 
 def project_ingest(source: str, lake: Path) -> tuple[int, int]:
     """This project's ingest, single process. Returns (bytes of shards, samples ingested)."""
+    from ingest.driver import IngestConfig, run_ingest
     from ingest.lake import Lake
-    from ingest.run import IngestConfig, run_ingest
 
     summary = run_ingest(
         IngestConfig(kind="folder", source=source, dataset="bench", lake=str(lake), use_ray=False, progress=False)

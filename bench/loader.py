@@ -82,9 +82,9 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
 
-    from ingest.run import IngestConfig, run_ingest
+    from infra.stack.s3_server import LocalS3Server, apply_env, restore_env
+    from ingest.driver import IngestConfig, run_ingest
     from pipeline.data import resolve_data
-    from pipeline.stack import LocalS3Server, apply_env, restore_env
 
     work = Path(tempfile.mkdtemp(prefix="recolor-bench-loader-"))
     try:

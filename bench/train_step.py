@@ -95,7 +95,7 @@ def main() -> None:
     from pipeline.data import DataPlan
     from pipeline.losses import GANLoss
     from pipeline.models import build_discriminator, build_generator
-    from pipeline.train_loop import ColorizerTrainer
+    from pipeline.train.loop import ColorizerTrainer
 
     rng = np.random.default_rng(0)
     lab8 = torch.from_numpy(rng.integers(0, 256, (args.batch, 3, 256, 256), dtype=np.uint8))

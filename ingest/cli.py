@@ -74,7 +74,7 @@ def add_ingest_parser(subparsers) -> None:
 
 
 def run_ingest_command(args) -> int:
-    from ingest.run import IngestConfig, run_ingest
+    from ingest.driver import IngestConfig, run_ingest
 
     config = IngestConfig(
         kind=args.kind,

@@ -17,10 +17,10 @@ ENDPOINT_VARIABLES = (
 
 
 def start_job(name: str, environ=os.environ) -> None:
-    """Open the credentials `recolor submit` sealed (see `pipeline.sealed_env`; the workers open them
+    """Open the credentials `recolor submit` sealed (see `pipeline.remote.sealed_env`; the workers open them
     through the runtime env's setup hook), then print one line naming the endpoints in effect.
     Credential values are never printed, only whether they are set."""
-    from pipeline.sealed_env import unseal_environ
+    from pipeline.remote.sealed_env import unseal_environ
 
     opened = unseal_environ(environ)
     parts = [f"{variable}={environ[variable]}" for variable in ENDPOINT_VARIABLES if environ.get(variable)]

@@ -438,7 +438,7 @@ def latest_recorded(run_uri: str) -> tuple[str, dict] | None:
 
 def _run_uri(storage) -> str:
     """The URI of a Ray Train run's folder (its `StorageContext`) for `ingest.storage.open_storage`."""
-    from ingest.arrow_fs import S3Handler
+    from ingest.storage.arrow import S3Handler
 
     path = storage.experiment_fs_path
     handler = getattr(storage.storage_filesystem, "handler", None)

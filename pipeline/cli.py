@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from infra.stack.cli import add_stack_parser
 from ingest.cli import add_ingest_parser, add_lake_parser
-from pipeline.model_cli import add_model_parsers
-from pipeline.stack_cli import add_stack_parser
-from pipeline.submit import add_submit_parser
-from pipeline.train_cli import add_train_parser
+from pipeline.evaluation.cli import add_model_parsers
+from pipeline.remote.submit import add_submit_parser
+from pipeline.train.cli import add_train_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from ingest.storage import StorageError
     from pipeline.checkpoint import CheckpointError
     from pipeline.data import DataError
-    from pipeline.trainer import TrainingError, describe_failure
+    from pipeline.train.failures import TrainingError, describe_failure
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

@@ -291,7 +291,7 @@ def coco_tree(tmp_path) -> CocoTree:
 
 @dataclass
 class S3Env:
-    server: object  # pipeline.stack.LocalS3Server
+    server: object  # infra.stack.s3_server.LocalS3Server
     bucket: str
     env: dict[str, str]  # the AWS_* variables, for subprocesses
 
@@ -304,7 +304,7 @@ class S3Env:
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """One `rclone serve s3` for the session, serving a temporary folder."""
-    from pipeline.stack import LocalS3Server
+    from infra.stack.s3_server import LocalS3Server
 
     base = tmp_path_factory.mktemp("s3")
     server = LocalS3Server(base / "root", log_path=base / "rclone.log")
@@ -340,7 +340,7 @@ def s3_env(s3_server, monkeypatch) -> S3Env:
 def own_s3(tmp_path, monkeypatch):
     """A `rclone serve s3` of this test's own, with a bucket "faults", that the test may stop and restart
     (same port, keys and files); the environment points boto3 at it."""
-    from pipeline.stack import LocalS3Server
+    from infra.stack.s3_server import LocalS3Server
 
     server = LocalS3Server(tmp_path / "s3root", log_path=tmp_path / "rclone.log").start()
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_REGION"):
@@ -359,7 +359,7 @@ class MotoS3Server:
     as AWS S3 and MinIO do."""
 
     def __init__(self, log_path: Path):
-        from pipeline.stack import free_port
+        from infra.stack.s3_server import free_port
 
         self.port = free_port()
         self.log_path = log_path
@@ -378,7 +378,7 @@ class MotoS3Server:
         }
 
     def start(self) -> MotoS3Server:
-        from pipeline.stack import wait_for_port
+        from infra.stack.s3_server import wait_for_port
 
         binary = Path(sys.executable).parent / "moto_server"
         with open(self.log_path, "ab") as log:
@@ -429,7 +429,7 @@ def restart_later():
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A local Ray instance for the session; `ingest.ray_util.ensure_ray` reuses it instead of starting one."""
+    """A local Ray instance for the session; `ingest.cluster.ensure_ray` reuses it instead of starting one."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -14,8 +14,8 @@ import sys
 import pyarrow.fs
 import pytest
 
-from ingest.arrow_fs import SPOOL_IN_MEMORY, s3_filesystem
 from ingest.storage import make_s3_client
+from ingest.storage.arrow import SPOOL_IN_MEMORY, s3_filesystem
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 

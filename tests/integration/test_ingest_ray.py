@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from ingest.driver import IngestConfig, run_ingest
 from ingest.lake import Lake
-from ingest.run import IngestConfig, run_ingest
 
 pytestmark = pytest.mark.slow
 

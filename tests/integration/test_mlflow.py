@@ -35,12 +35,12 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from ingest.run import IngestConfig, run_ingest
+from infra.stack.s3_server import free_port
+from ingest.driver import IngestConfig, run_ingest
 from pipeline.config import DataConfig, ModelConfig, StageConfig, TrainConfig, flatten
 from pipeline.data import resolve_data
-from pipeline.stack import free_port
-from pipeline.tracking import fluent_tracking_uri, manifest_tag
-from pipeline.trainer import TrackingOptions, resolve_storage, run_training
+from pipeline.tracking.runs import fluent_tracking_uri, manifest_tag
+from pipeline.train.driver import TrackingOptions, resolve_storage, run_training
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +50,7 @@ BATCH, WORKERS = 2, 2
 RECIPE_LOSSES = ("loss_D_fake", "loss_D_real", "loss_D", "loss_G_GAN", "loss_G_L1", "loss_G")
 VALIDATION = ("l1_ab", "psnr", "ssim", "colorfulness", "colorfulness_abs_diff", "auc")
 MODEL = "colorizer"
-GRID_GAP = 4  # pixels between the cells of a sample grid (pipeline.plots.sample_grid)
+GRID_GAP = 4  # pixels between the cells of a sample grid (pipeline.tracking.plots.sample_grid)
 
 
 # --- helpers ------------------------------------------------------------------------------------------
@@ -423,7 +423,7 @@ def test_server_backend_tracks_the_same_and_keeps_artifacts_in_the_s3_bucket(ser
 
     version = client.get_model_version_by_alias(MODEL, "candidate")
     assert str(version.version) == str(served.result.model_version) and version.run_id == run_id
-    from pipeline.registry import load_generator
+    from pipeline.tracking.registry import load_generator
 
     generator = load_generator(f"models:/{MODEL}@candidate", served.uri)  # read back through the server
     with torch.no_grad():
@@ -440,9 +440,9 @@ def worse(embedded, lake):
     Registered as a second version of `colorizer`, without an alias."""
     import mlflow
 
-    from pipeline.evaluate import compute_metrics
-    from pipeline.registry import load_generator, log_generator
-    from pipeline.tracking import start_or_resume_run
+    from pipeline.evaluation.promote import compute_metrics
+    from pipeline.tracking.registry import load_generator, log_generator
+    from pipeline.tracking.runs import start_or_resume_run
 
     generator = load_generator(embedded.result.checkpoint)
     output_layer = generator.up_blocks[-1][1]
@@ -474,7 +474,7 @@ def worse(embedded, lake):
 def promotions(embedded, worse, lake, cli_runner, secret_env):
     """Three promotions on the same data: the worse model with no champion yet, the trained model (through
     `recolor evaluate --promote`), then the worse one again."""
-    from pipeline.evaluate import evaluate
+    from pipeline.evaluation.promote import evaluate
 
     def champion() -> str:
         return str(embedded.client.get_model_version_by_alias(MODEL, "champion").version)
@@ -637,7 +637,7 @@ def test_colorize_keeps_each_inputs_size_and_lightness_and_reports_the_unreadabl
 def test_colorize_keeps_lightness_under_strong_colours_outside_the_gamut(colorized, embedded, worse, tmp_path) -> None:
     # The tiny trained generator predicts nearly gray; the saturated one (ab near +110) puts most pixels
     # outside sRGB, where clipping R, G and B one by one would shift L by up to 30 units.
-    from pipeline.colorize import colorize
+    from pipeline.evaluation.colorize import colorize
 
     inputs = colorized.root / "inputs"
     summary = colorize(f"models:/{MODEL}/{worse.version}", [str(inputs)], str(tmp_path), tracking_uri=embedded.uri,
@@ -651,7 +651,7 @@ def test_colorize_keeps_lightness_under_strong_colours_outside_the_gamut(coloriz
 
 
 def test_colorize_accepts_a_checkpoint_path_as_the_model(colorized, embedded, tmp_path) -> None:
-    from pipeline.colorize import colorize
+    from pipeline.evaluation.colorize import colorize
 
     inputs = colorized.root / "inputs"
     summary = colorize(

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from ingest import storage as storage_module
 from ingest.storage import AlreadyExistsError, StorageError, open_storage
+from ingest.storage import s3 as storage_module
 
 pytestmark = pytest.mark.slow
 

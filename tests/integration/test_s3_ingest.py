@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ingest.driver import IngestConfig, run_ingest
 from ingest.lake import Lake
-from ingest.run import IngestConfig, run_ingest
 from ingest.storage import make_s3_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]

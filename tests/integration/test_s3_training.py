@@ -16,11 +16,11 @@ import test_train_ray as base
 from test_train_faults import metric_recorder, worker_log
 from test_train_ray import tiny_config
 
+from ingest.driver import IngestConfig, run_ingest
 from ingest.lake import Lake
-from ingest.run import IngestConfig, run_ingest
 from pipeline.config import DataConfig, ModelConfig, StageConfig
 from pipeline.data import resolve_data
-from pipeline.trainer import run_training
+from pipeline.train.driver import run_training
 
 pytestmark = pytest.mark.slow
 

@@ -13,8 +13,8 @@ import pytest
 import soak
 from test_train_ray import REPO
 
+from ingest.driver import IngestConfig, run_ingest
 from ingest.lake import Lake
-from ingest.run import IngestConfig, run_ingest
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 

@@ -30,10 +30,10 @@ import pytest
 import requests
 from botocore.exceptions import ClientError
 
+from infra.stack.processes import still_alive
+from infra.stack.s3_server import free_port
+from infra.stack.services import StackError, StackState, stack_processes, stop_stack
 from ingest.lake import Lake
-from pipeline.local_stack import StackError, StackState, stack_processes, stop_stack
-from pipeline.process_tree import still_alive
-from pipeline.stack import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 
@@ -346,8 +346,8 @@ def test_main_job_end_to_end_through_the_stack(stack, cli_runner, photo_writer, 
 def stack_s3_outage(stack: Stack) -> tuple:
     """(stop, start) of the stack's S3 server: the same command, environment and port again (a real outage:
     connections refused), recorded in `stack.json` so that `down` stops the new process."""
-    from pipeline.local_stack import _spawn
-    from pipeline.stack import wait_for_port
+    from infra.stack.s3_server import wait_for_port
+    from infra.stack.services import _spawn
 
     service = stack.state.services["s3"]
     command = [part.decode() for part in Path(f"/proc/{service.pid}/cmdline").read_bytes().split(b"\0") if part]

@@ -16,7 +16,7 @@ from test_train_ray import REPO
 
 from pipeline.checkpoint import load_checkpoint
 from pipeline.cli import main as recolor
-from pipeline.tracking import FAILURE_TAG, RUN_NAME_TAG
+from pipeline.tracking.runs import FAILURE_TAG, RUN_NAME_TAG
 
 pytestmark = pytest.mark.slow
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ingest.run import IngestConfig, run_ingest
+from ingest.driver import IngestConfig, run_ingest
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import DataConfig, ModelConfig, StageConfig, TrainConfig
 from pipeline.data import DataPlan, resolve_data
 from pipeline.models import build_generator
-from pipeline.trainer import TrainResult, run_training
+from pipeline.train.driver import TrainResult, run_training
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def state_saver(folder: Path):
     folder = str(folder)
 
     def save(trainer) -> None:
-        from pipeline.train_loop import unwrap
+        from pipeline.train.loop import unwrap
 
         states = {
             "generator": unwrap(trainer.generator).state_dict(),
@@ -55,7 +55,7 @@ def start_recorder(path: Path):
     path = str(path)
 
     def factory(config, plan, payload):
-        from pipeline.tracking import NullLogger
+        from pipeline.tracking.loggers import NullLogger
 
         with open(path, "a") as f:
             f.write(f"{payload['position']['global_step'] if payload else 0}\n")

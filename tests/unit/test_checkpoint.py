@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ingest import faults
-from ingest.run import IngestConfig, run_ingest
+from ingest.driver import IngestConfig, run_ingest
 from pipeline.checkpoint import (
     CHECKPOINT_FILE,
     FORMAT,
@@ -32,7 +32,7 @@ from pipeline.checkpoint import (
 )
 from pipeline.config import DataConfig, ModelConfig, StageConfig, TrainConfig
 from pipeline.data import DataPlan, resolve_data
-from pipeline.train_loop import ColorizerTrainer, unwrap
+from pipeline.train.loop import ColorizerTrainer, unwrap
 
 # --- a tiny lake and config ------------------------------------------------------------------------
 

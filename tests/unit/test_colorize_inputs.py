@@ -9,7 +9,7 @@ import pytest
 from bad_files import hue_picture, write_checkpoint
 from PIL import Image
 
-from pipeline.colorize import colorize, list_inputs, output_names
+from pipeline.evaluation.colorize import colorize, list_inputs, output_names
 
 
 def picture(path: Path, seed: int, size=(24, 16)) -> Path:

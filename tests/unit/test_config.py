@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import StageConfig, TrainConfig, apply_overrides, flatten, load_config, parse_value
-from pipeline.train_loop import lr_lambda
+from pipeline.train.loop import lr_lambda
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from ingest.driver import IngestConfig, run_ingest
 from ingest.lake import Lake
-from ingest.run import IngestConfig, run_ingest
 from pipeline.cli import main
 
 

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from pipeline.local_stack import StackError, StackState
-from pipeline.process_tree import process_start_time, stack_members, still_alive
+from infra.stack.processes import process_start_time, stack_members, still_alive
+from infra.stack.services import StackError, StackState
 
 TAG = b"RECOLOR_STACK_ID=unit-test-" + str(os.getpid()).encode()
 

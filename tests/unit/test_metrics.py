@@ -10,7 +10,7 @@ import torch
 from skimage.color import lab2rgb
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from pipeline.metrics import (
+from pipeline.evaluation.metrics import (
     METRIC_NAMES,
     auc_per_image,
     colorfulness_per_image,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.sealed_env import SEALED_ENV, SealError, is_secret_name, seal, unseal, unseal_environ
+from pipeline.remote.sealed_env import SEALED_ENV, SealError, is_secret_name, seal, unseal, unseal_environ
 
 
 def test_round_trip_and_wrong_token() -> None:

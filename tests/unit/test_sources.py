@@ -9,8 +9,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from ingest.driver import IngestConfig, list_source, run_ingest
 from ingest.lake import Lake
-from ingest.run import IngestConfig, list_source, run_ingest
 from ingest.sources import SourceError, list_coco, list_folder, list_imagenet, select_subset
 
 # --- ImageNet ----------------------------------------------------------------------------------

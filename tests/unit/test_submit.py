@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from ray._private.runtime_env.packaging import _get_excludes
 
-from pipeline import sealed_env, submit
 from pipeline.cli import main
+from pipeline.remote import sealed_env, submit
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -171,7 +171,7 @@ def test_credentials_travel_sealed(fake_cluster, clean_env) -> None:
         "AWS_ACCESS_KEY_ID": "recolor",
         "AWS_SECRET_ACCESS_KEY": "s3cr3t-value",
     }
-    assert runtime_env["worker_process_setup_hook"] == "pipeline.sealed_env.unseal_environ"
+    assert runtime_env["worker_process_setup_hook"] == "pipeline.remote.sealed_env.unseal_environ"
 
 
 def test_without_a_token_credentials_stay_home(fake_cluster, clean_env, capsys) -> None:
@@ -207,7 +207,7 @@ def test_submit_follows_logs_and_exits_with_the_job_status(fake_cluster, clean_e
 
 
 def test_unreachable_job_server(clean_env, capsys) -> None:
-    from pipeline.stack import free_port
+    from infra.stack.s3_server import free_port
 
     assert main(["jobs", "list", "--address", f"http://127.0.0.1:{free_port()}"]) == 2
     assert "no Ray job server at http://127.0.0.1:" in capsys.readouterr().err

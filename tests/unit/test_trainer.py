@@ -10,7 +10,8 @@ from ingest.faults import InjectedFault
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import DataConfig, ModelConfig, TrainConfig
 from pipeline.data import DataError, DataPlan, ShardInfo
-from pipeline.trainer import Stopped, TrainingError, check_before_start, describe_failure, is_transient
+from pipeline.train.driver import check_before_start
+from pipeline.train.failures import Stopped, TrainingError, describe_failure, is_transient
 
 
 def test_a_worker_group_error_is_described_by_the_workers_own_error_not_rays_wrapper() -> None:
@@ -98,7 +99,7 @@ def test_only_failures_that_can_pass_by_themselves_are_called_rerunnable(cause, 
 
 
 def test_the_cli_says_rerun_only_when_a_rerun_can_succeed(monkeypatch, capsys) -> None:
-    import pipeline.train_cli
+    import pipeline.train.cli
     from pipeline.cli import main
 
     def failing(reason: str, rerunnable: bool):
@@ -107,12 +108,12 @@ def test_the_cli_says_rerun_only_when_a_rerun_can_succeed(monkeypatch, capsys) -
 
         return handler
 
-    monkeypatch.setattr(pipeline.train_cli, "run_train_command", failing("ValueError: bad option", False))
+    monkeypatch.setattr(pipeline.train.cli, "run_train_command", failing("ValueError: bad option", False))
     assert main(["train", "configs/demo.yaml"]) == 1
     assert capsys.readouterr().err.strip() == (
         "recolor: error: training failed: ValueError: bad option; MLflow run abc123 marked FAILED; "
         "a rerun would fail the same way: fix the cause (config, data or code), then rerun to resume"
     )
-    monkeypatch.setattr(pipeline.train_cli, "run_train_command", failing("ActorDiedError: node lost", True))
+    monkeypatch.setattr(pipeline.train.cli, "run_train_command", failing("ActorDiedError: node lost", True))
     assert main(["train", "configs/demo.yaml"]) == 1
     assert capsys.readouterr().err.strip().endswith("marked FAILED; rerun the same command to resume")

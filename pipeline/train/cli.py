@@ -1,4 +1,4 @@
-"""`recolor train`: argument parsing and printing around `pipeline.trainer.run_training`."""
+"""`recolor train`: argument parsing and printing around `pipeline.train.driver.run_training`."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def config_from_args(args):
 
 
 def run_train_command(args) -> int:
-    from pipeline.trainer import TrackingOptions, run_training
+    from pipeline.train.driver import TrackingOptions, run_training
 
     config = config_from_args(args)
     tracking = TrackingOptions(

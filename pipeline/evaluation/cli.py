@@ -91,7 +91,7 @@ def _cuda() -> bool:
 
 
 def run_evaluate(args) -> int:
-    from pipeline.evaluate import evaluate
+    from pipeline.evaluation.promote import evaluate
 
     result = evaluate(
         args.model,
@@ -121,7 +121,7 @@ def run_evaluate(args) -> int:
 
 
 def run_colorize(args) -> int:
-    from pipeline.colorize import colorize
+    from pipeline.evaluation.colorize import colorize
 
     summary = colorize(
         args.model,
@@ -149,7 +149,7 @@ KEY_METRICS = ("val_l1_ab", "val_psnr", "val_ssim", "val_auc", "val_colorfulness
 def run_compare(args) -> int:
     from mlflow import MlflowClient
 
-    from pipeline.tracking import resolve_tracking_uri
+    from pipeline.tracking.runs import resolve_tracking_uri
 
     client = MlflowClient(resolve_tracking_uri(args.tracking_uri))
     experiment = client.get_experiment_by_name(args.experiment)

@@ -15,13 +15,9 @@ from __future__ import annotations
 import io
 import logging
 import os
-import shutil
-import tempfile
 import time
 import zlib
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -30,19 +26,14 @@ from ingest.lab import lab8_to_network_torch
 from pipeline.checkpoint import (
     FORMAT,
     Position,
-    resume_payload,
-    save_checkpoint,
-    upload_checkpoint,
-    upload_started,
-    wait_for_uploads,
 )
 from pipeline.config import StageConfig, TrainConfig
 from pipeline.data import DataPlan, prefetch, train_batches, validation_batches
-from pipeline.evaluation import accumulate, finalize
+from pipeline.evaluation.validation import accumulate, finalize
 from pipeline.losses import GANLoss, discriminator_loss, generator_loss
 from pipeline.models import build_discriminator, build_generator
-from pipeline.plots import sample_grid
-from pipeline.tracking import Logger, NullLogger
+from pipeline.tracking.loggers import Logger, NullLogger
+from pipeline.tracking.plots import sample_grid
 
 log = logging.getLogger(__name__)
 
@@ -85,18 +76,6 @@ def load_backbone(uri: str) -> dict[str, torch.Tensor]:
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     return state
-
-
-@dataclass
-class Networks:
-    """The two networks (possibly DDP-wrapped), their optimizers and schedulers for the current stage."""
-
-    generator: nn.Module
-    discriminator: nn.Module
-    opt_g: torch.optim.Optimizer
-    opt_d: torch.optim.Optimizer
-    sched_g: torch.optim.lr_scheduler.LRScheduler
-    sched_d: torch.optim.lr_scheduler.LRScheduler
 
 
 class ColorizerTrainer:
@@ -408,99 +387,3 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def ray_reporter(upload_mode: str = "async"):
-    """Ray Train's report for `ColorizerTrainer`: every rank calls it equally often (it is a barrier); rank 0 adds
-    the checkpoint payload, saved to a local folder at once (the live weights) and uploaded by `upload_checkpoint`.
-
-    With `upload_mode="async"` the upload runs in Ray's upload thread while training goes on: the checkpoint is
-    recorded (and older ones rotated out) only once its upload has completed, in report order, and a worker does
-    not finish before its last upload has. At most one upload waits behind the one in flight, so a store slower
-    than `checkpoint_every` slows training instead of filling the local disk.
-    """
-    import ray.train
-    from ray.train import CheckpointUploadMode
-
-    mode = CheckpointUploadMode.ASYNC if upload_mode == "async" else CheckpointUploadMode.SYNC
-
-    def report(metrics: dict, payload: dict | None) -> None:
-        metrics = {k: float(v) for k, v in metrics.items()}
-        if payload is None:
-            ray.train.report(metrics, checkpoint=None, checkpoint_upload_mode=mode)
-            return
-        if mode == CheckpointUploadMode.ASYNC:
-            wait_for_uploads(at_most=1)
-        directory = tempfile.mkdtemp(prefix="recolor-checkpoint-")
-        try:
-            save_checkpoint(directory, payload)
-        except BaseException:
-            shutil.rmtree(directory, ignore_errors=True)
-            raise
-        checkpoint = ray.train.Checkpoint.from_directory(directory)
-        upload_started()
-        # Ray deletes the local folder once the upload succeeded (upload_checkpoint does after the last failure).
-        ray.train.report(
-            metrics,
-            checkpoint=checkpoint,
-            checkpoint_upload_mode=mode,
-            delete_local_checkpoint_after_upload=True,
-            checkpoint_upload_fn=upload_checkpoint,
-        )
-
-    return report
-
-
-def train_loop_per_worker(loop_config: dict) -> None:
-    """Ray Train's entry point on every worker."""
-    import ray
-    import ray.train
-    import ray.train.torch
-
-    if loop_config.get("credentials") is not None:  # S3 and MLflow credentials, for boto3 and MLflow to find
-        os.environ.update(ray.get(loop_config["credentials"]))
-    config = TrainConfig.from_dict(loop_config["train"])
-    plan = DataPlan.from_dict(loop_config["data_plan"])
-    # Ray Train logs every report with all its metrics at INFO: the progress bar says it better.
-    from ray.train.v2._internal.execution import context as train_context
-
-    logging.getLogger(train_context.__file__).setLevel(os.environ.get("RECOLOR_TRAIN_LOG_LEVEL", "WARNING"))
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    if config.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed % 2**32)
-    payload = resume_payload(ray.train.get_checkpoint(), rank)
-    if payload is not None:
-        log.info("rank %d resuming at %s", rank, payload["position"])
-    logger = None
-    tracking = loop_config.get("tracking")
-    if rank == 0 and loop_config.get("logger_factory") is not None:
-        logger = loop_config["logger_factory"](config, plan, payload)
-    elif rank == 0 and tracking:
-        from pipeline.tracking import MlflowLogger
-
-        logger = MlflowLogger(tracking["uri"], tracking["run_id"])
-    trainer = ColorizerTrainer(
-        config,
-        plan,
-        rank,
-        world_size,
-        ray.train.torch.get_device(),
-        prepare=ray.train.torch.prepare_model,
-        logger=logger,
-        report=ray_reporter(config.checkpoint_upload),
-        checkpoint_payload=payload,
-    )
-    try:
-        trainer.run()
-        if loop_config.get("on_worker_end") is not None:
-            loop_config["on_worker_end"](trainer)
-    finally:
-        trainer.logger.close()

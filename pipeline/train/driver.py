@@ -7,13 +7,21 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ingest.ray_util import CREDENTIAL_ENV, STORE_ENV
+from ingest.cluster import CREDENTIAL_ENV, STORE_ENV
 from pipeline.config import TrainConfig
 from pipeline.data import DataError, DataPlan, resolve_data
+from pipeline.train.failures import (
+    Stopped,
+    TrainingError,
+    _is_training_failure,
+    _worker_failures,
+    describe_failure,
+    is_transient,
+    root_cause,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +49,10 @@ def resolve_storage(storage: str | None) -> str:
 
 
 def storage_filesystem(storage: str):
-    """The pyarrow file system Ray Train gets for s3:// run storage (see `ingest.arrow_fs`); None for local."""
+    """The pyarrow file system Ray Train gets for s3:// run storage (see `ingest.storage.arrow`); None for local."""
     if not storage.startswith("s3://"):
         return None
-    from ingest.arrow_fs import s3_filesystem
+    from ingest.storage.arrow import s3_filesystem
 
     return s3_filesystem()
 
@@ -100,7 +108,7 @@ def run_training(
         return finished
     run_info = None
     if tracking is not None and tracking.enabled:
-        from pipeline.tracking import resolve_tracking_uri, start_or_resume_run
+        from pipeline.tracking.runs import resolve_tracking_uri, start_or_resume_run
 
         tracking_uri = resolve_tracking_uri(tracking.tracking_uri)
         device = "cuda" if config.use_gpu else "cpu"
@@ -127,7 +135,7 @@ def run_training(
         # left RUNNING it would look alive forever. A rerun of the same name sets it back to RUNNING.
         reason = describe_failure(error)
         if run_info is not None:
-            from pipeline.tracking import end_failed_run
+            from pipeline.tracking.runs import end_failed_run
 
             status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
             end_failed_run(run_info["uri"], run_info["run_id"], reason, status)
@@ -156,7 +164,7 @@ def finished_earlier(config: TrainConfig, plan: DataPlan, run_uri: str, tracking
     name, metrics = latest
     result = TrainResult(name=config.name, storage=run_uri, checkpoint=f"{run_uri}/{name}", metrics=metrics, plan=plan)
     if tracking is not None and tracking.enabled:
-        from pipeline.tracking import finished_run
+        from pipeline.tracking.runs import finished_run
 
         found = finished_run(tracking.tracking_uri, tracking.experiment, config.name, tracking.model_name)
         if found is None:  # stopped between the last checkpoint and registering the model: let the resume do that
@@ -219,8 +227,8 @@ def _fit(config: TrainConfig, plan: DataPlan, storage: str, ray_address, logger_
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from ingest.ray_util import ensure_ray
-    from pipeline.train_loop import train_loop_per_worker
+    from ingest.cluster import ensure_ray
+    from pipeline.train.worker import train_loop_per_worker
 
     needed_cpus = config.workers * config.cpus_per_worker
     with ensure_ray(ray_address, max(os.cpu_count() or 1, needed_cpus)):
@@ -257,16 +265,6 @@ def _fit(config: TrainConfig, plan: DataPlan, storage: str, ray_address, logger_
         )
         # Ray Train 2.60 raises when training fails (never a Result with `.error`).
         return _fit_until_stopped(trainer)
-
-
-class Stopped(KeyboardInterrupt):
-    """The driver got SIGINT or SIGTERM (Ctrl-C, a scheduler, `ray job stop`, `timeout`): the run is ended as KILLED,
-    its checkpoints kept; rerunning the same command resumes it."""
-
-    def __init__(self, signal_name: str):
-        super().__init__(signal_name)
-        self.signal_name = signal_name
-        self.exit_code = 143 if signal_name == "SIGTERM" else 130
 
 
 def _fit_until_stopped(trainer):
@@ -306,100 +304,14 @@ def _fit_until_stopped(trainer):
     return outcome["result"]
 
 
-class TrainingError(RuntimeError):
-    """Training failed in the workers after `max_failures` restarts; the message is one line naming the root cause."""
-
-    def __init__(self, reason: str, run_id: str | None = None, rerunnable: bool = True):
-        super().__init__(reason)
-        self.run_id = run_id  # the MLflow run, now FAILED; None without tracking
-        self.rerunnable = rerunnable  # whether rerunning the same command can succeed (see `is_transient`)
-
-
-def is_transient(cause: BaseException) -> bool:
-    """Whether a failure can pass by itself, so rerunning the same command may succeed: a lost worker or node,
-    a store or network that failed, memory that ran out. A mistake in the config, the data or the code (a
-    ValueError, TypeError, an unsupported option) fails the same way every time."""
-    from ingest.storage import StorageError
-    from pipeline.checkpoint import CheckpointError
-
-    return _is_ray_error(cause) or isinstance(
-        cause, (OSError, StorageError, CheckpointError, MemoryError, ConnectionError, TimeoutError)
-    )
-
-
-def _is_training_failure(error: BaseException) -> bool:
-    from ray.train import TrainingFailedError
-
-    return isinstance(error, TrainingFailedError)
-
-
-def _worker_failures(error: BaseException) -> list[BaseException]:
-    # Ray Train's WorkerGroupError holds each failed rank's own exception (unwrapped from Ray's traceback wrapper).
-    failures = getattr(error, "worker_failures", None) or {}
-    return [failures[rank] for rank in sorted(failures)]
-
-
-def root_cause(error: BaseException) -> BaseException:
-    """The exception behind Ray's wrappers: what a worker, task or actor raised itself.
-
-    Ray Train raises a `WorkerGroupError` (holding each failed rank's exception) or a `ControllerError`; a Ray
-    task or actor that raised surfaces as a `RayTaskError` (the remote exception as `.cause`); a worker that
-    stopped answering as a health-check error wrapping the actor's death. Of several ranks' errors the first
-    that is not Ray's own (a dead actor, a lost node) wins: when one rank fails, the others often fail only
-    because it did.
-    """
-    from ray.exceptions import RayTaskError
-    from ray.train import ControllerError
-
-    seen: set[int] = set()
-    while id(error) not in seen:
-        seen.add(id(error))
-        failures = _worker_failures(error)
-        if failures:
-            causes = [root_cause(failure) for failure in failures]
-            error = next((cause for cause in causes if not _is_ray_error(cause)), causes[0])
-        elif isinstance(error, ControllerError):
-            error = error.controller_failure
-        elif isinstance(error, RayTaskError) and isinstance(getattr(error, "cause", None), BaseException):
-            error = error.cause
-        elif isinstance(getattr(error, "health_check_failure", None), BaseException):
-            error = error.health_check_failure
-        else:
-            break
-    return error
-
-
-def _is_ray_error(error: BaseException) -> bool:
-    return type(error).__module__.split(".")[0] == "ray"
-
-
-def describe_failure(error: BaseException, limit: int = 500) -> str:
-    """One line for a user and for MLflow: the root cause's type and the first line of its message.
-
-    Credentials found in the environment and passwords in URLs are masked: the line goes to logs and tags.
-    """
-    if isinstance(error, KeyboardInterrupt):
-        return f"stopped by {getattr(error, 'signal_name', 'SIGINT')}"
-    cause = root_cause(error) if _is_ray_error(error) else error
-    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
-    name = type(cause).__name__
-    text = f"{name}: {lines[0]}" if lines else name
-    for variable in CREDENTIAL_ENV:
-        secret = os.environ.get(variable)
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    text = re.sub(r"(\w+://[^/\s:@]+):[^/\s@]+@", r"\1:***@", text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def finish_tracking(run_info: dict, tracking: TrackingOptions, result: TrainResult, checkpoint) -> str | None:
     """After training: loss curves as a PNG, the generator logged and registered (alias `candidate`), run status."""
     from mlflow import MlflowClient
 
     from pipeline.checkpoint import load_checkpoint
-    from pipeline.plots import LOSS_PANELS, loss_curves
-    from pipeline.registry import generator_from_checkpoint, log_generator, min_side
-    from pipeline.tracking import MlflowLogger
+    from pipeline.tracking.loggers import MlflowLogger
+    from pipeline.tracking.plots import LOSS_PANELS, loss_curves
+    from pipeline.tracking.registry import generator_from_checkpoint, log_generator, min_side
 
     client = MlflowClient(run_info["uri"])
     run_id = run_info["run_id"]

@@ -10,7 +10,7 @@ cluster, whose Python must already have the project's dependencies (the cluster 
 the project; the local stack's head uses this environment). The endpoint variables (`AWS_*`,
 `MLFLOW_*`, `RECOLOR_*`) travel from the submitter's environment into the job; their values are
 never printed, and credentials among them travel sealed with the cluster token (Ray logs runtime
-environments in plain text; see `pipeline.sealed_env`). Requests carry the cluster's token:
+environments in plain text; see `pipeline.remote.sealed_env`). Requests carry the cluster's token:
 `$RAY_AUTH_TOKEN`, else the file `$RAY_AUTH_TOKEN_PATH`, else `~/.ray/auth_token`.
 """
 
@@ -26,11 +26,11 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from pipeline import sealed_env
+from pipeline.remote import sealed_env
 
 JOB_KINDS = ("ingest", "train", "evaluate")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # gitwildmatch patterns, relative to the working directory; a leading slash anchors at its top.
 WORKING_DIR_EXCLUDES = [
     ".git",
@@ -108,7 +108,7 @@ def build_entrypoint(kind: str, job_args: list[str]) -> str:
 
 def seal_credentials(env_vars: dict[str, str], token: str | None) -> tuple[dict[str, str], list[str], list[str]]:
     """Split the forwarded variables: endpoints stay readable, credentials are sealed with the cluster
-    token (see `pipeline.sealed_env`), or left out when there is no token to seal them with.
+    token (see `pipeline.remote.sealed_env`), or left out when there is no token to seal them with.
 
     Returns:
         (the job's env_vars, the names sealed, the names left out)

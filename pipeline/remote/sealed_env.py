@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 SEALED_ENV = "RECOLOR_SEALED_ENV"
-SETUP_HOOK = "pipeline.sealed_env.unseal_environ"
+SETUP_HOOK = "pipeline.remote.sealed_env.unseal_environ"
 _SECRET_NAME = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|CREDENTIAL", re.IGNORECASE)
 
 

@@ -1,4 +1,4 @@
-"""`recolor stack up|down|status|env`: argument parsing and printing around `pipeline.local_stack`."""
+"""`recolor stack up|down|status|env`: argument parsing and printing around `infra.stack.services`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import shlex
 import sys
 import time
 
-from pipeline.local_stack import DEFAULT_DIR, StackError, StackState, stack_status, start_stack, stop_stack
+from infra.stack.services import DEFAULT_DIR, StackError, StackState, stack_status, start_stack, stop_stack
 
 
 def add_stack_parser(subparsers) -> None:

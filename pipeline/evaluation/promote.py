@@ -32,8 +32,8 @@ class Evaluation:
 def compute_metrics(generator, plan, split: str, batch_size: int, device: torch.device, max_batches=None) -> dict:
     """The training validation's metrics (`eval_*`, gray baseline beside them) over one split of `plan`."""
     from pipeline.data import validation_batches
-    from pipeline.evaluation import accumulate, finalize
-    from pipeline.registry import min_side
+    from pipeline.evaluation.validation import accumulate, finalize
+    from pipeline.tracking.registry import min_side
 
     if plan.size < min_side(generator):
         raise ValueError(
@@ -87,9 +87,9 @@ def evaluate(
     from mlflow import MlflowClient
 
     from pipeline.data import resolve_data
-    from pipeline.evaluation import metric_names
-    from pipeline.registry import load_generator
-    from pipeline.tracking import (
+    from pipeline.evaluation.validation import metric_names
+    from pipeline.tracking.registry import load_generator
+    from pipeline.tracking.runs import (
         fluent_tracking_uri,
         get_experiment_id,
         lake_dataset,
@@ -161,7 +161,7 @@ def evaluate(
 
 
 def _promotion(client, name, version, metrics, metric, plan, split, batch_size, device, tracking_uri, max_batches):
-    from pipeline.registry import load_generator
+    from pipeline.tracking.registry import load_generator
 
     key = f"eval_{metric}"
     decision = {"metric": metric, "candidate_version": str(version), "candidate_value": metrics[key]}

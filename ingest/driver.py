@@ -328,7 +328,7 @@ def _run_chunks(specs: list[ChunkSpec], known: frozenset[str], config: IngestCon
         else:
             import ray
 
-            from ingest.ray_util import ensure_ray, task_environment
+            from ingest.cluster import ensure_ray, task_environment
 
             with ensure_ray(config.ray_address, config.workers):
                 remote = ray.remote(num_cpus=1, max_retries=3)(_chunk_task)

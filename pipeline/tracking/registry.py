@@ -58,14 +58,14 @@ def log_generator(
     from mlflow import MlflowClient
     from mlflow.models import infer_signature
 
-    from pipeline.tracking import fluent_tracking_uri
+    from pipeline.tracking.runs import fluent_tracking_uri
 
     generator = generator.cpu().eval()
     example = np.zeros((1, 1, image_size, image_size), dtype=np.float32)
     with torch.no_grad():
         output = generator(torch.from_numpy(example)).numpy()
     signature = infer_signature(example, output)
-    package = str(Path(__file__).resolve().parent)
+    package = str(Path(__file__).resolve().parents[1])  # the `pipeline` package
     requirements = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
     with fluent_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(
@@ -113,7 +113,7 @@ def load_generator(uri: str, tracking_uri: str | None = None, device: str | torc
     import mlflow
     import mlflow.pytorch
 
-    from pipeline.tracking import fluent_tracking_uri, resolve_tracking_uri
+    from pipeline.tracking.runs import fluent_tracking_uri, resolve_tracking_uri
 
     try:
         with fluent_tracking_uri(resolve_tracking_uri(tracking_uri)):

@@ -160,7 +160,7 @@ def colorize(
     from tqdm.auto import tqdm
 
     from ingest.storage import read_uri
-    from pipeline.registry import load_generator, min_side
+    from pipeline.tracking.registry import load_generator, min_side
 
     torch_device = torch.device(device)
     items, failed = list_inputs(inputs)

@@ -14,7 +14,7 @@ state file (mode 600): PIDs, ports and keys.
 
 Each service starts in its own session with `RECOLOR_STACK_ID=<id>` in its environment; `down`
 signals the recorded PIDs, then ends whatever is left of those sessions, of that id and of their
-descendants (Ray workers, job drivers; see `pipeline.process_tree`), and touches nothing else.
+descendants (Ray workers, job drivers; see `infra.stack.processes`), and touches nothing else.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline.process_tree import process_start_time, stack_members, still_alive
-from pipeline.stack import free_port, rclone_binary, wait_for_port
+from infra.stack.processes import process_start_time, stack_members, still_alive
+from infra.stack.s3_server import free_port, rclone_binary, wait_for_port
 
 DEFAULT_DIR = ".stack"
 STATE_FILE = "stack.json"
@@ -132,7 +132,7 @@ def is_running(service: Service) -> bool:
 
 
 def stack_processes(state: StackState) -> dict[int, int]:
-    """The live processes of this stack, {pid: start_time} (see `pipeline.process_tree`)."""
+    """The live processes of this stack, {pid: start_time} (see `infra.stack.processes`)."""
     leaders = {service.pid: service.start_time for service in state.services.values()}
     return stack_members(f"{TAG}={state.stack_id}".encode(), leaders)
 

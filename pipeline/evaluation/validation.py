@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ingest.lab import lab8_to_network_torch, network_to_lab_torch
-from pipeline.metrics import colorization_metric_sums, gray_baseline_metric_sums, metric_means
+from pipeline.evaluation.metrics import colorization_metric_sums, gray_baseline_metric_sums, metric_means
 
 
 def metric_names() -> list[str]:

@@ -1,27 +1,9 @@
-"""One storage layer for local folders and S3-compatible object stores.
+"""An S3 bucket and prefix as a store (AWS, MinIO, rclone serve s3, ...), on boto3: retries with a deadline,
+resumable streaming reads, multipart uploads, create-exclusive writes by conditional PUT or claims, and one
+shared client per process and settings (the S3 settings' only owner: `S3_SETTINGS`, `make_s3_client`).
 
-A `Storage` is rooted at a URI (`/data/lake`, `file:///data/lake`, `s3://bucket/prefix`) and
-addresses objects by relative POSIX keys (`imagenet/versions/000001.json`). Everything in the
-project that reads or writes the lake, a source tree or a checkpoint goes through here, so S3
-is configuration, not another code path.
-
-S3 endpoints and credentials come from the standard environment (`AWS_ENDPOINT_URL`,
-`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`, profiles), as boto3 reads
-them; MinIO, rclone and AWS all work the same way.
-
-Writes are atomic for readers: a local write goes to a hidden temporary file and is renamed
-into place; an S3 PUT (single or multipart) only becomes visible once complete.
-
-An unreachable S3 endpoint (connection refused or reset, timeouts, 5xx answers) is retried with
-exponential backoff for up to `RECOLOR_S3_RETRY_SECONDS` (default 120) per operation, streaming
-reads included (they resume at the byte they stopped at); past that, a `StorageError` says what
-could not be reached and that rerunning resumes.
-
-`put_if_absent` is a create-exclusive write. Local folders use link(2), atomic on POSIX file
-systems. S3 stores that honour a conditional PUT (`If-None-Match: *`: AWS S3 since 2024, MinIO)
-get exactly that; for stores that ignore it (rclone serve s3, older MinIO), found by a probe once
-per process, a claim protocol on plain PUT/LIST/HEAD gives the same guarantee on stores with
-read-after-write consistency (AWS, MinIO, rclone on a local disk): see `S3Storage.put_if_absent`.
+Past 400 lines on purpose: the requests, the translation of their errors and the state they share (the
+client cache, the conditional-write probe) read best together.
 """
 
 from __future__ import annotations
@@ -30,217 +12,17 @@ import io
 import logging
 import os
 import random
-import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
-from urllib.parse import urlparse
+from typing import BinaryIO
 
 from ingest import faults
+from ingest.storage.base import AlreadyExistsError, ObjectInfo, StorageError, join_key
+from ingest.storage.retry import _is_transient, _one_line, _Retry, _status, retry_seconds
 
-log = logging.getLogger(__name__)
-
-
-class StorageError(RuntimeError):
-    """A storage operation failed for a reason the user can act on (the message says how)."""
-
-
-class AlreadyExistsError(StorageError):
-    """`put_if_absent` lost: the key already exists."""
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    key: str
-    size: int
-    modified: float = 0.0  # seconds since the epoch
-
-
-class Storage(Protocol):
-    """What the project needs from a store. Keys are relative POSIX paths below the root."""
-
-    root_uri: str
-
-    def uri(self, key: str) -> str: ...
-    def read_bytes(self, key: str) -> bytes: ...
-    def open_read(self, key: str) -> BinaryIO: ...
-    def write_bytes(self, key: str, data: bytes) -> None: ...
-    def upload_file(self, key: str, local_path: str | Path) -> None: ...
-    def put_if_absent(self, key: str, data: bytes) -> None: ...
-    def exists(self, key: str) -> bool: ...
-    def size(self, key: str) -> int: ...
-    def list(self, prefix: str = "", include_partial: bool = False) -> Iterator[ObjectInfo]: ...
-    def list_children(self, prefix: str = "") -> list[str]: ...
-    def delete(self, key: str) -> None: ...
-    def check_access(self) -> None: ...
-
-
-def join_key(*parts: str) -> str:
-    """Join key parts with `/`, ignoring empty parts."""
-    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
-
-
-def split_uri(uri: str) -> tuple[str, str]:
-    """Split `s3://bucket/a/b.jpg` into (`s3://bucket/a`, `b.jpg`), a local path likewise.
-
-    A bare name lies in the working directory (`b.jpg` -> (`.`, `b.jpg`)), `/b.jpg` in `/`.
-    """
-    uri = uri.rstrip("/")
-    head, slash, tail = uri.rpartition("/")
-    if not slash:
-        head = "."
-    elif not head:
-        head = "/"
-    return head, tail
-
-
-def is_s3(uri: str) -> bool:
-    return str(uri).startswith("s3://")
-
-
-def open_storage(uri: str | Path) -> Storage:
-    """Open the store rooted at `uri`: a local path, `file://` URI or `s3://bucket[/prefix]`.
-
-    Raises:
-        StorageError: the URI's scheme is not supported or its bucket is missing.
-    """
-    uri = str(uri)
-    parsed = urlparse(uri)
-    if parsed.scheme == "s3":
-        if not parsed.netloc:
-            raise StorageError(f"bad S3 URI {uri!r}: expected s3://BUCKET[/PREFIX]")
-        return S3Storage(parsed.netloc, parsed.path.strip("/"))
-    if parsed.scheme == "file":
-        return LocalStorage(Path(parsed.path))
-    if parsed.scheme and len(parsed.scheme) > 1:  # one letter is a Windows drive, not a scheme
-        raise StorageError(
-            f"unsupported URI scheme {parsed.scheme!r} in {uri!r}: use a local path or s3://BUCKET/PREFIX"
-        )
-    return LocalStorage(Path(uri))
-
-
-def read_uri(uri: str) -> bytes:
-    """Read one object given its full URI (local path or `s3://`)."""
-    parent, name = split_uri(uri)
-    return open_storage(parent or "/").read_bytes(name)
-
-
-class LocalStorage:
-    """A folder on a local (or network-mounted) file system."""
-
-    def __init__(self, root: Path):
-        self.root = root.expanduser().absolute()
-        self.root_uri = str(self.root)
-
-    def _path(self, key: str) -> Path:
-        return self.root / key if key else self.root
-
-    def uri(self, key: str) -> str:
-        return str(self._path(key))
-
-    def read_bytes(self, key: str) -> bytes:
-        try:
-            return self._path(key).read_bytes()
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{self.uri(key)} does not exist") from None
-        except IsADirectoryError:
-            raise StorageError(f"{self.uri(key)} is a folder, not a file") from None
-
-    def open_read(self, key: str) -> BinaryIO:
-        return open(self._path(key), "rb")
-
-    def _publish(self, key: str, fill, place) -> None:
-        """Write a hidden temporary file beside the target with `fill(temp)`, then `place(temp, target)`.
-
-        The temporary file sits in the same folder so the rename (or link) is atomic on every POSIX
-        file system: readers see the whole file or nothing.
-        """
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
-        try:
-            fill(temp)
-            faults.maybe_fail("upload_partial")
-            place(temp, path)
-        finally:
-            temp.unlink(missing_ok=True)
-
-    @staticmethod
-    def _writer(data: bytes):
-        def fill(temp: Path) -> None:
-            with open(temp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-
-        return fill
-
-    def write_bytes(self, key: str, data: bytes) -> None:
-        self._publish(key, self._writer(data), os.replace)
-
-    def upload_file(self, key: str, local_path: str | Path) -> None:
-        def fill(temp: Path) -> None:
-            try:
-                os.link(local_path, temp)  # same file system: no copy of a 64 MiB shard
-            except OSError:
-                shutil.copyfile(local_path, temp)
-
-        self._publish(key, fill, os.replace)
-
-    def put_if_absent(self, key: str, data: bytes) -> None:
-        try:
-            # link() fails if the name exists: an atomic create-exclusive of a complete file.
-            self._publish(key, self._writer(data), os.link)
-        except FileExistsError:
-            raise AlreadyExistsError(f"{self.uri(key)} already exists") from None
-
-    def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
-
-    def size(self, key: str) -> int:
-        return self._path(key).stat().st_size
-
-    def list(self, prefix: str = "", include_partial: bool = False) -> Iterator[ObjectInfo]:
-        """Every file below `prefix` (a folder key), recursively, sorted.
-
-        Temporary files of unfinished writes are skipped unless `include_partial` (for `lake gc`).
-        """
-        base = self._path(prefix)
-        if base.is_file():
-            stat = base.stat()
-            yield ObjectInfo(prefix, stat.st_size, stat.st_mtime)
-            return
-        if not base.is_dir():
-            return
-        for dirpath, dirnames, filenames in os.walk(base):
-            dirnames.sort()
-            for name in sorted(filenames):
-                if name.startswith(".") and name.endswith(".tmp") and not include_partial:
-                    continue
-                path = Path(dirpath) / name
-                try:
-                    stat = path.stat()
-                except FileNotFoundError:  # removed while listing
-                    continue
-                yield ObjectInfo(path.relative_to(self.root).as_posix(), stat.st_size, stat.st_mtime)
-
-    def list_children(self, prefix: str = "") -> list[str]:
-        """Names of the sub-folders directly below `prefix`, sorted."""
-        base = self._path(prefix)
-        if not base.is_dir():
-            return []
-        return sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-    def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
-
-    def check_access(self) -> None:
-        if self.root.exists() and not self.root.is_dir():
-            raise StorageError(f"{self.root} is a file, not a folder")
+log = logging.getLogger("ingest.storage")
 
 
 class S3Storage:
@@ -549,86 +331,19 @@ class S3Storage:
 
 
 READ_BUFFER = 4 * 2**20
+
+
 CLAIM_TTL_S = 300.0  # a claim older than this is a crashed writer's
+
+
 CLAIM_WAIT_S = 120.0
+
+
 _CONDITIONAL: dict[tuple[str, str], bool] = {}
 
 
 def _upload_progress(_bytes: int) -> None:
     faults.maybe_fail("upload_partial")
-
-
-def retry_seconds(settings: dict[str, str] | None = None) -> float:
-    return float((os.environ if settings is None else settings).get("RECOLOR_S3_RETRY_SECONDS", "120"))
-
-
-class _Retry:
-    """Backoff for one operation against an unreachable endpoint: 0.2 s doubling to 5 s, with jitter,
-    until `RECOLOR_S3_RETRY_SECONDS` after the first failure; then a StorageError that says what to do."""
-
-    def __init__(self, endpoint: str, what: str, uri: str, limit_s: float):
-        self.endpoint, self.what, self.uri, self.limit_s = endpoint, what, uri, limit_s
-        self.deadline: float | None = None
-        self.delay = 0.2
-        self.attempts = 0
-
-    def wait(self, error: Exception) -> None:
-        now = time.monotonic()
-        limit = self.limit_s
-        if self.deadline is None:
-            self.deadline = now + limit
-            log.warning(
-                "S3 endpoint %s failed to %s %s (%s); retrying for up to %.0f s",
-                self.endpoint,
-                self.what,
-                self.uri,
-                _one_line(error),
-                limit,
-            )
-        self.attempts += 1
-        if now >= self.deadline:
-            raise StorageError(
-                f"S3 endpoint {self.endpoint} unreachable for {limit:.0f} s ({self.attempts} attempts) while trying "
-                f"to {self.what} {self.uri}: {_one_line(error)}. Check that the server is up and AWS_ENDPOINT_URL; "
-                "rerunning the same command resumes where this one stopped"
-            ) from None
-        time.sleep(min(self.delay * random.uniform(0.5, 1.0), self.deadline - now))
-        self.delay = min(self.delay * 2, 5.0)
-
-
-def _one_line(error: Exception) -> str:
-    return " ".join(f"{type(error).__name__}: {error}".split())[:300]
-
-
-_TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "RequestTimeTooSkewed"}
-
-
-def _is_transient(error: Exception) -> bool:
-    """Connection trouble or a server-side hiccup, worth retrying (not a 4xx that will answer the same)."""
-    import boto3.exceptions
-    import botocore.exceptions
-    import urllib3.exceptions
-
-    if isinstance(
-        error,
-        (
-            botocore.exceptions.ConnectionError,
-            botocore.exceptions.HTTPClientError,
-            botocore.exceptions.IncompleteReadError,
-            urllib3.exceptions.HTTPError,
-            ConnectionError,
-            TimeoutError,
-        ),
-    ):
-        return True
-    if isinstance(error, botocore.exceptions.ClientError):
-        return _status(error) >= 500 or error.response.get("Error", {}).get("Code", "") in _TRANSIENT_CODES
-    if isinstance(error, boto3.exceptions.S3UploadFailedError):
-        text = str(error)
-        return any(f"({code})" in text for code in _TRANSIENT_CODES) or any(
-            f"({status})" in text for status in ("500", "502", "503", "504")
-        )
-    return False
 
 
 def _is_precondition_failure(error: Exception) -> bool:
@@ -702,6 +417,7 @@ class _ResumableBody(io.RawIOBase):
 
 _CLIENTS: dict[tuple, object] = {}
 
+
 # The variables that say how to reach S3: endpoint, region, credentials and this project's knobs.
 S3_SETTINGS = (
     "AWS_ENDPOINT_URL",
@@ -770,10 +486,6 @@ def _new_s3_client(settings: dict[str, str]):
     )
 
 
-def _status(error) -> int:
-    return int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-
-
 def _translate(error: Exception, what: str, uri: str) -> Exception:
     """Our exception for a failed S3 request: FileNotFoundError or a StorageError saying what to do."""
     import boto3.exceptions
@@ -804,14 +516,3 @@ def _translate_client_error(error, what: str, uri: str) -> Exception:
             "bucket's permissions"
         )
     return StorageError(f"S3 error {code or _status(error)} while trying to {what} {uri}: {error}")
-
-
-def local_temp_dir(prefix: str = "recolor-") -> str:
-    """A private temporary folder for spooling shards before upload."""
-    return tempfile.mkdtemp(prefix=prefix)
-
-
-def open_uri(uri: str) -> BinaryIO:
-    """Open one object for streaming reads given its full URI (local path or `s3://`)."""
-    parent, name = split_uri(uri)
-    return open_storage(parent or "/").open_read(name)

@@ -1,0 +1,65 @@
+"""What every store is: the `Storage` protocol, its errors and the key helpers (no I/O here)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed for a reason the user can act on (the message says how)."""
+
+
+class AlreadyExistsError(StorageError):
+    """`put_if_absent` lost: the key already exists."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    modified: float = 0.0  # seconds since the epoch
+
+
+class Storage(Protocol):
+    """What the project needs from a store. Keys are relative POSIX paths below the root."""
+
+    root_uri: str
+
+    def uri(self, key: str) -> str: ...
+    def read_bytes(self, key: str) -> bytes: ...
+    def open_read(self, key: str) -> BinaryIO: ...
+    def write_bytes(self, key: str, data: bytes) -> None: ...
+    def upload_file(self, key: str, local_path: str | Path) -> None: ...
+    def put_if_absent(self, key: str, data: bytes) -> None: ...
+    def exists(self, key: str) -> bool: ...
+    def size(self, key: str) -> int: ...
+    def list(self, prefix: str = "", include_partial: bool = False) -> Iterator[ObjectInfo]: ...
+    def list_children(self, prefix: str = "") -> list[str]: ...
+    def delete(self, key: str) -> None: ...
+    def check_access(self) -> None: ...
+
+
+def join_key(*parts: str) -> str:
+    """Join key parts with `/`, ignoring empty parts."""
+    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """Split `s3://bucket/a/b.jpg` into (`s3://bucket/a`, `b.jpg`), a local path likewise.
+
+    A bare name lies in the working directory (`b.jpg` -> (`.`, `b.jpg`)), `/b.jpg` in `/`.
+    """
+    uri = uri.rstrip("/")
+    head, slash, tail = uri.rpartition("/")
+    if not slash:
+        head = "."
+    elif not head:
+        head = "/"
+    return head, tail
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")

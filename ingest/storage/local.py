@@ -1,0 +1,127 @@
+"""A store in a local (or network-mounted) folder: writes are a hidden temporary file renamed (or linked) into place."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from ingest import faults
+from ingest.storage.base import AlreadyExistsError, ObjectInfo, StorageError
+
+
+class LocalStorage:
+    """A folder on a local (or network-mounted) file system."""
+
+    def __init__(self, root: Path):
+        self.root = root.expanduser().absolute()
+        self.root_uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key if key else self.root
+
+    def uri(self, key: str) -> str:
+        return str(self._path(key))
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.uri(key)} does not exist") from None
+        except IsADirectoryError:
+            raise StorageError(f"{self.uri(key)} is a folder, not a file") from None
+
+    def open_read(self, key: str) -> BinaryIO:
+        return open(self._path(key), "rb")
+
+    def _publish(self, key: str, fill, place) -> None:
+        """Write a hidden temporary file beside the target with `fill(temp)`, then `place(temp, target)`.
+
+        The temporary file sits in the same folder so the rename (or link) is atomic on every POSIX
+        file system: readers see the whole file or nothing.
+        """
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+        try:
+            fill(temp)
+            faults.maybe_fail("upload_partial")
+            place(temp, path)
+        finally:
+            temp.unlink(missing_ok=True)
+
+    @staticmethod
+    def _writer(data: bytes):
+        def fill(temp: Path) -> None:
+            with open(temp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+
+        return fill
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        self._publish(key, self._writer(data), os.replace)
+
+    def upload_file(self, key: str, local_path: str | Path) -> None:
+        def fill(temp: Path) -> None:
+            try:
+                os.link(local_path, temp)  # same file system: no copy of a 64 MiB shard
+            except OSError:
+                shutil.copyfile(local_path, temp)
+
+        self._publish(key, fill, os.replace)
+
+    def put_if_absent(self, key: str, data: bytes) -> None:
+        try:
+            # link() fails if the name exists: an atomic create-exclusive of a complete file.
+            self._publish(key, self._writer(data), os.link)
+        except FileExistsError:
+            raise AlreadyExistsError(f"{self.uri(key)} already exists") from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def size(self, key: str) -> int:
+        return self._path(key).stat().st_size
+
+    def list(self, prefix: str = "", include_partial: bool = False) -> Iterator[ObjectInfo]:
+        """Every file below `prefix` (a folder key), recursively, sorted.
+
+        Temporary files of unfinished writes are skipped unless `include_partial` (for `lake gc`).
+        """
+        base = self._path(prefix)
+        if base.is_file():
+            stat = base.stat()
+            yield ObjectInfo(prefix, stat.st_size, stat.st_mtime)
+            return
+        if not base.is_dir():
+            return
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames.sort()
+            for name in sorted(filenames):
+                if name.startswith(".") and name.endswith(".tmp") and not include_partial:
+                    continue
+                path = Path(dirpath) / name
+                try:
+                    stat = path.stat()
+                except FileNotFoundError:  # removed while listing
+                    continue
+                yield ObjectInfo(path.relative_to(self.root).as_posix(), stat.st_size, stat.st_mtime)
+
+    def list_children(self, prefix: str = "") -> list[str]:
+        """Names of the sub-folders directly below `prefix`, sorted."""
+        base = self._path(prefix)
+        if not base.is_dir():
+            return []
+        return sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def check_access(self) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise StorageError(f"{self.root} is a file, not a folder")

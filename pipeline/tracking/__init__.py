@@ -1,0 +1,2 @@
+"""MLflow: `runs.py` (a training run's MLflow run: start, resume, end, find), `loggers.py` (the loop's loggers),
+`registry.py` (logging, registering and loading generators), `plots.py` (sample grids, loss curves)."""

@@ -1,0 +1,83 @@
+"""Loggers: an interface of `log(metrics, step)`, `log_image(png, path)` and `close()`, a null logger and rank 0's
+MLflow logger, so the training loop never asks whether tracking is on."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Protocol
+
+
+class Logger(Protocol):
+    def log(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_image(self, png: bytes, artifact_path: str) -> None: ...
+    def close(self) -> None: ...
+
+
+class NullLogger:
+    """Logs nothing (ranks other than 0, and runs without tracking)."""
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_image(self, png: bytes, artifact_path: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class MlflowLogger:
+    """Rank 0's logger: metrics to an existing MLflow run (batched), MLflow system metrics on."""
+
+    def __init__(self, tracking_uri: str, run_id: str, system_metrics: bool = True):
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri)
+        self.run_id = run_id
+        self.tracking_uri = tracking_uri
+        self.monitor = None
+        if system_metrics:
+            try:
+                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+                self.monitor = SystemMetricsMonitor(run_id, sampling_interval=10, tracking_uri=tracking_uri)
+                self.monitor.start()
+            except Exception as e:  # noqa: BLE001 - system metrics are a nicety; never fail training for them
+                # Say so: MLflow needs psutil for them, and a silent gap in the UI looks like a bug.
+                logging.getLogger(__name__).warning("MLflow system metrics are off: %s: %s", type(e).__name__, e)
+                self.monitor = None
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(name, float(value), now, step) for name, value in metrics.items()]
+        for start in range(0, len(batch), 1000):
+            self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
+
+    def log_image(self, png: bytes, artifact_path: str) -> None:
+        import tempfile
+
+        directory, name = os.path.split(artifact_path)
+        with tempfile.TemporaryDirectory() as temp:
+            path = Path(temp) / name
+            path.write_bytes(png)
+            try:
+                self.client.log_artifact(self.run_id, str(path), artifact_path=directory or None)
+            except Exception as e:  # noqa: BLE001 - a picture is not worth a restart of every worker
+                logging.getLogger(__name__).warning(
+                    "could not log %s to MLflow run %s (training goes on): %s: %s",
+                    artifact_path,
+                    self.run_id,
+                    type(e).__name__,
+                    " ".join(str(e).split())[:300],
+                )
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.finish()
+            self.monitor = None
