@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ingest import faults
 from ingest.commit import IngestSummary, commit
+from ingest.errors import ConfigError
 from ingest.images import DEFAULT_MAX_PIXELS, RESIZE_MODES, ImageRejected, decode_image, is_grayscale, mean_chroma
 from ingest.lab import rgb8_to_lab8
 from ingest.lake import (
@@ -65,20 +66,20 @@ class IngestConfig:
 
     def __post_init__(self):
         if self.kind not in SOURCE_KINDS:
-            raise ValueError(f"kind must be one of {SOURCE_KINDS}, got {self.kind!r}")
+            raise ConfigError(f"kind must be one of {SOURCE_KINDS}, got {self.kind!r}")
         validate_name(self.dataset)
         if not 16 <= self.size <= 4096:
-            raise ValueError(f"size must be between 16 and 4096 pixels, got {self.size}")
+            raise ConfigError(f"size must be between 16 and 4096 pixels, got {self.size}")
         if self.resize not in RESIZE_MODES:
-            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
+            raise ConfigError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be at least 1, got {self.limit}")
+            raise ConfigError(f"limit must be at least 1, got {self.limit}")
         if self.shard_size < 1:
-            raise ValueError(f"shard_size must be positive, got {self.shard_size}")
+            raise ConfigError(f"shard_size must be positive, got {self.shard_size}")
         if self.kind == "coco" and not self.annotations:
-            raise ValueError("a COCO source needs --annotations FILE (a COCO-format JSON)")
+            raise ConfigError("a COCO source needs --annotations FILE (a COCO-format JSON)")
 
     @property
     def images_per_chunk(self) -> int:

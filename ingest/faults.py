@@ -28,6 +28,8 @@ import time
 import uuid
 from pathlib import Path
 
+from ingest.errors import ConfigError
+
 ENV = "RECOLOR_FAILPOINT"
 ONCE_ENV = "RECOLOR_FAILPOINT_ONCE"
 BARRIER_ENV = "RECOLOR_FAILPOINT_BARRIER"
@@ -66,14 +68,14 @@ def maybe_fail(name: str, rank: int | None = None) -> None:
     elif action == "barrier":
         _barrier(name)
     else:
-        raise ValueError(f"{ENV}={spec!r}: unknown action {action!r} (kill, raise or barrier)")
+        raise ConfigError(f"{ENV}={spec!r}: unknown action {action!r} (kill, raise or barrier)")
 
 
 def _barrier(name: str) -> None:
     setting = os.environ.get(BARRIER_ENV, "")
     directory, _, count = setting.rpartition(":")
     if not directory or not count.isdigit():
-        raise ValueError(f"failpoint {name!r} is a barrier: set {BARRIER_ENV}=DIR:COUNT")
+        raise ConfigError(f"failpoint {name!r} is a barrier: set {BARRIER_ENV}=DIR:COUNT")
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{os.getpid()}-{uuid.uuid4().hex}").touch()

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ingest.errors import RecolorError
 from ingest.storage import Storage, StorageError, open_storage
 
 LAKE_ENV = "RECOLOR_LAKE"
@@ -57,7 +58,7 @@ REJECTS_SCHEMA = pa.schema(
 )
 
 
-class LakeError(RuntimeError):
+class LakeError(RecolorError):
     """A lake, dataset or version is missing or malformed; the message says what to do."""
 
 

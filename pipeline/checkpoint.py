@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 import torch
 
 from ingest import faults
+from ingest.errors import ConfigError, RecolorError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ RAY_CHECKPOINT_DIR = re.compile(r"^checkpoint_\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2
 T = TypeVar("T")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RecolorError):
     """A checkpoint could not be uploaded, or none of a run's checkpoints can be read."""
 
 
@@ -85,9 +86,9 @@ def load_checkpoint(source: str | Path | bytes, map_location: str | torch.device
     except Exception as e:  # noqa: BLE001 - truncated, corrupt or foreign files
         lines = str(e).strip().splitlines()
         reason = lines[0] if lines else type(e).__name__  # torch's messages run to a page
-        raise ValueError(f"{name} is not a readable checkpoint: {reason}") from None
+        raise ConfigError(f"{name} is not a readable checkpoint: {reason}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT or "generator" not in payload:
-        raise ValueError(f"{name} is not a recolor checkpoint")
+        raise ConfigError(f"{name} is not a recolor checkpoint")
     return payload
 
 
@@ -100,7 +101,7 @@ def upload_attempts() -> int:
     if not value:
         return DEFAULT_UPLOAD_ATTEMPTS
     if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{UPLOAD_ATTEMPTS_ENV}={value!r}: expected a whole number of at least 1")
+        raise ConfigError(f"{UPLOAD_ATTEMPTS_ENV}={value!r}: expected a whole number of at least 1")
     return int(value)
 
 

@@ -28,15 +28,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; user errors print one line and exit 2, without a traceback."""
-    from ingest.lake import LakeError
-    from ingest.sources import SourceError
-    from ingest.storage import StorageError
-    from pipeline.checkpoint import CheckpointError
-    from pipeline.data import DataError
+def exit_code_and_message(error: BaseException) -> tuple[int, str] | None:
+    """The one table from an error to what the user sees: (exit code, one line), or None for a bug (traceback).
+
+    | error | exit | says |
+    |---|---|---|
+    | `Stopped` / KeyboardInterrupt | 130 (SIGINT), 143 (SIGTERM) | stopped; rerun to resume |
+    | `TrainingError` | 1 | the worker's error; rerun to resume only when a rerun can succeed |
+    | any other `RecolorError` (lake, source, storage, data, checkpoint, config, stack, ...) | 2 | its message |
+    | FileNotFoundError | 2 | the missing file |
+    | an error of Ray's own (a lost node, a task that kept crashing) | 1 | its root cause; rerun to resume |
+    """
+    from ingest.errors import RecolorError
     from pipeline.train.failures import TrainingError, describe_failure
 
+    if isinstance(error, KeyboardInterrupt):
+        name = getattr(error, "signal_name", "SIGINT")
+        return getattr(error, "exit_code", 130), f"recolor: stopped by {name}; rerun the same command to resume"
+    if isinstance(error, TrainingError):
+        run = f"; MLflow run {error.run_id} marked FAILED" if error.run_id else ""
+        advice = (
+            "rerun the same command to resume"
+            if error.rerunnable
+            else "a rerun would fail the same way: fix the cause (config, data or code), then rerun to resume"
+        )
+        return 1, f"recolor: error: training failed: {error}{run}; {advice}"
+    if isinstance(error, (RecolorError, FileNotFoundError)):
+        return 2, f"recolor: error: {error}"
+    if type(error).__module__.startswith("ray."):
+        # A remote traceback's text: one line naming the remote error is enough, the work done so far is kept.
+        return 1, f"recolor: error: {describe_failure(error)}; rerun the same command to resume"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; errors a user can act on print one line (see `exit_code_and_message`), without a traceback."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come after options (`recolor train cfg.yaml --workers 2 data.batch_size=8`).
@@ -46,29 +72,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.handler(args)
-    except (SourceError, LakeError, StorageError, DataError, CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"recolor: error: {e}", file=sys.stderr)
-        return 2
-    except TrainingError as e:
-        run = f"; MLflow run {e.run_id} marked FAILED" if e.run_id else ""
-        advice = (
-            "rerun the same command to resume"
-            if e.rerunnable
-            else "a rerun would fail the same way: fix the cause (config, data or code), then rerun to resume"
-        )
-        print(f"recolor: error: training failed: {e}{run}; {advice}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as e:
-        name = getattr(e, "signal_name", "SIGINT")
-        print(f"recolor: stopped by {name}; rerun the same command to resume", file=sys.stderr)
-        return getattr(e, "exit_code", 130)
-    except Exception as e:
-        # Failures inside Ray tasks (a worker that kept crashing, a lost node) arrive as Ray errors
-        # whose text is a remote traceback: one line naming the remote error is enough, the work done so far is kept.
-        if type(e).__module__.startswith("ray."):
-            print(f"recolor: error: {describe_failure(e)}; rerun the same command to resume", file=sys.stderr)
-            return 1
-        raise
+    except BaseException as error:
+        outcome = exit_code_and_message(error)
+        if outcome is None:
+            raise
+        code, message = outcome
+        print(message, file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from ingest.errors import ConfigError
+
 GAN_MODES = ("vanilla", "lsgan")
 ARCHS = ("unet_256", "resnet18_unet")
 NORMS = ("batch", "sync_batch", "instance")
@@ -35,13 +37,15 @@ class StageConfig:
 
     def __post_init__(self):
         if self.epochs < 1:
-            raise ValueError(f"stage {self.name!r}: epochs must be at least 1, got {self.epochs}")
+            raise ConfigError(f"stage {self.name!r}: epochs must be at least 1, got {self.epochs}")
         if self.gan_mode is not None and self.gan_mode not in GAN_MODES:
-            raise ValueError(f"stage {self.name!r}: gan_mode must be one of {GAN_MODES} or null, got {self.gan_mode!r}")
+            raise ConfigError(
+                f"stage {self.name!r}: gan_mode must be one of {GAN_MODES} or null, got {self.gan_mode!r}"
+            )
         if not 0 <= self.decay_epochs <= self.epochs:
-            raise ValueError(f"stage {self.name!r}: decay_epochs must be in 0..epochs, got {self.decay_epochs}")
+            raise ConfigError(f"stage {self.name!r}: decay_epochs must be in 0..epochs, got {self.decay_epochs}")
         if self.lr <= 0:
-            raise ValueError(f"stage {self.name!r}: lr must be positive, got {self.lr}")
+            raise ConfigError(f"stage {self.name!r}: lr must be positive, got {self.lr}")
 
 
 @dataclass
@@ -56,13 +60,13 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.arch not in ARCHS:
-            raise ValueError(f"model.arch must be one of {ARCHS}, got {self.arch!r}")
+            raise ConfigError(f"model.arch must be one of {ARCHS}, got {self.arch!r}")
         if self.norm not in NORMS:
-            raise ValueError(f"model.norm must be one of {NORMS}, got {self.norm!r}")
+            raise ConfigError(f"model.norm must be one of {NORMS}, got {self.norm!r}")
         if self.base_filters < 1:
-            raise ValueError(f"model.base_filters must be positive, got {self.base_filters}")
+            raise ConfigError(f"model.base_filters must be positive, got {self.base_filters}")
         if self.backbone_weights and self.arch != "resnet18_unet":
-            raise ValueError("model.backbone_weights applies to arch resnet18_unet only")
+            raise ConfigError("model.backbone_weights applies to arch resnet18_unet only")
 
 
 @dataclass
@@ -80,11 +84,11 @@ class DataConfig:
 
     def __post_init__(self):
         if self.batch_size < 1:
-            raise ValueError(f"data.batch_size must be at least 1, got {self.batch_size}")
+            raise ConfigError(f"data.batch_size must be at least 1, got {self.batch_size}")
         if self.shuffle_window < 1:
-            raise ValueError(f"data.shuffle_window must be at least 1, got {self.shuffle_window}")
+            raise ConfigError(f"data.shuffle_window must be at least 1, got {self.shuffle_window}")
         if not 0 <= self.max_bad_fraction <= 1:
-            raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+            raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
 
 
 @dataclass
@@ -116,27 +120,27 @@ class TrainConfig:
 
     def __post_init__(self):
         if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$", self.name):
-            raise ValueError(f"name {self.name!r}: use letters, digits, '.', '_' and '-'")
+            raise ConfigError(f"name {self.name!r}: use letters, digits, '.', '_' and '-'")
         if not self.stages:
-            raise ValueError("a run needs at least one stage")
+            raise ConfigError("a run needs at least one stage")
         if self.workers < 1:
-            raise ValueError(f"workers must be at least 1, got {self.workers}")
+            raise ConfigError(f"workers must be at least 1, got {self.workers}")
         if self.amp not in AMP_MODES:
-            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+            raise ConfigError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         for interval in ("checkpoint_every", "log_every"):
             if getattr(self, interval) < 1:
-                raise ValueError(f"{interval} must be at least 1, got {getattr(self, interval)}")
+                raise ConfigError(f"{interval} must be at least 1, got {getattr(self, interval)}")
         if self.model.norm == "sync_batch" and self.workers > 1 and not self.use_gpu:
-            raise ValueError(
+            raise ConfigError(
                 "model.norm=sync_batch needs GPU workers (--gpu): SyncBatchNorm runs on CUDA only. "
                 "On CPU workers use model.norm=batch or instance"
             )
         if self.checkpoint_upload not in CHECKPOINT_UPLOAD_MODES:
-            raise ValueError(
+            raise ConfigError(
                 f"checkpoint_upload must be one of {CHECKPOINT_UPLOAD_MODES}, got {self.checkpoint_upload!r}"
             )
         if self.keep_checkpoints < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"keep_checkpoints must be at least 2, got {self.keep_checkpoints}: "
                 "when the latest checkpoint is unreadable, a run resumes from the one before"
             )
@@ -151,11 +155,11 @@ class TrainConfig:
 
 def _build(cls, values: dict[str, Any], path: str):
     if not isinstance(values, dict):
-        raise ValueError(f"{path or 'config'}: expected a mapping, got {type(values).__name__}")
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(values).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(f"unknown config field(s) {', '.join(path + u for u in unknown)}; known: {', '.join(fields)}")
+        raise ConfigError(f"unknown config field(s) {', '.join(path + u for u in unknown)}; known: {', '.join(fields)}")
     kwargs = {}
     for name, value in values.items():
         nested = _NESTED.get((cls, name))
@@ -193,7 +197,7 @@ def _checked(name: str, hint: Any, shown: str, value: Any) -> Any:
             (item,) = typing.get_args(option)
             if all(isinstance(v, item) for v in value):
                 return value
-    raise ValueError(f"{name}: expected {shown}, got {value!r}")
+    raise ConfigError(f"{name}: expected {shown}, got {value!r}")
 
 
 _NESTED = {(TrainConfig, "model"): ModelConfig, (TrainConfig, "data"): DataConfig, (TrainConfig, "stages"): StageConfig}
@@ -212,12 +216,12 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     for override in overrides:
         key, sep, text = override.partition("=")
         if not sep or not key:
-            raise ValueError(f"override {override!r}: expected key=value, e.g. data.batch_size=8")
+            raise ConfigError(f"override {override!r}: expected key=value, e.g. data.batch_size=8")
         target: Any = values
         parts = key.split(".")
         for depth, part in enumerate(parts):
             if not isinstance(target, list | dict):
-                raise ValueError(f"override {key!r}: {'.'.join(parts[:depth])} holds {target!r}, not a section")
+                raise ConfigError(f"override {key!r}: {'.'.join(parts[:depth])} holds {target!r}, not a section")
             if depth == len(parts) - 1:
                 break
             if isinstance(target, list):
@@ -234,7 +238,7 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
 
 def _index(part: str, key: str, length: int) -> int:
     if not part.isdigit() or int(part) >= length:
-        raise ValueError(f"override {key!r}: {part!r} is not an index of a list of {length}")
+        raise ConfigError(f"override {key!r}: {part!r} is not an index of a list of {length}")
     return int(part)
 
 
@@ -252,7 +256,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise FileNotFoundError(f"config {path} does not exist (presets are in configs/)")
         values = yaml.safe_load(path.read_text()) or {}
         if not isinstance(values, dict):
-            raise ValueError(f"config {path}: expected a YAML mapping at the top level")
+            raise ConfigError(f"config {path}: expected a YAML mapping at the top level")
     values = apply_overrides(values, overrides or [])
     return TrainConfig.from_dict(values)
 

@@ -30,12 +30,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ingest.errors import RecolorError
 from ingest.storage import StorageError
 
 log = logging.getLogger(__name__)
 
 
-class DataError(RuntimeError):
+class DataError(RecolorError):
     """The training data cannot be used as configured (too many corrupt samples, empty split, ...)."""
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from infra.stack.processes import process_start_time, stack_members, still_alive
 from infra.stack.s3_server import free_port, rclone_binary, wait_for_port
+from ingest.errors import RecolorError
 
 DEFAULT_DIR = ".stack"
 STATE_FILE = "stack.json"
@@ -48,7 +49,7 @@ SERVICE_ORDER = ("ray", "mlflow", "s3")  # the order `down` stops them: jobs fir
 _SCRUBBED_PREFIXES = ("RAY_", "AWS_", "MLFLOW_", "RECOLOR_")
 
 
-class StackError(RuntimeError):
+class StackError(RecolorError):
     """The stack cannot start, or there is no stack where one was expected; the message says why."""
 
 

@@ -6,10 +6,11 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from ingest.errors import ConfigError, RecolorError
 from ingest.storage import Storage, StorageError, open_storage
 
 
-class SourceError(RuntimeError):
+class SourceError(RecolorError):
     """The source cannot be read as asked (missing root, wrong layout, bad annotation file)."""
 
 
@@ -52,7 +53,7 @@ def select_subset(items: list[SourceItem], limit: int | None, seed: int, by_labe
     if limit is None or limit >= len(items):
         return list(items)
     if limit < 0:
-        raise ValueError(f"--limit must be positive, got {limit}")
+        raise ConfigError(f"--limit must be positive, got {limit}")
     rng = random.Random(seed)
     if not by_label:
         chosen = rng.sample(items, limit)

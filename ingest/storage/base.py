@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from ingest.errors import RecolorError
 
-class StorageError(RuntimeError):
+
+class StorageError(RecolorError):
     """A storage operation failed for a reason the user can act on (the message says how)."""
 
 

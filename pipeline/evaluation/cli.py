@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+from ingest.errors import ConfigError
 from ingest.images import DEFAULT_MAX_PIXELS
 
 TRACKING_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)"
@@ -154,7 +155,7 @@ def run_compare(args) -> int:
     client = MlflowClient(resolve_tracking_uri(args.tracking_uri))
     experiment = client.get_experiment_by_name(args.experiment)
     if experiment is None:
-        raise ValueError(f"no MLflow experiment {args.experiment!r} (train a model first, or pass --experiment)")
+        raise ConfigError(f"no MLflow experiment {args.experiment!r} (train a model first, or pass --experiment)")
     runs = client.search_runs(
         [experiment.experiment_id], max_results=args.max_runs, order_by=["attributes.start_time DESC"]
     )

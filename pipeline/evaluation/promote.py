@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ingest.errors import ConfigError
+
 # Lower is better for these; higher for the rest (psnr, ssim, auc, colorfulness).
 LOWER_IS_BETTER = {"l1_ab", "colorfulness_abs_diff"}
 EVAL_EXPERIMENT = "recolor-evaluation"
@@ -36,13 +38,13 @@ def compute_metrics(generator, plan, split: str, batch_size: int, device: torch.
     from pipeline.tracking.registry import min_side
 
     if plan.size < min_side(generator):
-        raise ValueError(
+        raise ConfigError(
             f"the model needs samples of at least {min_side(generator)} px but {', '.join(plan.refs)} holds "
             f"{plan.size} px ones: evaluate on a dataset ingested with --size {min_side(generator)} or more"
         )
     shards = plan.train if split == "train" else plan.val
     if not shards:
-        raise ValueError(f"{', '.join(plan.refs)} has no samples in split {split!r}")
+        raise ConfigError(f"{', '.join(plan.refs)} has no samples in split {split!r}")
     view = dataclasses.replace(plan, val=shards)
     totals, _ = accumulate(generator.to(device).eval(), validation_batches(view, 0, 1, batch_size, max_batches), device)
     return finalize(totals.cpu(), prefix="eval_")
@@ -99,12 +101,12 @@ def evaluate(
 
     known = {name for name in metric_names() if not name.startswith("gray_") and name != "count"}
     if metric not in known:
-        raise ValueError(f"unknown metric {metric!r}: use one of {', '.join(sorted(known))}")
+        raise ConfigError(f"unknown metric {metric!r}: use one of {', '.join(sorted(known))}")
     tracking_uri = resolve_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     registered = parse_registered(model_uri)
     if promote and registered is None:
-        raise ValueError("--promote needs a registered model: models:/NAME/VERSION or models:/NAME@ALIAS")
+        raise ConfigError("--promote needs a registered model: models:/NAME/VERSION or models:/NAME@ALIAS")
     torch_device = torch.device(device)
     plan = resolve_data([dataset], lake)
     generator = load_generator(model_uri, tracking_uri, torch_device)

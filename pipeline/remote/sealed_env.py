@@ -18,12 +18,14 @@ import os
 import re
 from pathlib import Path
 
+from ingest.errors import RecolorError
+
 SEALED_ENV = "RECOLOR_SEALED_ENV"
 SETUP_HOOK = "pipeline.remote.sealed_env.unseal_environ"
 _SECRET_NAME = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|CREDENTIAL", re.IGNORECASE)
 
 
-class SealError(RuntimeError):
+class SealError(RecolorError):
     """Credentials cannot be sealed or opened; the message says which token is missing or wrong."""
 
 

@@ -26,6 +26,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from ingest.errors import RecolorError
 from pipeline.remote import sealed_env
 
 JOB_KINDS = ("ingest", "train", "evaluate")
@@ -67,7 +68,7 @@ NOT_FORWARDED = {
 }
 
 
-class SubmitError(RuntimeError):
+class SubmitError(RecolorError):
     """The cluster refused or could not be reached; the message says what to do."""
 
 

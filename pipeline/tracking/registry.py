@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ingest.errors import ConfigError
+
 MODEL_ARTIFACT = "generator"
 DEFAULT_MODEL_NAME = "colorizer"
 
@@ -119,7 +121,7 @@ def load_generator(uri: str, tracking_uri: str | None = None, device: str | torc
         with fluent_tracking_uri(resolve_tracking_uri(tracking_uri)):
             model = mlflow.pytorch.load_model(uri, map_location=torch.device(device))
     except Exception as e:  # noqa: BLE001 - MLflow raises many kinds; the user needs one line
-        raise ValueError(
+        raise ConfigError(
             f"cannot load a generator from {uri!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
             "Use models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/generator or a checkpoint path."
         ) from None

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ingest.cluster import CREDENTIAL_ENV, STORE_ENV
+from ingest.errors import ConfigError
 from pipeline.config import TrainConfig
 from pipeline.data import DataError, DataPlan, resolve_data
 from pipeline.train.failures import (
@@ -216,7 +217,7 @@ def check_before_start(config: TrainConfig, plan: DataPlan, ray_address: str | N
 
         available = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if available < config.workers:
-            raise ValueError(
+            raise ConfigError(
                 f"--gpu with {config.workers} workers needs {config.workers} GPUs, and this machine has {available}: "
                 "drop --gpu, lower --workers, or pass --ray-address of a cluster with GPU nodes"
             )

@@ -10,6 +10,7 @@ import os
 import re
 
 from ingest.cluster import CREDENTIAL_ENV
+from ingest.errors import RecolorError
 
 
 class Stopped(KeyboardInterrupt):
@@ -22,7 +23,7 @@ class Stopped(KeyboardInterrupt):
         self.exit_code = 143 if signal_name == "SIGTERM" else 130
 
 
-class TrainingError(RuntimeError):
+class TrainingError(RecolorError):
     """Training failed in the workers after `max_failures` restarts; the message is one line naming the root cause."""
 
     def __init__(self, reason: str, run_id: str | None = None, rerunnable: bool = True):
