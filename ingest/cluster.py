@@ -1,10 +1,12 @@
-"""Connect to Ray the same way everywhere: a cluster when an address is given, else a local instance."""
+"""Ray for the whole project: connect the same way everywhere (a cluster when an address is given, else a local
+instance), and the one table of variables that travel from a driver to its tasks, workers and jobs."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import re
 
 
 @contextlib.contextmanager
@@ -31,34 +33,64 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None):
         ray.shutdown()
 
 
-# Secrets travel to tasks as a Ray object, never in a runtime env: Ray's runtime env agent logs
-# every runtime env, values included, in plain text.
-CREDENTIAL_ENV = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
+# --- the one table of variables that travel from a driver to its tasks, workers and jobs ------------------
+
+# Every variable with one of these prefixes is a setting of the project or of a store it talks to (endpoints,
+# regions, credentials, MLflow, this project's knobs): a job gets them from its submitter, a task or worker
+# from its driver.
+FORWARDED_PREFIXES = ("AWS_", "MLFLOW_", "RECOLOR_")
+# Files and profiles of the submitter's machine, or the local stack's bookkeeping: meaningless elsewhere.
+NOT_FORWARDED = frozenset(
+    {
+        "AWS_PROFILE",
+        "AWS_CONFIG_FILE",
+        "AWS_SHARED_CREDENTIALS_FILE",
+        "AWS_CA_BUNDLE",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "RECOLOR_STACK_ID",
+    }
 )
-# Settings tasks need to reach the same stores as the driver.
-STORE_ENV = (
-    "AWS_ENDPOINT_URL",
-    "AWS_DEFAULT_REGION",
-    "AWS_REGION",
-    "AWS_REQUEST_CHECKSUM_CALCULATION",
-    "AWS_RESPONSE_CHECKSUM_VALIDATION",
-    "RECOLOR_S3_RETRY_SECONDS",
-    "RECOLOR_S3_MAX_ATTEMPTS",
-    "RECOLOR_S3_ADDRESSING",
-    "RECOLOR_S3_CONDITIONAL_WRITES",
-)
+# A credential, by its name (AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_PASSWORD, ...): never printed, never in a
+# runtime env (Ray logs those in plain text), masked in error lines.
+_SECRET_NAME = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|CREDENTIAL", re.IGNORECASE)
 
 
-def task_environment() -> dict[str, str]:
-    """The driver's store endpoints, settings and credentials, for `os.environ.update` in a task.
+def is_secret_name(name: str) -> bool:
+    """Whether a variable holds a credential, judged by its name."""
+    return bool(_SECRET_NAME.search(name))
 
-    A task on a cluster (or on a local Ray started before these were set) does not inherit the
-    driver's environment; pass this through `ray.put` so the values stay out of Ray's logs.
+
+def forwarded_environment(environ=os.environ, extra=()) -> dict[str, str]:
+    """The variables of `environ` that a task, worker or job should see (and the `extra` names), sorted."""
+    names = {n for n in environ if n.startswith(FORWARDED_PREFIXES) and n not in NOT_FORWARDED}
+    names |= {n for n in extra if n in environ}
+    return {name: environ[name] for name in sorted(names)}
+
+
+def secret_values(environ=os.environ, min_length: int = 4) -> list[str]:
+    """The values of the credentials set in `environ` (not paths to them), for masking in printed lines."""
+    return [
+        value
+        for name, value in environ.items()
+        if is_secret_name(name) and not name.endswith(("_PATH", "_FILE")) and len(value) >= min_length
+    ]
+
+
+def ship_environment():
+    """The driver's forwarded variables (credentials included) as a Ray object for its tasks and workers.
+
+    The one way the project ships settings within a Ray job: tasks and workers call `open_environment` first.
+    A Ray object, not a runtime env: Ray's runtime env agent logs every runtime env, values included. (A job's
+    own driver cannot get an object before it exists: `recolor submit` seals the credentials instead, see
+    `pipeline.remote.sealed_env`.)
     """
-    return {name: os.environ[name] for name in (*STORE_ENV, *CREDENTIAL_ENV) if name in os.environ}
+    import ray
+
+    return ray.put(forwarded_environment())
+
+
+def open_environment(shipped) -> None:
+    """In a task or worker: take up the variables `ship_environment` sent (an object reference or the dict)."""
+    import ray
+
+    os.environ.update(ray.get(shipped) if isinstance(shipped, ray.ObjectRef) else shipped)

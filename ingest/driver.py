@@ -15,7 +15,6 @@ rejects tables, and commits the version record last (`ingest.commit`).
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -290,9 +289,11 @@ def run_ingest(config: IngestConfig) -> IngestSummary:
     return commit(lake, config, ingest_id, items, results, started, resumed)
 
 
-def _chunk_task(environment: dict[str, str], spec: ChunkSpec, known: frozenset[str]) -> dict:
-    """`process_chunk` in a Ray task, with the driver's store settings and credentials (see task_environment)."""
-    os.environ.update(environment)
+def _chunk_task(environment, spec: ChunkSpec, known: frozenset[str]) -> dict:
+    """`process_chunk` in a Ray task, with the driver's settings and credentials (`ingest.cluster.ship_environment`)."""
+    from ingest.cluster import open_environment
+
+    open_environment(environment)
     return process_chunk(spec, known)
 
 
@@ -329,11 +330,11 @@ def _run_chunks(specs: list[ChunkSpec], known: frozenset[str], config: IngestCon
         else:
             import ray
 
-            from ingest.cluster import ensure_ray, task_environment
+            from ingest.cluster import ensure_ray, ship_environment
 
             with ensure_ray(config.ray_address, config.workers):
                 remote = ray.remote(num_cpus=1, max_retries=3)(_chunk_task)
-                known_ref, environment_ref = ray.put(known), ray.put(task_environment())
+                known_ref, environment_ref = ray.put(known), ship_environment()
                 pending = {remote.remote(environment_ref, spec, known_ref): spec for spec in specs}
                 while pending:
                     ready, _ = ray.wait(list(pending), num_returns=1)

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from infra.stack.processes import process_start_time, stack_members, still_alive
 from infra.stack.s3_server import free_port, rclone_binary, wait_for_port
+from ingest.cluster import FORWARDED_PREFIXES
 from ingest.errors import RecolorError
 
 DEFAULT_DIR = ".stack"
@@ -46,7 +47,7 @@ TOKEN_FILE = "ray_auth_token"
 TAG = "RECOLOR_STACK_ID"
 BUCKETS = ("lake", "mlflow", "runs")
 SERVICE_ORDER = ("ray", "mlflow", "s3")  # the order `down` stops them: jobs first, storage last
-_SCRUBBED_PREFIXES = ("RAY_", "AWS_", "MLFLOW_", "RECOLOR_")
+_SCRUBBED_PREFIXES = ("RAY_", *FORWARDED_PREFIXES)  # the services see none of the caller's settings
 
 
 class StackError(RecolorError):

@@ -15,23 +15,17 @@ from __future__ import annotations
 import base64
 import json
 import os
-import re
 from pathlib import Path
 
+from ingest.cluster import is_secret_name  # noqa: F401 - part of this module's API: what gets sealed
 from ingest.errors import RecolorError
 
 SEALED_ENV = "RECOLOR_SEALED_ENV"
 SETUP_HOOK = "pipeline.remote.sealed_env.unseal_environ"
-_SECRET_NAME = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|CREDENTIAL", re.IGNORECASE)
 
 
 class SealError(RecolorError):
     """Credentials cannot be sealed or opened; the message says which token is missing or wrong."""
-
-
-def is_secret_name(name: str) -> bool:
-    """Whether a variable holds a credential (by its name: AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_TOKEN, ...)."""
-    return bool(_SECRET_NAME.search(name))
 
 
 def resolve_token(environ=os.environ) -> str | None:

@@ -26,6 +26,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from ingest.cluster import forwarded_environment
 from ingest.errors import RecolorError
 from pipeline.remote import sealed_env
 
@@ -55,17 +56,6 @@ WORKING_DIR_EXCLUDES = [
     "/build",
     "/dist",
 ]
-FORWARDED_PREFIXES = ("AWS_", "MLFLOW_", "RECOLOR_")
-# Files and profiles of the submitter's machine, or the local stack's bookkeeping: meaningless inside a job
-# (`--forward-env NAME` still forwards one when the cluster has the same path).
-NOT_FORWARDED = {
-    "AWS_PROFILE",
-    "AWS_CONFIG_FILE",
-    "AWS_SHARED_CREDENTIALS_FILE",
-    "AWS_CA_BUNDLE",
-    "AWS_WEB_IDENTITY_TOKEN_FILE",
-    "RECOLOR_STACK_ID",
-}
 
 
 class SubmitError(RecolorError):
@@ -93,12 +83,10 @@ def resolve_token(environ=os.environ) -> str | None:
 
 
 def forwarded_env(environ=os.environ, extra: list[str] = ()) -> dict[str, str]:
-    """The submitter's endpoint variables (and `extra` names) that a job should see."""
-    names = {n for n in environ if n.startswith(FORWARDED_PREFIXES) and n not in NOT_FORWARDED}
-    names |= {n for n in extra if n in environ}
+    """The submitter's variables (and `extra` names) that a job should see: `ingest.cluster`'s one table."""
     # No checksum settings are added: every S3 client of the project asks for checksums only where
     # required unless told otherwise (`ingest.storage`), in the job's processes as in this one.
-    return {name: environ[name] for name in sorted(names)}
+    return forwarded_environment(environ, extra)
 
 
 def build_entrypoint(kind: str, job_args: list[str]) -> str:

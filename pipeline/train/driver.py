@@ -10,7 +10,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ingest.cluster import CREDENTIAL_ENV, STORE_ENV
 from ingest.errors import ConfigError
 from pipeline.config import TrainConfig
 from pipeline.data import DataError, DataPlan, resolve_data
@@ -228,7 +227,7 @@ def _fit(config: TrainConfig, plan: DataPlan, storage: str, ray_address, logger_
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from ingest.cluster import ensure_ray
+    from ingest.cluster import ensure_ray, ship_environment
     from pipeline.train.worker import train_loop_per_worker
 
     needed_cpus = config.workers * config.cpus_per_worker
@@ -244,8 +243,8 @@ def _fit(config: TrainConfig, plan: DataPlan, storage: str, ray_address, logger_
                 "logger_factory": logger_factory,
                 "on_worker_end": on_worker_end,
                 "tracking": run_info,
-                # An object reference, not the values: Ray shows a run's config on its dashboard.
-                "credentials": ray.put(_credentials()),
+                # An object reference, not the values: Ray shows a run's config on its dashboard and logs runtime envs.
+                "environment": ship_environment(),
             },
             scaling_config=ray.train.ScalingConfig(
                 num_workers=config.workers, use_gpu=config.use_gpu, resources_per_worker=resources
@@ -260,7 +259,6 @@ def _fit(config: TrainConfig, plan: DataPlan, storage: str, ray_address, logger_
                 failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
                 # When the latest checkpoint cannot be read, the run resumes from the one before (config: >= 2).
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
-                worker_runtime_env={"env_vars": _forwarded_env()},
                 logging_config=ray.train.LoggingConfig(log_level=os.environ.get("RECOLOR_TRAIN_LOG_LEVEL", "WARNING")),
             ),
         )
@@ -342,27 +340,3 @@ def finish_tracking(run_info: dict, tracking: TrackingOptions, result: TrainResu
         version = registered.version if registered is not None else None
     client.set_terminated(run_id, status="FINISHED")
     return version
-
-
-def _credentials() -> dict[str, str]:
-    # Never in the runtime env: Ray's runtime env agent logs every runtime env, values included, in plain text.
-    return {name: os.environ[name] for name in CREDENTIAL_ENV if name in os.environ}
-
-
-def _forwarded_env() -> dict[str, str]:
-    # Workers on other nodes need the endpoints (the credentials go by `_credentials`, see there).
-    names = (
-        *STORE_ENV,
-        "RECOLOR_LAKE",
-        "MLFLOW_TRACKING_URI",
-        "RECOLOR_NO_PROGRESS",
-        "RECOLOR_FAILPOINT",
-        "RECOLOR_FAILPOINT_ONCE",  # without it a restarted worker hits the failpoint again, and again
-        "RECOLOR_FAILPOINT_BARRIER",
-        "RECOLOR_TRAIN_LOG_LEVEL",
-        "RECOLOR_CHECKPOINT_UPLOAD_ATTEMPTS",
-        # MLflow's own knobs for system metrics: rank 0's monitor runs on a worker, not here.
-        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL",
-        "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING",
-    )
-    return {name: os.environ[name] for name in names if name in os.environ}

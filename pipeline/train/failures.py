@@ -6,10 +6,9 @@ error, credentials masked, and whether rerunning the same command can succeed.
 
 from __future__ import annotations
 
-import os
 import re
 
-from ingest.cluster import CREDENTIAL_ENV
+from ingest.cluster import secret_values
 from ingest.errors import RecolorError
 
 
@@ -101,9 +100,7 @@ def describe_failure(error: BaseException, limit: int = 500) -> str:
     lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
     name = type(cause).__name__
     text = f"{name}: {lines[0]}" if lines else name
-    for variable in CREDENTIAL_ENV:
-        secret = os.environ.get(variable)
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
+    for secret in secret_values():
+        text = text.replace(secret, "***")
     text = re.sub(r"(\w+://[^/\s:@]+):[^/\s@]+@", r"\1:***@", text)
     return text if len(text) <= limit else text[: limit - 3] + "..."

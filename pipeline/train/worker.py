@@ -16,6 +16,7 @@ import tempfile
 import numpy as np
 import torch
 
+from ingest.cluster import open_environment
 from pipeline.checkpoint import resume_payload, save_checkpoint, upload_checkpoint, upload_started, wait_for_uploads
 from pipeline.config import TrainConfig
 from pipeline.data import DataPlan
@@ -80,8 +81,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    if loop_config.get("credentials") is not None:  # S3 and MLflow credentials, for boto3 and MLflow to find
-        os.environ.update(ray.get(loop_config["credentials"]))
+    # The driver's settings and credentials first: boto3, MLflow, failpoints and the knobs below read them.
+    open_environment(loop_config["environment"])
     config = TrainConfig.from_dict(loop_config["train"])
     plan = DataPlan.from_dict(loop_config["data_plan"])
     quiet_report_log(os.environ.get("RECOLOR_TRAIN_LOG_LEVEL", "WARNING"))
