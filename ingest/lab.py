@@ -215,6 +215,22 @@ def denormalize_torch(light: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
     return torch.cat(network_to_lab_torch(light, ab), dim=1)
 
 
+def srgb_to_linear_torch(rgb: torch.Tensor) -> torch.Tensor:
+    """sRGB in [0, 1] to linear light (the sRGB transfer function), on any device."""
+    import torch
+
+    return torch.where(rgb > 0.04045, ((rgb.clamp(min=0.04045) + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+
+
+def linear_to_srgb_torch(linear: torch.Tensor) -> torch.Tensor:
+    """Linear light to sRGB (the inverse transfer function); values outside [0, 1] stay outside."""
+    import torch
+
+    return torch.where(
+        linear > 0.0031308, 1.055 * torch.clamp(linear, min=0.0031308) ** (1 / 2.4) - 0.055, linear * 12.92
+    )
+
+
 def lab_to_rgb_torch(lab: torch.Tensor, clip: bool = True) -> torch.Tensor:
     """Lab (N, 3, H, W) in real units to sRGB (N, 3, H, W) in [0, 1], matching `lab_to_rgb`.
 
@@ -230,10 +246,7 @@ def lab_to_rgb_torch(lab: torch.Tensor, clip: bool = True) -> torch.Tensor:
     f = torch.stack([fx, fy, fz], dim=1)
     xyzn = torch.where(f > 0.2068966, f**3, (f - 16.0 / 116.0) / 7.787)
     matrix = torch.as_tensor(_RGB_FROM_XYZN, dtype=lab.dtype, device=lab.device)
-    linear = torch.einsum("ij,njhw->nihw", matrix, xyzn)
-    rgb = torch.where(
-        linear > 0.0031308, 1.055 * torch.clamp(linear, min=0.0031308) ** (1 / 2.4) - 0.055, linear * 12.92
-    )
+    rgb = linear_to_srgb_torch(torch.einsum("ij,njhw->nihw", matrix, xyzn))
     return rgb.clamp(0.0, 1.0) if clip else rgb
 
 
@@ -241,7 +254,7 @@ def rgb_to_lab_torch(rgb: torch.Tensor) -> torch.Tensor:
     """sRGB (N, 3, H, W) in [0, 1] to Lab (N, 3, H, W), matching `rgb_to_lab`."""
     import torch
 
-    linear = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+    linear = srgb_to_linear_torch(rgb)
     matrix = torch.as_tensor(_XYZN_FROM_RGB, dtype=rgb.dtype, device=rgb.device)
     xyzn = torch.einsum("ij,njhw->nihw", matrix, linear)
     f = torch.where(xyzn > 0.008856, xyzn.clamp(min=0.008856) ** (1.0 / 3.0), 7.787 * xyzn + 16.0 / 116.0)

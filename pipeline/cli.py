@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.command_help = lambda command: main([command, "--help"])  # for `recolor submit KIND --help`
     try:
         return args.handler(args)
     except BaseException as error:

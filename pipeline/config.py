@@ -18,6 +18,7 @@ import yaml
 
 from ingest.errors import ConfigError
 
+# The vocabularies: their one owner (the models and losses import them from here).
 GAN_MODES = ("vanilla", "lsgan")
 ARCHS = ("unet_256", "resnet18_unet")
 NORMS = ("batch", "sync_batch", "instance")

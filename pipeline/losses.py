@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-GAN_MODES = ("vanilla", "lsgan")
+from pipeline.config import GAN_MODES
+
 # The recipe's weight of the L1 term in the generator loss.
 DEFAULT_L1_LAMBDA = 100.0
 

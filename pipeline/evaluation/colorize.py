@@ -16,7 +16,16 @@ import numpy as np
 import torch
 
 from ingest.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
-from ingest.lab import AB_NORM, XYZ_FROM_RGB, lab_to_rgb_torch, lightness, rgb8_to_lab8
+from ingest.lab import (
+    AB_NORM,
+    XYZ_FROM_RGB,
+    lab8_to_network,
+    lab_to_rgb_torch,
+    lightness,
+    linear_to_srgb_torch,
+    rgb8_to_lab8,
+    srgb_to_linear_torch,
+)
 from ingest.sources import SourceError, list_folder
 
 
@@ -85,8 +94,8 @@ def _network_input(rgb: np.ndarray, size: int) -> torch.Tensor:
     from PIL import Image
 
     small = np.asarray(Image.fromarray(rgb).resize((size, size), Image.BICUBIC))
-    lab8 = rgb8_to_lab8(small)
-    return torch.from_numpy(lab8[:1].astype(np.float32) * (2.0 / 255.0) - 1.0)
+    light, _ = lab8_to_network(rgb8_to_lab8(small))
+    return torch.from_numpy(light)
 
 
 def lab_to_rgb_keeping_lightness(lab: torch.Tensor) -> torch.Tensor:
@@ -102,7 +111,7 @@ def lab_to_rgb_keeping_lightness(lab: torch.Tensor) -> torch.Tensor:
     if not outside.any():
         return rgb.clamp(0.0, 1.0)
     pixels = rgb.permute(0, 2, 3, 1)[outside]  # (P, 3), only the pixels to fix
-    linear = torch.where(pixels > 0.04045, ((pixels.clamp(min=0.04045) + 0.055) / 1.055) ** 2.4, pixels / 12.92)
+    linear = srgb_to_linear_torch(pixels)
     luminance = torch.as_tensor(XYZ_FROM_RGB[1], dtype=linear.dtype, device=linear.device)
     gray = (linear @ luminance).clamp(0.0, 1.0)[:, None]  # Y: a function of L alone
     # The largest share t of the colour (gray + t * (colour - gray)) that keeps every channel in [0, 1].
@@ -111,7 +120,7 @@ def lab_to_rgb_keeping_lightness(lab: torch.Tensor) -> torch.Tensor:
     below = torch.where(linear < 0, gray / (gray - linear), infinity)
     share = torch.minimum(above, below).amin(dim=1, keepdim=True).clamp(0.0, 1.0)
     mapped = (gray + share * (linear - gray)).clamp(0.0, 1.0)
-    fixed = torch.where(mapped > 0.0031308, 1.055 * mapped.clamp(min=0.0031308) ** (1 / 2.4) - 0.055, mapped * 12.92)
+    fixed = linear_to_srgb_torch(mapped)
     rgb = rgb.permute(0, 2, 3, 1).clone()
     rgb[outside] = fixed
     return rgb.permute(0, 3, 1, 2).clamp(0.0, 1.0)

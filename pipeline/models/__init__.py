@@ -7,13 +7,12 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from pipeline.config import ARCHS as GENERATOR_ARCHS
 from pipeline.models.layers import NORM_KINDS, init_weights, norm_layer
 from pipeline.models.patchgan import PatchGANDiscriminator
 from pipeline.models.resnet import ResNet18, ResNet18Encoder
 from pipeline.models.resnet_unet import ResNetUNet, load_backbone_weights
 from pipeline.models.unet import UNetGenerator
-
-GENERATOR_ARCHS = ("unet_256", "resnet18_unet")
 
 __all__ = [
     "GENERATOR_ARCHS",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-NORM_KINDS = ("batch", "sync_batch", "instance")
+from pipeline.config import NORMS as NORM_KINDS
 
 
 def norm_layer(kind: str, channels: int) -> nn.Module:

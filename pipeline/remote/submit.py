@@ -272,9 +272,7 @@ def run_submit_command(args) -> int:
     # Options after ARGS arrive inside the remainder: take submit's own out, leave the job's.
     options, job_args = args.submit_options.parse_known_args(args.job_args, namespace=args)
     if any(arg in ("-h", "--help") for arg in job_args):
-        from pipeline.cli import main
-
-        return main([options.kind, "--help"])
+        return args.command_help(options.kind)  # set by pipeline.cli, which imports this module
     forwarded = forwarded_env(extra=options.forward_env) if options.forward else {}
     try:
         env_vars, sealed, left_out = seal_credentials(forwarded, resolve_token())
