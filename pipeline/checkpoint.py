@@ -1,12 +1,15 @@
 """A checkpoint is one plain dict, saved with `torch.save` and loaded with `weights_only=True`.
 
     {"format": 1, "generator", "discriminator", "opt_g", "opt_d", "sched_g", "sched_d",
-     "position": {"stage", "epoch", "step_in_epoch", "global_step"}, "rng": {"torch", "cuda"},
+     "position": {"stage", "epoch", "step_in_epoch", "global_step"}, "rng": {"torch"},
      "config": TrainConfig as a dict, "data": {"refs", "digests"}}
 
-The position is where training continues: after an epoch's last step it already points at the
-next epoch (or stage). Random draws (dropout, flips, shuffles) are re-derived from the seed and
-the position, so a resumed run continues exactly as an uninterrupted one would.
+This module is the payload's one owner: `build_payload` makes it, `restore_networks` and
+`restore_optimizers` put it back, `payload_config` reads its config. The position is where training
+continues: after an epoch's last step it already points at the next epoch (or stage). Random draws
+(dropout, flips, shuffles) are re-derived from the seed and the position, so a resumed run
+continues exactly as an uninterrupted one would; the saved CPU RNG state is for inspection only
+and is not restored (nor is a CUDA one saved: nothing draws from it that the position does not fix).
 
 Faults. On a Ray Train worker, `upload_checkpoint` retries a failed upload with backoff after
 removing its partial copy (`upload_with_retries`), and `resume_payload` passes over a latest
@@ -61,6 +64,50 @@ class Position:
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+def build_payload(generator, discriminator, optimizers, schedulers, position: Position, config, plan) -> dict:
+    """The checkpoint dict of a run at `position`: plain modules (unwrapped from DDP), both optimizers and
+    schedulers (generator's first), the config (`TrainConfig`) and the data plan's versions."""
+    return {
+        "format": FORMAT,
+        "generator": generator.state_dict(),
+        "discriminator": discriminator.state_dict(),
+        "opt_g": optimizers[0].state_dict(),
+        "opt_d": optimizers[1].state_dict(),
+        "sched_g": schedulers[0].state_dict(),
+        "sched_d": schedulers[1].state_dict(),
+        "position": position.to_dict(),
+        "rng": {"torch": torch.get_rng_state()},
+        "config": config.to_dict(),
+        "data": {"refs": plan.refs, "digests": plan.digests},
+    }
+
+
+def restore_networks(payload: dict, generator, discriminator) -> Position:
+    """Load both networks' weights from `payload`; returns the position training continues at."""
+    generator.load_state_dict(payload["generator"])
+    discriminator.load_state_dict(payload["discriminator"])
+    return Position(**payload["position"])
+
+
+def restore_optimizers(payload: dict, stage: int, optimizers, schedulers) -> bool:
+    """Load the optimizers and schedulers of `stage` from `payload` if it was saved in that stage (a later stage
+    starts its own); returns whether it did."""
+    if payload["position"]["stage"] != stage:
+        return False
+    optimizers[0].load_state_dict(payload["opt_g"])
+    optimizers[1].load_state_dict(payload["opt_d"])
+    schedulers[0].load_state_dict(payload["sched_g"])
+    schedulers[1].load_state_dict(payload["sched_d"])
+    return True
+
+
+def payload_config(payload: dict):
+    """The `TrainConfig` a checkpoint was trained with."""
+    from pipeline.config import TrainConfig
+
+    return TrainConfig.from_dict(payload["config"])
 
 
 def save_checkpoint(directory: str | Path, payload: dict[str, Any]) -> Path:

@@ -21,10 +21,10 @@ DEFAULT_MODEL_NAME = "colorizer"
 
 def generator_from_checkpoint(payload: dict) -> nn.Module:
     """Rebuild the generator a checkpoint was trained with, in eval mode."""
-    from pipeline.config import TrainConfig
+    from pipeline.checkpoint import payload_config
     from pipeline.models import build_generator
 
-    model = TrainConfig.from_dict(payload["config"]).model
+    model = payload_config(payload).model
     generator = build_generator(model.arch, norm=model.norm, base_filters=model.base_filters, num_downs=model.num_downs)
     generator.load_state_dict(payload["generator"])
     return generator.eval()

@@ -23,10 +23,7 @@ from torch import nn
 
 from ingest import faults
 from ingest.lab import lab8_to_network_torch
-from pipeline.checkpoint import (
-    FORMAT,
-    Position,
-)
+from pipeline.checkpoint import Position, build_payload, restore_networks, restore_optimizers
 from pipeline.config import StageConfig, TrainConfig
 from pipeline.data import DataPlan, prefetch, train_batches, validation_batches
 from pipeline.evaluation.validation import accumulate, finalize
@@ -117,9 +114,7 @@ class ColorizerTrainer:
         )
         discriminator = build_discriminator(base_filters=model.base_filters, norm=model.norm)
         if checkpoint_payload is not None:
-            generator.load_state_dict(checkpoint_payload["generator"])
-            discriminator.load_state_dict(checkpoint_payload["discriminator"])
-            self.position = Position(**checkpoint_payload["position"])
+            self.position = restore_networks(checkpoint_payload, generator, discriminator)
         if model.norm == "sync_batch" and world_size > 1:
             generator = nn.SyncBatchNorm.convert_sync_batchnorm(generator)
             discriminator = nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
@@ -215,19 +210,8 @@ class ColorizerTrainer:
     # ------------------------------------------------------------------------------------ checkpoints
 
     def payload(self, next_position: Position, opts, scheds) -> dict:
-        return {
-            "format": FORMAT,
-            "generator": unwrap(self.generator).state_dict(),
-            "discriminator": unwrap(self.discriminator).state_dict(),
-            "opt_g": opts[0].state_dict(),
-            "opt_d": opts[1].state_dict(),
-            "sched_g": scheds[0].state_dict(),
-            "sched_d": scheds[1].state_dict(),
-            "position": next_position.to_dict(),
-            "rng": {"torch": torch.get_rng_state()},
-            "config": self.config.to_dict(),
-            "data": {"refs": self.plan.refs, "digests": self.plan.digests},
-        }
+        generator, discriminator = unwrap(self.generator), unwrap(self.discriminator)
+        return build_payload(generator, discriminator, opts, scheds, next_position, self.config, self.plan)
 
     # ---------------------------------------------------------------------------------------- the run
 
@@ -240,11 +224,8 @@ class ColorizerTrainer:
             gan_loss = GANLoss(stage.gan_mode) if stage.gan_mode else None
             opt_g, opt_d, sched_g, sched_d = self._optimizers(stage)
             resume = self._resume_payload
-            if resume is not None and resume["position"]["stage"] == stage_index:
-                opt_g.load_state_dict(resume["opt_g"])
-                opt_d.load_state_dict(resume["opt_d"])
-                sched_g.load_state_dict(resume["sched_g"])
-                sched_d.load_state_dict(resume["sched_d"])
+            if resume is not None:
+                restore_optimizers(resume, stage_index, (opt_g, opt_d), (sched_g, sched_d))
             self._resume_payload = None
             opts, scheds = (opt_g, opt_d), (sched_g, sched_d)
             start_epoch = self.position.epoch if stage_index == self.position.stage else 0
