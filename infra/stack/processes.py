@@ -1,4 +1,4 @@
-"""Which processes on this machine belong to a local stack: read from /proc, Linux only.
+"""Which processes on this machine belong to a local stack, found with psutil (Linux, macOS, any POSIX system).
 
 A stack's processes are found three ways, because each alone misses some:
 - the session of each recorded leader (started with `start_new_session`): Ray's helpers, workers
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
+
+import psutil
 
 
 @dataclass(frozen=True)
@@ -24,41 +25,39 @@ class ProcessInfo:
     pid: int
     ppid: int
     session: int
-    start_time: int  # clock ticks after boot: (pid, start_time) names a process even after its PID is reused
+    start_time: int  # milliseconds since the epoch: (pid, start_time) names a process even after its PID is reused
     tagged: bool
 
 
 def process_start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks after boot; None when it is gone or a zombie."""
-    info = _read_stat(pid)
-    return info[3] if info else None
-
-
-def _read_stat(pid: int) -> tuple[int, int, int, int] | None:
+    """The process's start time in milliseconds since the epoch; None when it is gone or a zombie."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return int(process.create_time() * 1000)
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return None
-    fields = stat.rsplit(")", 1)[1].split()  # the command name, in parentheses, may contain spaces
-    if fields[0] in ("Z", "X"):
-        return None
-    return pid, int(fields[1]), int(fields[3]), int(fields[19])
 
 
 def scan(tag: bytes) -> dict[int, ProcessInfo]:
     """Every live process this user can see, with whether its environment holds `tag` (e.g. b"NAME=value")."""
+    name, _, value = tag.decode().partition("=")
     processes = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        stat = _read_stat(int(entry.name))
-        if stat is None:
+    for process in psutil.process_iter(["pid", "ppid", "create_time", "status"]):
+        info = process.info
+        if info["status"] == psutil.STATUS_ZOMBIE or info["create_time"] is None:
             continue
         try:
-            tagged = tag in (entry / "environ").read_bytes().split(b"\0")
-        except OSError:  # gone, or another user's
+            session = os.getsid(info["pid"])
+        except OSError:  # gone meanwhile
+            continue
+        try:
+            tagged = process.environ().get(name) == value
+        except (psutil.Error, OSError):  # gone, or another user's
             tagged = False
-        processes[stat[0]] = ProcessInfo(*stat, tagged=tagged)
+        start = int(info["create_time"] * 1000)
+        processes[info["pid"]] = ProcessInfo(info["pid"], info["ppid"], session, start, tagged)
     return processes
 
 

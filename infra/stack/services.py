@@ -58,7 +58,7 @@ class StackError(RecolorError):
 class Service:
     name: str
     pid: int
-    start_time: int  # clock ticks after boot (/proc/PID/stat field 22): tells our process from a reused PID
+    start_time: int  # milliseconds since the epoch (`infra.stack.processes`): tells our process from a reused PID
     port: int  # the port users talk to
     log: str
 
