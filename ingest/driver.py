@@ -1,11 +1,9 @@
 """Ingest: list a source, turn its images into Lab shards with Ray tasks, commit a lake version.
 
-The work is split into chunks, one chunk per pair of shards (train and val). A chunk task
-reads each image once: it hashes the bytes (the sample key and the split come from the
-content hash, so they are the same in every run), skips content the dataset already has,
-decodes, converts to Lab, sets gray photos aside, and writes its shards. It then writes a
-small result record; a rerun with the same arguments finds those records and skips the
-finished chunks, so an interrupted ingest resumes where it stopped.
+The work is split into chunks, one chunk per pair of shards (train and val), each run as a Ray
+task (`ingest.chunk.process_chunk`), which writes a small result record when its shards are up;
+a rerun with the same arguments finds those records and skips the finished chunks, so an
+interrupted ingest resumes where it stopped.
 
 When every chunk is done the driver merges the results with the parent version (dropping
 content that two chunks or a concurrent ingest both brought), writes the manifest and
@@ -18,25 +16,20 @@ import json
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
-from ingest import faults
+from ingest.chunk import ChunkSpec, _chunk_task, process_chunk
 from ingest.commit import IngestSummary, commit
 from ingest.errors import ConfigError
-from ingest.images import DEFAULT_MAX_PIXELS, RESIZE_MODES, ImageRejected, decode_image, is_grayscale, mean_chroma
-from ingest.lab import rgb8_to_lab8
+from ingest.images import DEFAULT_MAX_PIXELS, RESIZE_MODES
 from ingest.lake import (
     Lake,
     LakeError,
     sha256_hex,
     validate_name,
 )
-from ingest.shards import ShardWriter
 from ingest.sources import SourceItem, list_coco, list_folder, list_imagenet, select_subset
-from ingest.storage import local_temp_dir, open_storage, read_uri
 
 SOURCE_KINDS = ("imagenet", "coco", "folder")
-KEY_LENGTH = 20  # hex digits of the content SHA-256 that name a sample: 80 bits, no collisions in practice
 
 
 @dataclass
@@ -87,30 +80,6 @@ class IngestConfig:
         return max(1, round(train_samples / (1.0 - self.val_fraction)))
 
 
-@dataclass
-class ChunkSpec:
-    """One Ray task's work: these items into the shards numbered `index`."""
-
-    lake_uri: str
-    dataset: str
-    ingest_id: str
-    index: int
-    items: list[SourceItem]
-    kind: str
-    size: int
-    resize: str
-    val_fraction: float
-    max_pixels: int
-
-    @property
-    def result_key(self) -> str:
-        return f"{self.dataset}/ingests/{self.ingest_id}/chunks/{self.index:06d}.json"
-
-    def shard_path(self, split: str) -> str:
-        """Shard path relative to the dataset folder."""
-        return f"ingests/{self.ingest_id}/shards/{split}-{self.ingest_id}-{self.index:06d}.tar"
-
-
 def list_source(config: IngestConfig) -> list[SourceItem]:
     """List the configured source and apply --limit; raises SourceError on a bad source."""
     if config.kind == "imagenet":
@@ -135,117 +104,6 @@ def ingest_id_for(config: IngestConfig, items: list[SourceItem]) -> str:
         "items": [item.uri for item in items],
     }
     return sha256_hex(json.dumps(fields, sort_keys=True).encode())[:12]
-
-
-def split_for(sha256: str, val_fraction: float) -> str:
-    """The sample's split from its content hash: every run, and every re-ingest, agrees."""
-    return "val" if int(sha256[-8:], 16) / 2**32 < val_fraction else "train"
-
-
-def _metadata(item: SourceItem, key: str, sha: str, split: str, width: int, height: int, kind: str) -> dict:
-    return {
-        "key": key,
-        "sha256": sha,
-        "split": split,
-        "source_dataset": kind,
-        "source_name": item.name,
-        "width": width,
-        "height": height,
-        "label": item.label,
-        "label_name": item.label_name,
-        "coco_id": item.coco_id,
-        "categories": list(item.categories),
-    }
-
-
-def process_chunk(spec: ChunkSpec, known_keys: frozenset[str] | set[str]) -> dict:
-    """Turn one chunk of source images into shards; returns (and stores) the chunk's result record.
-
-    Args:
-        spec: the chunk's items and the ingest's parameters.
-        known_keys: sample keys the dataset already holds (skipped as duplicates).
-
-    Returns:
-        {"index", "rows": manifest rows, "rejects": reject rows, "duplicates", "shards": {split: {...}}}
-    """
-    storage = open_storage(spec.lake_uri)
-    try:
-        return json.loads(storage.read_bytes(spec.result_key)) | {"resumed": True}
-    except FileNotFoundError:
-        pass
-    temp_dir = Path(local_temp_dir())
-    writers = {split: ShardWriter(temp_dir / f"{split}.tar") for split in ("train", "val")}
-    rows: list[dict] = []
-    rejects: list[dict] = []
-    duplicates = 0
-    seen: set[str] = set()
-    try:
-        for item in spec.items:
-            try:
-                data = read_uri(item.uri)
-            except FileNotFoundError:
-                rejects.append({"source_uri": item.uri, "reason": "missing", "detail": "listed but not found"})
-                continue
-            except (OSError, RuntimeError) as e:
-                rejects.append({"source_uri": item.uri, "reason": "unreadable", "detail": f"{type(e).__name__}: {e}"})
-                continue
-            sha = sha256_hex(data)
-            key = sha[:KEY_LENGTH]
-            if key in known_keys or key in seen:
-                duplicates += 1
-                continue
-            seen.add(key)
-            try:
-                decoded = decode_image(data, spec.size, spec.resize, spec.max_pixels)
-            except ImageRejected as e:
-                rejects.append({"source_uri": item.uri, "reason": e.reason, "detail": e.detail})
-                continue
-            lab8 = rgb8_to_lab8(decoded.rgb)
-            if is_grayscale(decoded.source_mode, lab8):
-                detail = f"mode {decoded.source_mode}, mean chroma {mean_chroma(lab8):.2f}"
-                rejects.append({"source_uri": item.uri, "reason": "grayscale", "detail": detail})
-                continue
-            split = split_for(sha, spec.val_fraction)
-            writer = writers[split]
-            meta = _metadata(item, key, sha, split, decoded.width, decoded.height, spec.kind)
-            rows.append(
-                {
-                    "key": key,
-                    "split": split,
-                    "shard": spec.shard_path(split),
-                    "index_in_shard": writer.count,
-                    "source_dataset": spec.kind,
-                    "source_uri": item.uri,
-                    "sha256": sha,
-                    "width": decoded.width,
-                    "height": decoded.height,
-                    "label": item.label,
-                    "label_name": item.label_name,
-                    "coco_id": item.coco_id,
-                    "categories": list(item.categories),
-                    "ingest_id": spec.ingest_id,
-                }
-            )
-            writer.write(key, lab8, meta)
-            faults.maybe_fail("shard_write")
-        shards = {}
-        for split, writer in writers.items():
-            count = writer.close()
-            if count:
-                faults.maybe_fail("shard_upload")
-                storage.upload_file(f"{spec.dataset}/{spec.shard_path(split)}", writer.path)
-                shards[split] = {"path": spec.shard_path(split), "count": count, "bytes": writer.path.stat().st_size}
-    finally:
-        for writer in writers.values():
-            writer.close()
-            writer.path.unlink(missing_ok=True)
-        temp_dir.rmdir()
-    for reject in rejects:
-        reject["ingest_id"] = spec.ingest_id
-    result = {"index": spec.index, "rows": rows, "rejects": rejects, "duplicates": duplicates, "shards": shards}
-    faults.maybe_fail("chunk_result")
-    storage.write_bytes(spec.result_key, json.dumps(result).encode())
-    return result
 
 
 def run_ingest(config: IngestConfig) -> IngestSummary:
@@ -287,14 +145,6 @@ def run_ingest(config: IngestConfig) -> IngestSummary:
     results = _run_chunks(specs, known, config)
     resumed = sum(1 for r in results if r.get("resumed"))
     return commit(lake, config, ingest_id, items, results, started, resumed)
-
-
-def _chunk_task(environment, spec: ChunkSpec, known: frozenset[str]) -> dict:
-    """`process_chunk` in a Ray task, with the driver's settings and credentials (`ingest.cluster.ship_environment`)."""
-    from ingest.cluster import open_environment
-
-    open_environment(environment)
-    return process_chunk(spec, known)
 
 
 def _check_compatible(record: dict, config: IngestConfig) -> None:

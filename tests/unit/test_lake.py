@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from ingest.driver import KEY_LENGTH, IngestConfig, run_ingest, split_for
+from ingest.chunk import KEY_LENGTH, split_for
+from ingest.driver import IngestConfig, run_ingest
 from ingest.images import decode_image
 from ingest.lab import ENCODING, rgb8_to_lab8
 from ingest.lake import MANIFEST_SCHEMA, REJECTS_SCHEMA, Lake, LakeError, parse_dataset_ref, resolve_lake_uri
