@@ -34,8 +34,9 @@ def worker(config: dict) -> None:
     import ray.train
     import torch
 
-    from pipeline.checkpoint import FORMAT, wait_for_uploads
+    from pipeline.checkpoint import FORMAT
     from pipeline.models import build_discriminator, build_generator
+    from pipeline.train.checkpoints import wait_for_uploads
     from pipeline.train.worker import ray_reporter
 
     torch.set_num_threads(1)

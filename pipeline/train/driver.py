@@ -94,7 +94,7 @@ def run_training(
         TrainingError: training failed after `max_failures` restarts; its message names the root cause in one
             line. The MLflow run (when tracking) is then FAILED, tagged with that line; KILLED on Ctrl-C.
     """
-    from pipeline.checkpoint import repair_run_snapshot, upload_attempts
+    from pipeline.train.checkpoints import repair_run_snapshot, upload_attempts
 
     plan = resolve_data(config.data.datasets, config.data.lake)
     check_before_start(config, plan, ray_address)
@@ -156,7 +156,7 @@ def finished_earlier(config: TrainConfig, plan: DataPlan, run_uri: str, tracking
     it reports what the run left (its latest checkpoint, metrics, MLflow run and model version). A run whose
     config asks for more (more epochs, another stage) is resumed as usual.
     """
-    from pipeline.checkpoint import latest_recorded
+    from pipeline.train.checkpoints import latest_recorded
 
     latest = latest_recorded(run_uri)
     if latest is None or not _trained_all(config, latest[1]):

@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 from ingest.cluster import open_environment
-from pipeline.checkpoint import resume_payload, save_checkpoint, upload_checkpoint, upload_started, wait_for_uploads
+from pipeline.checkpoint import save_checkpoint
 from pipeline.config import TrainConfig
 from pipeline.data import DataPlan
+from pipeline.train.checkpoints import resume_payload, upload_checkpoint, upload_started, wait_for_uploads
 from pipeline.train.loop import ColorizerTrainer
 
 log = logging.getLogger(__name__)

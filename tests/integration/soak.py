@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ingest.storage import open_storage
-from pipeline.checkpoint import RAY_CHECKPOINT_DIR, load_checkpoint
+from pipeline.checkpoint import load_checkpoint
+from pipeline.train.checkpoints import RAY_CHECKPOINT_DIR
 
 PHOTOS = 100
 EPOCHS = 3

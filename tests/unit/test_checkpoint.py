@@ -16,22 +16,17 @@ import torch
 
 from ingest import faults
 from ingest.driver import IngestConfig, run_ingest
-from pipeline.checkpoint import (
-    CHECKPOINT_FILE,
-    FORMAT,
+from pipeline.checkpoint import CHECKPOINT_FILE, FORMAT, CheckpointError, Position, load_checkpoint, save_checkpoint
+from pipeline.config import DataConfig, ModelConfig, StageConfig, TrainConfig
+from pipeline.data import DataPlan, resolve_data
+from pipeline.train.checkpoints import (
     UPLOAD_ATTEMPTS_ENV,
-    CheckpointError,
-    Position,
     fallback_order,
     first_readable,
-    load_checkpoint,
     repair_run_snapshot,
-    save_checkpoint,
     upload_attempts,
     upload_with_retries,
 )
-from pipeline.config import DataConfig, ModelConfig, StageConfig, TrainConfig
-from pipeline.data import DataPlan, resolve_data
 from pipeline.train.loop import ColorizerTrainer, unwrap
 
 # --- a tiny lake and config ------------------------------------------------------------------------
@@ -267,7 +262,7 @@ def test_an_upload_that_fails_twice_is_retried_with_growing_waits_and_only_the_w
     destination.parent.mkdir()
     upload = FlakyUpload(source, destination, failures=2)
     waits: list[float] = []
-    with caplog.at_level("WARNING", logger="pipeline.checkpoint"):
+    with caplog.at_level("WARNING", logger="pipeline.train.checkpoints"):
         result = upload_with_retries(
             upload, str(destination), attempts=4, discard=discard_directory(destination), sleep=waits.append
         )
@@ -369,7 +364,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_readable_one(tmp_p
             requested.append(name)
             yield name
 
-    with caplog.at_level("WARNING", logger="pipeline.checkpoint"):
+    with caplog.at_level("WARNING", logger="pipeline.train.checkpoints"):
         name, payload = first_readable(candidates(), lambda name: load_checkpoint(tmp_path / name))
     assert name == "step2" and payload["position"]["global_step"] == 2
     assert requested == ["step6", "step4", "step2"]  # the older ones are looked up only when needed
@@ -395,7 +390,7 @@ def test_missing_and_unreachable_checkpoints_in_the_fallback(tmp_path, caplog) -
             raise OSError("unexpected end of stream")
         return load_checkpoint(tmp_path)
 
-    with caplog.at_level("WARNING", logger="pipeline.checkpoint"):
+    with caplog.at_level("WARNING", logger="pipeline.train.checkpoints"):
         assert first_readable(["gone", "partial", "whole"], load)[0] == "whole"
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warnings == [
@@ -453,7 +448,7 @@ def test_a_rerun_after_lost_checkpoints_resumes_from_what_is_left_or_starts_over
 
     (run / names[2] / CHECKPOINT_FILE).unlink()  # the latest, lost
     (run / names[0] / CHECKPOINT_FILE).unlink()
-    with caplog.at_level("WARNING", logger="pipeline.checkpoint"):
+    with caplog.at_level("WARNING", logger="pipeline.train.checkpoints"):
         message = repair_run_snapshot(str(run))
     assert message == f"checkpoints {names[0]}, {names[2]} of {run} are missing: resuming from {names[1]}"
     assert message in caplog.messages
