@@ -1,4 +1,6 @@
-"""The driver side of training: pin the data, build Ray Train's `TorchTrainer`, run it.
+"""The driver side of training: pin the data, check what can be checked before a cluster starts, repair the
+run's checkpoint record, build Ray Train's `TorchTrainer` and run it until it finishes, fails or is stopped;
+then log and register the generator.
 
 `recolor train` and the Ray job entrypoint (`jobs/train.py`) both call `run_training`.
 """

@@ -1,8 +1,9 @@
-"""The per-worker training loop: what every Ray Train worker (DDP rank) runs.
+"""`ColorizerTrainer`: one DDP rank's training state and the recipe's steps, epochs, validation and checkpoints.
 
-Only this module moves models to devices, wraps them in DDP (through Ray's `prepare_model`),
-and talks to `ray.train` (checkpoint uploads and the choice of checkpoint to resume from are
-`pipeline.checkpoint`'s). `is_rank_zero` decides who logs and who writes checkpoints.
+Only this module moves models to devices and wraps them (through the `prepare` function
+`pipeline.train.worker` passes: Ray's `prepare_model`); it reports through the `report` function
+it is given, so it runs without Ray in unit tests. `is_rank_zero` decides who logs and who writes
+checkpoints; what a checkpoint holds is `pipeline.checkpoint`'s.
 
 Each step is the recipe's: generate ab from L; one discriminator update on (L, fake ab detached)
 as fake and (L, true ab) as real; then one generator update (GAN loss of fakes judged real +

@@ -6,8 +6,8 @@ S3, MLflow answers and stores artifacts in S3, the job API refuses requests with
 listens beyond loopback, `recolor submit ingest` commits a lake version in S3, and `down` ends every
 process of the stack and nothing else. The stack is torn down after the module even when a test fails.
 
-The end-to-end run of training and evaluation lands with the MLflow issue; `submit` and
-`mlflow_client` below are what it needs (see `submit_train_and_evaluate`).
+Jobs go through the stack as a user submits them: ingest, the main job end to end (ingest, train,
+evaluate --promote), and the soak of a long training run (`soak.py`) with the stack's S3 restarted.
 """
 
 from __future__ import annotations
