@@ -200,3 +200,45 @@ def lake_dataset(ref: str, uri: str, manifest_sha256: str):
         source = resolve_dataset_source(uri)
     # MLflow stores at most 36 characters of digest; the full SHA-256 is in the run's tags.
     return MetaDataset(source, name=ref, digest=manifest_sha256[:32])
+
+
+def finish_run(tracking_uri: str, run_id: str, name: str, plan, metrics: dict, payload: dict | None,
+               model_name: str | None) -> str | None:  # fmt: skip
+    """After training: loss curves as a PNG, the generator of checkpoint `payload` logged and registered as
+    `model_name` (alias `candidate`, tagged with the run and its validation metrics), the run FINISHED.
+
+    Returns:
+        The registered model version (None without a checkpoint or a model name).
+    """
+    from mlflow import MlflowClient
+
+    from pipeline.tracking.loggers import MlflowLogger
+    from pipeline.tracking.plots import LOSS_PANELS, loss_curves
+    from pipeline.tracking.registry import generator_from_checkpoint, log_generator, min_side
+
+    client = MlflowClient(tracking_uri)
+    history = {
+        metric: [(m.step, m.value) for m in client.get_metric_history(run_id, metric)]
+        for names in LOSS_PANELS.values()
+        for metric in names
+    }
+    MlflowLogger(tracking_uri, run_id, system_metrics=False).log_image(
+        loss_curves(history, title=name), "plots/loss_curves.png"
+    )
+    version = None
+    if payload is not None:
+        generator = generator_from_checkpoint(payload)
+        shown = {k: f"{v:.6g}" for k, v in metrics.items() if k.startswith("val_")}
+        tags = {"run_id": run_id, "run_name": name, "datasets": ",".join(plan.refs), **shown}
+        registered = log_generator(
+            generator,
+            run_id,
+            tracking_uri,
+            registered_name=model_name,
+            alias="candidate" if model_name else None,
+            version_tags=tags,
+            image_size=max(plan.size, min_side(generator)),
+        )
+        version = registered.version if registered is not None else None
+    client.set_terminated(run_id, status="FINISHED")
+    return version

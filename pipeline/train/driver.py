@@ -130,7 +130,7 @@ def run_training(
         )
         if run_info is not None:
             train_result.run_id = run_info["run_id"]
-            train_result.model_version = finish_tracking(run_info, tracking, train_result, result.checkpoint)
+            train_result.model_version = _finish_tracking(run_info, tracking, train_result, result.checkpoint)
         return train_result
     except BaseException as error:
         # Whatever stops the run (workers out of restarts, Ctrl-C, an unreachable registry) ends its MLflow run:
@@ -305,40 +305,15 @@ def _fit_until_stopped(trainer):
     return outcome["result"]
 
 
-def finish_tracking(run_info: dict, tracking: TrackingOptions, result: TrainResult, checkpoint) -> str | None:
-    """After training: loss curves as a PNG, the generator logged and registered (alias `candidate`), run status."""
-    from mlflow import MlflowClient
-
+def _finish_tracking(run_info: dict, tracking: TrackingOptions, result: TrainResult, checkpoint) -> str | None:
+    """The run's generator from its latest checkpoint, handed to `pipeline.tracking.runs.finish_run`."""
     from pipeline.checkpoint import load_checkpoint
-    from pipeline.tracking.loggers import MlflowLogger
-    from pipeline.tracking.plots import LOSS_PANELS, loss_curves
-    from pipeline.tracking.registry import generator_from_checkpoint, log_generator, min_side
+    from pipeline.tracking.runs import finish_run
 
-    client = MlflowClient(run_info["uri"])
-    run_id = run_info["run_id"]
-    history = {
-        name: [(m.step, m.value) for m in client.get_metric_history(run_id, name)]
-        for names in LOSS_PANELS.values()
-        for name in names
-    }
-    logger = MlflowLogger(run_info["uri"], run_id, system_metrics=False)
-    logger.log_image(loss_curves(history, title=result.name), "plots/loss_curves.png")
-    version = None
+    payload = None
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             payload = load_checkpoint(directory)
-        generator = generator_from_checkpoint(payload)
-        metrics = {k: f"{v:.6g}" for k, v in result.metrics.items() if k.startswith("val_")}
-        tags = {"run_id": run_id, "run_name": result.name, "datasets": ",".join(result.plan.refs), **metrics}
-        registered = log_generator(
-            generator,
-            run_id,
-            run_info["uri"],
-            registered_name=tracking.model_name,
-            alias="candidate" if tracking.model_name else None,
-            version_tags=tags,
-            image_size=max(result.plan.size, min_side(generator)),
-        )
-        version = registered.version if registered is not None else None
-    client.set_terminated(run_id, status="FINISHED")
-    return version
+    return finish_run(
+        run_info["uri"], run_info["run_id"], result.name, result.plan, result.metrics, payload, tracking.model_name
+    )
