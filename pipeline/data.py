@@ -17,6 +17,9 @@ on without decoding them: whole shards are not even opened.
 Stages are small generator functions (read -> decode -> shuffle -> flip -> batch), each testable
 on plain lists. Shards are parsed by `ingest.shards.iter_members`, a streaming USTAR reader about
 3x faster than webdataset's tarfile-based iterator on these shards; webdataset reads them as well.
+
+About 400 lines on purpose: the epoch plan, the stages and the prefetch thread share one
+contract (exact, resumable epochs) that reads best in one place.
 """
 
 from __future__ import annotations

@@ -15,6 +15,9 @@ state file (mode 600): PIDs, ports and keys.
 Each service starts in its own session with `RECOLOR_STACK_ID=<id>` in its environment; `down`
 signals the recorded PIDs, then ends whatever is left of those sessions, of that id and of their
 descendants (Ray workers, job drivers; see `infra.stack.processes`), and touches nothing else.
+
+About 400 lines on purpose: starting, recording, checking and stopping the services share the
+state file's contract, and `down` must undo exactly what `up` did.
 """
 
 from __future__ import annotations

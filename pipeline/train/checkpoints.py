@@ -10,6 +10,9 @@ with none left the run starts over instead of failing at every rerun. On the dri
 folders Ray has no record of (uploads cut short) are deleted (`delete_unrecorded`).
 
 The payload itself (what a checkpoint holds) is `pipeline.checkpoint`'s.
+
+About 400 lines on purpose: uploads, the resume choice and the record repair keep one guarantee
+together (a resume never starts from a checkpoint that is not whole).
 """
 
 from __future__ import annotations
