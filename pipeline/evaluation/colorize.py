@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
+from ingest.errors import ConfigError
 from ingest.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
 from ingest.lab import (
     AB_NORM,
@@ -69,6 +70,67 @@ def list_inputs(inputs: list[str]) -> tuple[list[tuple[str, str]], list[tuple[st
             claimed[target] = uri
             items.append((uri, target))
     return items, failed
+
+
+OUTPUT_MARKER = ".recolor-colorized"  # in every output folder: the names written there, one a line
+
+
+def guard_outputs(items: list[tuple[str, str]], inputs: list[str], out: Path) -> list[tuple[str, str]]:
+    """Never write over an input, never colorize an earlier output: the inputs that may be colorized into `out`.
+
+    Every output folder lists what `recolor colorize` wrote there (`OUTPUT_MARKER`); such files, found in a
+    given folder (an earlier run into a subfolder of it), are left out silently: they are colorized pictures.
+
+    Raises:
+        ConfigError: `out` is a given folder (the originals and the colorized pictures would share names), an
+            output would land on an input file, or a file named on the command line is an earlier output; one
+            line naming both.
+    """
+    resolved_out = out.resolve()
+    for given in inputs:
+        if not given.startswith("s3://") and Path(given).is_dir() and Path(given).resolve() == resolved_out:
+            raise ConfigError(
+                f"the output folder {out} is the input folder {given}: colorized pictures would replace or mix "
+                "with the originals; pass another -o (a subfolder is fine)"
+            )
+    written = _WrittenOutputs()
+    kept = []
+    for uri, name in items:
+        if not uri.startswith("s3://") and written.holds(Path(uri)):
+            if uri in inputs:  # named on the command line: say why it is not colorized
+                raise ConfigError(f"{uri} is a colorized picture (an output of recolor colorize): pass the photo")
+            continue
+        kept.append((uri, name))
+    sources = {Path(uri).resolve(): uri for uri, _ in kept if not uri.startswith("s3://")}
+    for uri, name in kept:
+        if (out / name).resolve() in sources:
+            raise ConfigError(
+                f"the output {out / name} of {uri} would overwrite the input {sources[(out / name).resolve()]}: "
+                "pass another -o for the colorized pictures"
+            )
+    return kept
+
+
+class _WrittenOutputs:
+    """Which files earlier runs wrote: the names in the `OUTPUT_MARKER` of any folder above them."""
+
+    def __init__(self):
+        self._listed: dict[Path, set[str]] = {}
+
+    def holds(self, path: Path) -> bool:
+        path = path.resolve()
+        for folder in path.parents:
+            if folder not in self._listed:
+                marker = folder / OUTPUT_MARKER
+                self._listed[folder] = set(marker.read_text().splitlines()) if marker.is_file() else set()
+            if path.relative_to(folder).as_posix() in self._listed[folder]:
+                return True
+        return False
+
+
+def _record_output(out: Path, name: str) -> None:
+    with open(out / OUTPUT_MARKER, "a") as marker:
+        marker.write(name + "\n")
 
 
 def output_names(names: list[str]) -> list[str]:
@@ -172,10 +234,11 @@ def colorize(
     from pipeline.tracking.registry import load_generator, min_side
 
     torch_device = torch.device(device)
+    out = Path(out_dir)
     items, failed = list_inputs(inputs)
+    items = guard_outputs(items, inputs, out)
     generator = load_generator(model_uri, tracking_uri, torch_device)
     size = max(size, min_side(generator))
-    out = Path(out_dir)
     summary = ColorizeSummary(failed=failed)
     pending: list[tuple[str, str, np.ndarray]] = []
 
@@ -187,6 +250,7 @@ def colorize(
             target = out / name
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)
+                _record_output(out, name)  # before the picture: an output is never taken for a photo
                 Image.fromarray(rgb).save(target, format="PNG")
             except OSError as e:  # a file where a folder should be, a full disk: this output only
                 summary.failed.append((uri, f"unwritable: {target}: {e}"))

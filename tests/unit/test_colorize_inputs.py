@@ -115,3 +115,44 @@ def test_max_pixels_refuses_larger_inputs(tmp_path, checkpoint) -> None:
     assert summary.written == [str(tmp_path / "out" / "small.png")]
     [(uri, reason)] = summary.failed
     assert uri == str(large) and reason.startswith("too_large: 11x10 = 110 pixels")
+
+
+# --- never over an input, never an earlier output -----------------------------------------------------
+
+
+def test_an_output_folder_that_is_the_input_folder_is_refused_and_nothing_is_written(tmp_path, checkpoint) -> None:
+    from ingest.errors import ConfigError
+
+    photos = tmp_path / "photos"
+    original = picture(photos / "a.png", 1).read_bytes()
+    with pytest.raises(ConfigError, match=r"the output folder .*photos is the input folder .*photos"):
+        colorize(str(checkpoint), [str(photos)], str(photos), progress=False)
+    assert (photos / "a.png").read_bytes() == original and sorted(p.name for p in photos.iterdir()) == ["a.png"]
+
+
+def test_an_output_that_would_land_on_an_input_file_is_refused(tmp_path, checkpoint, monkeypatch) -> None:
+    from ingest.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    original = picture(tmp_path / "photo.png", 2).read_bytes()
+    with pytest.raises(ConfigError, match=r"the output photo.png of photo.png would overwrite the input photo.png"):
+        colorize(str(checkpoint), ["photo.png"], ".", progress=False)  # `recolor colorize photo.png -o .`
+    assert (tmp_path / "photo.png").read_bytes() == original
+    picture(tmp_path / "b.jpg", 3)  # b.jpg's output b.png is no input: that one may go here
+    assert colorize(str(checkpoint), ["b.jpg"], ".", progress=False).written == [str(Path(".") / "b.png")]
+
+
+def test_outputs_in_a_subfolder_of_the_input_are_never_colorized_again(tmp_path, checkpoint) -> None:
+    from ingest.errors import ConfigError
+
+    photos = tmp_path / "photos"
+    picture(photos / "a.png", 4)
+    picture(photos / "b.png", 5)
+    first = colorize(str(checkpoint), [str(photos)], str(photos / "colorized"), progress=False)
+    assert sorted(Path(p).name for p in first.written) == ["a.png", "b.png"]
+    again = colorize(str(checkpoint), [str(photos)], str(photos / "colorized"), progress=False)
+    assert sorted(Path(p).name for p in again.written) == ["a.png", "b.png"]  # the photos only, not the outputs
+    other = colorize(str(checkpoint), [str(photos)], str(photos / "second"), progress=False)
+    assert sorted(Path(p).relative_to(photos / "second").as_posix() for p in other.written) == ["a.png", "b.png"]
+    with pytest.raises(ConfigError, match=r"colorized/a.png is a colorized picture"):
+        colorize(str(checkpoint), [str(photos / "colorized" / "a.png")], str(tmp_path / "x"), progress=False)
