@@ -96,6 +96,58 @@ def version_key(dataset: str, version: int) -> str:
     return f"{dataset}/versions/{version:06d}.json"
 
 
+RECORD_FORMAT = "recolor-lake-v1"
+
+
+def check_record(record, where: str) -> None:
+    """Refuse a version record that is not one: a missing or mistyped field, or a path that leaves the dataset.
+
+    Every path in a record (the manifest, the rejects table, each shard) names an object below its dataset's
+    folder: a relative POSIX key without `..`, absolute parts or a scheme. Anything else would make `lake show`,
+    training and evaluation read files outside the lake.
+
+    Raises:
+        LakeError: names the record and the field.
+    """
+
+    def corrupt(field: str, why: str) -> LakeError:
+        return LakeError(f"{where}: field {field!r} {why}: the version record is corrupt; re-ingest or restore it")
+
+    if not isinstance(record, dict):
+        raise corrupt("(the record)", "is not a JSON object")
+    if record.get("format") != RECORD_FORMAT:
+        raise corrupt("format", f"is {record.get('format')!r}, not {RECORD_FORMAT!r}")
+    for field, kind in (("version", int), ("size", int), ("resize", str), ("counts", dict), ("bytes", dict),
+                        ("shards", dict), ("manifest", str), ("manifest_sha256", str), ("created", str),
+                        ("encoding", dict), ("stats", dict)):  # fmt: skip
+        if field not in record:
+            raise corrupt(field, "is missing")
+        if not isinstance(record[field], kind) or (kind is int and isinstance(record[field], bool)):
+            raise corrupt(field, f"is a {type(record[field]).__name__}, not a {kind.__name__}")
+    check_key(record["manifest"], lambda why: corrupt("manifest", why))
+    if record.get("rejects"):
+        check_key(record["rejects"], lambda why: corrupt("rejects", why))
+    for split, entries in record["shards"].items():
+        if not isinstance(entries, list):
+            raise corrupt(f"shards.{split}", "is not a list")
+        for index, entry in enumerate(entries):
+            name = f"shards.{split}[{index}]"
+            if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+                raise corrupt(f"{name}.path", "is missing")
+            for number in ("count", "bytes"):
+                if not isinstance(entry.get(number), int) or entry[number] < 0:
+                    raise corrupt(f"{name}.{number}", "is not a count")
+            check_key(entry["path"], lambda why, name=name: corrupt(f"{name}.path", why))
+
+
+def check_key(key: str, error) -> None:
+    """Raise `error(why)` unless `key` is a relative POSIX key that stays below the folder it is read from."""
+    if not key or key.startswith("/") or "\\" in key or "://" in key or (len(key) > 1 and key[1] == ":"):
+        raise error(f"is {key!r}: not a relative path")
+    if any(part in ("", ".", "..") for part in key.split("/")):
+        raise error(f"is {key!r}: it leaves the dataset's folder")
+
+
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -165,11 +217,24 @@ class Lake:
                     f"dataset {dataset!r} has no versions in lake {self.uri} (datasets there: {known}); "
                     "run `recolor ingest` first"
                 )
+        key = version_key(dataset, version)
         try:
-            record = json.loads(self.storage.read_bytes(version_key(dataset, version)))
+            data = self.storage.read_bytes(key)
         except FileNotFoundError:
             have = ", ".join(map(str, self.versions(dataset))) or "none"
             raise LakeError(f"{dataset}@{version} does not exist in lake {self.uri} (versions: {have})") from None
+        where = self.storage.uri(key)
+        try:
+            record = json.loads(data)
+        except ValueError as e:
+            raise LakeError(f"{where} is not valid JSON ({e}): the version record is corrupt") from None
+        check_record(record, where)
+        manifest = f"{dataset}/{record['manifest']}"
+        if not self.storage.exists(manifest):
+            raise LakeError(
+                f"{where}: its manifest {self.storage.uri(manifest)} is missing, so the version cannot be read: "
+                "re-ingest into a new version (`recolor ingest ...`)"
+            )
         return VersionRef(dataset, version, record)
 
     def manifest(self, ref: VersionRef) -> pa.Table:

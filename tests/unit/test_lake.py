@@ -404,3 +404,49 @@ def test_reading_tables_starts_no_arrow_threads(mixed_lake, tmp_path) -> None:
     assert result.returncode == 0, result.stderr
     rows, before, after = map(int, result.stdout.split())
     assert rows == 8 + 5 and after == before
+
+
+# --- records that are not what they claim ---------------------------------------------------------------
+
+
+@pytest.fixture
+def one_version(photo_folder, tmp_path) -> tuple[Lake, Path]:
+    ingest(photo_folder(range(4), name="four", width=60, height=40), tmp_path / "lake")
+    return Lake(str(tmp_path / "lake")), tmp_path / "lake" / "photos" / "versions" / "000001.json"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("rejects", "../../../../../../etc/passwd", r"field 'rejects' is '\.\./.*': it leaves the dataset's folder"),
+        ("rejects", "/etc/passwd", r"field 'rejects' is '/etc/passwd': not a relative path"),
+        ("manifest", "s3://elsewhere/m.parquet", r"field 'manifest' is 's3://elsewhere/m.parquet': not a relative"),
+        ("shard", "shards/../../../../etc/passwd", r"field 'shards.train\[0\].path' is .*: it leaves the dataset"),
+        ("counts", None, r"field 'counts' is missing"),
+        ("size", "64", r"field 'size' is a str, not a int"),
+    ],
+)
+def test_a_record_whose_paths_leave_the_lake_or_fields_are_wrong_is_refused(one_version, field, value, message):
+    lake, path = one_version
+    record = json.loads(path.read_text())
+    if field == "shard":
+        record["shards"]["train"][0]["path"] = value
+    elif value is None:
+        del record[field]
+    else:
+        record[field] = value
+    path.write_text(json.dumps(record))
+    with pytest.raises(LakeError, match=rf"000001.json: {message}.*the version record is corrupt"):
+        lake.resolve("photos")
+
+
+def test_invalid_json_and_a_deleted_manifest_name_the_file(one_version) -> None:
+    lake, path = one_version
+    record = json.loads(path.read_text())
+    manifest = path.parent.parent / record["manifest"]
+    manifest.unlink()
+    with pytest.raises(LakeError, match=r"000001.json: its manifest .*manifest.*parquet is missing.*re-ingest"):
+        lake.resolve("photos@1")
+    path.write_text('{"format": "recolor-lake-v1", "vers')
+    with pytest.raises(LakeError, match=r"000001.json is not valid JSON \(.*\): the version record is corrupt"):
+        lake.resolve("photos@1")
