@@ -60,6 +60,31 @@ def is_secret_name(name: str) -> bool:
     return bool(_SECRET_NAME.search(name))
 
 
+# Credentials inside a value: `scheme://user:password@host` and token-like query parameters.
+_URL_PASSWORD = re.compile(r"(\w[\w+.-]*://[^/\s:@]+):[^/\s@]+@")
+_QUERY_SECRET = re.compile(r"([?&](?:[\w.-]*(?:token|key|secret|password|passwd|signature|sig)[\w.-]*)=)[^&\s#]+",
+                           re.IGNORECASE)  # fmt: skip
+
+
+def has_credentials(value: str) -> bool:
+    """Whether a value carries a credential inside it: a URL with a password, or a token in its query string."""
+    return bool(_URL_PASSWORD.search(value) or _QUERY_SECRET.search(value))
+
+
+def is_secret(name: str, value: str) -> bool:
+    """Whether a variable is a credential: by its name, or because its value holds one (a tracking URI with a
+    password). Such variables travel sealed and are never printed."""
+    return is_secret_name(name) or has_credentials(value)
+
+
+def mask_secrets(text: str, environ=os.environ) -> str:
+    """`text` with every credential masked: the values of secret variables, URL passwords, query tokens."""
+    for secret in secret_values(environ):
+        text = text.replace(secret, "***")
+    text = _URL_PASSWORD.sub(r"\1:***@", text)
+    return _QUERY_SECRET.sub(r"\1***", text)
+
+
 def forwarded_environment(environ=os.environ, extra=()) -> dict[str, str]:
     """The variables of `environ` that a task, worker or job should see (and the `extra` names), sorted."""
     names = {n for n in environ if n.startswith(FORWARDED_PREFIXES) and n not in NOT_FORWARDED}

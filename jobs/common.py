@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import sys
 
+from ingest.cluster import mask_secrets
+
 # Where a job reads and writes: printed (URLs and paths, never keys) so a job's log says which stack it used.
 ENDPOINT_VARIABLES = (
     "AWS_ENDPOINT_URL",
@@ -23,7 +25,9 @@ def start_job(name: str, environ=os.environ) -> None:
     from pipeline.remote.sealed_env import unseal_environ
 
     opened = unseal_environ(environ)
-    parts = [f"{variable}={environ[variable]}" for variable in ENDPOINT_VARIABLES if environ.get(variable)]
+    parts = [
+        f"{variable}={mask_secrets(environ[variable])}" for variable in ENDPOINT_VARIABLES if environ.get(variable)
+    ]
     credentials = "set" if environ.get("AWS_ACCESS_KEY_ID") else "not set (instance role or anonymous)"
     if opened:
         credentials += f" (opened from the submission: {', '.join(opened)})"

@@ -7,6 +7,7 @@ import sys
 
 from infra.stack.cli import add_stack_parser
 from ingest.cli import add_ingest_parser, add_lake_parser
+from ingest.cluster import mask_secrets
 from pipeline.evaluation.cli import add_model_parsers
 from pipeline.remote.submit import add_submit_parser
 from pipeline.train.cli import add_train_parser
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         if outcome is None:
             raise
         code, message = outcome
-        print(message, file=sys.stderr)
+        print(mask_secrets(message), file=sys.stderr)
         return code
 
 

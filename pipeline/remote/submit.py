@@ -26,7 +26,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from ingest.cluster import forwarded_environment
+from ingest.cluster import forwarded_environment, is_secret
 from ingest.errors import RecolorError
 from pipeline.remote import sealed_env
 
@@ -102,8 +102,8 @@ def seal_credentials(env_vars: dict[str, str], token: str | None) -> tuple[dict[
     Returns:
         (the job's env_vars, the names sealed, the names left out)
     """
-    plain = {name: value for name, value in env_vars.items() if not sealed_env.is_secret_name(name)}
-    secret = {name: value for name, value in env_vars.items() if sealed_env.is_secret_name(name)}
+    plain = {name: value for name, value in env_vars.items() if not is_secret(name, value)}
+    secret = {name: value for name, value in env_vars.items() if is_secret(name, value)}
     if not secret:
         return plain, [], []
     if token is None:

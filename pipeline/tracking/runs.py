@@ -17,6 +17,8 @@ import os
 import subprocess
 from pathlib import Path
 
+from ingest.cluster import has_credentials
+
 EXPERIMENT_DEFAULT = "recolor"
 RUN_NAME_TAG = "recolor.run_name"
 FAILURE_TAG = "recolor.failure"  # why a FAILED (or KILLED) run stopped, in one line
@@ -44,6 +46,9 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     """The argument, else $MLFLOW_TRACKING_URI, else `sqlite:///<cwd>/mlflow.db` (absolute, so Ray workers agree)."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
+        if has_credentials(uri):
+            # MLflow prints "View run ... at: <the tracking URI>/#/..." whenever a run ends: with the password.
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         return uri
     return f"sqlite:///{Path('mlflow.db').absolute()}"
 

@@ -6,9 +6,7 @@ error, credentials masked, and whether rerunning the same command can succeed.
 
 from __future__ import annotations
 
-import re
-
-from ingest.cluster import secret_values
+from ingest.cluster import mask_secrets
 from ingest.errors import RecolorError
 
 
@@ -100,7 +98,5 @@ def describe_failure(error: BaseException, limit: int = 500) -> str:
     lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
     name = type(cause).__name__
     text = f"{name}: {lines[0]}" if lines else name
-    for secret in secret_values():
-        text = text.replace(secret, "***")
-    text = re.sub(r"(\w+://[^/\s:@]+):[^/\s@]+@", r"\1:***@", text)
+    text = mask_secrets(text)
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -147,6 +147,7 @@ def secret_env(s3_server, tmp_path_factory):
     """The module's environment: the S3 keys of the session's rclone server plus a made-up secret,
     quiet training, fast system-metrics sampling, no tracking URI (so the embedded default applies)."""
     made_up = "recolor-test-secret-" + secrets.token_hex(12)
+    url_password = "pw-" + secrets.token_hex(10)
     with pytest.MonkeyPatch.context() as patch:
         for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
             patch.delenv(name, raising=False)
@@ -163,7 +164,8 @@ def secret_env(s3_server, tmp_path_factory):
         # MLflow samples system metrics every 10 s by default: far longer than a whole tiny run (2-3 s here).
         patch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
         yield SimpleNamespace(
-            values=[s3_server.secret_key, s3_server.access_key, made_up],
+            values=[s3_server.secret_key, s3_server.access_key, made_up, url_password],
+            url_password=url_password,
             logs=tmp_path_factory.mktemp("logs"),
             started=time.time(),
         )
@@ -265,8 +267,10 @@ def served(ray_local, secret_env, s3_lake, mlflow_server, tmp_path_factory):
     the keys `run_training` hands them (not in their runtime env, which Ray logs)."""
     root = tmp_path_factory.mktemp("served")
     config = tiny_config(s3_lake.uri, root / "runs", "served")
+    # A password in the tracking URI (the server takes any): the scan below looks for it everywhere too.
+    with_password = mlflow_server.url.replace("http://", f"http://ann:{secret_env.url_password}@")
     with output_to(secret_env.logs / "train-served.log"):
-        result = run_training(config, tracking=TrackingOptions(tracking_uri=mlflow_server.url))
+        result = run_training(config, tracking=TrackingOptions(tracking_uri=with_password))
     assert "MLFLOW_TRACKING_URI" not in os.environ, os.environ["MLFLOW_TRACKING_URI"]
     client = client_for(mlflow_server.url)
     return SimpleNamespace(

@@ -221,3 +221,33 @@ def test_a_refused_submission_is_one_error_line(fake_cluster, clean_env, capsys)
     assert main(["submit", "train", "configs/demo.yaml"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert err == ["recolor: error: Request failed with status code 500: No available agent to submit job."]
+
+
+def test_a_tracking_uri_with_a_password_travels_sealed_and_is_never_printed(fake_cluster, clean_env, capsys) -> None:
+    clean_env.setenv("RAY_AUTH_TOKEN", "cluster-token")
+    clean_env.setenv("MLFLOW_TRACKING_URI", "https://ann:hunter2@mlflow.example:5000")
+    clean_env.setenv("RECOLOR_LAKE", "s3://lake/lake?X-Amz-Signature=abc123def")
+    assert main(["submit", "--no-follow", "train", "configs/demo.yaml"]) == 0
+    env_vars = fake_cluster.submitted["runtime_env"]["env_vars"]
+    assert "MLFLOW_TRACKING_URI" not in env_vars and "RECOLOR_LAKE" not in env_vars
+    assert sealed_env.unseal(env_vars[sealed_env.SEALED_ENV], "cluster-token")["MLFLOW_TRACKING_URI"].endswith(
+        "hunter2@mlflow.example:5000"
+    )
+    out = capsys.readouterr()
+    assert "sealed with the cluster token: MLFLOW_TRACKING_URI, RECOLOR_LAKE" in out.err
+    assert "hunter2" not in out.out + out.err and "abc123def" not in out.out + out.err
+    assert "hunter2" not in json.dumps(fake_cluster.submitted)
+
+
+def test_printed_lines_mask_passwords_in_urls_and_tokens_in_query_strings(monkeypatch, capsys) -> None:
+    from ingest.cluster import mask_secrets
+    from jobs.common import start_job
+
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cr3t-pass")
+    assert mask_secrets("at https://ann:hunter2@mlflow:5000/x?token=t0k3n&page=2 with s3cr3t-pass") == (
+        "at https://ann:***@mlflow:5000/x?token=***&page=2 with ***"
+    )
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://ann:hunter2@mlflow:5000")
+    start_job("train")
+    printed = capsys.readouterr().out
+    assert "MLFLOW_TRACKING_URI=https://ann:***@mlflow:5000" in printed and "hunter2" not in printed
