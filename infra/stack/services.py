@@ -234,6 +234,7 @@ def start_stack(
     """
     stack_dir = Path(stack_dir).absolute()
     stack_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(stack_dir, 0o700)  # S3 data, the MLflow database and logs: the user's alone (mkdir's mode obeys umask)
     if (stack_dir / STATE_FILE).exists():
         previous = StackState.load(stack_dir)
         if stack_processes(previous):
@@ -303,6 +304,9 @@ def _start_services(state: StackState, num_cpus: int) -> dict[str, subprocess.Po
     ray = [_executable("ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1"]
     ray += ["--port", str(state.gcs_port), "--dashboard-host", "127.0.0.1"]
     ray += ["--dashboard-port", str(state.dashboard_port), "--num-cpus", str(num_cpus)]
+    # Private to this user before Ray writes into it: its logs (644) and sockets would be readable by anyone.
+    Path(state.ray_temp_dir).mkdir(mode=0o700, exist_ok=True)
+    os.chmod(state.ray_temp_dir, 0o700)
     ray += ["--temp-dir", state.ray_temp_dir, "--disable-usage-stats"]
     # Explicit free ports: Ray's defaults (52365, 10001, ...) clash with any other Ray on this machine.
     ray += ["--dashboard-agent-listen-port", str(state.agent_port)]

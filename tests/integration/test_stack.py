@@ -173,6 +173,8 @@ def test_mlflow_answers_and_keeps_artifacts_in_s3(stack) -> None:
 def test_state_is_private_and_logs_hold_no_secrets(stack) -> None:
     for path in (stack.dir / "stack.json", Path(stack.state.token_path)):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    for folder in (stack.dir, Path(stack.state.ray_temp_dir)):  # Ray's logs and sockets are below this one
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
     logs = [p for p in (stack.dir / "logs").iterdir() if p.is_file()]
     logs += [p for p in Path(stack.state.ray_temp_dir).rglob("*") if p.is_file() and not p.is_socket()]
     assert {p.name for p in logs} >= {"s3.log", "mlflow.log", "ray.log"}
