@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,10 @@ from typing import BinaryIO
 
 from ingest import faults
 from ingest.storage.base import AlreadyExistsError, ObjectInfo, StorageError
+
+
+class NotARegularFile(OSError):
+    """A name that is not a regular file (a FIFO, a socket, a device, a symlink loop): never opened for reading."""
 
 
 class LocalStorage:
@@ -27,6 +32,7 @@ class LocalStorage:
         return str(self._path(key))
 
     def read_bytes(self, key: str) -> bytes:
+        self._check_regular(key)
         try:
             return self._path(key).read_bytes()
         except FileNotFoundError:
@@ -35,7 +41,23 @@ class LocalStorage:
             raise StorageError(f"{self.uri(key)} is a folder, not a file") from None
 
     def open_read(self, key: str) -> BinaryIO:
+        self._check_regular(key)
         return open(self._path(key), "rb")
+
+    def _check_regular(self, key: str) -> None:
+        """Refuse what is not a regular file before opening it: a FIFO would block the reader forever, a device
+        read without end; a symlink loop says so."""
+        try:
+            mode = os.stat(self._path(key)).st_mode
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.uri(key)} does not exist") from None
+        except OSError as e:  # a symlink loop (ELOOP), a name too long, no permission
+            raise NotARegularFile(f"{self.uri(key)} cannot be read: {e.strerror or e}") from None
+        if stat.S_ISDIR(mode):
+            raise StorageError(f"{self.uri(key)} is a folder, not a file")
+        if not stat.S_ISREG(mode):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+            raise NotARegularFile(f"{self.uri(key)} is {kind}, not a regular file")
 
     def _publish(self, key: str, fill, place) -> None:
         """Write a hidden temporary file beside the target with `fill(temp)`, then `place(temp, target)`.
@@ -95,8 +117,8 @@ class LocalStorage:
         """
         base = self._path(prefix)
         if base.is_file():
-            stat = base.stat()
-            yield ObjectInfo(prefix, stat.st_size, stat.st_mtime)
+            info = base.stat()
+            yield ObjectInfo(prefix, info.st_size, info.st_mtime)
             return
         if not base.is_dir():
             return
@@ -107,10 +129,14 @@ class LocalStorage:
                     continue
                 path = Path(dirpath) / name
                 try:
-                    stat = path.stat()
-                except FileNotFoundError:  # removed while listing
+                    info = path.stat()
+                except OSError as e:
+                    if isinstance(e, FileNotFoundError) and not path.is_symlink():
+                        continue  # removed while listing
+                    # A link to nowhere, a symlink loop: listed, so that reading it refuses it with its reason.
+                    yield ObjectInfo(path.relative_to(self.root).as_posix(), 0, 0.0)
                     continue
-                yield ObjectInfo(path.relative_to(self.root).as_posix(), stat.st_size, stat.st_mtime)
+                yield ObjectInfo(path.relative_to(self.root).as_posix(), info.st_size, info.st_mtime)
 
     def list_children(self, prefix: str = "") -> list[str]:
         """Names of the sub-folders directly below `prefix`, sorted."""

@@ -8,6 +8,7 @@ L channel is the input's.
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -86,9 +87,9 @@ def guard_outputs(items: list[tuple[str, str]], inputs: list[str], out: Path) ->
             output would land on an input file, or a file named on the command line is an earlier output; one
             line naming both.
     """
-    resolved_out = out.resolve()
+    resolved_out = _real(out)
     for given in inputs:
-        if not given.startswith("s3://") and Path(given).is_dir() and Path(given).resolve() == resolved_out:
+        if not given.startswith("s3://") and Path(given).is_dir() and _real(Path(given)) == resolved_out:
             raise ConfigError(
                 f"the output folder {out} is the input folder {given}: colorized pictures would replace or mix "
                 "with the originals; pass another -o (a subfolder is fine)"
@@ -101,11 +102,11 @@ def guard_outputs(items: list[tuple[str, str]], inputs: list[str], out: Path) ->
                 raise ConfigError(f"{uri} is a colorized picture (an output of recolor colorize): pass the photo")
             continue
         kept.append((uri, name))
-    sources = {Path(uri).resolve(): uri for uri, _ in kept if not uri.startswith("s3://")}
+    sources = {_real(Path(uri)): uri for uri, _ in kept if not uri.startswith("s3://")}
     for uri, name in kept:
-        if (out / name).resolve() in sources:
+        if _real(out / name) in sources:
             raise ConfigError(
-                f"the output {out / name} of {uri} would overwrite the input {sources[(out / name).resolve()]}: "
+                f"the output {out / name} of {uri} would overwrite the input {sources[_real(out / name)]}: "
                 "pass another -o for the colorized pictures"
             )
     return kept
@@ -118,7 +119,7 @@ class _WrittenOutputs:
         self._listed: dict[Path, set[str]] = {}
 
     def holds(self, path: Path) -> bool:
-        path = path.resolve()
+        path = _real(path)
         for folder in path.parents:
             if folder not in self._listed:
                 marker = folder / OUTPUT_MARKER
@@ -126,6 +127,11 @@ class _WrittenOutputs:
             if path.relative_to(folder).as_posix() in self._listed[folder]:
                 return True
         return False
+
+
+def _real(path: Path) -> Path:
+    """The path with links followed, never raising (a symlink loop stays as it is: reading it refuses it)."""
+    return Path(os.path.realpath(path))
 
 
 def _record_output(out: Path, name: str) -> None:
