@@ -30,7 +30,34 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None):
     try:
         yield
     finally:
+        # The local instance's processes, gathered before shutdown: its workers are reparented when the raylet
+        # goes, and a worker blocked in a collective (a run stopped mid-step) outlives it.
+        local = _descendants() if not address else []
         ray.shutdown()
+        _end_processes(local)
+
+
+def _descendants() -> list:
+    import psutil
+
+    try:
+        return psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _end_processes(processes: list, grace_s: float = 5.0) -> None:
+    """SIGTERM what is still alive of `processes`, then SIGKILL what outlives `grace_s`."""
+    import psutil
+
+    alive = [p for p in processes if p.is_running()]
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, left = psutil.wait_procs(alive, timeout=grace_s)
+    for process in left:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
 
 
 # --- the one table of variables that travel from a driver to its tasks, workers and jobs ------------------

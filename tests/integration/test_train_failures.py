@@ -67,3 +67,76 @@ def test_a_failing_worker_fails_the_mlflow_run_and_a_rerun_resumes_and_finishes_
     assert load_checkpoint(latest.removeprefix("  latest checkpoint: "))["position"]["global_step"] == steps
     # The failed attempt logged step 1 before it stopped; the rerun, without a checkpoint to resume from, all of them.
     assert sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss_G")}) == list(range(1, steps + 1))
+
+
+def test_sigterm_ends_the_run_killed_with_its_checkpoints_kept_and_leaves_no_process(
+    train_lake, tmp_path, photo_writer
+) -> None:
+    """What a scheduler, `ray job stop` or `timeout` sends: one line, exit 143, the MLflow run KILLED, no Ray process
+    left behind, and the same command resumes and finishes the run."""
+    import contextlib
+    import json
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    import psutil
+    from mlflow import MlflowClient
+
+    lake, plan = train_lake
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [
+        sys.executable, "-m", "pipeline.cli", "train", REPO / "configs" / "demo.yaml", "--dataset", "photos",
+        "--lake", lake, "--storage", tmp_path / "runs", "--name", "stopped", "--tracking-uri", uri, "--workers", "2",
+        "model.num_downs=6", "model.base_filters=4", "stages.0.epochs=6", "stages.0.decay_epochs=0",
+        "checkpoint_every=2",
+    ]  # fmt: skip
+    mark = uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RECOLOR_FAILPOINT")}
+    env |= {"RECOLOR_NO_PROGRESS": "1", "RECOLOR_TEST_MARK": mark}
+    process = subprocess.Popen([str(a) for a in args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        snapshot = tmp_path / "runs" / "stopped" / "checkpoint_manager_snapshot.json"
+
+        def recorded() -> bool:  # Ray Train has recorded a checkpoint (of step 2 or 4)
+            with contextlib.suppress(OSError, ValueError):
+                return bool(json.loads(snapshot.read_text()).get("latest_checkpoint_result"))
+            return False
+
+        # Stopped while it trains (and uploads), once a checkpoint is recorded: what a rerun resumes from.
+        while not recorded():
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 143, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == "recolor: stopped by SIGTERM; rerun the same command to resume"
+    # The driver's own lines (Ray prefixes what its actors print with "(Name pid=N)"): no signal dump, no traceback.
+    own = [line for line in stderr.splitlines() if not re.match(r"^(\x1b\[\d+m)?\(\w+ pid=\d+", line)]
+    assert not [line for line in own if "SIGTERM received" in line or "Traceback" in line], stderr[-6000:]
+    time.sleep(2)
+    left = []
+    for other in psutil.process_iter():  # the run's session (start_new_session): its local Ray and workers
+        try:
+            if os.getsid(other.pid) == process.pid or other.environ().get("RECOLOR_TEST_MARK") == mark:
+                left.append(other.cmdline())
+        except (psutil.Error, OSError):
+            continue
+    assert not left, f"processes of the stopped run are still alive: {left}"
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("recolor").experiment_id])
+    assert run.info.status == "KILLED" and run.data.tags[FAILURE_TAG] == "stopped by SIGTERM"
+
+    rerun = subprocess.run([str(a) for a in args], env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "rank 0 resuming at" in rerun.stdout + rerun.stderr  # from the checkpoint of step 2, kept
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
