@@ -63,7 +63,15 @@ class LakeError(RecolorError):
 
 
 def resolve_lake_uri(uri: str | None) -> str:
-    """The lake to use: the argument, else $RECOLOR_LAKE, else ./lake (the embedded default)."""
+    """The lake to use: the argument, else $RECOLOR_LAKE, else ./lake (the embedded default).
+
+    Raises:
+        LakeError: the argument or the variable is set but empty or blank (`--lake ""`): a slip, not ./lake.
+    """
+    if uri is not None and not uri.strip():
+        raise LakeError("--lake is empty: give a folder or s3://BUCKET/PREFIX (leave it out for ./lake)")
+    if uri is None and LAKE_ENV in os.environ and not os.environ[LAKE_ENV].strip():
+        raise LakeError(f"${LAKE_ENV} is set but empty: set it to a folder or s3://BUCKET/PREFIX, or unset it")
     return uri or os.environ.get(LAKE_ENV) or DEFAULT_LAKE
 
 
@@ -79,10 +87,12 @@ def validate_name(name: str, what: str = "dataset name") -> str:
 
 def parse_dataset_ref(ref: str) -> tuple[str, int | None]:
     """`NAME` or `NAME@VERSION` (VERSION a number or `latest`) to (name, version or None)."""
-    name, _, version = ref.partition("@")
+    name, at, version = ref.partition("@")
     validate_name(name)
-    if not version or version == "latest":
+    if not at or version == "latest":
         return name, None
+    if not re.fullmatch(r"v?[0-9]+", version):  # `good@`, `good@ 1`, `good@+1`: slips, not the latest version
+        raise LakeError(f"invalid version {version!r} in {ref!r}: use NAME@N (a number) or NAME@latest")
     try:
         number = int(version.lstrip("v"))
     except ValueError:

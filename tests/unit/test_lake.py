@@ -323,7 +323,14 @@ def test_parse_dataset_ref(ref: str, expected) -> None:
 
 @pytest.mark.parametrize(
     "ref, message",
-    [("photos@0", "versions start at 1"), ("photos@two", "use NAME@N"), ("../photos@1", "invalid dataset name")],
+    [
+        ("photos@0", "versions start at 1"),
+        ("photos@two", "use NAME@N"),
+        ("../photos@1", "invalid dataset name"),
+        ("photos@", "invalid version '' in 'photos@'"),  # a slip, not the latest version
+        ("photos@ 1", "invalid version ' 1'"),
+        ("photos@+1", "invalid version '\\+1'"),
+    ],
 )
 def test_parse_dataset_ref_errors(ref: str, message: str) -> None:
     with pytest.raises(LakeError, match=message):
@@ -450,3 +457,14 @@ def test_invalid_json_and_a_deleted_manifest_name_the_file(one_version) -> None:
     path.write_text('{"format": "recolor-lake-v1", "vers')
     with pytest.raises(LakeError, match=r"000001.json is not valid JSON \(.*\): the version record is corrupt"):
         lake.resolve("photos@1")
+
+
+def test_an_empty_lake_is_an_error_not_the_default(monkeypatch) -> None:
+    monkeypatch.delenv("RECOLOR_LAKE", raising=False)
+    with pytest.raises(LakeError, match=r"--lake is empty"):
+        resolve_lake_uri("")
+    with pytest.raises(LakeError, match=r"--lake is empty"):
+        resolve_lake_uri("  ")
+    monkeypatch.setenv("RECOLOR_LAKE", "")
+    with pytest.raises(LakeError, match=r"\$RECOLOR_LAKE is set but empty"):
+        resolve_lake_uri(None)
