@@ -1,0 +1,1 @@
+"""Thin Ray job entrypoints (`python -m jobs.ingest|train|evaluate ARGS`), submitted by `recolor submit`."""

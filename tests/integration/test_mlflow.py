@@ -9,6 +9,8 @@ per tracking backend, each shared by the whole module:
 
 Before training, the environment holds the S3 keys and one more made-up secret; the last test looks
 for them in every param, tag, metric name, artifact, registered model file, database and log.
+
+Long on purpose: two trained runs (module fixtures, the costly part) serve every test here.
 """
 
 from __future__ import annotations

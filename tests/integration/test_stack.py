@@ -8,6 +8,8 @@ process of the stack and nothing else. The stack is torn down after the module e
 
 Jobs go through the stack as a user submits them: ingest, the main job end to end (ingest, train,
 evaluate --promote), and the soak of a long training run (`soak.py`) with the stack's S3 restarted.
+
+Long on purpose: one module-scoped stack (25 s to start) serves every test here.
 """
 
 from __future__ import annotations

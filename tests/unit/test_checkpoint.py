@@ -2,6 +2,8 @@
 
 The trainer runs in this process (no Ray, one rank, CPU) on a tiny U-Net over a lake ingested from
 generated 64 px photos, so a whole multi-stage run takes a couple of seconds.
+
+Long on purpose: the payload, its faults and a real trainer's resume share the tiny lake fixture.
 """
 
 from __future__ import annotations

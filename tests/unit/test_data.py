@@ -3,6 +3,8 @@
 Each sample is a uint8 (3, 8, 8) array: channel 0 holds id // 256, channel 1 id % 256 (the same in
 every pixel, so a flip keeps the id) and channel 2 the column index, so a flipped sample reads
 7..0 along a row. Shards are written with `ShardWriter` in uneven sizes; plans are built by hand.
+
+Long on purpose: the epoch plan, the stages and the loader are one contract, tested together.
 """
 
 from __future__ import annotations

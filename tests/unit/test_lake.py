@@ -1,4 +1,7 @@
-"""The lake on a local folder, ingesting in this process (no Ray): manifest, rejects, versions, shards, dedup."""
+"""The lake on a local folder, ingesting in this process (no Ray): manifest, rejects, versions, shards, dedup.
+
+Long on purpose: one lake's behaviours (records, manifests, dedup, re-ingest, names) share fixtures.
+"""
 
 from __future__ import annotations
 
