@@ -1,1 +1,1 @@
-"""Ingest: sources to versioned lake datasets of Lab WebDataset shards (see README, Layout). Never imports `pipeline`."""
+"""Ingest: sources to versioned lake datasets of Lab WebDataset shards (README, Layout). Never imports `pipeline`."""

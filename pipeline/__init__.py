@@ -1,1 +1,2 @@
-"""Training side of the colorization pipeline: models, losses, metrics, data loading and the per-worker loop."""
+"""Training, evaluation and tracking of colorizers: models, losses, data, the Ray Train driver and workers, MLflow
+(README, Layout)."""
