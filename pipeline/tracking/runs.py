@@ -17,7 +17,8 @@ import os
 import subprocess
 from pathlib import Path
 
-from ingest.cluster import has_credentials
+from ingest.cluster import has_credentials, mask_secrets
+from ingest.errors import RecolorError
 
 EXPERIMENT_DEFAULT = "recolor"
 RUN_NAME_TAG = "recolor.run_name"
@@ -51,6 +52,32 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
             os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         return uri
     return f"sqlite:///{Path('mlflow.db').absolute()}"
+
+
+class TrackingUnreachable(RecolorError):
+    """The MLflow tracking server does not answer."""
+
+
+def check_tracking_server(tracking_uri: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, before a cluster starts, when an http(s) tracking server does not answer (MLflow's own
+    client would retry for minutes, then print a traceback).
+
+    Raises:
+        TrackingUnreachable: one line naming the URI (credentials masked) and what to do.
+    """
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=timeout_s).raise_for_status()
+    except requests.RequestException as e:
+        response = getattr(e, "response", None)
+        reason = f"HTTP {response.status_code}" if response is not None else type(e).__name__
+        raise TrackingUnreachable(
+            f"the MLflow tracking server {mask_secrets(tracking_uri)} does not answer ({reason}): start it, fix "
+            "--tracking-uri / $MLFLOW_TRACKING_URI, or unset it to track in ./mlflow.db"
+        ) from None
 
 
 def _local_artifact_root(tracking_uri: str) -> str | None:

@@ -103,6 +103,10 @@ def run_training(
     storage = resolve_storage(config.storage)
     upload_attempts()  # a bad $RECOLOR_CHECKPOINT_UPLOAD_ATTEMPTS stops here, not at a worker's first checkpoint
     # A rerun after checkpoints were lost resumes from what is left (or starts over) instead of failing forever.
+    if tracking is not None and tracking.enabled:
+        from pipeline.tracking.runs import check_tracking_server, resolve_tracking_uri
+
+        check_tracking_server(resolve_tracking_uri(tracking.tracking_uri))  # seconds, not minutes of retries
     run_uri = f"{storage.rstrip('/')}/{config.name}"
     repair_run_snapshot(run_uri)
     finished = finished_earlier(config, plan, run_uri, tracking)

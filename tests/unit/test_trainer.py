@@ -117,3 +117,19 @@ def test_the_cli_says_rerun_only_when_a_rerun_can_succeed(monkeypatch, capsys) -
     monkeypatch.setattr(pipeline.train.cli, "run_train_command", failing("ActorDiedError: node lost", True))
     assert main(["train", "configs/demo.yaml"]) == 1
     assert capsys.readouterr().err.strip().endswith("marked FAILED; rerun the same command to resume")
+
+
+def test_an_unreachable_tracking_server_is_named_in_one_line(tmp_path) -> None:
+    from infra.stack.s3_server import free_port
+    from pipeline.cli import exit_code_and_message
+    from pipeline.tracking.runs import TrackingUnreachable, check_tracking_server
+
+    port = free_port()  # nothing listens there
+    with pytest.raises(TrackingUnreachable) as error:
+        check_tracking_server(f"http://ann:hunter2@127.0.0.1:{port}", timeout_s=2)
+    assert exit_code_and_message(error.value) == (
+        2,
+        f"recolor: error: the MLflow tracking server http://ann:***@127.0.0.1:{port} does not answer "
+        "(ConnectionError): start it, fix --tracking-uri / $MLFLOW_TRACKING_URI, or unset it to track in ./mlflow.db",
+    )
+    check_tracking_server(f"sqlite:///{tmp_path / 'mlflow.db'}")  # a file store: nothing to ask
