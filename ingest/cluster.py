@@ -26,13 +26,15 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None):
     address = address or os.environ.get("RAY_ADDRESS") or None
     # A local instance gets the dashboard too: Ray Train's state API (and the user) need it.
     kwargs = {} if address else {"num_cpus": num_cpus}
+    before = {process.pid for process in _descendants()}
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, **kwargs)
     try:
         yield
     finally:
-        # The local instance's processes, gathered before shutdown: its workers are reparented when the raylet
-        # goes, and a worker blocked in a collective (a run stopped mid-step) outlives it.
-        local = _descendants() if not address else []
+        # The local instance's processes (the children that came with ray.init), gathered before shutdown: its
+        # workers are reparented when the raylet goes, and a worker blocked in a collective (a run stopped
+        # mid-step) outlives it. This process's other children are not Ray's to end.
+        local = [p for p in _descendants() if p.pid not in before] if not address else []
         ray.shutdown()
         _end_processes(local)
 
@@ -128,8 +130,9 @@ def secret_values(environ=os.environ, min_length: int = 4) -> list[str]:
     ]
 
 
-def ship_environment():
-    """The driver's forwarded variables (credentials included) as a Ray object for its tasks and workers.
+def ship_environment(overrides: dict[str, str] | None = None):
+    """The driver's forwarded variables (credentials included), and `overrides`, as a Ray object for its tasks and
+    workers.
 
     The one way the project ships settings within a Ray job: tasks and workers call `open_environment` first.
     A Ray object, not a runtime env: Ray's runtime env agent logs every runtime env, values included. (A job's
@@ -138,7 +141,7 @@ def ship_environment():
     """
     import ray
 
-    return ray.put(forwarded_environment())
+    return ray.put(forwarded_environment() | (overrides or {}))
 
 
 def open_environment(shipped) -> None:

@@ -135,8 +135,12 @@ def check_record(record, where: str) -> None:
         if not isinstance(record[field], kind) or (kind is int and isinstance(record[field], bool)):
             raise corrupt(field, f"is a {type(record[field]).__name__}, not a {kind.__name__}")
     check_key(record["manifest"], lambda why: corrupt("manifest", why))
+    if record.get("rejects") is not None and not isinstance(record["rejects"], str):
+        raise corrupt("rejects", f"is a {type(record['rejects']).__name__}, not a str")
     if record.get("rejects"):
         check_key(record["rejects"], lambda why: corrupt("rejects", why))
+    if not isinstance(record["encoding"].get("name"), str):
+        raise corrupt("encoding.name", "is missing")
     for split, entries in record["shards"].items():
         if not isinstance(entries, list):
             raise corrupt(f"shards.{split}", "is not a list")

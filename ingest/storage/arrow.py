@@ -31,8 +31,23 @@ SPOOL_IN_MEMORY = 8 * 2**20
 
 
 def s3_filesystem(settings: dict[str, str] | None = None) -> pyarrow.fs.PyFileSystem:
-    """A pyarrow file system over S3 whose paths are `bucket/key`; `settings` default to this process's."""
-    return pyarrow.fs.PyFileSystem(S3Handler(s3_settings() if settings is None else settings))
+    """A pyarrow file system over S3 whose paths are `bucket/key`; `settings` default to this process's.
+
+    A profile (`AWS_PROFILE`) names a file of this machine: its credentials are resolved here and travel
+    instead, since the file system is unpickled on other nodes.
+    """
+    settings = dict(s3_settings() if settings is None else settings)
+    profile = settings.pop("AWS_PROFILE", None)
+    if profile and "AWS_ACCESS_KEY_ID" not in settings:
+        import boto3
+
+        credentials = boto3.session.Session(profile_name=profile).get_credentials()
+        if credentials is not None:
+            frozen = credentials.get_frozen_credentials()
+            settings["AWS_ACCESS_KEY_ID"], settings["AWS_SECRET_ACCESS_KEY"] = frozen.access_key, frozen.secret_key
+            if frozen.token:
+                settings["AWS_SESSION_TOKEN"] = frozen.token
+    return pyarrow.fs.PyFileSystem(S3Handler(settings))
 
 
 class S3Handler(pyarrow.fs.FileSystemHandler):
@@ -241,6 +256,20 @@ class _SpooledUpload(io.RawIOBase):
 
     def tell(self) -> int:
         return self._written
+
+    def __del__(self):
+        # Dropped without an explicit close (a copy that failed half way): publish nothing. IOBase's own
+        # finalizer would call close() and upload the part written so far.
+        if not self.closed:
+            self._discard()
+
+    def _discard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            os.unlink(self._file.name)
+            self._file = None
+        self._memory = None
+        super().close()
 
     def close(self) -> None:
         if self.closed:

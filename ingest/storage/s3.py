@@ -51,7 +51,8 @@ class S3Storage:
         return {**self.__dict__, "_client": None}
 
     def _key(self, key: str) -> str:
-        return join_key(self.prefix, key)
+        # A directory marker (`prefix/`, written by other tools) keeps its slash: it is a key of its own.
+        return join_key(self.prefix, key) + ("/" if key.endswith("/") and key.strip("/") else "")
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
@@ -206,7 +207,7 @@ class S3Storage:
 
     def list(self, prefix: str = "", include_partial: bool = False) -> Iterator[ObjectInfo]:
         """Every object below `prefix`; with `include_partial`, also unfinished multipart uploads (size 0)."""
-        full = self._key(prefix)
+        full = join_key(self.prefix, prefix)
         if full:
             full += "/"
         paginator = self.client.get_paginator("list_objects_v2")
@@ -251,12 +252,12 @@ class S3Storage:
             Key=self._key(key),
             Range=f"bytes={start}-{start + length - 1}",
         )
-        with _ResumableBody(self, key, response) as body:
+        with _ResumableBody(self, key, response, start=start, end=start + length - 1) as body:
             return body.read_all()
 
     def list_level(self, prefix: str = "") -> tuple[list[ObjectInfo], list[str]]:
         """The objects directly below `prefix` and the names of its "folders" (common prefixes)."""
-        full = self._key(prefix)
+        full = join_key(self.prefix, prefix)
         full = full + "/" if full else ""
         strip = len(self.prefix) + 1 if self.prefix else 0
         paginator = self.client.get_paginator("list_objects_v2")
@@ -276,9 +277,7 @@ class S3Storage:
         """Delete `keys` in batches of 1,000 (one request each); absent keys are no error."""
         for start in range(0, len(keys), 1000):
             batch = keys[start : start + 1000]
-            # A directory marker (`prefix/`, written by other tools) keeps its slash: it is a key of its own.
-            keys = [self._key(key) + ("/" if key.endswith("/") else "") for key in batch]
-            objects = {"Objects": [{"Key": key} for key in keys], "Quiet": True}
+            objects = {"Objects": [{"Key": self._key(key)} for key in batch], "Quiet": True}
             response = self._call("delete", batch[0], self.client.delete_objects, Bucket=self.bucket, Delete=objects)
             errors = response.get("Errors") or []
             if errors:
@@ -295,7 +294,7 @@ class S3Storage:
 
     def list_children(self, prefix: str = "") -> list[str]:
         """Names of the "folders" (common prefixes) directly below `prefix`, sorted."""
-        full = self._key(prefix)
+        full = join_key(self.prefix, prefix)
         full = full + "/" if full else ""
         paginator = self.client.get_paginator("list_objects_v2")
         pages = self._call(
@@ -359,11 +358,12 @@ class _ResumableBody(io.RawIOBase):
     """An S3 object body as a raw stream; a dropped connection reopens it with a Range from the current
     byte (and If-Match on the ETag, so a replaced object fails instead of mixing two versions)."""
 
-    def __init__(self, storage: S3Storage, key: str, response: dict):
+    def __init__(self, storage: S3Storage, key: str, response: dict, start: int = 0, end: int | None = None):
         self._storage, self._key = storage, key
         self._body = response["Body"]
         self._etag = response.get("ETag")
-        self._position = 0
+        self._start, self._end = start, end  # the byte range asked for (end inclusive; None: to the object's end)
+        self._position = 0  # bytes read so far, from `start`
 
     def readable(self) -> bool:
         return True
@@ -404,7 +404,7 @@ class _ResumableBody(io.RawIOBase):
             storage.client.get_object,
             Bucket=storage.bucket,
             Key=storage._key(self._key),
-            Range=f"bytes={self._position}-",
+            Range=f"bytes={self._start + self._position}-{'' if self._end is None else self._end}",
             **extra,
         )
         self._body.close()

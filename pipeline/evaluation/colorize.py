@@ -123,7 +123,10 @@ class _WrittenOutputs:
         for folder in path.parents:
             if folder not in self._listed:
                 marker = folder / OUTPUT_MARKER
-                self._listed[folder] = set(marker.read_text().splitlines()) if marker.is_file() else set()
+                try:
+                    self._listed[folder] = set(marker.read_text().splitlines()) if marker.is_file() else set()
+                except (OSError, UnicodeDecodeError) as e:
+                    raise ConfigError(f"{marker} (the list of an earlier run's outputs) cannot be read: {e}") from None
             if path.relative_to(folder).as_posix() in self._listed[folder]:
                 return True
         return False

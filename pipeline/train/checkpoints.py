@@ -29,6 +29,7 @@ from typing import TypeVar
 
 from ingest import faults
 from ingest.errors import ConfigError
+from ingest.storage import StorageError
 from pipeline.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -69,9 +70,10 @@ def upload_with_retries(
 ) -> T:
     """Call `upload` until it succeeds, at most `attempts` times, waiting `backoff_s`, then twice as long, ...
 
-    Only OSError is retried: what storage and network failures raise (pyarrow, boto3's wrappers, the
-    `checkpoint_upload` failpoint). After each failure `discard` removes whatever the attempt left at
-    the destination, so a half-copied checkpoint is never taken for a whole one.
+    Only storage and network failures are retried: OSError (pyarrow, boto3's wrappers, the
+    `checkpoint_upload` failpoint) and `StorageError` (the project's S3 layer, past its own retries).
+    After each failure `discard` removes whatever the attempt left at the destination, so a half-copied
+    checkpoint is never taken for a whole one.
 
     Args:
         upload: one attempt; returns the uploaded checkpoint.
@@ -92,7 +94,7 @@ def upload_with_retries(
     for attempt in range(1, attempts + 1):
         try:
             return upload()
-        except OSError as error:
+        except (OSError, StorageError) as error:
             try:
                 discard()
             except OSError as cleanup_error:
@@ -137,8 +139,6 @@ def first_readable(candidates: Iterable[str], load: Callable[[str], dict]) -> tu
         CheckpointError: no candidate loads; names each with its error.
         StorageError: the store could not be reached.
     """
-    from ingest.storage import StorageError
-
     unreadable: dict[str, str] = {}
     for candidate in candidates:
         try:
@@ -189,7 +189,7 @@ def upload_checkpoint(checkpoint, dir_name: str):
 
     try:
         return upload_with_retries(upload, destination, upload_attempts(), discard)
-    except CheckpointError:
+    except BaseException:
         shutil.rmtree(checkpoint.path, ignore_errors=True)  # Ray deletes the local copy only after a success
         raise
     finally:
@@ -259,7 +259,11 @@ def resume_payload(latest, rank: int) -> dict | None:
     filesystem = storage.storage_filesystem
     if rank == 0:
         # Uploads a killed worker group left half done: Ray keeps no record of them and would never delete them.
-        delete_unrecorded(_run_uri(storage))
+        # Best effort: rank 0 must reach the broadcast below whatever happens here, or the other ranks wait.
+        try:
+            delete_unrecorded(_run_uri(storage))
+        except Exception as error:  # noqa: BLE001 - see above
+            log.warning("could not delete unrecorded checkpoints in %s: %s", storage.experiment_fs_path, error)
     if latest is None:
         return None
     latest_name = posixpath.basename(latest.path.rstrip("/"))

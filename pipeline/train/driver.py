@@ -248,9 +248,10 @@ def _fit(config: TrainConfig, plan: DataPlan, storage: str, ray_address, logger_
                 "data_plan": plan.to_dict(),
                 "logger_factory": logger_factory,
                 "on_worker_end": on_worker_end,
-                "tracking": run_info,
+                # The run id only: the tracking URI (it may hold a password) travels in the shipped environment.
+                "tracking": {"run_id": run_info["run_id"]} if run_info else None,
                 # An object reference, not the values: Ray shows a run's config on its dashboard and logs runtime envs.
-                "environment": ship_environment(),
+                "environment": ship_environment({"MLFLOW_TRACKING_URI": run_info["uri"]} if run_info else None),
             },
             scaling_config=ray.train.ScalingConfig(
                 num_workers=config.workers, use_gpu=config.use_gpu, resources_per_worker=resources

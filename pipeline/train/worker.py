@@ -108,7 +108,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     elif rank == 0 and tracking:
         from pipeline.tracking.loggers import MlflowLogger
 
-        logger = MlflowLogger(tracking["uri"], tracking["run_id"])
+        logger = MlflowLogger(os.environ["MLFLOW_TRACKING_URI"], tracking["run_id"])  # set by the driver's shipment
     trainer = ColorizerTrainer(
         config,
         plan,

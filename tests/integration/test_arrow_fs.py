@@ -150,3 +150,46 @@ def test_on_a_store_that_keeps_markers_as_keys_old_markers_are_folders_and_go_wi
         fs.delete_dir(f"faults/runs/r/{name}")
     write(fs, "faults/runs/r/checkpoint_manager_snapshot.json", b"{}")
     assert keys("faults") == ["runs/", "runs/r/", "runs/r/checkpoint_manager_snapshot.json"]  # none written
+
+
+def test_deleting_a_folder_of_more_than_a_thousand_objects_deletes_them_all(s3_env) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = make_s3_client()
+    with ThreadPoolExecutor(16) as pool:  # S3 deletes in batches of 1,000: three batches here
+        list(pool.map(lambda n: client.put_object(Bucket=s3_env.bucket, Key=f"big/{n:05d}", Body=b"x"), range(2005)))
+    s3_filesystem().delete_dir(f"{s3_env.bucket}/big")
+    assert keys(s3_env.bucket) == []
+
+
+def test_a_ranged_read_cut_short_resumes_inside_its_range() -> None:
+    """A dropped connection during `read_range` reopens at the byte it reached within the range, not from the
+    object's start, and stops at the range's end."""
+    import io
+
+    from ingest.storage.s3 import S3Storage, _ResumableBody
+
+    data = bytes(range(256)) * 64
+    asked: list[str] = []
+
+    class Dropped(io.BytesIO):
+        def read(self, size=-1):
+            raise ConnectionError("connection reset")
+
+    class Client:
+        class meta:
+            endpoint_url = "http://127.0.0.1:1"
+
+        def get_object(self, Bucket, Key, Range, **extra):
+            asked.append(Range)
+            first, last = Range.removeprefix("bytes=").split("-")
+            return {"Body": io.BytesIO(data[int(first) : int(last) + 1]), "ETag": '"e"'}
+
+    storage = S3Storage("b")
+    storage._client = Client()
+    body = _ResumableBody(storage, "k", {"Body": io.BytesIO(data[1000:1100]), "ETag": '"e"'}, start=1000, end=2999)
+    first = body._read(100)  # the first connection gave 100 bytes, then dropped
+    body._body = Dropped()
+    rest = body.read_all()
+    assert first + rest == data[1000:3000]
+    assert asked == ["bytes=1100-2999"]

@@ -110,7 +110,10 @@ def test_dockerfile_builds_the_training_image() -> None:
     makefile_pin = re.search(r"TORCH_SPEC \?= torch==([\d.]+)", (REPO / "Makefile").read_text()).group(1)
     assert base.split(":")[1].startswith(makefile_pin + "-"), "the image should carry the torch the Makefile pins"
     assert "FROM ${BASE_IMAGE}" in text and "WORKDIR /opt/recolor" in text
-    for folder in ("pipeline", "ingest", "jobs", "configs"):
+    # Every package pyproject.toml installs (the image's `pip install -e .` and the import check need them all).
+    packages = re.findall(r'"(\w+)\*"', re.search(r"include = \[(.*)\]", (REPO / "pyproject.toml").read_text())[1])
+    assert {"pipeline", "ingest", "jobs", "infra"} <= set(packages)
+    for folder in (*packages, "configs"):
         assert re.search(rf"^COPY {folder} {folder}$", text, re.MULTILINE), folder
     assert re.search(r"pip install --no-deps -e \.", text) and "psycopg2" in text  # MLflow's PostgreSQL driver
     assert re.search(r"^USER (?!root)\w+", text, re.MULTILINE)
