@@ -265,6 +265,8 @@ def start_stack(
     try:
         processes = _start_services(state, num_cpus)
         _wait_ready(state, processes, timeout)
+        # Ray makes its temp folder world-writable (777) as it starts; its logs (644) and sockets are below it.
+        os.chmod(state.ray_temp_dir, 0o700)
     except BaseException:
         with contextlib.suppress(Exception):  # the reason it failed matters more than a failed cleanup
             stop_stack(stack_dir)
@@ -304,9 +306,6 @@ def _start_services(state: StackState, num_cpus: int) -> dict[str, subprocess.Po
     ray = [_executable("ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1"]
     ray += ["--port", str(state.gcs_port), "--dashboard-host", "127.0.0.1"]
     ray += ["--dashboard-port", str(state.dashboard_port), "--num-cpus", str(num_cpus)]
-    # Private to this user before Ray writes into it: its logs (644) and sockets would be readable by anyone.
-    Path(state.ray_temp_dir).mkdir(mode=0o700, exist_ok=True)
-    os.chmod(state.ray_temp_dir, 0o700)
     ray += ["--temp-dir", state.ray_temp_dir, "--disable-usage-stats"]
     # Explicit free ports: Ray's defaults (52365, 10001, ...) clash with any other Ray on this machine.
     ray += ["--dashboard-agent-listen-port", str(state.agent_port)]
