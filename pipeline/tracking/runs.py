@@ -38,18 +38,35 @@ def fluent_tracking_uri(uri: str):
     previous = os.environ.get("MLFLOW_TRACKING_URI")  # set_tracking_uri keeps it equal to MLflow's own setting
     mlflow.set_tracking_uri(uri)
     try:
-        yield
+        with quiet_run_links(uri):
+            yield
     finally:
         mlflow.set_tracking_uri(previous)  # None unsets both
+
+
+@contextlib.contextmanager
+def quiet_run_links(uri: str):
+    """For the block, no "View run ... at: <tracking URI>/#/..." lines from MLflow when `uri` holds a password:
+    MLflow prints them whenever a run ends, the password included."""
+    name = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+    if not has_credentials(uri):
+        yield
+        return
+    previous = os.environ.get(name)
+    os.environ[name] = "true"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """The argument, else $MLFLOW_TRACKING_URI, else `sqlite:///<cwd>/mlflow.db` (absolute, so Ray workers agree)."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
-        if has_credentials(uri):
-            # MLflow prints "View run ... at: <the tracking URI>/#/..." whenever a run ends: with the password.
-            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         return uri
     return f"sqlite:///{Path('mlflow.db').absolute()}"
 
@@ -207,7 +224,8 @@ def end_failed_run(tracking_uri: str, run_id: str, reason: str, status: str = "F
     try:
         client = MlflowClient(tracking_uri)
         client.set_tag(run_id, FAILURE_TAG, reason)
-        client.set_terminated(run_id, status=status)
+        with quiet_run_links(tracking_uri):
+            client.set_terminated(run_id, status=status)
     except Exception as e:  # noqa: BLE001 - see the docstring
         logging.getLogger(__name__).warning(
             "could not mark MLflow run %s %s: %s: %s", run_id, status, type(e).__name__, e
@@ -272,5 +290,6 @@ def finish_run(tracking_uri: str, run_id: str, name: str, plan, metrics: dict, p
             image_size=max(plan.size, min_side(generator)),
         )
         version = registered.version if registered is not None else None
-    client.set_terminated(run_id, status="FINISHED")
+    with quiet_run_links(tracking_uri):
+        client.set_terminated(run_id, status="FINISHED")
     return version
