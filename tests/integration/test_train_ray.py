@@ -212,8 +212,10 @@ def test_a_killed_worker_is_restarted_and_the_run_finishes_from_its_checkpoint(
     # Rank 1 dies (SIGKILL) as it is about to run its 6th step; checkpoints were reported at steps 2 and 4.
     monkeypatch.setenv("RECOLOR_FAILPOINT", "train_step:6@1")
     monkeypatch.setenv("RECOLOR_FAILPOINT_ONCE", str(killed))
+    # Synchronous uploads pin which checkpoint the restart begins from: in the background an upload may still be
+    # in flight when the worker dies (the soak tests kill workers under asynchronous uploads).
     result = run_training(
-        tiny_config(lake, tmp_path / "runs", "c", checkpoint_every=2),
+        tiny_config(lake, tmp_path / "runs", "c", checkpoint_every=2, checkpoint_upload="sync"),
         on_worker_end=state_saver(tmp_path),
         logger_factory=start_recorder(tmp_path / "starts"),
     )
