@@ -281,8 +281,4 @@ class _SpooledUpload(io.RawIOBase):
                 self._file.close()
                 self._storage.upload_file(self._key, self._file.name)  # multipart: whole or nothing
         finally:
-            if self._file is not None:
-                self._file.close()
-                os.unlink(self._file.name)
-            self._memory = None
-            super().close()
+            self._discard()

@@ -195,15 +195,13 @@ class S3Storage:
             time.sleep(random.uniform(0.05, 0.5))
 
     def exists(self, key: str) -> bool:
-        try:
-            self._call("check", key, self.client.head_object, Bucket=self.bucket, Key=self._key(key))
-            return True
-        except FileNotFoundError:
-            return False
+        return self.info(key) is not None
 
     def size(self, key: str) -> int:
-        response = self._call("check", key, self.client.head_object, Bucket=self.bucket, Key=self._key(key))
-        return int(response["ContentLength"])
+        found = self.info(key)
+        if found is None:
+            raise FileNotFoundError(f"{self.uri(key)} does not exist")
+        return found.size
 
     def list(self, prefix: str = "", include_partial: bool = False) -> Iterator[ObjectInfo]:
         """Every object below `prefix`; with `include_partial`, also unfinished multipart uploads (size 0)."""
@@ -294,14 +292,7 @@ class S3Storage:
 
     def list_children(self, prefix: str = "") -> list[str]:
         """Names of the "folders" (common prefixes) directly below `prefix`, sorted."""
-        full = join_key(self.prefix, prefix)
-        full = full + "/" if full else ""
-        paginator = self.client.get_paginator("list_objects_v2")
-        pages = self._call(
-            "list", prefix, lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=full, Delimiter="/"))
-        )
-        names = {p["Prefix"][len(full) :].rstrip("/") for page in pages for p in page.get("CommonPrefixes", [])}
-        return sorted(names)
+        return self.list_level(prefix)[1]
 
     def delete(self, key: str) -> None:
         name, _, upload_id = key.partition("?uploadId=")

@@ -329,16 +329,10 @@ def repair_run_snapshot(run_uri: str) -> str | None:
     from ingest.storage import open_storage
 
     store = open_storage(run_uri)
-    try:
-        record = json.loads(store.read_bytes(SNAPSHOT_FILE))
-    except FileNotFoundError:
+    record = _read_snapshot(store)
+    if record is None:
         _delete_unrecorded(store, set())
         return None
-    except ValueError as error:
-        raise CheckpointError(
-            f"{store.uri(SNAPSHOT_FILE)} is not readable JSON ({error}): Ray Train's record of the run's checkpoints "
-            "is damaged. Delete it to start the run from its first step, or train under another --name"
-        ) from None
     results = record.get("checkpoint_results") or []
     present = {
         result["checkpoint_dir_name"]
@@ -382,15 +376,13 @@ def repair_run_snapshot(run_uri: str) -> str | None:
 def latest_recorded(run_uri: str) -> tuple[str, dict] | None:
     """The latest checkpoint Ray Train recorded for the run at `run_uri`: (folder name, the metrics reported with
     it), or None when there is none. Read from Ray's record, without downloading the checkpoint."""
-    import json
-
     from ingest.storage import open_storage
 
     try:
-        record = json.loads(open_storage(run_uri).read_bytes(SNAPSHOT_FILE))
-    except (FileNotFoundError, ValueError):
+        record = _read_snapshot(open_storage(run_uri))
+    except CheckpointError:
         return None
-    latest = record.get("latest_checkpoint_result")
+    latest = (record or {}).get("latest_checkpoint_result")
     if not latest:
         return None
     return latest["checkpoint_dir_name"], dict(latest.get("metrics") or {})
@@ -407,18 +399,33 @@ def _run_uri(storage) -> str:
 
 def delete_unrecorded(run_uri: str) -> None:
     """Delete the checkpoint folders of the run at `run_uri` that Ray Train's record does not name."""
-    import json
-
     from ingest.storage import open_storage
 
     store = open_storage(run_uri)
     try:
-        record = json.loads(store.read_bytes(SNAPSHOT_FILE))
-    except FileNotFoundError:
-        record = {}
-    except ValueError:
+        record = _read_snapshot(store) or {}
+    except CheckpointError:
         return  # a damaged record: the driver reports it (repair_run_snapshot); deleting by it would be a guess
     _delete_unrecorded(store, {result["checkpoint_dir_name"] for result in record.get("checkpoint_results", [])})
+
+
+def _read_snapshot(store) -> dict | None:
+    """Ray Train's record of the run in `store`, or None when there is none.
+
+    Raises:
+        CheckpointError: the record is not readable JSON; says what to do.
+    """
+    import json
+
+    try:
+        return json.loads(store.read_bytes(SNAPSHOT_FILE))
+    except FileNotFoundError:
+        return None
+    except ValueError as error:
+        raise CheckpointError(
+            f"{store.uri(SNAPSHOT_FILE)} is not readable JSON ({error}): Ray Train's record of the run's checkpoints "
+            "is damaged. Delete it to start the run from its first step, or train under another --name"
+        ) from None
 
 
 def _delete_unrecorded(store, recorded: set[str]) -> None:

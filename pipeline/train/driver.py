@@ -103,20 +103,21 @@ def run_training(
     storage = resolve_storage(config.storage)
     upload_attempts()  # a bad $RECOLOR_CHECKPOINT_UPLOAD_ATTEMPTS stops here, not at a worker's first checkpoint
     # A rerun after checkpoints were lost resumes from what is left (or starts over) instead of failing forever.
+    tracking_uri = None
     if tracking is not None and tracking.enabled:
         from pipeline.tracking.runs import check_tracking_server, resolve_tracking_uri
 
-        check_tracking_server(resolve_tracking_uri(tracking.tracking_uri))  # seconds, not minutes of retries
+        tracking_uri = resolve_tracking_uri(tracking.tracking_uri)
+        check_tracking_server(tracking_uri)  # seconds, not minutes of MLflow's retries
     run_uri = f"{storage.rstrip('/')}/{config.name}"
     repair_run_snapshot(run_uri)
     finished = finished_earlier(config, plan, run_uri, tracking)
     if finished is not None:
         return finished
     run_info = None
-    if tracking is not None and tracking.enabled:
-        from pipeline.tracking.runs import resolve_tracking_uri, start_or_resume_run
+    if tracking_uri is not None:
+        from pipeline.tracking.runs import start_or_resume_run
 
-        tracking_uri = resolve_tracking_uri(tracking.tracking_uri)
         device = "cuda" if config.use_gpu else "cpu"
         run_id, _ = start_or_resume_run(tracking_uri, tracking.experiment, config, plan, storage, device)
         run_info = {"uri": tracking_uri, "run_id": run_id}
@@ -127,7 +128,7 @@ def run_training(
             checkpoint = f"s3://{checkpoint}"
         train_result = TrainResult(
             name=config.name,
-            storage=f"{storage.rstrip('/')}/{config.name}",
+            storage=run_uri,
             checkpoint=checkpoint,
             metrics=dict(result.metrics or {}),
             plan=plan,
