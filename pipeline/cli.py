@@ -8,8 +8,10 @@ import sys
 from infra.stack.cli import add_stack_parser
 from ingest.cli import add_ingest_parser, add_lake_parser
 from ingest.cluster import mask_secrets
+from pipeline.colorize.cli import add_colorize_parser
 from pipeline.evaluation.cli import add_model_parsers
 from pipeline.remote.submit import add_submit_parser
+from pipeline.serving.cli import add_export_parser
 from pipeline.train.cli import add_train_parser
 
 
@@ -17,13 +19,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recolor",
         description="Automatic image colorization at scale: ingest images into a Lab data lake, train pix2pix "
-        "colorizers with Ray Train, track them in MLflow, colorize photos.",
+        "colorizers with Ray Train, track them in MLflow, colorize photos (on one machine or a Ray cluster), export "
+        "and serve the generators.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_ingest_parser(subparsers)
     add_lake_parser(subparsers)
     add_train_parser(subparsers)
     add_model_parsers(subparsers)
+    add_colorize_parser(subparsers)
+    add_export_parser(subparsers)
     add_submit_parser(subparsers)
     add_stack_parser(subparsers)
     return parser

@@ -1,12 +1,10 @@
-"""`recolor evaluate`, `recolor colorize`, `recolor runs compare`: parsing and printing only."""
+"""`recolor evaluate`, `recolor runs compare`: parsing and printing only."""
 
 from __future__ import annotations
 
 import json
-import sys
 
 from ingest.errors import ConfigError
-from ingest.images import DEFAULT_MAX_PIXELS
 
 TRACKING_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)"
 
@@ -22,7 +20,7 @@ def add_model_parsers(subparsers) -> None:
     evaluate.add_argument(
         "--model",
         required=True,
-        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/generator or a checkpoint path",
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/generator, a model folder or a checkpoint path",
     )
     evaluate.add_argument("--dataset", required=True, metavar="NAME[@VERSION]")
     evaluate.add_argument("--lake", help="lake URI (default: $RECOLOR_LAKE, else ./lake)")
@@ -37,40 +35,12 @@ def add_model_parsers(subparsers) -> None:
     evaluate.add_argument("--tracking-uri", help=TRACKING_HELP)
     evaluate.add_argument("--experiment", default="recolor-evaluation")
     evaluate.add_argument("--json", action="store_true")
+    evaluate.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="load models of the old pickled format (that runs code stored in them: only a registry you trust)",
+    )
     evaluate.set_defaults(handler=run_evaluate)
-
-    colorize = subparsers.add_parser(
-        "colorize",
-        help="color photos with a generator, at full resolution",
-        description="Colorize images (files, folders recursively, s3:// prefixes; any format ingest accepts, gray "
-        "ones included) with a registered generator or a checkpoint. Outputs are PNGs of the original size (EXIF "
-        "orientation applied) whose L channel is the input's, named like the inputs below the given folders.",
-        epilog="An input that cannot be colorized does not stop the others: each is printed on stderr as "
-        "`skipped INPUT: REASON: DETAIL`, REASON one of empty, not_an_image, corrupt, too_large (see --max-pixels), "
-        "missing, unreadable, no_images (a given folder without images), name_clash (two inputs, one output name), "
-        "unwritable. Exit status: 0 when every input was colorized, 1 when some were skipped, 2 for a bad model or "
-        "option.",
-    )
-    colorize.add_argument("inputs", nargs="+", metavar="INPUT")
-    colorize.add_argument(
-        "--model",
-        required=True,
-        help="models:/NAME@ALIAS (e.g. models:/colorizer@champion), "
-        "models:/NAME/VERSION, runs:/ID/generator or a checkpoint path",
-    )
-    colorize.add_argument("-o", "--out", required=True, help="output folder")
-    colorize.add_argument("--size", type=int, default=256, help="network input side (default: 256)")
-    colorize.add_argument("--batch-size", type=int, default=8)
-    colorize.add_argument(
-        "--max-pixels",
-        type=int,
-        default=DEFAULT_MAX_PIXELS,
-        help=f"skip larger images as too_large (decompression bombs; default: {DEFAULT_MAX_PIXELS})",
-    )
-    colorize.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    colorize.add_argument("--tracking-uri", help=TRACKING_HELP)
-    colorize.add_argument("--no-progress", dest="progress", action="store_false")
-    colorize.set_defaults(handler=run_colorize)
 
     runs = subparsers.add_parser("runs", help="compare training runs from MLflow in the terminal")
     runs_commands = runs.add_subparsers(dest="runs_command", required=True)
@@ -106,6 +76,7 @@ def run_evaluate(args) -> int:
         promote=args.promote,
         metric=args.metric,
         max_batches=args.max_batches,
+        trust_pickle=args.trust_pickle,
     )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -118,29 +89,6 @@ def run_evaluate(args) -> int:
         p = result.promotion
         print(f"  promotion: {p['decision']} ({p['reason']})")
     print(f"  evaluation run {result.run_id}")
-    return 0
-
-
-def run_colorize(args) -> int:
-    from pipeline.evaluation.colorize import colorize
-
-    summary = colorize(
-        args.model,
-        args.inputs,
-        args.out,
-        size=args.size,
-        batch_size=args.batch_size,
-        device=args.device,
-        tracking_uri=args.tracking_uri,
-        progress=args.progress,
-        max_pixels=args.max_pixels,
-    )
-    print(f"colorized {len(summary.written)} image(s) into {args.out}")
-    for uri, reason in summary.failed:
-        print(f"  skipped {uri}: {reason}", file=sys.stderr)
-    if summary.failed:
-        print(f"recolor: error: {len(summary.failed)} input(s) could not be read", file=sys.stderr)
-        return 1
     return 0
 
 

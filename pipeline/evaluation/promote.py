@@ -78,8 +78,11 @@ def evaluate(
     promote: bool = False,
     metric: str = "l1_ab",
     max_batches: int | None = None,
+    trust_pickle: bool = False,
 ) -> Evaluation:
     """Evaluate a generator on a lake dataset, log an evaluation run, optionally promote it to `champion`.
+
+    `trust_pickle` allows models of the old pickled format (see `pipeline.tracking.registry.load_generator`).
 
     Raises:
         ValueError: unknown metric, a model URI that cannot be promoted, unloadable model.
@@ -109,7 +112,7 @@ def evaluate(
         raise ConfigError("--promote needs a registered model: models:/NAME/VERSION or models:/NAME@ALIAS")
     torch_device = torch.device(device)
     plan = resolve_data([dataset], lake)
-    generator = load_generator(model_uri, tracking_uri, torch_device)
+    generator = load_generator(model_uri, tracking_uri, torch_device, trust_pickle=trust_pickle)
     metrics = compute_metrics(generator, plan, split, batch_size, torch_device, max_batches)
     result = Evaluation(model_uri, plan.refs[0], split, metrics)
 
@@ -131,6 +134,7 @@ def evaluate(
             torch_device,
             tracking_uri,
             max_batches,
+            trust_pickle,
         )
 
     experiment_id = get_experiment_id(client, experiment, tracking_uri)
@@ -162,7 +166,8 @@ def evaluate(
     return result
 
 
-def _promotion(client, name, version, metrics, metric, plan, split, batch_size, device, tracking_uri, max_batches):
+def _promotion(client, name, version, metrics, metric, plan, split, batch_size, device, tracking_uri, max_batches,
+               trust_pickle=False):  # fmt: skip
     from pipeline.tracking.registry import load_generator
 
     key = f"eval_{metric}"
@@ -177,7 +182,7 @@ def _promotion(client, name, version, metrics, metric, plan, split, batch_size, 
     decision["champion_version"] = str(champion.version)
     if str(champion.version) == str(version):
         return decision | {"decision": "unchanged", "reason": "already the champion"}
-    champion_model = load_generator(f"models:/{name}/{champion.version}", tracking_uri, device)
+    champion_model = load_generator(f"models:/{name}/{champion.version}", tracking_uri, device, trust_pickle)
     champion_value = compute_metrics(champion_model, plan, split, batch_size, device, max_batches)[key]
     decision["champion_value"] = champion_value
     if better(metric, metrics[key], champion_value):

@@ -30,7 +30,7 @@ from ingest.cluster import forwarded_environment, is_secret
 from ingest.errors import RecolorError
 from pipeline.remote import sealed_env
 
-JOB_KINDS = ("ingest", "train", "evaluate")
+JOB_KINDS = ("ingest", "train", "evaluate", "colorize")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # gitwildmatch patterns, relative to the working directory; a leading slash anchors at its top.
@@ -227,7 +227,7 @@ def add_submit_parser(subparsers) -> None:
     submit = subparsers.add_parser(
         "submit",
         parents=[submit_options],
-        help="run ingest, train or evaluate as a Ray job on a cluster",
+        help="run ingest, train, evaluate or colorize as a Ray job on a cluster",
         description="Submit `python -m jobs.KIND ARGS...` to a Ray cluster with this project as working directory "
         "and the AWS_*, MLFLOW_* and RECOLOR_* variables of this shell; follow its logs and exit with its status "
         "(0 when it succeeded). ARGS are those of `recolor KIND`; the options below may come before KIND or "
@@ -235,10 +235,12 @@ def add_submit_parser(subparsers) -> None:
         epilog="examples:\n"
         "  recolor submit ingest folder s3://lake/sources/photos --dataset photos --address http://head:8265\n"
         "  recolor submit train configs/demo.yaml --dataset photos --workers 2\n"
-        "  recolor submit evaluate --model models:/recolor@candidate --dataset photos --promote --no-follow",
+        "  recolor submit evaluate --model models:/recolor@candidate --dataset photos --promote --no-follow\n"
+        "  recolor submit colorize s3://archive/scans -o s3://archive/colorized --model models:/colorizer@champion "
+        "--actors 4 --gpu",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    submit.add_argument("kind", choices=JOB_KINDS, help="the job: jobs/ingest.py, jobs/train.py or jobs/evaluate.py")
+    submit.add_argument("kind", choices=JOB_KINDS, help="the job: jobs/KIND.py, with the arguments of `recolor KIND`")
     submit.add_argument("job_args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments of `recolor KIND`")
     submit.set_defaults(handler=run_submit_command, submit_options=submit_options)
 

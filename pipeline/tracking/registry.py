@@ -2,11 +2,23 @@
 
 A model URI may be `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/RUN_ID/generator`, an
 MLflow model folder, or a training checkpoint (a `checkpoint.pt` file or the folder holding it,
-local or... the latest one under a run's storage folder).
+local or s3://, or a run's storage folder: its latest checkpoint).
+
+A registered generator is an MLflow model whose data folder is a saved generator
+(`pipeline.models.saved`: architecture as JSON, weights as a plain state dict) and whose
+`python_function` flavor is `pipeline.serving.pyfunc`, the serving model. Loading one runs no code
+from the registry: this package builds the network and reads the weights with `weights_only=True`.
+Generators registered before this format (`mlflow.pytorch`, pickled) load only with `trust_pickle`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,20 +26,27 @@ import torch
 from torch import nn
 
 from ingest.errors import ConfigError
+from pipeline.models.saved import GeneratorSpec, is_saved_generator, load_saved_generator, save_generator
+
+log = logging.getLogger(__name__)
 
 MODEL_ARTIFACT = "generator"
 DEFAULT_MODEL_NAME = "colorizer"
+SERVING_MODULE = "pipeline.serving.pyfunc"
 
 
 def generator_from_checkpoint(payload: dict) -> nn.Module:
     """Rebuild the generator a checkpoint was trained with, in eval mode."""
-    from pipeline.checkpoint import payload_config
-    from pipeline.models import build_generator
-
-    model = payload_config(payload).model
-    generator = build_generator(model.arch, norm=model.norm, base_filters=model.base_filters, num_downs=model.num_downs)
+    generator = spec_from_checkpoint(payload).build()
     generator.load_state_dict(payload["generator"])
     return generator.eval()
+
+
+def spec_from_checkpoint(payload: dict, image_size: int = 256) -> GeneratorSpec:
+    """The saved-generator spec of a checkpoint's generator, for inputs of `image_size` (the lake's sample side)."""
+    from pipeline.checkpoint import payload_config
+
+    return GeneratorSpec.from_config(payload_config(payload), image_size)
 
 
 def min_side(generator: nn.Module) -> int:
@@ -39,48 +58,46 @@ def min_side(generator: nn.Module) -> int:
 
 def log_generator(
     generator: nn.Module,
+    spec: GeneratorSpec,
     run_id: str,
     tracking_uri: str,
     registered_name: str | None = DEFAULT_MODEL_NAME,
     alias: str | None = "candidate",
     version_tags: dict[str, str] | None = None,
-    image_size: int = 256,
 ):
-    """Log the generator to a run with `mlflow.pytorch.log_model` and register it under `registered_name`.
+    """Log the generator to a run as an MLflow pyfunc model (artifact `generator`) and register it.
 
-    Signature: float32 (N, 1, H, W) L in [-1, 1] -> (N, 2, H, W) ab in [-1, 1] (times 110 for Lab units).
-    Serialized as "pickle" (explicitly): loading needs this project's `pipeline` package, which is
-    shipped with the model as code (`code_paths`), and trust in the registry it comes from.
+    The model's data is a saved generator (no pickle). Its `python_function` flavor is the serving model
+    (`pipeline.serving.pyfunc`): a table of images (column `image`: base64 or bytes, or `path`) in,
+    colorized images (base64 PNG or JPEG, full resolution, the input's L kept) out. It imports this
+    package from the environment that loads it (`mlflow models serve --env-manager local` where recolor is
+    installed); no code travels with the model.
 
     Returns:
         The registered model version (or None when `registered_name` is None).
     """
     import mlflow
-    import mlflow.pytorch
+    import mlflow.pyfunc
     from mlflow import MlflowClient
-    from mlflow.models import infer_signature
 
+    from pipeline.serving.pyfunc import serving_signature
     from pipeline.tracking.runs import fluent_tracking_uri
 
-    generator = generator.cpu().eval()
-    example = np.zeros((1, 1, image_size, image_size), dtype=np.float32)
-    with torch.no_grad():
-        output = generator(torch.from_numpy(example)).numpy()
-    signature = infer_signature(example, output)
-    package = str(Path(__file__).resolve().parents[1])  # the `pipeline` package
-    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
-    with fluent_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(
-            generator,
-            name=MODEL_ARTIFACT,
-            signature=signature,
-            input_example=example,
-            pip_requirements=requirements,
-            code_paths=[package],
-            serialization_format="pickle",
-            registered_model_name=registered_name,
-            await_registration_for=60,
-        )
+    with tempfile.TemporaryDirectory(prefix="recolor-model-") as scratch, warnings.catch_warnings():
+        # An input example would make MLflow load and run the model while logging it; the signature says it all.
+        warnings.filterwarnings("ignore", message=".*input example was not provided")
+        folder = save_generator(generator, spec, Path(scratch) / MODEL_ARTIFACT)
+        with fluent_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_ARTIFACT,
+                loader_module=SERVING_MODULE,
+                data_path=str(folder),
+                signature=serving_signature(),
+                pip_requirements=_requirements(),
+                metadata={"recolor_format": spec.to_dict()},
+                registered_model_name=registered_name,
+                await_registration_for=60,
+            )
     if registered_name is None:
         return None
     client = MlflowClient(tracking_uri)
@@ -92,37 +109,114 @@ def log_generator(
     return client.get_model_version(registered_name, str(version))
 
 
-def load_generator(uri: str, tracking_uri: str | None = None, device: str | torch.device = "cpu") -> nn.Module:
-    """Load a generator from a registry/run URI, an MLflow model folder, or a training checkpoint.
+def _requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import PIL
+
+    pins = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}", f"pillow=={PIL.__version__}"]
+    with contextlib.suppress(PackageNotFoundError):  # the serving code: install it where the model is served
+        pins.append(f"recolor=={version('recolor')}")
+    return pins
+
+
+def load_generator(
+    uri: str, tracking_uri: str | None = None, device: str | torch.device = "cpu", trust_pickle: bool = False
+) -> nn.Module:
+    """Load a generator, in eval mode on `device`, from a registry or run URI, a model folder or a checkpoint.
+
+    Args:
+        trust_pickle: load a generator of the old pickled format (`mlflow.pytorch`, before the saved-generator
+            format): that runs code stored in the model, so only from a registry you trust. Without it such
+            a model is refused.
 
     Raises:
-        ValueError: the URI points at nothing loadable (the message says what was tried).
+        ConfigError: the URI points at nothing loadable, or at an old pickled model without `trust_pickle`;
+            one line saying what was tried and what to do.
     """
+    return load_generator_and_side(uri, tracking_uri, device, trust_pickle)[0]
+
+
+def load_generator_and_side(
+    uri: str, tracking_uri: str | None = None, device: str | torch.device = "cpu", trust_pickle: bool = False
+) -> tuple[nn.Module, int]:
+    """`load_generator`, and the input side the generator was trained at (256 where the model does not say)."""
     from pipeline.checkpoint import CHECKPOINT_FILE, load_checkpoint
 
     path = Path(uri)
     if uri.endswith(".pt") or (path.is_dir() and (path / CHECKPOINT_FILE).exists()):
-        return generator_from_checkpoint(load_checkpoint(path)).to(device)
+        return _from_checkpoint(load_checkpoint(path), device)
     if uri.startswith("s3://") and (uri.endswith(".pt") or "checkpoint_" in uri.rsplit("/", 1)[-1]):
         from ingest.storage import read_uri
 
         key = uri if uri.endswith(".pt") else f"{uri.rstrip('/')}/{CHECKPOINT_FILE}"
-        return generator_from_checkpoint(load_checkpoint(read_uri(key))).to(device)
+        return _from_checkpoint(load_checkpoint(read_uri(key)), device)
     if path.is_dir() and not (path / "MLmodel").exists():
         checkpoints = sorted(path.glob("checkpoint_*/" + CHECKPOINT_FILE))
         if checkpoints:  # a run's storage folder: its latest checkpoint
-            return generator_from_checkpoint(load_checkpoint(checkpoints[-1])).to(device)
-    import mlflow
-    import mlflow.pytorch
+            return _from_checkpoint(load_checkpoint(checkpoints[-1]), device)
+        if is_saved_generator(path):  # a saved generator's own folder (the model's data folder)
+            generator, spec = load_saved_generator(path, device)
+            return generator, spec.image_size
+    if path.is_dir():
+        return _load_model_folder(path, uri, device, trust_pickle)
+    with tempfile.TemporaryDirectory(prefix="recolor-model-") as scratch:
+        return _load_model_folder(_download_model(uri, tracking_uri, scratch), uri, device, trust_pickle)
+
+
+def _from_checkpoint(payload: dict, device) -> tuple[nn.Module, int]:
+    from pipeline.checkpoint import trained_side
+
+    generator = generator_from_checkpoint(payload)
+    return generator.to(device), max(trained_side(payload), min_side(generator))
+
+
+def _download_model(uri: str, tracking_uri: str | None, scratch: str) -> Path:
+    import mlflow.artifacts
 
     from pipeline.tracking.runs import fluent_tracking_uri, resolve_tracking_uri
 
+    resolved = resolve_tracking_uri(tracking_uri)
+    if not sys.stderr.isatty():  # MLflow's download bar is for people, not logs
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
-        with fluent_tracking_uri(resolve_tracking_uri(tracking_uri)):
-            model = mlflow.pytorch.load_model(uri, map_location=torch.device(device))
+        with fluent_tracking_uri(resolved):
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=scratch, tracking_uri=resolved))
     except Exception as e:  # noqa: BLE001 - MLflow raises many kinds; the user needs one line
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(
-            f"cannot load a generator from {uri!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
+            f"cannot load a generator from {uri!r}: {detail}. "
             "Use models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/generator or a checkpoint path."
         ) from None
-    return model.eval()
+
+
+def _load_model_folder(folder: Path, uri: str, device, trust_pickle: bool) -> tuple[nn.Module, int]:
+    """A generator from an MLflow model folder: the saved-generator format, or the old pickled one if trusted."""
+    import yaml
+
+    try:
+        mlmodel = yaml.safe_load((folder / "MLmodel").read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{uri!r} is neither an MLflow model (no MLmodel file) nor a checkpoint") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{folder / 'MLmodel'} is not readable: {str(e).splitlines()[0]}") from None
+    flavors = mlmodel.get("flavors") if isinstance(mlmodel, dict) else None
+    flavors = flavors if isinstance(flavors, dict) else {}
+    pyfunc = flavors.get("python_function") or {}
+    if isinstance(pyfunc, dict) and pyfunc.get("loader_module") == SERVING_MODULE and pyfunc.get("data"):
+        data = (folder / str(pyfunc["data"])).resolve()
+        if not data.is_relative_to(folder.resolve()):
+            raise ConfigError(f"{folder / 'MLmodel'}: field 'data' points outside the model folder")
+        generator, spec = load_saved_generator(data, device)
+        return generator, spec.image_size
+    if "pytorch" in flavors:
+        if not trust_pickle:
+            raise ConfigError(
+                f"{uri} is a generator of the old pickled format: loading it runs code stored in the model. "
+                "Pass --trust-pickle only if you trust where it comes from"
+            )
+        import mlflow.pytorch
+
+        log.warning("%s is of the old pickled format, loaded because --trust-pickle was given", uri)
+        return mlflow.pytorch.load_model(str(folder), map_location=torch.device(device)).eval(), 256
+    raise ConfigError(f"{uri} is an MLflow model but not a recolor generator (flavors: {', '.join(flavors) or 'none'})")

@@ -264,7 +264,7 @@ def finish_run(tracking_uri: str, run_id: str, name: str, plan, metrics: dict, p
 
     from pipeline.tracking.loggers import MlflowLogger
     from pipeline.tracking.plots import LOSS_PANELS, loss_curves
-    from pipeline.tracking.registry import generator_from_checkpoint, log_generator, min_side
+    from pipeline.tracking.registry import generator_from_checkpoint, log_generator, min_side, spec_from_checkpoint
 
     client = MlflowClient(tracking_uri)
     history = {
@@ -282,12 +282,12 @@ def finish_run(tracking_uri: str, run_id: str, name: str, plan, metrics: dict, p
         tags = {"run_id": run_id, "run_name": name, "datasets": ",".join(plan.refs), **shown}
         registered = log_generator(
             generator,
+            spec_from_checkpoint(payload, image_size=max(plan.size, min_side(generator))),
             run_id,
             tracking_uri,
             registered_name=model_name,
             alias="candidate" if model_name else None,
             version_tags=tags,
-            image_size=max(plan.size, min_side(generator)),
         )
         version = registered.version if registered is not None else None
     with quiet_run_links(tracking_uri):

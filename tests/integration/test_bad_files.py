@@ -19,7 +19,7 @@ from PIL import Image, ImageFile
 from ingest.images import ImageRejected, decode_image
 from ingest.lab import decode_lab8, lab_to_rgb, lightness
 from ingest.lake import Lake
-from pipeline.evaluation.colorize import OUTPUT_MARKER
+from pipeline.colorize.files import OUTPUT_MARKER
 
 pytestmark = pytest.mark.slow
 

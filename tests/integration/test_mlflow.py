@@ -15,6 +15,7 @@ Long on purpose: two trained runs (module fixtures, the costly part) serve every
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import io
@@ -33,8 +34,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from bad_files import hue_picture
 from PIL import Image, ImageOps
 
 from infra.stack.s3_server import free_port
@@ -379,11 +382,13 @@ def test_generator_is_registered_as_candidate_and_predicts_through_pyfunc(embedd
     assert {"val_psnr", "val_ssim", "val_gray_l1_ab"} <= set(version.tags)
     with fluent_tracking_uri(embedded.uri):
         model = mlflow.pyfunc.load_model(f"models:/{MODEL}@candidate")
-    inputs = model.metadata.get_input_schema().inputs
-    assert inputs[0].type == np.dtype("float32") and tuple(inputs[0].shape) == (-1, 1, SIZE, SIZE)
-    predicted = np.asarray(model.predict(np.zeros((2, 1, SIZE, SIZE), np.float32)))
-    assert predicted.shape == (2, 2, SIZE, SIZE)
-    assert np.isfinite(predicted).all() and np.abs(predicted).max() <= 1.0
+    assert [column.name for column in model.metadata.get_input_schema().inputs] == ["image", "path"]
+    photos = [hue_picture(seed, width, height) for seed, (width, height) in enumerate([(70, 40), (33, 81)])]
+    predicted = model.predict(pd.DataFrame({"image": [png_bytes(photo) for photo in photos]}))
+    assert list(predicted["error"]) == ["", ""]
+    for photo, encoded in zip(photos, predicted["image"], strict=True):
+        with Image.open(io.BytesIO(base64.b64decode(encoded))) as answer:
+            assert_same_lightness("pyfunc", np.asarray(photo.convert("RGB")), np.asarray(answer.convert("RGB")))
 
 
 def test_system_metrics_are_logged_during_training(embedded) -> None:
@@ -447,6 +452,7 @@ def worse(embedded, lake):
     import mlflow
 
     from pipeline.evaluation.promote import compute_metrics
+    from pipeline.models.saved import GeneratorSpec
     from pipeline.tracking.registry import load_generator, log_generator
     from pipeline.tracking.runs import start_or_resume_run
 
@@ -471,7 +477,8 @@ def worse(embedded, lake):
             for k, v in metrics.items()
         ],
     )
-    version = log_generator(generator, run_id, embedded.uri, MODEL, alias=None, image_size=SIZE)
+    spec = GeneratorSpec.from_config(embedded.config, SIZE)
+    version = log_generator(generator, spec, run_id, embedded.uri, MODEL, alias=None)
     embedded.client.set_terminated(run_id, "FINISHED")
     return SimpleNamespace(run_id=run_id, version=str(version.version), config=config)
 
@@ -616,6 +623,12 @@ def colorized(embedded, cli_runner, photo_writer, secret_env, tmp_path_factory):
     return SimpleNamespace(root=root, result=result, expected=expected)
 
 
+def png_bytes(picture: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def assert_same_lightness(name: str, expected: np.ndarray, produced: np.ndarray) -> None:
     assert produced.shape == expected.shape, (name, produced.shape, expected.shape)
     # 8-bit output: rounding R, G and B moves L by a little (measured: max 0.2, mean 0.11 at most, even for
@@ -630,7 +643,7 @@ def test_colorize_keeps_each_inputs_size_and_lightness_and_reports_the_unreadabl
     assert "colorized 5 image(s)" in result.stdout
     skipped = [line for line in result.error_lines if line.strip().startswith("skipped ")]
     assert len(skipped) == 1 and "broken.jpg" in skipped[0], result.stderr
-    assert result.error_lines[-1] == "recolor: error: 1 input(s) could not be read"
+    assert result.error_lines[-1] == "recolor: error: 1 input(s) could not be colorized"
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
     assert written == ["alpha.png", "cmyk.png", "more/gray.png", "rgb.png", "rotated.png"]
     for name, expected in colorized.expected.items():
@@ -643,7 +656,7 @@ def test_colorize_keeps_each_inputs_size_and_lightness_and_reports_the_unreadabl
 def test_colorize_keeps_lightness_under_strong_colours_outside_the_gamut(colorized, embedded, worse, tmp_path) -> None:
     # The tiny trained generator predicts nearly gray; the saturated one (ab near +110) puts most pixels
     # outside sRGB, where clipping R, G and B one by one would shift L by up to 30 units.
-    from pipeline.evaluation.colorize import colorize
+    from pipeline.colorize.local import colorize
 
     inputs = colorized.root / "inputs"
     summary = colorize(f"models:/{MODEL}/{worse.version}", [str(inputs)], str(tmp_path), tracking_uri=embedded.uri,
@@ -657,7 +670,7 @@ def test_colorize_keeps_lightness_under_strong_colours_outside_the_gamut(coloriz
 
 
 def test_colorize_accepts_a_checkpoint_path_as_the_model(colorized, embedded, tmp_path) -> None:
-    from pipeline.evaluation.colorize import colorize
+    from pipeline.colorize.local import colorize
 
     inputs = colorized.root / "inputs"
     summary = colorize(

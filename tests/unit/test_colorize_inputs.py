@@ -9,7 +9,8 @@ import pytest
 from bad_files import hue_picture, write_checkpoint
 from PIL import Image
 
-from pipeline.evaluation.colorize import colorize, list_inputs, output_names
+from pipeline.colorize.files import list_inputs, output_names
+from pipeline.colorize.local import colorize
 
 
 def picture(path: Path, seed: int, size=(24, 16)) -> Path:
@@ -139,7 +140,7 @@ def test_an_output_that_would_land_on_an_input_file_is_refused(tmp_path, checkpo
         colorize(str(checkpoint), ["photo.png"], ".", progress=False)  # `recolor colorize photo.png -o .`
     assert (tmp_path / "photo.png").read_bytes() == original
     picture(tmp_path / "b.jpg", 3)  # b.jpg's output b.png is no input: that one may go here
-    assert colorize(str(checkpoint), ["b.jpg"], ".", progress=False).written == [str(Path(".") / "b.png")]
+    assert colorize(str(checkpoint), ["b.jpg"], ".", progress=False).written == [str(tmp_path / "b.png")]
 
 
 def test_outputs_in_a_subfolder_of_the_input_are_never_colorized_again(tmp_path, checkpoint) -> None:
@@ -150,7 +151,7 @@ def test_outputs_in_a_subfolder_of_the_input_are_never_colorized_again(tmp_path,
     picture(photos / "b.png", 5)
     first = colorize(str(checkpoint), [str(photos)], str(photos / "colorized"), progress=False)
     assert sorted(Path(p).name for p in first.written) == ["a.png", "b.png"]
-    again = colorize(str(checkpoint), [str(photos)], str(photos / "colorized"), progress=False)
+    again = colorize(str(checkpoint), [str(photos)], str(photos / "colorized"), progress=False, overwrite=True)
     assert sorted(Path(p).name for p in again.written) == ["a.png", "b.png"]  # the photos only, not the outputs
     other = colorize(str(checkpoint), [str(photos)], str(photos / "second"), progress=False)
     assert sorted(Path(p).relative_to(photos / "second").as_posix() for p in other.written) == ["a.png", "b.png"]

@@ -1,0 +1,102 @@
+"""`recolor colorize`: parsing and printing only (the work is `local.py` or, with --ray, `cluster.py`)."""
+
+from __future__ import annotations
+
+import sys
+
+from ingest.images import DEFAULT_MAX_PIXELS
+from pipeline.colorize.pixels import PICTURE_FORMATS
+
+MODEL_HELP = (
+    "models:/NAME@ALIAS (e.g. models:/colorizer@champion), models:/NAME/VERSION, runs:/ID/generator, "
+    "an MLflow model folder or a checkpoint path"
+)
+TRUST_PICKLE_HELP = (
+    "load a model of the old pickled format (registered before recolor 0.1's pickle-free format); "
+    "that runs code stored in the model: only for a registry you trust"
+)
+
+
+def add_colorize_parser(subparsers) -> None:
+    from pipeline.evaluation.cli import TRACKING_HELP, _cuda
+
+    colorize = subparsers.add_parser(
+        "colorize",
+        help="color photos with a generator, at full resolution (one process, or a Ray Data job with --ray)",
+        description="Colorize images (files, folders recursively, s3:// prefixes; any format ingest accepts, gray "
+        "ones included) with a registered generator or a checkpoint, into a folder or an s3:// prefix. Outputs have "
+        "the original size (EXIF orientation applied) and the input's L channel, named like the inputs below the "
+        "given folders. Pictures are written whole; a rerun skips those already there (see --overwrite). With --ray "
+        "the same colorization runs as a Ray Data job: decoding in CPU tasks, the generator in an actor pool "
+        "(--actors, one GPU each with --gpu, bf16), writing in CPU tasks.",
+        epilog="An input that cannot be colorized does not stop the others: each is printed on stderr as "
+        "`skipped INPUT: REASON: DETAIL`, REASON one of empty, not_an_image, corrupt, too_large (see --max-pixels), "
+        "missing, unreadable, no_images (a given folder without images), name_clash (two inputs, one output name), "
+        "unwritable. Exit status: 0 when every input was colorized, 1 when some were skipped, 2 for a bad model or "
+        "option. Example: recolor colorize scans/ -o colored/ --model models:/colorizer@champion",
+    )
+    colorize.add_argument("inputs", nargs="+", metavar="INPUT")
+    colorize.add_argument("--model", required=True, help=MODEL_HELP)
+    colorize.add_argument("-o", "--out", required=True, help="output folder or s3:// prefix")
+    colorize.add_argument("--format", dest="picture_format", choices=PICTURE_FORMATS, default="png",
+                          help="png (lossless, default) or jpeg")  # fmt: skip
+    colorize.add_argument("--quality", type=int, default=95, help="JPEG quality 1-95 (default: 95)")
+    colorize.add_argument("--overwrite", action="store_true", help="colorize again pictures already in the output")
+    colorize.add_argument("--size", type=int, help="network input side (default: the side the model trained at)")
+    colorize.add_argument("--batch-size", type=int, default=8)
+    colorize.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"skip larger images as too_large (decompression bombs; default: {DEFAULT_MAX_PIXELS})",
+    )
+    colorize.add_argument("--device", default="cuda" if _cuda() else "cpu", help="without --ray: cpu or cuda")
+    colorize.add_argument("--ray", action="store_true", help="run as a Ray Data job (local instance or cluster)")
+    colorize.add_argument("--ray-address", help="with --ray: the cluster (default: $RAY_ADDRESS, else local)")
+    colorize.add_argument("--actors", type=int, default=1, help="with --ray: generator actors (default: 1)")
+    colorize.add_argument("--gpu", action="store_true", help="with --ray: one GPU per actor, bf16")
+    colorize.add_argument("--tracking-uri", help=TRACKING_HELP)
+    colorize.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE_HELP)
+    colorize.add_argument("--no-progress", dest="progress", action="store_false")
+    colorize.set_defaults(handler=run_colorize)
+
+
+def run_colorize(args) -> int:
+    from ingest.errors import ConfigError
+
+    if not 1 <= args.quality <= 95:
+        raise ConfigError(f"--quality must be in 1..95, got {args.quality}")
+    if args.batch_size < 1 or args.actors < 1:
+        raise ConfigError("--batch-size and --actors must be at least 1")
+    if not args.ray and (args.gpu or args.ray_address or args.actors != 1):
+        raise ConfigError("--gpu, --ray-address and --actors apply with --ray only (without it, use --device)")
+    options = dict(
+        size=args.size,
+        batch_size=args.batch_size,
+        tracking_uri=args.tracking_uri,
+        progress=args.progress,
+        max_pixels=args.max_pixels,
+        picture_format=args.picture_format,
+        quality=args.quality,
+        overwrite=args.overwrite,
+        trust_pickle=args.trust_pickle,
+    )
+    if args.ray:
+        from pipeline.colorize.cluster import colorize_on_ray
+
+        summary = colorize_on_ray(
+            args.model, args.inputs, args.out, actors=args.actors, gpu=args.gpu, ray_address=args.ray_address,
+            **options,
+        )  # fmt: skip
+    else:
+        from pipeline.colorize.local import colorize
+
+        summary = colorize(args.model, args.inputs, args.out, device=args.device, **options)
+    skipped = f"; {len(summary.skipped)} already there (pass --overwrite to redo)" if summary.skipped else ""
+    print(f"colorized {len(summary.written)} image(s) into {args.out}{skipped}")
+    for uri, reason in summary.failed:
+        print(f"  skipped {uri}: {reason}", file=sys.stderr)
+    if summary.failed:
+        print(f"recolor: error: {len(summary.failed)} input(s) could not be colorized", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,170 @@
+"""`recolor colorize --ray`: the same colorization as a Ray Data job, for archives of millions of photos.
+
+The driver lists the inputs, guards the originals and loads the model (so a bad model or output fails
+before anything starts), exactly as the single-process command does. Then three stages stream:
+
+    read + decode (CPU tasks) -> generator (actor pool, one GPU each with --gpu, bf16) -> compose + write (CPU tasks)
+
+Reading, refusals, the network input, the prediction and the picture are the functions of
+`pipeline.colorize.pixels`, so both paths give the same pixels and refuse the same files. A picture
+is written whole (a renamed temporary file, or one PUT): a rerun skips what exists.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ingest.images import DEFAULT_MAX_PIXELS
+from pipeline.colorize.files import ColorizeSummary
+
+WRITTEN, REFUSED = "written", "refused"
+
+
+def _decode(batch: dict, size: int, max_pixels: int) -> dict:
+    """Stage 1: each photo's bytes and network input, or why it is refused."""
+    from pipeline.colorize.pixels import PhotoRefused, decode_photo, network_input, read_uri_bytes
+
+    lights, datas, errors = [], [], []
+    for uri in batch["uri"]:
+        light = np.zeros((1, size, size), np.float32)
+        data, error = b"", ""
+        try:
+            data = read_uri_bytes(uri)
+            light = network_input(decode_photo(data, max_pixels), size).numpy()
+        except PhotoRefused as e:
+            error, data = e.reason, b""
+        lights.append(light)
+        datas.append(data)
+        errors.append(error)
+    return {
+        "uri": batch["uri"],
+        "name": batch["name"],
+        "data": np.array(datas, dtype=object),
+        "light": np.stack(lights),
+        "error": np.array(errors, dtype=object),
+    }
+
+
+class _Colorizer:
+    """Stage 2, an actor: the generator, held once per actor, predicts ab for the photos that decoded."""
+
+    def __init__(self, generator_ref, gpu: bool):
+        import ray
+
+        self.device = torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
+        self.generator = ray.get(generator_ref[0]).to(self.device).eval()
+
+    def __call__(self, batch: dict) -> dict:
+        from pipeline.colorize.pixels import predict_ab
+
+        light = batch.pop("light")
+        ok = np.array([not error for error in batch["error"]], dtype=bool)
+        ab = np.zeros((len(light), 2, light.shape[2], light.shape[3]), np.float32)
+        if ok.any():
+            ab[ok] = predict_ab(self.generator, torch.from_numpy(light[ok]), self.device).numpy()
+        batch["ab"] = ab
+        return batch
+
+
+def _write(batch: dict, out_dir: str, picture_format: str, quality: int) -> dict:
+    """Stage 3: the full-resolution picture of each colorized photo, written; the outcome of every input."""
+    from ingest.storage import StorageError
+    from pipeline.colorize.files import OutputFolder
+    from pipeline.colorize.pixels import PhotoRefused, compose, decode_photo, encode_picture
+
+    out = OutputFolder(out_dir)
+    statuses, details = [], []
+    for name, data, ab, error in zip(batch["name"], batch["data"], batch["ab"], batch["error"], strict=True):
+        if error:
+            statuses.append(REFUSED)
+            details.append(error)
+            continue
+        try:
+            picture = encode_picture(compose(decode_photo(data), torch.from_numpy(ab)), picture_format, quality)
+            out.write(name, picture)
+        except PhotoRefused as e:
+            statuses.append(REFUSED)
+            details.append(e.reason)
+        except (OSError, StorageError) as e:
+            statuses.append(REFUSED)
+            details.append(f"unwritable: {out.target(name)}: {e}")
+        else:
+            statuses.append(WRITTEN)
+            details.append(out.target(name))
+    return {"uri": batch["uri"], "status": np.array(statuses, dtype=object), "detail": np.array(details, dtype=object)}
+
+
+def colorize_on_ray(
+    model_uri: str,
+    inputs: list[str],
+    out_dir: str,
+    size: int | None = None,
+    batch_size: int = 8,
+    actors: int = 1,
+    gpu: bool = False,
+    ray_address: str | None = None,
+    tracking_uri: str | None = None,
+    progress: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    picture_format: str = "png",
+    quality: int = 95,
+    overwrite: bool = False,
+    trust_pickle: bool = False,
+) -> ColorizeSummary:
+    """`pipeline.colorize.local.colorize` as a Ray Data job (see the module's docstring); the same summary.
+
+    Args:
+        actors: generator actors (each holds one copy of the model; one GPU each with `gpu`).
+        gpu: put each actor on a GPU and run the generator in bf16.
+        ray_address: a cluster to run on; None uses $RAY_ADDRESS, else a local instance.
+        (the others as in `colorize`)
+
+    Raises:
+        ConfigError: the model cannot be loaded, or the outputs would overwrite the inputs.
+    """
+    from tqdm.auto import tqdm
+
+    from ingest.cluster import ensure_ray
+    from pipeline.colorize.local import plan_outputs
+    from pipeline.tracking.registry import load_generator_and_side, min_side
+
+    out, todo, summary = plan_outputs(inputs, out_dir, picture_format, overwrite)
+    generator, trained_side = load_generator_and_side(model_uri, tracking_uri, "cpu", trust_pickle)
+    size = max(size or trained_side, min_side(generator))
+    out.record([name for _, name in todo])
+    if not todo:
+        return summary
+    import ray
+    import ray.data
+
+    with ensure_ray(ray_address):
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # one bar, below, counts pictures
+        context.print_on_execution_start = False
+        generator_ref = [ray.put(generator.cpu())]  # in a list: Ray passes a bare ref to the actor resolved
+        dataset = (
+            ray.data.from_items([{"uri": uri, "name": name} for uri, name in todo])
+            .map_batches(_decode, fn_kwargs={"size": size, "max_pixels": max_pixels}, batch_size=batch_size)
+            .map_batches(
+                _Colorizer,
+                fn_constructor_kwargs={"generator_ref": generator_ref, "gpu": gpu},
+                batch_size=batch_size,
+                concurrency=actors,
+                num_gpus=1 if gpu else 0,
+            )
+            .map_batches(
+                _write,
+                fn_kwargs={"out_dir": out_dir, "picture_format": picture_format, "quality": quality},
+                batch_size=batch_size,
+            )
+        )
+        with tqdm(total=len(todo), unit="img", desc="colorize", disable=not progress) as bar:
+            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                for uri, status, detail in zip(batch["uri"], batch["status"], batch["detail"], strict=True):
+                    if status == WRITTEN:
+                        summary.written.append(str(detail))
+                    else:
+                        summary.failed.append((str(uri), str(detail)))
+                bar.update(len(batch["uri"]))
+    return summary

@@ -1,0 +1,198 @@
+"""What `recolor colorize` reads and where it writes: inputs, output names, and the guard on the originals.
+
+Shared by the single-process command (`pipeline.colorize.local`) and the Ray Data job
+(`pipeline.colorize.cluster`), so both list, name, skip and refuse alike.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from ingest.errors import ConfigError
+from ingest.sources import SourceError, list_folder
+from ingest.storage import is_s3
+
+
+@dataclass
+class ColorizeSummary:
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # outputs an earlier run wrote whole: not done again
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (input, "reason: detail")
+
+
+def list_inputs(inputs: list[str], suffix: str = ".png") -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Every image in the given files, folders (recursive) and s3:// prefixes, and the inputs that give none.
+
+    Folders are listed as ingest's folder source lists them: image extensions, hidden files and folders
+    skipped, sorted. A path that does not exist is listed as given: reading it fails, and it is reported
+    like any unreadable input.
+
+    Returns:
+        ([(URI, output name)], [(input, "reason: detail")]): the output name is the path below the given
+        folder with the `suffix` extension; see `output_names` for clashes. A given folder without images fails
+        with reason `no_images`; an input whose output another one already takes fails with `name_clash`.
+    """
+    found: list[tuple[str, str]] = []
+    failed: list[tuple[str, str]] = []
+    for given in inputs:
+        if is_s3(given) or Path(given).is_dir():
+            try:
+                found += [(item.uri, item.name) for item in list_folder(given)]
+            except SourceError as e:
+                if not is_s3(given):
+                    failed.append((given, f"no_images: {e}"))
+                else:  # no image below the prefix: a single object
+                    found.append((given, given.rstrip("/").rsplit("/", 1)[-1]))
+        else:
+            found.append((given, Path(given).name))
+    items: list[tuple[str, str]] = []
+    claimed: dict[str, str] = {}
+    for (uri, _), target in zip(found, output_names([name for _, name in found], suffix), strict=True):
+        if target in claimed:
+            failed.append((uri, f"name_clash: its output {target} is already that of {claimed[target]}"))
+        else:
+            claimed[target] = uri
+            items.append((uri, target))
+    return items, failed
+
+
+OUTPUT_MARKER = ".recolor-colorized"  # in every output folder: the names written there, one a line
+
+
+def guard_outputs(items: list[tuple[str, str]], inputs: list[str], out: str | Path) -> list[tuple[str, str]]:
+    """Never write over an input, never colorize an earlier output: the inputs that may be colorized into `out`.
+
+    Every local output folder lists what `recolor colorize` wrote there (`OUTPUT_MARKER`); such files, found
+    in a given folder (an earlier run into a subfolder of it), are left out silently: they are colorized
+    pictures. An s3:// output may not lie in an s3:// input prefix (its pictures would be listed as photos).
+
+    Raises:
+        ConfigError: `out` is a given folder (the originals and the colorized pictures would share names), an
+            output would land on an input file, or a file named on the command line is an earlier output; one
+            line naming both.
+    """
+    if is_s3(str(out)):
+        _guard_s3_output(items, inputs, str(out))
+        return items
+    out = Path(out)
+    resolved_out = _real(out)
+    for given in inputs:
+        if not is_s3(given) and Path(given).is_dir() and _real(Path(given)) == resolved_out:
+            raise ConfigError(
+                f"the output folder {out} is the input folder {given}: colorized pictures would replace or mix "
+                "with the originals; pass another -o (a subfolder is fine)"
+            )
+    written = _WrittenOutputs()
+    kept = []
+    for uri, name in items:
+        if not is_s3(uri) and written.holds(Path(uri)):
+            if uri in inputs:  # named on the command line: say why it is not colorized
+                raise ConfigError(f"{uri} is a colorized picture (an output of recolor colorize): pass the photo")
+            continue
+        kept.append((uri, name))
+    sources = {_real(Path(uri)): uri for uri, _ in kept if not is_s3(uri)}
+    for uri, name in kept:
+        if _real(out / name) in sources:
+            raise ConfigError(
+                f"the output {out / name} of {uri} would overwrite the input {sources[_real(out / name)]}: "
+                "pass another -o for the colorized pictures"
+            )
+    return kept
+
+
+def _guard_s3_output(items: list[tuple[str, str]], inputs: list[str], out: str) -> None:
+    prefix = out.rstrip("/") + "/"
+    for given in inputs:
+        if is_s3(given) and prefix.startswith(given.rstrip("/") + "/"):
+            raise ConfigError(
+                f"the output prefix {out} lies in the input prefix {given}: its pictures would be colorized again "
+                "on the next run; pass an -o outside it"
+            )
+    given_objects = {uri for uri, _ in items if is_s3(uri)}
+    for uri, name in items:
+        if prefix + name in given_objects:
+            raise ConfigError(f"the output {prefix + name} of {uri} would overwrite an input: pass another -o")
+
+
+class OutputFolder:
+    """Where the pictures go: a local folder or an s3:// prefix. A picture appears whole or not at all (a
+    temporary file renamed into place, or one PUT), so a picture that exists is complete and a rerun skips it."""
+
+    def __init__(self, uri: str | Path):
+        from ingest.storage import open_storage
+
+        self.uri = str(uri)
+        self.storage = open_storage(self.uri)
+
+    def target(self, name: str) -> str:
+        return self.storage.uri(name)
+
+    def holds(self, name: str) -> bool:
+        return self.storage.exists(name)
+
+    def record(self, names: list[str]) -> None:
+        """List `names` in the folder's `OUTPUT_MARKER` before any is written: an output is never taken for a
+        photo, even if the run stops halfway (s3:// outputs are kept apart by `guard_outputs` instead).
+
+        Raises:
+            ConfigError: the folder cannot be created or written (one line naming it).
+        """
+        if is_s3(self.uri) or not names:
+            return
+        try:
+            Path(self.uri).mkdir(parents=True, exist_ok=True)
+            with open(Path(self.uri) / OUTPUT_MARKER, "a") as marker:
+                marker.write("".join(name + "\n" for name in names))
+        except OSError as e:
+            raise ConfigError(f"the output folder {self.uri} cannot be written: {e.strerror or e}") from None
+
+    def write(self, name: str, data: bytes) -> None:
+        """Raises: OSError or StorageError when this picture cannot be written."""
+        self.storage.write_bytes(name, data)
+
+
+class _WrittenOutputs:
+    """Which files earlier runs wrote: the names in the `OUTPUT_MARKER` of any folder above them."""
+
+    def __init__(self):
+        self._listed: dict[Path, set[str]] = {}
+
+    def holds(self, path: Path) -> bool:
+        path = _real(path)
+        for folder in path.parents:
+            if folder not in self._listed:
+                marker = folder / OUTPUT_MARKER
+                try:
+                    self._listed[folder] = set(marker.read_text().splitlines()) if marker.is_file() else set()
+                except (OSError, UnicodeDecodeError) as e:
+                    raise ConfigError(f"{marker} (the list of an earlier run's outputs) cannot be read: {e}") from None
+            if path.relative_to(folder).as_posix() in self._listed[folder]:
+                return True
+        return False
+
+
+def _real(path: Path) -> Path:
+    """The path with links followed, never raising (a symlink loop stays as it is: reading it refuses it)."""
+    return Path(os.path.realpath(path))
+
+
+def output_names(names: list[str], suffix: str = ".png") -> list[str]:
+    """Output paths (POSIX, relative) for input names: `a/photo.jpg` -> `a/photo.png` (the `suffix`).
+
+    Where two different names would share an output (`photo.jpg` and `photo.png`), or an output would
+    be the name of another's folder (`shot.jpg` beside a folder `shot.png/`), the input keeps its
+    extension: `photo.jpg.png`, `photo.png.png`. The same name twice (one file name in two given
+    folders) keeps one output; `list_inputs` reports the later input as a clash.
+    """
+    plain = [PurePosixPath(name).with_suffix(suffix).as_posix() for name in names]
+    sources: dict[str, set[str]] = defaultdict(set)
+    for name, target in zip(names, plain, strict=True):
+        sources[target].add(name)
+    folders = {parent.as_posix() for target in plain for parent in PurePosixPath(target).parents}
+    return [
+        f"{name}{suffix}" if len(sources[target]) > 1 or target in folders else target
+        for name, target in zip(names, plain, strict=True)
+    ]

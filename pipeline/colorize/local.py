@@ -1,0 +1,104 @@
+"""`recolor colorize` in one process: read, colorize in batches, write; the Ray Data job is `cluster.py`."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ingest.images import DEFAULT_MAX_PIXELS
+from ingest.storage import StorageError
+from pipeline.colorize.files import ColorizeSummary, OutputFolder, guard_outputs, list_inputs
+from pipeline.colorize.pixels import SUFFIXES, PhotoRefused, colorize_rgb, encode_picture, read_photo
+
+
+def plan_outputs(
+    inputs: list[str], out_dir: str, picture_format: str, overwrite: bool
+) -> tuple[OutputFolder, list[tuple[str, str]], ColorizeSummary]:
+    """List the inputs, guard the originals and leave out pictures an earlier run wrote whole (unless `overwrite`);
+    returns (output folder, [(input URI, output name)] to do, summary so far). Record the names to do
+    (`OutputFolder.record`) before writing any."""
+    items, failed = list_inputs(inputs, SUFFIXES[picture_format])
+    items = guard_outputs(items, inputs, out_dir)
+    out = OutputFolder(out_dir)
+    summary = ColorizeSummary(failed=failed)
+    todo = []
+    for uri, name in items:
+        if not overwrite and out.holds(name):
+            summary.skipped.append(out.target(name))
+        else:
+            todo.append((uri, name))
+    return out, todo, summary
+
+
+def write_picture(out: OutputFolder, uri: str, name: str, rgb: np.ndarray, picture_format: str, quality: int,
+                  summary: ColorizeSummary) -> None:  # fmt: skip
+    """Encode and write one picture; a failure is this input's only (`unwritable`)."""
+    try:
+        out.write(name, encode_picture(rgb, picture_format, quality))
+    except (OSError, StorageError) as e:  # a file where a folder should be, a full disk, a refused PUT
+        summary.failed.append((uri, f"unwritable: {out.target(name)}: {e}"))
+        return
+    summary.written.append(out.target(name))
+
+
+def colorize(
+    model_uri: str,
+    inputs: list[str],
+    out_dir: str,
+    size: int | None = None,
+    batch_size: int = 8,
+    device: str = "cpu",
+    tracking_uri: str | None = None,
+    progress: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    picture_format: str = "png",
+    quality: int = 95,
+    overwrite: bool = False,
+    trust_pickle: bool = False,
+) -> ColorizeSummary:
+    """Colorize every image of `inputs` into `out_dir` (a folder or an s3:// prefix; names from `list_inputs`).
+
+    An input that cannot be colorized does not stop the others: it is listed in `summary.failed` with
+    a reason (`empty`, `not_an_image`, `corrupt`, `too_large`, `missing`, `unreadable`, `no_images`,
+    `name_clash`, `unwritable`) and a detail. Gray photos of any kind are colorized like the others.
+    A picture already in `out_dir` is an earlier run's, whole (pictures are written atomically): it is
+    listed in `summary.skipped` and not done again unless `overwrite`.
+
+    Args:
+        max_pixels: refuse larger images (decompression bombs) with reason `too_large`.
+        picture_format: "png" (lossless) or "jpeg" (at `quality`).
+        size: the network's input side; None: the side the model trained at.
+        trust_pickle: allow a model of the old pickled format (see `pipeline.tracking.registry.load_generator`).
+
+    Raises:
+        ConfigError: the model cannot be loaded, or the outputs would overwrite the inputs.
+    """
+    from tqdm.auto import tqdm
+
+    from pipeline.tracking.registry import load_generator_and_side, min_side
+
+    torch_device = torch.device(device)
+    out, todo, summary = plan_outputs(inputs, out_dir, picture_format, overwrite)
+    generator, trained_side = load_generator_and_side(model_uri, tracking_uri, torch_device, trust_pickle)
+    size = max(size or trained_side, min_side(generator))
+    out.record([name for _, name in todo])
+    pending: list[tuple[str, str, np.ndarray]] = []
+
+    def flush() -> None:
+        if pending:
+            colored = colorize_rgb(generator, [rgb for _, _, rgb in pending], size, torch_device)
+            for (uri, name, _), rgb in zip(pending, colored, strict=True):
+                write_picture(out, uri, name, rgb, picture_format, quality, summary)
+        pending.clear()
+
+    with tqdm(total=len(todo), unit="img", desc="colorize", disable=not progress) as bar:
+        for uri, name in todo:
+            try:
+                pending.append((uri, name, read_photo(uri, max_pixels)))
+            except PhotoRefused as e:
+                summary.failed.append((uri, e.reason))
+            if len(pending) == batch_size:
+                flush()
+            bar.update(1)
+        flush()
+    return summary

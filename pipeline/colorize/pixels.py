@@ -1,0 +1,147 @@
+"""The pixels of colorizing: a photo's network input, the prediction, and the full-resolution picture.
+
+The network sees the photo's L at its own size (256 px by default: the whole frame, resized) and
+predicts ab there; ab is upsampled to the original size (bicubic; colour varies slowly) and joined
+with the original full-resolution L, so no detail of the input is lost and the output's L channel
+is the input's. The single-process command, the Ray Data job and the serving model all colorize
+with these functions, so they produce the same pixels.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+
+from ingest.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
+from ingest.lab import (
+    AB_NORM,
+    XYZ_FROM_RGB,
+    lab8_to_network,
+    lab_to_rgb_torch,
+    lightness,
+    linear_to_srgb_torch,
+    rgb8_to_lab8,
+    srgb_to_linear_torch,
+)
+
+PICTURE_FORMATS = ("png", "jpeg")
+SUFFIXES = {"png": ".png", "jpeg": ".jpg"}
+
+
+class PhotoRefused(Exception):
+    """A photo that cannot be colorized; `reason` is `reason: detail` as the summaries print it."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def read_photo(uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """The 8-bit RGB pixels of a photo file or object, at its own size (EXIF orientation applied).
+
+    Raises:
+        PhotoRefused: reasons `empty`, `not_an_image`, `corrupt`, `too_large`, `missing`, `unreadable`.
+    """
+    return decode_photo(read_uri_bytes(uri), max_pixels)
+
+
+def read_uri_bytes(uri: str) -> bytes:
+    """A photo file's or object's bytes. Raises: PhotoRefused (`missing`, `unreadable`)."""
+    from ingest.storage import read_uri
+
+    try:
+        return read_uri(uri)
+    except FileNotFoundError:
+        raise PhotoRefused("missing: no such file or object") from None
+    except (OSError, RuntimeError) as e:
+        raise PhotoRefused(f"unreadable: {e}") from None
+
+
+def decode_photo(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """`read_photo` for bytes already read."""
+    try:
+        return decode_image(data, size=None, max_pixels=max_pixels).rgb
+    except ImageRejected as e:
+        raise PhotoRefused(f"{e.reason}: {e.detail}") from None
+
+
+def network_input(rgb: np.ndarray, size: int) -> torch.Tensor:
+    """The network's input for an 8-bit RGB photo: its L at `size` x `size` (the whole frame), (1, S, S) in [-1, 1]."""
+    from PIL import Image
+
+    small = np.asarray(Image.fromarray(rgb).resize((size, size), Image.BICUBIC))
+    light, _ = lab8_to_network(rgb8_to_lab8(small))
+    return torch.from_numpy(light)
+
+
+def lab_to_rgb_keeping_lightness(lab: torch.Tensor) -> torch.Tensor:
+    """Lab (N, 3, H, W) to sRGB in [0, 1] with every pixel's L kept.
+
+    A predicted colour outside the sRGB gamut (a strong colour on a bright sky or in a deep shadow)
+    is mixed, in linear light, with the gray of its own luminance until it fits: luminance, and so L,
+    stays; only chroma goes. Clipping R, G and B one by one instead would change L by several units,
+    and the output's L would no longer be the photo's.
+    """
+    rgb = lab_to_rgb_torch(lab, clip=False)
+    outside = ((rgb < 0) | (rgb > 1)).any(dim=1)  # (N, H, W)
+    if not outside.any():
+        return rgb.clamp(0.0, 1.0)
+    pixels = rgb.permute(0, 2, 3, 1)[outside]  # (P, 3), only the pixels to fix
+    linear = srgb_to_linear_torch(pixels)
+    luminance = torch.as_tensor(XYZ_FROM_RGB[1], dtype=linear.dtype, device=linear.device)
+    gray = (linear @ luminance).clamp(0.0, 1.0)[:, None]  # Y: a function of L alone
+    # The largest share t of the colour (gray + t * (colour - gray)) that keeps every channel in [0, 1].
+    infinity = torch.full_like(linear, float("inf"))
+    above = torch.where(linear > 1, (1 - gray) / (linear - gray), infinity)
+    below = torch.where(linear < 0, gray / (gray - linear), infinity)
+    share = torch.minimum(above, below).amin(dim=1, keepdim=True).clamp(0.0, 1.0)
+    mapped = (gray + share * (linear - gray)).clamp(0.0, 1.0)
+    fixed = linear_to_srgb_torch(mapped)
+    rgb = rgb.permute(0, 2, 3, 1).clone()
+    rgb[outside] = fixed
+    return rgb.permute(0, 3, 1, 2).clamp(0.0, 1.0)
+
+
+@torch.no_grad()
+def predict_ab(generator, light: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """ab in [-1, 1], (N, 2, S, S) float32 on the CPU, for network inputs (N, 1, S, S); bf16 on a GPU."""
+    light = light.to(device)
+    if device.type == "cuda":
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return generator(light).float().cpu()
+    return generator(light).float().cpu()
+
+
+@torch.no_grad()
+def compose(rgb: np.ndarray, ab: torch.Tensor) -> np.ndarray:
+    """The colorized picture of an 8-bit RGB photo: its own L with `ab` (2, S, S) upsampled to its size, 8-bit RGB."""
+    height, width = rgb.shape[:2]
+    ab_full = torch.nn.functional.interpolate(
+        ab[None].float(), size=(height, width), mode="bicubic", align_corners=False
+    )
+    light = torch.from_numpy(lightness(rgb))[None, None]
+    lab = torch.cat([light, ab_full * AB_NORM], dim=1)
+    out = lab_to_rgb_keeping_lightness(lab)[0].permute(1, 2, 0).numpy()
+    return (out * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
+
+
+def colorize_rgb(generator, photos: list[np.ndarray], size: int, device: torch.device) -> list[np.ndarray]:
+    """Color a batch of 8-bit RGB photos of any sizes; returns 8-bit RGB arrays of the same sizes."""
+    predicted = predict_ab(generator, torch.stack([network_input(rgb, size) for rgb in photos]), device)
+    return [compose(rgb, ab) for rgb, ab in zip(photos, predicted, strict=True)]
+
+
+def encode_picture(rgb: np.ndarray, picture_format: str = "png", quality: int = 95) -> bytes:
+    """An 8-bit RGB array as PNG (lossless) or JPEG bytes (`quality` 1-95, no chroma subsampling)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    if picture_format == "png":
+        Image.fromarray(rgb).save(buffer, format="PNG")
+    elif picture_format == "jpeg":
+        Image.fromarray(rgb).save(buffer, format="JPEG", quality=quality, subsampling=0)
+    else:
+        raise ValueError(f"picture format must be one of {PICTURE_FORMATS}, got {picture_format!r}")
+    return buffer.getvalue()

@@ -1,0 +1,142 @@
+"""A generator on disk without pickled code: its architecture as JSON, its weights as a plain state dict.
+
+    FOLDER/colorizer.json   {"format": "recolor-generator", "format_version": 1, "arch", "norm",
+                             "base_filters", "num_downs", "image_size"}
+    FOLDER/generator.pt     the state dict, saved with `torch.save`, read with `weights_only=True`
+
+Reading it runs only this package's code: the JSON names an architecture this package builds, and
+`weights_only=True` refuses anything in the weights file that is not tensors and plain containers.
+This is the data folder of every generator the registry holds (`pipeline.tracking.registry`) and what
+the serving model (`pipeline.serving.pyfunc`) loads.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ingest.errors import ConfigError
+from pipeline.config import ARCHS, NORMS
+
+FORMAT = "recolor-generator"
+FORMAT_VERSION = 1
+SPEC_FILE = "colorizer.json"
+WEIGHTS_FILE = "generator.pt"
+
+
+@dataclass(frozen=True)
+class GeneratorSpec:
+    """What builds the network, and the input side it was trained at."""
+
+    arch: str  # one of pipeline.config.ARCHS
+    norm: str  # one of pipeline.config.NORMS
+    base_filters: int  # first-layer filters of unet_256
+    num_downs: int  # downsamplings of unet_256
+    image_size: int  # the side of the training crops: the network's input side at inference
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        for name in ("base_filters", "num_downs", "image_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    @classmethod
+    def from_config(cls, config, image_size: int) -> GeneratorSpec:
+        """The spec of a `TrainConfig`'s generator, at `image_size`."""
+        model = config.model
+        return cls(model.arch, model.norm, model.base_filters, model.num_downs, image_size)
+
+    def build(self) -> nn.Module:
+        """The network, initialized, on the CPU, in eval mode."""
+        from pipeline.models import build_generator
+
+        # Sync BatchNorm needs a process group to run; at inference it is plain BatchNorm.
+        norm = "batch" if self.norm == "sync_batch" else self.norm
+        return build_generator(self.arch, norm=norm, base_filters=self.base_filters, num_downs=self.num_downs).eval()
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}
+
+
+def is_saved_generator(folder: str | Path) -> bool:
+    return (Path(folder) / SPEC_FILE).is_file()
+
+
+def save_generator(generator: nn.Module, spec: GeneratorSpec, folder: str | Path) -> Path:
+    """Write `generator`'s weights and `spec` into `folder` (created); returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {key: value.detach().cpu().contiguous() for key, value in generator.state_dict().items()}
+    torch.save(state, folder / WEIGHTS_FILE)
+    (folder / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+    return folder
+
+
+def read_spec(folder: str | Path) -> GeneratorSpec:
+    """The spec of a saved generator.
+
+    Raises:
+        ConfigError: the file is missing, not JSON, of another format or version, or a field is wrong;
+            the message names the file and the field.
+    """
+    path = Path(folder) / SPEC_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path} is missing: {folder} is not a saved recolor generator") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path} is not readable JSON: {e}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ConfigError(f"{path}: field 'format' must be {FORMAT!r}: not a recolor generator")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise ConfigError(
+            f"{path}: field 'format_version' is {data.get('format_version')!r}; this recolor reads version "
+            f"{FORMAT_VERSION}: upgrade recolor to load it"
+        )
+    fields = {name: data.get(name) for name in GeneratorSpec.__dataclass_fields__}
+    for name, value in fields.items():
+        if value is None:
+            raise ConfigError(f"{path}: field {name!r} is missing")
+    try:
+        return GeneratorSpec(**fields)
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def load_saved_generator(folder: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, GeneratorSpec]:
+    """Build the generator a folder describes and load its weights, without unpickling code.
+
+    Returns:
+        (generator in eval mode on `device`, its spec).
+
+    Raises:
+        ConfigError: the spec is wrong (see `read_spec`), or the weights file is missing, not a plain state
+            dict, or does not fit the architecture; the message names the file.
+    """
+    spec = read_spec(folder)
+    path = Path(folder) / WEIGHTS_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"{path} is missing: the generator's weights are not there") from None
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt, foreign or code-carrying files
+        lines = str(e).strip().splitlines()
+        reason = lines[0] if lines else type(e).__name__  # torch's advice (weights_only=False) is left out
+        raise ConfigError(f"{path} is not a plain state dict of tensors: {reason}") from None
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise ConfigError(f"{path} is not a state dict (a mapping of names to tensors)")
+    generator = spec.build()
+    try:
+        generator.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ConfigError(f"{path} does not fit the {spec.arch} of {Path(folder) / SPEC_FILE}: {first}") from None
+    return generator.to(device).eval(), spec

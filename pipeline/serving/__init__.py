@@ -1,0 +1,1 @@
+"""A registered generator outside training: the MLflow serving model (`pyfunc`) and exports (`export`)."""

@@ -1,0 +1,137 @@
+"""`recolor export`: a registered generator as an ONNX file or a `torch.export` program, checked on write.
+
+Both take L in [-1, 1], float32 (N, 1, S, S), and give ab in [-1, 1], (N, 2, S, S) (times 110 for Lab
+units); N is dynamic, S is the side the model was trained at (`recolor export` prints it). Each export
+is run beside the PyTorch generator on the same batch before it is kept: ONNX through onnxruntime,
+the pt2 program through `torch.export.load`; a difference over `tolerance` removes the file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ingest.errors import ConfigError
+
+EXPORT_FORMATS = ("onnx", "pt2")
+TOLERANCE = 1e-4  # max abs difference on the ab output, in the network's [-1, 1] units
+ONNX_OPSET = 18
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    export_format: str
+    side: int
+    max_abs_diff: float  # the export against PyTorch on a check batch
+
+
+def export_generator(generator: nn.Module, side: int, export_format: str, path: str | Path,
+                     tolerance: float = TOLERANCE, metadata: dict[str, str] | None = None) -> ExportResult:  # fmt: skip
+    """Export `generator` (eval mode, CPU, float32) for inputs of side `side` with a dynamic batch; check it.
+
+    Raises:
+        ConfigError: an unknown format, an output path that cannot be written, or an export that differs
+            from PyTorch by more than `tolerance` (the file is removed).
+    """
+    if export_format not in EXPORT_FORMATS:
+        raise ConfigError(f"export format must be one of {EXPORT_FORMATS}, got {export_format!r}")
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder: pass the file to write, e.g. {path / ('colorizer.' + export_format)}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the folder of {path}: {e.strerror or e}") from None
+    generator = generator.cpu().float().eval()
+    example = torch.zeros(2, 1, side, side)
+    temp = path.with_name(f".{path.stem}.partial.{export_format}")  # torch.export.load wants the suffix
+    try:
+        if export_format == "onnx":
+            _write_onnx(generator, example, temp, metadata or {})
+            run = _onnx_runner(temp)
+        else:
+            _write_pt2(generator, example, temp)
+            run = _pt2_runner(temp)
+        diff = _check(generator, run, side)
+        if diff > tolerance:
+            raise ConfigError(
+                f"the {export_format} export differs from PyTorch by {diff:.2e} on the ab output (tolerance "
+                f"{tolerance:.0e}): not written"
+            )
+        os.replace(temp, path)
+    except OSError as e:
+        raise ConfigError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        temp.unlink(missing_ok=True)
+    return ExportResult(path, export_format, side, diff)
+
+
+def _write_onnx(generator: nn.Module, example: torch.Tensor, path: Path, metadata: dict[str, str]) -> None:
+    import logging
+    import warnings
+
+    import onnx
+
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)  # notes on its own internals (torchvision ops it skips)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            generator,
+            (example,),
+            input_names=["L"],
+            output_names=["ab"],
+            dynamic_shapes=({0: batch},),
+            opset_version=ONNX_OPSET,
+            dynamo=True,
+            verbose=False,
+        )
+    exporter_log.setLevel(level)
+    model = program.model_proto
+    for key, value in {"producer": "recolor", **metadata}.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, str(value)
+    onnx.save_model(model, str(path))
+
+
+def _onnx_runner(path: Path):
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda light: session.run(["ab"], {"L": light})[0]
+
+
+def _write_pt2(generator: nn.Module, example: torch.Tensor, path: Path) -> None:
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(generator, (example,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(path))
+
+
+def _pt2_runner(path: Path):
+    module = torch.export.load(str(path)).module()
+    return lambda light: module(torch.from_numpy(light)).detach().numpy()
+
+
+def _check(generator: nn.Module, run, side: int) -> float:
+    """Max abs difference of the export and PyTorch on batches of 1 and 3 seeded inputs (the batch is dynamic)."""
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for batch in (1, 3):
+        light = rng.uniform(-1, 1, size=(batch, 1, side, side)).astype(np.float32)
+        with torch.no_grad():
+            expected = generator(torch.from_numpy(light)).numpy()
+        got = np.asarray(run(light))
+        if got.shape != expected.shape:
+            raise ConfigError(f"the export answers shape {got.shape} for {light.shape}; PyTorch {expected.shape}")
+        worst = max(worst, float(np.abs(got - expected).max()))
+    return worst
