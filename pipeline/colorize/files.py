@@ -139,8 +139,12 @@ class OutputFolder:
 
         Raises:
             ConfigError: the folder cannot be created or written (one line naming it).
+            StorageError: an s3:// output whose bucket is missing or refuses these credentials.
         """
-        if is_s3(self.uri) or not names:
+        if is_s3(self.uri):
+            self.storage.check_access()  # a missing bucket or bad keys: one line now, not one per picture
+            return
+        if not names:
             return
         try:
             Path(self.uri).mkdir(parents=True, exist_ok=True)

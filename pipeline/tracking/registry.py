@@ -181,7 +181,11 @@ def _download_model(uri: str, tracking_uri: str | None, scratch: str) -> Path:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         with fluent_tracking_uri(resolved):
-            return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=scratch, tracking_uri=resolved))
+            return Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=uri, dst_path=scratch, tracking_uri=resolved, registry_uri=resolved
+                )
+            )
     except Exception as e:  # noqa: BLE001 - MLflow raises many kinds; the user needs one line
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(
@@ -217,6 +221,7 @@ def _load_model_folder(folder: Path, uri: str, device, trust_pickle: bool) -> tu
             )
         import mlflow.pytorch
 
-        log.warning("%s is of the old pickled format, loaded because --trust-pickle was given", uri)
+        print(f"recolor: warning: {uri} is of the old pickled format, loaded because --trust-pickle was given; "
+              "a model registered by this recolor holds no pickle", file=sys.stderr)  # fmt: skip
         return mlflow.pytorch.load_model(str(folder), map_location=torch.device(device)).eval(), 256
     raise ConfigError(f"{uri} is an MLflow model but not a recolor generator (flavors: {', '.join(flavors) or 'none'})")
