@@ -8,9 +8,14 @@ before anything starts), exactly as the single-process command does. Then three 
 Reading, refusals, the network input, the prediction and the picture are the functions of
 `pipeline.colorize.pixels`, so both paths give the same pixels and refuse the same files. A picture
 is written whole (a renamed temporary file, or one PUT): a rerun skips what exists.
+
+With CPU actors Ray Data fuses the decoding into the actors (one process does both, nothing to
+ship between them); with `--gpu` the resources differ and decoding stays in CPU tasks.
 """
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import torch
@@ -140,8 +145,9 @@ def colorize_on_ray(
 
     with ensure_ray(ray_address):
         context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False  # one bar, below, counts pictures
+        context.enable_progress_bars = False  # one bar, below, counts pictures (and Ray need not say so)
         context.print_on_execution_start = False
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
         generator_ref = [ray.put(generator.cpu())]  # in a list: Ray passes a bare ref to the actor resolved
         dataset = (
             ray.data.from_items([{"uri": uri, "name": name} for uri, name in todo])
@@ -150,7 +156,7 @@ def colorize_on_ray(
                 _Colorizer,
                 fn_constructor_kwargs={"generator_ref": generator_ref, "gpu": gpu},
                 batch_size=batch_size,
-                concurrency=actors,
+                compute=ray.data.ActorPoolStrategy(size=actors),
                 num_gpus=1 if gpu else 0,
             )
             .map_batches(
