@@ -117,7 +117,7 @@ def run_ingest(config: IngestConfig) -> IngestSummary:
     """
     started = time.perf_counter()
     lake = Lake(config.lake)
-    lake.check()
+    lake.check(write=True)
     items = list_source(config)
     parent = lake.latest_version(config.dataset)
     parent_ref = lake.resolve(f"{config.dataset}@{parent}") if parent else None

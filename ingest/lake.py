@@ -193,9 +193,12 @@ class Lake:
         except StorageError as e:
             raise LakeError(f"bad lake URI {self.uri!r}: {e}") from None
 
-    def check(self) -> None:
-        """Fail early on an unreachable lake or bad credentials."""
-        self.storage.check_access()
+    def check(self, write: bool = False) -> None:
+        """Fail early on an unreachable lake or bad credentials (and, with `write`, a lake that cannot be written)."""
+        if write:
+            self.storage.check_writable()
+        else:
+            self.storage.check_access()
 
     def datasets(self) -> list[str]:
         # Other folders may share the lake's root ("lost+found", "my notes"): they are not datasets, not errors.

@@ -97,14 +97,46 @@ def payload_config(payload: dict):
     return TrainConfig.from_dict(payload["config"])
 
 
+def safe_torch_load(handle, map_location: str | torch.device = "cpu"):
+    """`torch.load(..., weights_only=True)`, whose failure is one line of what is wrong with the file.
+
+    Raises:
+        ValueError: the file is not a torch file of tensors and plain containers: truncated, foreign, or
+            carrying code (the reason, never torch's advice to load it with `weights_only=False`).
+    """
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # notes on pickle protocols, for files refused anyway
+            return torch.load(handle, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt, foreign or code-carrying files
+        raise ValueError(_load_failure(e)) from None
+
+
+def _load_failure(error: Exception) -> str:
+    text = str(error).strip()
+    if text.startswith("Weights only load failed"):
+        lines = [line.strip() for line in text.splitlines()[1:] if line.strip()]
+        details = [line for line in lines if not line.startswith(("Please file an issue", "Check the documentation"))]
+        if any("GLOBAL" in line for line in details):
+            return "it holds Python objects, not only tensors (refused: loading them could run code)"
+        return "not a torch file of tensors" + (f" ({details[0]})" if details else "")
+    lines = text.splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def save_checkpoint(directory: str | Path, payload: dict[str, Any]) -> Path:
     path = Path(directory) / CHECKPOINT_FILE
     torch.save(payload, path)
     return path
 
 
-def load_checkpoint(source: str | Path | bytes, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint dict from a file, a directory holding `checkpoint.pt`, or bytes; never unpickles code.
+def load_checkpoint(
+    source: str | Path | bytes, map_location: str | torch.device = "cpu", name: str | None = None
+) -> dict[str, Any]:
+    """Load a checkpoint dict from a file, a directory holding `checkpoint.pt`, or bytes (read from `name`);
+    never unpickles code.
 
     Raises:
         ValueError: the file is not a checkpoint of this project.
@@ -114,13 +146,11 @@ def load_checkpoint(source: str | Path | bytes, map_location: str | torch.device
     else:
         path = Path(source)
         handle = path / CHECKPOINT_FILE if path.is_dir() else path
-    name = "checkpoint bytes" if isinstance(source, bytes) else str(source)
+    name = name or ("checkpoint bytes" if isinstance(source, bytes) else str(source))
     try:
-        payload = torch.load(handle, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - truncated, corrupt or foreign files
-        lines = str(e).strip().splitlines()
-        reason = lines[0] if lines else type(e).__name__  # torch's messages run to a page
-        raise ConfigError(f"{name} is not a readable checkpoint: {reason}") from None
+        payload = safe_torch_load(handle, map_location)
+    except ValueError as e:
+        raise ConfigError(f"{name} is not a readable checkpoint: {e}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT or "generator" not in payload:
         raise ConfigError(f"{name} is not a recolor checkpoint")
     return payload

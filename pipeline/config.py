@@ -204,9 +204,18 @@ def _checked(name: str, hint: Any, shown: str, value: Any) -> Any:
 _NESTED = {(TrainConfig, "model"): ModelConfig, (TrainConfig, "data"): DataConfig, (TrainConfig, "stages"): StageConfig}
 
 
-def parse_value(text: str) -> Any:
-    """A command-line value as YAML: `3` is an int, `null` None, `[a, b]` a list, `1e-4` a float."""
-    value = yaml.safe_load(text)
+def parse_value(text: str, name: str = "value") -> Any:
+    """A command-line value as YAML: `3` is an int, `null` None, `[a, b]` a list, `1e-4` a float.
+
+    Raises:
+        ConfigError: the text is not YAML, or carries a tag (`!!python/...`), naming `name`.
+    """
+    try:
+        value = yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as e:
+        raise ConfigError(f"{name}={text}: tag {e.problem.split()[-1]} is not allowed: values are plain") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{name}={text} is not a valid value: {getattr(e, 'problem', e)}") from None
     if isinstance(value, str) and re.fullmatch(_FLOAT_TEXT, value):
         return float(value)  # YAML 1.1 reads 1e-4 as a string
     return value
@@ -231,9 +240,9 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
                 target = target.setdefault(part, {})
         last = parts[-1]
         if isinstance(target, list):
-            target[_index(last, key, len(target))] = parse_value(text)
+            target[_index(last, key, len(target))] = parse_value(text, key)
         else:
-            target[last] = parse_value(text)
+            target[last] = parse_value(text, key)
     return values
 
 
@@ -254,12 +263,31 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if path is not None:
         path = Path(path)
         if not path.exists():
+            if "=" in str(path):
+                raise ConfigError(f"{path} is an override, not a config: the first argument is a YAML preset "
+                                  "(e.g. configs/demo.yaml), overrides come after it")  # fmt: skip
             raise FileNotFoundError(f"config {path} does not exist (presets are in configs/)")
-        values = yaml.safe_load(path.read_text()) or {}
+        if path.is_dir():
+            raise ConfigError(f"config {path} is a folder: pass a YAML file (presets are in configs/)")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config {path} cannot be read: {e}") from None
+        except yaml.constructor.ConstructorError as e:
+            raise ConfigError(f"config {path}: {_yaml_where(e)}: tag {e.problem.split()[-1]} is not allowed: a config "
+                              "holds plain values (no Python objects)") from None  # fmt: skip
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", e)
+            raise ConfigError(f"config {path} is not valid YAML: {_yaml_where(e)}: {problem}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"config {path}: expected a YAML mapping at the top level")
     values = apply_overrides(values, overrides or [])
     return TrainConfig.from_dict(values)
+
+
+def _yaml_where(error) -> str:
+    mark = getattr(error, "problem_mark", None)
+    return f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "somewhere"
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

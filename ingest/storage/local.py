@@ -151,3 +151,15 @@ class LocalStorage:
     def check_access(self) -> None:
         if self.root.exists() and not self.root.is_dir():
             raise StorageError(f"{self.root} is a file, not a folder")
+
+    def check_writable(self) -> None:
+        """Fail early, before any work, on a folder this process cannot create or write into (read-only mount,
+        permissions): a probe file is created and removed."""
+        self.check_access()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".write-probe-{uuid.uuid4().hex[:12]}"
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            raise StorageError(f"{self.root} cannot be written: {e.strerror or e}") from None

@@ -308,6 +308,11 @@ class S3Storage:
             return
         self._call("delete", key, self.client.delete_object, Bucket=self.bucket, Key=self._key(key))
 
+    def check_writable(self) -> None:
+        """A bucket's write permission shows only on a write: this checks what a read can (a refused PUT later
+        is one line naming the key)."""
+        self.check_access()
+
     def check_access(self) -> None:
         """Fail early, before anything is written, on a missing bucket or bad credentials."""
         self._call(

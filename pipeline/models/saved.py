@@ -123,14 +123,14 @@ def load_saved_generator(folder: str | Path, device: str | torch.device = "cpu")
     """
     spec = read_spec(folder)
     path = Path(folder) / WEIGHTS_FILE
+    from pipeline.checkpoint import safe_torch_load
+
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing: the generator's weights are not there")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ConfigError(f"{path} is missing: the generator's weights are not there") from None
-    except Exception as e:  # noqa: BLE001 - truncated, corrupt, foreign or code-carrying files
-        lines = str(e).strip().splitlines()
-        reason = lines[0] if lines else type(e).__name__  # torch's advice (weights_only=False) is left out
-        raise ConfigError(f"{path} is not a plain state dict of tensors: {reason}") from None
+        state = safe_torch_load(path)
+    except ValueError as e:
+        raise ConfigError(f"{path} is not a plain state dict of tensors: {e}") from None
     if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
         raise ConfigError(f"{path} is not a state dict (a mapping of names to tensors)")
     generator = spec.build()

@@ -143,14 +143,22 @@ def load_generator_and_side(
     """`load_generator`, and the input side the generator was trained at (256 where the model does not say)."""
     from pipeline.checkpoint import CHECKPOINT_FILE, load_checkpoint
 
+    if uri.startswith("s3://"):  # before any Path(): it would turn s3://b/x.pt into the local s3:/b/x.pt
+        if uri.endswith(".pt") or "checkpoint_" in uri.rstrip("/").rsplit("/", 1)[-1]:
+            from ingest.storage import read_uri
+
+            key = uri if uri.endswith(".pt") else f"{uri.rstrip('/')}/{CHECKPOINT_FILE}"
+            try:
+                return _from_checkpoint(load_checkpoint(read_uri(key), name=key), device)
+            except FileNotFoundError:
+                raise ConfigError(f"no checkpoint at {key}") from None
+        raise ConfigError(
+            f"{uri}: an s3:// model must be a checkpoint (…/checkpoint.pt or …/checkpoint_NNNNNN); "
+            "registered models are models:/NAME@ALIAS or models:/NAME/VERSION"
+        )
     path = Path(uri)
     if uri.endswith(".pt") or (path.is_dir() and (path / CHECKPOINT_FILE).exists()):
         return _from_checkpoint(load_checkpoint(path), device)
-    if uri.startswith("s3://") and (uri.endswith(".pt") or "checkpoint_" in uri.rsplit("/", 1)[-1]):
-        from ingest.storage import read_uri
-
-        key = uri if uri.endswith(".pt") else f"{uri.rstrip('/')}/{CHECKPOINT_FILE}"
-        return _from_checkpoint(load_checkpoint(read_uri(key)), device)
     if path.is_dir() and not (path / "MLmodel").exists():
         checkpoints = sorted(path.glob("checkpoint_*/" + CHECKPOINT_FILE))
         if checkpoints:  # a run's storage folder: its latest checkpoint
@@ -177,10 +185,8 @@ def _download_model(uri: str, tracking_uri: str | None, scratch: str) -> Path:
     from pipeline.tracking.runs import fluent_tracking_uri, resolve_tracking_uri
 
     resolved = resolve_tracking_uri(tracking_uri)
-    if not sys.stderr.isatty():  # MLflow's download bar is for people, not logs
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
-        with fluent_tracking_uri(resolved):
+        with fluent_tracking_uri(resolved), _download_bar(sys.stderr.isatty()):
             return Path(
                 mlflow.artifacts.download_artifacts(
                     artifact_uri=uri, dst_path=scratch, tracking_uri=resolved, registry_uri=resolved
@@ -192,6 +198,20 @@ def _download_model(uri: str, tracking_uri: str | None, scratch: str) -> Path:
             f"cannot load a generator from {uri!r}: {detail}. "
             "Use models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/generator or a checkpoint path."
         ) from None
+
+
+@contextlib.contextmanager
+def _download_bar(shown: bool):
+    """MLflow's download bar is for people, not logs: off while a download runs unless stderr is a terminal."""
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(name)
+    if not shown and before is None:
+        os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
 
 
 def _load_model_folder(folder: Path, uri: str, device, trust_pickle: bool) -> tuple[nn.Module, int]:

@@ -199,12 +199,22 @@ def _trained_all(config: TrainConfig, metrics: dict) -> bool:
 
 
 def check_before_start(config: TrainConfig, plan: DataPlan, ray_address: str | None = None) -> None:
-    """What the driver can tell in seconds, before a cluster starts: data too small to train, devices missing.
+    """What the driver can tell in seconds, before a cluster starts: data too small to train, backbone weights
+    that do not load, devices missing.
 
     Raises:
         DataError: the training split is smaller than one global batch, or the validation split is empty.
-        ValueError: GPU workers asked of a local machine without that many GPUs.
+        ConfigError: backbone weights that are not a resnet18 state dict; GPU workers asked of a local machine
+            without that many GPUs.
     """
+    if config.model.backbone_weights:  # a wrong file: one line now, not a failed worker group later
+        from pipeline.models import build_generator, load_backbone_weights
+        from pipeline.train.loop import load_backbone
+
+        try:
+            load_backbone_weights(build_generator(config.model.arch), load_backbone(config.model.backbone_weights))
+        except ValueError as e:
+            raise ConfigError(f"model.backbone_weights {config.model.backbone_weights}: {e}") from None
     global_batch = config.workers * config.data.batch_size
     train, val = plan.count("train"), plan.count("val")
     refs = ", ".join(plan.refs)

@@ -66,13 +66,24 @@ def lr_lambda(stage: StageConfig):
 
 
 def load_backbone(uri: str) -> dict[str, torch.Tensor]:
-    """A torchvision-layout resnet18 state dict from a file or s3:// URI."""
+    """A torchvision-layout resnet18 state dict from a file or s3:// URI (`{"state_dict": ...}` too).
+
+    Raises:
+        ConfigError: the file is not a torch file of tensors (naming it; never torch's advice to unpickle code).
+    """
+    from ingest.errors import ConfigError
     from ingest.storage import read_uri
+    from pipeline.checkpoint import safe_torch_load
 
     data = read_uri(uri)
-    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    try:
+        state = safe_torch_load(io.BytesIO(data))
+    except ValueError as e:
+        raise ConfigError(f"model.backbone_weights {uri} is not a torch state dict: {e}") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"model.backbone_weights {uri} is not a state dict (a mapping of names to tensors)")
     return state
 
 

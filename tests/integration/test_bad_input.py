@@ -7,6 +7,7 @@ Each command runs under `run_cli`'s timeout: a hang fails the test instead of st
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from bad_files import write_checkpoint
@@ -16,6 +17,7 @@ from ingest.lake import Lake
 pytestmark = pytest.mark.slow
 
 SIZE = 64
+DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 
 @pytest.fixture
@@ -63,3 +65,98 @@ def test_colorize_refuses_a_fifo_given_by_name_or_found_in_a_folder(hostile_fold
     refused = [line for line in walked.error_lines if "stuck.jpg" in line or "loop.jpg" in line]
     assert len(refused) == 2, walked.stderr[-3000:]
     assert sorted(p.name for p in out.glob("*.png")) == ["img0011.png", "img0012.png"], walked.stderr
+
+
+# --- one line instead of a traceback ------------------------------------------------------------------------
+
+
+def one_line_error(result, *fragments: str) -> str:
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+    assert len(result.error_lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+    return result.stderr
+
+
+def test_bad_configs_are_one_line_naming_the_file_and_the_place(recolor, tmp_path) -> None:
+    (tmp_path / "broken.yaml").write_text("name: x\nstages: [\n")
+    one_line_error(recolor("train", "broken.yaml", "--dataset", "d"), "config broken.yaml is not valid YAML: line 3")
+    (tmp_path / "tag.yaml").write_text(f'name: !!python/object/apply:os.system ["touch {tmp_path}/ran"]\n')
+    one_line_error(recolor("train", "tag.yaml", "--dataset", "d"), "tag.yaml: line 1, column 7", "is not allowed")
+    (tmp_path / "folder.yaml").mkdir()
+    one_line_error(recolor("train", "folder.yaml", "--dataset", "d"), "config folder.yaml is a folder")
+    one_line_error(recolor("train", "model.arch=x"), "model.arch=x is an override, not a config")
+    one_line_error(recolor("train", DEMO, "--dataset", "d", "model.arch=!!python/name:os.system"), "not allowed")
+    one_line_error(recolor("train", DEMO, "--dataset", "d", "data.batch_size=[1"), "data.batch_size=[1 is not a valid")
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_lake_that_cannot_be_written_is_refused_before_any_work(recolor, tmp_path, photo_writer) -> None:
+    photo_writer(tmp_path / "photos", [1, 2], width=80, height=64)
+    (tmp_path / "a-file").write_text("not a folder")
+    result = recolor("ingest", "folder", tmp_path / "photos", "--dataset", "d", "--lake", tmp_path / "a-file" / "lake",
+                     "--no-progress")  # fmt: skip
+    one_line_error(result, "a-file/lake cannot be written")
+    if os.geteuid() != 0:  # root writes anywhere: the permission case needs a user
+        (tmp_path / "read-only").mkdir(mode=0o500)
+        result = recolor("ingest", "folder", tmp_path / "photos", "--dataset", "d", "--lake", tmp_path / "read-only",
+                         "--no-progress")  # fmt: skip
+        one_line_error(result, "read-only cannot be written: Permission denied")
+
+
+def test_files_that_are_no_torch_weights_are_one_line_without_torchs_advice(recolor, tmp_path, photo_writer) -> None:
+    import torch
+
+    (tmp_path / "text.pt").write_text("not torch at all\n")
+    torch.save({"weight": RunsCode(tmp_path / "ran")}, tmp_path / "code.pt")
+    photo = tmp_path / "photo.png"
+    from bad_files import hue_picture
+
+    hue_picture(1, 40, 30).save(photo)
+    for name, reason in (("text.pt", "not a torch file of tensors"), ("code.pt", "it holds Python objects")):
+        stderr = one_line_error(recolor("colorize", photo, "-o", tmp_path / "out", "--model", tmp_path / name),
+                                f"{name} is not a readable checkpoint: {reason}")  # fmt: skip
+        assert "weights_only" not in stderr
+    photo_writer(tmp_path / "photos", range(8), width=80, height=64)
+    ingest = recolor("ingest", "folder", tmp_path / "photos", "--dataset", "d", "--no-ray", "--size", str(SIZE),
+                     "--val-fraction", "0.5", "--no-progress")  # fmt: skip
+    assert ingest.returncode == 0, ingest.stderr[-2000:]
+    for name, reason in (("text.pt", "not a torch file of tensors"), ("code.pt", "it holds Python objects")):
+        weights = f"model.backbone_weights={tmp_path / name}"
+        trained = recolor("train", DEMO, "--dataset", "d", "model.arch=resnet18_unet", weights, "data.batch_size=1")
+        stderr = one_line_error(
+            trained, f"model.backbone_weights {tmp_path / name} is not a torch state dict: {reason}"
+        )
+        assert "weights_only" not in stderr
+    assert not (tmp_path / "ran").exists()
+
+
+class RunsCode:
+    """Unpickling it creates `path` (any code an attacker picks)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+
+        return (Path.touch, (Path(self.path),))
+
+
+def test_an_s3_checkpoint_is_read_from_s3_never_from_a_local_look_alike(recolor, tmp_path, s3_env) -> None:
+    from bad_files import hue_picture
+
+    from ingest.storage import make_s3_client
+
+    checkpoint = write_checkpoint(tmp_path / "model")
+    key = "runs/demo/checkpoint_000001/checkpoint.pt"
+    make_s3_client().upload_file(str(checkpoint), s3_env.bucket, key)
+    (tmp_path / "s3:" / s3_env.bucket).mkdir(parents=True)  # what Path("s3://b/x.pt") would read: nothing there
+    photo = tmp_path / "photo.png"
+    hue_picture(2, 40, 30).save(photo)
+    for model in (f"s3://{s3_env.bucket}/{key}", f"s3://{s3_env.bucket}/runs/demo/checkpoint_000001"):
+        result = recolor("colorize", photo, "-o", tmp_path / "out", "--model", model, "--overwrite", "--no-progress",
+                         env=s3_env.env)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+    missing = recolor("colorize", photo, "-o", tmp_path / "out", "--model", f"s3://{s3_env.bucket}/runs/none.pt",
+                      env=s3_env.env)  # fmt: skip
+    one_line_error(missing, f"no checkpoint at s3://{s3_env.bucket}/runs/none.pt")

@@ -346,6 +346,14 @@ def test_main_job_end_to_end_through_the_stack(stack, cli_runner, photo_writer, 
     assert champion.run_id == run.info.run_id
     assert f"models:/colorizer/{champion.version}" == registered_model_uri(train)
 
+    # The archive colorized on the cluster: a Ray Data job from s3:// to s3:// with the champion.
+    colorize = submit(stack, cli_runner, "colorize", "s3://lake/sources/e2e", "-o", "s3://lake/colorized/e2e",
+                      "--model", "models:/colorizer@champion", "--no-progress")  # fmt: skip
+    assert colorize.returncode == 0, colorize.stdout[-3000:] + colorize.stderr[-3000:] + ray_logs(stack)
+    assert "colorized 14 image(s) into s3://lake/colorized/e2e" in colorize.stdout
+    listed = client.list_objects_v2(Bucket="lake", Prefix="colorized/e2e/").get("Contents", [])
+    assert len([o for o in listed if o["Key"].endswith(".png")]) == 14, listed
+
 
 def stack_s3_outage(stack: Stack) -> tuple:
     """(stop, start) of the stack's S3 server: the same command, environment and port again (a real outage:
