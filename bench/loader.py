@@ -8,7 +8,8 @@ seed:  per sample, decode the JPEG, resize to 256x256, scikit-image `rgb2lab`, n
        float tensor batch (the report's per-step loader).
 lake:  `pipeline.data.train_batches` over the same images ingested into a lake: read tar shards,
        decode the uint8 Lab arrays, shuffle, flip, batch, then to normalized float L and ab tensors.
-       Once from a local folder, once from `rclone serve s3` on 127.0.0.1 (a real S3 server).
+       Once from a local folder, once from `rclone serve s3` on 127.0.0.1 (a real S3 server), and once
+       from the local folder with the per-sample CRC-32 check switched off: the check's cost.
 All in one process on one thread (no prefetch thread), best of --rounds.
 """
 
@@ -104,6 +105,14 @@ def main() -> None:
         local_plan = resolve_data(["bench"], str(lake))
         seed_rate = best_rate(args.rounds, lambda: seed_loader(photos))
         local_rate = best_rate(args.rounds, lambda: lake_loader(local_plan))
+        import ingest.shards
+
+        checked = ingest.shards.checksum_matches
+        ingest.shards.checksum_matches = lambda lab, meta: True  # read_segments looks it up at each call
+        try:
+            unchecked_rate = best_rate(args.rounds, lambda: lake_loader(local_plan))
+        finally:
+            ingest.shards.checksum_matches = checked
         server = LocalS3Server(work / "s3").start()
         previous = apply_env(server.env())
         try:
@@ -119,6 +128,8 @@ def main() -> None:
         "samples": local_plan.count("train"),
         "seed_samples_s": seed_rate,
         "local_samples_s": local_rate,
+        "local_unchecked_samples_s": unchecked_rate,
+        "checksum_cost": 1 - local_rate / unchecked_rate,
         "s3_samples_s": s3_rate,
         "local_vs_seed": local_rate / seed_rate,
         "s3_vs_local": s3_rate / local_rate,
@@ -131,6 +142,8 @@ def main() -> None:
     print(f"seed recipe loader  {seed_rate:9.1f} samples/s")
     print(f"lake, local folder  {local_rate:9.1f} samples/s   {result['local_vs_seed']:.1f}x seed (goal >= 20)")
     print(f"lake, S3 (loopback) {s3_rate:9.1f} samples/s   {result['s3_vs_local']:.2f}x local (goal >= 0.7)")
+    print(f"lake, local, no CRC {unchecked_rate:9.1f} samples/s   the per-sample check costs "
+          f"{100 * result['checksum_cost']:.1f}%")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
     <key>.lab.npy   uint8 (3, H, W) Lab, see `ingest.lab` for the encoding; a plain .npy file
                     readable with `numpy.load(f, allow_pickle=False)`
-    <key>.json      the sample's metadata (key, split, sha256, class or COCO id, size, ...)
+    <key>.json      the sample's metadata (key, split, sha256, class or COCO id, size, ...) and
+                    `lab_crc32`, the CRC-32 of the whole .lab.npy member: the reader checks it, so garbage
+                    bytes inside an array's data are a corrupt sample, not silently different metrics
 
 Tar headers are deterministic (mtime 0, uid 0, sorted JSON), so the same images always give
 byte-identical shards: a resumed ingest reproduces what a clean run writes.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +23,19 @@ import numpy as np
 
 LAB_MEMBER = "lab.npy"
 META_MEMBER = "json"
+CHECKSUM_FIELD = "lab_crc32"
+
+
+def checksum_matches(lab: bytes, meta: bytes | None) -> bool:
+    """Whether a sample's .lab.npy bytes have the CRC-32 its metadata records (True for samples ingested before
+    checksums were recorded, and for metadata that names none)."""
+    if meta is None or CHECKSUM_FIELD.encode() not in meta:
+        return True
+    try:
+        recorded = json.loads(meta)[CHECKSUM_FIELD]
+    except (ValueError, KeyError, TypeError):
+        return False  # metadata that names a checksum but cannot be read: not to be trusted either
+    return zlib.crc32(lab) == recorded
 
 
 def encode_npy(array: np.ndarray) -> bytes:
@@ -84,7 +100,9 @@ class ShardWriter:
         if "." in key or "/" in key:
             raise ValueError(f"sample key {key!r} must not contain '.' or '/' (WebDataset splits keys at dots)")
         lab8 = np.ascontiguousarray(lab8)
-        self._add(f"{key}.{LAB_MEMBER}", npy_header(lab8), memoryview(lab8).cast("B"))
+        header, data = npy_header(lab8), memoryview(lab8).cast("B")
+        meta = {**meta, CHECKSUM_FIELD: zlib.crc32(data, zlib.crc32(header))}
+        self._add(f"{key}.{LAB_MEMBER}", header, data)
         self._add(f"{key}.{META_MEMBER}", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
         self.count += 1
 

@@ -208,12 +208,14 @@ def read_segments(
 ) -> Iterator[tuple[str, str, bytes | None]]:
     """Yield (shard uri, key, lab.npy bytes or None when unreadable) for the samples of `segments`, in order.
 
+    A sample whose bytes do not match the CRC-32 its metadata recorded at ingest is unreadable (None).
+
     The first `skip` samples are passed over: whole segments without opening them, the rest of the
     way by reading tar headers and bytes but decoding nothing. Shards on S3 are downloaded whole,
     `readahead` shards ahead in background threads (default: 2 for s3://, 0 for local files, which
     the OS reads ahead by itself), so network time overlaps decoding and training.
     """
-    from ingest.shards import iter_samples
+    from ingest.shards import checksum_matches, iter_samples
 
     pending = []
     for segment in segments:
@@ -235,7 +237,10 @@ def read_segments(
                         continue
                     if position >= segment.stop:
                         break
-                    yield segment.shard.uri, sample["__key__"], sample.get("lab.npy")
+                    lab = sample.get("lab.npy")
+                    if lab is not None and not checksum_matches(lab, sample.get("json")):
+                        lab = None  # bytes changed since ingest: a corrupt sample
+                    yield segment.shard.uri, sample["__key__"], lab
                     emitted += 1
         except StorageError:
             raise  # the store is unreachable (after its retries): not the shard's fault, nothing to skip
@@ -261,8 +266,11 @@ def decode_sample(data: bytes | None, size: int) -> np.ndarray | None:
 class BadSampleCounter:
     """Counts corrupt samples and stops the run when there are too many."""
 
-    def __init__(self, max_fraction: float, expected: int):
+    def __init__(self, max_fraction: float, expected: int, what: str = "data.max_bad_fraction",
+                 scope: str = "on this worker"):  # fmt: skip
         self.max_fraction = max_fraction
+        self.what = what
+        self.scope = scope
         self.expected = max(expected, 1)
         self.bad = 0
         self.seen = 0
@@ -275,8 +283,8 @@ class BadSampleCounter:
         log.warning("skipping corrupt sample %s in shard %s", key, uri)
         if self.bad > self.max_fraction * self.expected:
             raise DataError(
-                f"{self.bad} corrupt samples (of {self.expected} expected on this worker) exceed "
-                f"data.max_bad_fraction={self.max_fraction}; last: {key} in {uri}. Re-ingest the dataset."
+                f"{self.bad} corrupt samples (of {self.expected} expected {self.scope}) exceed "
+                f"{self.what}={self.max_fraction}; last: {key} in {uri}. Re-ingest the dataset."
             )
 
 
@@ -366,10 +374,15 @@ def validation_batches(
     batch_size: int,
     max_batches: int | None = None,
     opener: Callable = open_shard,
+    counter: BadSampleCounter | None = None,
 ) -> Iterator[np.ndarray]:
-    """This rank's validation share, in order, in batches (the last may be smaller); corrupt samples skipped."""
+    """This rank's validation share, in order, in batches (the last may be smaller); corrupt samples skipped.
+
+    Args:
+        counter: counts what was read and skipped (and stops past its limit); default: no limit.
+    """
     segments = plan_validation(plan.val, rank, world_size)
-    counter = BadSampleCounter(1.0, sum(s.length for s in segments))
+    counter = counter or BadSampleCounter(1.0, sum(s.length for s in segments))
 
     def decoded():
         for uri, key, data in read_segments(segments, opener=opener):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from ingest.errors import ConfigError
 
@@ -30,6 +31,12 @@ def add_model_parsers(subparsers) -> None:
         "--metric", default="l1_ab", help="promotion metric: l1_ab (default), psnr, ssim, auc, colorfulness_abs_diff"
     )
     evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument(
+        "--max-bad-fraction",
+        type=float,
+        default=0.01,
+        help="stop when more of the split is corrupt (default: 0.01); --promote refuses any corrupt sample",
+    )
     evaluate.add_argument("--max-batches", type=int, help="evaluate at most N batches (quick checks)")
     evaluate.add_argument("--device", default="cuda" if _cuda() else "cpu")
     evaluate.add_argument("--tracking-uri", help=TRACKING_HELP)
@@ -77,18 +84,25 @@ def run_evaluate(args) -> int:
         metric=args.metric,
         max_batches=args.max_batches,
         trust_pickle=args.trust_pickle,
+        max_bad_fraction=args.max_bad_fraction,
     )
+    refused = result.promotion.get("decision") == "refused"
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
-        return 0
+        return 1 if refused else 0
     m = result.metrics
-    print(f"{result.model_uri} on {result.dataset} ({result.split}, {m.get('eval_count', 0):.0f} images):")
+    skipped = f", {m['eval_bad_samples']:.0f} corrupt skipped" if m.get("eval_bad_samples") else ""
+    print(f"{result.model_uri} on {result.dataset} ({result.split}, {m['eval_count']:.0f} of "
+          f"{m['eval_expected']:.0f} images{skipped}):")  # fmt: skip
     for name in ("l1_ab", "psnr", "ssim", "auc", "colorfulness", "colorfulness_abs_diff"):
         print(f"  {name:<22} {m[f'eval_{name}']:10.4f}   gray baseline {m[f'eval_gray_{name}']:10.4f}")
     if result.promotion:
         p = result.promotion
         print(f"  promotion: {p['decision']} ({p['reason']})")
     print(f"  evaluation run {result.run_id}")
+    if refused:
+        print(f"recolor: error: promotion refused: {result.promotion['reason']}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -31,9 +31,16 @@ class Evaluation:
         return dataclasses.asdict(self)
 
 
-def compute_metrics(generator, plan, split: str, batch_size: int, device: torch.device, max_batches=None) -> dict:
-    """The training validation's metrics (`eval_*`, gray baseline beside them) over one split of `plan`."""
-    from pipeline.data import validation_batches
+def compute_metrics(generator, plan, split: str, batch_size: int, device: torch.device, max_batches=None,
+                    max_bad_fraction: float = 0.01) -> dict:  # fmt: skip
+    """The training validation's metrics (`eval_*`, gray baseline beside them) over one split of `plan`, with
+    `eval_count` (samples scored), `eval_expected` (samples the split holds) and `eval_bad_samples` (skipped).
+
+    Raises:
+        ConfigError: the split is empty, or the model needs larger samples than the dataset holds.
+        DataError: more than `max_bad_fraction` of the split is corrupt, or nothing in it is readable.
+    """
+    from pipeline.data import BadSampleCounter, DataError, validation_batches
     from pipeline.evaluation.validation import accumulate, finalize
     from pipeline.tracking.registry import min_side
 
@@ -46,8 +53,25 @@ def compute_metrics(generator, plan, split: str, batch_size: int, device: torch.
     if not shards:
         raise ConfigError(f"{', '.join(plan.refs)} has no samples in split {split!r}")
     view = dataclasses.replace(plan, val=shards)
-    totals, _ = accumulate(generator.to(device).eval(), validation_batches(view, 0, 1, batch_size, max_batches), device)
-    return finalize(totals.cpu(), prefix="eval_")
+    expected = sum(shard.count for shard in shards)
+    counter = BadSampleCounter(max_bad_fraction, expected, what="--max-bad-fraction", scope=f"in split {split!r}")
+    batches = validation_batches(view, 0, 1, batch_size, max_batches, counter=counter)
+    totals, _ = accumulate(generator.to(device).eval(), batches, device)
+    metrics = finalize(totals.cpu(), prefix="eval_")
+    if not metrics:
+        raise DataError(f"{', '.join(plan.refs)}: none of the {expected} samples of split {split!r} is readable "
+                        f"({counter.bad} corrupt): re-ingest the dataset")  # fmt: skip
+    return metrics | {"eval_expected": float(expected), "eval_bad_samples": float(counter.bad)}
+
+
+def partial_reason(metrics: dict) -> str | None:
+    """Why an evaluation did not score its whole split (corrupt samples, --max-batches), or None."""
+    scored, expected, bad = metrics["eval_count"], metrics["eval_expected"], metrics["eval_bad_samples"]
+    if scored >= expected:
+        return None
+    if bad:
+        return f"{bad:.0f} of {expected:.0f} samples are corrupt"
+    return f"{scored:.0f} of {expected:.0f} samples were scored (--max-batches)"
 
 
 def parse_registered(uri: str) -> tuple[str, str | None, str | None] | None:
@@ -79,10 +103,13 @@ def evaluate(
     metric: str = "l1_ab",
     max_batches: int | None = None,
     trust_pickle: bool = False,
+    max_bad_fraction: float = 0.01,
 ) -> Evaluation:
     """Evaluate a generator on a lake dataset, log an evaluation run, optionally promote it to `champion`.
 
     `trust_pickle` allows models of the old pickled format (see `pipeline.tracking.registry.load_generator`).
+    Corrupt samples are skipped up to `max_bad_fraction` of the split (more stops with `DataError`); promotion
+    needs the whole split: with any skipped, or with `max_batches`, it is refused (decision "refused").
 
     Raises:
         ValueError: unknown metric, a model URI that cannot be promoted, unloadable model.
@@ -110,18 +137,29 @@ def evaluate(
     registered = parse_registered(model_uri)
     if promote and registered is None:
         raise ConfigError("--promote needs a registered model: models:/NAME/VERSION or models:/NAME@ALIAS")
+    if promote and max_batches is not None:
+        raise ConfigError("--promote compares models on the whole split: drop --max-batches")
     torch_device = torch.device(device)
     plan = resolve_data([dataset], lake)
     generator = load_generator(model_uri, tracking_uri, torch_device, trust_pickle=trust_pickle)
-    metrics = compute_metrics(generator, plan, split, batch_size, torch_device, max_batches)
+    metrics = compute_metrics(generator, plan, split, batch_size, torch_device, max_batches, max_bad_fraction)
     result = Evaluation(model_uri, plan.refs[0], split, metrics)
+    partial = partial_reason(metrics)
 
     version = None
     if registered is not None:
         name, version, alias = registered
         if version is None:
             version = client.get_model_version_by_alias(name, alias).version
-    if promote:
+    if promote and partial:
+        reason = f"{partial}: promotion needs the whole split (re-ingest the dataset)"
+        result.promotion = {
+            "metric": metric,
+            "candidate_version": str(version),
+            "decision": "refused",
+            "reason": reason,
+        }
+    elif promote:
         result.promotion = _promotion(
             client,
             registered[0],
@@ -147,9 +185,15 @@ def evaluate(
                 "split": split,
                 "batch_size": batch_size,
                 "metric": metric,
+                "max_bad_fraction": max_bad_fraction,
             }
         )
-        tags = {"recolor.kind": "evaluation", manifest_tag(plan.refs[0]): plan.digests[plan.refs[0]]}
+        tags = {
+            "recolor.kind": "evaluation",
+            manifest_tag(plan.refs[0]): plan.digests[plan.refs[0]],
+            "recolor.evaluated": f"{metrics['eval_count']:.0f} of {metrics['eval_expected']:.0f} samples"
+            + (f" ({partial})" if partial else ""),
+        }
         if registered is not None:
             tags.update({"recolor.model_name": registered[0], "recolor.model_version": str(version)})
         tags.update({f"promotion.{k}": str(v) for k, v in result.promotion.items()})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from bad_files import write_checkpoint
@@ -160,3 +161,81 @@ def test_an_s3_checkpoint_is_read_from_s3_never_from_a_local_look_alike(recolor,
     missing = recolor("colorize", photo, "-o", tmp_path / "out", "--model", f"s3://{s3_env.bucket}/runs/none.pt",
                       env=s3_env.env)  # fmt: skip
     one_line_error(missing, f"no checkpoint at s3://{s3_env.bucket}/runs/none.pt")
+
+
+# --- evaluate on a split with corrupt samples -----------------------------------------------------------------
+
+
+def corrupt_samples(shard_uri: str, count: int | None = None) -> int:
+    """Overwrite bytes inside the data of the first `count` (default: all) arrays of a shard, in place: valid tar,
+    valid .npy headers, changed pixels (caught by the checksum only). Returns how many were changed."""
+    import tarfile
+
+    with tarfile.open(shard_uri) as archive:
+        members = [m for m in archive.getmembers() if m.name.endswith(".lab.npy")][:count]
+    with open(shard_uri, "r+b") as shard:
+        for member in members:
+            shard.seek(member.offset_data + member.size - 64)
+            shard.write(b"\xff" * 32)
+    return len(members)
+
+
+@pytest.fixture
+def registered_on_lake(tmp_path, recolor, photo_writer):
+    """A lake dataset `d` (32 px, half validation) and an untrained generator registered as `c` version 1."""
+    from mlflow import MlflowClient
+
+    from pipeline.data import resolve_data
+    from pipeline.models.saved import GeneratorSpec
+    from pipeline.tracking.registry import log_generator
+
+    photo_writer(tmp_path / "photos", range(12), width=80, height=64)
+    ingest = recolor("ingest", "folder", tmp_path / "photos", "--dataset", "d", "--no-ray", "--size", "32",
+                     "--val-fraction", "0.5", "--no-progress")  # fmt: skip
+    assert ingest.returncode == 0, ingest.stderr[-2000:]
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("e", artifact_location=str(tmp_path / "artifacts")))
+    spec = GeneratorSpec("unet_256", "batch", 4, 5, 32)
+    log_generator(spec.build(), spec, run.info.run_id, uri, "c", alias=None)
+    plan = resolve_data(["d"], str(tmp_path / "lake"))
+    return SimpleNamespace(uri=uri, client=client, plan=plan, env={"MLFLOW_TRACKING_URI": uri})
+
+
+def test_evaluate_refuses_to_promote_on_a_split_with_corrupt_samples(registered_on_lake, recolor) -> None:
+    setup = registered_on_lake
+    expected = setup.plan.count("val")
+    assert corrupt_samples(setup.plan.val[0].uri, 1) == 1
+    result = recolor("evaluate", "--model", "models:/c/1", "--dataset", "d", "--promote", "--max-bad-fraction", "0.5",
+                     env=setup.env, timeout=180)  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr[-3000:]
+    assert f"{expected - 1} of {expected} images, 1 corrupt skipped" in result.stdout
+    assert result.error_lines[-1].startswith(f"recolor: error: promotion refused: 1 of {expected} samples are corrupt")
+    assert not setup.client.get_registered_model("c").aliases  # nothing promoted
+    [run] = setup.client.search_runs([setup.client.get_experiment_by_name("recolor-evaluation").experiment_id])
+    assert run.data.metrics["eval_count"] == expected - 1 and run.data.metrics["eval_bad_samples"] == 1
+    assert (
+        run.data.tags["recolor.evaluated"]
+        == f"{expected - 1} of {expected} samples (1 of {expected} samples are corrupt)"
+    )
+    assert run.data.tags["promotion.decision"] == "refused"
+
+    strict = recolor("evaluate", "--model", "models:/c/1", "--dataset", "d", "--max-bad-fraction", "0", env=setup.env)
+    assert strict.returncode == 2 and "Traceback" not in strict.stderr  # the corrupt sample's warning, then why
+    assert (
+        f"1 corrupt samples (of {expected} expected in split 'val') exceed --max-bad-fraction=0.0"
+        in (strict.error_lines[-1])
+    )
+    partial = recolor("evaluate", "--model", "models:/c/1", "--dataset", "d", "--promote", "--max-batches", "1",
+                      env=setup.env)  # fmt: skip
+    one_line_error(partial, "drop --max-batches")
+
+
+def test_evaluate_on_an_all_corrupt_split_is_one_line(registered_on_lake, recolor) -> None:
+    setup = registered_on_lake
+    for shard in setup.plan.val:
+        corrupt_samples(shard.uri)
+    result = recolor("evaluate", "--model", "models:/c/1", "--dataset", "d", "--promote", "--max-bad-fraction", "1",
+                     env=setup.env, timeout=180)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "KeyError" not in result.stderr
+    assert f"none of the {setup.plan.count('val')} samples of split 'val' is readable" in result.error_lines[-1]

@@ -26,6 +26,7 @@ from pipeline.data import (
     decode_sample,
     open_shard,
     plan_train_epoch,
+    plan_validation,
     prefetch,
     read_segments,
     steps_per_epoch,
@@ -409,6 +410,36 @@ def test_validation_skips_corrupt_samples(tmp_path) -> None:
     plan = make_plan(write_shards(tmp_path, [4]), [ShardInfo(str(corrupt_path), 9)])
     ids = ids_of(list(validation_batches(plan, 0, 1, batch_size=2)))
     assert ids == list(range(100 + len(kinds), 109))
+
+
+def test_garbage_inside_an_arrays_data_is_a_corrupt_sample_by_its_checksum(tmp_path) -> None:
+    """Bytes changed inside a member's data keep a valid .npy (same header, same shape): only the CRC-32 recorded
+    at ingest tells. An old shard without checksums is read as before."""
+    import json
+    import tarfile
+
+    path = tmp_path / "checked.tar"
+    with ShardWriter(path) as writer:
+        for sample_id in (1, 2, 3):
+            writer.write(f"s{sample_id:06d}", sample_array(sample_id), {"key": f"s{sample_id:06d}"})
+    with tarfile.open(path) as archive:
+        member = archive.getmember("s000002.lab.npy")
+        meta = json.loads(archive.extractfile("s000002.json").read())
+    assert isinstance(meta["lab_crc32"], int)
+    with open(path, "r+b") as shard:  # 16 bytes of the array's data, past the .npy header
+        shard.seek(member.offset_data + member.size - 100)
+        shard.write(b"\xff" * 16)
+    read = list(read_segments(plan_validation([ShardInfo(str(path), 3)], 0, 1)))
+    assert [key for _, key, _ in read] == ["s000001", "s000002", "s000003"]
+    assert [data is not None for _, _, data in read] == [True, False, True]
+    assert decode_sample(read[0][2], SIZE) is not None
+
+    old = tmp_path / "old.tar"  # written before checksums: metadata without lab_crc32
+    with ShardWriter(old) as writer:
+        writer.write_raw("s000009.lab.npy", encode_npy(sample_array(9)))
+        writer.write_raw("s000009.json", b'{"key":"s000009"}')
+    [(_, _, data)] = list(read_segments(plan_validation([ShardInfo(str(old), 1)], 0, 1)))
+    np.testing.assert_array_equal(decode_sample(data, SIZE), sample_array(9))
 
 
 # --- prefetch ----------------------------------------------------------------------------------------
