@@ -7,7 +7,7 @@ import json
 import re
 
 from ingest.images import DEFAULT_MAX_PIXELS
-from ingest.lake import LAKE_ENV, Lake
+from ingest.lake import LAKE_ENV, SPLITS, URL_FORMS, Lake
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
@@ -142,12 +142,26 @@ def add_lake_parser(subparsers) -> None:
         help="only objects at least this old, as 90s, 30m, 1h or 2d (default: 1h): younger ones may belong to an "
         "ingest still running; use 0 when none is",
     )
-    for sub in (ls, show, gc):
+    urls = commands.add_parser(
+        "urls",
+        help="print a version's shard URLs, one a line, for webdataset or your own reader",
+        description="Print the shard URLs of one split of a lake version. Forms: plain (local paths or s3://), pipe "
+        "(`pipe:` commands streaming each shard with this package, credentials from AWS_*), aws (`pipe:aws s3 cp`), "
+        "presigned (https URLs readable without credentials until they expire). In Python, "
+        "`ingest.lake.open_webdataset(REF, SPLIT)` gives a webdataset pipeline of (key, L, ab) directly.",
+        epilog="Example: recolor lake urls photos@3 --split train --form pipe > train-shards.txt",
+    )
+    urls.add_argument("ref", metavar="NAME[@VERSION]", help="dataset, optionally @version (default: latest)")
+    urls.add_argument("--split", choices=SPLITS, default="train")
+    urls.add_argument("--form", choices=URL_FORMS, default="plain", help="plain (default), pipe, aws or presigned")
+    urls.add_argument("--expires", type=int, default=3600, help="presigned URLs' lifetime in seconds (default: 3600)")
+    for sub in (ls, show, gc, urls):
         sub.add_argument("--lake", help=f"lake URI (default: ${LAKE_ENV}, else ./lake)")
         sub.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(handler=run_lake_ls)
     show.set_defaults(handler=run_lake_show)
     gc.set_defaults(handler=run_lake_gc)
+    urls.set_defaults(handler=run_lake_urls)
 
 
 def _duration(text: str) -> float:
@@ -201,6 +215,18 @@ def run_lake_ls(args) -> int:
             f"{row['dataset']:<24} {'@' + str(row['latest']):>6} {counts.get('train', 0):>8} {counts.get('val', 0):>7} "
             f"{_human(row['bytes']):>10}  {row['created']}"
         )
+    return 0
+
+
+def run_lake_urls(args) -> int:
+    lake = Lake(args.lake)
+    lake.check()
+    ref = lake.resolve(args.ref)
+    urls = lake.shard_urls(ref, args.split, args.form, args.expires)
+    if args.json:
+        print(json.dumps({"ref": ref.ref, "split": args.split, "form": args.form, "urls": urls}, indent=2))
+    else:
+        print("\n".join(urls))
     return 0
 
 

@@ -21,6 +21,8 @@ import io
 import json
 import os
 import re
+import shlex
+import sys
 import time
 from dataclasses import dataclass
 
@@ -28,11 +30,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ingest.errors import RecolorError
-from ingest.storage import Storage, StorageError, open_storage
+from ingest.storage import Storage, StorageError, is_s3, open_storage
 
 LAKE_ENV = "RECOLOR_LAKE"
 DEFAULT_LAKE = "lake"
 SPLITS = ("train", "val")
+# How `shard_urls` names shards: as stored (local paths, s3://); `pipe:` commands that stream them with this
+# package's storage layer (AWS_* credentials from the environment); `pipe:aws s3 cp ...` for the AWS CLI;
+# presigned https URLs (webdataset reads them with curl; no credentials needed until they expire).
+URL_FORMS = ("plain", "pipe", "aws", "presigned")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 MANIFEST_SCHEMA = pa.schema(
@@ -278,6 +284,30 @@ class Lake:
             dict(entry, uri=self.shard_uri(ref.dataset, entry["path"])) for entry in ref.record["shards"].get(split, [])
         ]
 
+    def shard_urls(self, ref: VersionRef, split: str, form: str = "plain", expires: int = 3600) -> list[str]:
+        """The version's shard URLs of one split, for webdataset or any tar reader (see `URL_FORMS`).
+
+        Raises:
+            LakeError: an unknown split or form.
+        """
+        if split not in SPLITS:
+            raise LakeError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+        if form not in URL_FORMS:
+            raise LakeError(f"unknown URL form {form!r}: use one of {', '.join(URL_FORMS)}")
+        uris = [entry["uri"] for entry in self.shards(ref, split)]
+        if form == "pipe":
+            return [f"pipe:{shlex.join([sys.executable, '-m', 'ingest.storage.cat', uri])}" for uri in uris]
+        if form == "aws":
+            endpoint = os.environ.get("AWS_ENDPOINT_URL")
+            options = ["--endpoint-url", endpoint] if endpoint else []
+            return [
+                f"pipe:{shlex.join(['aws', 's3', 'cp', *options, uri, '-'])}" if is_s3(uri) else uri for uri in uris
+            ]
+        if form == "presigned" and hasattr(self.storage, "presigned_url"):
+            return [self.storage.presigned_url(f"{ref.dataset}/{entry['path']}", expires)
+                    for entry in self.shards(ref, split)]  # fmt: skip
+        return uris
+
     def commit_version(self, dataset: str, version: int, record: dict) -> None:
         """Publish a version: create-exclusive write of its record (raises AlreadyExistsError on a race)."""
         data = json.dumps(record, indent=2, sort_keys=True).encode()
@@ -324,3 +354,51 @@ class Lake:
             "sources": record.get("sources", []),
             "versions": self.versions(ref.dataset),
         }
+
+
+def open_webdataset(ref: str, split: str = "train", lake: str | None = None, handler=None, nodesplitter=None,
+                    shardshuffle: int | bool = False):  # fmt: skip
+    """A `webdataset.WebDataset` over one split of a lake version, yielding `(key, L, ab)`.
+
+    L is float32 (1, H, W) in [-1, 1] and ab float32 (2, H, W) in [-1, 1], the recipe's normalization
+    (`ingest.lab.lab8_to_network`): the arrays this project's loader trains on. A sample whose bytes fail
+    its recorded CRC-32 raises `ValueError` naming its key (pass `handler=webdataset.warn_and_continue` to
+    skip such samples instead). s3:// shards stream through this package's storage layer.
+
+    Args:
+        ref: NAME or NAME@VERSION (the latest version when none is given).
+        lake: the lake URI (default: $RECOLOR_LAKE, else ./lake).
+        nodesplitter: webdataset's node splitter; under DDP pass one (e.g. `webdataset.split_by_node`)
+            and shards whose count the world size divides, or ranks see unequal sample counts.
+
+    Raises:
+        LakeError: an unknown dataset, version or split, or a split without shards.
+    """
+    import webdataset as wds
+
+    from ingest.lab import lab8_to_network
+    from ingest.shards import checksum_matches, decode_lab_npy
+
+    catalog = Lake(lake)
+    version = catalog.resolve(ref)
+    urls = catalog.shard_urls(version, split, form="pipe" if is_s3(catalog.storage.root_uri) else "plain")
+    if not urls:
+        raise LakeError(f"{version.ref} has no {split} samples")
+    size = version.record["size"]
+
+    def to_sample(sample: dict):
+        key, data = sample["__key__"], sample.get("lab.npy")
+        if data is None or not checksum_matches(data, sample.get("json")):
+            raise ValueError(f"sample {key} of {version.ref}: missing or changed since ingest (checksum)")
+        light, ab = lab8_to_network(decode_lab_npy(data, size))
+        return key, light, ab
+
+    handler = handler or wds.reraise_exception
+    dataset = wds.WebDataset(
+        urls,
+        handler=handler,
+        shardshuffle=shardshuffle,
+        nodesplitter=nodesplitter or wds.single_node_only,
+        empty_check=False,
+    )
+    return dataset.map(to_sample, handler=handler)

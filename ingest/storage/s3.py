@@ -308,6 +308,12 @@ class S3Storage:
             return
         self._call("delete", key, self.client.delete_object, Bucket=self.bucket, Key=self._key(key))
 
+    def presigned_url(self, key: str, expires: int = 3600) -> str:
+        """An https URL that reads `key` without credentials for `expires` seconds."""
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=expires
+        )
+
     def check_writable(self) -> None:
         """A bucket's write permission shows only on a write: this checks what a read can (a refused PUT later
         is one line naming the key)."""
@@ -464,6 +470,8 @@ def _new_s3_client(settings: dict[str, str]):
         # Path-style addressing works for MinIO and rclone as well as AWS.
         s3={"addressing_style": settings.get("RECOLOR_S3_ADDRESSING", "path")},
         max_pool_connections=32,
+        # SigV4 for presigned URLs too (botocore presigns with V2 without a region; MinIO and rclone refuse V2).
+        signature_version="s3v4",
         # Checksums only where S3 requires them: S3-compatible servers (rclone, older MinIO) reject the
         # streaming (aws-chunked) uploads that the SDK's default sends, and AWS accepts either.
         request_checksum_calculation=settings.get("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required").lower(),

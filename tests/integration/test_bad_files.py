@@ -137,7 +137,7 @@ def test_colorize_every_zoo_entry_given_by_name(zoo, recolor, tmp_path) -> None:
     assert {uri: reason.split(":")[0] for uri, reason in skipped.items()} == refused
     assert all(reason.split(": ", 1)[1] for reason in skipped.values())  # and a detail
     assert f"colorized {len(accepted)} image(s) into {out}" in result.stdout
-    assert result.error_lines[-1] == f"recolor: error: {len(refused)} input(s) could not be read"
+    assert result.error_lines[-1] == f"recolor: error: {len(refused)} input(s) could not be colorized"
 
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name != OUTPUT_MARKER)
     assert written == sorted(str(Path(outputs[name]).with_suffix(".png")) for name in accepted)
