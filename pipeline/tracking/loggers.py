@@ -11,7 +11,7 @@ from typing import Protocol
 
 class Logger(Protocol):
     def log(self, metrics: dict[str, float], step: int) -> None: ...
-    def log_image(self, png: bytes, artifact_path: str) -> None: ...
+    def log_image(self, png: bytes, artifact_path: str, key: str | None = None, step: int | None = None) -> None: ...
     def close(self) -> None: ...
 
 
@@ -21,7 +21,7 @@ class NullLogger:
     def log(self, metrics: dict[str, float], step: int) -> None:
         pass
 
-    def log_image(self, png: bytes, artifact_path: str) -> None:
+    def log_image(self, png: bytes, artifact_path: str, key: str | None = None, step: int | None = None) -> None:
         pass
 
     def close(self) -> None:
@@ -59,7 +59,10 @@ class MlflowLogger:
         for start in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
 
-    def log_image(self, png: bytes, artifact_path: str) -> None:
+    def log_image(self, png: bytes, artifact_path: str, key: str | None = None, step: int | None = None) -> None:
+        """The picture as the file `artifact_path` and, with `key`, also as MLflow's image of that key at `step`
+        (the run page's image view, with a slider over the steps)."""
+        import io
         import tempfile
 
         directory, name = os.path.split(artifact_path)
@@ -68,6 +71,11 @@ class MlflowLogger:
             path.write_bytes(png)
             try:
                 self.client.log_artifact(self.run_id, str(path), artifact_path=directory or None)
+                if key is not None:
+                    from PIL import Image
+
+                    with Image.open(io.BytesIO(png)) as picture:
+                        self.client.log_image(self.run_id, picture.convert("RGB"), key=key, step=step or 0)
             except Exception as e:  # noqa: BLE001 - a picture is not worth a restart of every worker
                 logging.getLogger(__name__).warning(
                     "could not log %s to MLflow run %s (training goes on): %s: %s",

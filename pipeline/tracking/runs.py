@@ -124,8 +124,44 @@ def git_commit() -> str | None:
         return None
 
 
+NOTE_TAG = "mlflow.note.content"  # the run page's description (Markdown)
+RESULT_HEADING = "### Result"
+SHOWN_METRICS = ("l1_ab", "psnr", "ssim", "auc", "colorfulness")
+
+
+def describe_run(config, plan, device: str, preset: str | None = None) -> str:
+    """The run page's description: what ran (preset, data, workers, stages), in Markdown."""
+    stages = "; ".join(
+        f"{stage.name}: {stage.epochs} epoch{'s' if stage.epochs != 1 else ''}, "
+        f"{stage.gan_mode or 'L1 only'}, lr {stage.lr:g}" + (f" (linear decay over the last {stage.decay_epochs})"
+                                                              if stage.decay_epochs else "")
+        for stage in config.stages
+    )  # fmt: skip
+    datasets = ", ".join(f"`{ref}`" for ref in plan.refs)
+    lines = [
+        f"**{config.name}**: {config.model.arch} ({config.model.norm} norm), preset `{preset or 'defaults'}`",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| datasets | {datasets}: {plan.count('train')} training, {plan.count('val')} validation samples, "
+        f"{plan.size} px |",
+        f"| workers | {config.workers} x {device}, batch {config.data.batch_size} per worker |",
+        f"| stages | {stages} |",
+    ]
+    return "\n".join(lines)
+
+
+def describe_result(metrics: dict) -> str:
+    """The description's last section: the final validation metrics beside the gray baseline."""
+    rows = [f"| {name} | {metrics[f'val_{name}']:.4g} | {metrics[f'val_gray_{name}']:.4g} |"
+            for name in SHOWN_METRICS if f"val_{name}" in metrics and f"val_gray_{name}" in metrics]  # fmt: skip
+    if not rows:
+        return ""
+    return "\n".join([RESULT_HEADING, "", "| validation | model | gray baseline |", "|---|---|---|", *rows])
+
+
 def start_or_resume_run(
-    tracking_uri: str, experiment: str, config, plan, storage: str, device: str
+    tracking_uri: str, experiment: str, config, plan, storage: str, device: str, preset: str | None = None
 ) -> tuple[str, bool]:
     """The MLflow run of a training run: the unfinished run with the same name, or a new one.
 
@@ -164,7 +200,10 @@ def start_or_resume_run(
         "recolor.device": device,
         "recolor.stages": ",".join(stage.name for stage in config.stages),
         "recolor.datasets": ",".join(plan.refs),
+        NOTE_TAG: describe_run(config, plan, device, preset),
     }
+    if preset:
+        tags["recolor.preset"] = preset
     for ref in plan.refs:
         tags[manifest_tag(ref)] = plan.digests[ref]
     commit = git_commit()
@@ -275,6 +314,10 @@ def finish_run(tracking_uri: str, run_id: str, name: str, plan, metrics: dict, p
     MlflowLogger(tracking_uri, run_id, system_metrics=False).log_image(
         loss_curves(history, title=name), "plots/loss_curves.png"
     )
+    description = client.get_run(run_id).data.tags.get(NOTE_TAG, "").split(RESULT_HEADING)[0].rstrip()
+    result = describe_result(metrics)
+    if result:
+        client.set_tag(run_id, NOTE_TAG, f"{description}\n\n{result}" if description else result)
     version = None
     if payload is not None:
         generator = generator_from_checkpoint(payload)

@@ -64,6 +64,7 @@ def run_train_command(args) -> int:
         tracking_uri=args.tracking_uri,
         experiment=args.experiment,
         model_name=args.model_name,
+        preset=args.config,
     )
     # A failed run raises (DataError: exit 2, TrainingError: exit 1, one line each; see pipeline.cli.main).
     result = run_training(config, ray_address=args.ray_address, tracking=tracking)

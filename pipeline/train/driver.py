@@ -72,6 +72,7 @@ class TrackingOptions:
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else ./mlflow.db
     experiment: str = "recolor"
     model_name: str | None = "colorizer"  # registered model; None: log the model without registering
+    preset: str | None = None  # the config file the run came from, for the run's description
 
 
 def run_training(
@@ -119,7 +120,9 @@ def run_training(
         from pipeline.tracking.runs import start_or_resume_run
 
         device = "cuda" if config.use_gpu else "cpu"
-        run_id, _ = start_or_resume_run(tracking_uri, tracking.experiment, config, plan, storage, device)
+        run_id, _ = start_or_resume_run(
+            tracking_uri, tracking.experiment, config, plan, storage, device, preset=tracking.preset
+        )
         run_info = {"uri": tracking_uri, "run_id": run_id}
     try:
         result = _fit(config, plan, storage, ray_address, logger_factory, on_worker_end, run_info)

@@ -35,6 +35,8 @@ from pipeline.tracking.plots import sample_grid
 
 log = logging.getLogger(__name__)
 
+SAMPLES_KEY = "validation_samples"  # the MLflow image key of the sample grids (one a validation, by step)
+
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module inside DDP (or torch.compile) wrappers."""
@@ -194,7 +196,7 @@ class ColorizerTrainer:
         return {name: float(value.detach()) for name, value in losses.items()}
 
     @torch.no_grad()
-    def validate(self, grid_name: str | None = None) -> dict[str, float]:
+    def validate(self, grid_name: str | None = None, step: int | None = None) -> dict[str, float]:
         """Metrics on this rank's share of the validation split, all-reduced; gray baseline beside them.
 
         Rank 0 also logs a sample grid of its first validation batch (the same images every epoch).
@@ -216,7 +218,7 @@ class ColorizerTrainer:
         if self.world_size > 1:
             torch.distributed.all_reduce(totals)
         if grid_name and first is not None:
-            self.logger.log_image(sample_grid(*first), grid_name)
+            self.logger.log_image(sample_grid(*first), grid_name, key=SAMPLES_KEY, step=step)
         return finalize(totals)
 
     # ------------------------------------------------------------------------------------ checkpoints
@@ -304,7 +306,7 @@ class ColorizerTrainer:
         bad_samples, epoch_samples = self._sum_over_ranks(bad.bad, trained)
         metrics = {
             **losses,
-            **self.validate(grid),
+            **self.validate(grid, self.position.global_step),
             "bad_samples": bad_samples,
             "epoch_samples": epoch_samples,
             "stage": float(stage_index),

@@ -391,6 +391,24 @@ def test_generator_is_registered_as_candidate_and_predicts_through_pyfunc(embedd
             assert_same_lightness("pyfunc", np.asarray(photo.convert("RGB")), np.asarray(answer.convert("RGB")))
 
 
+def test_the_run_page_says_what_ran_and_how_it_went(embedded, lake) -> None:
+    note = embedded.run.data.tags["mlflow.note.content"]
+    assert note.startswith("**embedded**: unet_256") and "preset `defaults`" in note
+    assert f"`{lake.ref}`" in note and f"{WORKERS} x cpu" in note and "gan: 2 epochs, vanilla, lr 0.0002" in note
+    result = note.split("### Result", 1)[1]
+    final = embedded.run.data.metrics
+    assert f"| l1_ab | {final['val_l1_ab']:.4g} | {final['val_gray_l1_ab']:.4g} |" in result
+    assert "| psnr |" in result and "| ssim |" in result
+
+
+def test_sample_grids_are_mlflow_images_by_step(embedded) -> None:
+    """`mlflow.log_image(key=..., step=...)`: the run page's image view, one grid a validation."""
+    images = [item.path for item in embedded.client.list_artifacts(embedded.result.run_id, "images")]
+    grids = [path for path in images if path.split("/")[-1].startswith("validation_samples+step+")]
+    steps = sorted({int(path.split("+step+")[1].split("+")[0]) for path in grids})
+    assert len(steps) == 2 and steps[0] > 0, images  # two epochs: two validations, at their global steps
+
+
 def test_system_metrics_are_logged_during_training(embedded) -> None:
     system = sorted(name for name in embedded.run.data.metrics if name.startswith("system/"))
     assert "system/cpu_utilization_percentage" in system, system

@@ -55,7 +55,7 @@ def metric_recorder(path: Path):
                 with open(path, "a") as f:
                     f.write(json.dumps({"step": step, **metrics}) + "\n")
 
-            def log_image(self, image, name: str) -> None:
+            def log_image(self, image, name: str, key=None, step=None) -> None:
                 pass
 
             def close(self) -> None:
