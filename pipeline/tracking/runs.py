@@ -126,6 +126,7 @@ def git_commit() -> str | None:
 
 NOTE_TAG = "mlflow.note.content"  # the run page's description (Markdown)
 RESULT_HEADING = "### Result"
+DETAILS_HEADING = "### What ran"
 SHOWN_METRICS = ("l1_ab", "psnr", "ssim", "auc", "colorfulness")
 
 
@@ -140,6 +141,8 @@ def describe_run(config, plan, device: str, preset: str | None = None) -> str:
     datasets = ", ".join(f"`{ref}`" for ref in plan.refs)
     lines = [
         f"**{config.name}**: {config.model.arch} ({config.model.norm} norm), preset `{preset or 'defaults'}`",
+        "",
+        DETAILS_HEADING,
         "",
         "| | |",
         "|---|---|",
@@ -314,10 +317,12 @@ def finish_run(tracking_uri: str, run_id: str, name: str, plan, metrics: dict, p
     MlflowLogger(tracking_uri, run_id, system_metrics=False).log_image(
         loss_curves(history, title=name), "plots/loss_curves.png"
     )
-    description = client.get_run(run_id).data.tags.get(NOTE_TAG, "").split(RESULT_HEADING)[0].rstrip()
     result = describe_result(metrics)
-    if result:
-        client.set_tag(run_id, NOTE_TAG, f"{description}\n\n{result}" if description else result)
+    if result:  # first under the title, where the run page shows it without "Show more"
+        note = client.get_run(run_id).data.tags.get(NOTE_TAG, "")
+        title, details = note.split("\n", 1)[0], note.partition(DETAILS_HEADING)[2]
+        parts = [title, result, DETAILS_HEADING + details.rstrip() if details else ""]
+        client.set_tag(run_id, NOTE_TAG, "\n\n".join(part for part in parts if part))
     version = None
     if payload is not None:
         generator = generator_from_checkpoint(payload)

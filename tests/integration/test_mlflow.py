@@ -395,6 +395,7 @@ def test_the_run_page_says_what_ran_and_how_it_went(embedded, lake) -> None:
     note = embedded.run.data.tags["mlflow.note.content"]
     assert note.startswith("**embedded**: unet_256") and "preset `defaults`" in note
     assert f"`{lake.ref}`" in note and f"{WORKERS} x cpu" in note and "gan: 2 epochs, vanilla, lr 0.0002" in note
+    assert note.index("### Result") < note.index("### What ran")  # how it went first: seen without "Show more"
     result = note.split("### Result", 1)[1]
     final = embedded.run.data.metrics
     assert f"| l1_ab | {final['val_l1_ab']:.4g} | {final['val_gray_l1_ab']:.4g} |" in result
