@@ -12,6 +12,7 @@ from pipeline.colorize.cli import add_colorize_parser
 from pipeline.evaluation.cli import add_model_parsers
 from pipeline.remote.submit import add_submit_parser
 from pipeline.serving.cli import add_export_parser
+from pipeline.sweep.cli import add_sweep_parser
 from pipeline.train.cli import add_train_parser
 
 
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_ingest_parser(subparsers)
     add_lake_parser(subparsers)
     add_train_parser(subparsers)
+    add_sweep_parser(subparsers)
     add_model_parsers(subparsers)
     add_colorize_parser(subparsers)
     add_export_parser(subparsers)

@@ -56,6 +56,8 @@ def add_model_parsers(subparsers) -> None:
     compare.add_argument("--tracking-uri", help=TRACKING_HELP)
     compare.add_argument("--max-runs", type=int, default=10)
     compare.add_argument("--json", action="store_true")
+    compare.add_argument("--sweep", metavar="NAME", help="rank the trials of sweep NAME (see recolor sweep)")
+    compare.add_argument("--metric", help="with --sweep: the ranking's metric (default: the sweep's)")
     compare.set_defaults(handler=run_compare)
 
 
@@ -118,6 +120,8 @@ def run_compare(args) -> int:
     experiment = client.get_experiment_by_name(args.experiment)
     if experiment is None:
         raise ConfigError(f"no MLflow experiment {args.experiment!r} (train a model first, or pass --experiment)")
+    if args.sweep:
+        return _compare_sweep(client, experiment.experiment_id, args)
     runs = client.search_runs(
         [experiment.experiment_id], max_results=args.max_runs, order_by=["attributes.start_time DESC"]
     )
@@ -149,4 +153,22 @@ def run_compare(args) -> int:
         values = [row["metrics"].get(key) for row in rows]
         if any(v is not None for v in values):
             print(f"{key:<{width}} " + " ".join(f"{v:>18.4f}" if v is not None else f"{'-':>18}" for v in values))
+    return 0
+
+
+def _compare_sweep(client, experiment_id: str, args) -> int:
+    from pipeline.sweep.ranking import ROLE_TAG, SWEEP_TAG, format_table, ranking
+
+    parents = client.search_runs([experiment_id], f"tags.`{SWEEP_TAG}` = '{args.sweep}' and tags.`{ROLE_TAG}` = "
+                                 "'parent'", max_results=1, order_by=["attributes.start_time DESC"])  # fmt: skip
+    if not parents:
+        raise ConfigError(f"no sweep {args.sweep!r} in experiment {args.experiment!r} (see recolor sweep)")
+    metric = args.metric or parents[0].data.tags.get("recolor.sweep.metric", "val_l1_ab")
+    rows = ranking(client, experiment_id, args.sweep, metric)
+    if args.json:
+        print(json.dumps({"sweep": args.sweep, "metric": metric, "parent_run_id": parents[0].info.run_id,
+                          "ranking": rows}, indent=2))  # fmt: skip
+        return 0
+    print(f"sweep {args.sweep} (MLflow run {parents[0].info.run_id}), ranked by {metric}:")
+    print(format_table(rows, metric))
     return 0

@@ -30,7 +30,7 @@ from ingest.cluster import forwarded_environment, is_secret
 from ingest.errors import RecolorError
 from pipeline.remote import sealed_env
 
-JOB_KINDS = ("ingest", "train", "evaluate", "colorize")
+JOB_KINDS = ("ingest", "train", "sweep", "evaluate", "colorize")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # gitwildmatch patterns, relative to the working directory; a leading slash anchors at its top.
@@ -227,7 +227,7 @@ def add_submit_parser(subparsers) -> None:
     submit = subparsers.add_parser(
         "submit",
         parents=[submit_options],
-        help="run ingest, train, evaluate or colorize as a Ray job on a cluster",
+        help="run ingest, train, sweep, evaluate or colorize as a Ray job on a cluster",
         description="Submit `python -m jobs.KIND ARGS...` to a Ray cluster with this project as working directory "
         "and the AWS_*, MLFLOW_* and RECOLOR_* variables of this shell; follow its logs and exit with its status "
         "(0 when it succeeded). ARGS are those of `recolor KIND`; the options below may come before KIND or "

@@ -164,8 +164,9 @@ def describe_result(metrics: dict) -> str:
 
 
 def start_or_resume_run(
-    tracking_uri: str, experiment: str, config, plan, storage: str, device: str, preset: str | None = None
-) -> tuple[str, bool]:
+    tracking_uri: str, experiment: str, config, plan, storage: str, device: str, preset: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+) -> tuple[str, bool]:  # fmt: skip
     """The MLflow run of a training run: the unfinished run with the same name, or a new one.
 
     A new run gets the full flattened config as params, the tags, and every dataset version as an
@@ -204,6 +205,7 @@ def start_or_resume_run(
         "recolor.stages": ",".join(stage.name for stage in config.stages),
         "recolor.datasets": ",".join(plan.refs),
         NOTE_TAG: describe_run(config, plan, device, preset),
+        **(extra_tags or {}),
     }
     if preset:
         tags["recolor.preset"] = preset

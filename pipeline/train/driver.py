@@ -73,6 +73,8 @@ class TrackingOptions:
     experiment: str = "recolor"
     model_name: str | None = "colorizer"  # registered model; None: log the model without registering
     preset: str | None = None  # the config file the run came from, for the run's description
+    parent_run_id: str | None = None  # a sweep's run: this run is one of its trials (a child run in the UI)
+    tags: dict[str, str] | None = None  # more tags of the run (a sweep's trial: its overrides)
 
 
 def run_training(
@@ -81,6 +83,7 @@ def run_training(
     logger_factory=None,
     on_worker_end=None,
     tracking: TrackingOptions | None = None,
+    callbacks: list | None = None,
 ) -> TrainResult:
     """Train `config` with Ray Train DDP; resumes when a run of the same name exists in the storage.
 
@@ -90,6 +93,7 @@ def run_training(
         logger_factory: called on rank 0 as `factory(config, plan, checkpoint_payload)` to make its logger.
         on_worker_end: called on every rank with its `ColorizerTrainer` after training (inspection, tests).
         tracking: MLflow settings; None means tracking off (the CLI turns it on by default).
+        callbacks: Ray Train `UserCallback`s of the run (a sweep's trial passes the one that reports to Tune).
 
     Raises:
         LakeError, DataError: unknown or unusable datasets (before any worker starts), or a worker's DataError
@@ -120,12 +124,22 @@ def run_training(
         from pipeline.tracking.runs import start_or_resume_run
 
         device = "cuda" if config.use_gpu else "cpu"
+        extra_tags = dict(tracking.tags or {})
+        if tracking.parent_run_id:
+            extra_tags["mlflow.parentRunId"] = tracking.parent_run_id
         run_id, _ = start_or_resume_run(
-            tracking_uri, tracking.experiment, config, plan, storage, device, preset=tracking.preset
+            tracking_uri,
+            tracking.experiment,
+            config,
+            plan,
+            storage,
+            device,
+            preset=tracking.preset,
+            extra_tags=extra_tags,
         )
         run_info = {"uri": tracking_uri, "run_id": run_id}
     try:
-        result = _fit(config, plan, storage, ray_address, logger_factory, on_worker_end, run_info)
+        result = _fit(config, plan, storage, ray_address, logger_factory, on_worker_end, run_info, callbacks)
         checkpoint = result.checkpoint.path if result.checkpoint is not None else None
         if checkpoint and storage.startswith("s3://") and not checkpoint.startswith("s3://"):
             checkpoint = f"s3://{checkpoint}"
@@ -242,7 +256,8 @@ def check_before_start(config: TrainConfig, plan: DataPlan, ray_address: str | N
             )
 
 
-def _fit(config: TrainConfig, plan: DataPlan, storage: str, ray_address, logger_factory, on_worker_end, run_info):
+def _fit(config: TrainConfig, plan: DataPlan, storage: str, ray_address, logger_factory, on_worker_end, run_info,
+         callbacks=None):  # fmt: skip
     """Ray Train's `TorchTrainer.fit`: its `Result`, or Ray's `TrainingFailedError` once the restarts are used up."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -281,6 +296,7 @@ def _fit(config: TrainConfig, plan: DataPlan, storage: str, ray_address, logger_
                 # When the latest checkpoint cannot be read, the run resumes from the one before (config: >= 2).
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
                 logging_config=ray.train.LoggingConfig(log_level=os.environ.get("RECOLOR_TRAIN_LOG_LEVEL", "WARNING")),
+                callbacks=callbacks or None,
             ),
         )
         # Ray Train 2.60 raises when training fails (never a Result with `.error`).
