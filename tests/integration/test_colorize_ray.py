@@ -85,3 +85,21 @@ def test_the_ray_job_writes_jpeg_to_s3(photos, checkpoint, cli_runner, s3_env, t
 
     with Image.open(io.BytesIO(open_storage(out).read_bytes("photo0.jpg"))) as picture:
         assert picture.format == "JPEG" and picture.size == (120, 80)
+
+
+@pytest.mark.parametrize("use_ray", [False, True])
+def test_an_output_that_cannot_be_written_is_one_line_before_any_work(photos, checkpoint, cli_runner, tmp_path,
+                                                                      use_ray) -> None:  # fmt: skip
+    (tmp_path / "a-file").write_text("not a folder")
+    ray = ["--ray"] if use_ray else []
+    result = cli_runner("colorize", photos / "photo0.jpg", "-o", tmp_path / "a-file" / "out", "--model", checkpoint,
+                        *ray, "--no-progress", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2 and len(result.error_lines) == 1, result.stderr[-2000:]
+    assert "a-file/out cannot be written" in result.stderr
+
+
+def test_an_s3_output_in_a_missing_bucket_is_one_line(photos, checkpoint, cli_runner, s3_env, tmp_path) -> None:
+    result = cli_runner("colorize", photos / "photo0.jpg", "-o", "s3://no-such-bucket-here/out", "--model", checkpoint,
+                        "--no-progress", cwd=tmp_path, env=s3_env.env)  # fmt: skip
+    assert result.returncode == 2 and len(result.error_lines) == 1, result.stderr[-2000:]
+    assert "no-such-bucket-here" in result.stderr
