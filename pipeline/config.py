@@ -76,7 +76,8 @@ class DataConfig:
 
     datasets: list[str] = field(default_factory=list)  # lake datasets, NAME or NAME@VERSION; mixed freely
     lake: str | None = None  # lake URI; None: $RECOLOR_LAKE, else ./lake
-    batch_size: int = 16  # per worker
+    batch_size: int = 16  # per worker (see global_batch_size)
+    global_batch_size: int | None = None  # the batch of one update over all workers, split evenly; sets batch_size
     shuffle_window: int = 512  # samples shuffled together (after a seeded shuffle of shard order)
     flip: bool = True  # random horizontal flip of training samples
     prefetch_batches: int = 4  # batches read ahead by a background thread
@@ -90,6 +91,8 @@ class DataConfig:
             raise ConfigError(f"data.shuffle_window must be at least 1, got {self.shuffle_window}")
         if not 0 <= self.max_bad_fraction <= 1:
             raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            raise ConfigError(f"data.global_batch_size must be at least 1, got {self.global_batch_size}")
 
 
 @dataclass
@@ -128,6 +131,20 @@ class TrainConfig:
             raise ConfigError(f"workers must be at least 1, got {self.workers}")
         if self.amp not in AMP_MODES:
             raise ConfigError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        if self.amp == "fp16":
+            raise ConfigError(
+                "amp=fp16 needs loss scaling, which this trainer does not do: use amp=bf16 (A100, H100, H200 and "
+                "newer; no scaling needed) or amp=none"
+            )
+        global_batch = self.data.global_batch_size
+        if global_batch is not None:
+            if global_batch % self.workers:
+                raise ConfigError(
+                    f"data.global_batch_size={global_batch} does not split over {self.workers} workers: pick a "
+                    "multiple of the worker count, or set data.batch_size (per worker) instead"
+                )
+            # A new DataConfig: a config made by dataclasses.replace() shares the old one's.
+            self.data = dataclasses.replace(self.data, batch_size=global_batch // self.workers)
         for interval in ("checkpoint_every", "log_every"):
             if getattr(self, interval) < 1:
                 raise ConfigError(f"{interval} must be at least 1, got {getattr(self, interval)}")

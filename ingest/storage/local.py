@@ -153,13 +153,15 @@ class LocalStorage:
             raise StorageError(f"{self.root} is a file, not a folder")
 
     def check_writable(self) -> None:
-        """Fail early, before any work, on a folder this process cannot create or write into (read-only mount,
-        permissions): a probe file is created and removed."""
+        """Fail early, before any work, on a folder this process cannot create or write into (a file in the way,
+        permissions, a read-only mount), judged from its nearest existing folder: nothing is created here."""
         self.check_access()
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / f".write-probe-{uuid.uuid4().hex[:12]}"
-            probe.touch()
-            probe.unlink()
-        except OSError as e:
-            raise StorageError(f"{self.root} cannot be written: {e.strerror or e}") from None
+        existing = self.root
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise StorageError(f"{self.root} cannot be written: {existing} is a file, not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise StorageError(
+                f"{self.root} cannot be written: {existing} is not writable (permissions or a read-only file system)"
+            )

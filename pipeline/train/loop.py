@@ -135,9 +135,14 @@ class ColorizerTrainer:
         prepare = prepare or (lambda module: module.to(device))
         self.generator = prepare(generator.to(memory_format=self.memory_format))
         self.discriminator = prepare(discriminator.to(memory_format=self.memory_format))
+        # The plain networks, for the calls that skip DDP: the generator step's frozen discriminator (no gradient
+        # sync wanted) and validation. Compiled too with `compile`, so no call runs eager.
+        self.plain_generator, self.plain_discriminator = unwrap(self.generator), unwrap(self.discriminator)
         if config.compile:
             self.generator = torch.compile(self.generator)
             self.discriminator = torch.compile(self.discriminator)
+            self.plain_generator = torch.compile(self.plain_generator)
+            self.plain_discriminator = torch.compile(self.plain_discriminator)
         self._resume_payload = checkpoint_payload
 
     # ----------------------------------------------------------------------------------------- steps
@@ -149,8 +154,9 @@ class ColorizerTrainer:
 
     def _optimizers(self, stage: StageConfig):
         betas = (self.config.beta1, self.config.beta2)
-        opt_g = torch.optim.Adam(self.generator.parameters(), lr=stage.lr, betas=betas)
-        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=stage.lr, betas=betas)
+        fused = self.cuda or None  # one kernel a step on CUDA; torch picks on the CPU
+        opt_g = torch.optim.Adam(self.generator.parameters(), lr=stage.lr, betas=betas, fused=fused)
+        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=stage.lr, betas=betas, fused=fused)
         schedule = lr_lambda(stage)
         return (
             opt_g,
@@ -182,7 +188,7 @@ class ColorizerTrainer:
             set_requires_grad(self.discriminator, False)
             opt_g.zero_grad(set_to_none=True)
             with self._autocast():
-                logits = unwrap(self.discriminator)(torch.cat([light, fake_ab], dim=1))
+                logits = self.plain_discriminator(torch.cat([light, fake_ab], dim=1))
             g_losses = generator_loss(gan_loss, logits.float(), fake_ab.float(), real_ab, self.config.l1_lambda)
             g_losses["loss_G"].backward()
             opt_g.step()
@@ -203,16 +209,16 @@ class ColorizerTrainer:
         """
         generator = unwrap(self.generator)
         was_training = generator.training
-        generator.eval()
+        generator.eval()  # the plain (maybe compiled) module shares these weights and this mode
         batches = validation_batches(
             self.plan, self.rank, self.world_size, self.config.data.batch_size, self.config.data.max_val_batches
         )
+        # fp32, as `recolor evaluate` scores: the same checkpoint gets the same metrics in both.
         totals, first = accumulate(
-            generator,
+            self.plain_generator,
             prefetch(batches, self.config.data.prefetch_batches),
             self.device,
-            self._autocast,
-            self.memory_format,
+            memory_format=self.memory_format,
         )
         generator.train(was_training)
         if self.world_size > 1:

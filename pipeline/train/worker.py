@@ -35,6 +35,15 @@ def quiet_report_log(level: str) -> None:
             logging.getLogger(name).setLevel(level)
 
 
+def prepare_ddp(module):
+    """Ray's `prepare_model` (device, DDP) without DDP's buffer broadcast before each forward: the discriminator
+    runs twice before one backward, and that in-place broadcast between the two breaks autograd on torch releases
+    before pytorch#175851. The trainer aligns buffers itself (`_sync_buffers`) before validation and checkpoints."""
+    import ray.train.torch
+
+    return ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"broadcast_buffers": False})
+
+
 def ray_reporter(upload_mode: str = "async"):
     """Ray Train's report for `ColorizerTrainer`: every rank calls it equally often (it is a barrier); rank 0 adds
     the checkpoint payload, saved to a local folder at once (the live weights) and uploaded by `upload_checkpoint`.
@@ -115,7 +124,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         rank,
         world_size,
         ray.train.torch.get_device(),
-        prepare=ray.train.torch.prepare_model,
+        prepare=prepare_ddp,
         logger=logger,
         report=ray_reporter(config.checkpoint_upload),
         checkpoint_payload=payload,

@@ -44,6 +44,10 @@ def state_saver(folder: Path):
             "generator": unwrap(trainer.generator).state_dict(),
             "discriminator": unwrap(trainer.discriminator).state_dict(),
             "position": trainer.position.to_dict(),
+            # DDP's buffer broadcast before every forward breaks the two-forward discriminator step on older torch.
+            "broadcast_buffers": [
+                getattr(m, "broadcast_buffers", None) for m in (trainer.generator, trainer.discriminator)
+            ],
         }
         torch.save(states, f"{folder}/rank{trainer.rank}.pt")
 
@@ -155,6 +159,8 @@ def test_both_ranks_hold_identical_networks_after_training(uninterrupted) -> Non
     for network in ("generator", "discriminator"):
         assert not differing(rank0[network], rank1[network]), f"{network} differs between ranks"
     assert any("running_mean" in name for name in rank0["generator"])  # BatchNorm buffers were compared too
+    # Two gloo ranks trained with DDP's buffer broadcast off, and the buffers above still agree (_sync_buffers).
+    assert rank0["broadcast_buffers"] == rank1["broadcast_buffers"] == [False, False]
 
     # What rank 0 holds is what the run's last checkpoint holds; training did move the weights.
     payload = load_checkpoint(result.checkpoint)

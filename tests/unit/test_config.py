@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
+from ingest.errors import ConfigError
 from pipeline.config import StageConfig, TrainConfig, apply_overrides, flatten, load_config, parse_value
 from pipeline.train.loop import lr_lambda
 
@@ -23,7 +25,28 @@ def test_pix2pix_preset_is_the_recipe() -> None:
     assert stage.gan_mode == "vanilla" and stage.lr == 2e-4 and stage.decay_epochs == 0
     assert (config.beta1, config.beta2) == (0.5, 0.999)
     assert config.l1_lambda == 100.0
-    assert config.data.batch_size == 16 and config.data.flip is True
+    assert config.data.global_batch_size == 16 and config.data.flip is True
+    # 16 a step whatever the worker count, as the recipe: the learning rate means the same on any cluster.
+    for workers in (1, 2, 4, 8, 16):
+        config = load_config(CONFIGS / "pix2pix_unet.yaml", [f"workers={workers}"])
+        assert config.data.batch_size * config.workers == 16
+
+
+def test_a_global_batch_that_does_not_split_over_the_workers_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"data.global_batch_size=16 does not split over 3 workers"):
+        load_config(CONFIGS / "pix2pix_unet.yaml", ["workers=3"])
+    config = load_config(CONFIGS / "demo.yaml", ["data.global_batch_size=12", "workers=3"])
+    assert config.data.batch_size == 4
+    again = dataclasses.replace(config, workers=2)  # a sweep's trial: a new worker count, the global batch kept
+    assert again.data.batch_size == 6 and config.data.batch_size == 4
+
+
+def test_fp16_and_sync_batch_on_cpu_workers_are_refused_at_config_time() -> None:
+    with pytest.raises(ConfigError, match="amp=fp16 needs loss scaling"):
+        load_config(CONFIGS / "demo.yaml", ["amp=fp16"])
+    with pytest.raises(ConfigError, match="model.norm=sync_batch needs GPU workers"):
+        load_config(CONFIGS / "demo.yaml", ["model.norm=sync_batch", "workers=2"])
+    assert load_config(CONFIGS / "demo.yaml", ["model.norm=sync_batch", "workers=2", "use_gpu=true"])
 
 
 def test_resnet18_preset_pretrains_on_l1_then_adds_the_gan_loss() -> None:
@@ -224,7 +247,8 @@ def test_flatten_of_a_whole_config_has_one_key_per_leaf() -> None:
     config = load_config(CONFIGS / "resnet18_unet.yaml")
     flat = flatten(config.to_dict())
     assert flat["stages.1.gan_mode"] == "vanilla" and flat["stages.0.gan_mode"] is None
-    assert flat["model.arch"] == "resnet18_unet" and flat["data.batch_size"] == 16
+    assert flat["model.arch"] == "resnet18_unet" and flat["data.global_batch_size"] == 16
+    assert flat["data.batch_size"] == 8  # split over the preset's 2 workers
     assert not any(isinstance(value, dict) for value in flat.values())
 
 
