@@ -45,6 +45,18 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def floats(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Loss tensors as floats, with one device sync for all of them."""
+    if not values:
+        return {}
+    return dict(zip(values, torch.stack([value.float() for value in values.values()]).tolist(), strict=True))
+
+
+def _host_batch(array, pinned: bool) -> torch.Tensor:
+    batch = torch.from_numpy(array)
+    return batch.pin_memory() if pinned else batch
+
+
 def set_requires_grad(model: nn.Module, flag: bool) -> None:
     for parameter in model.parameters():
         parameter.requires_grad_(flag)
@@ -144,6 +156,10 @@ class ColorizerTrainer:
             self.plain_generator = torch.compile(self.plain_generator)
             self.plain_discriminator = torch.compile(self.plain_discriminator)
         self._resume_payload = checkpoint_payload
+        from pipeline.train.throughput import peak_flops
+
+        self._peak_flops = peak_flops(device)
+        self._step_flops: dict[bool, float] = {}  # model FLOPs of a step per sample, by whether D trains
 
     # ----------------------------------------------------------------------------------------- steps
 
@@ -151,6 +167,18 @@ class ColorizerTrainer:
         if self.autocast_dtype is None:
             return torch.autocast(device_type=self.device.type, enabled=False)
         return torch.autocast(device_type="cuda", dtype=self.autocast_dtype)
+
+    def _mfu(self, samples_per_s: float, gan: bool) -> dict[str, float]:
+        """{"mfu": ...} where the device's peak is known (`pipeline.train.throughput`), else {}."""
+        from pipeline.train.throughput import step_flops_per_sample
+
+        if self._peak_flops is None:
+            return {}
+        if gan not in self._step_flops:
+            self._step_flops[gan] = step_flops_per_sample(
+                self.plain_generator, self.plain_discriminator, self.plan.size, gan, self.device
+            )
+        return {"mfu": samples_per_s * self._step_flops[gan] / self._peak_flops}
 
     def _optimizers(self, stage: StageConfig):
         betas = (self.config.beta1, self.config.beta2)
@@ -199,7 +227,7 @@ class ColorizerTrainer:
             loss_l1.backward()
             opt_g.step()
             losses.update(loss_G_L1=loss_l1, loss_G=loss_l1)
-        return {name: float(value.detach()) for name, value in losses.items()}
+        return {name: value.detach() for name, value in losses.items()}  # tensors: no device sync per step
 
     @torch.no_grad()
     def validate(self, grid_name: str | None = None, step: int | None = None) -> dict[str, float]:
@@ -277,11 +305,18 @@ class ColorizerTrainer:
             config.data.max_bad_fraction,
         )
         progress.start_epoch(f"{stage.name} epoch {epoch + 1}/{stage.epochs}", steps, start_step)
-        window_start, window_steps = time.perf_counter(), 0
-        losses: dict[str, float] = {}
+        window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
+        losses: dict[str, torch.Tensor] = {}
         step_in_epoch = start_step
         trained = start_step * config.data.batch_size  # samples this rank trained on this epoch, resumes included
-        for batch in prefetch((torch.from_numpy(b) for b in batches), config.data.prefetch_batches):
+        pinned = self.cuda  # page-locked host batches: the non_blocking copies to the GPU then really overlap
+        source = iter(prefetch((_host_batch(b, pinned) for b in batches), config.data.prefetch_batches))
+        while True:
+            waited = time.perf_counter()
+            batch = next(source, None)
+            window_wait += time.perf_counter() - waited  # the step waited this long for its batch
+            if batch is None:
+                break
             if config.max_steps is not None and self.position.global_step >= config.max_steps:
                 return None
             faults.maybe_fail("train_step", self.rank)
@@ -296,13 +331,19 @@ class ColorizerTrainer:
             if step % config.log_every == 0 or step_in_epoch == steps:
                 elapsed = time.perf_counter() - window_start
                 images_per_s = window_steps * batch.shape[0] * self.world_size / elapsed
-                throughput = {"images_per_s": images_per_s, "step_time_s": elapsed / window_steps}
-                self.logger.log({**losses, **throughput, "lr": opts[0].param_groups[0]["lr"]}, step)
-                shown = {k: f"{v:.3g}" for k, v in losses.items() if k in ("loss_D", "loss_G", "loss_G_L1")}
+                throughput = {
+                    "images_per_s": images_per_s,
+                    "step_time_s": elapsed / window_steps,
+                    "data_wait_s": window_wait / window_steps,
+                    **self._mfu(images_per_s / self.world_size, gan_loss is not None),
+                }
+                values = floats(losses)  # the one device sync of these steps
+                self.logger.log({**values, **throughput, "lr": opts[0].param_groups[0]["lr"]}, step)
+                shown = {k: f"{v:.3g}" for k, v in values.items() if k in ("loss_D", "loss_G", "loss_G_L1")}
                 progress.update(shown | {"img/s": f"{images_per_s:.1f}"})
-                window_start, window_steps = time.perf_counter(), 0
+                window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
             if step_in_epoch < steps and step % config.checkpoint_every == 0:
-                self._checkpoint({**losses, "epoch": epoch, "stage": stage_index}, self.position, opts, scheds)
+                self._checkpoint({**floats(losses), "epoch": epoch, "stage": stage_index}, self.position, opts, scheds)
         # Epoch end: schedule, validation on every rank, a checkpoint pointing at the next epoch.
         # The discriminator's schedule advances only in stages that train it (an L1-only stage never steps opt_d).
         for scheduler in scheds if gan_loss is not None else scheds[:1]:
@@ -311,7 +352,7 @@ class ColorizerTrainer:
         grid = f"samples/{stage_index}-{stage.name}/epoch_{epoch + 1:03d}.png"
         bad_samples, epoch_samples = self._sum_over_ranks(bad.bad, trained)
         metrics = {
-            **losses,
+            **floats(losses),
             **self.validate(grid, self.position.global_step),
             "bad_samples": bad_samples,
             "epoch_samples": epoch_samples,

@@ -8,6 +8,7 @@ Long on purpose: the payload, its faults and a real trainer's resume share the t
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import pickle
 from pathlib import Path
@@ -551,3 +552,47 @@ def test_resume_from_a_checkpoint_matches_the_uninterrupted_run(uninterrupted, t
     assert [m["global_step"] for m in second.metrics] == list(range(resume_at + 1, 3 * steps + 1))
     assert second.metrics == reference_recorder.metrics[resume_at:]  # the same losses, step by step
     assert_same_states(states(resumed), states(reference))
+
+
+# --- what limits a run: the loader's wait and MFU -------------------------------------------------------------
+
+
+class ListLogger:
+    def __init__(self):
+        self.logged: list[tuple[int, dict]] = []
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.logged.append((step, dict(metrics)))
+
+    def log_image(self, png: bytes, artifact_path: str, key=None, step=None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_every_log_says_how_long_steps_waited_for_data_and_the_mfu_against_a_known_peak(tiny_lake, monkeypatch):
+    from pipeline.train.throughput import step_flops_per_sample
+
+    lake, plan = tiny_lake
+    monkeypatch.setenv("RECOLOR_PEAK_TFLOPS", "0.5")  # a made-up peak: this CPU is in no table
+    config = tiny_config(lake, max_steps=8, log_every=2)
+    torch.manual_seed(config.seed)
+    logger = ListLogger()
+    trainer = ColorizerTrainer(config, plan, 0, 1, torch.device("cpu"), logger=logger)
+    trainer.run()
+    logs = [metrics for _, metrics in logger.logged if "images_per_s" in metrics]
+    assert logs and all(metrics["data_wait_s"] >= 0 and 0 < metrics["mfu"] < 1 for metrics in logs)
+    assert all(isinstance(metrics["loss_G"], float) for metrics in logs)  # tensors become floats at the log only
+    gan = step_flops_per_sample(trainer.plain_generator, trainer.plain_discriminator, plan.size, True, trainer.device)
+    l1 = step_flops_per_sample(trainer.plain_generator, trainer.plain_discriminator, plan.size, False, trainer.device)
+    assert gan > l1 > 0
+    for metrics in logs:  # the measured rate times the FLOPs of the step of its stage (L1 only, or with D)
+        assert any(metrics["mfu"] == pytest.approx(metrics["images_per_s"] * flops / 0.5e12) for flops in (gan, l1))
+
+    monkeypatch.delenv("RECOLOR_PEAK_TFLOPS")
+    logger = ListLogger()
+    torch.manual_seed(config.seed)
+    ColorizerTrainer(dataclasses.replace(config, max_steps=2), plan, 0, 1, torch.device("cpu"), logger=logger).run()
+    logged = [metrics for _, metrics in logger.logged if "images_per_s" in metrics]
+    assert logged and all("mfu" not in metrics and "data_wait_s" in metrics for metrics in logged)  # no peak, no MFU
