@@ -2,7 +2,7 @@
 
     {"format": 1, "generator", "discriminator", "opt_g", "opt_d", "sched_g", "sched_d",
      "position": {"stage", "epoch", "step_in_epoch", "global_step"}, "rng": {"torch"},
-     "config": TrainConfig as a dict, "data": {"refs", "digests", "size" (the samples' side)}}
+     "config": TrainConfig as a dict, "data": {"refs", "digests", "size" (the samples' side), "resize"}}
 
 This module is the payload's one owner: `build_payload` makes it, `restore_networks` and
 `restore_optimizers` put it back, `payload_config` reads its config. The position is where training
@@ -61,7 +61,7 @@ def build_payload(generator, discriminator, optimizers, schedulers, position: Po
         "position": position.to_dict(),
         "rng": {"torch": torch.get_rng_state()},
         "config": config.to_dict(),
-        "data": {"refs": plan.refs, "digests": plan.digests, "size": plan.size},
+        "data": {"refs": plan.refs, "digests": plan.digests, "size": plan.size, "resize": plan.resize},
     }
 
 
@@ -88,6 +88,12 @@ def trained_side(payload: dict) -> int:
     """The side of the samples a checkpoint trained on (256 for checkpoints written before it was recorded)."""
     size = payload.get("data", {}).get("size")
     return size if isinstance(size, int) and size > 0 else 256
+
+
+def trained_resize(payload: dict) -> str:
+    """How the samples a checkpoint trained on were cut ("cover" for checkpoints that do not say)."""
+    resize = payload.get("data", {}).get("resize")
+    return resize if resize in ("cover", "squash") else "cover"
 
 
 def payload_config(payload: dict):

@@ -71,6 +71,7 @@ class DataPlan:
     uris: dict[str, str]  # ref -> URI of the version record
     size: int  # sample side in pixels
     train: list[ShardInfo] = field(default_factory=list)
+    resize: str = "cover"  # how ingest fit photos to the side ("cover": short side, centre crop; "squash")
     val: list[ShardInfo] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -79,6 +80,7 @@ class DataPlan:
             "digests": self.digests,
             "uris": self.uris,
             "size": self.size,
+            "resize": self.resize,
             "train": [[s.uri, s.count] for s in self.train],
             "val": [[s.uri, s.count] for s in self.val],
         }
@@ -90,6 +92,7 @@ class DataPlan:
             digests=dict(values["digests"]),
             uris=dict(values["uris"]),
             size=int(values["size"]),
+            resize=str(values.get("resize", "cover")),
             train=[ShardInfo(uri, int(count)) for uri, count in values["train"]],
             val=[ShardInfo(uri, int(count)) for uri, count in values["val"]],
         )
@@ -117,6 +120,7 @@ def resolve_data(datasets: list[str], lake_uri: str | None) -> DataPlan:
         if plan.size and size != plan.size:
             raise DataError(f"{ref.ref} holds {size}px samples but {plan.refs[0]} holds {plan.size}px: mix one size")
         plan.size = size
+        plan.resize = str(ref.record.get("resize", "cover"))
         plan.refs.append(ref.ref)
         plan.digests[ref.ref] = ref.record["manifest_sha256"]
         plan.uris[ref.ref] = lake.storage.uri(f"{ref.dataset}/versions/{ref.version:06d}.json")

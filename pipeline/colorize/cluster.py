@@ -26,19 +26,21 @@ from pipeline.colorize.files import ColorizeSummary
 WRITTEN, REFUSED = "written", "refused"
 
 
-def _decode(batch: dict, size: int, max_pixels: int) -> dict:
-    """Stage 1: each photo's bytes and network input, or why it is refused."""
+def _decode(batch: dict, size: int, multiple: int, resize: str, max_pixels: int) -> dict:
+    """Stage 1: each photo's bytes and network input (shapes differ with the aspect), or why it is refused."""
     from pipeline.colorize.pixels import PhotoRefused, decode_photo, network_input, read_uri_bytes
 
-    lights, datas, errors = [], [], []
+    lights, datas, errors, crops = [], [], [], []
     for uri in batch["uri"]:
-        light = np.zeros((1, size, size), np.float32)
-        data, error = b"", ""
+        light, data, error = np.zeros((1, size, size), np.float32), b"", ""
         try:
             data = read_uri_bytes(uri)
-            light = network_input(decode_photo(data, max_pixels), size).numpy()
+            tensor, (height, width) = network_input(decode_photo(data, max_pixels), size, multiple, resize)
+            light = tensor.numpy()
+            crops.append((height, width))
         except PhotoRefused as e:
             error, data = e.reason, b""
+            crops.append((size, size))
         lights.append(light)
         datas.append(data)
         errors.append(error)
@@ -46,9 +48,18 @@ def _decode(batch: dict, size: int, max_pixels: int) -> dict:
         "uri": batch["uri"],
         "name": batch["name"],
         "data": np.array(datas, dtype=object),
-        "light": np.stack(lights),
+        "light": _ragged(lights),
+        "crop": np.array(crops, dtype=np.int64),
         "error": np.array(errors, dtype=object),
     }
+
+
+def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
+    """A column of arrays of different shapes (Ray Data keeps it as a variable-shaped tensor column)."""
+    column = np.empty(len(arrays), dtype=object)
+    for index, array in enumerate(arrays):
+        column[index] = array
+    return column
 
 
 class _Colorizer:
@@ -61,14 +72,17 @@ class _Colorizer:
         self.generator = ray.get(generator_ref[0]).to(self.device).eval()
 
     def __call__(self, batch: dict) -> dict:
-        from pipeline.colorize.pixels import predict_ab
+        from pipeline.colorize.pixels import predict_photos
 
-        light = batch.pop("light")
-        ok = np.array([not error for error in batch["error"]], dtype=bool)
-        ab = np.zeros((len(light), 2, light.shape[2], light.shape[3]), np.float32)
-        if ok.any():
-            ab[ok] = predict_ab(self.generator, torch.from_numpy(light[ok]), self.device).numpy()
-        batch["ab"] = ab
+        lights, crops = batch.pop("light"), batch.pop("crop")
+        inputs = [(torch.from_numpy(np.asarray(light, dtype=np.float32)), (int(h), int(w)))
+                  for light, (h, w) in zip(lights, crops, strict=True)]  # fmt: skip
+        ok = [index for index, error in enumerate(batch["error"]) if not error]
+        predicted = predict_photos(self.generator, [inputs[i] for i in ok], self.device)
+        abs_ = [np.zeros((2, 1, 1), np.float32) for _ in inputs]
+        for index, ab in zip(ok, predicted, strict=True):
+            abs_[index] = ab.numpy()
+        batch["ab"] = _ragged(abs_)
         return batch
 
 
@@ -86,7 +100,8 @@ def _write(batch: dict, out_dir: str, picture_format: str, quality: int) -> dict
             details.append(error)
             continue
         try:
-            picture = encode_picture(compose(decode_photo(data), torch.from_numpy(ab)), picture_format, quality)
+            ab = torch.from_numpy(np.asarray(ab, dtype=np.float32))
+            picture = encode_picture(compose(decode_photo(data), ab), picture_format, quality)
             out.write(name, picture)
         except PhotoRefused as e:
             statuses.append(REFUSED)
@@ -135,7 +150,7 @@ def colorize_on_ray(
     from pipeline.tracking.registry import load_generator_and_side, min_side
 
     out, todo, summary = plan_outputs(inputs, out_dir, picture_format, overwrite)
-    generator, trained_side = load_generator_and_side(model_uri, tracking_uri, "cpu", trust_pickle)
+    generator, trained_side, resize = load_generator_and_side(model_uri, tracking_uri, "cpu", trust_pickle)
     size = max(size or trained_side, min_side(generator))
     out.record([name for _, name in todo])
     if not todo:
@@ -151,7 +166,11 @@ def colorize_on_ray(
         generator_ref = [ray.put(generator.cpu())]  # in a list: Ray passes a bare ref to the actor resolved
         dataset = (
             ray.data.from_items([{"uri": uri, "name": name} for uri, name in todo])
-            .map_batches(_decode, fn_kwargs={"size": size, "max_pixels": max_pixels}, batch_size=batch_size)
+            .map_batches(
+                _decode,
+                fn_kwargs={"size": size, "multiple": min_side(generator), "resize": resize, "max_pixels": max_pixels},
+                batch_size=batch_size,
+            )
             .map_batches(
                 _Colorizer,
                 fn_constructor_kwargs={"generator_ref": generator_ref, "gpu": gpu},

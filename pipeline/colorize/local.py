@@ -79,14 +79,14 @@ def colorize(
 
     torch_device = torch.device(device)
     out, todo, summary = plan_outputs(inputs, out_dir, picture_format, overwrite)
-    generator, trained_side = load_generator_and_side(model_uri, tracking_uri, torch_device, trust_pickle)
+    generator, trained_side, resize = load_generator_and_side(model_uri, tracking_uri, torch_device, trust_pickle)
     size = max(size or trained_side, min_side(generator))
     out.record([name for _, name in todo])
     pending: list[tuple[str, str, np.ndarray]] = []
 
     def flush() -> None:
         if pending:
-            colored = colorize_rgb(generator, [rgb for _, _, rgb in pending], size, torch_device)
+            colored = colorize_rgb(generator, [rgb for _, _, rgb in pending], size, torch_device, resize)
             for (uri, name, _), rgb in zip(pending, colored, strict=True):
                 write_picture(out, uri, name, rgb, picture_format, quality, summary)
         pending.clear()

@@ -1,9 +1,11 @@
 """The pixels of colorizing: a photo's network input, the prediction, and the full-resolution picture.
 
-The network sees the photo's L at its own size (256 px by default: the whole frame, resized) and
-predicts ab there; ab is upsampled to the original size (bicubic; colour varies slowly) and joined
-with the original full-resolution L, so no detail of the input is lost and the output's L channel
-is the input's. The single-process command, the Ray Data job and the serving model all colorize
+The network sees the photo as it saw its training samples: for a lake cut with "cover" (the
+default) the photo is resized to the training side on its short side, aspect kept, and padded (by
+reflection) to the network's multiple; for "squash" the whole frame is resized to a square. The
+predicted ab (the padding cropped off) is upsampled to the original size (bicubic; colour varies
+slowly) and joined with the original full-resolution L, so no detail of the input is lost and the
+output's L channel is the input's. The single-process command, the Ray Data job and the serving model all colorize
 with these functions, so they produce the same pixels.
 """
 
@@ -67,13 +69,27 @@ def decode_photo(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         raise PhotoRefused(f"{e.reason}: {e.detail}") from None
 
 
-def network_input(rgb: np.ndarray, size: int) -> torch.Tensor:
-    """The network's input for an 8-bit RGB photo: its L at `size` x `size` (the whole frame), (1, S, S) in [-1, 1]."""
+def network_input(rgb: np.ndarray, size: int, multiple: int = 1, resize: str = "squash") -> tuple[torch.Tensor, tuple]:
+    """The network's input for an 8-bit RGB photo: its L in [-1, 1], (1, H, W), and the (h, w) of the photo in it.
+
+    "squash": the whole frame at `size` x `size`. "cover": the short side at `size`, the aspect kept, padded by
+    reflection on the bottom and right to multiples of `multiple` (the generator's: 2**num_downs for the U-Net).
+    """
     from PIL import Image
 
-    small = np.asarray(Image.fromarray(rgb).resize((size, size), Image.BICUBIC))
+    height, width = rgb.shape[:2]
+    if resize == "squash":
+        target = (size, size)
+    else:
+        scale = size / min(height, width)
+        target = (max(size, round(height * scale)), max(size, round(width * scale)))
+    small = np.asarray(Image.fromarray(rgb).resize((target[1], target[0]), Image.BICUBIC))
     light, _ = lab8_to_network(rgb8_to_lab8(small))
-    return torch.from_numpy(light)
+    tensor = torch.from_numpy(light)
+    pad_h, pad_w = -target[0] % multiple, -target[1] % multiple
+    if pad_h or pad_w:
+        tensor = torch.nn.functional.pad(tensor[None], (0, pad_w, 0, pad_h), mode="reflect")[0]
+    return tensor, target
 
 
 def lab_to_rgb_keeping_lightness(lab: torch.Tensor) -> torch.Tensor:
@@ -127,10 +143,28 @@ def compose(rgb: np.ndarray, ab: torch.Tensor) -> np.ndarray:
     return (out * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
 
 
-def colorize_rgb(generator, photos: list[np.ndarray], size: int, device: torch.device) -> list[np.ndarray]:
+def predict_photos(generator, inputs: list[tuple[torch.Tensor, tuple]], device: torch.device) -> list[torch.Tensor]:
+    """ab (2, h, w) for each `network_input`: inputs of one shape go through the network as one batch."""
+    results: list[torch.Tensor | None] = [None] * len(inputs)
+    by_shape: dict[tuple, list[int]] = {}
+    for index, (tensor, _) in enumerate(inputs):
+        by_shape.setdefault(tuple(tensor.shape), []).append(index)
+    for indices in by_shape.values():
+        predicted = predict_ab(generator, torch.stack([inputs[i][0] for i in indices]), device)
+        for index, ab in zip(indices, predicted, strict=True):
+            height, width = inputs[index][1]
+            results[index] = ab[:, :height, :width]  # the padding off
+    return results
+
+
+def colorize_rgb(generator, photos: list[np.ndarray], size: int, device: torch.device,
+                 resize: str = "cover") -> list[np.ndarray]:  # fmt: skip
     """Color a batch of 8-bit RGB photos of any sizes; returns 8-bit RGB arrays of the same sizes."""
-    predicted = predict_ab(generator, torch.stack([network_input(rgb, size) for rgb in photos]), device)
-    return [compose(rgb, ab) for rgb, ab in zip(photos, predicted, strict=True)]
+    from pipeline.tracking.registry import min_side
+
+    multiple = min_side(generator)
+    inputs = [network_input(rgb, size, multiple, resize) for rgb in photos]
+    return [compose(rgb, ab) for rgb, ab in zip(photos, predict_photos(generator, inputs, device), strict=True)]
 
 
 def encode_picture(rgb: np.ndarray, picture_format: str = "png", quality: int = 95) -> bytes:

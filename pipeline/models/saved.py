@@ -1,7 +1,7 @@
 """A generator on disk without pickled code: its architecture as JSON, its weights as a plain state dict.
 
     FOLDER/colorizer.json   {"format": "recolor-generator", "format_version": 1, "arch", "norm",
-                             "base_filters", "num_downs", "image_size"}
+                             "base_filters", "num_downs", "image_size", "resize"}
     FOLDER/generator.pt     the state dict, saved with `torch.save`, read with `weights_only=True`
 
 Reading it runs only this package's code: the JSON names an architecture this package builds, and
@@ -37,8 +37,11 @@ class GeneratorSpec:
     base_filters: int  # first-layer filters of unet_256
     num_downs: int  # downsamplings of unet_256
     image_size: int  # the side of the training crops: the network's input side at inference
+    resize: str = "cover"  # how the training samples were cut: "cover" (short side, crop) or "squash"
 
     def __post_init__(self):
+        if self.resize not in ("cover", "squash"):
+            raise ValueError(f"resize must be 'cover' or 'squash', got {self.resize!r}")
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
         if self.norm not in NORMS:
@@ -49,10 +52,10 @@ class GeneratorSpec:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
     @classmethod
-    def from_config(cls, config, image_size: int) -> GeneratorSpec:
-        """The spec of a `TrainConfig`'s generator, at `image_size`."""
+    def from_config(cls, config, image_size: int, resize: str = "cover") -> GeneratorSpec:
+        """The spec of a `TrainConfig`'s generator, at `image_size`, for samples cut by `resize`."""
         model = config.model
-        return cls(model.arch, model.norm, model.base_filters, model.num_downs, image_size)
+        return cls(model.arch, model.norm, model.base_filters, model.num_downs, image_size, resize)
 
     def build(self) -> nn.Module:
         """The network, initialized, on the CPU, in eval mode."""
@@ -102,6 +105,7 @@ def read_spec(folder: str | Path) -> GeneratorSpec:
             f"{FORMAT_VERSION}: upgrade recolor to load it"
         )
     fields = {name: data.get(name) for name in GeneratorSpec.__dataclass_fields__}
+    fields["resize"] = fields["resize"] or "cover"  # optional: the lake's default
     for name, value in fields.items():
         if value is None:
             raise ConfigError(f"{path}: field {name!r} is missing")

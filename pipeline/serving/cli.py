@@ -31,7 +31,7 @@ def run_export(args) -> int:
     from pipeline.serving.export import export_generator
     from pipeline.tracking.registry import load_generator_and_side, min_side
 
-    generator, side = load_generator_and_side(args.model, args.tracking_uri, trust_pickle=args.trust_pickle)
+    generator, side, _ = load_generator_and_side(args.model, args.tracking_uri, trust_pickle=args.trust_pickle)
     side = args.size or side
     if side < min_side(generator) or side % min_side(generator):
         raise ConfigError(f"--size must be a multiple of {min_side(generator)} for this generator, got {side}")

@@ -86,7 +86,7 @@ class ColorizerModel:
             photos.append((index, rgb))
         for start in range(0, len(photos), BATCH):
             batch = photos[start : start + BATCH]
-            colored = colorize_rgb(self.generator, [rgb for _, rgb in batch], self.size, self.device)
+            colored = colorize_rgb(self.generator, [rgb for _, rgb in batch], self.size, self.device, self.spec.resize)
             for (index, _), rgb in zip(batch, colored, strict=True):
                 picture = encode_picture(rgb, picture_format, int(params["quality"]))
                 rows[index].update(

@@ -42,11 +42,14 @@ def generator_from_checkpoint(payload: dict) -> nn.Module:
     return generator.eval()
 
 
-def spec_from_checkpoint(payload: dict, image_size: int = 256) -> GeneratorSpec:
-    """The saved-generator spec of a checkpoint's generator, for inputs of `image_size` (the lake's sample side)."""
-    from pipeline.checkpoint import payload_config
+def spec_from_checkpoint(payload: dict, image_size: int | None = None) -> GeneratorSpec:
+    """The saved-generator spec of a checkpoint's generator, for inputs of `image_size` (default: the side it
+    trained at), with the way its samples were cut."""
+    from pipeline.checkpoint import payload_config, trained_resize, trained_side
 
-    return GeneratorSpec.from_config(payload_config(payload), image_size)
+    return GeneratorSpec.from_config(
+        payload_config(payload), image_size or trained_side(payload), trained_resize(payload)
+    )
 
 
 def min_side(generator: nn.Module) -> int:
@@ -139,8 +142,9 @@ def load_generator(
 
 def load_generator_and_side(
     uri: str, tracking_uri: str | None = None, device: str | torch.device = "cpu", trust_pickle: bool = False
-) -> tuple[nn.Module, int]:
-    """`load_generator`, and the input side the generator was trained at (256 where the model does not say)."""
+) -> tuple[nn.Module, int, str]:
+    """`load_generator`, the input side it trained at (256 where the model does not say) and how its training
+    samples were cut ("cover" or "squash"; "cover" where the model does not say): the inference geometry."""
     from pipeline.checkpoint import CHECKPOINT_FILE, load_checkpoint
 
     if uri.startswith("s3://"):  # before any Path(): it would turn s3://b/x.pt into the local s3:/b/x.pt
@@ -165,18 +169,18 @@ def load_generator_and_side(
             return _from_checkpoint(load_checkpoint(checkpoints[-1]), device)
         if is_saved_generator(path):  # a saved generator's own folder (the model's data folder)
             generator, spec = load_saved_generator(path, device)
-            return generator, spec.image_size
+            return generator, spec.image_size, spec.resize
     if path.is_dir():
         return _load_model_folder(path, uri, device, trust_pickle)
     with tempfile.TemporaryDirectory(prefix="recolor-model-") as scratch:
         return _load_model_folder(_download_model(uri, tracking_uri, scratch), uri, device, trust_pickle)
 
 
-def _from_checkpoint(payload: dict, device) -> tuple[nn.Module, int]:
-    from pipeline.checkpoint import trained_side
+def _from_checkpoint(payload: dict, device) -> tuple[nn.Module, int, str]:
+    from pipeline.checkpoint import trained_resize, trained_side
 
     generator = generator_from_checkpoint(payload)
-    return generator.to(device), max(trained_side(payload), min_side(generator))
+    return generator.to(device), max(trained_side(payload), min_side(generator)), trained_resize(payload)
 
 
 def _download_model(uri: str, tracking_uri: str | None, scratch: str) -> Path:
@@ -214,7 +218,7 @@ def _download_bar(shown: bool):
             os.environ.pop(name, None)
 
 
-def _load_model_folder(folder: Path, uri: str, device, trust_pickle: bool) -> tuple[nn.Module, int]:
+def _load_model_folder(folder: Path, uri: str, device, trust_pickle: bool) -> tuple[nn.Module, int, str]:
     """A generator from an MLflow model folder: the saved-generator format, or the old pickled one if trusted."""
     import yaml
 
@@ -232,7 +236,7 @@ def _load_model_folder(folder: Path, uri: str, device, trust_pickle: bool) -> tu
         if not data.is_relative_to(folder.resolve()):
             raise ConfigError(f"{folder / 'MLmodel'}: field 'data' points outside the model folder")
         generator, spec = load_saved_generator(data, device)
-        return generator, spec.image_size
+        return generator, spec.image_size, spec.resize
     if "pytorch" in flavors:
         if not trust_pickle:
             raise ConfigError(
@@ -243,5 +247,5 @@ def _load_model_folder(folder: Path, uri: str, device, trust_pickle: bool) -> tu
 
         print(f"recolor: warning: {uri} is of the old pickled format, loaded because --trust-pickle was given; "
               "a model registered by this recolor holds no pickle", file=sys.stderr)  # fmt: skip
-        return mlflow.pytorch.load_model(str(folder), map_location=torch.device(device)).eval(), 256
+        return mlflow.pytorch.load_model(str(folder), map_location=torch.device(device)).eval(), 256, "cover"
     raise ConfigError(f"{uri} is an MLflow model but not a recolor generator (flavors: {', '.join(flavors) or 'none'})")

@@ -332,7 +332,7 @@ def finish_run(tracking_uri: str, run_id: str, name: str, plan, metrics: dict, p
         tags = {"run_id": run_id, "run_name": name, "datasets": ",".join(plan.refs), **shown}
         registered = log_generator(
             generator,
-            spec_from_checkpoint(payload, image_size=max(plan.size, min_side(generator))),
+            spec_from_checkpoint(payload, image_size=max(plan.size, min_side(generator))),  # resize: the payload's
             run_id,
             tracking_uri,
             registered_name=model_name,

@@ -100,7 +100,7 @@ def test_a_registered_generator_is_json_and_a_plain_state_dict(registry, tmp_pat
     assert "loader_module: pipeline.serving.pyfunc" in mlmodel and "pytorch:" not in mlmodel
     spec = json.loads((folder / "data/generator" / SPEC_FILE).read_text())
     assert spec == {"format": "recolor-generator", "format_version": 1, "arch": "unet_256", "norm": "batch",
-                    "base_filters": 8, "num_downs": 5, "image_size": SIDE}  # fmt: skip
+                    "base_filters": 8, "num_downs": 5, "image_size": SIDE, "resize": "cover"}  # fmt: skip
     state = torch.load(folder / "data/generator" / WEIGHTS_FILE, weights_only=True)
     assert state.keys() == registry.generator.state_dict().keys()
 

@@ -490,7 +490,7 @@ def test_trainer_stops_at_max_steps_and_its_payload_restores_a_fresh_trainer(tin
     payload = load_checkpoint(recorder.saved[2])
     assert payload["position"] == {"stage": 0, "epoch": 0, "step_in_epoch": 2, "global_step": 2}
     assert payload["config"] == config.to_dict()
-    assert payload["data"] == {"refs": plan.refs, "digests": plan.digests, "size": plan.size}
+    assert payload["data"] == {"refs": plan.refs, "digests": plan.digests, "size": plan.size, "resize": plan.resize}
     assert payload["opt_g"]["state"], "the generator's Adam moments are missing"
     assert payload["sched_g"]["last_epoch"] == 0
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from bad_files import hue_picture, write_checkpoint
 from PIL import Image
 
@@ -157,3 +158,38 @@ def test_outputs_in_a_subfolder_of_the_input_are_never_colorized_again(tmp_path,
     assert sorted(Path(p).relative_to(photos / "second").as_posix() for p in other.written) == ["a.png", "b.png"]
     with pytest.raises(ConfigError, match=r"colorized/a.png is a colorized picture"):
         colorize(str(checkpoint), [str(photos / "colorized" / "a.png")], str(tmp_path / "x"), progress=False)
+
+
+# --- the network's view of a photo: as its training samples were cut ---------------------------------------
+
+
+def test_cover_keeps_the_aspect_at_the_training_side_and_pads_to_the_networks_multiple() -> None:
+    from pipeline.colorize.pixels import network_input
+
+    rgb = np.asarray(hue_picture(3, 500, 375))  # 4:3 landscape, like ImageNet's median photo
+    tensor, (height, width) = network_input(rgb, 256, 32, "cover")
+    assert (height, width) == (256, 341) and tuple(tensor.shape) == (1, 256, 352)
+    # The padding mirrors the photo (no black band for the network to colour): column 341 + k is column 339 - k.
+    assert torch.equal(tensor[:, :, 341:], tensor[:, :, 340 - np.arange(1, 12)])
+    portrait, (height, width) = network_input(rgb.transpose(1, 0, 2).copy(), 256, 256, "cover")
+    assert (height, width) == (341, 256) and tuple(portrait.shape) == (1, 512, 256)
+    squashed, (height, width) = network_input(rgb, 256, 32, "squash")
+    assert (height, width) == (256, 256) and tuple(squashed.shape) == (1, 256, 256)
+
+
+def test_colorize_predicts_each_photo_at_its_own_shape_and_crops_the_padding_off() -> None:
+    from pipeline.colorize.pixels import colorize_rgb, network_input, predict_photos
+    from pipeline.models import build_generator
+
+    torch.manual_seed(0)
+    generator = build_generator("unet_256", base_filters=4, num_downs=5).eval()  # a multiple of 32
+    photos = [np.asarray(hue_picture(seed, w, h)) for seed, (w, h) in enumerate([(90, 60), (60, 90), (90, 60)])]
+    inputs = [network_input(rgb, 64, 32, "cover") for rgb in photos]
+    assert [tuple(t.shape) for t, _ in inputs] == [(1, 64, 96), (1, 96, 64), (1, 64, 96)]
+    predicted = predict_photos(generator, inputs, torch.device("cpu"))
+    assert [tuple(ab.shape) for ab in predicted] == [(2, 64, 96), (2, 96, 64), (2, 64, 96)]
+    with torch.no_grad():  # batched by shape, yet the same as one photo at a time
+        alone = generator(inputs[2][0][None])[0][:, :64, :96]
+    assert torch.allclose(predicted[2], alone, atol=1e-6)
+    outputs = colorize_rgb(generator, photos, 64, torch.device("cpu"), "cover")
+    assert [out.shape for out in outputs] == [rgb.shape for rgb in photos]
