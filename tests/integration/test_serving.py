@@ -237,37 +237,45 @@ def test_export_refuses_a_missing_model_and_a_folder_as_output_in_one_line(regis
 
 @pytest.fixture(scope="module")
 def served(registry, tmp_path_factory):
-    """`mlflow models serve -m models:/colorizer@champion --env-manager local` on a free loopback port."""
+    """`mlflow models serve -m models:/colorizer@champion --env-manager local` on a free loopback port (another
+    port once if the first was taken meanwhile: other suites pick free ports too)."""
     root = tmp_path_factory.mktemp("serve")
-    port = free_port()
-    log = open(root / "serve.log", "w")  # noqa: SIM115 - kept open for the server's life
     # MLflow starts `uvicorn` by name: the environment's bin folder must be on PATH, as in an activated venv.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": registry.uri, "PATH": path}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/colorizer@champion", "--env-manager",
-         "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=5) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"mlflow models serve did not start:\n{(root / 'serve.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield SimpleNamespace(url=url, log=root / "serve.log")
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        log.close()
+    for attempt in (1, 2):
+        port = free_port()
+        log_path = root / f"serve-{attempt}.log"
+        with open(log_path, "w") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/colorizer@champion",
+                 "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+                cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            if _wait_for_ping(url, process):
+                yield SimpleNamespace(url=url, log=log_path)
+                return
+            if attempt == 2:
+                raise AssertionError(f"mlflow models serve did not start:\n{log_path.read_text()[-3000:]}")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _wait_for_ping(url: str, process, timeout_s: float = 240) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=5) as answer:
+                if answer.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return False
 
 
 def invoke(served, records: list[dict], params: dict | None = None) -> tuple[int, dict]:
