@@ -57,6 +57,11 @@ def add_colorize_parser(subparsers) -> None:
     colorize.add_argument("--gpu", action="store_true", help="with --ray: one GPU per actor, bf16")
     colorize.add_argument("--tracking-uri", help=TRACKING_HELP)
     colorize.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE_HELP)
+    colorize.add_argument(
+        "--dropout",
+        action="store_true",
+        help="keep the generator's dropout on, as pix2pix tests (sampled colours; default: eval mode, deterministic)",
+    )
     colorize.add_argument("--no-progress", dest="progress", action="store_false")
     colorize.set_defaults(handler=run_colorize)
 
@@ -80,6 +85,7 @@ def run_colorize(args) -> int:
         quality=args.quality,
         overwrite=args.overwrite,
         trust_pickle=args.trust_pickle,
+        dropout=args.dropout,
     )
     if args.ray:
         from pipeline.colorize.cluster import colorize_on_ray

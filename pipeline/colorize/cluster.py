@@ -65,11 +65,14 @@ def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
 class _Colorizer:
     """Stage 2, an actor: the generator, held once per actor, predicts ab for the photos that decoded."""
 
-    def __init__(self, generator_ref, gpu: bool):
+    def __init__(self, generator_ref, gpu: bool, dropout: bool = False):
         import ray
 
+        from pipeline.models import set_inference_mode
+
         self.device = torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
-        self.generator = ray.get(generator_ref[0]).to(self.device).eval()
+        self.generator = set_inference_mode(ray.get(generator_ref[0]).to(self.device), dropout)
+        torch.manual_seed(0)
 
     def __call__(self, batch: dict) -> dict:
         from pipeline.colorize.pixels import predict_photos
@@ -131,6 +134,7 @@ def colorize_on_ray(
     quality: int = 95,
     overwrite: bool = False,
     trust_pickle: bool = False,
+    dropout: bool = False,
 ) -> ColorizeSummary:
     """`pipeline.colorize.local.colorize` as a Ray Data job (see the module's docstring); the same summary.
 
@@ -173,7 +177,7 @@ def colorize_on_ray(
             )
             .map_batches(
                 _Colorizer,
-                fn_constructor_kwargs={"generator_ref": generator_ref, "gpu": gpu},
+                fn_constructor_kwargs={"generator_ref": generator_ref, "gpu": gpu, "dropout": dropout},
                 batch_size=batch_size,
                 compute=ray.data.ActorPoolStrategy(size=actors),
                 num_gpus=1 if gpu else 0,

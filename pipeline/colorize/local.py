@@ -55,6 +55,7 @@ def colorize(
     quality: int = 95,
     overwrite: bool = False,
     trust_pickle: bool = False,
+    dropout: bool = False,
 ) -> ColorizeSummary:
     """Colorize every image of `inputs` into `out_dir` (a folder or an s3:// prefix; names from `list_inputs`).
 
@@ -69,18 +70,22 @@ def colorize(
         picture_format: "png" (lossless) or "jpeg" (at `quality`).
         size: the network's input side; None: the side the model trained at.
         trust_pickle: allow a model of the old pickled format (see `pipeline.tracking.registry.load_generator`).
+        dropout: keep the generator's dropout on, as pix2pix tests (seeded: the same inputs give the same colours).
 
     Raises:
         ConfigError: the model cannot be loaded, or the outputs would overwrite the inputs.
     """
     from tqdm.auto import tqdm
 
+    from pipeline.models import set_inference_mode
     from pipeline.tracking.registry import load_generator_and_side, min_side
 
     torch_device = torch.device(device)
     out, todo, summary = plan_outputs(inputs, out_dir, picture_format, overwrite)
     generator, trained_side, resize = load_generator_and_side(model_uri, tracking_uri, torch_device, trust_pickle)
     size = max(size or trained_side, min_side(generator))
+    set_inference_mode(generator, dropout)
+    torch.manual_seed(0)
     out.record([name for _, name in todo])
     pending: list[tuple[str, str, np.ndarray]] = []
 

@@ -47,6 +47,9 @@ def add_model_parsers(subparsers) -> None:
         action="store_true",
         help="load models of the old pickled format (that runs code stored in them: only a registry you trust)",
     )
+    evaluate.add_argument(
+        "--dropout", action="store_true", help="score with the generator's dropout on, as pix2pix tests (seeded)"
+    )
     evaluate.set_defaults(handler=run_evaluate)
 
     runs = subparsers.add_parser("runs", help="compare training runs from MLflow in the terminal")
@@ -87,6 +90,7 @@ def run_evaluate(args) -> int:
         max_batches=args.max_batches,
         trust_pickle=args.trust_pickle,
         max_bad_fraction=args.max_bad_fraction,
+        dropout=args.dropout,
     )
     refused = result.promotion.get("decision") == "refused"
     if args.json:

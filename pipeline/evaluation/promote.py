@@ -32,7 +32,7 @@ class Evaluation:
 
 
 def compute_metrics(generator, plan, split: str, batch_size: int, device: torch.device, max_batches=None,
-                    max_bad_fraction: float = 0.01) -> dict:  # fmt: skip
+                    max_bad_fraction: float = 0.01, dropout: bool = False) -> dict:  # fmt: skip
     """The training validation's metrics (`eval_*`, gray baseline beside them) over one split of `plan`, with
     `eval_count` (samples scored), `eval_expected` (samples the split holds) and `eval_bad_samples` (skipped).
 
@@ -56,7 +56,10 @@ def compute_metrics(generator, plan, split: str, batch_size: int, device: torch.
     expected = sum(shard.count for shard in shards)
     counter = BadSampleCounter(max_bad_fraction, expected, what="--max-bad-fraction", scope=f"in split {split!r}")
     batches = validation_batches(view, 0, 1, batch_size, max_batches, counter=counter)
-    totals, _ = accumulate(generator.to(device).eval(), batches, device)
+    from pipeline.models import set_inference_mode
+
+    torch.manual_seed(0)  # with dropout: the same draws for every model scored
+    totals, _ = accumulate(set_inference_mode(generator.to(device), dropout), batches, device)
     metrics = finalize(totals.cpu(), prefix="eval_")
     if not metrics:
         raise DataError(f"{', '.join(plan.refs)}: none of the {expected} samples of split {split!r} is readable "
@@ -104,6 +107,7 @@ def evaluate(
     max_batches: int | None = None,
     trust_pickle: bool = False,
     max_bad_fraction: float = 0.01,
+    dropout: bool = False,
 ) -> Evaluation:
     """Evaluate a generator on a lake dataset, log an evaluation run, optionally promote it to `champion`.
 
@@ -142,7 +146,7 @@ def evaluate(
     torch_device = torch.device(device)
     plan = resolve_data([dataset], lake)
     generator = load_generator(model_uri, tracking_uri, torch_device, trust_pickle=trust_pickle)
-    metrics = compute_metrics(generator, plan, split, batch_size, torch_device, max_batches, max_bad_fraction)
+    metrics = compute_metrics(generator, plan, split, batch_size, torch_device, max_batches, max_bad_fraction, dropout)
     result = Evaluation(model_uri, plan.refs[0], split, metrics)
     partial = partial_reason(metrics)
 
@@ -173,6 +177,7 @@ def evaluate(
             tracking_uri,
             max_batches,
             trust_pickle,
+            dropout,
         )
 
     experiment_id = get_experiment_id(client, experiment, tracking_uri)
@@ -211,7 +216,7 @@ def evaluate(
 
 
 def _promotion(client, name, version, metrics, metric, plan, split, batch_size, device, tracking_uri, max_batches,
-               trust_pickle=False):  # fmt: skip
+               trust_pickle=False, dropout=False):  # fmt: skip
     from pipeline.tracking.registry import load_generator
 
     key = f"eval_{metric}"
@@ -227,7 +232,7 @@ def _promotion(client, name, version, metrics, metric, plan, split, batch_size, 
     if str(champion.version) == str(version):
         return decision | {"decision": "unchanged", "reason": "already the champion"}
     champion_model = load_generator(f"models:/{name}/{champion.version}", tracking_uri, device, trust_pickle)
-    champion_value = compute_metrics(champion_model, plan, split, batch_size, device, max_batches)[key]
+    champion_value = compute_metrics(champion_model, plan, split, batch_size, device, max_batches, dropout=dropout)[key]
     decision["champion_value"] = champion_value
     if better(metric, metrics[key], champion_value):
         client.set_registered_model_alias(name, "champion", str(version))

@@ -27,6 +27,7 @@ __all__ = [
     "init_weights",
     "load_backbone_weights",
     "norm_layer",
+    "set_inference_mode",
 ]
 
 
@@ -105,3 +106,14 @@ def build_discriminator(
     return PatchGANDiscriminator(
         in_channels=in_channels, base_filters=base_filters, num_layers=num_layers, norm=norm, init_std=init_std
     )
+
+
+def set_inference_mode(generator: nn.Module, dropout: bool = False) -> nn.Module:
+    """Eval mode (BatchNorm's running statistics, no dropout), or with `dropout` eval mode but the dropout layers
+    on, as pix2pix tests: a sampled colorization instead of the deterministic one. Returns the generator."""
+    generator.eval()
+    if dropout:
+        for module in generator.modules():
+            if isinstance(module, nn.Dropout):
+                module.train()
+    return generator

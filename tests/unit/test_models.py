@@ -270,3 +270,17 @@ def test_backbone_loading_accepts_files_without_num_batches_tracked(torchvision_
     load_backbone_weights(model, old_style)
     assert torch.equal(model.encoder.bn1.running_mean, torchvision_state_dict["bn1.running_mean"])
     assert model.encoder.bn1.num_batches_tracked.item() == 0
+
+
+def test_inference_mode_is_deterministic_and_dropout_on_request_samples() -> None:
+    from pipeline.models import build_generator, set_inference_mode
+
+    torch.manual_seed(0)
+    generator = build_generator("unet_256", base_filters=4, num_downs=5)
+    light = torch.rand(1, 1, 32, 32) * 2 - 1
+    with torch.no_grad():
+        set_inference_mode(generator)
+        assert torch.equal(generator(light), generator(light))  # eval: dropout off, running statistics
+        set_inference_mode(generator, dropout=True)
+        assert not torch.equal(generator(light), generator(light))  # dropout on: another draw each call
+        assert not any(m.training for m in generator.modules() if isinstance(m, torch.nn.BatchNorm2d))
