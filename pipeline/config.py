@@ -80,6 +80,7 @@ class DataConfig:
     global_batch_size: int | None = None  # the batch of one update over all workers, split evenly; sets batch_size
     shuffle_window: int = 512  # samples shuffled together (after a seeded shuffle of shard order)
     flip: bool = True  # random horizontal flip of training samples
+    rotate_degrees: float = 0.0  # random rotation within +-this many degrees, zoomed to fill the frame; 0: off
     prefetch_batches: int = 4  # batches read ahead by a background thread
     max_val_batches: int | None = None  # cap validation per worker (None: the whole split)
     max_bad_fraction: float = 0.01  # stop when more than this share of samples is corrupt
@@ -91,6 +92,8 @@ class DataConfig:
             raise ConfigError(f"data.shuffle_window must be at least 1, got {self.shuffle_window}")
         if not 0 <= self.max_bad_fraction <= 1:
             raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if not 0 <= self.rotate_degrees <= 45:
+            raise ConfigError(f"data.rotate_degrees must be in [0, 45], got {self.rotate_degrees}")
         if self.global_batch_size is not None and self.global_batch_size < 1:
             raise ConfigError(f"data.global_batch_size must be at least 1, got {self.global_batch_size}")
 

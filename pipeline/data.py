@@ -314,9 +314,11 @@ def train_samples(
     skip_in_window: int,
     flip: bool,
     counter: BadSampleCounter,
+    rotate: float = 0.0,
 ) -> Iterator[np.ndarray]:
-    """Decode, shuffle within windows, flip. Corrupt samples are replaced by a good one of the same window
-    (and counted), so the rank still yields exactly as many samples as planned."""
+    """Decode, shuffle within windows, flip, rotate (within +-`rotate` degrees; 0: never). Corrupt samples are
+    replaced by a good one of the same window (and counted), so the rank still yields exactly as many samples as
+    planned. Every draw comes from the window's seeded generator: a resumed epoch repeats them."""
     for number, items in enumerate(windows(raw, window), start=first_window):
         arrays = []
         for uri, key, data in items:
@@ -330,10 +332,33 @@ def train_samples(
         rng = np.random.default_rng([seed, epoch, rank, number])
         order = rng.permutation(len(arrays))
         flips = rng.random(len(arrays)) < 0.5
+        angles = (
+            rng.uniform(-rotate, rotate, len(arrays)) if rotate else None
+        )  # after the flips: they stay as they were
         start = skip_in_window if number == first_window else 0
         for position in range(start, len(arrays)):
             array = arrays[order[position]]
-            yield np.ascontiguousarray(array[:, :, ::-1]) if flip and flips[position] else array
+            if flip and flips[position]:
+                array = np.ascontiguousarray(array[:, :, ::-1])
+            yield rotate_lab8(array, float(angles[position])) if angles is not None else array
+
+
+def rotate_lab8(array: np.ndarray, degrees: float) -> np.ndarray:
+    """A stored Lab sample (uint8, (3, S, S)) rotated by `degrees` and zoomed so no empty corner shows (bilinear:
+    the stored channels are linear in L, a and b)."""
+    import math
+
+    from PIL import Image
+
+    if degrees == 0:
+        return array
+    side = array.shape[-1]
+    image = Image.fromarray(np.ascontiguousarray(array.transpose(1, 2, 0)), "RGB").rotate(degrees, Image.BILINEAR)
+    radians = math.radians(abs(degrees))
+    inner = side / (math.cos(radians) + math.sin(radians))  # the largest upright square inside the rotated one
+    margin = (side - inner) / 2 + 1.0  # a pixel more: bilinear samples at the rotated edge blend in the empty fill
+    zoomed = image.resize((side, side), Image.BILINEAR, box=(margin, margin, side - margin, side - margin))
+    return np.ascontiguousarray(np.asarray(zoomed).transpose(2, 0, 1))
 
 
 def batches(arrays: Iterable[np.ndarray], batch_size: int, drop_last: bool) -> Iterator[np.ndarray]:
@@ -354,6 +379,7 @@ def train_batches(
     start_step: int = 0,
     max_bad_fraction: float = 0.01,
     opener: Callable = open_shard,
+    rotate: float = 0.0,
 ) -> tuple[Iterator[np.ndarray], int, BadSampleCounter]:
     """One epoch of uint8 Lab batches (batch, 3, H, W) for this rank, from step `start_step` on.
 
@@ -366,7 +392,7 @@ def train_batches(
     counter = BadSampleCounter(max_bad_fraction, steps * batch_size)
     raw = read_segments(segments, skip=first_window * shuffle_window, opener=opener)
     samples = train_samples(
-        raw, plan.size, shuffle_window, seed, epoch, rank, first_window, skip_in_window, flip, counter
+        raw, plan.size, shuffle_window, seed, epoch, rank, first_window, skip_in_window, flip, counter, rotate
     )
     return batches(samples, batch_size, drop_last=True), steps, counter
 

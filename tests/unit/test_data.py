@@ -505,3 +505,33 @@ def test_a_plan_round_trips_through_a_plain_dict() -> None:
     plan = make_plan([ShardInfo("s3://lake/a.tar", 3)], [ShardInfo("/lake/b.tar", 2)])
     assert DataPlan.from_dict(plan.to_dict()) == plan
     assert plan.count("train") == 3 and plan.count("val") == 2
+
+
+# --- rotation (off by default) ----------------------------------------------------------------------------
+
+
+def test_rotation_turns_the_sample_and_leaves_no_empty_corner() -> None:
+    from pipeline.data import rotate_lab8
+
+    side = 64
+    y, x = np.mgrid[0:side, 0:side]
+    array = np.stack([np.full((side, side), 200), 128 + (x - side // 2), 128 + (y - side // 2)]).astype(np.uint8)
+    assert rotate_lab8(array, 0.0) is array
+    turned = rotate_lab8(array, 20.0)
+    assert turned.shape == array.shape and turned.dtype == np.uint8
+    assert (turned[0] >= 199).all()  # a constant L stays constant everywhere: no black (L 0) corner came in
+    assert not np.array_equal(turned, array)
+    # The a gradient, horizontal before, now also varies down a column.
+    assert np.ptp(turned[1, :, side // 2].astype(int)) > 5
+
+
+def test_rotation_is_drawn_per_sample_and_repeats_on_resume(tmp_path) -> None:
+    plan = make_plan(write_shards(tmp_path, [12]))
+    first, _, _ = train_batches(plan, 0, 0, 0, 1, 4, 8, False, rotate=15.0)
+    again, _, _ = train_batches(plan, 0, 0, 0, 1, 4, 8, False, rotate=15.0)
+    plain, _, _ = train_batches(plan, 0, 0, 0, 1, 4, 8, False)
+    first, again, plain = list(first), list(again), list(plain)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))  # seeded: the same draws
+    assert not all(np.array_equal(a, b) for a, b in zip(first, plain, strict=True))
+    resumed, _, _ = train_batches(plan, 0, 0, 0, 1, 4, 8, False, start_step=1, rotate=15.0)
+    assert all(np.array_equal(a, b) for a, b in zip(list(resumed), first[1:], strict=True))
