@@ -226,7 +226,7 @@ def start_or_resume_run(
             # One input per split: MLflow keeps a single context per dataset name and digest.
             for split, context in (("train", "training"), ("val", "validation")):
                 dataset = lake_dataset(f"{ref}/{split}", plan.uris[ref], plan.digests[ref])
-                mlflow.log_input(dataset, context=context)
+                _log_input(dataset, context)
     client.update_run(run_id, status="RUNNING")
     return run_id, False
 
@@ -279,6 +279,24 @@ def end_failed_run(tracking_uri: str, run_id: str, reason: str, status: str = "F
 def manifest_tag(ref: str) -> str:
     """The tag holding a dataset version's full manifest SHA-256 (`@` is not allowed in MLflow keys)."""
     return "recolor.manifest." + ref.replace("@", ":")
+
+
+def _log_input(dataset, context: str, attempts: int = 5) -> None:
+    """`mlflow.log_input`, again when a concurrent run (a sweep's trials start together) created the same dataset
+    row first: a SQL store then refuses the second insert (UNIQUE constraint); the retry links the existing row."""
+    import time
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(1, attempts + 1):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except MlflowException as e:
+            if attempt == attempts or "UNIQUE constraint" not in str(e) and "IntegrityError" not in str(e):
+                raise
+            time.sleep(0.2 * attempt)
 
 
 def lake_dataset(ref: str, uri: str, manifest_sha256: str):
