@@ -89,7 +89,7 @@ class _Colorizer:
         return batch
 
 
-def _write(batch: dict, out_dir: str, picture_format: str, quality: int) -> dict:
+def _write(batch: dict, out_dir: str, picture_format: str, quality: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """Stage 3: the full-resolution picture of each colorized photo, written; the outcome of every input."""
     from ingest.storage import StorageError
     from pipeline.colorize.files import OutputFolder
@@ -104,7 +104,7 @@ def _write(batch: dict, out_dir: str, picture_format: str, quality: int) -> dict
             continue
         try:
             ab = torch.from_numpy(np.asarray(ab, dtype=np.float32))
-            picture = encode_picture(compose(decode_photo(data), ab), picture_format, quality)
+            picture = encode_picture(compose(decode_photo(data, max_pixels), ab), picture_format, quality)
             out.write(name, picture)
         except PhotoRefused as e:
             statuses.append(REFUSED)
@@ -184,7 +184,12 @@ def colorize_on_ray(
             )
             .map_batches(
                 _write,
-                fn_kwargs={"out_dir": out_dir, "picture_format": picture_format, "quality": quality},
+                fn_kwargs={
+                    "out_dir": out_dir,
+                    "picture_format": picture_format,
+                    "quality": quality,
+                    "max_pixels": max_pixels,  # the photo is decoded again here: the same limit as in stage 1
+                },
                 batch_size=batch_size,
             )
         )
