@@ -14,7 +14,13 @@ CHUNK = 4 * 2**20
 
 
 def main(argv: list[str]) -> int:
+    import signal
+
     from ingest.storage import StorageError, open_uri
+
+    # A reader that stops early (webdataset closing the pipe mid-shard) ends this process as `cat` would end:
+    # by SIGPIPE (status 141 in the shell), which webdataset expects, not by an error message.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 
     if len(argv) != 1:
         print("usage: python -m ingest.storage.cat URI", file=sys.stderr)

@@ -48,6 +48,8 @@ def list_inputs(inputs: list[str], suffix: str = ".png") -> tuple[list[tuple[str
                     found.append((given, given.rstrip("/").rsplit("/", 1)[-1]))
         else:
             found.append((given, Path(given).name))
+    found, refused = _safe_names(found)
+    failed += refused
     items: list[tuple[str, str]] = []
     claimed: dict[str, str] = {}
     for (uri, _), target in zip(found, output_names([name for _, name in found], suffix), strict=True):
@@ -60,6 +62,19 @@ def list_inputs(inputs: list[str], suffix: str = ".png") -> tuple[list[tuple[str
 
 
 OUTPUT_MARKER = ".recolor-colorized"  # in every output folder: the names written there, one a line
+
+
+def _safe_names(found: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Names become output paths: one that is absolute or climbs (`/home/u/x.jpg`, `a/../../x.jpg`, from an odd
+    S3 key) would write outside the output folder; it is refused as `bad_name`."""
+    kept, refused = [], []
+    for uri, name in found:
+        parts = PurePosixPath(name).parts
+        if not name or name.startswith("/") or ".." in parts:
+            refused.append((uri, f"bad_name: {name!r} would not stay inside the output folder"))
+        else:
+            kept.append((uri, name))
+    return kept, refused
 
 
 def guard_outputs(items: list[tuple[str, str]], inputs: list[str], out: str | Path) -> list[tuple[str, str]]:

@@ -29,6 +29,7 @@ from ingest.lab import (
 )
 
 PICTURE_FORMATS = ("png", "jpeg")
+MAX_ASPECT = 4  # "cover" keeps the aspect up to 4:1 (the network sees at most 4x the training area); beyond, squash
 SUFFIXES = {"png": ".png", "jpeg": ".jpg"}
 
 
@@ -73,12 +74,14 @@ def network_input(rgb: np.ndarray, size: int, multiple: int = 1, resize: str = "
     """The network's input for an 8-bit RGB photo: its L in [-1, 1], (1, H, W), and the (h, w) of the photo in it.
 
     "squash": the whole frame at `size` x `size`. "cover": the short side at `size`, the aspect kept, padded by
-    reflection on the bottom and right to multiples of `multiple` (the generator's: 2**num_downs for the U-Net).
+    reflection on the bottom and right to multiples of `multiple` (the generator's: 2**num_downs for the U-Net);
+    a photo more elongated than MAX_ASPECT is squashed instead.
     """
     from PIL import Image
 
     height, width = rgb.shape[:2]
-    if resize == "squash":
+    if resize == "squash" or max(height, width) > MAX_ASPECT * min(height, width):
+        # Beyond MAX_ASPECT (a 1 x 4000 strip) the short-side fit would feed the network a huge input.
         target = (size, size)
     else:
         scale = size / min(height, width)

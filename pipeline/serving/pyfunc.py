@@ -8,7 +8,8 @@ model's data folder, a saved generator (`pipeline.models.saved`); no code comes 
         -d "{\\"dataframe_records\\": [{\\"image\\": \\"$(base64 -w0 photo.jpg)\\"}]}"
 
 Input: a table with a column `image` (the file's bytes; base64 in JSON) or `path` (a file or s3://
-object the server reads with its own access), a row an image. Params: `format` (png or jpeg),
+object below $RECOLOR_SERVE_PATH_ROOT, read with the server's access; refused when that is unset), a row
+an image. Params: `format` (png or jpeg),
 `quality` (jpeg), `max_pixels`. Output: a row per input with `image` (the colorized picture, base64,
 at the input's full resolution with its L channel), `width`, `height`, and `error` (why a row could
 not be colorized, else ""; such a row has an empty image and sizes 0). A request whose every row
@@ -76,23 +77,32 @@ class ColorizerModel:
             _refuse(f"the input needs a column 'image' (bytes or base64) or 'path'; got {list(data.columns)}")
         rows: list[dict] = []
         photos: list[tuple[int, np.ndarray]] = []
-        for index, record in enumerate(data.to_dict("records")):
-            rows.append({"image": "", "width": 0, "height": 0, "error": ""})
-            try:
-                rgb = self._photo(record, int(params["max_pixels"]))
-            except PhotoRefused as e:
-                rows[index]["error"] = f"row {index}: {e.reason}"
-                continue
-            photos.append((index, rgb))
-        for start in range(0, len(photos), BATCH):
-            batch = photos[start : start + BATCH]
-            colored = colorize_rgb(self.generator, [rgb for _, rgb in batch], self.size, self.device, self.spec.resize)
-            for (index, _), rgb in zip(batch, colored, strict=True):
+        # A request may lower the decompression-bomb limit, never raise it above the server's.
+        max_pixels = min(int(params["max_pixels"]), DEFAULT_MAX_PIXELS)
+        records = data.to_dict("records")
+
+        def flush() -> None:
+            colored = colorize_rgb(self.generator, [rgb for _, rgb in photos], self.size, self.device, self.spec.resize)
+            for (index, _), rgb in zip(photos, colored, strict=True):
                 picture = encode_picture(rgb, picture_format, int(params["quality"]))
                 rows[index].update(
                     image=base64.b64encode(picture).decode("ascii"), width=rgb.shape[1], height=rgb.shape[0]
                 )
-        if rows and not photos:
+            colorized[0] += len(photos)
+            photos.clear()
+
+        colorized = [0]
+        for index, record in enumerate(records):  # decoded a batch at a time: a long request holds one batch
+            rows.append({"image": "", "width": 0, "height": 0, "error": ""})
+            try:
+                photos.append((index, self._photo(record, max_pixels)))
+            except PhotoRefused as e:
+                rows[index]["error"] = f"row {index}: {e.reason}"
+            if len(photos) == BATCH:
+                flush()
+        if photos:
+            flush()
+        if rows and not colorized[0]:
             _refuse("no image could be colorized: " + "; ".join(row["error"] for row in rows))
         return pd.DataFrame(rows, columns=["image", "width", "height", "error"])
 
@@ -109,8 +119,31 @@ class ColorizerModel:
         if isinstance(path, str) and path:
             from pipeline.colorize.pixels import read_photo
 
-            return read_photo(path, max_pixels)
+            return read_photo(_allowed_path(path), max_pixels)
         raise PhotoRefused("empty: neither 'image' nor 'path' is given")
+
+
+PATH_ROOT_ENV = "RECOLOR_SERVE_PATH_ROOT"
+
+
+def _allowed_path(path: str) -> str:
+    """A `path` row is read only below $RECOLOR_SERVE_PATH_ROOT (a folder or an s3:// prefix); without it, never:
+    an endpoint must not read whatever its own credentials reach for anyone who can post to it."""
+    import os
+    from pathlib import Path
+
+    root = os.environ.get(PATH_ROOT_ENV, "").strip()
+    if not root:
+        raise PhotoRefused(f"path_refused: reading paths is off on this server (set {PATH_ROOT_ENV} to allow a root)")
+    if root.startswith("s3://") or path.startswith("s3://"):
+        prefix = root.rstrip("/") + "/"
+        if path.startswith(prefix) and "/../" not in path and not path.endswith("/.."):
+            return path
+    else:
+        resolved = Path(os.path.realpath(path))
+        if resolved.is_relative_to(Path(os.path.realpath(root))):
+            return str(resolved)
+    raise PhotoRefused(f"path_refused: {path} is not below the served root")
 
 
 def _refuse(message: str):

@@ -33,7 +33,7 @@ def add_sweep_parser(subparsers) -> None:
     parser.add_argument("--random", type=int, metavar="N", help="run N combinations picked at random (see --seed)")
     parser.add_argument("--seed", type=int, default=0, help="the --random pick (default: 0)")
     parser.add_argument("--metric", default="val_l1_ab", help="the ranking's validation metric (default: val_l1_ab)")
-    parser.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers of a trial (default: 1)")
+    parser.add_argument("--workers-per-trial", type=int, help="Ray Train workers of a trial (default: the preset's)")
     parser.add_argument("--max-concurrent", type=int, default=2, help="trials at once (default: 2)")
     parser.add_argument("--stop-early", choices=("asha", "median"), help="stop losing trials after a validation")
     parser.add_argument("--name", help="the sweep's name (default: the preset's and a digest of the grid)")

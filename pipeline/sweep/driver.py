@@ -49,7 +49,7 @@ class SweepOptions:
 
     name: str  # the parent run's name; trials are NAME-00, NAME-01, ...
     metric: str = "val_l1_ab"  # a validation metric (val_*), ranked lower- or higher-is-better by its kind
-    workers_per_trial: int = 1  # Ray Train workers of each trial
+    workers_per_trial: int | None = None  # Ray Train workers of each trial; None: the preset's (or override's)
     max_concurrent: int = 2  # trials training at once
     stop_early: str | None = None  # None, "asha" or "median"
     register: bool = True  # register the best trial's generator as the model (alias candidate)
@@ -88,7 +88,7 @@ def trial_configs(preset: str | None, base_overrides: list[str], trials: list[Tr
             dataclasses.replace(
                 config,
                 name=trial.name(options.name),
-                workers=options.workers_per_trial,
+                workers=options.workers_per_trial or config.workers,
                 data=data,
                 storage=resolve_storage(config.storage),
             )
@@ -110,13 +110,22 @@ def run_sweep(preset: str | None, base_overrides: list[str], trials: list[Trial]
     from pipeline.tracking.runs import check_tracking_server, resolve_tracking_uri
     from pipeline.train.driver import check_before_start
 
-    known = sorted(f"val_{name}" for name in metric_names() if name != "count")
+    # The gray baseline's metrics are the same for every trial: ranking by them would rank nothing.
+    known = sorted(f"val_{name}" for name in metric_names() if name != "count" and not name.startswith("gray_"))
     if options.metric not in known:
         raise ConfigError(f"--metric must be a validation metric: one of {', '.join(known)}")
     if options.stop_early is not None and options.stop_early not in SCHEDULERS:
         raise ConfigError(f"--stop-early must be one of {SCHEDULERS}, got {options.stop_early!r}")
-    if options.max_concurrent < 1 or options.workers_per_trial < 1:
+    if options.max_concurrent < 1 or (options.workers_per_trial is not None and options.workers_per_trial < 1):
         raise ConfigError("--max-concurrent and --workers-per-trial must be at least 1")
+    if any(key == "workers" for trial in trials for key, _ in trial.overrides):
+        raise ConfigError("--grid workers=...: a trial's workers are --workers-per-trial (the same for every trial)")
+    address = ray_address or os.environ.get("RAY_ADDRESS") or ""
+    if options.stop_early and address.startswith("ray://"):
+        # Ray Tune then runs the tuner on the cluster: its scheduler's decisions never reach this process.
+        raise ConfigError(
+            "--stop-early with a ray:// address: run the sweep on the cluster with `recolor submit sweep`"
+        )
     configs = trial_configs(preset, base_overrides, trials, options)
     plan = resolve_data(configs[0].data.datasets, configs[0].data.lake)
     check_before_start(configs[0], plan, ray_address)
@@ -127,7 +136,7 @@ def run_sweep(preset: str | None, base_overrides: list[str], trials: list[Trial]
     parent_run_id = _open_parent(tracking_uri, tracking, options, preset, trials) if tracking_uri else None
 
     # The trials' Train workers, and a little for the trial drivers themselves (a local instance only).
-    needed = options.max_concurrent * options.workers_per_trial * configs[0].cpus_per_worker + 1
+    needed = options.max_concurrent * configs[0].workers * configs[0].cpus_per_worker + 1
     with ensure_ray(ray_address, max(os.cpu_count() or 1, needed)):
         from ray import tune
 
@@ -295,7 +304,8 @@ def _open_parent(tracking_uri: str, tracking, options: SweepOptions, preset, tri
             axes.setdefault(key, []).append(value)
     description = (
         f"**sweep {options.name}**: {len(trials)} trials of preset `{preset or 'defaults'}`, ranked by "
-        f"`{options.metric}`, {options.workers_per_trial} worker(s) a trial, {options.max_concurrent} at once"
+        f"`{options.metric}`, {options.workers_per_trial or 'the preset'} worker(s) a trial, "
+        f"{options.max_concurrent} at once"
         + (f", losing trials stopped early ({options.stop_early})" if options.stop_early else "")
         + "\n\n"
         + "\n".join(f"- `{key}`: {', '.join(dict.fromkeys(values))}" for key, values in axes.items())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 
 SWEEP_TAG = "recolor.sweep"
 ROLE_TAG = "recolor.sweep.role"
@@ -41,13 +42,15 @@ def ranking(client, experiment_id: str, sweep: str, metric: str) -> list[dict]:
     for run in trial_runs(client, experiment_id, sweep):
         tags = run.data.tags
         history = client.get_metric_history(run.info.run_id, metric)
+        value = run.data.metrics.get(metric)
+        value = None if value is None or math.isnan(value) else value  # a diverged trial ranks with the unscored
         rows.append(
             {
                 "trial": int(tags.get(TRIAL_TAG, -1)),
                 "run_id": run.info.run_id,
                 "name": run.info.run_name,
                 "status": run.info.status,
-                metric: run.data.metrics.get(metric),
+                metric: value,
                 "validations": len(history),
                 "decision": tags.get(DECISION_TAG, ""),
                 **{

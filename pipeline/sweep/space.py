@@ -8,6 +8,7 @@ finds each trial's Ray Train run and MLflow run again.
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from dataclasses import dataclass
 
@@ -59,12 +60,27 @@ def build_trials(axes: list[str], random_count: int | None = None, seed: int = 0
     keys = [key for key, _ in parsed]
     if len(set(keys)) != len(keys):
         raise ConfigError(f"--grid: a key is on two axes ({', '.join(sorted({k for k in keys if keys.count(k) > 1}))})")
-    combos = list(itertools.product(*(values for _, values in parsed)))
-    if random_count is not None:
+    axes_values = [values for _, values in parsed]
+    total = math.prod(len(values) for values in axes_values)
+    if random_count is None:
+        if total > MAX_TRIALS:
+            raise ConfigError(f"the grid has {total} trials (more than {MAX_TRIALS}): use --random N")
+        combos = list(itertools.product(*axes_values))
+    else:
         if random_count < 1:
             raise ConfigError(f"--random must be at least 1, got {random_count}")
-        picked = sorted(random.Random(seed).sample(range(len(combos)), min(random_count, len(combos))))
-        combos = [combos[index] for index in picked]
-    if len(combos) > MAX_TRIALS:
-        raise ConfigError(f"the grid has {len(combos)} trials (more than {MAX_TRIALS}): use --random N")
+        if random_count > MAX_TRIALS:
+            raise ConfigError(f"--random {random_count}: at most {MAX_TRIALS} trials")
+        # Picked by index, never listing the whole grid (four axes of 100 values are 10**8 combinations).
+        picked = sorted(random.Random(seed).sample(range(total), min(random_count, total)))
+        combos = [_combination(index, axes_values) for index in picked]
     return [Trial(index, tuple(zip(keys, combo, strict=True))) for index, combo in enumerate(combos)]
+
+
+def _combination(index: int, axes_values: list[list[str]]) -> tuple[str, ...]:
+    """The `index`-th combination of `itertools.product(*axes_values)`, without listing the others."""
+    picked = []
+    for values in reversed(axes_values):
+        index, position = divmod(index, len(values))
+        picked.append(values[position])
+    return tuple(reversed(picked))

@@ -193,3 +193,47 @@ def test_colorize_predicts_each_photo_at_its_own_shape_and_crops_the_padding_off
     assert torch.allclose(predicted[2], alone, atol=1e-6)
     outputs = colorize_rgb(generator, photos, 64, torch.device("cpu"), "cover")
     assert [out.shape for out in outputs] == [rgb.shape for rgb in photos]
+
+
+def test_names_that_would_leave_the_output_folder_are_refused() -> None:
+    from pipeline.colorize.files import _safe_names
+
+    kept, refused = _safe_names([("s3://b/p//etc/x.jpg", "/etc/x.jpg"), ("s3://b/p/a/../../x.jpg", "a/../../x.jpg"),
+                                 ("s3://b/p/ok/x.jpg", "ok/x.jpg")])  # fmt: skip
+    assert kept == [("s3://b/p/ok/x.jpg", "ok/x.jpg")]
+    assert [reason.split(":")[0] for _, reason in refused] == ["bad_name", "bad_name"]
+
+
+def test_a_strip_photo_is_squashed_not_fed_to_the_network_at_its_length() -> None:
+    from pipeline.colorize.pixels import network_input
+
+    strip = np.asarray(hue_picture(1, 4000, 2))
+    tensor, crop = network_input(strip, 64, 32, "cover")
+    assert crop == (64, 64) and tuple(tensor.shape) == (1, 64, 64)
+
+
+def test_the_serving_model_reads_paths_only_below_its_root_and_caps_max_pixels(tmp_path, monkeypatch) -> None:
+    import pandas as pd
+
+    from pipeline.models.saved import GeneratorSpec, save_generator
+    from pipeline.serving.pyfunc import ColorizerModel
+
+    spec = GeneratorSpec("unet_256", "batch", 4, 5, 32)
+    model = ColorizerModel(str(save_generator(spec.build(), spec, tmp_path / "model")), device="cpu")
+    inside = picture(tmp_path / "served" / "a.png", 1)
+    outside = picture(tmp_path / "private" / "b.png", 2)
+    monkeypatch.delenv("RECOLOR_SERVE_PATH_ROOT", raising=False)
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException, match="path_refused: reading paths is off"):
+        model.predict(pd.DataFrame({"path": [str(inside)]}))
+    monkeypatch.setenv("RECOLOR_SERVE_PATH_ROOT", str(tmp_path / "served"))
+    answer = model.predict(
+        pd.DataFrame({"path": [str(inside), str(outside), str(tmp_path / "served/../private/b.png")]})
+    )
+    assert answer["error"][0] == "" and answer["width"][0] == 24
+    assert answer["error"][1].startswith("row 1: path_refused") and answer["error"][2].startswith("row 2: path_refused")
+    big = model.predict(pd.DataFrame({"path": [str(inside)]}), params={"max_pixels": 10**12})  # capped, not raised
+    assert big["error"][0] == ""
+    with pytest.raises(MlflowException, match="too_large"):  # a request may lower the limit
+        model.predict(pd.DataFrame({"path": [str(inside)]}), params={"max_pixels": 10})

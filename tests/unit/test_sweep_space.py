@@ -55,3 +55,12 @@ def test_the_default_name_is_the_same_for_the_same_command_only() -> None:
     assert name.startswith("demo-sweep-") and name == default_name("configs/demo.yaml", ["a=1,2"], None, 0, [])
     assert name != default_name("configs/demo.yaml", ["a=1,3"], None, 0, [])
     assert name == default_name("configs/demo.yaml", ["a=1,2"], None, 7, [])  # the seed counts only with --random
+
+
+def test_a_random_pick_from_a_huge_grid_never_lists_it() -> None:
+    axes = [f"k{axis}=" + ",".join(str(value) for value in range(100)) for axis in range(4)]  # 10**8 combinations
+    trials = build_trials(axes, 5, 3)
+    assert len(trials) == 5 and len({trial.overrides for trial in trials}) == 5
+    assert all([key for key, _ in trial.overrides] == ["k0", "k1", "k2", "k3"] for trial in trials)
+    with pytest.raises(ConfigError, match="100000000 trials"):
+        build_trials(axes)
