@@ -52,7 +52,7 @@ def ranking_rows(workspace, parent) -> list[dict]:
 def grid(workspace):
     """A 2x2 grid (learning rate x normalization), two trials at once, then the same command again."""
     args = ("--grid", "stages.0.lr=1e-4,2e-4", "--grid", "model.norm=batch,instance", "stages.0.epochs=2",
-            "--max-concurrent", "2", "--name", "grid")  # fmt: skip
+            "--workers-per-trial", "1", "--max-concurrent", "2", "--name", "grid")  # fmt: skip
     first = workspace.sweep(*args)
     runs = runs_of(workspace, "grid")
     histories = {run.info.run_name: len(workspace.client.get_metric_history(run.info.run_id, "val_l1_ab"))
@@ -114,6 +114,7 @@ def test_rerunning_the_sweep_trains_nothing(grid, workspace) -> None:
 def test_asha_stops_a_losing_trial_and_records_why(workspace) -> None:
     """A learning rate of 0.5 wrecks the U-Net at once: ASHA stops that trial at a validation and the run says so."""
     args = ("--grid", "stages.0.lr=2e-4,0.5", "stages.0.epochs=5", "--max-concurrent", "1", "--stop-early", "asha",
+            "--workers-per-trial", "1",
             "--name", "asha", "--no-register")  # fmt: skip
     result = workspace.sweep(*args)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
