@@ -294,7 +294,8 @@ class Lake:
             raise LakeError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
         if form not in URL_FORMS:
             raise LakeError(f"unknown URL form {form!r}: use one of {', '.join(URL_FORMS)}")
-        uris = [entry["uri"] for entry in self.shards(ref, split)]
+        entries = self.shards(ref, split)
+        uris = [entry["uri"] for entry in entries]
         if form == "pipe":
             return [f"pipe:{shlex.join([sys.executable, '-m', 'ingest.storage.cat', uri])}" for uri in uris]
         if form == "aws":
@@ -304,8 +305,7 @@ class Lake:
                 f"pipe:{shlex.join(['aws', 's3', 'cp', *options, uri, '-'])}" if is_s3(uri) else uri for uri in uris
             ]
         if form == "presigned" and hasattr(self.storage, "presigned_url"):
-            return [self.storage.presigned_url(f"{ref.dataset}/{entry['path']}", expires)
-                    for entry in self.shards(ref, split)]  # fmt: skip
+            return [self.storage.presigned_url(f"{ref.dataset}/{entry['path']}", expires) for entry in entries]
         return uris
 
     def commit_version(self, dataset: str, version: int, record: dict) -> None:

@@ -24,12 +24,13 @@ import numpy as np
 LAB_MEMBER = "lab.npy"
 META_MEMBER = "json"
 CHECKSUM_FIELD = "lab_crc32"
+_CHECKSUM_KEY = CHECKSUM_FIELD.encode()  # looked for in every sample's metadata bytes on the read path
 
 
 def checksum_matches(lab: bytes, meta: bytes | None) -> bool:
     """Whether a sample's .lab.npy bytes have the CRC-32 its metadata records (True for samples ingested before
     checksums were recorded, and for metadata that names none)."""
-    if meta is None or CHECKSUM_FIELD.encode() not in meta:
+    if meta is None or _CHECKSUM_KEY not in meta:
         return True
     try:
         recorded = json.loads(meta)[CHECKSUM_FIELD]

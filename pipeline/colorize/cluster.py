@@ -153,15 +153,14 @@ def colorize_on_ray(
 
     from ingest.cluster import ensure_ray
     from ingest.storage import is_s3
-    from pipeline.colorize.local import plan_outputs
-    from pipeline.tracking.registry import load_generator_and_side, min_side
+    from pipeline.colorize.local import load_model, plan_outputs
+    from pipeline.tracking.registry import min_side
 
     # Tasks run in other working directories (a cluster's nodes): local paths travel absolute.
     inputs = [given if is_s3(given) else str(Path(given).absolute()) for given in inputs]
     out_dir = out_dir if is_s3(str(out_dir)) else str(Path(out_dir).absolute())
     out, todo, summary = plan_outputs(inputs, out_dir, picture_format, overwrite)
-    generator, trained_side, resize = load_generator_and_side(model_uri, tracking_uri, "cpu", trust_pickle)
-    size = max(size or trained_side, min_side(generator))
+    generator, size, resize = load_model(model_uri, tracking_uri, "cpu", trust_pickle, size)
     out.record([name for _, name in todo])
     if not todo:
         return summary

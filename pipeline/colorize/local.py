@@ -30,6 +30,15 @@ def plan_outputs(
     return out, todo, summary
 
 
+def load_model(model_uri: str, tracking_uri: str | None, device, trust_pickle: bool, size: int | None):
+    """The generator (on `device`), the network side (`size`, else the training side; at least the network's
+    minimum) and how its training samples were cut: what both colorize paths need of the model."""
+    from pipeline.tracking.registry import load_generator_for_inference, min_side
+
+    generator, trained_side, resize = load_generator_for_inference(model_uri, tracking_uri, device, trust_pickle)
+    return generator, max(size or trained_side, min_side(generator)), resize
+
+
 def write_picture(out: OutputFolder, uri: str, name: str, rgb: np.ndarray, picture_format: str, quality: int,
                   summary: ColorizeSummary) -> None:  # fmt: skip
     """Encode and write one picture; a failure is this input's only (`unwritable`)."""
@@ -78,12 +87,10 @@ def colorize(
     from tqdm.auto import tqdm
 
     from pipeline.models import set_inference_mode
-    from pipeline.tracking.registry import load_generator_and_side, min_side
 
     torch_device = torch.device(device)
     out, todo, summary = plan_outputs(inputs, out_dir, picture_format, overwrite)
-    generator, trained_side, resize = load_generator_and_side(model_uri, tracking_uri, torch_device, trust_pickle)
-    size = max(size or trained_side, min_side(generator))
+    generator, size, resize = load_model(model_uri, tracking_uri, torch_device, trust_pickle, size)
     set_inference_mode(generator, dropout)
     torch.manual_seed(0)
     out.record([name for _, name in todo])

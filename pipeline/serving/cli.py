@@ -29,9 +29,9 @@ def add_export_parser(subparsers) -> None:
 def run_export(args) -> int:
     from ingest.errors import ConfigError
     from pipeline.serving.export import export_generator
-    from pipeline.tracking.registry import load_generator_and_side, min_side
+    from pipeline.tracking.registry import load_generator_for_inference, min_side
 
-    generator, side, _ = load_generator_and_side(args.model, args.tracking_uri, trust_pickle=args.trust_pickle)
+    generator, side, _ = load_generator_for_inference(args.model, args.tracking_uri, trust_pickle=args.trust_pickle)
     side = args.size or side
     if side < min_side(generator) or side % min_side(generator):
         raise ConfigError(f"--size must be a multiple of {min_side(generator)} for this generator, got {side}")

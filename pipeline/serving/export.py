@@ -82,19 +82,21 @@ def _write_onnx(generator: nn.Module, example: torch.Tensor, path: Path, metadat
     exporter_log = logging.getLogger("torch.onnx")
     level = exporter_log.level
     exporter_log.setLevel(logging.ERROR)  # notes on its own internals (torchvision ops it skips)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            generator,
-            (example,),
-            input_names=["L"],
-            output_names=["ab"],
-            dynamic_shapes=({0: batch},),
-            opset_version=ONNX_OPSET,
-            dynamo=True,
-            verbose=False,
-        )
-    exporter_log.setLevel(level)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                generator,
+                (example,),
+                input_names=["L"],
+                output_names=["ab"],
+                dynamic_shapes=({0: batch},),
+                opset_version=ONNX_OPSET,
+                dynamo=True,
+                verbose=False,
+            )
+    finally:  # the caller's logging as it was, whether the export worked or not
+        exporter_log.setLevel(level)
     model = program.model_proto
     for key, value in {"producer": "recolor", **metadata}.items():
         entry = model.metadata_props.add()

@@ -88,10 +88,8 @@ class ColorizerModel:
                 rows[index].update(
                     image=base64.b64encode(picture).decode("ascii"), width=rgb.shape[1], height=rgb.shape[0]
                 )
-            colorized[0] += len(photos)
             photos.clear()
 
-        colorized = [0]
         for index, record in enumerate(records):  # decoded a batch at a time: a long request holds one batch
             rows.append({"image": "", "width": 0, "height": 0, "error": ""})
             try:
@@ -102,7 +100,7 @@ class ColorizerModel:
                 flush()
         if photos:
             flush()
-        if rows and not colorized[0]:
+        if rows and all(row["error"] for row in rows):  # every row either has its picture or its error
             _refuse("no image could be colorized: " + "; ".join(row["error"] for row in rows))
         return pd.DataFrame(rows, columns=["image", "width", "height", "error"])
 

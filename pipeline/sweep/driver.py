@@ -30,6 +30,7 @@ from pipeline.sweep.ranking import (
     SWEEP_TAG,
     TRIAL_TAG,
     format_table,
+    lower_is_better,
     metric_chart,
     ranking,
     ranking_csv,
@@ -159,7 +160,7 @@ def run_sweep(preset: str | None, base_overrides: list[str], trials: list[Trial]
                     max_concurrent_trials=options.max_concurrent,
                     scheduler=scheduler,
                     metric=options.metric if scheduler else None,
-                    mode=("min" if _lower(options.metric) else "max") if scheduler else None,
+                    mode=("min" if lower_is_better(options.metric) else "max") if scheduler else None,
                 ),
                 run_config=tune.RunConfig(name=f"sweep-{options.name}", storage_path=scratch, verbose=0),
             )
@@ -181,12 +182,6 @@ def run_sweep(preset: str | None, base_overrides: list[str], trials: list[Trial]
             f"{len(errors)} of {len(trials)} trials failed; first: {describe_failure(errors[0])}", parent_run_id, True
         )
     return result
-
-
-def _lower(metric: str) -> bool:
-    from pipeline.sweep.ranking import lower_is_better
-
-    return lower_is_better(metric)
 
 
 def _scheduler(options: SweepOptions, config):

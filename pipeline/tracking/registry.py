@@ -14,7 +14,6 @@ Generators registered before this format (`mlflow.pytorch`, pickled) load only w
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import sys
 import tempfile
@@ -27,8 +26,6 @@ from torch import nn
 
 from ingest.errors import ConfigError
 from pipeline.models.saved import GeneratorSpec, is_saved_generator, load_saved_generator, save_generator
-
-log = logging.getLogger(__name__)
 
 MODEL_ARTIFACT = "generator"
 DEFAULT_MODEL_NAME = "colorizer"
@@ -137,10 +134,10 @@ def load_generator(
         ConfigError: the URI points at nothing loadable, or at an old pickled model without `trust_pickle`;
             one line saying what was tried and what to do.
     """
-    return load_generator_and_side(uri, tracking_uri, device, trust_pickle)[0]
+    return load_generator_for_inference(uri, tracking_uri, device, trust_pickle)[0]
 
 
-def load_generator_and_side(
+def load_generator_for_inference(
     uri: str, tracking_uri: str | None = None, device: str | torch.device = "cpu", trust_pickle: bool = False
 ) -> tuple[nn.Module, int, str]:
     """`load_generator`, the input side it trained at (256 where the model does not say) and how its training
