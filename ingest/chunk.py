@@ -8,8 +8,11 @@ aside, write the chunk's train and val shards, then its small result record (wha
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from ingest import faults
 from ingest.images import ImageRejected, decode_image, is_grayscale, mean_chroma
@@ -22,6 +25,40 @@ from ingest.sources import SourceItem
 from ingest.storage import local_temp_dir, open_storage, read_uri
 
 KEY_LENGTH = 20  # hex digits of the content SHA-256 that name a sample: 80 bits, no collisions in practice
+
+
+# How items are laid into shards. "shuffled": by a seeded permutation (each shard a sample of the whole set, so a
+# batch mixes classes); "sorted": by path, as listed (an ImageNet shard is then one class).
+ORDERS = ("shuffled", "sorted")
+ORDER_METHOD = "sha256(seed:uri)"  # the permutation: items sorted by this hash (the same on every machine)
+
+
+def shard_order(items: list[SourceItem], order: str, seed: int) -> list[SourceItem]:
+    """The items in the order they are cut into shards: a seeded permutation (`ORDER_METHOD`), or as listed.
+
+    The permutation sorts by a hash of (seed, uri), so it is the same on every machine and every run (a rerun
+    resumes), and a grown listing keeps the old items' relative order.
+    """
+    if order == "sorted":
+        return list(items)
+    return sorted(items, key=lambda item: sha256_hex(f"{seed}:{item.uri}".encode()))
+
+
+class KnownKeys:
+    """The sample keys a dataset holds, as one sorted byte array: 20 bytes a key (a frozenset of str takes about
+    4x that), shipped to every chunk task once (Ray shares the array without copying it), looked up by bisection.
+    """
+
+    def __init__(self, keys: Iterable[str] | np.ndarray = ()):
+        self.keys = np.unique(np.asarray(keys if isinstance(keys, np.ndarray) else list(keys), dtype=f"S{KEY_LENGTH}"))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __contains__(self, key: str) -> bool:
+        needle = np.bytes_(key.encode())
+        index = int(np.searchsorted(self.keys, needle))
+        return index < len(self.keys) and self.keys[index] == needle
 
 
 @dataclass
@@ -69,7 +106,12 @@ def _metadata(item: SourceItem, key: str, sha: str, split: str, width: int, heig
     }
 
 
-def process_chunk(spec: ChunkSpec, known_keys: frozenset[str] | set[str]) -> dict:
+def _reject(item: SourceItem, reason: str, detail: str) -> dict:
+    return {"source_uri": item.uri, "reason": reason, "detail": detail, "source_size": item.size,
+            "source_stamp": item.stamp}  # fmt: skip
+
+
+def process_chunk(spec: ChunkSpec, known_keys: KnownKeys | frozenset[str] | set[str]) -> dict:
     """Turn one chunk of source images into shards; returns (and stores) the chunk's result record.
 
     Args:
@@ -95,10 +137,10 @@ def process_chunk(spec: ChunkSpec, known_keys: frozenset[str] | set[str]) -> dic
             try:
                 data = read_uri(item.uri)
             except FileNotFoundError:
-                rejects.append({"source_uri": item.uri, "reason": "missing", "detail": "listed but not found"})
+                rejects.append(_reject(item, "missing", "listed but not found"))
                 continue
             except (OSError, RuntimeError) as e:
-                rejects.append({"source_uri": item.uri, "reason": "unreadable", "detail": f"{type(e).__name__}: {e}"})
+                rejects.append(_reject(item, "unreadable", f"{type(e).__name__}: {e}"))
                 continue
             sha = sha256_hex(data)
             key = sha[:KEY_LENGTH]
@@ -109,12 +151,12 @@ def process_chunk(spec: ChunkSpec, known_keys: frozenset[str] | set[str]) -> dic
             try:
                 decoded = decode_image(data, spec.size, spec.resize, spec.max_pixels)
             except ImageRejected as e:
-                rejects.append({"source_uri": item.uri, "reason": e.reason, "detail": e.detail})
+                rejects.append(_reject(item, e.reason, e.detail))
                 continue
             lab8 = rgb8_to_lab8(decoded.rgb)
             if is_grayscale(decoded.source_mode, lab8):
                 detail = f"mode {decoded.source_mode}, mean chroma {mean_chroma(lab8):.2f}"
-                rejects.append({"source_uri": item.uri, "reason": "grayscale", "detail": detail})
+                rejects.append(_reject(item, "grayscale", detail))
                 continue
             split = split_for(sha, spec.val_fraction)
             writer = writers[split]
@@ -135,6 +177,8 @@ def process_chunk(spec: ChunkSpec, known_keys: frozenset[str] | set[str]) -> dic
                     "coco_id": item.coco_id,
                     "categories": list(item.categories),
                     "ingest_id": spec.ingest_id,
+                    "source_size": item.size,
+                    "source_stamp": item.stamp,
                 }
             )
             writer.write(key, lab8, meta)
@@ -159,7 +203,7 @@ def process_chunk(spec: ChunkSpec, known_keys: frozenset[str] | set[str]) -> dic
     return result
 
 
-def _chunk_task(environment, spec: ChunkSpec, known: frozenset[str]) -> dict:
+def _chunk_task(environment, spec: ChunkSpec, known: KnownKeys) -> dict:
     """`process_chunk` in a Ray task, with the driver's settings and credentials (`ingest.cluster.ship_environment`)."""
     from ingest.cluster import open_environment
 

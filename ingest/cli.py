@@ -6,6 +6,7 @@ import argparse
 import json
 import re
 
+from ingest.chunk import ORDERS
 from ingest.images import DEFAULT_MAX_PIXELS
 from ingest.lake import LAKE_ENV, SPLITS, URL_FORMS, Lake
 
@@ -59,8 +60,27 @@ def add_ingest_parser(subparsers) -> None:
             help="cover: shorter side to --size then center crop (default); squash: plain resize, as the recipe",
         )
         sub.add_argument("--limit", type=int, help="ingest at most N images (ImageNet: spread evenly over classes)")
-        sub.add_argument("--seed", type=int, default=0, help="seed of the --limit subset (default: 0)")
-        sub.add_argument("--val-fraction", type=float, default=0.2, help="validation share (default: 0.2)")
+        sub.add_argument("--seed", type=int, default=0, help="seed of the --limit subset and shard order (default: 0)")
+        sub.add_argument(
+            "--order",
+            choices=ORDERS,
+            default="shuffled",
+            help="shuffled: items go into shards in a seeded random order, so every shard (and batch) mixes "
+            "classes (default); sorted: by path, as listed",
+        )
+        sub.add_argument(
+            "--rehash",
+            action="store_true",
+            help="read and hash every listed file; by default a re-ingest skips files the dataset already holds "
+            "with the same size and ETag/mtime",
+        )
+        sub.add_argument(
+            "--val-fraction",
+            type=float,
+            default=0.2,
+            help="validation share, decided by content hash (default: 0.2; 1: every sample is validation, a "
+            "dataset to score models on, e.g. COCO for an ImageNet-trained model)",
+        )
         sub.add_argument("--shard-size", type=parse_bytes, default="64MB", help="target training shard size")
         sub.add_argument(
             "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images (decompression bombs)"
@@ -86,6 +106,8 @@ def run_ingest_command(args) -> int:
         limit=args.limit,
         seed=args.seed,
         val_fraction=args.val_fraction,
+        order=args.order,
+        rehash=args.rehash,
         shard_size=args.shard_size,
         max_pixels=args.max_pixels,
         annotations=getattr(args, "annotations", None),
@@ -104,7 +126,8 @@ def run_ingest_command(args) -> int:
     rejected = ", ".join(f"{reason} {count}" for reason, count in summary.rejected.items()) or "none"
     rate = summary.listed / summary.seconds if summary.seconds else 0.0
     print(
-        f"listed {summary.listed}, ingested {summary.ingested}, duplicates {summary.duplicates}, "
+        f"listed {summary.listed}, unchanged {summary.unchanged} (not read), ingested {summary.ingested}, "
+        f"duplicates {summary.duplicates}, "
         f"rejected: {rejected}  ({summary.seconds:.1f} s, {rate:.1f} img/s)"
     )
     if summary.resumed_chunks:
@@ -249,7 +272,10 @@ def run_lake_show(args) -> int:
             f"  {split:<6}    {count:>8} samples  {summary['shards'].get(split, 0):>4} shards  "
             f"{_human(summary['bytes'].get(split, 0)):>10}"
         )
-    print(f"  this ingest: listed {stats['listed']}, ingested {stats['ingested']}, duplicates {stats['duplicates']}")
+    print(
+        f"  this ingest: listed {stats['listed']}, unchanged {stats.get('unchanged', 0)}, "
+        f"ingested {stats['ingested']}, duplicates {stats['duplicates']}"
+    )
     for reason, count in stats["rejected"].items():
         print(f"    rejected {reason:<14} {count}")
     for reject in rejects[: args.rejects]:

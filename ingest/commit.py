@@ -19,6 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from ingest import faults
+from ingest.chunk import ORDER_METHOD, KnownKeys
 from ingest.lab import ENCODING
 from ingest.lake import MANIFEST_SCHEMA, REJECTS_SCHEMA, Lake, LakeError, sha256_hex, table_to_parquet
 from ingest.shards import filter_shard
@@ -36,6 +37,7 @@ class IngestSummary:
     listed: int
     ingested: int
     duplicates: int
+    unchanged: int = 0  # listed files the dataset already held as they are: not read (--rehash reads them)
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> count, "grayscale" included
     counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
@@ -45,21 +47,21 @@ class IngestSummary:
         return dataclasses.asdict(self)
 
 
-def _dedup_and_rewrite(lake: Lake, dataset: str, results: list[dict], base_keys: frozenset[str]) -> tuple[list, int]:
+def _dedup_and_rewrite(lake: Lake, dataset: str, results: list[dict], base_keys: KnownKeys) -> tuple[list, int]:
     """Drop samples whose content is already in `base_keys` or in an earlier chunk; rewrite their shards.
 
     Chunks deduplicate within themselves; two chunks (or a concurrent ingest) holding the same
     photo is rare, and rewriting the few affected shards keeps shards and manifest in agreement.
     Returns the kept rows (with shard positions updated) and the number of dropped duplicates.
     """
-    seen = set(base_keys)
+    seen: set[str] = set()
     kept_rows: list[dict] = []
     dropped = 0
     for result in results:
         by_shard: dict[str, list[dict]] = {}
         shard_dropped: set[str] = set()
         for row in result["rows"]:
-            if row["key"] in seen:
+            if row["key"] in seen or row["key"] in base_keys:
                 dropped += 1
                 shard_dropped.add(row["shard"])
                 continue
@@ -91,7 +93,11 @@ def _rewrite_shard(lake: Lake, dataset: str, path: str, keep: set[str]) -> dict:
         temp_dir.rmdir()
 
 
-def commit(lake, config, ingest_id, items, results, started, resumed) -> IngestSummary:
+def commit(lake, config, ingest_id, listed, items, results, started, resumed) -> IngestSummary:
+    """Merge the chunks' results with the latest version and commit the next one (see the module's docstring).
+
+    `listed` is what the source listed, `items` the part of it that was read (new or changed files).
+    """
     rejects = [reject for result in results for reject in result["rejects"]]
     reasons = Counter(reject["reason"] for reject in rejects)
     chunk_duplicates = sum(result["duplicates"] for result in results)
@@ -104,16 +110,17 @@ def commit(lake, config, ingest_id, items, results, started, resumed) -> IngestS
         parent = lake.latest_version(config.dataset)
         parent_ref = lake.resolve(f"{config.dataset}@{parent}") if parent else None
         parent_table = lake.manifest(parent_ref) if parent_ref else MANIFEST_SCHEMA.empty_table()
-        base_keys = frozenset(parent_table.column("key").to_pylist())
+        base_keys = KnownKeys(parent_table.column("key").to_numpy(zero_copy_only=False))
         rows, dropped = _dedup_and_rewrite(lake, config.dataset, results, base_keys)
         summary = IngestSummary(
             dataset=config.dataset,
             version=None,
             parent=parent,
             ingest_id=ingest_id,
-            listed=len(items),
+            listed=len(listed),
             ingested=len(rows),
             duplicates=chunk_duplicates + dropped,
+            unchanged=len(listed) - len(items),
             rejected=dict(sorted(reasons.items())),
             resumed_chunks=resumed,
         )
@@ -127,7 +134,7 @@ def commit(lake, config, ingest_id, items, results, started, resumed) -> IngestS
         manifest_path = f"ingests/{ingest_id}/manifest-p{parent or 0}.parquet"
         lake.storage.write_bytes(f"{config.dataset}/{manifest_path}", manifest_bytes)
         version = (parent or 0) + 1
-        record = _version_record(config, version, parent_ref, ingest_id, items, results, summary)
+        record = _version_record(config, version, parent_ref, ingest_id, listed, results, summary)
         record.update(manifest=manifest_path, manifest_sha256=sha256_hex(manifest_bytes), rejects=rejects_path)
         faults.maybe_fail("commit")
         try:
@@ -179,6 +186,7 @@ def _version_record(config, version, parent_ref, ingest_id, items, results, summ
             "listed": len(items),
             "ingested": summary.ingested,
             "duplicates": summary.duplicates,
+            "unchanged": summary.unchanged,
             "grayscale": rejected.get("grayscale", 0),
             "rejected": dict(sorted(rejected.items())),
         },
@@ -192,6 +200,9 @@ def _version_record(config, version, parent_ref, ingest_id, items, results, summ
             "imagenet_splits": list(config.imagenet_splits),
             "coco_split": config.coco_split,
         },
+        # How this ingest's items were laid into shards (`ingest.driver.shard_order`), so anyone can redo it.
+        "order": {"method": ORDER_METHOD if config.order == "shuffled" else "sorted by path", "seed": config.seed}
+        | {"name": config.order},
         "sources": (parent_ref.record.get("sources", []) if parent_ref else []) + [source],
         "host": os.uname().nodename,
     }

@@ -17,7 +17,10 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from ingest.chunk import ChunkSpec, _chunk_task, process_chunk
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ingest.chunk import ORDERS, ChunkSpec, KnownKeys, _chunk_task, process_chunk, shard_order
 from ingest.commit import IngestSummary, commit
 from ingest.errors import ConfigError
 from ingest.images import DEFAULT_MAX_PIXELS, RESIZE_MODES
@@ -30,6 +33,7 @@ from ingest.lake import (
 from ingest.sources import SourceItem, list_coco, list_folder, list_imagenet, select_subset
 
 SOURCE_KINDS = ("imagenet", "coco", "folder")
+RETRIED_REASONS = frozenset({"missing", "unreadable"})  # rejects a re-ingest reads again: they may work next time
 
 
 @dataclass
@@ -43,7 +47,9 @@ class IngestConfig:
     size: int = 256  # output side in pixels
     resize: str = "cover"  # "cover": shorter side to size, center crop; "squash": plain resize (the recipe's)
     limit: int | None = None  # take at most this many images (spread evenly across ImageNet classes)
-    seed: int = 0  # seed of the --limit subset
+    seed: int = 0  # seed of the --limit subset and of the shard order
+    order: str = "shuffled"  # how items are laid into shards (ORDERS)
+    rehash: bool = False  # read and hash every listed file, also those the dataset already holds unchanged
     val_fraction: float = 0.2  # share of samples in the validation split, decided by content hash
     shard_size: int = 64 * 2**20  # target bytes of a training shard
     max_pixels: int = DEFAULT_MAX_PIXELS  # refuse larger images (decompression bombs)
@@ -62,10 +68,15 @@ class IngestConfig:
         validate_name(self.dataset)
         if not 16 <= self.size <= 4096:
             raise ConfigError(f"size must be between 16 and 4096 pixels, got {self.size}")
+        if self.order not in ORDERS:
+            raise ConfigError(f"order must be one of {ORDERS}, got {self.order!r}")
         if self.resize not in RESIZE_MODES:
             raise ConfigError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.val_fraction <= 1.0:
+            raise ConfigError(
+                f"val_fraction must be in [0, 1], got {self.val_fraction} (1: every sample is validation, "
+                "a dataset for scoring only)"
+            )
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be at least 1, got {self.limit}")
         if self.shard_size < 1:
@@ -77,7 +88,8 @@ class IngestConfig:
     def images_per_chunk(self) -> int:
         sample_bytes = 3 * self.size * self.size + 1536  # npy array + header + JSON + tar headers
         train_samples = max(1, self.shard_size // sample_bytes)
-        return max(1, round(train_samples / (1.0 - self.val_fraction)))
+        # A chunk's larger split fills one shard: the train split, or the val split of a scoring-only dataset.
+        return max(1, round(train_samples / max(1.0 - self.val_fraction, self.val_fraction)))
 
 
 def list_source(config: IngestConfig) -> list[SourceItem]:
@@ -101,6 +113,7 @@ def ingest_id_for(config: IngestConfig, items: list[SourceItem]) -> str:
         "val_fraction": config.val_fraction,
         "shard_size": config.shard_size,
         "max_pixels": config.max_pixels,
+        "order": [config.order, config.seed],
         "items": [item.uri for item in items],
     }
     return sha256_hex(json.dumps(fields, sort_keys=True).encode())[:12]
@@ -118,12 +131,15 @@ def run_ingest(config: IngestConfig) -> IngestSummary:
     started = time.perf_counter()
     lake = Lake(config.lake)
     lake.check(write=True)
-    items = list_source(config)
+    listed = list_source(config)
     parent = lake.latest_version(config.dataset)
     parent_ref = lake.resolve(f"{config.dataset}@{parent}") if parent else None
     if parent_ref is not None:
         _check_compatible(parent_ref.record, config)
-    known = frozenset(lake.manifest(parent_ref).column("key").to_pylist()) if parent_ref else frozenset()
+    manifest = lake.manifest(parent_ref) if parent_ref else None
+    known = KnownKeys(manifest.column("key").to_numpy(zero_copy_only=False) if manifest is not None else ())
+    items = listed if config.rehash or manifest is None else unchanged_filter(lake, parent_ref, manifest, listed)
+    items = shard_order(items, config.order, config.seed)
 
     ingest_id = ingest_id_for(config, items)
     per_chunk = config.images_per_chunk
@@ -144,7 +160,37 @@ def run_ingest(config: IngestConfig) -> IngestSummary:
     ]
     results = _run_chunks(specs, known, config)
     resumed = sum(1 for r in results if r.get("resumed"))
-    return commit(lake, config, ingest_id, items, results, started, resumed)
+    return commit(lake, config, ingest_id, listed, items, results, started, resumed)
+
+
+def _source_ids(uris: pa.Array, sizes: pa.Array, stamps: pa.Array) -> pa.Array:
+    """One string per source file as listed, (uri, size, stamp); null where size or stamp is unknown."""
+    return pc.binary_join_element_wise(uris, pc.cast(sizes, pa.string()), stamps, "\x00")
+
+
+def unchanged_filter(lake: Lake, parent_ref, manifest: pa.Table, items: list[SourceItem]) -> list[SourceItem]:
+    """The listed items the dataset does not already account for, unchanged: new files, and files whose size or
+    stamp (ETag, mtime) differ from when they were ingested (read again, and deduplicated by content).
+
+    Accounted for: the samples of the parent version, and the files its ingests (all its ancestors') rejected
+    for their content; files that were missing or unreadable are tried again.
+    """
+    known = [_source_ids(manifest["source_uri"], manifest["source_size"], manifest["source_stamp"])]
+    ref = parent_ref
+    while ref is not None:
+        rejects = lake.rejects(ref)
+        kept = rejects.filter(pc.invert(pc.is_in(rejects["reason"], pa.array(sorted(RETRIED_REASONS)))))
+        known.append(_source_ids(kept["source_uri"], kept["source_size"], kept["source_stamp"]))
+        parent = ref.record.get("parent")
+        ref = lake.resolve(f"{ref.dataset}@{parent}") if parent else None
+    known_ids = pa.chunked_array(known, type=pa.string()).combine_chunks()
+    listed_ids = _source_ids(
+        pa.array([item.uri for item in items], pa.string()),
+        pa.array([item.size for item in items], pa.int64()),
+        pa.array([item.stamp for item in items], pa.string()),
+    )
+    unchanged = pc.fill_null(pc.is_in(listed_ids, value_set=known_ids), False).to_numpy(zero_copy_only=False)
+    return [item for item, skip in zip(items, unchanged, strict=True) if not skip]
 
 
 def _check_compatible(record: dict, config: IngestConfig) -> None:
@@ -161,7 +207,7 @@ def _progress_bar(config: IngestConfig, total: int):
     return tqdm(total=total, unit="img", desc=f"ingest {config.dataset}", disable=not config.progress, smoothing=0.1)
 
 
-def _run_chunks(specs: list[ChunkSpec], known: frozenset[str], config: IngestConfig) -> list[dict]:
+def _run_chunks(specs: list[ChunkSpec], known: KnownKeys, config: IngestConfig) -> list[dict]:
     results: list[dict] = []
     stats: Counter = Counter()
     with _progress_bar(config, sum(len(s.items) for s in specs)) as bar:

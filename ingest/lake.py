@@ -57,11 +57,28 @@ MANIFEST_SCHEMA = pa.schema(
         ("coco_id", pa.int64()),
         ("categories", pa.list_(pa.string())),
         ("ingest_id", pa.string()),
+        ("source_size", pa.int64()),  # the source file as listed: a re-ingest skips it while these match
+        ("source_stamp", pa.string()),
     ]
 )
 REJECTS_SCHEMA = pa.schema(
-    [("source_uri", pa.string()), ("reason", pa.string()), ("detail", pa.string()), ("ingest_id", pa.string())]
+    [
+        ("source_uri", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("ingest_id", pa.string()),
+        ("source_size", pa.int64()),
+        ("source_stamp", pa.string()),
+    ]
 )
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` in `schema`'s columns and order; columns added since it was written are nulls (older lakes)."""
+    columns = [
+        table.column(f.name) if f.name in table.column_names else pa.nulls(table.num_rows, f.type) for f in schema
+    ]
+    return pa.Table.from_arrays(columns, names=schema.names).cast(schema)
 
 
 class LakeError(RecolorError):
@@ -273,7 +290,7 @@ class Lake:
         # Synchronous, on this thread: with pre-buffering Arrow's IO threads can drop the last reference to
         # the Python bytes while the interpreter exits, which aborts the process after the work is done
         # ("terminate called without an active exception", exit code -6).
-        return pq.ParquetFile(io.BytesIO(data), pre_buffer=False).read(use_threads=False)
+        return conform(pq.ParquetFile(io.BytesIO(data), pre_buffer=False).read(use_threads=False), schema)
 
     def shard_uri(self, dataset: str, shard: str) -> str:
         return self.storage.uri(f"{dataset}/{shard}")

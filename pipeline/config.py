@@ -79,6 +79,7 @@ class DataConfig:
     batch_size: int = 16  # per worker (see global_batch_size)
     global_batch_size: int | None = None  # the batch of one update over all workers, split evenly; sets batch_size
     shuffle_window: int = 512  # samples shuffled together (after a seeded shuffle of shard order)
+    interleave: int = 4  # shards each worker reads at once, a sample from each in turn
     flip: bool = True  # random horizontal flip of training samples
     rotate_degrees: float = 0.0  # random rotation within +-this many degrees, zoomed to fill the frame; 0: off
     prefetch_batches: int = 4  # batches read ahead by a background thread
@@ -90,6 +91,8 @@ class DataConfig:
             raise ConfigError(f"data.batch_size must be at least 1, got {self.batch_size}")
         if self.shuffle_window < 1:
             raise ConfigError(f"data.shuffle_window must be at least 1, got {self.shuffle_window}")
+        if not 1 <= self.interleave <= 64:
+            raise ConfigError(f"data.interleave must be between 1 and 64 shards, got {self.interleave}")
         if not 0 <= self.max_bad_fraction <= 1:
             raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
         if not 0 <= self.rotate_degrees <= 45:

@@ -208,51 +208,92 @@ def _open_ahead(uris: list[str], opener: Callable, readahead: int) -> Iterator:
 
 
 def read_segments(
-    segments: list[Segment], skip: int = 0, opener: Callable = open_shard, readahead: int | None = None
+    segments: list[Segment],
+    skip: int = 0,
+    opener: Callable = open_shard,
+    readahead: int | None = None,
+    interleave: int = 1,
 ) -> Iterator[tuple[str, str, bytes | None]]:
-    """Yield (shard uri, key, lab.npy bytes or None when unreadable) for the samples of `segments`, in order.
+    """Yield (shard uri, key, lab.npy bytes or None when unreadable) for the samples of `segments`.
+
+    With `interleave` K > 1, segments are read K at a time, a sample from each in turn (round robin; a shorter
+    segment drops out when done), so consecutive samples come from K shards; with 1, one segment after another.
+    Either way the order is a pure function of the segments, which makes `skip` exact.
 
     A sample whose bytes do not match the CRC-32 its metadata recorded at ingest is unreadable (None).
 
-    The first `skip` samples are passed over: whole segments without opening them, the rest of the
+    The first `skip` samples are passed over: whole groups of segments without opening them, the rest of the
     way by reading tar headers and bytes but decoding nothing. Shards on S3 are downloaded whole,
-    `readahead` shards ahead in background threads (default: 2 for s3://, 0 for local files, which
-    the OS reads ahead by itself), so network time overlaps decoding and training.
+    `readahead` shards ahead in background threads (default: 2 for s3://, or K when interleaving; 0 for local
+    files, which the OS reads ahead by itself), so network time overlaps decoding and training.
     """
+    interleave = max(1, interleave)
+    groups = [segments[i : i + interleave] for i in range(0, len(segments), interleave)]
+    pending = []  # (group, sample order within it, start offsets)
+    for group in groups:
+        total = sum(segment.length for segment in group)
+        if skip >= total:
+            skip -= total
+            continue
+        order = _round_robin(group)
+        offsets = [segment.start for segment in group]
+        for index in order[:skip]:
+            offsets[index] += 1
+        pending.append((group, order[skip:], offsets))
+        skip = 0
+    # Segments that the skip used up (inside a group it entered) are not opened.
+    uris = [
+        segment.shard.uri
+        for group, _, offsets in pending
+        for segment, start in zip(group, offsets, strict=True)
+        if start < segment.stop
+    ]
+    if readahead is None:
+        readahead = max(2, interleave) if uris and uris[0].startswith("s3://") and opener is open_shard else 0
+    openers = _open_ahead(uris, opener, readahead)
+    for group, order, offsets in pending:
+        streams = [
+            _segment_samples(segment, start, next(openers)) if start < segment.stop else iter(())
+            for segment, start in zip(group, offsets, strict=True)
+        ]
+        if len(streams) == 1:
+            yield from streams[0]
+            continue
+        for index in order:
+            yield next(streams[index])
+
+
+def _round_robin(group: list[Segment]) -> list[int]:
+    """Which segment of `group` each sample comes from, in read order: one from each in turn."""
+    longest = max((segment.length for segment in group), default=0)
+    return [i for turn in range(longest) for i, segment in enumerate(group) if turn < segment.length]
+
+
+def _segment_samples(segment: Segment, start: int, open_stream: Callable) -> Iterator[tuple[str, str, bytes | None]]:
+    """Samples [start, segment.stop) of one shard: exactly that many items, None for each unreadable one."""
     from ingest.shards import checksum_matches, iter_samples
 
-    pending = []
-    for segment in segments:
-        if skip >= segment.length:
-            skip -= segment.length
-            continue
-        pending.append((segment, segment.start + skip))
-        skip = 0
-    if readahead is None:
-        readahead = 2 if pending and pending[0][0].shard.uri.startswith("s3://") and opener is open_shard else 0
-    openers = _open_ahead([segment.shard.uri for segment, _ in pending], opener, readahead)
-    for (segment, start), open_stream in zip(pending, openers, strict=True):
-        emitted = 0
-        try:
-            stream = open_stream()
-            with stream:
-                for position, sample in enumerate(iter_samples(stream)):
-                    if position < start:
-                        continue
-                    if position >= segment.stop:
-                        break
-                    lab = sample.get("lab.npy")
-                    if lab is not None and not checksum_matches(lab, sample.get("json")):
-                        lab = None  # bytes changed since ingest: a corrupt sample
-                    yield segment.shard.uri, sample["__key__"], lab
-                    emitted += 1
-        except StorageError:
-            raise  # the store is unreachable (after its retries): not the shard's fault, nothing to skip
-        except Exception as e:  # noqa: BLE001 - a broken shard costs its remaining samples, named below
-            log.warning("shard %s is unreadable after %d samples: %s", segment.shard.uri, start + emitted, e)
-        # A truncated or short shard: its missing samples count as unreadable.
-        for missing in range(segment.stop - start - emitted):
-            yield segment.shard.uri, f"<missing #{start + emitted + missing}>", None
+    emitted = 0
+    try:
+        stream = open_stream()
+        with stream:
+            for position, sample in enumerate(iter_samples(stream)):
+                if position < start:
+                    continue
+                if position >= segment.stop:
+                    break
+                lab = sample.get("lab.npy")
+                if lab is not None and not checksum_matches(lab, sample.get("json")):
+                    lab = None  # bytes changed since ingest: a corrupt sample
+                yield segment.shard.uri, sample["__key__"], lab
+                emitted += 1
+    except StorageError:
+        raise  # the store is unreachable (after its retries): not the shard's fault, nothing to skip
+    except Exception as e:  # noqa: BLE001 - a broken shard costs its remaining samples, named below
+        log.warning("shard %s is unreadable after %d samples: %s", segment.shard.uri, start + emitted, e)
+    # A truncated or short shard: its missing samples count as unreadable.
+    for missing in range(segment.stop - start - emitted):
+        yield segment.shard.uri, f"<missing #{start + emitted + missing}>", None
 
 
 def decode_sample(data: bytes | None, size: int) -> np.ndarray | None:
@@ -329,18 +370,36 @@ def train_samples(
         if not good:
             raise DataError(f"a whole window of {len(items)} samples was corrupt (first shard: {items[0][0]})")
         arrays = [a if a is not None else good[i % len(good)] for i, a in enumerate(arrays)]
-        rng = np.random.default_rng([seed, epoch, rank, number])
-        order = rng.permutation(len(arrays))
-        flips = rng.random(len(arrays)) < 0.5
-        angles = (
-            rng.uniform(-rotate, rotate, len(arrays)) if rotate else None
-        )  # after the flips: they stay as they were
+        order, flips, angles = window_draws(seed, epoch, rank, number, len(arrays), rotate)
         start = skip_in_window if number == first_window else 0
         for position in range(start, len(arrays)):
             array = arrays[order[position]]
             if flip and flips[position]:
                 array = np.ascontiguousarray(array[:, :, ::-1])
             yield rotate_lab8(array, float(angles[position])) if angles is not None else array
+
+
+def window_draws(seed: int, epoch: int, rank: int, number: int, size: int, rotate: float = 0.0):
+    """The seeded draws of one shuffle window: its order, its flips and (with `rotate`) its angles."""
+    rng = np.random.default_rng([seed, epoch, rank, number])
+    order = rng.permutation(size)
+    flips = rng.random(size) < 0.5
+    angles = rng.uniform(-rotate, rotate, size) if rotate else None  # after the flips: they stay as they were
+    return order, flips, angles
+
+
+def epoch_keys(
+    plan: DataPlan, epoch: int, seed: int, rank: int, world_size: int, batch_size: int, shuffle_window: int,
+    interleave: int = 4, opener: Callable = open_shard,
+) -> list[str]:  # fmt: skip
+    """The sample keys of one rank's epoch in the order training sees them (what a batch mixes; benchmarks)."""
+    segments, steps = plan_train_epoch(plan.train, epoch, seed, rank, world_size, batch_size)
+    keys = []
+    for number, items in enumerate(windows(read_segments(segments, opener=opener, interleave=interleave),
+                                           shuffle_window)):  # fmt: skip
+        order, _, _ = window_draws(seed, epoch, rank, number, len(items))
+        keys += [items[i][1] for i in order]
+    return keys[: steps * batch_size]
 
 
 def rotate_lab8(array: np.ndarray, degrees: float) -> np.ndarray:
@@ -380,8 +439,10 @@ def train_batches(
     max_bad_fraction: float = 0.01,
     opener: Callable = open_shard,
     rotate: float = 0.0,
+    interleave: int = 4,
 ) -> tuple[Iterator[np.ndarray], int, BadSampleCounter]:
-    """One epoch of uint8 Lab batches (batch, 3, H, W) for this rank, from step `start_step` on.
+    """One epoch of uint8 Lab batches (batch, 3, H, W) for this rank, from step `start_step` on, read from
+    `interleave` shards at a time.
 
     Returns:
         (batch iterator, steps in the epoch, the corrupt-sample counter).
@@ -390,7 +451,7 @@ def train_batches(
     skip = start_step * batch_size
     first_window, skip_in_window = divmod(skip, shuffle_window)
     counter = BadSampleCounter(max_bad_fraction, steps * batch_size)
-    raw = read_segments(segments, skip=first_window * shuffle_window, opener=opener)
+    raw = read_segments(segments, skip=first_window * shuffle_window, opener=opener, interleave=interleave)
     samples = train_samples(
         raw, plan.size, shuffle_window, seed, epoch, rank, first_window, skip_in_window, flip, counter, rotate
     )

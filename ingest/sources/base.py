@@ -7,7 +7,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from ingest.errors import ConfigError, RecolorError
-from ingest.storage import Storage, StorageError, open_storage
+from ingest.storage import ObjectInfo, Storage, StorageError, object_stamp, open_storage
 
 
 class SourceError(RecolorError):
@@ -25,6 +25,14 @@ class SourceItem:
     coco_id: int | None = None
     categories: tuple[str, ...] = field(default_factory=tuple)  # COCO category names
     source_split: str | None = None  # the source's own split: "train", "val", "val2017"
+    size: int | None = None  # bytes, as listed (None: not known without reading)
+    stamp: str | None = None  # ETag or mtime, as listed (`ingest.storage.object_stamp`): a re-ingest skips
+    # files whose (uri, size, stamp) the dataset already holds
+
+
+def listed(info: ObjectInfo) -> dict:
+    """The `SourceItem` fields a listing gives for free: size and stamp."""
+    return {"size": info.size, "stamp": object_stamp(info)}
 
 
 def open_source_root(root: str) -> Storage:

@@ -11,7 +11,7 @@ import json
 import re
 from collections import defaultdict
 
-from ingest.sources.base import SourceError, SourceItem, open_source_root
+from ingest.sources.base import SourceError, SourceItem, listed, open_source_root
 from ingest.storage import read_uri
 
 
@@ -87,7 +87,8 @@ def list_coco(
         if unknown:
             raise SourceError(f"unknown COCO categories {', '.join(unknown)} in {annotations}")
     # Images the file lists but the folder lacks stay in: ingest records them as rejects ("missing").
-    if next(iter(storage.list(split)), None) is None:
+    present = {obj.key: obj for obj in storage.list(split)}  # one listing: sizes and stamps for free
+    if not present:
         raise SourceError(f"no images under {storage.uri(split)}: check ROOT and --split")
     items = []
     for image in data["images"]:
@@ -95,8 +96,16 @@ def list_coco(
         names = tuple(sorted(image_categories.get(image["id"], ())))
         if categories and not set(names) & set(categories):
             continue
+        stats = listed(present[key]) if key in present else {}
         items.append(
-            SourceItem(uri=storage.uri(key), name=key, coco_id=int(image["id"]), categories=names, source_split=split)
+            SourceItem(
+                uri=storage.uri(key),
+                name=key,
+                coco_id=int(image["id"]),
+                categories=names,
+                source_split=split,
+                **stats,
+            )
         )
     items.sort(key=lambda item: item.name)
     if not items:

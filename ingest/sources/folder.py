@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ingest.sources.base import SourceError, SourceItem, open_source_root
+from ingest.sources.base import SourceError, SourceItem, listed, open_source_root
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
@@ -19,7 +19,7 @@ def list_folder(root: str) -> list[SourceItem]:
     """
     storage = open_source_root(root)
     items = [
-        SourceItem(uri=storage.uri(obj.key), name=obj.key)
+        SourceItem(uri=storage.uri(obj.key), name=obj.key, **listed(obj))
         for obj in storage.list("")
         if is_image_name(obj.key) and not _hidden(obj.key)
     ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 
-from ingest.sources.base import SourceError, SourceItem, open_source_root
+from ingest.sources.base import SourceError, SourceItem, listed, open_source_root
 from ingest.sources.folder import is_image_name
 from ingest.storage import Storage
 
@@ -65,9 +65,10 @@ def list_imagenet(root: str, splits: tuple[str, ...] = ("train",)) -> list[Sourc
     synsets = read_synsets(storage)
     items: list[SourceItem] = []
     for split in splits:
-        keys = [obj.key for obj in storage.list(split) if is_image_name(obj.key)]
+        objects = [obj for obj in storage.list(split) if is_image_name(obj.key)]
         flat_labels = None
-        for key in keys:
+        for obj in objects:
+            key = obj.key
             parts = key.split("/")
             if len(parts) == 3:  # split/wnid/file
                 label = parts[1]
@@ -90,6 +91,7 @@ def list_imagenet(root: str, splits: tuple[str, ...] = ("train",)) -> list[Sourc
                     label=label,
                     label_name=synsets.get(label) if label else None,
                     source_split=split,
+                    **listed(obj),
                 )
             )
     if not items:

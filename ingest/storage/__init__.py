@@ -34,7 +34,16 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlparse
 
-from ingest.storage.base import AlreadyExistsError, ObjectInfo, Storage, StorageError, is_s3, join_key, split_uri
+from ingest.storage.base import (
+    AlreadyExistsError,
+    ObjectInfo,
+    Storage,
+    StorageError,
+    is_s3,
+    join_key,
+    object_stamp,
+    split_uri,
+)
 from ingest.storage.local import LocalStorage
 from ingest.storage.s3 import S3_SETTINGS, S3Storage, make_s3_client, s3_settings
 
@@ -43,6 +52,7 @@ __all__ = [
     "AlreadyExistsError",
     "LocalStorage",
     "ObjectInfo",
+    "object_stamp",
     "S3Storage",
     "Storage",
     "StorageError",

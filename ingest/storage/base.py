@@ -23,6 +23,12 @@ class ObjectInfo:
     key: str
     size: int
     modified: float = 0.0  # seconds since the epoch
+    etag: str | None = None  # the store's content tag (S3 ETag), where it has one
+
+
+def object_stamp(info: ObjectInfo) -> str:
+    """What tells, without reading it, that an object changed: its ETag on S3, its modification time elsewhere."""
+    return f"etag:{info.etag}" if info.etag else f"mtime:{round(info.modified * 1e6)}"
 
 
 class Storage(Protocol):

@@ -213,7 +213,8 @@ class S3Storage:
         pages = self._call("list", prefix, lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=full)))
         for page in pages:
             for item in page.get("Contents", []):
-                yield ObjectInfo(item["Key"][strip:], int(item["Size"]), item["LastModified"].timestamp())
+                etag = str(item.get("ETag") or "").strip('"') or None
+                yield ObjectInfo(item["Key"][strip:], int(item["Size"]), item["LastModified"].timestamp(), etag)
         if include_partial:
             for upload in self._multipart_uploads(prefix, full):
                 yield ObjectInfo(f"{upload['Key'][strip:]}?uploadId={upload['UploadId']}", 0,

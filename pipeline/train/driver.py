@@ -235,6 +235,12 @@ def check_before_start(config: TrainConfig, plan: DataPlan, ray_address: str | N
     global_batch = config.workers * config.data.batch_size
     train, val = plan.count("train"), plan.count("val")
     refs = ", ".join(plan.refs)
+    if train == 0:
+        raise DataError(
+            f"{refs}: no training samples (every sample is in the validation split, as in a dataset ingested with "
+            "--val-fraction 1 for scoring): score models on it with recolor evaluate, and train on a dataset "
+            "with a training split"
+        )
     if train < global_batch:
         raise DataError(
             f"{refs}: the training split has {train} samples, fewer than one global batch ({config.workers} workers "

@@ -304,6 +304,7 @@ class ColorizerTrainer:
             start_step,
             config.data.max_bad_fraction,
             rotate=config.data.rotate_degrees,
+            interleave=config.data.interleave,
         )
         progress.start_epoch(f"{stage.name} epoch {epoch + 1}/{stage.epochs}", steps, start_step)
         window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0

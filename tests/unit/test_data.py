@@ -188,20 +188,38 @@ def test_resuming_at_any_step_yields_the_tail_of_the_uninterrupted_epoch(uneven_
             np.testing.assert_array_equal(got, expected)
 
 
-def test_resuming_does_not_open_shards_already_trained_on(uneven_plan) -> None:
+@pytest.mark.parametrize("interleave", [1, 3])
+def test_resuming_does_not_open_shards_already_trained_on(uneven_plan, interleave) -> None:
     opened: list[str] = []
 
     def opener(uri: str):
         opened.append(uri)
         return open_shard(uri)
 
-    full, steps, _ = epoch_batches(uneven_plan, 0, 1, 1, shuffle_window=1, opener=opener)
+    options = {"shuffle_window": 1, "opener": opener, "interleave": interleave}
+    full, steps, _ = epoch_batches(uneven_plan, 0, 1, 1, **options)
     everything = list(opened)
     assert sorted(everything) == sorted(s.uri for s in uneven_plan.train)
     opened.clear()
-    tail, _, _ = epoch_batches(uneven_plan, 0, 1, 1, shuffle_window=1, start_step=steps - 1, opener=opener)
-    assert opened == [everything[-1]]  # only the shard holding the last sample
+    tail, _, _ = epoch_batches(uneven_plan, 0, 1, 1, start_step=steps - 1, **options)
+    assert len(opened) == 1 and opened[0] in everything  # only the shard holding the last sample
     np.testing.assert_array_equal(tail[0], full[-1])
+
+
+def test_interleaving_reads_shards_in_turn_and_skips_exactly(tmp_path) -> None:
+    shards = write_shards(tmp_path, [7, 1, 13, 4, 6, 9, 2])
+    cut = Path(shards[2].uri)
+    cut.write_bytes(cut.read_bytes()[:9000])  # a broken shard keeps its place in the turn: gaps, not a shift
+    segments, _ = plan_train_epoch(shards, epoch=1, seed=3, rank=0, world_size=1, batch_size=3)
+    one_by_one = list(read_segments(segments, interleave=1))
+    mixed = list(read_segments(segments, interleave=3))
+    assert sorted(map(repr, mixed)) == sorted(map(repr, one_by_one))  # the same samples, once each
+    first = segments[:3]
+    turn = min(segment.length for segment in first)
+    heads = [uri for uri, _, _ in mixed[: 3 * turn]]
+    assert heads == [segment.shard.uri for segment in first] * turn  # one from each of three shards in turn
+    for skip in range(len(mixed) + 1):  # resuming anywhere continues exactly where the full read was
+        assert list(read_segments(segments, skip=skip, interleave=3)) == mixed[skip:], skip
 
 
 # --- flips -------------------------------------------------------------------------------------------
@@ -400,8 +418,8 @@ def test_a_window_with_nothing_readable_is_a_data_error(tmp_path) -> None:
     shards = write_shards(tmp_path, [8, 8])
     Path(shards[0].uri).write_bytes(b"")
     plan = make_plan(shards)
-    with pytest.raises(DataError, match="whole window"):
-        epoch_batches(plan, 0, 1, 4, shuffle_window=4, max_bad_fraction=1.0)
+    with pytest.raises(DataError, match="whole window"):  # read one shard after the other: a window of one shard
+        epoch_batches(plan, 0, 1, 4, shuffle_window=4, max_bad_fraction=1.0, interleave=1)
 
 
 def test_validation_skips_corrupt_samples(tmp_path) -> None:

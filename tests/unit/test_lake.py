@@ -128,6 +128,7 @@ def test_version_record_fields(mixed_lake, tmp_path, mixed_folder) -> None:
         "listed": 14,
         "ingested": 8,
         "duplicates": 1,
+        "unchanged": 0,
         "grayscale": 1,
         "rejected": {"corrupt": 1, "empty": 1, "grayscale": 1, "not_an_image": 1, "too_large": 1},
     }
@@ -229,7 +230,7 @@ def test_duplicate_in_another_chunk_is_dropped_and_its_shard_rewritten(photo_fol
     # Sorted names put the copy last, in another chunk than its original (chunks hold two images).
     shutil.copy(source / "img0000.jpg", source / "zz-copy.jpg")
     sample_bytes = 3 * SIZE * SIZE + 1536  # what IngestConfig.images_per_chunk assumes
-    summary = ingest(source, tmp_path / "lake", shard_size=2 * sample_bytes, val_fraction=0.0)
+    summary = ingest(source, tmp_path / "lake", shard_size=2 * sample_bytes, val_fraction=0.0, order="sorted")
     assert summary.ingested == 7 and summary.duplicates == 1
     lake = Lake(str(tmp_path / "lake"))
     ref = lake.resolve("photos")
@@ -251,7 +252,8 @@ def test_reingest_of_a_grown_folder_keeps_v1_and_adds_only_new_images(photo_fold
     photo_folder(range(6, 10))  # four new photos in the same folder
     second = ingest(source, lake_dir)
     assert (second.version, second.parent) == (2, 1)
-    assert second.listed == 10 and second.ingested == 4 and second.duplicates == 6
+    # The six known files are not read again (same size and mtime): only the four new ones are.
+    assert second.listed == 10 and second.unchanged == 6 and second.ingested == 4 and second.duplicates == 0
     v2 = lake.resolve("photos")
     assert v2.version == 2 and v2.record["parent"] == 1
     v2_rows = lake_check(lake, v2)
@@ -269,7 +271,8 @@ def test_reingest_of_a_grown_folder_keeps_v1_and_adds_only_new_images(photo_fold
 
 
 @pytest.mark.parametrize("grown", [False, True])
-def test_reingest_with_nothing_new_writes_no_version(photo_folder, tmp_path, grown: bool) -> None:
+@pytest.mark.parametrize("rehash", [False, True])
+def test_reingest_with_nothing_new_writes_no_version(photo_folder, tmp_path, grown: bool, rehash: bool) -> None:
     lake_dir = tmp_path / "lake"
     source = photo_folder(range(5))
     ingest(source, lake_dir)
@@ -277,9 +280,11 @@ def test_reingest_with_nothing_new_writes_no_version(photo_folder, tmp_path, gro
         ingest(photo_folder(range(5, 7), name="more"), lake_dir)  # v2: the rerun below has another parent
     versions = Lake(str(lake_dir)).versions("photos")
     shards_before = {k: v for k, v in file_hashes(lake_dir).items() if "/shards/" in k}
-    # The same command again: same ingest id, so its finished chunks are found and all their rows are known.
-    again = ingest(source, lake_dir)
-    assert again.version is None and again.ingested == 0 and again.duplicates == 5
+    # The same command again: every file is known unchanged and read no more; with --rehash each is read, hashed
+    # and found known by content.
+    again = ingest(source, lake_dir, rehash=rehash)
+    assert again.version is None and again.ingested == 0
+    assert (again.unchanged, again.duplicates) == ((0, 5) if rehash else (5, 0))
     assert again.parent == versions[-1]
     assert Lake(str(lake_dir)).versions("photos") == versions
     assert {k: v for k, v in file_hashes(lake_dir).items() if "/shards/" in k} == shards_before
