@@ -125,9 +125,9 @@ def run_ingest_command(args) -> int:
         return 0
     rejected = ", ".join(f"{reason} {count}" for reason, count in summary.rejected.items()) or "none"
     rate = summary.listed / summary.seconds if summary.seconds else 0.0
+    unchanged = f"unchanged {summary.unchanged} (not read again), " if summary.unchanged else ""
     print(
-        f"listed {summary.listed}, unchanged {summary.unchanged} (not read), ingested {summary.ingested}, "
-        f"duplicates {summary.duplicates}, "
+        f"listed {summary.listed}, {unchanged}ingested {summary.ingested}, duplicates {summary.duplicates}, "
         f"rejected: {rejected}  ({summary.seconds:.1f} s, {rate:.1f} img/s)"
     )
     if summary.resumed_chunks:

@@ -476,3 +476,93 @@ def test_an_empty_lake_is_an_error_not_the_default(monkeypatch) -> None:
     monkeypatch.setenv("RECOLOR_LAKE", "")
     with pytest.raises(LakeError, match=r"\$RECOLOR_LAKE is set but empty"):
         resolve_lake_uri(None)
+
+
+# --- re-ingest reads only what is new --------------------------------------------------------------
+
+
+@pytest.fixture
+def reads(monkeypatch) -> list[str]:
+    """The source URIs ingest reads (chunks run in this process: use_ray=False)."""
+    import ingest.chunk
+
+    seen: list[str] = []
+    real = ingest.chunk.read_uri
+
+    def read_uri(uri):
+        seen.append(uri)
+        return real(uri)
+
+    monkeypatch.setattr(ingest.chunk, "read_uri", read_uri)
+    return seen
+
+
+def test_reingest_reads_only_new_and_changed_files(photo_folder, make_photo, tmp_path, reads) -> None:
+    import os
+
+    source = photo_folder(range(6))
+    (source / "gray.jpg").write_bytes(make_photo(50, gray=True))
+    (source / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    lake_dir = tmp_path / "lake"
+    first = ingest(source, lake_dir)
+    assert first.ingested == 6 and first.rejected == {"grayscale": 1, "not_an_image": 1} and len(reads) == 8
+
+    photo_folder(range(6, 8))  # two new photos
+    (source / "img0001.jpg").write_bytes(make_photo(77))  # replaced under a known name: new content
+    touched = source / "img0002.jpg"
+    os.utime(touched, (touched.stat().st_atime, touched.stat().st_mtime + 60))  # same bytes, a new mtime
+    reads.clear()
+    second = ingest(source, lake_dir)
+    # The rejected files (grayscale, not an image) and the untouched photos are not read again.
+    assert sorted(Path(uri).name for uri in reads) == ["img0001.jpg", "img0002.jpg", "img0006.jpg", "img0007.jpg"]
+    assert (second.listed, second.unchanged, second.ingested, second.duplicates) == (10, 6, 3, 1)
+    assert second.version == 2 and Lake(str(lake_dir)).resolve("photos").record["stats"]["unchanged"] == 6
+    assert sum(second.counts.values()) == 9  # the old content of img0001 stays (versions are immutable)
+
+    reads.clear()
+    third = ingest(source, lake_dir)
+    assert third.version is None and third.unchanged == 9  # v2's samples and v1's rejects
+    assert sorted(Path(uri).name for uri in reads) == ["img0002.jpg"]  # its stamp in the lake is still v1's
+    reads.clear()
+    forced = ingest(source, lake_dir, rehash=True)
+    assert len(reads) == 10 and forced.version is None and forced.unchanged == 0
+
+
+def test_reingest_reads_again_files_that_were_missing(coco_tree, tmp_path, reads) -> None:
+    from fixtures.images import photo_bytes
+
+    def coco():
+        config = IngestConfig(
+            kind="coco", source=str(coco_tree.root), annotations=str(coco_tree.instances), dataset="coco",
+            lake=str(tmp_path / "lake"), size=SIZE, use_ray=False, progress=False,
+        )  # fmt: skip
+        return run_ingest(config)
+
+    first = coco()
+    assert first.rejected == {"missing": 1}
+    missing = coco_tree.root / "val2017" / coco_tree.file_name(coco_tree.missing_id)
+    missing.write_bytes(photo_bytes(4321, 96, 64))  # it arrived
+    reads.clear()
+    second = coco()
+    assert [Path(uri).name for uri in reads] == [missing.name] and second.ingested == 1 and second.unchanged == 6
+
+
+def test_older_manifests_without_source_stamps_read_as_nulls(photo_folder, tmp_path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ingest.lake import conform
+
+    old = pa.table({"key": ["a" * 20], "split": ["train"]})
+    table = conform(old, MANIFEST_SCHEMA)
+    assert table.schema == MANIFEST_SCHEMA and table.column("source_stamp").to_pylist() == [None]
+    # A lake written before stamps: a re-ingest reads every file again, and deduplicates them by content.
+    source = photo_folder(range(3))
+    lake_dir = tmp_path / "lake"
+    ingest(source, lake_dir)
+    lake = Lake(str(lake_dir))
+    ref = lake.resolve("photos")
+    path = lake_dir / "photos" / ref.record["manifest"]
+    pq.write_table(pq.read_table(path).drop_columns(["source_size", "source_stamp"]), path)
+    again = ingest(source, lake_dir)
+    assert (again.unchanged, again.duplicates, again.version) == (0, 3, None)
