@@ -566,3 +566,12 @@ def test_older_manifests_without_source_stamps_read_as_nulls(photo_folder, tmp_p
     pq.write_table(pq.read_table(path).drop_columns(["source_size", "source_stamp"]), path)
     again = ingest(source, lake_dir)
     assert (again.unchanged, again.duplicates, again.version) == (0, 3, None)
+
+
+def test_a_scoring_only_dataset_puts_every_sample_in_validation(photo_folder, tmp_path) -> None:
+    summary = ingest(photo_folder(range(5)), tmp_path / "lake", val_fraction=1.0)
+    assert summary.counts == {"train": 0, "val": 5}
+    ref = Lake(str(tmp_path / "lake")).resolve("photos")
+    assert ref.record["shards"]["train"] == [] and ref.record["params"]["val_fraction"] == 1.0
+    with pytest.raises(ValueError, match=r"val_fraction must be in \[0, 1\], got 1.5"):
+        ingest(photo_folder(range(1), name="more"), tmp_path / "lake", val_fraction=1.5)

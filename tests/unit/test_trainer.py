@@ -69,6 +69,9 @@ def test_the_driver_refuses_data_too_small_to_train_before_any_worker_starts(mon
         check_before_start(config, plan_of(7, 1))
     with pytest.raises(DataError, match=r"^photos@3: the validation split has no samples.*--val-fraction above 0"):
         check_before_start(config, plan_of(100, 0))
+    with pytest.raises(DataError, match=r"^photos@3: no training samples \(every sample is in the validation split.*"
+                                        r"recolor evaluate"):  # fmt: skip
+        check_before_start(config, plan_of(0, 40))  # a scoring-only dataset (--val-fraction 1)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(ValueError, match=r"--gpu with 2 workers needs 2 GPUs, and this machine has 0: drop --gpu"):
         check_before_start(TrainConfig(workers=2, use_gpu=True, data=DataConfig(batch_size=4)), plan_of(100, 4))
