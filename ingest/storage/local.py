@@ -29,6 +29,8 @@ class LocalStorage:
         return self.root / key if key else self.root
 
     def uri(self, key: str) -> str:
+        if key and "//" not in key and "/./" not in key and not key.startswith(("/", "./")) and key[-1] not in "/.":
+            return f"{self.root_uri}/{key}"  # a plain relative key (what listings give): no pathlib round trip
         return str(self._path(key))
 
     def read_bytes(self, key: str) -> bytes:
@@ -122,21 +124,41 @@ class LocalStorage:
             return
         if not base.is_dir():
             return
-        for dirpath, dirnames, filenames in os.walk(base):
-            dirnames.sort()
-            for name in sorted(filenames):
-                if name.startswith(".") and name.endswith(".tmp") and not include_partial:
-                    continue
-                path = Path(dirpath) / name
-                try:
-                    info = path.stat()
-                except OSError as e:
-                    if isinstance(e, FileNotFoundError) and not path.is_symlink():
-                        continue  # removed while listing
-                    # A link to nowhere, a symlink loop: listed, so that reading it refuses it with its reason.
-                    yield ObjectInfo(path.relative_to(self.root).as_posix(), 0, 0.0)
-                    continue
-                yield ObjectInfo(path.relative_to(self.root).as_posix(), info.st_size, info.st_mtime)
+        yield from self._walk(str(base), base.relative_to(self.root).as_posix() if base != self.root else "",
+                              include_partial)  # fmt: skip
+
+    def _walk(self, folder: str, key: str, include_partial: bool) -> Iterator[ObjectInfo]:
+        """A folder's files (sorted), then its sub-folders' (sorted), as `os.walk` orders them; plain strings,
+        no pathlib: a listing of ImageNet's 1.28M files spends its time here."""
+        try:
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+        except OSError:
+            return
+        prefix = f"{key}/" if key else ""
+        folders = []
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                if not entry.is_symlink():  # like os.walk: links to folders are not followed
+                    folders.append(entry)
+                continue
+            name = entry.name
+            if name.startswith(".") and name.endswith(".tmp") and not include_partial:
+                continue
+            try:
+                info = os.stat(entry.path)
+            except OSError as e:
+                if isinstance(e, FileNotFoundError) and not entry.is_symlink():
+                    continue  # removed while listing
+                # A link to nowhere, a symlink loop: listed, so that reading it refuses it with its reason.
+                yield ObjectInfo(prefix + name, 0, 0.0)
+                continue
+            yield ObjectInfo(prefix + name, info.st_size, info.st_mtime)
+        for entry in folders:
+            yield from self._walk(entry.path, prefix + entry.name, include_partial)
 
     def list_children(self, prefix: str = "") -> list[str]:
         """Names of the sub-folders directly below `prefix`, sorted."""
