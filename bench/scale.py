@@ -124,7 +124,8 @@ def write_lake(source: Path, lake: Path) -> None:
     manifest = table_to_parquet(table)
     lake_ = Lake(str(lake))
     lake_.storage.write_bytes(f"{DATASET}/ingests/first/manifest-p0.parquet", manifest)
-    lake_.storage.write_bytes(f"{DATASET}/ingests/first/rejects.parquet", table_to_parquet(REJECTS_SCHEMA.empty_table()))
+    rejects = table_to_parquet(REJECTS_SCHEMA.empty_table())
+    lake_.storage.write_bytes(f"{DATASET}/ingests/first/rejects.parquet", rejects)
     counts = {split: sum(e["count"] for e in entries) for split, entries in shards.items()}
     record = {
         "format": "recolor-lake-v1", "dataset": DATASET, "version": 1, "parent": None,
@@ -385,8 +386,9 @@ def main() -> int:
         met = "met" if last["seconds"] < GOAL_SECONDS and last["peak_mb"] < GOAL_MB else "MISSED"
         print(f"{step:8}{cells}   {', '.join(f'{g:.2f}' for g in growth[step]):18} {met}")
     largest = catalog[sizes[-1]]
-    print(f"at {sizes[-1]:,}: dedup found {largest['dedup']['new']:,} new of {largest['dedup']['listed']:,} listed; "
-          f"known keys {largest['dedup']['known_keys_mb']:.1f} MB; plan payload {largest['ship']['payload_kb']:.0f} KB; "
+    dedup = largest["dedup"]
+    print(f"at {sizes[-1]:,}: dedup found {dedup['new']:,} new of {dedup['listed']:,} listed; known keys "
+          f"{dedup['known_keys_mb']:.1f} MB; plan payload {largest['ship']['payload_kb']:.0f} KB; "
           f"{largest['plan']['train_shards']:,} train shards")  # fmt: skip
     for where, r in reingest.items():
         print(
