@@ -10,6 +10,11 @@ lake:  `pipeline.data.train_batches` over the same images ingested into a lake: 
        decode the uint8 Lab arrays, shuffle, flip, batch, then to normalized float L and ab tensors.
        Once from a local folder, once from `rclone serve s3` on 127.0.0.1 (a real S3 server), and once
        from the local folder with the per-sample CRC-32 check switched off: the check's cost.
+zstd:  bandwidth per GPU. The same local shards rewritten with each .lab.npy member compressed by zstd
+       (levels 1, 3 and 9; `zstandard` package; CRC-32 over the stored bytes), read by the same loader with
+       a decompress before decoding: bytes per sample next to the current encoding's, and samples/s per core
+       with the batch normalized. The rule (issue 10): offer it as an ingest option only if it reaches at most
+       0.6x the bytes at no less than 2,500 samples/s per core.
 All in one process on one thread (no prefetch thread), best of --rounds.
 """
 
@@ -66,6 +71,51 @@ def lake_loader(plan) -> int:
     return count
 
 
+ZSTD_LEVELS = (1, 3, 9)
+ZSTD_GOAL_RATIO, ZSTD_GOAL_RATE = 0.6, 2500.0
+
+
+def zstd_lake(plan, level: int, folder: Path):
+    """The plan's training shards rewritten with zstd-compressed .lab.npy members; (plan, bytes per sample)."""
+    import dataclasses
+    import zlib
+
+    import zstandard
+
+    from ingest.shards import ShardWriter, iter_samples
+    from pipeline.data import ShardInfo
+
+    compressor = zstandard.ZstdCompressor(level=level)
+    folder.mkdir(parents=True, exist_ok=True)
+    shards, total = [], 0
+    for number, shard in enumerate(plan.train):
+        path = folder / f"train-{number:06d}.tar"
+        with open(shard.uri, "rb") as source, ShardWriter(path) as writer:
+            for sample in iter_samples(source):
+                packed = compressor.compress(sample["lab.npy"])
+                meta = json.loads(sample["json"]) | {"lab_crc32": zlib.crc32(packed), "lab_codec": f"zstd-{level}"}
+                writer.write_raw(f"{sample['__key__']}.json", json.dumps(meta).encode())
+                writer.write_raw(f"{sample['__key__']}.lab.npy", packed)
+        shards.append(ShardInfo(str(path), shard.count))
+        total += path.stat().st_size
+    return dataclasses.replace(plan, train=shards), total / plan.count("train")
+
+
+def zstd_loader(plan) -> int:
+    """`lake_loader` with each member decompressed before it is decoded (the loader's own decode, patched)."""
+    import zstandard
+
+    import pipeline.data
+
+    decompress = zstandard.ZstdDecompressor().decompress
+    decode = pipeline.data.decode_sample
+    pipeline.data.decode_sample = lambda data, size: decode(decompress(data) if data is not None else None, size)
+    try:
+        return lake_loader(plan)
+    finally:
+        pipeline.data.decode_sample = decode
+
+
 def best_rate(rounds: int, fn) -> float:
     best = 0.0
     for _ in range(rounds):
@@ -113,6 +163,12 @@ def main() -> None:
             unchecked_rate = best_rate(args.rounds, lambda: lake_loader(local_plan))
         finally:
             ingest.shards.checksum_matches = checked
+        lake_bytes = sum(Path(shard.uri).stat().st_size for shard in local_plan.train) / local_plan.count("train")
+        zstd = {}
+        for level in ZSTD_LEVELS:
+            plan, per_sample = zstd_lake(local_plan, level, work / f"zstd-{level}")
+            rate = best_rate(args.rounds, lambda plan=plan: zstd_loader(plan))
+            zstd[level] = {"bytes_per_sample": per_sample, "ratio": per_sample / lake_bytes, "samples_s": rate}
         server = LocalS3Server(work / "s3").start()
         previous = apply_env(server.env())
         try:
@@ -133,6 +189,11 @@ def main() -> None:
         "s3_samples_s": s3_rate,
         "local_vs_seed": local_rate / seed_rate,
         "s3_vs_local": s3_rate / local_rate,
+        "bytes_per_sample": lake_bytes,
+        "zstd": zstd,
+        "zstd_offered": [
+            level for level, z in zstd.items() if z["ratio"] <= ZSTD_GOAL_RATIO and z["samples_s"] >= ZSTD_GOAL_RATE
+        ],
         "machine": machine(),
     }
     if args.json:
@@ -144,6 +205,11 @@ def main() -> None:
     print(f"lake, S3 (loopback) {s3_rate:9.1f} samples/s   {result['s3_vs_local']:.2f}x local (goal >= 0.7)")
     print(f"lake, local, no CRC {unchecked_rate:9.1f} samples/s   the per-sample check costs "
           f"{100 * result['checksum_cost']:.1f}%")  # fmt: skip
+    print(f"bytes per sample: {lake_bytes / 1024:.1f} KiB as stored (uint8 npy in tar, with metadata)")
+    for level, z in zstd.items():
+        met = "meets" if level in result["zstd_offered"] else "misses"
+        print(f"lake, local, zstd-{level} {z['samples_s']:7.1f} samples/s   {z['bytes_per_sample'] / 1024:.1f} "
+              f"KiB/sample = {z['ratio']:.2f}x   {met} <= {ZSTD_GOAL_RATIO}x at >= {ZSTD_GOAL_RATE:.0f}/s")  # fmt: skip
 
 
 if __name__ == "__main__":
