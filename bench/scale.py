@@ -162,17 +162,14 @@ def run_step(step: str, source: Path, lake: Path) -> dict:
 
         return {"items": len(list_source(_config(source, lake)))}
     if step in ("dedup", "commit"):
-        from ingest.chunk import KnownKeys, shard_order
-        from ingest.driver import list_source, unchanged_filter
+        from ingest.driver import _what_to_read, list_source
 
         config = _config(source, lake)
         catalog = Lake(str(lake))
         listed = list_source(config)  # timed as the list step; not part of this one
         started = time.perf_counter()
         parent = catalog.resolve(DATASET)
-        manifest = catalog.manifest(parent)
-        known = KnownKeys(manifest.column("key").to_numpy(zero_copy_only=False))
-        items = shard_order(unchanged_filter(catalog, parent, manifest, listed), "shuffled", 0)
+        known, items = _what_to_read(catalog, parent, listed, config)  # what run_ingest does before its chunks
         found = {"listed": len(listed), "new": len(items), "known_keys_mb": known.keys.nbytes / 2**20,
                  "seconds": time.perf_counter() - started}  # fmt: skip
         if step == "dedup":

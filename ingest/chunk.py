@@ -52,6 +52,18 @@ class KnownKeys:
     def __init__(self, keys: Iterable[str] | np.ndarray = ()):
         self.keys = np.unique(np.asarray(keys if isinstance(keys, np.ndarray) else list(keys), dtype=f"S{KEY_LENGTH}"))
 
+    @classmethod
+    def from_column(cls, column) -> KnownKeys:
+        """From a manifest's `key` column (Arrow), without a Python string per key."""
+        import pyarrow as pa
+
+        fixed = column.combine_chunks().cast(pa.binary()).cast(pa.binary(KEY_LENGTH))
+        known = cls()
+        if len(fixed):
+            data = np.frombuffer(fixed.buffers()[1], dtype=f"S{KEY_LENGTH}", count=len(fixed) + fixed.offset)
+            known.keys = np.unique(data[fixed.offset :])
+        return known
+
     def __len__(self) -> int:
         return len(self.keys)
 

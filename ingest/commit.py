@@ -110,7 +110,7 @@ def commit(lake, config, ingest_id, listed, items, results, started, resumed) ->
         parent = lake.latest_version(config.dataset)
         parent_ref = lake.resolve(f"{config.dataset}@{parent}") if parent else None
         parent_table = lake.manifest(parent_ref) if parent_ref else MANIFEST_SCHEMA.empty_table()
-        base_keys = KnownKeys(parent_table.column("key").to_numpy(zero_copy_only=False))
+        base_keys = KnownKeys.from_column(parent_table.column("key"))
         rows, dropped = _dedup_and_rewrite(lake, config.dataset, results, base_keys)
         summary = IngestSummary(
             dataset=config.dataset,

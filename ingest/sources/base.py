@@ -14,7 +14,7 @@ class SourceError(RecolorError):
     """The source cannot be read as asked (missing root, wrong layout, bad annotation file)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a listing of ImageNet holds 1.28M of these
 class SourceItem:
     """One image of a source and what the source knows about it."""
 

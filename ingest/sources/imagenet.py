@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 
 from ingest.sources.base import SourceError, SourceItem, listed, open_source_root
 from ingest.sources.folder import is_image_name
@@ -65,13 +66,14 @@ def list_imagenet(root: str, splits: tuple[str, ...] = ("train",)) -> list[Sourc
     synsets = read_synsets(storage)
     items: list[SourceItem] = []
     for split in splits:
-        objects = [obj for obj in storage.list(split) if is_image_name(obj.key)]
         flat_labels = None
-        for obj in objects:
+        for obj in storage.list(split):  # one at a time: ImageNet lists 1.28M of them
             key = obj.key
+            if not is_image_name(key):
+                continue
             parts = key.split("/")
             if len(parts) == 3:  # split/wnid/file
-                label = parts[1]
+                label = sys.intern(parts[1])  # one string a class, not one an image
             elif len(parts) == 2:  # flat val/
                 if flat_labels is None:
                     flat_labels = _val_labels(storage)

@@ -208,10 +208,8 @@ class S3Storage:
         full = join_key(self.prefix, prefix)
         if full:
             full += "/"
-        paginator = self.client.get_paginator("list_objects_v2")
         strip = len(self.prefix) + 1 if self.prefix else 0
-        pages = self._call("list", prefix, lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=full)))
-        for page in pages:
+        for page in self._pages(prefix, full):
             for item in page.get("Contents", []):
                 etag = str(item.get("ETag") or "").strip('"') or None
                 yield ObjectInfo(item["Key"][strip:], int(item["Size"]), item["LastModified"].timestamp(), etag)
@@ -219,6 +217,19 @@ class S3Storage:
             for upload in self._multipart_uploads(prefix, full):
                 yield ObjectInfo(f"{upload['Key'][strip:]}?uploadId={upload['UploadId']}", 0,
                                  upload["Initiated"].timestamp())  # fmt: skip
+
+    def _pages(self, prefix: str, full_prefix: str) -> Iterator[dict]:
+        """ListObjectsV2 pages one at a time, each request retried on its own: a listing of millions of objects
+        holds one page (1,000 objects) in memory, not all of them."""
+        token = None
+        while True:
+            extra = {"ContinuationToken": token} if token else {}
+            page = self._call("list", prefix, self.client.list_objects_v2, Bucket=self.bucket, Prefix=full_prefix,
+                              **extra)  # fmt: skip
+            yield page
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
 
     def _multipart_uploads(self, prefix: str, full_prefix: str) -> list[dict]:
         def uploads() -> list[dict]:

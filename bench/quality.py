@@ -1,0 +1,247 @@
+"""Does it colorize? Train a preset for a fixed budget on one dataset, score it on another, beside the gray baseline.
+
+    python bench/quality.py                         # CPU: 128 px, ResNet18-encoder U-Net, random init, ~20 min
+    python bench/quality.py --gpu --minutes 5       # GPU: 256 px, the full recipe's preset
+    python bench/quality.py --train ~/imagenet-sub --test ~/coco --annotations ~/coco/annotations/x.json --json
+
+What it does, with this project's own commands underneath:
+  1. ingest every --train root (ImageNet layout) into a dataset `train` of a scratch lake (5% validation, which
+     training needs for its per-epoch metrics), and the --test root (COCO layout, images its --annotations
+     file lists) into `test` with --val-fraction 1: a scoring-only dataset, as the recipe scores
+     ImageNet-trained models on COCO;
+  2. time a few training steps of the preset here, size the two stages (L1 pretraining, then GAN + L1) to
+     the budget (40% / 60%), and run `recolor train`'s `run_training` (Ray Train, DDP over --workers,
+     MLflow tracking off) with `max_steps` as a hard cap;
+  3. score the final generator (eval mode, fp32) on every test image: AuC, PSNR, SSIM, L1 on ab and
+     colorfulness, each next to the gray baseline (ab = 0), with 95% bootstrap intervals over images
+     (2,000 resamples, the same resample for both), and write a sample grid (L | prediction | truth).
+
+Goal (issue 16): beat the gray baseline on AuC and PSNR with intervals that do not overlap gray's, and
+colorfulness within 15 of the ground truth's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import REPO, machine  # noqa: E402
+
+SHARED = REPO.parent / "shared" / "data"
+SCORED = ("auc", "psnr", "ssim", "l1_ab", "colorfulness")
+HIGHER_IS_BETTER = {"auc": True, "psnr": True, "ssim": True, "l1_ab": False}
+BATCH = 16
+L1_SHARE = 0.4
+
+
+def ingest_sets(lake: str, train_roots: list[str], test_root: str, annotations: str, size: int) -> dict:
+    from ingest.driver import IngestConfig, run_ingest
+
+    counts = {}
+    for root in train_roots:
+        summary = run_ingest(IngestConfig(kind="imagenet", source=root, dataset="train", lake=lake, size=size,
+                                          val_fraction=0.05, progress=False))  # fmt: skip
+        counts["train"] = summary.counts
+    summary = run_ingest(IngestConfig(kind="coco", source=test_root, annotations=annotations, dataset="test",
+                                      lake=lake, size=size, val_fraction=1.0, progress=False))  # fmt: skip
+    counts["test"] = summary.counts
+    return counts
+
+
+def step_seconds(config, size: int, device: str, steps: int = 3) -> tuple[float, float]:
+    """Seconds of one L1-only and one GAN step of the preset's networks at the global batch, in this process."""
+    import torch
+
+    from pipeline.losses import GANLoss
+    from pipeline.models import build_discriminator, build_generator
+
+    dev = torch.device(device)
+    generator = build_generator(config.model.arch, norm=config.model.norm).to(dev)
+    discriminator = build_discriminator(base_filters=config.model.base_filters).to(dev)
+    opt_g = torch.optim.Adam(generator.parameters(), 2e-4, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(discriminator.parameters(), 2e-4, betas=(0.5, 0.999))
+    gan = GANLoss("vanilla").to(dev)
+    light = torch.rand(BATCH, 1, size, size, device=dev) * 2 - 1
+    ab = torch.rand(BATCH, 2, size, size, device=dev) * 2 - 1
+
+    def l1_step():
+        opt_g.zero_grad()
+        (generator(light) - ab).abs().mean().backward()
+        opt_g.step()
+
+    def gan_step():
+        fake = generator(light)
+        opt_d.zero_grad()
+        real_in, fake_in = torch.cat([light, ab], 1), torch.cat([light, fake.detach()], 1)
+        ((gan(discriminator(fake_in), False) + gan(discriminator(real_in), True)) / 2).backward()
+        opt_d.step()
+        opt_g.zero_grad()
+        (gan(discriminator(torch.cat([light, fake], 1)), True) + 100 * (fake - ab).abs().mean()).backward()
+        opt_g.step()
+
+    timed = []
+    for step in (l1_step, gan_step):
+        step()  # warm-up
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        timed.append((time.perf_counter() - started) / steps)
+    return timed[0], timed[1]
+
+
+def train(lake: str, storage: str, size: int, minutes: float, gpu: bool, workers: int) -> dict:
+    import torch
+
+    from pipeline.config import load_config
+    from pipeline.data import resolve_data
+    from pipeline.train.driver import TrackingOptions, run_training
+
+    preset = REPO / "configs" / ("pix2pix_unet.yaml" if gpu else "resnet18_unet.yaml")
+    common = ["data.datasets=[train]", f"data.lake={lake}", f"storage={storage}", f"workers={workers}",
+              f"use_gpu={str(gpu).lower()}", "name=quality", "checkpoint_every=1000000"]  # fmt: skip
+    config = load_config(preset, common)
+    if not gpu:
+        torch.set_num_threads(os.cpu_count() or 1)
+    l1_s, gan_s = step_seconds(config, size, "cuda" if gpu else "cpu")
+    plan = resolve_data(["train"], lake)
+    steps_per_epoch = plan.count("train") // 16
+    budget = minutes * 60 * 0.85  # validation, checkpoints and start-up take the rest
+    l1_epochs = max(1, math.floor(L1_SHARE * budget / (steps_per_epoch * l1_s)))
+    gan_epochs = max(1, math.floor((1 - L1_SHARE) * budget / (steps_per_epoch * gan_s)))
+    config = load_config(preset, [*common, f"stages.0.epochs={l1_epochs}", f"stages.1.epochs={gan_epochs}",
+                                  f"max_steps={(l1_epochs + gan_epochs) * steps_per_epoch}"])  # fmt: skip
+    started = time.perf_counter()
+    result = run_training(config, tracking=TrackingOptions(enabled=False))
+    return {
+        "preset": preset.name, "checkpoint": result.checkpoint, "train_seconds": time.perf_counter() - started,
+        "l1_epochs": l1_epochs, "gan_epochs": gan_epochs, "steps_per_epoch": steps_per_epoch,
+        "step_seconds": {"l1": l1_s, "gan": gan_s}, "train_samples": plan.count("train"), "workers": workers,
+    }  # fmt: skip
+
+
+def score(checkpoint: str, lake: str, gpu: bool) -> tuple[dict, object]:
+    """Per-image metrics of the model and of gray on the whole `test` dataset, and the first batch for a grid."""
+    import torch
+
+    from ingest.lab import lab8_to_network_torch, network_to_lab_torch
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.data import resolve_data, validation_batches
+    from pipeline.evaluation.metrics import colorization_metrics_per_image
+    from pipeline.tracking.registry import generator_from_checkpoint
+
+    device = torch.device("cuda" if gpu else "cpu")
+    generator = generator_from_checkpoint(load_checkpoint(checkpoint)).to(device).eval()
+    plan = resolve_data(["test"], lake)
+    values: dict[str, list] = {}
+    first = None
+    with torch.no_grad():
+        for batch in validation_batches(plan, 0, 1, BATCH):
+            light, real_ab = lab8_to_network_torch(torch.from_numpy(batch).to(device))
+            lightness, pred_ab = network_to_lab_torch(light, generator(light).float())
+            _, true_ab = network_to_lab_torch(light, real_ab)
+            for prefix, ab in (("", pred_ab), ("gray_", torch.zeros_like(true_ab))):
+                for name, per_image in colorization_metrics_per_image(lightness, ab, true_ab).items():
+                    values.setdefault(prefix + name, []).append(per_image.cpu())
+            if first is None:
+                first = (lightness.cpu(), pred_ab.cpu(), true_ab.cpu())
+    return {name: torch.cat(parts).numpy() for name, parts in values.items()}, first
+
+
+def bootstrap(values: dict, resamples: int = 2000, seed: int = 0) -> dict:
+    """Mean and 95% interval of each metric over images; one resample of image indices serves every metric."""
+    import numpy as np
+
+    count = len(next(iter(values.values())))
+    picks = np.random.default_rng(seed).integers(0, count, (resamples, count))
+    summary = {}
+    for name, array in values.items():
+        means = array[picks].mean(axis=1)
+        low, high = np.percentile(means, [2.5, 97.5])
+        summary[name] = {"mean": float(array.mean()), "low": float(low), "high": float(high)}
+    return summary
+
+
+def verdict(summary: dict) -> dict:
+    beats = {
+        name: summary[name]["low"] > summary[f"gray_{name}"]["high"] for name in ("auc", "psnr")
+    }  # intervals apart, the model above
+    gap = abs(summary["colorfulness"]["mean"] - summary["colorfulness_true"]["mean"])
+    return {"beats_gray": beats, "colorfulness_gap": gap, "colorfulness_within_15": gap <= 15,
+            "met": all(beats.values()) and gap <= 15}  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train", action="append", metavar="ROOT",
+                        help="ImageNet-layout root to train on, repeatable (default: ../shared/data/imagenet-sample "
+                        "and imagenet-more)")  # fmt: skip
+    parser.add_argument("--test", metavar="ROOT", help="COCO-layout root to score on (default: shared coco-sample)")
+    parser.add_argument("--annotations", metavar="FILE", help="COCO annotation JSON of --test (default: the one there)")
+    parser.add_argument("--minutes", type=float, help="training budget (default: 16 on the CPU, 5 with --gpu)")
+    parser.add_argument("--size", type=int, help="sample side in pixels (default: 128 on the CPU, 256 with --gpu)")
+    parser.add_argument("--gpu", action="store_true", help="train and score on GPUs: the full recipe (pix2pix U-Net)")
+    parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: 2; with --gpu, 1 a GPU)")
+    parser.add_argument("--grid", default=str(REPO / "bench" / "quality-samples.png"), help="sample grid PNG path")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+    train_roots = args.train or [str(SHARED / "imagenet-sample"), str(SHARED / "imagenet-more")]
+    test_root = args.test or str(SHARED / "coco-sample")
+    annotations = args.annotations or next(iter(sorted(Path(test_root, "annotations").glob("instances_*.json"))), None)
+    if annotations is None:
+        parser.error(f"no --annotations given and no annotations/instances_*.json under {test_root}")
+    size = args.size or (256 if args.gpu else 128)
+    minutes = args.minutes or (5.0 if args.gpu else 16.0)
+    os.environ.setdefault("RECOLOR_NO_PROGRESS", "1")
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-quality-") as temp:
+        lake, storage = str(Path(temp) / "lake"), str(Path(temp) / "runs")
+        counts = ingest_sets(lake, train_roots, test_root, str(annotations), size)
+        trained = train(lake, storage, size, minutes, args.gpu, args.workers)
+        values, first = score(trained["checkpoint"], lake, args.gpu)
+    from pipeline.tracking.plots import sample_grid
+
+    Path(args.grid).write_bytes(sample_grid(*first, max_images=8))
+    summary = bootstrap(values)
+    report = {
+        "machine": machine(), "device": "gpu" if args.gpu else "cpu", "size": size, "budget_minutes": minutes,
+        "total_seconds": time.perf_counter() - started, "train": train_roots, "test": test_root,
+        "counts": counts, "training": {k: v for k, v in trained.items() if k != "checkpoint"},
+        "test_images": int(len(values["auc"])), "metrics": summary, "goal": verdict(summary), "grid": args.grid,
+    }  # fmt: skip
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    t = report["training"]
+    print(f"machine: {report['machine']} ({report['device']})")
+    print(f"trained {t['preset']} at {size} px on {t['train_samples']} samples for {t['train_seconds'] / 60:.1f} min "
+          f"({t['l1_epochs']} L1 + {t['gan_epochs']} GAN epochs of {t['steps_per_epoch']} steps, {t['workers']} "
+          f"workers); scored on {report['test_images']} test images")  # fmt: skip
+    print(f"{'metric':14} {'model':>8} {'95% interval':>20} {'gray':>8} {'95% interval':>20}")
+    for name in SCORED:
+        m, g = summary[name], summary[f"gray_{name}"]
+        print(f"{name:14} {m['mean']:8.4f} [{m['low']:8.4f}, {m['high']:8.4f}] {g['mean']:8.4f} "
+              f"[{g['low']:8.4f}, {g['high']:8.4f}]")  # fmt: skip
+    truth = summary["colorfulness_true"]
+    print(f"{'colorfulness of the truth':26} {truth['mean']:8.4f}")
+    goal = report["goal"]
+    print(f"goal: AuC beats gray {goal['beats_gray']['auc']}, PSNR beats gray {goal['beats_gray']['psnr']}, "
+          f"colorfulness within 15 of the truth's {goal['colorfulness_within_15']} (gap {goal['colorfulness_gap']:.1f})"
+          f" -> {'met' if goal['met'] else 'missed'}")  # fmt: skip
+    print(f"sample grid: {args.grid}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
