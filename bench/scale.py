@@ -174,6 +174,8 @@ def run_step(step: str, source: Path, lake: Path) -> dict:
                  "seconds": time.perf_counter() - started}  # fmt: skip
         if step == "dedup":
             return found
+        listed_count = len(listed)
+        del listed  # as run_ingest does before its chunks run
         from ingest.commit import commit
 
         rows = [
@@ -186,7 +188,7 @@ def run_step(step: str, source: Path, lake: Path) -> dict:
         shard = {"path": "ingests/grown/shards/train-grown-000000.tar", "count": len(rows), "bytes": 1}
         results = [{"index": 0, "rows": rows, "rejects": [], "duplicates": 0, "shards": {"train": shard}}]
         started = time.perf_counter()
-        summary = commit(catalog, config, "grown", listed, items, results, started, 0)
+        summary = commit(catalog, config, "grown", listed_count, items, results, started, 0)
         seconds = time.perf_counter() - started
         return found | {"version": summary.version, "samples": sum(summary.counts.values()), "seconds": seconds}
     if step in ("plan", "ship", "epoch"):

@@ -93,10 +93,10 @@ def _rewrite_shard(lake: Lake, dataset: str, path: str, keep: set[str]) -> dict:
         temp_dir.rmdir()
 
 
-def commit(lake, config, ingest_id, listed, items, results, started, resumed) -> IngestSummary:
+def commit(lake, config, ingest_id, listed: int, items, results, started, resumed) -> IngestSummary:
     """Merge the chunks' results with the latest version and commit the next one (see the module's docstring).
 
-    `listed` is what the source listed, `items` the part of it that was read (new or changed files).
+    `listed` is how many files the source listed, `items` the part of them that was read (new or changed files).
     """
     rejects = [reject for result in results for reject in result["rejects"]]
     reasons = Counter(reject["reason"] for reject in rejects)
@@ -117,10 +117,10 @@ def commit(lake, config, ingest_id, listed, items, results, started, resumed) ->
             version=None,
             parent=parent,
             ingest_id=ingest_id,
-            listed=len(listed),
+            listed=listed,
             ingested=len(rows),
             duplicates=chunk_duplicates + dropped,
-            unchanged=len(listed) - len(items),
+            unchanged=listed - len(items),
             rejected=dict(sorted(reasons.items())),
             resumed_chunks=resumed,
         )
@@ -151,7 +151,7 @@ def commit(lake, config, ingest_id, listed, items, results, started, resumed) ->
     )
 
 
-def _version_record(config, version, parent_ref, ingest_id, items, results, summary) -> dict:
+def _version_record(config, version, parent_ref, ingest_id, listed: int, results, summary) -> dict:
     shards = {
         split: list(parent_ref.record["shards"].get(split, [])) if parent_ref else [] for split in ("train", "val")
     }
@@ -165,7 +165,7 @@ def _version_record(config, version, parent_ref, ingest_id, items, results, summ
         "kind": config.kind,
         "root": config.source,
         "annotations": config.annotations,
-        "listed": len(items),
+        "listed": listed,
         "ingested": summary.ingested,
         "ingest_id": ingest_id,
     }
@@ -183,7 +183,7 @@ def _version_record(config, version, parent_ref, ingest_id, items, results, summ
         "bytes": sizes,
         "shards": shards,
         "stats": {
-            "listed": len(items),
+            "listed": listed,
             "ingested": summary.ingested,
             "duplicates": summary.duplicates,
             "unchanged": summary.unchanged,

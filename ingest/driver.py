@@ -137,6 +137,8 @@ def run_ingest(config: IngestConfig) -> IngestSummary:
     if parent_ref is not None:
         _check_compatible(parent_ref.record, config)
     known, items = _what_to_read(lake, parent_ref, listed, config)
+    listed_count = len(listed)
+    del listed  # ImageNet's listing is hundreds of MB: only the files to read go on
 
     ingest_id = ingest_id_for(config, items)
     per_chunk = config.images_per_chunk
@@ -157,7 +159,7 @@ def run_ingest(config: IngestConfig) -> IngestSummary:
     ]
     results = _run_chunks(specs, known, config)
     resumed = sum(1 for r in results if r.get("resumed"))
-    return commit(lake, config, ingest_id, listed, items, results, started, resumed)
+    return commit(lake, config, ingest_id, listed_count, items, results, started, resumed)
 
 
 def _what_to_read(lake: Lake, parent_ref, listed: list[SourceItem], config: IngestConfig):
@@ -165,7 +167,7 @@ def _what_to_read(lake: Lake, parent_ref, listed: list[SourceItem], config: Inge
     here: at ImageNet scale it is hundreds of MB the chunks do not need)."""
     if parent_ref is None:
         return KnownKeys(), shard_order(listed, config.order, config.seed)
-    manifest = lake.manifest(parent_ref)
+    manifest = lake.manifest(parent_ref, columns=["key", "source_uri", "source_size", "source_stamp"])
     known = KnownKeys.from_column(manifest.column("key"))
     items = listed if config.rehash else unchanged_filter(lake, parent_ref, manifest, listed)
     return known, shard_order(items, config.order, config.seed)
