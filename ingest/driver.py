@@ -169,7 +169,7 @@ def _what_to_read(lake: Lake, parent_ref, listed: list[SourceItem], config: Inge
         return KnownKeys(), shard_order(listed, config.order, config.seed)
     manifest = lake.manifest(parent_ref, columns=["key", "source_uri", "source_size", "source_stamp"])
     known = KnownKeys.from_column(manifest.column("key"))
-    items = listed if config.rehash else unchanged_filter(lake, parent_ref, manifest, listed)
+    items = listed if config.rehash else unchanged_filter(lake, parent_ref, manifest, listed, config.max_pixels)
     return known, shard_order(items, config.order, config.seed)
 
 
@@ -178,18 +178,23 @@ def _source_ids(uris: pa.Array, sizes: pa.Array, stamps: pa.Array) -> pa.Array:
     return pc.binary_join_element_wise(uris, pc.cast(sizes, pa.string()), stamps, "\x00")
 
 
-def unchanged_filter(lake: Lake, parent_ref, manifest: pa.Table, items: list[SourceItem]) -> list[SourceItem]:
+def unchanged_filter(lake: Lake, parent_ref, manifest: pa.Table, items: list[SourceItem],
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> list[SourceItem]:  # fmt: skip
     """The listed items the dataset does not already account for, unchanged: new files, and files whose size or
     stamp (ETag, mtime) differ from when they were ingested (read again, and deduplicated by content).
 
     Accounted for: the samples of the parent version, and the files its ingests (all its ancestors') rejected
-    for their content; files that were missing or unreadable are tried again.
+    for their content; files that were missing or unreadable are tried again, and files too large for an
+    ingest whose --max-pixels was lower than `max_pixels`.
     """
     known = [_source_ids(manifest["source_uri"], manifest["source_size"], manifest["source_stamp"])]
     ref = parent_ref
     while ref is not None:
         rejects = lake.rejects(ref)
-        kept = rejects.filter(pc.invert(pc.is_in(rejects["reason"], pa.array(sorted(RETRIED_REASONS)))))
+        retried = set(RETRIED_REASONS)
+        if max_pixels > int(ref.record.get("params", {}).get("max_pixels") or 0):
+            retried.add("too_large")  # a higher --max-pixels than that ingest had: those may fit now
+        kept = rejects.filter(pc.invert(pc.is_in(rejects["reason"], pa.array(sorted(retried)))))
         known.append(_source_ids(kept["source_uri"], kept["source_size"], kept["source_stamp"]))
         parent = ref.record.get("parent")
         ref = lake.resolve(f"{ref.dataset}@{parent}") if parent else None
@@ -199,7 +204,9 @@ def unchanged_filter(lake: Lake, parent_ref, manifest: pa.Table, items: list[Sou
         pa.array([item.size for item in items], pa.int64()),
         pa.array([item.stamp for item in items], pa.string()),
     )
-    unchanged = pc.fill_null(pc.is_in(listed_ids, value_set=known_ids), False).to_numpy(zero_copy_only=False)
+    # Unknown ids (a file the listing did not see, a row from before stamps) match nothing, not each other.
+    unchanged = pc.fill_null(pc.is_in(listed_ids, value_set=known_ids.drop_null()), False)
+    unchanged = unchanged.to_numpy(zero_copy_only=False)
     return [item for item, skip in zip(items, unchanged, strict=True) if not skip]
 
 

@@ -47,9 +47,11 @@ class Position:
         return asdict(self)
 
 
-def build_payload(generator, discriminator, optimizers, schedulers, position: Position, config, plan) -> dict:
+def build_payload(generator, discriminator, optimizers, schedulers, position: Position, config, plan,
+                  interleave: int | None = None) -> dict:  # fmt: skip
     """The checkpoint dict of a run at `position`: plain modules (unwrapped from DDP), both optimizers and
-    schedulers (generator's first), the config (`TrainConfig`) and the data plan's versions."""
+    schedulers (generator's first), the config (`TrainConfig`), the data plan's versions and the read order of the
+    epoch in progress (`interleave`: a resumed epoch must skip samples of the order it began with)."""
     return {
         "format": FORMAT,
         "generator": generator.state_dict(),
@@ -61,8 +63,20 @@ def build_payload(generator, discriminator, optimizers, schedulers, position: Po
         "position": position.to_dict(),
         "rng": {"torch": torch.get_rng_state()},
         "config": config.to_dict(),
-        "data": {"refs": plan.refs, "digests": plan.digests, "size": plan.size, "resize": plan.resize},
+        "data": {
+            "refs": plan.refs,
+            "digests": plan.digests,
+            "size": plan.size,
+            "resize": plan.resize,
+            "interleave": interleave if interleave is not None else config.data.interleave,
+        },  # fmt: skip
     }
+
+
+def epoch_interleave(payload: dict) -> int:
+    """The read order of the epoch a checkpoint was taken in: shards read at once (1 in checkpoints written before
+    the reader interleaved shards)."""
+    return int(payload.get("data", {}).get("interleave", 1))
 
 
 def restore_networks(payload: dict, generator, discriminator) -> Position:

@@ -91,8 +91,8 @@ class DataConfig:
             raise ConfigError(f"data.batch_size must be at least 1, got {self.batch_size}")
         if self.shuffle_window < 1:
             raise ConfigError(f"data.shuffle_window must be at least 1, got {self.shuffle_window}")
-        if not 1 <= self.interleave <= 64:
-            raise ConfigError(f"data.interleave must be between 1 and 64 shards, got {self.interleave}")
+        if not 1 <= self.interleave <= 16:  # on S3 each one is a whole shard in memory
+            raise ConfigError(f"data.interleave must be between 1 and 16 shards, got {self.interleave}")
         if not 0 <= self.max_bad_fraction <= 1:
             raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
         if not 0 <= self.rotate_degrees <= 45:

@@ -225,7 +225,8 @@ def read_segments(
     The first `skip` samples are passed over: whole groups of segments without opening them, the rest of the
     way by reading tar headers and bytes but decoding nothing. Shards on S3 are downloaded whole,
     `readahead` shards ahead in background threads (default: 2 for s3://, or K when interleaving; 0 for local
-    files, which the OS reads ahead by itself), so network time overlaps decoding and training.
+    files, which the OS reads ahead by itself), so network time overlaps decoding and training. On S3 a rank
+    then holds up to K + readahead shards in memory (8 x 64 MB with the default 4).
     """
     interleave = max(1, interleave)
     groups = [segments[i : i + interleave] for i in range(0, len(segments), interleave)]
@@ -249,11 +250,11 @@ def read_segments(
         if start < segment.stop
     ]
     if readahead is None:
-        readahead = max(2, interleave) if uris and uris[0].startswith("s3://") and opener is open_shard else 0
+        readahead = min(max(2, interleave), 8) if uris and uris[0].startswith("s3://") and opener is open_shard else 0
     openers = _open_ahead(uris, opener, readahead)
     for group, order, offsets in pending:
         streams = [
-            _segment_samples(segment, start, next(openers)) if start < segment.stop else iter(())
+            _segment_samples(segment, start, next(openers)) if start < segment.stop else _nothing()
             for segment, start in zip(group, offsets, strict=True)
         ]
         if len(streams) == 1:
@@ -261,6 +262,12 @@ def read_segments(
             continue
         for index in order:
             yield next(streams[index])
+        for stream in streams:  # each is done: let its shard (a whole download on S3) go before the next group
+            stream.close()
+
+
+def _nothing() -> Iterator:
+    yield from ()
 
 
 def _round_robin(group: list[Segment]) -> list[int]:

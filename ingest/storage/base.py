@@ -24,11 +24,15 @@ class ObjectInfo:
     size: int
     modified: float = 0.0  # seconds since the epoch
     etag: str | None = None  # the store's content tag (S3 ETag), where it has one
+    version: str | None = None  # local files: mtime and ctime in ns and the inode (`LocalStorage`)
 
 
 def object_stamp(info: ObjectInfo) -> str:
-    """What tells, without reading it, that an object changed: its ETag on S3, its modification time elsewhere."""
-    return f"etag:{info.etag}" if info.etag else f"mtime:{round(info.modified * 1e6)}"
+    """What tells, without reading it, that an object changed: its ETag on S3; for a local file its mtime, ctime
+    and inode; else its modification time."""
+    if info.etag:
+        return f"etag:{info.etag}"
+    return f"file:{info.version}" if info.version else f"mtime:{round(info.modified * 1e6)}"
 
 
 class Storage(Protocol):

@@ -18,6 +18,12 @@ class NotARegularFile(OSError):
     """A name that is not a regular file (a FIFO, a socket, a device, a symlink loop): never opened for reading."""
 
 
+def _version(info: os.stat_result) -> str:
+    """What changes when a file's content may have: mtime and ctime in ns, and the inode (a copy that kept the
+    mtime, `cp -p` or `rsync -a`, still gets a new ctime or inode)."""
+    return f"{info.st_mtime_ns}.{info.st_ctime_ns}.{info.st_ino}"
+
+
 class LocalStorage:
     """A folder on a local (or network-mounted) file system."""
 
@@ -30,7 +36,7 @@ class LocalStorage:
 
     def uri(self, key: str) -> str:
         if key and "//" not in key and "/./" not in key and not key.startswith(("/", "./")) and key[-1] not in "/.":
-            return f"{self.root_uri}/{key}"  # a plain relative key (what listings give): no pathlib round trip
+            return f"{self.root_uri.rstrip('/')}/{key}"  # a plain key (as listings give): no pathlib round trip
         return str(self._path(key))
 
     def read_bytes(self, key: str) -> bytes:
@@ -120,7 +126,7 @@ class LocalStorage:
         base = self._path(prefix)
         if base.is_file():
             info = base.stat()
-            yield ObjectInfo(prefix, info.st_size, info.st_mtime)
+            yield ObjectInfo(prefix, info.st_size, info.st_mtime, version=_version(info))
             return
         if not base.is_dir():
             return
@@ -156,7 +162,7 @@ class LocalStorage:
                 # A link to nowhere, a symlink loop: listed, so that reading it refuses it with its reason.
                 yield ObjectInfo(prefix + name, 0, 0.0)
                 continue
-            yield ObjectInfo(prefix + name, info.st_size, info.st_mtime)
+            yield ObjectInfo(prefix + name, info.st_size, info.st_mtime, version=_version(info))
         for entry in folders:
             yield from self._walk(entry.path, prefix + entry.name, include_partial)
 

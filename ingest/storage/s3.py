@@ -221,15 +221,21 @@ class S3Storage:
     def _pages(self, prefix: str, full_prefix: str) -> Iterator[dict]:
         """ListObjectsV2 pages one at a time, each request retried on its own: a listing of millions of objects
         holds one page (1,000 objects) in memory, not all of them."""
-        token = None
+        token, seen = None, set()
         while True:
             extra = {"ContinuationToken": token} if token else {}
             page = self._call("list", prefix, self.client.list_objects_v2, Bucket=self.bucket, Prefix=full_prefix,
                               **extra)  # fmt: skip
             yield page
-            token = page.get("NextContinuationToken")
-            if not page.get("IsTruncated") or not token:
+            if not page.get("IsTruncated"):
                 return
+            token = page.get("NextContinuationToken")
+            if not token or token in seen:  # a listing cut short, or going round in circles: never a silent end
+                raise StorageError(
+                    f"listing {self.uri(prefix)}: the store said there is more but gave "
+                    f"{'no' if not token else 'a repeated'} continuation token; the store is misbehaving"
+                )
+            seen.add(token)
 
     def _multipart_uploads(self, prefix: str, full_prefix: str) -> list[dict]:
         def uploads() -> list[dict]:

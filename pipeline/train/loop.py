@@ -24,7 +24,7 @@ from torch import nn
 
 from ingest import faults
 from ingest.lab import lab8_to_network_torch
-from pipeline.checkpoint import Position, build_payload, restore_networks, restore_optimizers
+from pipeline.checkpoint import Position, build_payload, epoch_interleave, restore_networks, restore_optimizers
 from pipeline.config import StageConfig, TrainConfig
 from pipeline.data import DataPlan, prefetch, train_batches, validation_batches
 from pipeline.evaluation.validation import accumulate, finalize
@@ -139,8 +139,13 @@ class ColorizerTrainer:
             backbone_state_dict=backbone,
         )
         discriminator = build_discriminator(base_filters=model.base_filters, norm=model.norm)
+        # The read order of the epoch in progress: the config's, except in an epoch resumed from a checkpoint
+        # taken under another one (a changed data.interleave, or a checkpoint older than interleaving).
+        self.interleave = config.data.interleave
+        self.resumed_interleave: int | None = None
         if checkpoint_payload is not None:
             self.position = restore_networks(checkpoint_payload, generator, discriminator)
+            self.resumed_interleave = epoch_interleave(checkpoint_payload)
         if model.norm == "sync_batch" and world_size > 1:
             generator = nn.SyncBatchNorm.convert_sync_batchnorm(generator)
             discriminator = nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
@@ -259,7 +264,8 @@ class ColorizerTrainer:
 
     def payload(self, next_position: Position, opts, scheds) -> dict:
         generator, discriminator = unwrap(self.generator), unwrap(self.discriminator)
-        return build_payload(generator, discriminator, opts, scheds, next_position, self.config, self.plan)
+        return build_payload(generator, discriminator, opts, scheds, next_position, self.config, self.plan,
+                             self.interleave)  # fmt: skip
 
     # ---------------------------------------------------------------------------------------- the run
 
@@ -290,6 +296,12 @@ class ColorizerTrainer:
     def _run_epoch(self, stage_index, stage, epoch, gan_loss, opts, scheds, progress) -> dict | None:
         config = self.config
         start_step = self.position.step_in_epoch if self.position.epoch == epoch else 0
+        self.interleave = config.data.interleave
+        if start_step and self.resumed_interleave not in (None, self.interleave):
+            log.warning("finishing this epoch reading %d shard(s) at a time, as it began; data.interleave=%d from "
+                        "the next", self.resumed_interleave, self.interleave)  # fmt: skip
+            self.interleave = self.resumed_interleave
+        self.resumed_interleave = None
         # Shuffles differ per stage and epoch; flips and windows too (they derive from the same numbers).
         shuffle_epoch = stage_index * 100_000 + epoch
         batches, steps, bad = train_batches(
@@ -304,7 +316,7 @@ class ColorizerTrainer:
             start_step,
             config.data.max_bad_fraction,
             rotate=config.data.rotate_degrees,
-            interleave=config.data.interleave,
+            interleave=self.interleave,
         )
         progress.start_epoch(f"{stage.name} epoch {epoch + 1}/{stage.epochs}", steps, start_step)
         window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0

@@ -490,7 +490,8 @@ def test_trainer_stops_at_max_steps_and_its_payload_restores_a_fresh_trainer(tin
     payload = load_checkpoint(recorder.saved[2])
     assert payload["position"] == {"stage": 0, "epoch": 0, "step_in_epoch": 2, "global_step": 2}
     assert payload["config"] == config.to_dict()
-    assert payload["data"] == {"refs": plan.refs, "digests": plan.digests, "size": plan.size, "resize": plan.resize}
+    assert payload["data"] == {"refs": plan.refs, "digests": plan.digests, "size": plan.size, "resize": plan.resize,
+                               "interleave": 4}  # fmt: skip
     assert payload["opt_g"]["state"], "the generator's Adam moments are missing"
     assert payload["sched_g"]["last_epoch"] == 0
 
@@ -596,3 +597,47 @@ def test_every_log_says_how_long_steps_waited_for_data_and_the_mfu_against_a_kno
     ColorizerTrainer(dataclasses.replace(config, max_steps=2), plan, 0, 1, torch.device("cpu"), logger=logger).run()
     logged = [metrics for _, metrics in logger.logged if "images_per_s" in metrics]
     assert logged and all("mfu" not in metrics and "data_wait_s" in metrics for metrics in logged)  # no peak, no MFU
+
+
+# --- the read order of a resumed epoch ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sharded_lake(tmp_path_factory, photo_writer) -> tuple[str, DataPlan]:
+    """The tiny photos in shards of about three samples: the order of shards read at once matters."""
+    root = tmp_path_factory.mktemp("sharded-lake")
+    photo_writer(root / "photos", range(20), width=80, height=64)
+    lake = str(root / "lake")
+    run_ingest(IngestConfig(kind="folder", source=str(root / "photos"), dataset="tiny", lake=lake, size=64,
+                            shard_size=3 * (3 * 64 * 64 + 1536), use_ray=False, progress=False))  # fmt: skip
+    plan = resolve_data(["tiny"], lake)
+    assert len(plan.train) >= 4
+    return lake, plan
+
+
+@pytest.mark.parametrize("old_checkpoint", [False, True])
+def test_an_epoch_resumed_under_another_interleave_finishes_in_the_order_it_began(sharded_lake, tmp_path,
+                                                                                 old_checkpoint) -> None:  # fmt: skip
+    lake, plan = sharded_lake
+    steps = plan.count("train") // 2
+    one_stage = [StageConfig(name="l1", epochs=1, gan_mode=None)]
+
+    def config(interleave: int, **overrides) -> TrainConfig:
+        data = DataConfig(datasets=["tiny"], lake=lake, batch_size=2, shuffle_window=2, prefetch_batches=0,
+                          flip=False, interleave=interleave)  # fmt: skip
+        return tiny_config(lake, stages=one_stage, data=data, **overrides)
+
+    sequential, interleaved = Recorder(), Recorder()
+    new_trainer(config(1), plan, sequential).run()
+    new_trainer(config(4), plan, interleaved).run()
+    assert [m["loss_G"] for m in sequential.metrics] != [m["loss_G"] for m in interleaved.metrics]
+
+    first = Recorder(tmp_path, save_at=(3,))
+    new_trainer(config(1, max_steps=3), plan, first).run()
+    payload = load_checkpoint(first.saved[3])
+    assert payload["data"]["interleave"] == 1
+    if old_checkpoint:  # written before the reader interleaved shards: it read one shard after the other
+        del payload["data"]["interleave"]
+    second = Recorder()
+    ColorizerTrainer(config(4), plan, 0, 1, torch.device("cpu"), report=second, checkpoint_payload=payload).run()
+    assert second.metrics == sequential.metrics[3:steps]  # the epoch ends as it would have with interleave 1

@@ -575,3 +575,17 @@ def test_a_scoring_only_dataset_puts_every_sample_in_validation(photo_folder, tm
     assert ref.record["shards"]["train"] == [] and ref.record["params"]["val_fraction"] == 1.0
     with pytest.raises(ValueError, match=r"val_fraction must be in \[0, 1\], got 1.5"):
         ingest(photo_folder(range(1), name="more"), tmp_path / "lake", val_fraction=1.5)
+
+
+def test_reingest_with_a_higher_pixel_limit_reads_the_too_large_files_again(photo_folder, make_photo, tmp_path,
+                                                                           reads) -> None:  # fmt: skip
+    source = photo_folder(range(3))  # 96x72 photos
+    (source / "small.jpg").write_bytes(make_photo(40, 80, 60))
+    lake_dir = tmp_path / "lake"
+    first = ingest(source, lake_dir, max_pixels=90 * 60)
+    assert first.rejected == {"too_large": 3} and first.ingested == 1
+    reads.clear()
+    assert ingest(source, lake_dir, max_pixels=90 * 60).unchanged == 4  # the same limit: nothing is read again
+    assert reads == []
+    assert ingest(source, lake_dir).ingested == 3  # the default limit: the three fit now
+    assert sorted(Path(uri).name for uri in reads) == [f"img{n:04d}.jpg" for n in range(3)]
