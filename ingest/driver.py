@@ -12,11 +12,13 @@ rejects tables, and commits the version record last (`ingest.commit`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -33,6 +35,7 @@ from ingest.lake import (
 from ingest.sources import SourceItem, list_coco, list_folder, list_imagenet, select_subset
 
 SOURCE_KINDS = ("imagenet", "coco", "folder")
+DIGEST_BYTES = 16  # BLAKE2b of (uri, size, stamp): 128 bits, no collisions among billions of files
 RETRIED_REASONS = frozenset({"missing", "unreadable"})  # rejects a re-ingest reads again: they may work next time
 
 
@@ -163,50 +166,61 @@ def run_ingest(config: IngestConfig) -> IngestSummary:
 
 
 def _what_to_read(lake: Lake, parent_ref, listed: list[SourceItem], config: IngestConfig):
-    """The keys the dataset holds, and the listed items to read, in shard order (the parent's manifest is let go
-    here: at ImageNet scale it is hundreds of MB the chunks do not need)."""
+    """The keys the dataset holds, and the listed items to read, in shard order. The parent's manifest is read a
+    batch of rows at a time and kept only as fixed-size digests: at ImageNet scale it is hundreds of MB."""
     if parent_ref is None:
         return KnownKeys(), shard_order(listed, config.order, config.seed)
-    manifest = lake.manifest(parent_ref, columns=["key", "source_uri", "source_size", "source_stamp"])
-    known = KnownKeys.from_column(manifest.column("key"))
-    items = listed if config.rehash else unchanged_filter(lake, parent_ref, manifest, listed, config.max_pixels)
+    keys, sources = [], []
+    for batch in lake.manifest_batches(parent_ref, ["key", "source_uri", "source_size", "source_stamp"]):
+        keys.append(KnownKeys.from_column(batch.column("key")).keys)
+        sources.append(_source_digests(batch))
+    known = KnownKeys(np.concatenate(keys)) if keys else KnownKeys()
+    if config.rehash:
+        return known, shard_order(listed, config.order, config.seed)
+    known_sources = np.concatenate(sources) if sources else np.array([], dtype=f"S{DIGEST_BYTES}")
+    items = unchanged_filter(lake, parent_ref, known_sources, listed, config.max_pixels)
     return known, shard_order(items, config.order, config.seed)
 
 
-def _source_ids(uris: pa.Array, sizes: pa.Array, stamps: pa.Array) -> pa.Array:
-    """One string per source file as listed, (uri, size, stamp); null where size or stamp is unknown."""
-    return pc.binary_join_element_wise(uris, pc.cast(sizes, pa.string()), stamps, "\x00")
+def source_digest(uri: str, size: int | None, stamp: str | None) -> bytes | None:
+    """16 bytes naming a source file as listed, (uri, size, stamp); None when size or stamp is unknown."""
+    if size is None or stamp is None:
+        return None
+    return hashlib.blake2b(f"{uri}\0{size}\0{stamp}".encode(), digest_size=DIGEST_BYTES).digest()
 
 
-def unchanged_filter(lake: Lake, parent_ref, manifest: pa.Table, items: list[SourceItem],
+def _source_digests(table) -> np.ndarray:
+    """The known digests of a table with source_uri/source_size/source_stamp (rows without stamps left out)."""
+    digests = map(source_digest, *(table.column(c).to_pylist() for c in ("source_uri", "source_size", "source_stamp")))
+    return np.array([d for d in digests if d is not None], dtype=f"S{DIGEST_BYTES}")
+
+
+def unchanged_filter(lake: Lake, parent_ref, known: np.ndarray, items: list[SourceItem],
                      max_pixels: int = DEFAULT_MAX_PIXELS) -> list[SourceItem]:  # fmt: skip
     """The listed items the dataset does not already account for, unchanged: new files, and files whose size or
-    stamp (ETag, mtime) differ from when they were ingested (read again, and deduplicated by content).
+    stamp (ETag; mtime, ctime and inode) differ from when they were ingested (read again, deduplicated by
+    content).
 
-    Accounted for: the samples of the parent version, and the files its ingests (all its ancestors') rejected
-    for their content; files that were missing or unreadable are tried again, and files too large for an
-    ingest whose --max-pixels was lower than `max_pixels`.
+    Accounted for: `known`, the digests of the parent version's samples (`source_digest`), and the files its
+    ingests (all its ancestors') rejected for their content; files that were missing or unreadable are tried
+    again, and files too large for an ingest whose --max-pixels was lower than `max_pixels`.
     """
-    known = [_source_ids(manifest["source_uri"], manifest["source_size"], manifest["source_stamp"])]
+    known_parts = [known]
     ref = parent_ref
     while ref is not None:
         rejects = lake.rejects(ref)
         retried = set(RETRIED_REASONS)
         if max_pixels > int(ref.record.get("params", {}).get("max_pixels") or 0):
             retried.add("too_large")  # a higher --max-pixels than that ingest had: those may fit now
-        kept = rejects.filter(pc.invert(pc.is_in(rejects["reason"], pa.array(sorted(retried)))))
-        known.append(_source_ids(kept["source_uri"], kept["source_size"], kept["source_stamp"]))
+        known_parts.append(_source_digests(rejects.filter(pc.invert(pc.is_in(rejects["reason"],
+                                                                             pa.array(sorted(retried)))))))  # fmt: skip
         parent = ref.record.get("parent")
         ref = lake.resolve(f"{ref.dataset}@{parent}") if parent else None
-    known_ids = pa.chunked_array(known, type=pa.string()).combine_chunks()
-    listed_ids = _source_ids(
-        pa.array([item.uri for item in items], pa.string()),
-        pa.array([item.size for item in items], pa.int64()),
-        pa.array([item.stamp for item in items], pa.string()),
-    )
-    # Unknown ids (a file the listing did not see, a row from before stamps) match nothing, not each other.
-    unchanged = pc.fill_null(pc.is_in(listed_ids, value_set=known_ids.drop_null()), False)
-    unchanged = unchanged.to_numpy(zero_copy_only=False)
+    known_all = np.unique(np.concatenate(known_parts))
+    listed = [source_digest(item.uri, item.size, item.stamp) for item in items]
+    has = np.array([d is not None for d in listed], dtype=bool)  # unknown stamps match nothing
+    digests = np.array([d or b"" for d in listed], dtype=f"S{DIGEST_BYTES}")
+    unchanged = has & np.isin(digests, known_all)
     return [item for item, skip in zip(items, unchanged, strict=True) if not skip]
 
 

@@ -24,6 +24,7 @@ import re
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -281,6 +282,17 @@ class Lake:
         """The version's manifest; `columns` reads only those (a 1.28M-row manifest is hundreds of MB in full)."""
         schema = MANIFEST_SCHEMA if columns is None else pa.schema([MANIFEST_SCHEMA.field(c) for c in columns])
         return self._read_table(ref, ref.record["manifest"], schema, columns)
+
+    def manifest_batches(self, ref: VersionRef, columns: list[str], rows: int = 131_072) -> Iterator[pa.Table]:
+        """The manifest's `columns`, `rows` rows at a time (conformed like `manifest`): bounded memory at any size."""
+        if not ref.record["manifest"]:
+            return
+        schema = pa.schema([MANIFEST_SCHEMA.field(c) for c in columns])
+        file = pq.ParquetFile(io.BytesIO(self.storage.read_bytes(f"{ref.dataset}/{ref.record['manifest']}")),
+                              pre_buffer=False)  # fmt: skip
+        present = [name for name in columns if name in file.schema_arrow.names]
+        for batch in file.iter_batches(batch_size=rows, columns=present, use_threads=False):
+            yield conform(pa.Table.from_batches([batch]), schema)
 
     def rejects(self, ref: VersionRef) -> pa.Table:
         return self._read_table(ref, ref.record["rejects"], REJECTS_SCHEMA)
