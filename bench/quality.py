@@ -1,6 +1,6 @@
 """Does it colorize? Train a preset for a fixed budget on one dataset, score it on another, beside the gray baseline.
 
-    python bench/quality.py                         # CPU: 128 px, ResNet18-encoder U-Net, random init, ~20 min
+    python bench/quality.py                         # CPU: 128 px, ResNet18-encoder U-Net, random init, <= 20 min
     python bench/quality.py --gpu --minutes 5       # GPU: 256 px, the full recipe's preset
     python bench/quality.py --train ~/imagenet-sub --test ~/coco --annotations ~/coco/annotations/x.json --json
 
@@ -56,8 +56,9 @@ def ingest_sets(lake: str, train_roots: list[str], test_root: str, annotations: 
     return counts
 
 
-def step_seconds(config, size: int, device: str, steps: int = 3) -> tuple[float, float]:
-    """Seconds of one L1-only and one GAN step of the preset's networks at the global batch, in this process."""
+def step_seconds(config, size: int, device: str, batch: int, steps: int = 3) -> tuple[float, float]:
+    """Seconds of one L1-only and one GAN step of the preset's networks at one worker's batch, in this process
+    (on the CPU with one thread, as a Ray Train worker of one CPU runs)."""
     import torch
 
     from pipeline.losses import GANLoss
@@ -69,8 +70,8 @@ def step_seconds(config, size: int, device: str, steps: int = 3) -> tuple[float,
     opt_g = torch.optim.Adam(generator.parameters(), 2e-4, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(discriminator.parameters(), 2e-4, betas=(0.5, 0.999))
     gan = GANLoss("vanilla").to(dev)
-    light = torch.rand(BATCH, 1, size, size, device=dev) * 2 - 1
-    ab = torch.rand(BATCH, 2, size, size, device=dev) * 2 - 1
+    light = torch.rand(batch, 1, size, size, device=dev) * 2 - 1
+    ab = torch.rand(batch, 2, size, size, device=dev) * 2 - 1
 
     def l1_step():
         opt_g.zero_grad()
@@ -112,12 +113,14 @@ def train(lake: str, storage: str, size: int, minutes: float, gpu: bool, workers
     common = ["data.datasets=[train]", f"data.lake={lake}", f"storage={storage}", f"workers={workers}",
               f"use_gpu={str(gpu).lower()}", "name=quality", "checkpoint_every=1000000"]  # fmt: skip
     config = load_config(preset, common)
-    if not gpu:
-        torch.set_num_threads(os.cpu_count() or 1)
-    l1_s, gan_s = step_seconds(config, size, "cuda" if gpu else "cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    per_worker = max(1, 16 // workers)
+    l1_s, gan_s = (t * 1.15 for t in step_seconds(config, size, "cuda" if gpu else "cpu", per_worker))  # + allreduce
+    torch.set_num_threads(threads)
     plan = resolve_data(["train"], lake)
     steps_per_epoch = plan.count("train") // 16
-    budget = minutes * 60 * 0.85  # validation, checkpoints and start-up take the rest
+    budget = minutes * 60 - 60  # a minute for Ray's start-up, validation and checkpoints
     l1_epochs = max(1, math.floor(L1_SHARE * budget / (steps_per_epoch * l1_s)))
     gan_epochs = max(1, math.floor((1 - L1_SHARE) * budget / (steps_per_epoch * gan_s)))
     config = load_config(preset, [*common, f"stages.0.epochs={l1_epochs}", f"stages.1.epochs={gan_epochs}",
@@ -189,7 +192,7 @@ def main() -> int:
                         "and imagenet-more)")  # fmt: skip
     parser.add_argument("--test", metavar="ROOT", help="COCO-layout root to score on (default: shared coco-sample)")
     parser.add_argument("--annotations", metavar="FILE", help="COCO annotation JSON of --test (default: the one there)")
-    parser.add_argument("--minutes", type=float, help="training budget (default: 16 on the CPU, 5 with --gpu)")
+    parser.add_argument("--minutes", type=float, help="training budget (default: 18 on the CPU, 5 with --gpu)")
     parser.add_argument("--size", type=int, help="sample side in pixels (default: 128 on the CPU, 256 with --gpu)")
     parser.add_argument("--gpu", action="store_true", help="train and score on GPUs: the full recipe (pix2pix U-Net)")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: 2; with --gpu, 1 a GPU)")
@@ -198,11 +201,13 @@ def main() -> int:
     args = parser.parse_args()
     train_roots = args.train or [str(SHARED / "imagenet-sample"), str(SHARED / "imagenet-more")]
     test_root = args.test or str(SHARED / "coco-sample")
-    annotations = args.annotations or next(iter(sorted(Path(test_root, "annotations").glob("instances_*.json"))), None)
+    found = [p for pattern in ("instances_*.json", "panoptic_*.json", "*.json")
+             for p in sorted(Path(test_root, "annotations").glob(pattern))]  # fmt: skip
+    annotations = args.annotations or (found[0] if found else None)
     if annotations is None:
-        parser.error(f"no --annotations given and no annotations/instances_*.json under {test_root}")
+        parser.error(f"no --annotations given and no annotations/*.json under {test_root}")
     size = args.size or (256 if args.gpu else 128)
-    minutes = args.minutes or (5.0 if args.gpu else 16.0)
+    minutes = args.minutes or (5.0 if args.gpu else 18.0)
     os.environ.setdefault("RECOLOR_NO_PROGRESS", "1")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as temp:
