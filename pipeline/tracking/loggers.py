@@ -28,26 +28,34 @@ class NullLogger:
         pass
 
 
-class MlflowLogger:
-    """Rank 0's logger: metrics to an existing MLflow run (batched), MLflow system metrics on."""
+def start_system_metrics(tracking_uri: str, run_id: str, node_id: str | None = None, sampling_interval: float = 10):
+    """MLflow's system metrics of this machine (CPU, memory, disk, network; GPU utilization and memory with
+    nvidia-ml-py) logged to `run_id`, under `system/<node_id>/` when given: one monitor a node. Returns the monitor
+    (`.finish()` it), or None when MLflow cannot monitor here (said once, as a warning)."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    def __init__(self, tracking_uri: str, run_id: str, system_metrics: bool = True):
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=sampling_interval, node_id=node_id,
+                                       tracking_uri=tracking_uri)  # fmt: skip
+        monitor.start()
+        return monitor
+    except Exception as e:  # noqa: BLE001 - system metrics are a nicety; never fail training for them
+        # Say so: MLflow needs psutil for them, and a silent gap in the UI looks like a bug.
+        logging.getLogger(__name__).warning("MLflow system metrics are off: %s: %s", type(e).__name__, e)
+        return None
+
+
+class MlflowLogger:
+    """Rank 0's logger: metrics to an existing MLflow run (batched), MLflow system metrics on (of rank 0's node,
+    named `node_id` in a run over several nodes; the other nodes' first workers run their own monitor)."""
+
+    def __init__(self, tracking_uri: str, run_id: str, system_metrics: bool = True, node_id: str | None = None):
         from mlflow import MlflowClient
 
         self.client = MlflowClient(tracking_uri)
         self.run_id = run_id
         self.tracking_uri = tracking_uri
-        self.monitor = None
-        if system_metrics:
-            try:
-                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-                self.monitor = SystemMetricsMonitor(run_id, sampling_interval=10, tracking_uri=tracking_uri)
-                self.monitor.start()
-            except Exception as e:  # noqa: BLE001 - system metrics are a nicety; never fail training for them
-                # Say so: MLflow needs psutil for them, and a silent gap in the UI looks like a bug.
-                logging.getLogger(__name__).warning("MLflow system metrics are off: %s: %s", type(e).__name__, e)
-                self.monitor = None
+        self.monitor = start_system_metrics(tracking_uri, run_id, node_id) if system_metrics else None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         import time

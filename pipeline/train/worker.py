@@ -111,13 +111,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if payload is not None:
         log.info("rank %d resuming at %s", rank, payload["position"])
     logger = None
+    node_monitor = None
     tracking = loop_config.get("tracking")
+    # System metrics: one monitor a node, on its first worker. Over several nodes each is named node<k>.
+    node_id = f"node{context.get_node_rank()}" if world_size > context.get_local_world_size() else None
     if rank == 0 and loop_config.get("logger_factory") is not None:
         logger = loop_config["logger_factory"](config, plan, payload)
     elif rank == 0 and tracking:
         from pipeline.tracking.loggers import MlflowLogger
 
-        logger = MlflowLogger(os.environ["MLFLOW_TRACKING_URI"], tracking["run_id"])  # set by the driver's shipment
+        # MLFLOW_TRACKING_URI is set by the driver's shipment.
+        logger = MlflowLogger(os.environ["MLFLOW_TRACKING_URI"], tracking["run_id"], node_id=node_id)
+    elif tracking and context.get_local_rank() == 0:
+        from pipeline.tracking.loggers import start_system_metrics
+
+        node_monitor = start_system_metrics(os.environ["MLFLOW_TRACKING_URI"], tracking["run_id"], node_id)
     trainer = ColorizerTrainer(
         config,
         plan,
@@ -135,3 +143,5 @@ def train_loop_per_worker(loop_config: dict) -> None:
             loop_config["on_worker_end"](trainer)
     finally:
         trainer.logger.close()
+        if node_monitor is not None:
+            node_monitor.finish()
