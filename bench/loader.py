@@ -6,7 +6,8 @@
 
 seed:  per sample, decode the JPEG, resize to 256x256, scikit-image `rgb2lab`, normalize, into a
        float tensor batch (the report's per-step loader).
-lake:  `pipeline.data.train_batches` over the same images ingested into a lake: read tar shards,
+lake:  `pipeline.data.train_batches` over the same images ingested into a lake (shards small enough that
+       several are read at once, `data.interleave` 4, and once 1 for its cost): read tar shards,
        decode the uint8 Lab arrays, shuffle, flip, batch, then to normalized float L and ab tensors.
        Once from a local folder, once from `rclone serve s3` on 127.0.0.1 (a real S3 server), and once
        from the local folder with the per-sample CRC-32 check switched off: the check's cost.
@@ -59,11 +60,11 @@ def seed_loader(paths: list[Path]) -> int:
     return count
 
 
-def lake_loader(plan) -> int:
+def lake_loader(plan, interleave: int = 4) -> int:
     from ingest.lab import lab8_to_network_torch
     from pipeline.data import train_batches
 
-    batches, steps, _ = train_batches(plan, 0, 0, 0, 1, BATCH, 256, True)
+    batches, steps, _ = train_batches(plan, 0, 0, 0, 1, BATCH, 256, True, interleave=interleave)
     count = 0
     for batch in batches:
         light, _ = lab8_to_network_torch(torch.from_numpy(batch))
@@ -148,6 +149,7 @@ def main() -> None:
                 dataset="bench",
                 lake=str(lake),
                 val_fraction=0.0,
+                shard_size=64 * (3 * 256 * 256 + 1536),  # 64 samples a shard: four or more to read at once
                 use_ray=False,
                 progress=False,
             )
@@ -155,6 +157,7 @@ def main() -> None:
         local_plan = resolve_data(["bench"], str(lake))
         seed_rate = best_rate(args.rounds, lambda: seed_loader(photos))
         local_rate = best_rate(args.rounds, lambda: lake_loader(local_plan))
+        sequential_rate = best_rate(args.rounds, lambda: lake_loader(local_plan, interleave=1))
         import ingest.shards
 
         checked = ingest.shards.checksum_matches
@@ -185,6 +188,7 @@ def main() -> None:
         "seed_samples_s": seed_rate,
         "local_samples_s": local_rate,
         "local_unchecked_samples_s": unchecked_rate,
+        "local_one_shard_at_a_time_samples_s": sequential_rate,
         "checksum_cost": 1 - local_rate / unchecked_rate,
         "s3_samples_s": s3_rate,
         "local_vs_seed": local_rate / seed_rate,
@@ -203,6 +207,7 @@ def main() -> None:
     print(f"seed recipe loader  {seed_rate:9.1f} samples/s")
     print(f"lake, local folder  {local_rate:9.1f} samples/s   {result['local_vs_seed']:.1f}x seed (goal >= 20)")
     print(f"lake, S3 (loopback) {s3_rate:9.1f} samples/s   {result['s3_vs_local']:.2f}x local (goal >= 0.7)")
+    print(f"lake, local, 1 shard at a time {sequential_rate:9.1f} samples/s (data.interleave=1; default 4 above)")
     print(f"lake, local, no CRC {unchecked_rate:9.1f} samples/s   the per-sample check costs "
           f"{100 * result['checksum_cost']:.1f}%")  # fmt: skip
     print(f"bytes per sample: {lake_bytes / 1024:.1f} KiB as stored (uint8 npy in tar, with metadata)")
