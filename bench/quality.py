@@ -9,9 +9,10 @@ What it does, with this project's own commands underneath:
      training needs for its per-epoch metrics), and the --test root (COCO layout, images its --annotations
      file lists) into `test` with --val-fraction 1: a scoring-only dataset, as the recipe scores
      ImageNet-trained models on COCO;
-  2. time a few training steps of the preset here, size the two stages (L1 pretraining, then GAN + L1) to
-     the budget (40% / 60%), and run `recolor train`'s `run_training` (Ray Train, DDP over --workers,
-     MLflow tracking off) with `max_steps` as a hard cap;
+  2. time a few training steps of the preset here (as many processes as workers), size the L1 pretraining
+     stage to about 40% of the budget, and run `recolor train`'s `run_training` (Ray Train, DDP over
+     --workers, MLflow tracking off); the GAN + L1 stage runs until the budget is spent, when the run is
+     stopped as Ctrl-C stops it and its latest checkpoint (an epoch's end) is scored;
   3. score the final generator (eval mode, fp32) on every test image: AuC, PSNR, SSIM, L1 on ab and
      colorfulness, each next to the gray baseline (ab = 0), with 95% bootstrap intervals over images
      (2,000 resamples, the same resample for both), and write a sample grid (L | prediction | truth).
@@ -102,35 +103,72 @@ def step_seconds(config, size: int, device: str, batch: int, steps: int = 3) -> 
     return timed[0], timed[1]
 
 
+def calibrate(preset: Path, size: int, gpu: bool, workers: int) -> tuple[float, float]:
+    """Seconds of an L1 and a GAN step as the run will take them: on the CPU, `workers` processes of one thread
+    each at one worker's batch, all at once (they share the machine as the DDP workers do), plus 15% for the
+    gradient all-reduce; on a GPU, one process."""
+    import subprocess
+
+    per_worker = max(1, 16 // workers)
+    command = [
+        sys.executable,
+        __file__,
+        "--calibrate",
+        str(preset),
+        str(size),
+        str(per_worker),
+        "cuda" if gpu else "cpu",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env) for _ in range(1 if gpu else workers)]
+    timings = [json.loads(run.communicate()[0].strip().splitlines()[-1]) for run in runs]
+    return max(t[0] for t in timings) * 1.15, max(t[1] for t in timings) * 1.15
+
+
 def train(lake: str, storage: str, size: int, minutes: float, gpu: bool, workers: int) -> dict:
-    import torch
+    """Stage 1 (L1) for about 40% of the budget, as calibrated; stage 2 (GAN + L1) until the budget is spent: the
+    run is stopped then (SIGTERM, as a user's Ctrl-C) and its latest checkpoint, an epoch's end, is scored."""
+    import signal
+    import threading
 
     from pipeline.config import load_config
     from pipeline.data import resolve_data
+    from pipeline.train.checkpoints import latest_recorded
     from pipeline.train.driver import TrackingOptions, run_training
+    from pipeline.train.failures import Stopped
 
     preset = REPO / "configs" / ("pix2pix_unet.yaml" if gpu else "resnet18_unet.yaml")
     common = ["data.datasets=[train]", f"data.lake={lake}", f"storage={storage}", f"workers={workers}",
               f"use_gpu={str(gpu).lower()}", "name=quality", "checkpoint_every=1000000"]  # fmt: skip
-    config = load_config(preset, common)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    per_worker = max(1, 16 // workers)
-    l1_s, gan_s = (t * 1.15 for t in step_seconds(config, size, "cuda" if gpu else "cpu", per_worker))  # + allreduce
-    torch.set_num_threads(threads)
+    l1_s, gan_s = calibrate(preset, size, gpu, workers)
     plan = resolve_data(["train"], lake)
     steps_per_epoch = plan.count("train") // 16
-    budget = minutes * 60 - 60  # a minute for Ray's start-up, validation and checkpoints
-    l1_epochs = max(1, math.floor(L1_SHARE * budget / (steps_per_epoch * l1_s)))
-    gan_epochs = max(1, math.floor((1 - L1_SHARE) * budget / (steps_per_epoch * gan_s)))
-    config = load_config(preset, [*common, f"stages.0.epochs={l1_epochs}", f"stages.1.epochs={gan_epochs}",
-                                  f"max_steps={(l1_epochs + gan_epochs) * steps_per_epoch}"])  # fmt: skip
+    # Measured here: an epoch takes about 1.6x its steps' compute (loading, validation, the epoch's checkpoint).
+    l1_epochs = max(1, math.floor(L1_SHARE * minutes * 60 / (1.6 * steps_per_epoch * l1_s)))
+    config = load_config(preset, [*common, f"stages.0.epochs={l1_epochs}", "stages.1.epochs=10000",
+                                  "stages.1.decay_epochs=0"])  # fmt: skip
     started = time.perf_counter()
-    result = run_training(config, tracking=TrackingOptions(enabled=False))
+    deadline = threading.Timer(minutes * 60, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    deadline.daemon = True
+    deadline.start()
+    try:
+        result = run_training(config, tracking=TrackingOptions(enabled=False))
+        checkpoint, metrics = result.checkpoint, result.metrics
+    except Stopped:
+        run_uri = f"{storage}/quality"
+        found = latest_recorded(run_uri)
+        if found is None:
+            message = f"the budget of {minutes} min ended before the first epoch did: give more --minutes"
+            raise SystemExit(message) from None
+        checkpoint, metrics = f"{run_uri}/{found[0]}", found[1]
+    finally:
+        deadline.cancel()
     return {
-        "preset": preset.name, "checkpoint": result.checkpoint, "train_seconds": time.perf_counter() - started,
-        "l1_epochs": l1_epochs, "gan_epochs": gan_epochs, "steps_per_epoch": steps_per_epoch,
-        "step_seconds": {"l1": l1_s, "gan": gan_s}, "train_samples": plan.count("train"), "workers": workers,
+        "preset": preset.name, "checkpoint": checkpoint, "train_seconds": time.perf_counter() - started,
+        "l1_epochs": l1_epochs, "global_step": int(metrics.get("global_step", 0)),
+        "gan_epochs": max(0, int(metrics.get("global_step", 0)) // steps_per_epoch - l1_epochs),
+        "steps_per_epoch": steps_per_epoch, "step_seconds": {"l1": l1_s, "gan": gan_s},
+        "train_samples": plan.count("train"), "workers": workers,
     }  # fmt: skip
 
 
@@ -192,13 +230,23 @@ def main() -> int:
                         "and imagenet-more)")  # fmt: skip
     parser.add_argument("--test", metavar="ROOT", help="COCO-layout root to score on (default: shared coco-sample)")
     parser.add_argument("--annotations", metavar="FILE", help="COCO annotation JSON of --test (default: the one there)")
-    parser.add_argument("--minutes", type=float, help="training budget (default: 18 on the CPU, 5 with --gpu)")
+    parser.add_argument("--minutes", type=float, help="training budget (default: 17.5 on the CPU, 5 with --gpu)")
     parser.add_argument("--size", type=int, help="sample side in pixels (default: 128 on the CPU, 256 with --gpu)")
     parser.add_argument("--gpu", action="store_true", help="train and score on GPUs: the full recipe (pix2pix U-Net)")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: 2; with --gpu, 1 a GPU)")
     parser.add_argument("--grid", default=str(REPO / "bench" / "quality-samples.png"), help="sample grid PNG path")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--calibrate", nargs=4, help=argparse.SUPPRESS)  # PRESET SIZE BATCH DEVICE: time steps
     args = parser.parse_args()
+    if args.calibrate:
+        import torch
+
+        from pipeline.config import load_config
+
+        torch.set_num_threads(1)
+        preset, size, batch, device = args.calibrate
+        print(json.dumps(step_seconds(load_config(preset), int(size), device, int(batch))))
+        return 0
     train_roots = args.train or [str(SHARED / "imagenet-sample"), str(SHARED / "imagenet-more")]
     test_root = args.test or str(SHARED / "coco-sample")
     found = [p for pattern in ("instances_*.json", "panoptic_*.json", "*.json")
@@ -207,7 +255,7 @@ def main() -> int:
     if annotations is None:
         parser.error(f"no --annotations given and no annotations/*.json under {test_root}")
     size = args.size or (256 if args.gpu else 128)
-    minutes = args.minutes or (5.0 if args.gpu else 18.0)
+    minutes = args.minutes or (5.0 if args.gpu else 17.5)
     os.environ.setdefault("RECOLOR_NO_PROGRESS", "1")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as temp:
