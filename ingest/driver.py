@@ -171,9 +171,11 @@ def _what_to_read(lake: Lake, parent_ref, listed: list[SourceItem], config: Inge
     if parent_ref is None:
         return KnownKeys(), shard_order(listed, config.order, config.seed)
     keys, sources = [], []
-    for batch in lake.manifest_batches(parent_ref, ["key", "source_uri", "source_size", "source_stamp"]):
+    columns = ["key"] if config.rehash else ["key", "source_uri", "source_size", "source_stamp"]
+    for batch in lake.manifest_batches(parent_ref, columns):
         keys.append(KnownKeys.from_column(batch.column("key")).keys)
-        sources.append(_source_digests(batch))
+        if not config.rehash:  # --rehash reads every file: no digests to compare with
+            sources.append(_source_digests(batch))
     known = KnownKeys(np.concatenate(keys)) if keys else KnownKeys()
     if config.rehash:
         return known, shard_order(listed, config.order, config.seed)

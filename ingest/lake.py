@@ -278,10 +278,8 @@ class Lake:
             )
         return VersionRef(dataset, version, record)
 
-    def manifest(self, ref: VersionRef, columns: list[str] | None = None) -> pa.Table:
-        """The version's manifest; `columns` reads only those (a 1.28M-row manifest is hundreds of MB in full)."""
-        schema = MANIFEST_SCHEMA if columns is None else pa.schema([MANIFEST_SCHEMA.field(c) for c in columns])
-        return self._read_table(ref, ref.record["manifest"], schema, columns)
+    def manifest(self, ref: VersionRef) -> pa.Table:
+        return self._read_table(ref, ref.record["manifest"], MANIFEST_SCHEMA)
 
     def manifest_batches(self, ref: VersionRef, columns: list[str], rows: int = 131_072) -> Iterator[pa.Table]:
         """The manifest's `columns`, `rows` rows at a time (conformed like `manifest`): bounded memory at any size."""
@@ -290,24 +288,21 @@ class Lake:
         schema = pa.schema([MANIFEST_SCHEMA.field(c) for c in columns])
         file = pq.ParquetFile(io.BytesIO(self.storage.read_bytes(f"{ref.dataset}/{ref.record['manifest']}")),
                               pre_buffer=False)  # fmt: skip
-        present = [name for name in columns if name in file.schema_arrow.names]
+        present = [name for name in columns if name in file.schema_arrow.names]  # older manifests lack some
         for batch in file.iter_batches(batch_size=rows, columns=present, use_threads=False):
             yield conform(pa.Table.from_batches([batch]), schema)
 
     def rejects(self, ref: VersionRef) -> pa.Table:
         return self._read_table(ref, ref.record["rejects"], REJECTS_SCHEMA)
 
-    def _read_table(self, ref: VersionRef, key: str, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
+    def _read_table(self, ref: VersionRef, key: str, schema: pa.Schema) -> pa.Table:
         if not key:
             return schema.empty_table()
         data = self.storage.read_bytes(f"{ref.dataset}/{key}")
         # Synchronous, on this thread: with pre-buffering Arrow's IO threads can drop the last reference to
         # the Python bytes while the interpreter exits, which aborts the process after the work is done
         # ("terminate called without an active exception", exit code -6).
-        file = pq.ParquetFile(io.BytesIO(data), pre_buffer=False)
-        if columns is not None:  # those the file has (older manifests lack some): conform adds the rest as nulls
-            columns = [name for name in columns if name in file.schema_arrow.names]
-        return conform(file.read(columns=columns, use_threads=False), schema)
+        return conform(pq.ParquetFile(io.BytesIO(data), pre_buffer=False).read(use_threads=False), schema)
 
     def shard_uri(self, dataset: str, shard: str) -> str:
         return self.storage.uri(f"{dataset}/{shard}")
