@@ -201,8 +201,11 @@ def _version_record(config, version, parent_ref, ingest_id, listed: int, results
             "coco_split": config.coco_split,
         },
         # How this ingest's items were laid into shards (`ingest.driver.shard_order`), so anyone can redo it.
-        "order": {"method": ORDER_METHOD if config.order == "shuffled" else "sorted by path", "seed": config.seed}
-        | {"name": config.order},
+        "order": {
+            "name": config.order,
+            "method": ORDER_METHOD if config.order == "shuffled" else "sorted by path",
+            "seed": config.seed,
+        },
         "sources": (parent_ref.record.get("sources", []) if parent_ref else []) + [source],
         "host": os.uname().nodename,
     }
