@@ -153,7 +153,11 @@ def add_lake_parser(subparsers) -> None:
         help="list objects no version references (left by interrupted ingests); delete them with --delete",
         description="List the objects of a dataset (or of every dataset) that no version record references: shards "
         "and resume records of ingests that never committed, or whose results a later commit superseded. Nothing is "
-        "deleted unless --delete is given; an interrupted ingest whose leftovers are deleted starts over when rerun.",
+        "deleted unless --delete is given; an interrupted ingest whose leftovers are deleted starts over when rerun. "
+        "gc deletes only the lake's own kinds of objects (shards, chunk records, manifests, rejects, leases, "
+        "temporary files, claims); anything else is listed as unknown and left alone. It never follows a symbolic "
+        "link, skips a dataset whose version records do not parse, and leaves alone every ingest whose lease is "
+        "live (a running ingest, or `lake repair`), however old its files.",
     )
     gc.add_argument("dataset", nargs="?", help="one dataset (default: all)")
     gc.add_argument("--delete", action="store_true", help="delete what is listed")
@@ -162,8 +166,8 @@ def add_lake_parser(subparsers) -> None:
         type=_duration,
         default="1h",
         metavar="AGE",
-        help="only objects at least this old, as 90s, 30m, 1h or 2d (default: 1h): younger ones may belong to an "
-        "ingest still running; use 0 when none is",
+        help="only objects at least this old, as 90s, 30m, 1h or 2d (default: 1h): a running ingest's files are "
+        "protected by its lease whatever their age; this margin covers temporary files of writes in progress",
     )
     urls = commands.add_parser(
         "urls",
@@ -291,22 +295,40 @@ def run_lake_show(args) -> int:
 
 
 def run_lake_gc(args) -> int:
+    from ingest import gc
     from ingest.lake import validate_name
 
     lake = Lake(args.lake)
     lake.check()
     datasets = [validate_name(args.dataset)] if args.dataset else lake.dataset_folders()
-    found = [obj for dataset in datasets for obj in lake.unreferenced(dataset, args.min_age)]
+    reports = [gc.collect(lake, dataset, args.min_age) for dataset in datasets]
     if args.delete:
-        for obj in found:
-            lake.storage.delete(obj.key)
+        for report in reports:
+            gc.delete(lake, report)
+    found = [obj for report in reports for obj in report.garbage]
+    unknown = [obj for report in reports for obj in report.unknown]
     if args.json:
         listing = [{"key": obj.key, "bytes": obj.size} for obj in found]
-        print(json.dumps({"lake": lake.storage.root_uri, "unreferenced": listing, "deleted": args.delete}, indent=2))
+        print(json.dumps({
+            "lake": lake.storage.root_uri,
+            "unreferenced": listing,
+            "deleted": args.delete,
+            "unknown": [obj.key for obj in unknown],
+            "in_use": {f"{r.dataset}/ingests/{i}": lease.describe() for r in reports for i, lease in r.in_use.items()},
+            "skipped": {report.dataset: report.skipped for report in reports if report.skipped},
+        }, indent=2))  # fmt: skip
         return 0
     for obj in found:
         print(f"{_human(obj.size):>10}  {lake.storage.uri(obj.key)}")
+    for obj in unknown:
+        print(f"{'unknown':>10}  {lake.storage.uri(obj.key)}  (not of the lake's layout: left alone)")
+    for report in reports:
+        for ingest_id, lease in report.in_use.items():
+            print(f"{'in use':>10}  {lake.storage.uri(f'{report.dataset}/ingests/{ingest_id}')}  "
+                  f"(a running ingest holds it: {lease.describe()}; left alone)")  # fmt: skip
+        if report.skipped:
+            print(f"{'skipped':>10}  {report.dataset}: {report.skipped}")
     total = _human(sum(obj.size for obj in found))
     verb = "deleted" if args.delete else "unreferenced (rerun with --delete to remove)"
-    print(f"{len(found)} object(s), {total}, {verb}")
+    print(f"{len(found)} object(s), {total}, {verb}" + (f"; {len(unknown)} unknown, left alone" if unknown else ""))
     return 0

@@ -136,6 +136,7 @@ def commit(lake, config, ingest_id, listed: int, items, results, started, resume
         version = (parent or 0) + 1
         record = _version_record(config, version, parent_ref, ingest_id, listed, results, summary)
         record.update(manifest=manifest_path, manifest_sha256=sha256_hex(manifest_bytes), rejects=rejects_path)
+        _check_shards_present(lake, config.dataset, ingest_id, record, parent_ref)
         faults.maybe_fail("commit")
         try:
             lake.commit_version(config.dataset, version, record)
@@ -148,6 +149,37 @@ def commit(lake, config, ingest_id, listed: int, items, results, started, resume
     raise LakeError(
         f"could not commit a version of {config.dataset} after {COMMIT_ATTEMPTS} attempts: other ingests keep "
         f"committing; rerun this command (finished shards under {lake.storage.uri(dataset_prefix)} are kept)"
+    )
+
+
+def _check_shards_present(lake: Lake, dataset: str, ingest_id: str, record: dict, parent_ref) -> None:
+    """Refuse to publish a version that lists a shard the store does not hold as recorded.
+
+    This ingest's own shards can vanish while it runs (deleted by hand, or by a gc that did not see its lease):
+    their chunk records are removed so that the rerun this error asks for writes them again. A missing shard of
+    the parent version is damage to the dataset that `recolor lake repair` mends.
+
+    Raises:
+        LakeError: names the first missing shards and what to run.
+    """
+    problems = lake.shard_problems(dataset, record)
+    if not problems:
+        return
+    own = [entry for _, entry, _ in problems if entry["path"].startswith(f"ingests/{ingest_id}/")]
+    for entry in own:
+        index = entry["path"].rsplit("-", 1)[-1].removesuffix(".tar")
+        lake.storage.delete(f"{dataset}/ingests/{ingest_id}/chunks/{index}.json")
+    named = "; ".join(f"{lake.shard_uri(dataset, entry['path'])} ({problem})" for _, entry, problem in problems[:3])
+    more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+    if len(own) == len(problems):
+        raise LakeError(
+            f"not committing {dataset}: {len(problems)} shard(s) of this ingest vanished before the commit: "
+            f"{named}{more}. Their resume records were removed: rerun the same command to write them again"
+        )
+    raise LakeError(
+        f"not committing {dataset}: {len(problems)} shard(s) the version would list are not in the lake as "
+        f"recorded: {named}{more}. The parent {dataset}@{parent_ref.version if parent_ref else '?'} is damaged: run "
+        f"`recolor lake check {dataset}` and `recolor lake repair {dataset}`, then rerun this command"
     )
 
 

@@ -26,6 +26,7 @@ from ingest.chunk import ORDERS, ChunkSpec, KnownKeys, _chunk_task, process_chun
 from ingest.commit import IngestSummary, commit
 from ingest.errors import ConfigError
 from ingest.images import DEFAULT_MAX_PIXELS, RESIZE_MODES
+from ingest.lease import Lease, ingest_lease_key
 from ingest.lake import (
     Lake,
     LakeError,
@@ -160,9 +161,12 @@ def run_ingest(config: IngestConfig) -> IngestSummary:
         )
         for start in range(0, len(items), per_chunk)
     ]
-    results = _run_chunks(specs, known, config)
-    resumed = sum(1 for r in results if r.get("resumed"))
-    return commit(lake, config, ingest_id, listed_count, items, results, started, resumed)
+    # The lease tells `lake gc` that this ingest's folder is in use, however old its files (a resumed ingest
+    # commits chunks written days ago); it is renewed while the chunks run and the commit is made.
+    with Lease(lake.storage, ingest_lease_key(config.dataset, ingest_id), f"ingest {config.dataset} {ingest_id}"):
+        results = _run_chunks(specs, known, config)
+        resumed = sum(1 for r in results if r.get("resumed"))
+        return commit(lake, config, ingest_id, listed_count, items, results, started, resumed)
 
 
 def _what_to_read(lake: Lake, parent_ref, listed: list[SourceItem], config: IngestConfig):

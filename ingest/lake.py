@@ -23,7 +23,6 @@ import os
 import re
 import shlex
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -231,8 +230,12 @@ class Lake:
 
     def dataset_folders(self) -> list[str]:
         """Datasets with versions, and those whose first ingest never committed (what `lake gc` looks at)."""
-        names = [name for name in self.storage.list_children("") if _NAME.match(name) and ".." not in name]
-        return [name for name in names if {"ingests", "versions"} & set(self.storage.list_children(name))]
+        names = [name for name in self.storage.list_children("", follow_links=False) if _NAME.match(name)]
+        return [
+            name
+            for name in names
+            if ".." not in name and {"ingests", "versions"} & set(self.storage.list_children(name, follow_links=False))
+        ]
 
     def versions(self, dataset: str) -> list[int]:
         validate_name(dataset)
@@ -337,31 +340,31 @@ class Lake:
             return [self.storage.presigned_url(f"{ref.dataset}/{entry['path']}", expires) for entry in entries]
         return uris
 
+    def shard_problems(self, dataset: str, record: dict) -> list[tuple[str, dict, str]]:
+        """The shards a version record lists that are not in the store as recorded: [(split, entry, problem)],
+        problem "missing" or "size N, recorded M". One listing of the dataset's `ingests/`, not a request a shard."""
+        sizes = {obj.key: obj.size for obj in self.storage.list(f"{dataset}/ingests", follow_links=False)
+                 if not obj.symlink}  # fmt: skip
+        problems = []
+        for split, entries in record["shards"].items():
+            for entry in entries:
+                size = sizes.get(f"{dataset}/{entry['path']}")
+                if size is None:
+                    problems.append((split, entry, "missing"))
+                elif size != entry["bytes"]:
+                    problems.append((split, entry, f"size {size}, recorded {entry['bytes']}"))
+        return problems
+
     def commit_version(self, dataset: str, version: int, record: dict) -> None:
         """Publish a version: create-exclusive write of its record (raises AlreadyExistsError on a race)."""
         data = json.dumps(record, indent=2, sort_keys=True).encode()
         self.storage.put_if_absent(version_key(dataset, version), data)
 
     def unreferenced(self, dataset: str, min_age: float = 0.0) -> list:
-        """Objects of `dataset` that no version references: what interrupted or superseded ingests left.
+        """Objects of `dataset` that `recolor lake gc` would delete (see `ingest.gc`)."""
+        from ingest.gc import collect
 
-        Version records, and the shards, manifests and rejects tables they name, are referenced;
-        everything else below the dataset (shards and resume records of ingests that never committed,
-        temporary files and unfinished multipart uploads of killed writers, stale commit claims) is
-        listed, if it is at least `min_age` seconds old: younger ones may belong to a running ingest.
-        """
-        keep = set()
-        for version in self.versions(dataset):
-            record = self.resolve(f"{dataset}@{version}").record
-            keep.add(version_key(dataset, version))
-            keep.update(f"{dataset}/{record[name]}" for name in ("manifest", "rejects") if record.get(name))
-            keep.update(f"{dataset}/{shard['path']}" for entries in record["shards"].values() for shard in entries)
-        cutoff = time.time() - min_age
-        return [
-            obj
-            for obj in self.storage.list(dataset, include_partial=True)
-            if obj.key not in keep and obj.modified <= cutoff
-        ]
+        return collect(self, dataset, min_age).garbage
 
     def summary(self, ref: VersionRef) -> dict:
         """What `lake show` prints: counts and bytes per split, stats, reject reasons, versions."""

@@ -118,12 +118,16 @@ class LocalStorage:
     def size(self, key: str) -> int:
         return self._path(key).stat().st_size
 
-    def list(self, prefix: str = "", include_partial: bool = False) -> Iterator[ObjectInfo]:
+    def list(self, prefix: str = "", include_partial: bool = False, follow_links: bool = True) -> Iterator[ObjectInfo]:
         """Every file below `prefix` (a folder key), recursively, sorted.
 
-        Temporary files of unfinished writes are skipped unless `include_partial` (for `lake gc`).
+        Temporary files of unfinished writes are skipped unless `include_partial` (for `lake gc`). Links to folders
+        below `prefix` are never followed (as `os.walk`); with `follow_links=False` (every listing that leads to
+        deletes) neither is `prefix` when it, or a folder on its way, is a link: nothing is listed there.
         """
         base = self._path(prefix)
+        if not follow_links and self._crosses_link(prefix):
+            return
         if base.is_file():
             info = base.stat()
             yield ObjectInfo(prefix, info.st_size, info.st_mtime, version=_version(info))
@@ -160,20 +164,40 @@ class LocalStorage:
                 if isinstance(e, FileNotFoundError) and not entry.is_symlink():
                     continue  # removed while listing
                 # A link to nowhere, a symlink loop: listed, so that reading it refuses it with its reason.
-                yield ObjectInfo(prefix + name, 0, 0.0)
+                yield ObjectInfo(prefix + name, 0, 0.0, symlink=True)
                 continue
-            yield ObjectInfo(prefix + name, info.st_size, info.st_mtime, version=_version(info))
+            yield ObjectInfo(prefix + name, info.st_size, info.st_mtime, version=_version(info),
+                             symlink=entry.is_symlink())  # fmt: skip
         for entry in folders:
             yield from self._walk(entry.path, prefix + entry.name, include_partial)
 
-    def list_children(self, prefix: str = "") -> list[str]:
-        """Names of the sub-folders directly below `prefix`, sorted."""
+    def list_children(self, prefix: str = "", follow_links: bool = True) -> list[str]:
+        """Names of the sub-folders directly below `prefix`, sorted; with `follow_links=False`, links to folders are
+        not among them, and a `prefix` reached through a link has none."""
         base = self._path(prefix)
-        if not base.is_dir():
+        if (not follow_links and self._crosses_link(prefix)) or not base.is_dir():
             return []
-        return sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return sorted(
+            p.name
+            for p in base.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and (follow_links or not p.is_symlink())
+        )
+
+    def _crosses_link(self, key: str) -> bool:
+        """Whether a folder on the way from the root to `key` (the key itself included) is a symbolic link."""
+        path = self.root
+        for part in key.split("/") if key else ():
+            path = path / part
+            if path.is_symlink():
+                return True
+        return False
 
     def delete(self, key: str) -> None:
+        """Remove the file `key`; refused when a folder on its way is a symbolic link (which could lead anywhere:
+        a delete never leaves the store). A key that is itself a link loses the link, never its target."""
+        parent = key.rpartition("/")[0]
+        if self._crosses_link(parent):
+            raise StorageError(f"refusing to delete {self.uri(key)}: a folder on its path is a symbolic link")
         self._path(key).unlink(missing_ok=True)
 
     def check_access(self) -> None:

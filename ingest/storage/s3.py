@@ -203,7 +203,7 @@ class S3Storage:
             raise FileNotFoundError(f"{self.uri(key)} does not exist")
         return found.size
 
-    def list(self, prefix: str = "", include_partial: bool = False) -> Iterator[ObjectInfo]:
+    def list(self, prefix: str = "", include_partial: bool = False, follow_links: bool = True) -> Iterator[ObjectInfo]:
         """Every object below `prefix`; with `include_partial`, also unfinished multipart uploads (size 0)."""
         full = join_key(self.prefix, prefix)
         if full:
@@ -308,7 +308,7 @@ class S3Storage:
         source = {"Bucket": self.bucket, "Key": self._key(source_key)}
         self._call("copy", key, self.client.copy, source, self.bucket, self._key(key))
 
-    def list_children(self, prefix: str = "") -> list[str]:
+    def list_children(self, prefix: str = "", follow_links: bool = True) -> list[str]:
         """Names of the "folders" (common prefixes) directly below `prefix`, sorted."""
         return self.list_level(prefix)[1]
 

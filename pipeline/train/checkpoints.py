@@ -433,9 +433,9 @@ def _delete_unrecorded(store, recorded: set[str]) -> None:
     resumed from) and rotated-out ones whose deletion failed. Left alone they would pile up run after run."""
     from ingest.storage import LocalStorage
 
-    for name in store.list_children(""):
+    for name in store.list_children("", follow_links=False):
         if RAY_CHECKPOINT_DIR.match(name) and name not in recorded:
-            for item in list(store.list(name, include_partial=True)):
+            for item in list(store.list(name, include_partial=True, follow_links=False)):
                 store.delete(item.key)
             if isinstance(store, LocalStorage):
                 shutil.rmtree(store.root / name, ignore_errors=True)  # the emptied folders too

@@ -1,0 +1,134 @@
+"""Leases: how a running writer tells `recolor lake gc` (and a second copy of itself) "this is mine, I am alive".
+
+A lease is a small JSON object (`holder`, `host`, `pid`, `renewed`, `ttl`) that its holder rewrites every
+`ttl / 5` seconds from a background thread while the work runs, and deletes when it ends. It is live while
+it was renewed less than `ttl` seconds ago, by the holder's clock as written in the lease and by the store's
+modification time, whichever is later, so a reader with a slow clock errs on the side of "live". A holder that
+dies (SIGKILL, OOM, a lost node) stops renewing: its lease expires after `ttl` at most, at once when the reader
+runs on the same host and sees that the holder's process is gone.
+
+Ingest and `lake repair` hold `<dataset>/ingests/<id>/lease.json` while they write below that folder (gc leaves
+the whole folder alone); a training run holds `<run storage>/<name>/.recolor-run.lease` (a second run of the same
+name is refused while it is live).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from ingest.storage import Storage
+
+log = logging.getLogger(__name__)
+
+TTL_ENV = "RECOLOR_LEASE_TTL_S"
+DEFAULT_TTL_S = 600.0
+LEASE_FILE = "lease.json"
+
+
+def lease_ttl() -> float:
+    """The lease lifetime: `$RECOLOR_LEASE_TTL_S` (tests set a few seconds), else 10 minutes."""
+    try:
+        return max(1.0, float(os.environ.get(TTL_ENV, DEFAULT_TTL_S)))
+    except ValueError:
+        return DEFAULT_TTL_S
+
+
+@dataclass(frozen=True)
+class LeaseState:
+    """A lease as read back: who holds it and whether it is still live."""
+
+    key: str
+    holder: str
+    host: str
+    pid: int
+    renewed: float  # seconds since the epoch, the later of the holder's clock and the store's
+    ttl: float
+    live: bool
+
+    def describe(self) -> str:
+        age = max(0.0, time.time() - self.renewed)
+        return f"pid {self.pid} on {self.host}, renewed {age:.0f} s ago"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
+
+
+def read_lease(storage: Storage, key: str, modified: float | None = None) -> LeaseState | None:
+    """The lease stored at `key`, or None when there is none. An unreadable lease counts as live until it is
+    `ttl` old by the store's clock: a half-understood claim is never taken for an abandoned one."""
+    try:
+        data = storage.read_bytes(key)
+    except FileNotFoundError:
+        return None
+    if modified is None:
+        info = getattr(storage, "info", None)
+        found = info(key) if info else None
+        modified = found.modified if found else time.time()
+    try:
+        lease = json.loads(data)
+        holder, host, pid = str(lease["holder"]), str(lease["host"]), int(lease["pid"])
+        renewed, ttl = max(float(lease["renewed"]), modified), float(lease["ttl"])
+    except (ValueError, KeyError, TypeError):
+        ttl = lease_ttl()
+        return LeaseState(key, "?", "?", 0, modified, ttl, time.time() - modified < ttl)
+    live = time.time() - renewed < ttl
+    if live and host == socket.gethostname() and not _process_alive(pid):
+        live = False  # its process is gone: nobody will renew it
+    return LeaseState(key, holder, host, pid, renewed, ttl, live)
+
+
+class Lease:
+    """Hold a lease at `key` while a `with` block runs: written on entry, renewed in the background, deleted on
+    exit. `holder` names the work (shown to whoever finds the lease)."""
+
+    def __init__(self, storage: Storage, key: str, holder: str, ttl: float | None = None):
+        self.storage, self.key, self.holder = storage, key, holder
+        self.ttl = ttl or lease_ttl()
+        self.token = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _write(self) -> None:
+        lease = {"holder": self.holder, "host": socket.gethostname(), "pid": os.getpid(), "renewed": time.time(),
+                 "ttl": self.ttl, "token": self.token}  # fmt: skip
+        self.storage.write_bytes(self.key, json.dumps(lease).encode())
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl / 5):
+            try:
+                self._write()
+            except Exception as e:  # an outage: the next renewal tries again, well within the lifetime
+                log.warning("could not renew the lease %s: %s", self.storage.uri(self.key), e)
+
+    def __enter__(self) -> Lease:
+        self._write()
+        self._thread = threading.Thread(target=self._renew, name=f"lease {self.key}", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        try:
+            self.storage.delete(self.key)
+        except Exception as e:
+            log.warning("could not remove the lease %s (it expires by itself): %s", self.storage.uri(self.key), e)
+
+
+def ingest_lease_key(dataset: str, ingest_id: str) -> str:
+    return f"{dataset}/ingests/{ingest_id}/{LEASE_FILE}"
