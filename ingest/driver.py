@@ -26,13 +26,13 @@ from ingest.chunk import ORDERS, ChunkSpec, KnownKeys, _chunk_task, process_chun
 from ingest.commit import IngestSummary, commit
 from ingest.errors import ConfigError
 from ingest.images import DEFAULT_MAX_PIXELS, RESIZE_MODES
-from ingest.lease import Lease, ingest_lease_key
 from ingest.lake import (
     Lake,
     LakeError,
     sha256_hex,
     validate_name,
 )
+from ingest.lease import Lease, ingest_lease_key
 from ingest.sources import SourceItem, list_coco, list_folder, list_imagenet, select_subset
 
 SOURCE_KINDS = ("imagenet", "coco", "folder")

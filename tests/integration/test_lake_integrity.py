@@ -72,9 +72,11 @@ def test_gc_never_deletes_what_a_running_ingest_will_commit(where, request, phot
     assert result.returncode == 0, result.stderr
     assert "committed photos@1" in result.stdout and "resumed: 4 chunk(s)" in result.stdout
     lake = Lake(lake_uri)
-    assert len(lake_check(lake, lake.resolve("photos@1"))) + sum(
-        json.loads(lake.storage.read_bytes("photos/versions/000001.json"))["stats"]["rejected"].values()
-    ) == 16
+    assert (
+        len(lake_check(lake, lake.resolve("photos@1")))
+        + sum(json.loads(lake.storage.read_bytes("photos/versions/000001.json"))["stats"]["rejected"].values())
+        == 16
+    )
 
     # Once the ingest is over its lease is gone: its resume records are garbage, its shards are not.
     after = recolor("lake", "gc", "photos", "--lake", lake_uri, "--min-age", "0", "--json")
