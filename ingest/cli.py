@@ -182,7 +182,35 @@ def add_lake_parser(subparsers) -> None:
     urls.add_argument("--split", choices=SPLITS, default="train")
     urls.add_argument("--form", choices=URL_FORMS, default="plain", help="plain (default), pipe, aws or presigned")
     urls.add_argument("--expires", type=int, default=3600, help="presigned URLs' lifetime in seconds (default: 3600)")
-    for sub in (ls, show, gc, urls):
+    check = commands.add_parser(
+        "check",
+        help="check that a version is whole: shards present with their sizes, tables parse, counts agree",
+        description="Check one version of a dataset against its record: every shard it lists is in the lake with "
+        "its recorded size, the manifest and rejects tables parse (and the manifest has its recorded SHA-256), and "
+        "the counts of the record, the shards and the manifest agree. --deep also reads every sample and checks its "
+        "CRC-32, in Ray tasks. Prints one line per problem and a summary; exits 1 when anything is wrong.",
+        epilog="Damaged shards: `recolor lake repair NAME` writes a new version with them rebuilt.",
+    )
+    check.add_argument("ref", metavar="NAME[@VERSION]", help="dataset, optionally @version (default: latest)")
+    check.add_argument("--deep", action="store_true", help="read every sample and check its CRC-32 (reads it all)")
+    repair = commands.add_parser(
+        "repair",
+        help="rebuild the missing or corrupt shards of a dataset's latest version into a new version",
+        description="Check the latest version (deeply, unless --shallow) and write a new version in which each "
+        "damaged shard is rebuilt: intact samples are copied, the others made again from their recorded sources "
+        "(byte-identical when the source is unchanged). Samples whose source is gone or changed are dropped from "
+        "the new version and listed. The damaged version stays as it was.",
+    )
+    repair.add_argument("dataset", metavar="NAME", help="the dataset to repair (its latest version)")
+    repair.add_argument("--shallow", action="store_true", help="only rebuild shards that are missing or mis-sized")
+    for sub in (check, repair):
+        sub.add_argument("--workers", type=int, help="CPUs of the local Ray instance (default: all)")
+        sub.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else local)")
+        sub.add_argument("--no-ray", dest="use_ray", action="store_false", help="run in this process")
+        sub.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    check.set_defaults(handler=run_lake_check)
+    repair.set_defaults(handler=run_lake_repair)
+    for sub in (ls, show, gc, urls, check, repair):
         sub.add_argument("--lake", help=f"lake URI (default: ${LAKE_ENV}, else ./lake)")
         sub.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(handler=run_lake_ls)
@@ -291,6 +319,61 @@ def run_lake_show(args) -> int:
         )
     print(f"  versions  {', '.join(map(str, summary['versions']))}")
     print(f"  manifest  sha256 {summary['manifest_sha256'][:16]}...")
+    return 0
+
+
+def _check(args, ref, deep: bool):
+    from ingest.fsck import check_version
+
+    return check_version(Lake(args.lake), ref, deep=deep, use_ray=args.use_ray, progress=args.progress and not
+                         args.json, ray_address=args.ray_address, workers=args.workers)  # fmt: skip
+
+
+def run_lake_check(args) -> int:
+    lake = Lake(args.lake)
+    lake.check()
+    ref = lake.resolve(args.ref)
+    report = _check(args, ref, args.deep)
+    if args.json:
+        print(json.dumps({"ref": report.ref, "deep": report.deep, "shards": report.shards, "samples": report.samples,
+                          "problems": [vars(p) for p in report.problems]}, indent=2))  # fmt: skip
+        return 1 if report.problems else 0
+    for problem in report.problems:
+        print(problem.line())
+    how = "read and checked" if report.deep else "recorded"
+    print(f"{report.ref}: {report.shards} shards, {report.samples} samples {how}: ", end="")
+    if not report.problems:
+        print("whole" + ("" if report.deep else " (--deep also reads every sample)"))
+        return 0
+    damaged = len(report.damaged_shards)
+    advice = f"; `recolor lake repair {ref.dataset}` rebuilds the {damaged} damaged shard(s)" if damaged else ""
+    print(f"{len(report.problems)} problem(s){advice}")
+    return 1
+
+
+def run_lake_repair(args) -> int:
+    from ingest.fsck import repair
+    from ingest.lake import validate_name
+
+    lake = Lake(args.lake)
+    lake.check(write=True)
+    ref = lake.resolve(validate_name(args.dataset))
+    report = _check(args, ref, not args.shallow)
+    summary = repair(lake, ref.dataset, report, progress=args.progress and not args.json)
+    if args.json:
+        print(json.dumps(vars(summary), indent=2))
+        return 0
+    if summary.version is None:
+        print(f"nothing to repair: {ref.ref} is whole" + (" (checked shallowly)" if args.shallow else ""))
+        return 0
+    for dropped in summary.dropped:
+        print(f"dropped   {dropped['key']}  {dropped['source_uri']}  ({dropped['reason']})")
+    counts = ", ".join(f"{split} {n}" for split, n in summary.counts.items())
+    print(
+        f"repaired {ref.ref} into {ref.dataset}@{summary.version} ({counts}): {len(summary.rebuilt)} shard(s) rebuilt, "
+        f"{summary.salvaged} sample(s) copied intact, {summary.remade} made again from their sources, "
+        f"{len(summary.dropped)} dropped ({summary.seconds:.1f} s); {ref.ref} is left as it was"
+    )
     return 0
 
 

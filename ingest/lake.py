@@ -16,6 +16,7 @@ every shard it uses (shards are shared with earlier versions, never copied or re
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -144,7 +145,10 @@ def check_record(record, where: str) -> None:
     """
 
     def corrupt(field: str, why: str) -> LakeError:
-        return LakeError(f"{where}: field {field!r} {why}: the version record is corrupt; re-ingest or restore it")
+        return LakeError(
+            f"{where}: field {field!r} {why}: the version record is corrupt; restore it, or use an earlier version "
+            "(`recolor lake check NAME@N` says whether one is whole)"
+        )
 
     if not isinstance(record, dict):
         raise corrupt("(the record)", "is not a JSON object")
@@ -277,7 +281,7 @@ class Lake:
         if not self.storage.exists(manifest):
             raise LakeError(
                 f"{where}: its manifest {self.storage.uri(manifest)} is missing, so the version cannot be read: "
-                "re-ingest into a new version (`recolor ingest ...`)"
+                f"run `recolor lake check {dataset}` and restore the file, or use an earlier version"
             )
         return VersionRef(dataset, version, record)
 
@@ -289,10 +293,12 @@ class Lake:
         if not ref.record["manifest"]:
             return
         schema = pa.schema([MANIFEST_SCHEMA.field(c) for c in columns])
-        file = pq.ParquetFile(io.BytesIO(self.storage.read_bytes(f"{ref.dataset}/{ref.record['manifest']}")),
-                              pre_buffer=False)  # fmt: skip
-        present = [name for name in columns if name in file.schema_arrow.names]  # older manifests lack some
-        for batch in file.iter_batches(batch_size=rows, columns=present, use_threads=False):
+        key = f"{ref.dataset}/{ref.record['manifest']}"
+        with self._parquet_errors(ref, key):
+            file = pq.ParquetFile(io.BytesIO(self.storage.read_bytes(key)), pre_buffer=False)
+            present = [name for name in columns if name in file.schema_arrow.names]  # older manifests lack some
+            batches = list(file.iter_batches(batch_size=rows, columns=present, use_threads=False))
+        for batch in batches:
             yield conform(pa.Table.from_batches([batch]), schema)
 
     def rejects(self, ref: VersionRef) -> pa.Table:
@@ -301,11 +307,31 @@ class Lake:
     def _read_table(self, ref: VersionRef, key: str, schema: pa.Schema) -> pa.Table:
         if not key:
             return schema.empty_table()
-        data = self.storage.read_bytes(f"{ref.dataset}/{key}")
-        # Synchronous, on this thread: with pre-buffering Arrow's IO threads can drop the last reference to
-        # the Python bytes while the interpreter exits, which aborts the process after the work is done
-        # ("terminate called without an active exception", exit code -6).
-        return conform(pq.ParquetFile(io.BytesIO(data), pre_buffer=False).read(use_threads=False), schema)
+        with self._parquet_errors(ref, f"{ref.dataset}/{key}"):
+            data = self.storage.read_bytes(f"{ref.dataset}/{key}")
+            # Synchronous, on this thread: with pre-buffering Arrow's IO threads can drop the last reference to
+            # the Python bytes while the interpreter exits, which aborts the process after the work is done
+            # ("terminate called without an active exception", exit code -6).
+            return conform(pq.ParquetFile(io.BytesIO(data), pre_buffer=False).read(use_threads=False), schema)
+
+    @contextlib.contextmanager
+    def _parquet_errors(self, ref: VersionRef, key: str):
+        """A table of a version that is missing or does not parse: one line naming it and `lake check`."""
+        try:
+            yield
+        except FileNotFoundError:
+            raise LakeError(
+                f"{self.storage.uri(key)}, a table of {ref.ref}, is missing: `recolor lake check {ref.dataset}` "
+                f"lists what else is damaged; `recolor lake show {ref.dataset}` lists earlier versions"
+            ) from None
+        except (pa.ArrowException, OSError) as e:
+            if isinstance(e, StorageError) or type(e).__module__.startswith(("botocore", "urllib3")):
+                raise
+            raise LakeError(
+                f"{self.storage.uri(key)}, a table of {ref.ref}, does not parse ({str(e).splitlines()[0]}): "
+                f"run `recolor lake check {ref.dataset}` to see what else is damaged, and restore the file or use "
+                f"an earlier version (`recolor lake show {ref.dataset}@N`)"
+            ) from None
 
     def shard_uri(self, dataset: str, shard: str) -> str:
         return self.storage.uri(f"{dataset}/{shard}")

@@ -110,6 +110,12 @@ class ShardWriter:
     def write_raw(self, name: str, data: bytes) -> None:
         self._add(name, data)
 
+    def copy_sample(self, members: list[tuple[str, bytes]]) -> None:
+        """Append one sample as the members another shard holds (name, bytes): byte for byte."""
+        for name, data in members:
+            self._add(name, data)
+        self.count += 1
+
     def _add(self, name: str, *parts) -> None:
         size = sum(len(part) for part in parts)
         self._file.write(_tarinfo(name, size).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))

@@ -336,7 +336,8 @@ class BadSampleCounter:
         if self.bad > self.max_fraction * self.expected:
             raise DataError(
                 f"{self.bad} corrupt samples (of {self.expected} expected {self.scope}) exceed "
-                f"{self.what}={self.max_fraction}; last: {key} in {uri}. Re-ingest the dataset."
+                f"{self.what}={self.max_fraction}; last: {key} in {uri}. `recolor lake check NAME --deep` lists the "
+                "damaged shards and `recolor lake repair NAME` rebuilds them into a new version"
             )
 
 

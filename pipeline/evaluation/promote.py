@@ -63,7 +63,8 @@ def compute_metrics(generator, plan, split: str, batch_size: int, device: torch.
     metrics = finalize(totals.cpu(), prefix="eval_")
     if not metrics:
         raise DataError(f"{', '.join(plan.refs)}: none of the {expected} samples of split {split!r} is readable "
-                        f"({counter.bad} corrupt): re-ingest the dataset")  # fmt: skip
+                        f"({counter.bad} corrupt): run `recolor lake check {plan.refs[0].split('@')[0]} --deep`, "
+                        "then `recolor lake repair` on what it names")  # fmt: skip
     return metrics | {"eval_expected": float(expected), "eval_bad_samples": float(counter.bad)}
 
 
@@ -156,7 +157,8 @@ def evaluate(
         if version is None:
             version = client.get_model_version_by_alias(name, alias).version
     if promote and partial:
-        reason = f"{partial}: promotion needs the whole split (re-ingest the dataset)"
+        reason = (f"{partial}: promotion needs the whole split (`recolor lake check NAME --deep` finds the damaged "
+                  "shards, `recolor lake repair NAME` rebuilds them)")  # fmt: skip
         result.promotion = {
             "metric": metric,
             "candidate_version": str(version),

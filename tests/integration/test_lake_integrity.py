@@ -131,3 +131,29 @@ def test_gc_on_s3_deletes_only_the_lakes_own_objects(s3_env, photo_writer, tmp_p
     assert not any(store.exists(key) for key in garbage)
     lake = Lake(lake_uri)
     assert len(lake_check(lake, lake.resolve("photos"))) > 0
+
+
+def test_check_and_repair_on_s3_through_ray_tasks(s3_env, photo_writer, tmp_path, recolor, lake_check) -> None:
+    """A shard deleted through the S3 API and one overwritten with garbage: `check --deep` (Ray tasks) names both,
+    exit 1; `repair` writes a whole new version; `check` then passes."""
+    from ingest.storage import open_storage
+
+    lake_uri = f"s3://{s3_env.bucket}/lake"
+    source = photo_writer(tmp_path / "photos", range(760, 772), width=80, height=64)[0].parent
+    assert recolor(*ingest_args(source, lake_uri)).returncode == 0
+    lake = Lake(lake_uri)
+    entries = lake.resolve("photos").record["shards"]["train"]
+    store = open_storage(lake_uri)
+    store.delete(f"photos/{entries[0]['path']}")
+    store.write_bytes(f"photos/{entries[1]['path']}", b"\x01" * entries[1]["bytes"])
+    check = recolor("lake", "check", "photos", "--lake", lake_uri, "--deep", "--workers", "2", "--no-progress",
+                    timeout=300)  # fmt: skip
+    assert check.returncode == 1, check.stderr
+    assert f"missing   {lake.shard_uri('photos', entries[0]['path'])}" in check.stdout
+    assert f"corrupt   {lake.shard_uri('photos', entries[1]['path'])}: unreadable" in check.stdout
+    repair = recolor("lake", "repair", "photos", "--lake", lake_uri, "--workers", "2", "--no-progress", timeout=300)
+    assert repair.returncode == 0, repair.stderr
+    assert "into photos@2" in repair.stdout and "2 shard(s) rebuilt" in repair.stdout
+    assert len(lake_check(lake, lake.resolve("photos@2"))) == sum(lake.resolve("photos@1").record["counts"].values())
+    again = recolor("lake", "check", "photos", "--lake", lake_uri, "--deep", "--no-ray")
+    assert again.returncode == 0 and "whole" in again.stdout

@@ -185,4 +185,4 @@ def test_too_many_corrupt_samples_stop_the_run_with_a_one_line_data_error(corrup
         run_training(tiny_config(lake, tmp_path / "runs", "t", max_failures=0))  # data.max_bad_fraction 0.01
     message = str(error.value)
     assert "\n" not in message and "exceed data.max_bad_fraction=0.01; last: " in message, message
-    assert any(message.endswith(f"last: {key} in {shard}. Re-ingest the dataset.") for key, shard in corrupt.items())
+    assert any(f"last: {key} in {shard}. `recolor lake check NAME --deep`" in message for key, shard in corrupt.items())

@@ -460,7 +460,7 @@ def test_invalid_json_and_a_deleted_manifest_name_the_file(one_version) -> None:
     record = json.loads(path.read_text())
     manifest = path.parent.parent / record["manifest"]
     manifest.unlink()
-    with pytest.raises(LakeError, match=r"000001.json: its manifest .*manifest.*parquet is missing.*re-ingest"):
+    with pytest.raises(LakeError, match=r"000001.json: its manifest .*manifest.*parquet is missing.*lake check"):
         lake.resolve("photos@1")
     path.write_text('{"format": "recolor-lake-v1", "vers')
     with pytest.raises(LakeError, match=r"000001.json is not valid JSON \(.*\): the version record is corrupt"):
