@@ -5,6 +5,7 @@ with `@R` only in the process that passes rank R. Actions:
 
 - `kill` (the default): SIGKILL, no cleanup, like a crash or an OOM kill.
 - `raise`: raise `InjectedFault` (an OSError) that one time, like a dropped connection.
+- `flag`: return True that one time (the caller acts: `loss_nan` makes a step's losses NaN).
 - `barrier`: wait until `RECOLOR_FAILPOINT_BARRIER=DIR:COUNT` holds COUNT arrivals (each process
   adds a file to DIR), so that racing processes meet at the same point; then go on.
 
@@ -17,7 +18,7 @@ not uploaded), `upload_partial` (an object's bytes partly sent or written, not p
 `chunk_result` (shards uploaded, result record not written), `manifest` (all chunks done, manifest
 not written), `commit` (manifest written, version record not written).
 Points (training): `train_step` (a training step about to run), `checkpoint_upload` (a checkpoint
-about to be uploaded).
+about to be uploaded), `loss_nan` (with `flag`: a step's losses turn NaN).
 """
 
 from __future__ import annotations
@@ -41,23 +42,24 @@ class InjectedFault(OSError):
     """The error a `raise` failpoint throws."""
 
 
-def maybe_fail(name: str, rank: int | None = None) -> None:
+def maybe_fail(name: str, rank: int | None = None) -> bool:
+    """Act if `$RECOLOR_FAILPOINT` names this point and this is its N-th hit; True when a `flag` fired."""
     spec = os.environ.get(ENV)
     if not spec:
-        return
+        return False
     target, _, rest = spec.partition(":")
     if target != name:
-        return
+        return False
     count, _, action = rest.partition(":")
     count, _, only_rank = count.partition("@")
     if only_rank and rank != int(only_rank):
-        return
+        return False
     once = os.environ.get(ONCE_ENV)
     if once and os.path.exists(once):
-        return
+        return False
     _hits[name] = _hits.get(name, 0) + 1
     if _hits[name] != int(count or 1):
-        return
+        return False
     if once:
         open(once, "w").close()
     action = action or "kill"
@@ -67,8 +69,11 @@ def maybe_fail(name: str, rank: int | None = None) -> None:
         raise InjectedFault(f"injected fault at failpoint {name!r}")
     elif action == "barrier":
         _barrier(name)
+    elif action == "flag":
+        return True
     else:
-        raise ConfigError(f"{ENV}={spec!r}: unknown action {action!r} (kill, raise or barrier)")
+        raise ConfigError(f"{ENV}={spec!r}: unknown action {action!r} (kill, raise, barrier or flag)")
+    return False
 
 
 def _barrier(name: str) -> None:

@@ -23,7 +23,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from ingest.storage import Storage
+from ingest.errors import RecolorError
+from ingest.storage import AlreadyExistsError, Storage
 
 log = logging.getLogger(__name__)
 
@@ -91,21 +92,54 @@ def read_lease(storage: Storage, key: str, modified: float | None = None) -> Lea
     return LeaseState(key, holder, host, pid, renewed, ttl, live)
 
 
+class LeaseHeld(RecolorError):
+    """An exclusive lease is live in another process: the work it guards is running elsewhere."""
+
+    def __init__(self, message: str, state: LeaseState):
+        super().__init__(message)
+        self.state = state
+
+
 class Lease:
     """Hold a lease at `key` while a `with` block runs: written on entry, renewed in the background, deleted on
-    exit. `holder` names the work (shown to whoever finds the lease)."""
+    exit. `holder` names the work (shown to whoever finds the lease).
 
-    def __init__(self, storage: Storage, key: str, holder: str, ttl: float | None = None):
+    With `exclusive`, entering takes the lease only if nobody else holds it live (a create-exclusive write; a dead
+    holder's lease is removed first), else raises `LeaseHeld` naming the holder.
+    """
+
+    def __init__(self, storage: Storage, key: str, holder: str, ttl: float | None = None, exclusive: bool = False):
         self.storage, self.key, self.holder = storage, key, holder
+        self.exclusive = exclusive
         self.ttl = ttl or lease_ttl()
         self.token = uuid.uuid4().hex
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def _payload(self) -> bytes:
+        return json.dumps({"holder": self.holder, "host": socket.gethostname(), "pid": os.getpid(),
+                           "renewed": time.time(), "ttl": self.ttl, "token": self.token}).encode()  # fmt: skip
+
     def _write(self) -> None:
-        lease = {"holder": self.holder, "host": socket.gethostname(), "pid": os.getpid(), "renewed": time.time(),
-                 "ttl": self.ttl, "token": self.token}  # fmt: skip
-        self.storage.write_bytes(self.key, json.dumps(lease).encode())
+        self.storage.write_bytes(self.key, self._payload())
+
+    def _take(self) -> None:
+        """The create-exclusive write of an exclusive lease (see the class)."""
+        for _ in range(5):
+            try:
+                self.storage.put_if_absent(self.key, self._payload())
+                return
+            except AlreadyExistsError:
+                state = read_lease(self.storage, self.key)
+                if state is not None and state.live:
+                    raise LeaseHeld(f"{self.storage.uri(self.key)} is held by {state.holder} ({state.describe()})",
+                                    state) from None  # fmt: skip
+                if state is not None:
+                    log.warning("taking over %s: its holder (%s) is gone", self.storage.uri(self.key),
+                                state.describe())  # fmt: skip
+                    self.storage.delete(self.key)
+        raise LeaseHeld(f"{self.storage.uri(self.key)}: could not take the lease (others keep taking it)",
+                        LeaseState(self.key, "?", "?", 0, time.time(), self.ttl, True))  # fmt: skip
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl / 5):
@@ -115,7 +149,10 @@ class Lease:
                 log.warning("could not renew the lease %s: %s", self.storage.uri(self.key), e)
 
     def __enter__(self) -> Lease:
-        self._write()
+        if self.exclusive:
+            self._take()
+        else:
+            self._write()
         self._thread = threading.Thread(target=self._renew, name=f"lease {self.key}", daemon=True)
         self._thread.start()
         return self

@@ -7,6 +7,7 @@ params, so what ran is what was logged.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -24,6 +25,7 @@ ARCHS = ("unet_256", "resnet18_unet")
 NORMS = ("batch", "sync_batch", "instance")
 AMP_MODES = ("bf16", "fp16", "none")
 CHECKPOINT_UPLOAD_MODES = ("async", "sync")
+MAX_NUM_DOWNS = 12  # 4096 px, the largest side ingest writes
 
 
 @dataclass
@@ -45,8 +47,8 @@ class StageConfig:
             )
         if not 0 <= self.decay_epochs <= self.epochs:
             raise ConfigError(f"stage {self.name!r}: decay_epochs must be in 0..epochs, got {self.decay_epochs}")
-        if self.lr <= 0:
-            raise ConfigError(f"stage {self.name!r}: lr must be positive, got {self.lr}")
+        if not 0 < self.lr <= 1:
+            raise ConfigError(f"stage {self.name!r}: lr must be in (0, 1], got {self.lr} (the recipe: 2e-4)")
 
 
 @dataclass
@@ -66,6 +68,8 @@ class ModelConfig:
             raise ConfigError(f"model.norm must be one of {NORMS}, got {self.norm!r}")
         if self.base_filters < 1:
             raise ConfigError(f"model.base_filters must be positive, got {self.base_filters}")
+        if not 1 <= self.num_downs <= MAX_NUM_DOWNS:  # the side must be at least 2**num_downs (checked with the data)
+            raise ConfigError(f"model.num_downs must be in 1..{MAX_NUM_DOWNS}, got {self.num_downs} (8 for 256 px)")
         if self.backbone_weights and self.arch != "resnet18_unet":
             raise ConfigError("model.backbone_weights applies to arch resnet18_unet only")
 
@@ -99,6 +103,10 @@ class DataConfig:
             raise ConfigError(f"data.rotate_degrees must be in [0, 45], got {self.rotate_degrees}")
         if self.global_batch_size is not None and self.global_batch_size < 1:
             raise ConfigError(f"data.global_batch_size must be at least 1, got {self.global_batch_size}")
+        if self.prefetch_batches < 0:
+            raise ConfigError(f"data.prefetch_batches must be at least 0 (0: none), got {self.prefetch_batches}")
+        if self.max_val_batches is not None and self.max_val_batches < 1:
+            raise ConfigError(f"data.max_val_batches must be at least 1 (or null: all), got {self.max_val_batches}")
 
 
 @dataclass
@@ -135,6 +143,17 @@ class TrainConfig:
             raise ConfigError("a run needs at least one stage")
         if self.workers < 1:
             raise ConfigError(f"workers must be at least 1, got {self.workers}")
+        if self.cpus_per_worker < 1:
+            raise ConfigError(f"cpus_per_worker must be at least 1, got {self.cpus_per_worker}")
+        if not 0 <= self.l1_lambda <= 1e6:
+            raise ConfigError(f"l1_lambda must be in [0, 1e6], got {self.l1_lambda} (the recipe: 100)")
+        for beta in ("beta1", "beta2"):
+            if not 0 <= getattr(self, beta) < 1:
+                raise ConfigError(f"{beta} must be in [0, 1), got {getattr(self, beta)} (the recipe: 0.5, 0.999)")
+        if self.max_failures < 0:
+            raise ConfigError(f"max_failures must be at least 0, got {self.max_failures}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be at least 1 (or null: no limit), got {self.max_steps}")
         if self.amp not in AMP_MODES:
             raise ConfigError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         if self.amp == "fp16":
@@ -210,8 +229,12 @@ def _checked(name: str, hint: Any, shown: str, value: Any) -> Any:
         if option is type(None) and value is None:
             return value
         if option is float and isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):  # `.nan`, `.inf`: a NaN learning rate trains a NaN model, exit 0
+                raise ConfigError(f"{name}: expected a finite number, got {value!r}")
             return float(value)
         if option is float and isinstance(value, str) and re.fullmatch(_FLOAT_TEXT, value):
+            if not math.isfinite(float(value)):  # 1e999
+                raise ConfigError(f"{name}: expected a finite number, got {value!r}")
             return float(value)  # YAML 1.1 reads `lr: 1e-4` as a string
         if option is int and isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -7,6 +7,7 @@ the current champion on the same data (both evaluated now, with the same code) o
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -223,6 +224,10 @@ def _promotion(client, name, version, metrics, metric, plan, split, batch_size, 
 
     key = f"eval_{metric}"
     decision = {"metric": metric, "candidate_version": str(version), "candidate_value": metrics[key]}
+    not_finite = sorted(name for name, value in metrics.items() if not math.isfinite(float(value)))
+    if not_finite:  # a diverged generator scores NaN, and NaN compares as neither better nor worse
+        return decision | {"decision": "refused", "reason": f"metrics not finite ({', '.join(not_finite)}): a "
+                           "diverged generator is never promoted"}  # fmt: skip
     try:
         champion = client.get_model_version_by_alias(name, "champion")
     except Exception:  # noqa: BLE001 - no champion yet

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import subprocess
 from pathlib import Path
@@ -22,7 +23,10 @@ from ingest.errors import RecolorError
 
 EXPERIMENT_DEFAULT = "recolor"
 RUN_NAME_TAG = "recolor.run_name"
+CONTINUES_TAG = "recolor.continues"  # a run that goes on from a FINISHED run's checkpoints: that run's id
 FAILURE_TAG = "recolor.failure"  # why a FAILED (or KILLED) run stopped, in one line
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -165,9 +169,12 @@ def describe_result(metrics: dict) -> str:
 
 def start_or_resume_run(
     tracking_uri: str, experiment: str, config, plan, storage: str, device: str, preset: str | None = None,
-    extra_tags: dict[str, str] | None = None,
+    extra_tags: dict[str, str] | None = None, continues_checkpoint: bool = False,
 ) -> tuple[str, bool]:  # fmt: skip
     """The MLflow run of a training run: the unfinished run with the same name, or a new one.
+
+    A new run that goes on from the checkpoints of a FINISHED run of the same name (`continues_checkpoint`: a
+    config asking for more epochs) is tagged `recolor.continues` with that run's id and says so in its description.
 
     A new run gets the full flattened config as params, the tags, and every dataset version as an
     input (source: the version's lake URI, digest: its manifest's SHA-256) for training and validation.
@@ -209,6 +216,14 @@ def start_or_resume_run(
     }
     if preset:
         tags["recolor.preset"] = preset
+    if existing and continues_checkpoint:
+        earlier = existing[0]
+        tags[CONTINUES_TAG] = earlier.info.run_id
+        step = int(earlier.data.metrics.get("global_step", 0) or 0)
+        at = f" at step {step}" if step else ""
+        tags[NOTE_TAG] = (
+            f"Continues run {earlier.info.run_id} (FINISHED{at}) from its latest checkpoint.\n\n{tags[NOTE_TAG]}"
+        )
     for ref in plan.refs:
         tags[manifest_tag(ref)] = plan.digests[ref]
     commit = git_commit()
@@ -344,6 +359,12 @@ def finish_run(tracking_uri: str, run_id: str, name: str, plan, metrics: dict, p
         parts = [title, result, DETAILS_HEADING + details.rstrip() if details else ""]
         client.set_tag(run_id, NOTE_TAG, "\n\n".join(part for part in parts if part))
     version = None
+    not_finite = sorted(k for k, v in metrics.items() if k.startswith("val_") and not math.isfinite(float(v)))
+    if payload is not None and not_finite:  # a diverged generator: never a candidate, never a champion
+        log.warning("not registering the generator of run %s: its validation metrics %s are not finite", name,
+                    ", ".join(not_finite))  # fmt: skip
+        client.set_tag(run_id, "recolor.not_registered", f"validation metrics not finite: {', '.join(not_finite)}")
+        payload = None
     if payload is not None:
         generator = generator_from_checkpoint(payload)
         shown = {k: f"{v:.6g}" for k, v in metrics.items() if k.startswith("val_")}

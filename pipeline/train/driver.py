@@ -7,6 +7,8 @@ then log and register the generator.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from ingest.errors import ConfigError
 from pipeline.config import TrainConfig
 from pipeline.data import DataError, DataPlan, resolve_data
 from pipeline.train.failures import (
+    NonFiniteLoss,
     Stopped,
     TrainingError,
     _is_training_failure,
@@ -101,13 +104,12 @@ def run_training(
         TrainingError: training failed after `max_failures` restarts; its message names the root cause in one
             line. The MLflow run (when tracking) is then FAILED, tagged with that line; KILLED on Ctrl-C.
     """
-    from pipeline.train.checkpoints import repair_run_snapshot, upload_attempts
+    from pipeline.train.checkpoints import upload_attempts
 
     plan = resolve_data(config.data.datasets, config.data.lake)
     check_before_start(config, plan, ray_address)
     storage = resolve_storage(config.storage)
     upload_attempts()  # a bad $RECOLOR_CHECKPOINT_UPLOAD_ATTEMPTS stops here, not at a worker's first checkpoint
-    # A rerun after checkpoints were lost resumes from what is left (or starts over) instead of failing forever.
     tracking_uri = None
     if tracking is not None and tracking.enabled:
         from pipeline.tracking.runs import check_tracking_server, resolve_tracking_uri
@@ -115,7 +117,50 @@ def run_training(
         tracking_uri = resolve_tracking_uri(tracking.tracking_uri)
         check_tracking_server(tracking_uri)  # seconds, not minutes of MLflow's retries
     run_uri = f"{storage.rstrip('/')}/{config.name}"
+    with _run_lease(run_uri, config.name):
+        return _train_holding_lease(config, plan, storage, run_uri, tracking, tracking_uri, ray_address,
+                                    logger_factory, on_worker_end, callbacks)  # fmt: skip
+
+
+RUN_LEASE = ".recolor-run.lease"
+
+
+@contextlib.contextmanager
+def _run_lease(run_uri: str, name: str):
+    """Hold the run's lease (`ingest.lease`): a second `recolor train` of the same name and storage is refused while
+    this one lives; the lease of a run that crashed expires (at once on the same host, else after its lifetime).
+
+    Raises:
+        ConfigError: the run is already running elsewhere, naming where.
+    """
+    from ingest.lease import Lease, LeaseHeld
+    from ingest.storage import open_storage
+
+    lease = Lease(open_storage(run_uri), RUN_LEASE, f"run {name}", exclusive=True)
+    try:
+        lease.__enter__()
+    except LeaseHeld as held:
+        raise ConfigError(
+            f"run {name!r} is already running ({held.state.describe()}; lease {run_uri}/{RUN_LEASE}): wait for it "
+            "to finish or stop it, or train under another --name"
+        ) from None
+    try:
+        yield
+    finally:
+        lease.__exit__(None, None, None)
+
+
+def _train_holding_lease(config, plan, storage, run_uri, tracking, tracking_uri, ray_address, logger_factory,
+                         on_worker_end, callbacks) -> TrainResult:  # fmt: skip
+    from pipeline.train.checkpoints import latest_recorded, repair_run_snapshot
+
+    # A rerun after checkpoints were lost resumes from what is left (or starts over) instead of failing forever.
     repair_run_snapshot(run_uri)
+    resuming = latest_recorded(run_uri) is not None
+    pinned = pin_run_data(config, plan, run_uri, resuming)
+    if pinned.refs != plan.refs:
+        check_before_start(config, pinned, ray_address)
+    plan = pinned
     finished = finished_earlier(config, plan, run_uri, tracking)
     if finished is not None:
         return finished
@@ -136,6 +181,7 @@ def run_training(
             device,
             preset=tracking.preset,
             extra_tags=extra_tags,
+            continues_checkpoint=resuming,
         )
         run_info = {"uri": tracking_uri, "run_id": run_id}
     try:
@@ -169,8 +215,58 @@ def run_training(
         data_errors = [e for e in _worker_failures(error) if isinstance(e, DataError)]
         if data_errors:
             raise DataError(str(data_errors[0])) from error
+        diverged = [e for e in _worker_failures(error) if isinstance(e, NonFiniteLoss)]
+        if diverged:
+            raise NonFiniteLoss(str(diverged[0])) from error
         cause = root_cause(error)
         raise TrainingError(reason, run_info["run_id"] if run_info else None, is_transient(cause)) from error
+
+
+RUN_DATA = ".recolor-data.json"
+
+
+def pin_run_data(config: TrainConfig, plan: DataPlan, run_uri: str, resuming: bool) -> DataPlan:
+    """The data a run trains on: the dataset versions it started with, whatever the lake's latest are now.
+
+    A run's first start records its versions beside its checkpoints (`RUN_DATA`). A resume that names its datasets
+    without versions (`--dataset photos`) stays on those versions, with a warning when newer ones exist; one that
+    asks for other versions or datasets is refused: its checkpoints, optimizer and epoch position belong to the
+    data they were trained on.
+
+    Raises:
+        ConfigError: the resume asks for other data, naming what to run instead.
+    """
+    from ingest.storage import open_storage
+
+    store = open_storage(run_uri)
+    recorded = None
+    if resuming:
+        try:
+            recorded = json.loads(store.read_bytes(RUN_DATA))["refs"]
+        except FileNotFoundError:
+            recorded = None  # a run started before versions were recorded: nothing to compare with
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(
+                f"{store.uri(RUN_DATA)} is damaged: delete it to resume on {', '.join(plan.refs)}"
+            ) from None
+    if recorded is None or recorded == plan.refs:
+        store.write_bytes(RUN_DATA, json.dumps({"refs": plan.refs}).encode())
+        return plan
+    asked = [name.partition("@") for name in config.data.datasets]
+    names = [name for name, _, _ in asked]
+    pinned_names = [ref.partition("@")[0] for ref in recorded]
+    explicit = [f"{name}@{version}" for name, at, version in asked if at and version != "latest"]
+    if names != pinned_names or any(ref not in recorded for ref in explicit):
+        new_refs = " ".join(f"--dataset {ref}" for ref in plan.refs)
+        raise ConfigError(
+            f"run {config.name!r} was trained on {', '.join(recorded)}, and this command asks for "
+            f"{', '.join(plan.refs)}: to train on that data start a new run ({new_refs} --name NEW_NAME); to go on "
+            f"with this one, pass {' '.join(f'--dataset {ref}' for ref in recorded)}"
+        )
+    log.warning("run %s resumes on %s, the versions it started with (latest now: %s); to train on the new data "
+                "start a new run: --dataset %s --name NEW_NAME", config.name, ", ".join(recorded),
+                ", ".join(plan.refs), " --dataset ".join(plan.refs))  # fmt: skip
+    return resolve_data(recorded, config.data.lake)
 
 
 def finished_earlier(config: TrainConfig, plan: DataPlan, run_uri: str, tracking) -> TrainResult | None:
@@ -250,6 +346,11 @@ def check_before_start(config: TrainConfig, plan: DataPlan, ray_address: str | N
         raise DataError(
             f"{refs}: the validation split has no samples, so the run could report no validation metrics: "
             "re-ingest with --val-fraction above 0, or add a dataset that has some"
+        )
+    if config.model.arch == "unet_256" and plan.size and 2**config.model.num_downs > plan.size:
+        raise ConfigError(
+            f"model.num_downs={config.model.num_downs} needs samples of at least {2**config.model.num_downs} px, and "
+            f"{', '.join(plan.refs)} holds {plan.size} px: use model.num_downs <= {plan.size.bit_length() - 1}"
         )
     if config.use_gpu and not (ray_address or os.environ.get("RAY_ADDRESS")):
         import torch

@@ -20,6 +20,10 @@ class Stopped(KeyboardInterrupt):
         self.exit_code = 143 if signal_name == "SIGTERM" else 130
 
 
+class NonFiniteLoss(RecolorError):
+    """The losses became NaN or infinite: the run stops (no checkpoint of a diverged model is taken)."""
+
+
 class TrainingError(RecolorError):
     """Training failed in the workers after `max_failures` restarts; the message is one line naming the root cause."""
 

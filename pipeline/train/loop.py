@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import time
 import zlib
@@ -32,6 +33,7 @@ from pipeline.losses import GANLoss, discriminator_loss, generator_loss
 from pipeline.models import build_discriminator, build_generator
 from pipeline.tracking.loggers import Logger, NullLogger
 from pipeline.tracking.plots import sample_grid
+from pipeline.train.failures import NonFiniteLoss
 
 log = logging.getLogger(__name__)
 
@@ -336,6 +338,8 @@ class ColorizerTrainer:
             faults.maybe_fail("train_step", self.rank)
             torch.manual_seed(step_seed(config.seed, self.rank, self.position.global_step))
             losses = self.train_step(batch, stage, gan_loss, opts)
+            if faults.maybe_fail("loss_nan", self.rank):  # drills: a step whose losses diverge
+                losses = {name: value * float("nan") for name, value in losses.items()}
             step_in_epoch += 1
             trained += batch.shape[0]
             self.position = Position(stage_index, epoch, step_in_epoch, self.position.global_step + 1)
@@ -352,17 +356,20 @@ class ColorizerTrainer:
                     **self._mfu(images_per_s / self.world_size, gan_loss is not None),
                 }
                 values = floats(losses)  # the one device sync of these steps
+                self._stop_if_diverged(values, stage_index)
                 self.logger.log({**values, **throughput, "lr": opts[0].param_groups[0]["lr"]}, step)
                 shown = {k: f"{v:.3g}" for k, v in values.items() if k in ("loss_D", "loss_G", "loss_G_L1")}
                 progress.update(shown | {"img/s": f"{images_per_s:.1f}"})
                 window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
             if step_in_epoch < steps and step % config.checkpoint_every == 0:
+                self._stop_if_diverged(floats(losses), stage_index)
                 self._checkpoint({**floats(losses), "epoch": epoch, "stage": stage_index}, self.position, opts, scheds)
         # Epoch end: schedule, validation on every rank, a checkpoint pointing at the next epoch.
         # The discriminator's schedule advances only in stages that train it (an L1-only stage never steps opt_d).
         for scheduler in scheds if gan_loss is not None else scheds[:1]:
             scheduler.step()
         self._sync_buffers()
+        self._stop_if_diverged(floats(losses), stage_index)
         grid = f"samples/{stage_index}-{stage.name}/epoch_{epoch + 1:03d}.png"
         bad_samples, epoch_samples = self._sum_over_ranks(bad.bad, trained)
         metrics = {
@@ -391,6 +398,27 @@ class ColorizerTrainer:
         self.position = next_position
         self._checkpoint({**metrics, "epoch": epoch, "stage": stage_index, "epoch_end": 1}, next_position, opts, scheds)
         return metrics
+
+    def _stop_if_diverged(self, losses: dict[str, float], stage_index: int) -> None:
+        """Stop the run when any rank's losses are not finite, before a checkpoint of the diverged model is taken.
+
+        Every rank decides alike (one all-reduce of a flag, at points every rank reaches together), so no rank
+        waits for another at the next barrier. The latest checkpoint, taken while the losses were finite, is kept.
+
+        Raises:
+            NonFiniteLoss: names the step, the losses and what to change.
+        """
+        bad = {name: value for name, value in losses.items() if not math.isfinite(value)}
+        (diverged,) = self._sum_over_ranks(1.0 if bad else 0.0)
+        if not diverged:
+            return
+        stage = self.config.stages[stage_index]
+        shown = ", ".join(f"{name}={value}" for name, value in bad.items()) or "on another rank"
+        raise NonFiniteLoss(
+            f"the losses are not finite at step {self.position.global_step} ({shown}): the run stopped, and its "
+            f"latest checkpoint (taken while they were finite) is kept. Lower stages.{stage_index}.lr "
+            f"(now {stage.lr:g}) or l1_lambda (now {self.config.l1_lambda:g}) and train under a new --name"
+        )
 
     def _sync_buffers(self) -> None:
         """Give every rank rank 0's BatchNorm statistics, the checkpoint's. DDP broadcasts buffers only as a

@@ -283,3 +283,28 @@ def test_lr_lambda_drives_lambda_lr_as_the_loop_steps_it() -> None:
         scheduler.step()  # at each epoch's end, as the training loop does
     assert rates == pytest.approx([2e-4 * f for f in (0.8, 0.6, 0.4, 0.2)])
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("l1_lambda=.nan", r"l1_lambda: expected a finite number, got nan"),
+        ("stages.0.lr=.nan", r"stages.0.lr: expected a finite number, got nan"),
+        ("stages.0.lr=.inf", r"stages.0.lr: expected a finite number, got inf"),
+        ("beta1=1e999", r"beta1: expected a finite number, got inf"),
+        ("stages.0.lr=2", r"lr must be in \(0, 1\], got 2.0"),
+        ("l1_lambda=-1", r"l1_lambda must be in \[0, 1e6\], got -1.0"),
+        ("beta1=1", r"beta1 must be in \[0, 1\), got 1.0"),
+        ("beta2=-0.1", r"beta2 must be in \[0, 1\), got -0.1"),
+        ("model.num_downs=0", r"model.num_downs must be in 1..12, got 0"),
+        ("model.num_downs=40", r"model.num_downs must be in 1..12, got 40"),
+        ("max_steps=0", r"max_steps must be at least 1"),
+        ("max_failures=-1", r"max_failures must be at least 0, got -1"),
+        ("cpus_per_worker=0", r"cpus_per_worker must be at least 1"),
+        ("data.max_val_batches=0", r"data.max_val_batches must be at least 1"),
+        ("data.prefetch_batches=-1", r"data.prefetch_batches must be at least 0"),
+    ],
+)
+def test_non_finite_and_out_of_range_values_are_refused_when_the_config_is_read(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(Path(__file__).parents[2] / "configs" / "demo.yaml", [override])

@@ -56,8 +56,8 @@ def test_plain_errors_are_described_by_type_and_first_line(error, expected) -> N
     assert describe_failure(error) == expected
 
 
-def plan_of(train: int, val: int) -> DataPlan:
-    return DataPlan(refs=["photos@3"], digests={}, uris={}, size=64, train=[ShardInfo("a.tar", train)],
+def plan_of(train: int, val: int, size: int = 256) -> DataPlan:
+    return DataPlan(refs=["photos@3"], digests={}, uris={}, size=size, train=[ShardInfo("a.tar", train)],
                     val=[ShardInfo("b.tar", val)] if val else [])  # fmt: skip
 
 
@@ -76,6 +76,14 @@ def test_the_driver_refuses_data_too_small_to_train_before_any_worker_starts(mon
     with pytest.raises(ValueError, match=r"--gpu with 2 workers needs 2 GPUs, and this machine has 0: drop --gpu"):
         check_before_start(TrainConfig(workers=2, use_gpu=True, data=DataConfig(batch_size=4)), plan_of(100, 4))
     check_before_start(TrainConfig(workers=2, use_gpu=True), plan_of(100, 4), ray_address="ray://gpus:10001")
+
+
+def test_a_unet_deeper_than_its_samples_allow_is_refused_before_any_worker_starts() -> None:
+    config = TrainConfig(workers=2, data=DataConfig(batch_size=4))
+    with pytest.raises(ValueError, match=r"model.num_downs=8 needs samples of at least 256 px, and photos@3 holds "
+                                         r"64 px: use model.num_downs <= 6"):  # fmt: skip
+        check_before_start(config, plan_of(100, 4, size=64))
+    check_before_start(TrainConfig(workers=2, model=ModelConfig(num_downs=6)), plan_of(100, 4, size=64))
 
 
 def test_sync_batch_norm_on_cpu_workers_is_refused_when_the_config_is_read() -> None:
