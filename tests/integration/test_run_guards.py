@@ -44,7 +44,8 @@ def test_a_second_run_of_the_same_name_is_refused_in_seconds(own_lake, tmp_path,
     barrier = tmp_path / "barrier"
     args = ["train", Path(base.__file__).parents[2] / "configs" / "demo.yaml", "--lake", own_lake, "--dataset",
             "photos", "--storage", tmp_path / "runs", "--name", "twice", "--no-tracking", "--workers", "1",
-            "model.base_filters=4", "model.num_downs=6", "data.batch_size=2", "stages=[{name: gan, epochs: 1}]", "max_steps=2"]  # fmt: skip
+            "model.base_filters=4", "model.num_downs=6", "data.batch_size=2", "stages=[{name: gan, epochs: 1}]",
+            "max_steps=2"]  # fmt: skip
     env = {"RECOLOR_FAILPOINT": "train_step:1@0:barrier", "RECOLOR_FAILPOINT_BARRIER": f"{barrier}:2",
            "RECOLOR_NO_PROGRESS": "1"}  # fmt: skip
     box: dict = {}
