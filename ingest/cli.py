@@ -22,6 +22,17 @@ def parse_bytes(text: str) -> int:
     return int(float(number) * 1024 ** " kmgt".index(unit.lower() or " "))
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (`--size 0`, `--max-pixels -1` are slips, not requests)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _categories(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
@@ -52,14 +63,16 @@ def add_ingest_parser(subparsers) -> None:
         sub.add_argument("source", help="source root: a local folder or s3://bucket/prefix")
         sub.add_argument("--dataset", required=True, help="lake dataset to create or extend, e.g. imagenet-5k")
         sub.add_argument("--lake", help=f"lake URI: a folder or s3://bucket/prefix (default: ${LAKE_ENV}, else ./lake)")
-        sub.add_argument("--size", type=int, default=256, help="output side in pixels (default: 256)")
+        sub.add_argument("--size", type=positive_int, default=256, help="output side in pixels (default: 256)")
         sub.add_argument(
             "--resize",
             choices=("cover", "squash"),
             default="cover",
             help="cover: shorter side to --size then center crop (default); squash: plain resize, as the recipe",
         )
-        sub.add_argument("--limit", type=int, help="ingest at most N images (ImageNet: spread evenly over classes)")
+        sub.add_argument(
+            "--limit", type=positive_int, help="ingest at most N images (ImageNet: spread evenly over classes)"
+        )
         sub.add_argument("--seed", type=int, default=0, help="seed of the --limit subset and shard order (default: 0)")
         sub.add_argument(
             "--order",
@@ -83,9 +96,12 @@ def add_ingest_parser(subparsers) -> None:
         )
         sub.add_argument("--shard-size", type=parse_bytes, default="64MB", help="target training shard size")
         sub.add_argument(
-            "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images (decompression bombs)"
+            "--max-pixels",
+            type=positive_int,
+            default=DEFAULT_MAX_PIXELS,
+            help="refuse larger images (decompression bombs)",
         )
-        sub.add_argument("--workers", type=int, help="CPUs of the local Ray instance (default: all)")
+        sub.add_argument("--workers", type=positive_int, help="CPUs of the local Ray instance (default: all)")
         sub.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else local)")
         sub.add_argument("--no-ray", dest="use_ray", action="store_false", help="run in this process (debugging)")
         sub.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -181,7 +197,9 @@ def add_lake_parser(subparsers) -> None:
     urls.add_argument("ref", metavar="NAME[@VERSION]", help="dataset, optionally @version (default: latest)")
     urls.add_argument("--split", choices=SPLITS, default="train")
     urls.add_argument("--form", choices=URL_FORMS, default="plain", help="plain (default), pipe, aws or presigned")
-    urls.add_argument("--expires", type=int, default=3600, help="presigned URLs' lifetime in seconds (default: 3600)")
+    urls.add_argument(
+        "--expires", type=positive_int, default=3600, help="presigned URLs' lifetime in seconds (default: 3600)"
+    )
     check = commands.add_parser(
         "check",
         help="check that a version is whole: shards present with their sizes, tables parse, counts agree",
@@ -204,7 +222,7 @@ def add_lake_parser(subparsers) -> None:
     repair.add_argument("dataset", metavar="NAME", help="the dataset to repair (its latest version)")
     repair.add_argument("--shallow", action="store_true", help="only rebuild shards that are missing or mis-sized")
     for sub in (check, repair):
-        sub.add_argument("--workers", type=int, help="CPUs of the local Ray instance (default: all)")
+        sub.add_argument("--workers", type=positive_int, help="CPUs of the local Ray instance (default: all)")
         sub.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else local)")
         sub.add_argument("--no-ray", dest="use_ray", action="store_false", help="run in this process")
         sub.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")

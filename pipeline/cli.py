@@ -45,8 +45,10 @@ def exit_code_and_message(error: BaseException) -> tuple[int, str] | None:
     | `TrainingError` | 1 | the worker's error; rerun to resume only when a rerun can succeed |
     | any other `RecolorError` (lake, source, storage, data, checkpoint, config, stack, ...) | 2 | its message |
     | FileNotFoundError | 2 | the missing file |
+    | an `MlflowException` (the server's answer) | 2 | its first line |
     | an error of Ray's own (a lost node, a task that kept crashing) | 1 | its root cause; rerun to resume |
     """
+    from ingest.cluster import mask_secrets
     from ingest.errors import RecolorError
     from pipeline.train.failures import TrainingError, describe_failure
 
@@ -62,7 +64,11 @@ def exit_code_and_message(error: BaseException) -> tuple[int, str] | None:
         )
         return 1, f"recolor: error: training failed: {error}{run}; {advice}"
     if isinstance(error, (RecolorError, FileNotFoundError)):
-        return 2, f"recolor: error: {error}"
+        return 2, f"recolor: error: {mask_secrets(str(error))}"
+    if type(error).__name__ == "MlflowException" or type(error).__module__.startswith("mlflow."):
+        # An answer of the tracking server (no such model, a refused request): its first line, credentials masked.
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return 2, f"recolor: error: MLflow: {mask_secrets(first)}"
     if type(error).__module__.startswith("ray."):
         # A remote traceback's text: one line naming the remote error is enough, the work done so far is kept.
         return 1, f"recolor: error: {describe_failure(error)}; rerun the same command to resume"

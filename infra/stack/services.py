@@ -258,15 +258,16 @@ def start_stack(
         mlflow_port=_port(mlflow_port, 5000),
         dashboard_port=_port(dashboard_port, 8265),
         gcs_port=free_port(),
-        ray_temp_dir=str(Path(tempfile.gettempdir()) / f"recolor-stack-{stack_id}"),
+        # Inside a private (700) folder of its own: Ray makes its temp folder world-writable (777) as it starts and
+        # again after every job, so that folder's mode cannot be the protection; its parent's is.
+        ray_temp_dir=str(_private_dir(Path(tempfile.gettempdir()) / f"recolor-stack-{stack_id}") / "ray"),
         agent_port=free_port(),
     )
     state.save()
     try:
         processes = _start_services(state, num_cpus)
         _wait_ready(state, processes, timeout)
-        # Ray makes its temp folder world-writable (777) as it starts; its logs (644) and sockets are below it.
-        os.chmod(state.ray_temp_dir, 0o700)
+        os.chmod(state.ray_temp_dir, 0o700)  # as Ray left it at start; the private parent is what holds
     except BaseException:
         with contextlib.suppress(Exception):  # the reason it failed matters more than a failed cleanup
             stop_stack(stack_dir)
@@ -410,7 +411,14 @@ def _keep_ray_logs(state: StackState) -> None:
     if sessions and (sessions[-1] / "logs").is_dir():
         target = Path(state.dir) / "logs" / f"ray-{sessions[-1].name}"
         shutil.move(str(sessions[-1] / "logs"), target)
-    shutil.rmtree(temp, ignore_errors=True)
+    shutil.rmtree(temp.parent if temp.name == "ray" else temp, ignore_errors=True)  # with its private parent
+
+
+def _private_dir(path: Path) -> Path:
+    """`path` created (or made) readable by its owner alone: 700 whatever the umask."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path
 
 
 def stack_status(state: StackState) -> dict[str, dict]:

@@ -18,7 +18,8 @@ TRUST_PICKLE_HELP = (
 
 
 def add_colorize_parser(subparsers) -> None:
-    from pipeline.evaluation.cli import TRACKING_HELP, _cuda
+    from ingest.cli import positive_int
+    from pipeline.evaluation.cli import TRACKING_HELP, _cuda, device_arg
 
     colorize = subparsers.add_parser(
         "colorize",
@@ -32,7 +33,8 @@ def add_colorize_parser(subparsers) -> None:
         epilog="An input that cannot be colorized does not stop the others: each is printed on stderr as "
         "`skipped INPUT: REASON: DETAIL`, REASON one of empty, not_an_image, corrupt, too_large (see --max-pixels), "
         "missing, unreadable, no_images (a given folder without images), name_clash (two inputs, one output name), "
-        "unwritable. Exit status: 0 when every input was colorized, 1 when some were skipped, 2 for a bad model or "
+        "unwritable, not_ours (--overwrite of a file recolor did not write). "
+        "Exit status: 0 when every input was colorized, 1 when some were skipped, 2 for a bad model or "
         "option. Example: recolor colorize scans/ -o colored/ --model models:/colorizer@champion",
     )
     colorize.add_argument("inputs", nargs="+", metavar="INPUT")
@@ -41,19 +43,31 @@ def add_colorize_parser(subparsers) -> None:
     colorize.add_argument("--format", dest="picture_format", choices=PICTURE_FORMATS, default="png",
                           help="png (lossless, default) or jpeg")  # fmt: skip
     colorize.add_argument("--quality", type=int, default=95, help="JPEG quality 1-95 (default: 95)")
-    colorize.add_argument("--overwrite", action="store_true", help="colorize again pictures already in the output")
-    colorize.add_argument("--size", type=int, help="network input side (default: the side the model trained at)")
-    colorize.add_argument("--batch-size", type=int, default=8)
+    colorize.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="colorize again pictures an earlier run wrote into the output (its ledger lists them)",
+    )
+    colorize.add_argument(
+        "--overwrite-any",
+        action="store_true",
+        help="with --overwrite: also replace files of the same name that recolor did not write",
+    )
+    colorize.add_argument(
+        "--size", type=positive_int, help="network input side (default: the side the model trained at)"
+    )
+    colorize.add_argument("--batch-size", type=positive_int, default=8)
     colorize.add_argument(
         "--max-pixels",
-        type=int,
+        type=positive_int,
         default=DEFAULT_MAX_PIXELS,
         help=f"skip larger images as too_large (decompression bombs; default: {DEFAULT_MAX_PIXELS})",
     )
-    colorize.add_argument("--device", default="cuda" if _cuda() else "cpu", help="without --ray: cpu or cuda")
+    colorize.add_argument("--device", type=device_arg, default="cuda" if _cuda() else "cpu",
+                          help="without --ray: cpu, cuda or cuda:N (default: cuda when there is one)")  # fmt: skip
     colorize.add_argument("--ray", action="store_true", help="run as a Ray Data job (local instance or cluster)")
     colorize.add_argument("--ray-address", help="with --ray: the cluster (default: $RAY_ADDRESS, else local)")
-    colorize.add_argument("--actors", type=int, default=1, help="with --ray: generator actors (default: 1)")
+    colorize.add_argument("--actors", type=positive_int, default=1, help="with --ray: generator actors (default: 1)")
     colorize.add_argument("--gpu", action="store_true", help="with --ray: one GPU per actor, bf16")
     colorize.add_argument("--tracking-uri", help=TRACKING_HELP)
     colorize.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE_HELP)
@@ -83,7 +97,8 @@ def run_colorize(args) -> int:
         max_pixels=args.max_pixels,
         picture_format=args.picture_format,
         quality=args.quality,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite or args.overwrite_any,
+        overwrite_any=args.overwrite_any,
         trust_pickle=args.trust_pickle,
         dropout=args.dropout,
     )

@@ -133,6 +133,7 @@ def colorize_on_ray(
     picture_format: str = "png",
     quality: int = 95,
     overwrite: bool = False,
+    overwrite_any: bool = False,
     trust_pickle: bool = False,
     dropout: bool = False,
 ) -> ColorizeSummary:
@@ -159,7 +160,7 @@ def colorize_on_ray(
     # Tasks run in other working directories (a cluster's nodes): local paths travel absolute.
     inputs = [given if is_s3(given) else str(Path(given).absolute()) for given in inputs]
     out_dir = out_dir if is_s3(str(out_dir)) else str(Path(out_dir).absolute())
-    out, todo, summary = plan_outputs(inputs, out_dir, picture_format, overwrite)
+    out, todo, summary = plan_outputs(inputs, out_dir, picture_format, overwrite, overwrite_any)
     generator, size, resize = load_model(model_uri, tracking_uri, "cpu", trust_pickle, size)
     out.record([name for _, name in todo])
     if not todo:

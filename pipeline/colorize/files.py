@@ -148,6 +148,19 @@ class OutputFolder:
     def holds(self, name: str) -> bool:
         return self.storage.exists(name)
 
+    def wrote(self, name: str) -> bool:
+        """Whether an earlier run of recolor colorize wrote `name` here (listed in the folder's `OUTPUT_MARKER`);
+        always True for s3:// outputs, which keep no list."""
+        if is_s3(self.uri):
+            return True
+        if not hasattr(self, "_written"):
+            marker = Path(self.uri) / OUTPUT_MARKER
+            try:
+                self._written = set(marker.read_text().splitlines()) if marker.is_file() else set()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError(f"{marker} (the list of an earlier run's outputs) cannot be read: {e}") from None
+        return name in self._written
+
     def record(self, names: list[str]) -> None:
         """List `names` in the folder's `OUTPUT_MARKER` before any is written: an output is never taken for a
         photo, even if the run stops halfway (s3:// outputs are kept apart by `guard_outputs` instead).

@@ -12,21 +12,29 @@ from pipeline.colorize.pixels import SUFFIXES, PhotoRefused, colorize_rgb, encod
 
 
 def plan_outputs(
-    inputs: list[str], out_dir: str, picture_format: str, overwrite: bool
+    inputs: list[str], out_dir: str, picture_format: str, overwrite: bool, overwrite_any: bool = False
 ) -> tuple[OutputFolder, list[tuple[str, str]], ColorizeSummary]:
     """List the inputs, guard the originals and leave out pictures an earlier run wrote whole (unless `overwrite`);
     returns (output folder, [(input URI, output name)] to do, summary so far). Record the names to do
-    (`OutputFolder.record`) before writing any."""
+    (`OutputFolder.record`) before writing any.
+
+    `overwrite` replaces only pictures an earlier run wrote (listed in the folder's ledger); a file of the same name
+    that recolor did not write is refused as `not_ours`, unless `overwrite_any`."""
     items, failed = list_inputs(inputs, SUFFIXES[picture_format])
     items = guard_outputs(items, inputs, out_dir)
     out = OutputFolder(out_dir)
     summary = ColorizeSummary(failed=failed)
     todo = []
     for uri, name in items:
-        if not overwrite and out.holds(name):
-            summary.skipped.append(out.target(name))
-        else:
+        if not out.holds(name):
             todo.append((uri, name))
+        elif not overwrite:
+            summary.skipped.append(out.target(name))
+        elif overwrite_any or out.wrote(name):
+            todo.append((uri, name))
+        else:
+            summary.failed.append((uri, f"not_ours: {out.target(name)} exists and recolor did not write it; "
+                                        "--overwrite-any replaces it"))  # fmt: skip
     return out, todo, summary
 
 
@@ -63,6 +71,7 @@ def colorize(
     picture_format: str = "png",
     quality: int = 95,
     overwrite: bool = False,
+    overwrite_any: bool = False,
     trust_pickle: bool = False,
     dropout: bool = False,
 ) -> ColorizeSummary:
@@ -89,7 +98,7 @@ def colorize(
     from pipeline.models import set_inference_mode
 
     torch_device = torch.device(device)
-    out, todo, summary = plan_outputs(inputs, out_dir, picture_format, overwrite)
+    out, todo, summary = plan_outputs(inputs, out_dir, picture_format, overwrite, overwrite_any)
     generator, size, resize = load_model(model_uri, tracking_uri, torch_device, trust_pickle, size)
     set_inference_mode(generator, dropout)
     torch.manual_seed(0)

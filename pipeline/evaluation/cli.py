@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+from ingest.cli import positive_int
 from ingest.errors import ConfigError
 
 TRACKING_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)"
@@ -30,15 +31,16 @@ def add_model_parsers(subparsers) -> None:
     evaluate.add_argument(
         "--metric", default="l1_ab", help="promotion metric: l1_ab (default), psnr, ssim, auc, colorfulness_abs_diff"
     )
-    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--batch-size", type=positive_int, default=16)
     evaluate.add_argument(
         "--max-bad-fraction",
         type=float,
         default=0.01,
         help="stop when more of the split is corrupt (default: 0.01); --promote refuses any corrupt sample",
     )
-    evaluate.add_argument("--max-batches", type=int, help="evaluate at most N batches (quick checks)")
-    evaluate.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    evaluate.add_argument("--max-batches", type=positive_int, help="evaluate at most N batches (quick checks)")
+    evaluate.add_argument("--device", type=device_arg, default="cuda" if _cuda() else "cpu",
+                          help="cpu, cuda or cuda:N (default: cuda when there is one)")  # fmt: skip
     evaluate.add_argument("--tracking-uri", help=TRACKING_HELP)
     evaluate.add_argument("--experiment", default="recolor-evaluation")
     evaluate.add_argument("--json", action="store_true")
@@ -57,11 +59,31 @@ def add_model_parsers(subparsers) -> None:
     compare = runs_commands.add_parser("compare", help="runs side by side: differing params, final metrics")
     compare.add_argument("--experiment", default="recolor")
     compare.add_argument("--tracking-uri", help=TRACKING_HELP)
-    compare.add_argument("--max-runs", type=int, default=10)
+    compare.add_argument("--max-runs", type=positive_int, default=10)
     compare.add_argument("--json", action="store_true")
     compare.add_argument("--sweep", metavar="NAME", help="rank the trials of sweep NAME (see recolor sweep)")
     compare.add_argument("--metric", help="with --sweep: the ranking's metric (default: the sweep's)")
     compare.set_defaults(handler=run_compare)
+
+
+def device_arg(text: str) -> str:
+    """An argparse type: `cpu`, `cuda` or `cuda:N` that this machine has (checked now, not at the first tensor)."""
+    import argparse
+
+    name, _, index = text.partition(":")
+    if name not in ("cpu", "cuda") or (index and (name == "cpu" or not index.isdigit())):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use cpu, cuda or cuda:N")
+    if name == "cuda":
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device (torch sees none): use cpu")
+        if index and int(index) >= count:
+            raise argparse.ArgumentTypeError(
+                f"{text}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}"
+            )
+    return text
 
 
 def _cuda() -> bool:
@@ -118,9 +140,9 @@ KEY_METRICS = ("val_l1_ab", "val_psnr", "val_ssim", "val_auc", "val_colorfulness
 def run_compare(args) -> int:
     from mlflow import MlflowClient
 
-    from pipeline.tracking.runs import resolve_tracking_uri
+    from pipeline.tracking.runs import connect_tracking
 
-    client = MlflowClient(resolve_tracking_uri(args.tracking_uri))
+    client = MlflowClient(connect_tracking(args.tracking_uri))
     experiment = client.get_experiment_by_name(args.experiment)
     if experiment is None:
         raise ConfigError(f"no MLflow experiment {args.experiment!r} (train a model first, or pass --experiment)")

@@ -128,17 +128,17 @@ def evaluate(
     from pipeline.evaluation.validation import metric_names
     from pipeline.tracking.registry import load_generator
     from pipeline.tracking.runs import (
+        connect_tracking,
         fluent_tracking_uri,
         get_experiment_id,
         lake_dataset,
         manifest_tag,
-        resolve_tracking_uri,
     )
 
     known = {name for name in metric_names() if not name.startswith("gray_") and name != "count"}
     if metric not in known:
         raise ConfigError(f"unknown metric {metric!r}: use one of {', '.join(sorted(known))}")
-    tracking_uri = resolve_tracking_uri(tracking_uri)
+    tracking_uri = connect_tracking(tracking_uri)
     client = MlflowClient(tracking_uri)
     registered = parse_registered(model_uri)
     if promote and registered is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 def add_export_parser(subparsers) -> None:
+    from ingest.cli import positive_int
     from pipeline.colorize.cli import MODEL_HELP, TRUST_PICKLE_HELP
     from pipeline.evaluation.cli import TRACKING_HELP
     from pipeline.serving.export import EXPORT_FORMATS, TOLERANCE
@@ -20,7 +21,8 @@ def add_export_parser(subparsers) -> None:
     export.add_argument("--model", required=True, help=MODEL_HELP)
     export.add_argument("--format", dest="export_format", choices=EXPORT_FORMATS, required=True)
     export.add_argument("-o", "--out", required=True, help="the file to write")
-    export.add_argument("--size", type=int, help="input side S (default: the model's training side)")
+    export.add_argument("--size", type=positive_int, help="input side S (default: the model's training side)")
+    export.add_argument("--overwrite", action="store_true", help="replace the file -o names if it exists")
     export.add_argument("--tracking-uri", help=TRACKING_HELP)
     export.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE_HELP)
     export.set_defaults(handler=run_export)
@@ -36,7 +38,9 @@ def run_export(args) -> int:
     if side < min_side(generator) or side % min_side(generator):
         raise ConfigError(f"--size must be a multiple of {min_side(generator)} for this generator, got {side}")
     metadata = {"model": args.model, "input": f"L (N, 1, {side}, {side}) in [-1, 1]", "output": "ab in [-1, 1], x 110"}
-    result = export_generator(generator, side, args.export_format, args.out, metadata=metadata)
+    result = export_generator(
+        generator, side, args.export_format, args.out, metadata=metadata, overwrite=args.overwrite
+    )
     print(
         f"exported {args.model} as {result.export_format} to {result.path}: input (N, 1, {side}, {side}), "
         f"max abs difference from PyTorch {result.max_abs_diff:.1e}"

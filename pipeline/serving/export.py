@@ -8,6 +8,7 @@ the pt2 program through `torch.export.load`; a difference over `tolerance` remov
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,18 +33,21 @@ class ExportResult:
 
 
 def export_generator(generator: nn.Module, side: int, export_format: str, path: str | Path,
-                     tolerance: float = TOLERANCE, metadata: dict[str, str] | None = None) -> ExportResult:  # fmt: skip
+                     tolerance: float = TOLERANCE, metadata: dict[str, str] | None = None,
+                     overwrite: bool = False) -> ExportResult:  # fmt: skip
     """Export `generator` (eval mode, CPU, float32) for inputs of side `side` with a dynamic batch; check it.
 
     Raises:
-        ConfigError: an unknown format, an output path that cannot be written, or an export that differs
-            from PyTorch by more than `tolerance` (the file is removed).
+        ConfigError: an unknown format, an output path that cannot be written, an existing file (without
+            `overwrite`), or an export that differs from PyTorch by more than `tolerance` (the file is removed).
     """
     if export_format not in EXPORT_FORMATS:
         raise ConfigError(f"export format must be one of {EXPORT_FORMATS}, got {export_format!r}")
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{path} is a folder: pass the file to write, e.g. {path / ('colorizer.' + export_format)}")
+    if path.exists() and not overwrite:
+        raise ConfigError(f"{path} exists: pass --overwrite to replace it, or another -o")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -68,7 +72,8 @@ def export_generator(generator: nn.Module, side: int, export_format: str, path: 
     except OSError as e:
         raise ConfigError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
-        temp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # on a read-only file system this fails too: the error above is the one
+            temp.unlink(missing_ok=True)
     return ExportResult(path, export_format, side, diff)
 
 

@@ -183,9 +183,9 @@ def _from_checkpoint(payload: dict, device) -> tuple[nn.Module, int, str]:
 def _download_model(uri: str, tracking_uri: str | None, scratch: str) -> Path:
     import mlflow.artifacts
 
-    from pipeline.tracking.runs import fluent_tracking_uri, resolve_tracking_uri
+    from pipeline.tracking.runs import connect_tracking, fluent_tracking_uri
 
-    resolved = resolve_tracking_uri(tracking_uri)
+    resolved = connect_tracking(tracking_uri)
     try:
         with fluent_tracking_uri(resolved), _download_bar(sys.stderr.isatty()):
             return Path(

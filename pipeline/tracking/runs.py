@@ -75,6 +75,17 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return f"sqlite:///{Path('mlflow.db').absolute()}"
 
 
+def connect_tracking(uri: str | None = None) -> str:
+    """`resolve_tracking_uri`, and the server probed (`check_tracking_server`): what every command that talks to
+    MLflow calls first, so an unreachable server is one line in seconds, not minutes of retries and a traceback."""
+    resolved = resolve_tracking_uri(uri)
+    check_tracking_server(resolved)
+    return resolved
+
+
+_ANSWERED: set[str] = set()  # servers that answered in this process: probed once
+
+
 class TrackingUnreachable(RecolorError):
     """The MLflow tracking server does not answer."""
 
@@ -86,12 +97,13 @@ def check_tracking_server(tracking_uri: str, timeout_s: float = 5.0) -> None:
     Raises:
         TrackingUnreachable: one line naming the URI (credentials masked) and what to do.
     """
-    if not tracking_uri.startswith(("http://", "https://")):
+    if not tracking_uri.startswith(("http://", "https://")) or tracking_uri in _ANSWERED:
         return
     import requests
 
     try:
         requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=timeout_s).raise_for_status()
+        _ANSWERED.add(tracking_uri)
     except requests.RequestException as e:
         response = getattr(e, "response", None)
         reason = f"HTTP {response.status_code}" if response is not None else type(e).__name__
@@ -251,7 +263,7 @@ def finished_run(tracking_uri: str | None, experiment: str, name: str, model_nam
     None when there is no such run or it did not finish (failed, killed, or still running)."""
     from mlflow import MlflowClient
 
-    tracking_uri = resolve_tracking_uri(tracking_uri)
+    tracking_uri = connect_tracking(tracking_uri)
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:

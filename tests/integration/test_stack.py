@@ -175,7 +175,9 @@ def test_mlflow_answers_and_keeps_artifacts_in_s3(stack) -> None:
 def test_state_is_private_and_logs_hold_no_secrets(stack) -> None:
     for path in (stack.dir / "stack.json", Path(stack.state.token_path)):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
-    for folder in (stack.dir, Path(stack.state.ray_temp_dir)):  # Ray's logs and sockets are below this one
+    # Ray's logs and sockets are below its temp folder, which Ray makes 777 after every job: the private folder
+    # around it (700) is what keeps them the user's (this runs after the jobs of the tests above).
+    for folder in (stack.dir, Path(stack.state.ray_temp_dir).parent):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
     logs = [p for p in (stack.dir / "logs").iterdir() if p.is_file()]
     logs += [p for p in Path(stack.state.ray_temp_dir).rglob("*") if p.is_file() and not p.is_socket()]
@@ -418,6 +420,9 @@ def test_soak_a_long_job_through_the_stack(stack, cli_runner, photo_writer, tmp_
 
 
 def test_down_stops_the_stack_and_nothing_else(stack, cli_runner) -> None:
+    # After every job of the tests above (Ray resets its temp folder to 777 after each), its logs and sockets
+    # are still the user's alone: the folder around it is 700.
+    assert stat.S_IMODE(Path(stack.state.ray_temp_dir).parent.stat().st_mode) == 0o700
     members = stack_processes(stack.state)
     leaders = {service.pid for service in stack.state.services.values()}
     assert leaders <= set(members) and len(members) > len(leaders)
@@ -436,6 +441,6 @@ def test_down_stops_the_stack_and_nothing_else(stack, cli_runner) -> None:
             assert sock.connect_ex(("127.0.0.1", port)) != 0, port
     assert not (stack.dir / "stack.json").exists() and not Path(stack.state.token_path).exists()
     assert (stack.dir / "logs" / "ray.log").exists() and list((stack.dir / "logs").glob("ray-session_*"))
-    assert not Path(stack.state.ray_temp_dir).exists()
+    assert not Path(stack.state.ray_temp_dir).exists() and not Path(stack.state.ray_temp_dir).parent.exists()
     again = cli_runner("stack", "down", "--dir", stack.dir, cwd=stack.dir.parent)
     assert again.returncode == 1 and "no stack in" in again.stderr
