@@ -1,0 +1,123 @@
+"""Mistakes a user will make end in one line, in seconds, with no secret in it: an unreachable MLflow, a device the
+machine lacks, options without sense, an export or colorize onto a file the product did not write."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.colorize.files import OUTPUT_MARKER
+from pipeline.colorize.local import plan_outputs
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["runs", "compare"],
+        ["evaluate", "--model", "models:/colorizer@champion", "--dataset", "photos", "--device", "cpu"],
+        ["colorize", "photo.jpg", "-o", "out", "--model", "models:/colorizer@champion", "--device", "cpu"],
+        ["export", "--model", "models:/colorizer@champion", "--format", "onnx", "-o", "g.onnx"],
+    ],
+)
+def test_every_mlflow_command_probes_the_server_and_never_shows_its_password(command, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photo.jpg").write_bytes(b"x")
+    uri = f"http://admin:hunter2secret@127.0.0.1:{closed_port()}"
+    started = time.monotonic()
+    assert main([*command, "--tracking-uri", uri]) == 2
+    assert time.monotonic() - started < 60  # seconds, not MLflow's minutes of retries (not a speed test: a bound)
+    captured = capsys.readouterr()
+    assert "hunter2secret" not in captured.out + captured.err and "Traceback" not in captured.err
+    assert f"the MLflow tracking server http://admin:***@127.0.0.1:{uri.rsplit(':', 1)[1]} does not answer" in (
+        captured.err
+    )
+
+
+def test_an_mlflow_error_is_one_masked_line(capsys, monkeypatch):
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.cli import exit_code_and_message
+
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cr3t-token")
+    code, line = exit_code_and_message(MlflowException("API request to http://u:pw@host/x failed s3cr3t-token\nmore"))
+    assert code == 2 and line == "recolor: error: MLflow: API request to http://u:***@host/x failed ***"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["colorize", "a.jpg", "-o", "out", "--model", "m", "--device", "tpu"], "unknown device 'tpu'"),
+        (["colorize", "a.jpg", "-o", "out", "--model", "m", "--device", "cuda"], "this machine has no CUDA device"),
+        (["evaluate", "--model", "m", "--dataset", "d", "--device", "cuda:0"], "this machine has no CUDA device"),
+        (["colorize", "a.jpg", "-o", "out", "--model", "m", "--size", "0"], "--size: must be at least 1, got 0"),
+        (["ingest", "folder", "src", "--dataset", "d", "--max-pixels", "-1"], "--max-pixels: must be at least 1"),
+        (["evaluate", "--model", "m", "--dataset", "d", "--max-batches", "-1"], "--max-batches: must be at least 1"),
+        (["lake", "urls", "d", "--expires", "-5"], "--expires: must be at least 1, got -5"),
+        (["export", "--model", "m", "--format", "onnx", "-o", "x", "--size", "abc"], "'abc' is not a whole number"),
+    ],
+)
+def test_options_without_sense_are_refused_in_one_line(args, message, capsys):
+    import torch
+
+    if "cuda" in " ".join(args) and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_export_onto_an_existing_file_asks_for_overwrite(tmp_path):
+    from pipeline.models import build_generator
+    from pipeline.serving.export import export_generator
+
+    target = tmp_path / "colorizer.onnx"
+    target.write_bytes(b"the user's file")
+    generator = build_generator("unet_256", base_filters=4, num_downs=6)
+    with pytest.raises(ValueError, match=r"colorizer.onnx exists: pass --overwrite to replace it"):
+        export_generator(generator, 64, "pt2", target)
+    assert target.read_bytes() == b"the user's file"
+
+
+def test_export_on_a_read_only_file_system_says_so_in_one_line(tmp_path, monkeypatch):
+    """The write fails with EROFS, and so does the cleanup of the temporary file: the write's error is the one."""
+    import pipeline.serving.export as export
+    from pipeline.models import build_generator
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(export, "_write_pt2", read_only)
+    monkeypatch.setattr(Path, "unlink", read_only)
+    generator = build_generator("unet_256", base_filters=4, num_downs=6)
+    with pytest.raises(ValueError, match=r"cannot write .*colorizer.pt2: Read-only file system"):
+        export.export_generator(generator, 64, "pt2", tmp_path / "colorizer.pt2")
+
+
+def test_colorize_overwrite_replaces_only_what_its_ledger_lists(tmp_path, photo_writer):
+    photos = photo_writer(tmp_path / "photos", range(3), width=48, height=40)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "img0000.png").write_bytes(b"an earlier run's picture")
+    (out / "img0001.png").write_bytes(b"the user's own picture")
+    (out / OUTPUT_MARKER).write_text("img0000.png\n")
+    _, todo, summary = plan_outputs([str(tmp_path / "photos")], str(out), "png", overwrite=True)
+    assert sorted(name for _, name in todo) == ["img0000.png", "img0002.png"]
+    ((uri, reason),) = summary.failed
+    assert uri == str(photos[1]) and reason.startswith("not_ours:") and "--overwrite-any" in reason
+    _, todo, summary = plan_outputs([str(tmp_path / "photos")], str(out), "png", overwrite=True, overwrite_any=True)
+    assert len(todo) == 3 and not summary.failed
+    _, todo, summary = plan_outputs([str(tmp_path / "photos")], str(out), "png", overwrite=False)
+    assert [name for _, name in todo] == ["img0002.png"] and len(summary.skipped) == 2
