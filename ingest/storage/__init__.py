@@ -37,6 +37,7 @@ from urllib.parse import urlparse
 from ingest.storage.base import (
     AlreadyExistsError,
     ObjectInfo,
+    ObjectUnreadable,
     Storage,
     StorageError,
     is_s3,
@@ -52,6 +53,7 @@ __all__ = [
     "AlreadyExistsError",
     "LocalStorage",
     "ObjectInfo",
+    "ObjectUnreadable",
     "object_stamp",
     "S3Storage",
     "Storage",

@@ -14,6 +14,11 @@ class StorageError(RecolorError):
     """A storage operation failed for a reason the user can act on (the message says how)."""
 
 
+class ObjectUnreadable(OSError):
+    """One object fails to read while its store answers everything else: it is damaged or gone there. Not a
+    `StorageError` (an unreachable store, worth waiting out): whoever has another copy or an older one uses that."""
+
+
 class AlreadyExistsError(StorageError):
     """`put_if_absent` lost: the key already exists."""
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ingest import faults
-from ingest.storage.base import AlreadyExistsError, ObjectInfo, StorageError, join_key
+from ingest.storage.base import AlreadyExistsError, ObjectInfo, ObjectUnreadable, StorageError, join_key
 from ingest.storage.retry import _is_transient, _one_line, _Retry, _status, retry_seconds
 
 log = logging.getLogger("ingest.storage")
@@ -61,7 +61,13 @@ class S3Storage:
         return _Retry(self.client.meta.endpoint_url, what, self.uri(key), retry_seconds(self.settings))
 
     def _call(self, what: str, key: str, fn, *args, **kwargs):
-        """Run one S3 request, retrying while the endpoint is unreachable; translate errors into ours."""
+        """Run one S3 request, retrying while the endpoint is unreachable; translate errors into ours.
+
+        A read or check of one object that keeps failing with a server error (5xx) while the server answers a
+        listing of the bucket is not an outage: that object is damaged or gone on the server (a file deleted
+        behind `rclone serve s3`'s back, a lost disk under MinIO). After `OBJECT_FAILURES` tries it raises
+        `ObjectUnreadable` instead of waiting out the outage deadline.
+        """
         retry = self._retry(what, key)
         while True:
             try:
@@ -69,7 +75,21 @@ class S3Storage:
             except Exception as e:  # noqa: BLE001 - sorted below: transient ones are retried, the rest translated
                 if not _is_transient(e):
                     raise _translate(e, what, self.uri(key)) from None
+                failing = what in ("read", "check") and retry.attempts + 1 >= OBJECT_FAILURES and _server_error(e)
+                if failing and self._answers():
+                    raise ObjectUnreadable(
+                        f"{self.uri(key)} cannot be read: the S3 server answers other requests but failed this "
+                        f"object {retry.attempts + 1} times ({_one_line(e)}): it is damaged or missing there"
+                    ) from None
                 retry.wait(e)
+
+    def _answers(self) -> bool:
+        """Whether the server answers a listing of the bucket now (one request, no retries)."""
+        try:
+            self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
+            return True
+        except Exception:  # noqa: BLE001 - any failure: the server is not answering, treat it as an outage
+            return False
 
     def read_bytes(self, key: str) -> bytes:
         with self._body(key) as body:
@@ -433,6 +453,17 @@ class _ResumableBody(io.RawIOBase):
     def close(self) -> None:
         self._body.close()
         super().close()
+
+
+OBJECT_FAILURES = 3  # server errors on one object, while the server answers others, before it counts as unreadable
+
+
+def _server_error(error: Exception) -> bool:
+    import botocore.exceptions
+
+    return isinstance(error, botocore.exceptions.ClientError) and (
+        _status(error) >= 500 or error.response.get("Error", {}).get("Code", "") in ("InternalError", "500")
+    )
 
 
 _CLIENTS: dict[tuple, object] = {}

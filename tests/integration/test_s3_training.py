@@ -110,3 +110,33 @@ def test_load_two_thousand_images_into_s3_then_an_epoch_streamed_by_two_workers(
         f"trained on {in_train - remainder} of {in_train} training samples ({remainder} left out" in message
         for message in worker_log(ray_local)
     )
+
+
+def test_the_newest_checkpoint_deleted_behind_the_servers_back_the_first_rerun_finishes(
+    ray_local, quiet_env, own_s3, photo_writer, tmp_path
+) -> None:
+    """A disk cleanup on the S3 host removes the newest checkpoint's files: `rclone serve s3` still lists them and
+    answers 500 for their bytes while it answers everything else. That is one object failing, not an outage: the
+    rerun falls back to the checkpoint before, without waiting out the retry deadline, and finishes."""
+    import shutil
+
+    from ingest.faults import InjectedFault
+    from pipeline.train.failures import TrainingError
+
+    photo_writer(tmp_path / "photos", range(760, 800), width=80, height=64)
+    lake = "s3://faults/lake"
+    run_ingest(IngestConfig(kind="folder", source=str(tmp_path / "photos"), dataset="photos", lake=lake, size=64,
+                            shard_size=40_000, use_ray=False, progress=False))  # fmt: skip
+    config = tiny_config(lake, "s3://faults/runs", "vanish", checkpoint_every=2, max_failures=0)
+    quiet_env.setenv("RECOLOR_FAILPOINT", "train_step:6:raise")
+    with pytest.raises((TrainingError, InjectedFault)):
+        run_training(config)
+    quiet_env.delenv("RECOLOR_FAILPOINT")
+    run_dir = own_s3.root / "faults" / "runs" / "vanish"
+    checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    assert len(checkpoints) >= 2, list(run_dir.iterdir())
+    shutil.rmtree(checkpoints[-1])  # behind the server's back
+    started = time.monotonic()
+    result = run_training(config)
+    assert result.metrics["global_step"] == result.plan.count("train") // (base.WORKERS * base.BATCH)
+    assert time.monotonic() - started < 100  # well inside the 120 s an outage is waited out (a bound, not a speed test)
