@@ -70,6 +70,11 @@ def test_check_reports_unparseable_tables_and_disagreeing_counts(tmp_path, photo
     assert main(["lake", "show", "photos", "--lake", str(lake_dir)]) == 2
     err = capsys.readouterr().err
     assert "does not parse" in err and "recolor lake check photos" in err and "Traceback" not in err
+    photo_writer(tmp_path / "photos", range(3, 5), width=48, height=40)
+    assert main(["ingest", "folder", str(tmp_path / "photos"), "--dataset", "photos", "--lake", str(lake_dir),
+                 "--size", "32", "--no-ray", "--no-progress"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "does not parse" in err and "recolor lake check photos" in err and "Traceback" not in err
 
 
 def test_repair_rebuilds_damaged_shards_byte_identical_into_a_new_version(damaged, capsys, lake_check):
