@@ -87,6 +87,7 @@ class DataConfig:
     flip: bool = True  # random horizontal flip of training samples
     rotate_degrees: float = 0.0  # random rotation within +-this many degrees, zoomed to fill the frame; 0: off
     prefetch_batches: int = 4  # batches read ahead by a background thread
+    loader_workers: int | None = None  # threads that check, decode and augment samples; None: cpus_per_worker
     max_val_batches: int | None = None  # cap validation per worker (None: the whole split)
     max_bad_fraction: float = 0.01  # stop when more than this share of samples is corrupt
 
@@ -103,6 +104,10 @@ class DataConfig:
             raise ConfigError(f"data.rotate_degrees must be in [0, 45], got {self.rotate_degrees}")
         if self.global_batch_size is not None and self.global_batch_size < 1:
             raise ConfigError(f"data.global_batch_size must be at least 1, got {self.global_batch_size}")
+        if self.loader_workers is not None and not 1 <= self.loader_workers <= 64:
+            raise ConfigError(
+                f"data.loader_workers must be in 1..64 (or null: cpus_per_worker), got {self.loader_workers}"
+            )
         if self.prefetch_batches < 0:
             raise ConfigError(f"data.prefetch_batches must be at least 0 (0: none), got {self.prefetch_batches}")
         if self.max_val_batches is not None and self.max_val_batches < 1:

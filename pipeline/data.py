@@ -213,8 +213,11 @@ def read_segments(
     opener: Callable = open_shard,
     readahead: int | None = None,
     interleave: int = 1,
-) -> Iterator[tuple[str, str, bytes | None]]:
-    """Yield (shard uri, key, lab.npy bytes or None when unreadable) for the samples of `segments`.
+    verify: bool = True,
+) -> Iterator[tuple]:
+    """Yield (shard uri, key, lab.npy bytes or None when unreadable) for the samples of `segments`; with
+    `verify=False`, (shard uri, key, lab.npy bytes or None, json bytes or None), the checksum left to the caller
+    (`verified`), so that loader workers check samples in parallel.
 
     With `interleave` K > 1, segments are read K at a time, a sample from each in turn (round robin; a shorter
     segment drops out when done), so consecutive samples come from K shards; with 1, one segment after another.
@@ -254,7 +257,7 @@ def read_segments(
     openers = _open_ahead(uris, opener, readahead)
     for group, order, offsets in pending:
         streams = [
-            _segment_samples(segment, start, next(openers)) if start < segment.stop else _nothing()
+            _segment_samples(segment, start, next(openers), verify) if start < segment.stop else _nothing()
             for segment, start in zip(group, offsets, strict=True)
         ]
         if len(streams) == 1:
@@ -276,8 +279,9 @@ def _round_robin(group: list[Segment]) -> list[int]:
     return [i for turn in range(longest) for i, segment in enumerate(group) if turn < segment.length]
 
 
-def _segment_samples(segment: Segment, start: int, open_stream: Callable) -> Iterator[tuple[str, str, bytes | None]]:
-    """Samples [start, segment.stop) of one shard: exactly that many items, None for each unreadable one."""
+def _segment_samples(segment: Segment, start: int, open_stream: Callable, verify: bool = True) -> Iterator[tuple]:
+    """Samples [start, segment.stop) of one shard: exactly that many items, None for each unreadable one (see
+    `read_segments` for `verify`)."""
     from ingest.shards import checksum_matches, iter_samples
 
     emitted = 0
@@ -290,6 +294,10 @@ def _segment_samples(segment: Segment, start: int, open_stream: Callable) -> Ite
                 if position >= segment.stop:
                     break
                 lab = sample.get("lab.npy")
+                if not verify:
+                    yield segment.shard.uri, sample["__key__"], lab, sample.get("json")
+                    emitted += 1
+                    continue
                 if lab is not None and not checksum_matches(lab, sample.get("json")):
                     lab = None  # bytes changed since ingest: a corrupt sample
                 yield segment.shard.uri, sample["__key__"], lab
@@ -300,7 +308,19 @@ def _segment_samples(segment: Segment, start: int, open_stream: Callable) -> Ite
         log.warning("shard %s is unreadable after %d samples: %s", segment.shard.uri, start + emitted, e)
     # A truncated or short shard: its missing samples count as unreadable.
     for missing in range(segment.stop - start - emitted):
-        yield segment.shard.uri, f"<missing #{start + emitted + missing}>", None
+        key = f"<missing #{start + emitted + missing}>"
+        yield (segment.shard.uri, key, None) if verify else (segment.shard.uri, key, None, None)
+
+
+def verified(item: tuple) -> bytes | None:
+    """The lab.npy bytes of an unverified item (`read_segments(verify=False)`), or None when they do not match the
+    CRC-32 their metadata recorded at ingest."""
+    from ingest.shards import checksum_matches
+
+    lab = item[2]
+    if len(item) > 3 and lab is not None and not checksum_matches(lab, item[3]):
+        return None
+    return lab
 
 
 def decode_sample(data: bytes | None, size: int) -> np.ndarray | None:
@@ -353,7 +373,7 @@ def windows(items: Iterable, size: int) -> Iterator[list]:
 
 
 def train_samples(
-    raw: Iterator[tuple[str, str, bytes | None]],
+    raw: Iterator[tuple],
     size: int,
     window: int,
     seed: int,
@@ -364,27 +384,86 @@ def train_samples(
     flip: bool,
     counter: BadSampleCounter,
     rotate: float = 0.0,
+    loader_workers: int = 1,
 ) -> Iterator[np.ndarray]:
     """Decode, shuffle within windows, flip, rotate (within +-`rotate` degrees; 0: never). Corrupt samples are
     replaced by a good one of the same window (and counted), so the rank still yields exactly as many samples as
-    planned. Every draw comes from the window's seeded generator: a resumed epoch repeats them."""
-    for number, items in enumerate(windows(raw, window), start=first_window):
-        arrays = []
-        for uri, key, data in items:
-            array = decode_sample(data, size)
-            counter.record(uri, key, array is not None)
-            arrays.append(array)
-        good = [a for a in arrays if a is not None]
-        if not good:
-            raise DataError(f"a whole window of {len(items)} samples was corrupt (first shard: {items[0][0]})")
-        arrays = [a if a is not None else good[i % len(good)] for i, a in enumerate(arrays)]
-        order, flips, angles = window_draws(seed, epoch, rank, number, len(arrays), rotate)
+    planned. Every draw comes from the window's seeded generator: a resumed epoch repeats them. (The samples of
+    `train_blocks`, one by one.)"""
+    for block in train_blocks(raw, size, window, seed, epoch, rank, first_window, skip_in_window, flip, counter,
+                              rotate, loader_workers):  # fmt: skip
+        yield from block
+
+
+def train_blocks(raw: Iterator[tuple], size: int, window: int, seed: int, epoch: int, rank: int, first_window: int,
+                 skip_in_window: int, flip: bool, counter: BadSampleCounter, rotate: float = 0.0,
+                 loader_workers: int = 1) -> Iterator[np.ndarray]:  # fmt: skip
+    """`train_samples` a window at a time: one contiguous uint8 array (n, 3, size, size) per shuffle window.
+
+    With `loader_workers` N > 1, N threads each take a whole window (checksums, decoding, the shuffle, flips and
+    rotations, written into the window's array: zlib, numpy and PIL release the GIL for that work) while this
+    thread reads the next ones, and the windows come back in their order: the samples are the same, in the same
+    order, whatever N. Up to N windows are in flight (N x `shuffle_window` samples in memory)."""
+
+    def work(number: int, items: list[tuple]):
         start = skip_in_window if number == first_window else 0
-        for position in range(start, len(arrays)):
-            array = arrays[order[position]]
-            if flip and flips[position]:
-                array = np.ascontiguousarray(array[:, :, ::-1])
-            yield rotate_lab8(array, float(angles[position])) if angles is not None else array
+        return _window_block(items, size, seed, epoch, rank, number, start, flip, rotate)
+
+    jobs = enumerate(windows(raw, window), start=first_window)
+    for records, block, first_shard in ordered_map(work, jobs, loader_workers):
+        for record in records:
+            counter.record(*record)
+        if block is None:
+            raise DataError(f"a whole window of {len(records)} samples was corrupt (first shard: {first_shard})")
+        yield block
+
+
+def _window_block(items: list[tuple], size: int, seed: int, epoch: int, rank: int, number: int, start: int,
+                  flip: bool, rotate: float):  # fmt: skip
+    """One window's samples in training order from `start` on: ([(uri, key, ok)], one array of them or None when
+    every sample is corrupt, the first item's shard)."""
+    arrays, records = [], []
+    for item in items:
+        array = decode_sample(verified(item), size)
+        records.append((item[0], item[1], array is not None))
+        arrays.append(array)
+    good = [a for a in arrays if a is not None]
+    if not good:
+        return records, None, items[0][0]
+    arrays = [a if a is not None else good[i % len(good)] for i, a in enumerate(arrays)]
+    order, flips, angles = window_draws(seed, epoch, rank, number, len(arrays), rotate)
+    block = np.empty((len(arrays) - start, 3, size, size), dtype=np.uint8)
+    for out, position in enumerate(range(start, len(arrays))):
+        array = arrays[order[position]]
+        if angles is not None:
+            array = rotate_lab8(array[:, :, ::-1] if flip and flips[position] else array, float(angles[position]))
+        elif flip and flips[position]:
+            array = array[:, :, ::-1]
+        block[out] = array  # one copy: the flip is a view until here
+    return records, block, items[0][0]
+
+
+def ordered_map(function: Callable, jobs: Iterable[tuple], workers: int) -> Iterator:
+    """`function(*job)` for each job, in the jobs' order; with `workers` > 1 that many run at once in threads,
+    at most `workers` ahead of the consumer (the rest of the jobs are not drawn until there is room)."""
+    if workers <= 1:
+        for job in jobs:
+            yield function(*job)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="recolor-loader")
+    pending: deque = deque()
+    try:
+        for job in jobs:
+            pending.append(pool.submit(function, *job))
+            if len(pending) >= workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def window_draws(seed: int, epoch: int, rank: int, number: int, size: int, rotate: float = 0.0):
@@ -434,6 +513,29 @@ def batches(arrays: Iterable[np.ndarray], batch_size: int, drop_last: bool) -> I
             yield np.stack(group)
 
 
+def block_batches(blocks: Iterable[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
+    """Full batches of `batch_size` samples cut from consecutive blocks (`train_blocks`): a view of a block where
+    the batch lies inside one (no copy), a new array where it straddles two; the rest (less than a batch) is
+    dropped."""
+    carry: list[np.ndarray] = []
+    held = 0
+    for block in blocks:
+        start = 0
+        if held:
+            start = min(batch_size - held, len(block))
+            carry.append(block[:start])
+            held += start
+            if held < batch_size:
+                continue
+            yield np.concatenate(carry)
+            carry, held = [], 0
+        whole = start + (len(block) - start) // batch_size * batch_size
+        for offset in range(start, whole, batch_size):
+            yield block[offset : offset + batch_size]
+        if whole < len(block):
+            carry, held = [block[whole:]], len(block) - whole
+
+
 def train_batches(
     plan: DataPlan,
     epoch: int,
@@ -448,9 +550,10 @@ def train_batches(
     opener: Callable = open_shard,
     rotate: float = 0.0,
     interleave: int = 4,
+    loader_workers: int = 1,
 ) -> tuple[Iterator[np.ndarray], int, BadSampleCounter]:
     """One epoch of uint8 Lab batches (batch, 3, H, W) for this rank, from step `start_step` on, read from
-    `interleave` shards at a time.
+    `interleave` shards at a time, checked, decoded and augmented by `loader_workers` threads (`train_samples`).
 
     Returns:
         (batch iterator, steps in the epoch, the corrupt-sample counter).
@@ -459,11 +562,13 @@ def train_batches(
     skip = start_step * batch_size
     first_window, skip_in_window = divmod(skip, shuffle_window)
     counter = BadSampleCounter(max_bad_fraction, steps * batch_size)
-    raw = read_segments(segments, skip=first_window * shuffle_window, opener=opener, interleave=interleave)
-    samples = train_samples(
-        raw, plan.size, shuffle_window, seed, epoch, rank, first_window, skip_in_window, flip, counter, rotate
-    )
-    return batches(samples, batch_size, drop_last=True), steps, counter
+    raw = read_segments(segments, skip=first_window * shuffle_window, opener=opener, interleave=interleave,
+                        verify=False)  # fmt: skip
+    blocks = train_blocks(
+        raw, plan.size, shuffle_window, seed, epoch, rank, first_window, skip_in_window, flip, counter, rotate,
+        loader_workers,
+    )  # fmt: skip
+    return block_batches(blocks, batch_size), steps, counter
 
 
 def validation_batches(

@@ -319,6 +319,7 @@ class ColorizerTrainer:
             config.data.max_bad_fraction,
             rotate=config.data.rotate_degrees,
             interleave=self.interleave,
+            loader_workers=config.data.loader_workers or config.cpus_per_worker,
         )
         progress.start_epoch(f"{stage.name} epoch {epoch + 1}/{stage.epochs}", steps, start_step)
         window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0

@@ -553,3 +553,67 @@ def test_rotation_is_drawn_per_sample_and_repeats_on_resume(tmp_path) -> None:
     assert not all(np.array_equal(a, b) for a, b in zip(first, plain, strict=True))
     resumed, _, _ = train_batches(plan, 0, 0, 0, 1, 4, 8, False, start_step=1, rotate=15.0)
     assert all(np.array_equal(a, b) for a, b in zip(list(resumed), first[1:], strict=True))
+
+
+# --- loader workers ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rotate", [0.0, 10.0])
+def test_loader_workers_change_nothing_of_the_order_or_the_arrays(uneven_plan, rotate) -> None:
+    """1 and 3 loader workers give the same samples, flips and rotations in the same order, on every rank, from
+    the start and from a mid-epoch resume (a step that is not on a window's edge)."""
+    for rank, world_size in ((0, 1), (1, 2)):
+        one, steps, _ = epoch_batches(uneven_plan, rank, world_size, 3, interleave=2, rotate=rotate)
+        three, _, _ = epoch_batches(uneven_plan, rank, world_size, 3, interleave=2, rotate=rotate, loader_workers=3)
+        assert len(one) == len(three) == steps
+        assert all(np.array_equal(a, b) for a, b in zip(one, three, strict=True))
+        resumed, _, _ = epoch_batches(uneven_plan, rank, world_size, 3, interleave=2, rotate=rotate,
+                                      loader_workers=3, start_step=3)  # fmt: skip
+        assert all(np.array_equal(a, b) for a, b in zip(resumed, one[3:], strict=True))
+
+
+def test_loader_workers_count_and_replace_corrupt_samples_as_one_does(tmp_path) -> None:
+    shards = write_shards(tmp_path, [6, 6, 6])
+    data = bytearray(Path(shards[1].uri).read_bytes())
+    data[512 + 300] ^= 0xFF  # a changed byte in the first sample's array: its checksum fails
+    Path(shards[1].uri).write_bytes(bytes(data))
+    plan = make_plan(shards)
+    one, _, counter_one = epoch_batches(plan, 0, 1, 3, max_bad_fraction=0.5)
+    four, _, counter_four = epoch_batches(plan, 0, 1, 3, max_bad_fraction=0.5, loader_workers=4)
+    assert counter_one.bad == counter_four.bad == 1
+    assert all(np.array_equal(a, b) for a, b in zip(one, four, strict=True))
+    with pytest.raises(DataError, match="corrupt samples"):
+        epoch_batches(plan, 0, 1, 3, max_bad_fraction=0.0, loader_workers=4)
+
+
+def test_ordered_map_keeps_order_and_stops_early() -> None:
+    from pipeline.data import ordered_map
+
+    def slow(number: int) -> tuple[int, str]:
+        time.sleep(0.01 * (5 - number % 5))  # later jobs finish first
+        return number, threading.current_thread().name
+
+    results = list(ordered_map(slow, ((n,) for n in range(20)), 4))
+    assert [n for n, _ in results] == list(range(20))
+    assert len({name for _, name in results}) > 1  # really ran in several threads
+    drawn = []
+
+    def jobs():
+        for n in range(100):
+            drawn.append(n)
+            yield (n,)
+
+    iterator = ordered_map(slow, jobs(), 3)
+    assert [next(iterator)[0] for _ in range(2)] == [0, 1]
+    iterator.close()
+    assert len(drawn) <= 5  # never more than the workers ahead of what was taken
+
+
+def test_block_batches_cut_views_inside_blocks_and_join_across_them() -> None:
+    from pipeline.data import block_batches
+
+    blocks = [np.arange(n0, n0 + n).reshape(n, 1) for n0, n in ((0, 5), (5, 2), (7, 9), (16, 3))]
+    cut = list(block_batches(blocks, 4))
+    assert [b[:, 0].tolist() for b in cut] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
+    assert np.shares_memory(cut[2], blocks[2])  # inside one block: a view, no copy
+    assert list(block_batches([], 4)) == [] and list(block_batches([np.zeros((3, 1))], 4)) == []
