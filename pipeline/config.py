@@ -25,6 +25,7 @@ ARCHS = ("unet_256", "resnet18_unet")
 NORMS = ("batch", "sync_batch", "instance")
 AMP_MODES = ("bf16", "fp16", "none")
 CHECKPOINT_UPLOAD_MODES = ("async", "sync")
+CACHE_MODES = ("auto", "on", "off")
 MAX_NUM_DOWNS = 12  # 4096 px, the largest side ingest writes
 
 
@@ -88,6 +89,9 @@ class DataConfig:
     rotate_degrees: float = 0.0  # random rotation within +-this many degrees, zoomed to fill the frame; 0: off
     prefetch_batches: int = 4  # batches read ahead by a background thread
     loader_workers: int | None = None  # threads that check, decode and augment samples; None: cpus_per_worker
+    cache: str = "auto"  # node-local shard cache: "auto" (on for s3:// lakes), "on", "off"
+    cache_dir: str | None = None  # where (None: $TMPDIR or /tmp, recolor-shard-cache), shared by a node's ranks
+    cache_bytes: int | str | None = None  # its budget, bytes or "200GB" (None: 80% of the free space there)
     max_val_batches: int | None = None  # cap validation per worker (None: the whole split)
     max_bad_fraction: float = 0.01  # stop when more than this share of samples is corrupt
 
@@ -104,6 +108,14 @@ class DataConfig:
             raise ConfigError(f"data.rotate_degrees must be in [0, 45], got {self.rotate_degrees}")
         if self.global_batch_size is not None and self.global_batch_size < 1:
             raise ConfigError(f"data.global_batch_size must be at least 1, got {self.global_batch_size}")
+        if self.cache not in CACHE_MODES:
+            raise ConfigError(f"data.cache must be one of {CACHE_MODES}, got {self.cache!r}")
+        if isinstance(self.cache_bytes, str):
+            self.cache_bytes = parse_size(self.cache_bytes, "data.cache_bytes")
+        if self.cache_bytes is not None and self.cache_bytes < 1:
+            raise ConfigError(
+                f"data.cache_bytes must be positive (or null: 80% of the free space), got {self.cache_bytes}"
+            )
         if self.loader_workers is not None and not 1 <= self.loader_workers <= 64:
             raise ConfigError(
                 f"data.loader_workers must be in 1..64 (or null: cpus_per_worker), got {self.loader_workers}"
@@ -199,6 +211,22 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         return _build(cls, values, "")
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str, name: str) -> int:
+    """'200GB', '1.5GiB', '500k', '1048576' to bytes (powers of 1024).
+
+    Raises:
+        ConfigError: naming the field.
+    """
+    match = _SIZE.match(text)
+    if not match:
+        raise ConfigError(f"{name}: {text!r} is not a size: use e.g. 200GB, 512MiB or a byte count")
+    number, unit = match.groups()
+    return int(float(number) * 1024 ** " kmgt".index(unit.lower() or " "))
 
 
 def _build(cls, values: dict[str, Any], path: str):

@@ -47,6 +47,7 @@ class DataError(RecolorError):
 class ShardInfo:
     uri: str
     count: int
+    size: int | None = None  # bytes, as the version records (what a cached copy must have); None: unknown
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,8 @@ class DataPlan:
             "uris": self.uris,
             "size": self.size,
             "resize": self.resize,
-            "train": [[s.uri, s.count] for s in self.train],
-            "val": [[s.uri, s.count] for s in self.val],
+            "train": [[s.uri, s.count, s.size] for s in self.train],
+            "val": [[s.uri, s.count, s.size] for s in self.val],
         }
 
     @classmethod
@@ -93,12 +94,16 @@ class DataPlan:
             uris=dict(values["uris"]),
             size=int(values["size"]),
             resize=str(values.get("resize", "cover")),
-            train=[ShardInfo(uri, int(count)) for uri, count in values["train"]],
-            val=[ShardInfo(uri, int(count)) for uri, count in values["val"]],
+            train=[_shard_info(*shard) for shard in values["train"]],
+            val=[_shard_info(*shard) for shard in values["val"]],
         )
 
     def count(self, split: str) -> int:
         return sum(s.count for s in (self.train if split == "train" else self.val))
+
+
+def _shard_info(uri: str, count: int, size: int | None = None) -> ShardInfo:
+    return ShardInfo(uri, int(count), None if size is None else int(size))
 
 
 def resolve_data(datasets: list[str], lake_uri: str | None) -> DataPlan:
@@ -124,8 +129,8 @@ def resolve_data(datasets: list[str], lake_uri: str | None) -> DataPlan:
         plan.refs.append(ref.ref)
         plan.digests[ref.ref] = ref.record["manifest_sha256"]
         plan.uris[ref.ref] = lake.storage.uri(f"{ref.dataset}/versions/{ref.version:06d}.json")
-        plan.train += [ShardInfo(s["uri"], int(s["count"])) for s in lake.shards(ref, "train")]
-        plan.val += [ShardInfo(s["uri"], int(s["count"])) for s in lake.shards(ref, "val")]
+        plan.train += [ShardInfo(s["uri"], int(s["count"]), int(s["bytes"])) for s in lake.shards(ref, "train")]
+        plan.val += [ShardInfo(s["uri"], int(s["count"]), int(s["bytes"])) for s in lake.shards(ref, "val")]
     return plan
 
 
@@ -189,8 +194,9 @@ def fetch_shard(uri: str) -> io.BytesIO:
     return io.BytesIO(read_uri(uri))
 
 
-def _open_ahead(uris: list[str], opener: Callable, readahead: int) -> Iterator:
-    """Yield a context manager per URI; with `readahead`, the next shards download in background threads."""
+def _open_ahead(uris: list[str], opener: Callable, readahead: int, fetch: Callable = fetch_shard) -> Iterator:
+    """Yield a context manager per URI; with `readahead`, the next shards are fetched (`fetch`: downloaded whole,
+    or into the shard cache) in background threads."""
     if readahead <= 0:
         for uri in uris:
             yield lambda uri=uri: opener(uri)
@@ -198,10 +204,10 @@ def _open_ahead(uris: list[str], opener: Callable, readahead: int) -> Iterator:
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=readahead, thread_name_prefix="recolor-shard") as pool:
-        futures = [pool.submit(fetch_shard, uri) for uri in uris[:readahead]]
+        futures = [pool.submit(fetch, uri) for uri in uris[:readahead]]
         for index in range(len(uris)):
             if index + readahead < len(uris):
-                futures.append(pool.submit(fetch_shard, uris[index + readahead]))
+                futures.append(pool.submit(fetch, uris[index + readahead]))
             yield futures[index].result
         for future in futures:
             future.cancel()
@@ -214,6 +220,7 @@ def read_segments(
     readahead: int | None = None,
     interleave: int = 1,
     verify: bool = True,
+    cache=None,
 ) -> Iterator[tuple]:
     """Yield (shard uri, key, lab.npy bytes or None when unreadable) for the samples of `segments`; with
     `verify=False`, (shard uri, key, lab.npy bytes or None, json bytes or None), the checksum left to the caller
@@ -229,7 +236,8 @@ def read_segments(
     way by reading tar headers and bytes but decoding nothing. Shards on S3 are downloaded whole,
     `readahead` shards ahead in background threads (default: 2 for s3://, or K when interleaving; 0 for local
     files, which the OS reads ahead by itself), so network time overlaps decoding and training. On S3 a rank
-    then holds up to K + readahead shards in memory (8 x 64 MB with the default 4).
+    then holds up to K + readahead shards in memory (8 x 64 MB with the default 4). With a `cache`
+    (`pipeline.shard_cache.ShardCache`), s3:// shards are read from (and fetched ahead into) the node's cache.
     """
     interleave = max(1, interleave)
     groups = [segments[i : i + interleave] for i in range(0, len(segments), interleave)]
@@ -252,9 +260,14 @@ def read_segments(
         for segment, start in zip(group, offsets, strict=True)
         if start < segment.stop
     ]
+    fetch = fetch_shard
+    if cache is not None and uris and uris[0].startswith("s3://") and opener is open_shard:
+        sizes = {segment.shard.uri: segment.shard.size for segment in segments}
+        opener = fetch = lambda uri: cache.open(uri, sizes[uri])  # noqa: E731 - one function, two roles
+        readahead = readahead if readahead is not None else min(max(2, interleave), 8)
     if readahead is None:
         readahead = min(max(2, interleave), 8) if uris and uris[0].startswith("s3://") and opener is open_shard else 0
-    openers = _open_ahead(uris, opener, readahead)
+    openers = _open_ahead(uris, opener, readahead, fetch)
     for group, order, offsets in pending:
         streams = [
             _segment_samples(segment, start, next(openers), verify) if start < segment.stop else _nothing()
@@ -551,6 +564,7 @@ def train_batches(
     rotate: float = 0.0,
     interleave: int = 4,
     loader_workers: int = 1,
+    cache=None,
 ) -> tuple[Iterator[np.ndarray], int, BadSampleCounter]:
     """One epoch of uint8 Lab batches (batch, 3, H, W) for this rank, from step `start_step` on, read from
     `interleave` shards at a time, checked, decoded and augmented by `loader_workers` threads (`train_samples`).
@@ -563,7 +577,7 @@ def train_batches(
     first_window, skip_in_window = divmod(skip, shuffle_window)
     counter = BadSampleCounter(max_bad_fraction, steps * batch_size)
     raw = read_segments(segments, skip=first_window * shuffle_window, opener=opener, interleave=interleave,
-                        verify=False)  # fmt: skip
+                        verify=False, cache=cache)  # fmt: skip
     blocks = train_blocks(
         raw, plan.size, shuffle_window, seed, epoch, rank, first_window, skip_in_window, flip, counter, rotate,
         loader_workers,
@@ -579,6 +593,7 @@ def validation_batches(
     max_batches: int | None = None,
     opener: Callable = open_shard,
     counter: BadSampleCounter | None = None,
+    cache=None,
 ) -> Iterator[np.ndarray]:
     """This rank's validation share, in order, in batches (the last may be smaller); corrupt samples skipped.
 
@@ -589,7 +604,7 @@ def validation_batches(
     counter = counter or BadSampleCounter(1.0, sum(s.length for s in segments))
 
     def decoded():
-        for uri, key, data in read_segments(segments, opener=opener):
+        for uri, key, data in read_segments(segments, opener=opener, cache=cache):
             array = decode_sample(data, plan.size)
             counter.record(uri, key, array is not None)
             if array is not None:

@@ -19,6 +19,7 @@ import math
 import os
 import time
 import zlib
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -120,6 +121,7 @@ class ColorizerTrainer:
     ):
         self.config = config
         self.plan = plan
+        self.cache = shard_cache_for(config, plan)
         self.rank = rank
         self.world_size = world_size
         self.device = device
@@ -246,8 +248,9 @@ class ColorizerTrainer:
         was_training = generator.training
         generator.eval()  # the plain (maybe compiled) module shares these weights and this mode
         batches = validation_batches(
-            self.plan, self.rank, self.world_size, self.config.data.batch_size, self.config.data.max_val_batches
-        )
+            self.plan, self.rank, self.world_size, self.config.data.batch_size, self.config.data.max_val_batches,
+            cache=self.cache,
+        )  # fmt: skip
         # fp32, as `recolor evaluate` scores: the same checkpoint gets the same metrics in both.
         totals, first = accumulate(
             self.plain_generator,
@@ -320,6 +323,7 @@ class ColorizerTrainer:
             rotate=config.data.rotate_degrees,
             interleave=self.interleave,
             loader_workers=config.data.loader_workers or config.cpus_per_worker,
+            cache=self.cache,
         )
         progress.start_epoch(f"{stage.name} epoch {epoch + 1}/{stage.epochs}", steps, start_step)
         window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
@@ -372,7 +376,10 @@ class ColorizerTrainer:
         self._sync_buffers()
         self._stop_if_diverged(floats(losses), stage_index)
         grid = f"samples/{stage_index}-{stage.name}/epoch_{epoch + 1:03d}.png"
-        bad_samples, epoch_samples = self._sum_over_ranks(bad.bad, trained)
+        store_bytes, cache_bytes = self.cache.stats.take() if self.cache is not None else (0, 0)
+        bad_samples, epoch_samples, store_bytes, cache_bytes = self._sum_over_ranks(
+            bad.bad, trained, store_bytes, cache_bytes
+        )
         metrics = {
             **floats(losses),
             **self.validate(grid, self.position.global_step),
@@ -380,6 +387,9 @@ class ColorizerTrainer:
             "epoch_samples": epoch_samples,
             "stage": float(stage_index),
         }
+        if self.cache is not None:  # the node-local shard cache this epoch, all ranks together
+            metrics |= {"data_store_bytes": store_bytes, "data_cache_bytes": cache_bytes,
+                        "data_cache_hit_ratio": cache_bytes / max(1.0, store_bytes + cache_bytes)}  # fmt: skip
         if self.rank == 0:
             available = self.plan.count("train")
             log.info(
@@ -391,7 +401,7 @@ class ColorizerTrainer:
                 available - epoch_samples,
                 config.data.batch_size * self.world_size,
             )
-        logged = ("bad_samples", "epoch_samples")
+        logged = ("bad_samples", "epoch_samples", "data_store_bytes", "data_cache_bytes", "data_cache_hit_ratio")
         self.logger.log(
             {k: v for k, v in metrics.items() if k.startswith("val_") or k in logged}, self.position.global_step
         )
@@ -441,6 +451,28 @@ class ColorizerTrainer:
     def _checkpoint(self, metrics: dict, position: Position, opts, scheds) -> None:
         payload = self.payload(position, opts, scheds) if self.is_rank_zero else None
         self.report({**metrics, "global_step": position.global_step}, payload)
+
+
+def shard_cache_for(config: TrainConfig, plan: DataPlan):
+    """The node's shard cache this worker reads through (`pipeline.shard_cache`), or None (`data.cache`: "auto"
+    uses one for s3:// lakes only: local shards are read from disk anyway)."""
+    from pipeline.shard_cache import default_cache_dir, node_cache
+
+    mode = config.data.cache
+    if mode == "off" or (mode == "auto" and not any(s.uri.startswith("s3://") for s in plan.train)):
+        return None
+    root = config.data.cache_dir or default_cache_dir()
+    capacity = config.data.cache_bytes
+    if capacity is None:
+        import shutil
+
+        try:
+            Path(root).mkdir(parents=True, exist_ok=True)
+            capacity = int(0.8 * shutil.disk_usage(root).free)
+        except OSError as e:
+            log.warning("the shard cache %s cannot be used (%s): streaming shards from the store", root, e)
+            return None
+    return node_cache(root, capacity)
 
 
 class Progress:

@@ -140,3 +140,41 @@ def test_the_newest_checkpoint_deleted_behind_the_servers_back_the_first_rerun_f
     result = run_training(config)
     assert result.metrics["global_step"] == result.plan.count("train") // (base.WORKERS * base.BATCH)
     assert time.monotonic() - started < 100  # well inside the 120 s an outage is waited out (a bound, not a speed test)
+
+
+def test_the_shard_cache_makes_epoch_two_read_nothing_from_s3(s3_env, photo_writer, tmp_path) -> None:
+    """Training's input path over an S3 lake through the node cache: epoch 1 downloads the lake once, epoch 2 reads
+    nothing from S3, and the batches are those the uncached path gives, with 1 or 3 loader workers."""
+    import numpy as np
+
+    from pipeline.data import train_batches
+    from pipeline.shard_cache import ShardCache
+
+    photo_writer(tmp_path / "photos", range(800, 830), width=80, height=64)
+    lake = f"s3://{s3_env.bucket}/lake"
+    run_ingest(IngestConfig(kind="folder", source=str(tmp_path / "photos"), dataset="photos", lake=lake, size=64,
+                            shard_size=40_000, val_fraction=0.0, use_ray=False, progress=False))  # fmt: skip
+    plan = resolve_data(["photos"], lake)
+    lake_bytes = sum(shard.size for shard in plan.train)
+    cache = ShardCache(tmp_path / "cache", 10 * lake_bytes)
+
+    def epoch(number: int, **options) -> list:
+        batches, _, _ = train_batches(plan, number, 0, 0, 1, 4, 8, True, **options)
+        return list(batches)
+
+    from pipeline.data import plan_train_epoch
+
+    seen: set[str] = set()
+    for number in (0, 1, 2):
+        plain = epoch(number)
+        cached = epoch(number, cache=cache, loader_workers=3)
+        assert all(np.array_equal(a, b) for a, b in zip(plain, cached, strict=True))
+        store, local = cache.stats.take()
+        touched = {segment.shard for segment in plan_train_epoch(plan.train, number, 0, 0, 1, 4)[0]}
+        new = {shard for shard in touched if shard.uri not in seen}
+        # Only shards this node never read come from S3 (each shard once, ever); the rest from its disk.
+        assert store == sum(shard.size for shard in new)
+        assert local == sum(shard.size for shard in touched - new)
+        seen |= {shard.uri for shard in touched}
+        if number:
+            assert local > 0

@@ -1,0 +1,216 @@
+"""A node-local cache of lake shards: one download per shard per node, then local-disk reads every epoch.
+
+Training streams its shards; from S3 that is a whole-lake download every epoch. The cache keeps shards in a
+folder on the node's local disk, shared by every rank (every process) of the node:
+
+- **One download per shard per node.** A fill holds an exclusive `flock` on the shard's lock file: a second rank
+  that wants the same shard waits for that fill and then reads the file, instead of downloading it again.
+- **Never wrong.** A shard is downloaded to a temporary file and renamed into place whole, so a name in the
+  cache is always a complete download (a process killed mid-fill leaves a temporary file that nothing trusts,
+  removed by the next cache that finds it old). A cached shard must have the size the version records; one that
+  does not is dropped and fetched again, with one warning. Samples are still checked against their CRC-32 by the
+  reader, as from any store.
+- **Bounded.** At most `capacity` bytes: a fill first evicts the least recently used shards that no reader holds
+  open (readers hold a shared `flock` while they read). A shard that cannot fit is streamed as before.
+- **Never a crash.** A cache folder that cannot be created or written (read-only, full disk) turns the cache off
+  for the process with one warning: shards are streamed from the store, as without a cache.
+
+Counters (`stats`) say how many bytes came from the store and from the cache, for the epoch's metrics.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DIR_NAME = "recolor-shard-cache"
+STALE_TEMP_S = 3600.0  # a temporary file this old is a killed fill's
+
+
+def default_cache_dir() -> str:
+    """Under the node's local temp space (`$TMPDIR`, else /tmp): what Ray nodes have for scratch."""
+    return str(Path(tempfile.gettempdir()) / DEFAULT_DIR_NAME)
+
+
+@dataclass
+class CacheStats:
+    store_bytes: int = 0  # bytes downloaded from the store (fills, and streams when the cache is off or full)
+    cache_bytes: int = 0  # bytes read from shards that were already cached (hits)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, store: int = 0, cache: int = 0) -> None:
+        with self.lock:
+            self.store_bytes += store
+            self.cache_bytes += cache
+
+    def take(self) -> tuple[int, int]:
+        """(store bytes, cache bytes) since the last `take`."""
+        with self.lock:
+            taken = (self.store_bytes, self.cache_bytes)
+            self.store_bytes = self.cache_bytes = 0
+            return taken
+
+
+class ShardCache:
+    """A node's shard cache in `root`, at most `capacity` bytes (see the module's docstring)."""
+
+    def __init__(self, root: str | Path, capacity: int, download=None):
+        self.root = Path(root)
+        self.capacity = int(capacity)
+        self.stats = CacheStats()
+        self._download = download or _download
+        self.enabled = True
+        try:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            probe = self.root / f".probe-{uuid.uuid4().hex}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            self._disable(f"the shard cache {self.root} cannot be written ({e.strerror or e})")
+            return
+        self._clean_stale()
+
+    def _disable(self, why: str) -> None:
+        if self.enabled:
+            log.warning("%s: streaming shards from the store instead", why)
+        self.enabled = False
+
+    def _path(self, uri: str) -> Path:
+        return self.root / f"{hashlib.sha256(uri.encode()).hexdigest()[:32]}.tar"
+
+    def open(self, uri: str, size: int | None) -> BinaryIO:
+        """The shard at `uri` as a readable file: from the cache, after filling it if needed; streamed from the
+        store when the cache is off, the size is unknown or the shard cannot fit."""
+        if not self.enabled or size is None or size > self.capacity:
+            return self._stream(uri)
+        path = self._path(uri)
+        cached = self._open_cached(path, size)
+        if cached is not None:
+            return cached
+        try:
+            with _locked(path.with_suffix(".lock"), fcntl.LOCK_EX):
+                cached = self._open_cached(path, size)  # another rank filled it while this one waited
+                if cached is not None:
+                    return cached
+                self._make_room(size)
+                temp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+                try:
+                    written = self._download(uri, temp)
+                    self.stats.add(store=written)
+                    if written != size:
+                        raise ValueError(f"downloaded {written} bytes, the version records {size}")
+                    os.replace(temp, path)
+                finally:
+                    temp.unlink(missing_ok=True)
+        except OSError as e:  # a full or read-only disk: stream, as without a cache
+            self._disable(f"the shard cache {self.root} failed to store {uri} ({e.strerror or e})")
+            return self._stream(uri)
+        opened = self._open_cached(path, size, hit=False)  # its bytes were counted as the store's
+        return opened if opened is not None else self._stream(uri)
+
+    def _open_cached(self, path: Path, size: int, hit: bool = True) -> BinaryIO | None:
+        try:
+            handle = open(path, "rb")
+        except FileNotFoundError:
+            return None
+        actual = os.fstat(handle.fileno()).st_size
+        if actual != size:
+            handle.close()
+            log.warning("cached shard %s has %d bytes, not the %d recorded: dropped, fetching it again", path, actual,
+                        size)  # fmt: skip
+            path.unlink(missing_ok=True)
+            return None
+        fcntl.flock(handle.fileno(), fcntl.LOCK_SH)  # held while read: eviction passes it over
+        os.utime(path)  # recently used
+        if hit:
+            self.stats.add(cache=size)
+        return handle
+
+    def _stream(self, uri: str) -> BinaryIO:
+        import io
+
+        from ingest.storage import read_uri
+
+        data = read_uri(uri)
+        self.stats.add(store=len(data))
+        return io.BytesIO(data)
+
+    def _make_room(self, size: int) -> None:
+        """Evict least recently used shards no reader holds until `size` more bytes fit in `capacity`."""
+        entries = []
+        for path in self.root.glob("*.tar"):
+            try:
+                info = path.stat()
+            except FileNotFoundError:
+                continue
+            entries.append((info.st_mtime, info.st_size, path))
+        used = sum(size for _, size, _ in entries)
+        for _, held, path in sorted(entries):
+            if used + size <= self.capacity:
+                return
+            try:
+                with open(path, "rb") as handle:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # no reader holds it
+                    path.unlink()
+                used -= held
+            except (BlockingIOError, FileNotFoundError):
+                continue
+
+    def _clean_stale(self) -> None:
+        cutoff = time.time() - STALE_TEMP_S
+        for temp in self.root.glob(".*.tmp"):
+            try:
+                if temp.stat().st_mtime < cutoff:
+                    temp.unlink()
+            except FileNotFoundError:
+                continue
+
+
+class _locked:
+    def __init__(self, path: Path, mode: int):
+        self.path, self.mode = path, mode
+
+    def __enter__(self):
+        self.handle = open(self.path, "a+b")
+        fcntl.flock(self.handle.fileno(), self.mode)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self.handle.fileno(), fcntl.LOCK_UN)
+        self.handle.close()
+
+
+def _download(uri: str, target: Path) -> int:
+    """Copy the object at `uri` into the local file `target`; returns the bytes written."""
+    from ingest.storage import open_uri
+
+    with open_uri(uri) as source, open(target, "wb") as out:
+        shutil.copyfileobj(source, out, 4 * 2**20)
+        out.flush()
+        return out.tell()
+
+
+_CACHES: dict[tuple[str, int], ShardCache] = {}
+_CACHES_LOCK = threading.Lock()
+
+
+def node_cache(root: str | None, capacity: int) -> ShardCache:
+    """The process's cache at `root` (default: `default_cache_dir()`), made once."""
+    root = root or default_cache_dir()
+    with _CACHES_LOCK:
+        cache = _CACHES.get((root, capacity))
+        if cache is None:
+            cache = _CACHES[(root, capacity)] = ShardCache(root, capacity)
+        return cache

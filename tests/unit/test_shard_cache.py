@@ -1,0 +1,135 @@
+"""The node-local shard cache: one download per shard per node, nothing partial trusted, a bounded size, a
+fallback to streaming when the disk cannot take it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.shard_cache import ShardCache, _download
+
+
+class CountingStore:
+    """Shards as local files, downloads counted (and slowed, so that concurrent fills overlap)."""
+
+    def __init__(self, folder: Path, sizes: dict[str, int], delay: float = 0.0):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.uris = {}
+        for name, size in sizes.items():
+            path = folder / name
+            path.write_bytes(os.urandom(size))
+            self.uris[name] = str(path)
+        self.calls: list[str] = []
+        self.delay = delay
+        self.lock = threading.Lock()
+
+    def download(self, uri: str, target: Path) -> int:
+        with self.lock:
+            self.calls.append(uri)
+        time.sleep(self.delay)
+        return _download(uri, target)
+
+
+def read(cache: ShardCache, uri: str) -> bytes:
+    with cache.open(uri, os.path.getsize(uri)) as handle:
+        return handle.read()
+
+
+def test_concurrent_ranks_download_a_shard_once(tmp_path):
+    store = CountingStore(tmp_path / "store", {"a.tar": 300_000}, delay=0.3)
+    caches = [ShardCache(tmp_path / "cache", 10**7, download=store.download) for _ in range(4)]  # four ranks
+    results: list[bytes] = []
+    threads = [threading.Thread(target=lambda c=c: results.append(read(c, store.uris["a.tar"]))) for c in caches]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert store.calls == [store.uris["a.tar"]]  # one download; the others waited for it
+    assert results == [Path(store.uris["a.tar"]).read_bytes()] * 4
+    taken = [c.stats.take() for c in caches]
+    assert sum(store for store, _ in taken) == 300_000  # downloaded once
+    assert sum(hits for _, hits in taken) == 900_000  # the three that waited read the filled shard
+
+
+def test_a_fill_cut_short_leaves_nothing_that_is_trusted(tmp_path):
+    store = CountingStore(tmp_path / "store", {"a.tar": 200_000})
+    uri = store.uris["a.tar"]
+
+    def killed(uri: str, target: Path) -> int:
+        target.write_bytes(b"half")
+        raise KeyboardInterrupt  # as a kill: no cleanup of ours runs beyond `finally`
+
+    with pytest.raises(KeyboardInterrupt):
+        ShardCache(tmp_path / "cache", 10**7, download=killed).open(uri, 200_000)
+    assert [p.name for p in (tmp_path / "cache").glob("*.tar")] == []  # nothing under a final name
+    stale = tmp_path / "cache" / ".x.tar.123.abcd.tmp"  # what a SIGKILLed fill leaves
+    stale.write_bytes(b"partial")
+    old = time.time() - 7200
+    os.utime(stale, (old, old))
+    cache = ShardCache(tmp_path / "cache", 10**7, download=store.download)
+    assert not stale.exists()
+    assert read(cache, uri) == Path(uri).read_bytes() and len(store.calls) == 1
+
+
+def test_a_cached_shard_of_the_wrong_size_is_dropped_and_fetched_again(tmp_path, caplog):
+    store = CountingStore(tmp_path / "store", {"a.tar": 100_000})
+    uri = store.uris["a.tar"]
+    cache = ShardCache(tmp_path / "cache", 10**7, download=store.download)
+    assert read(cache, uri) == Path(uri).read_bytes()
+    (cached,) = (tmp_path / "cache").glob("*.tar")
+    cached.write_bytes(b"truncated")
+    with caplog.at_level(logging.WARNING):
+        assert read(cache, uri) == Path(uri).read_bytes()
+    assert "not the 100000 recorded: dropped, fetching it again" in caplog.text
+    assert len(store.calls) == 2
+
+
+def test_the_cache_keeps_its_budget_and_never_evicts_a_shard_being_read(tmp_path):
+    store = CountingStore(tmp_path / "store", {f"{n}.tar": 100_000 for n in "abcd"})
+    cache = ShardCache(tmp_path / "cache", 250_000, download=store.download)  # room for two
+    held = cache.open(store.uris["a.tar"], 100_000)  # a reader holds a
+    read(cache, store.uris["b.tar"])
+    read(cache, store.uris["c.tar"])  # b is the least recent one nobody holds: it goes
+    sizes = [p.stat().st_size for p in (tmp_path / "cache").glob("*.tar")]
+    assert sum(sizes) <= 250_000 and len(sizes) == 2
+    assert cache._path(store.uris["a.tar"]).exists() and not cache._path(store.uris["b.tar"]).exists()
+    held.close()
+    read(cache, store.uris["d.tar"])
+    assert not cache._path(store.uris["a.tar"]).exists()  # no longer held, least recent: evicted now
+    big = CountingStore(tmp_path / "big", {"huge.tar": 300_000})
+    with cache.open(big.uris["huge.tar"], 300_000) as handle:  # larger than the budget: streamed
+        assert handle.read() == Path(big.uris["huge.tar"]).read_bytes()
+    assert not cache._path(big.uris["huge.tar"]).exists()
+
+
+def test_a_cache_that_cannot_be_written_streams_with_one_warning(tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    store = CountingStore(tmp_path / "store", {"a.tar": 50_000})
+    with caplog.at_level(logging.WARNING):
+        cache = ShardCache(blocker / "cache", 10**7, download=store.download)
+        assert read(cache, store.uris["a.tar"]) == Path(store.uris["a.tar"]).read_bytes()
+        assert read(cache, store.uris["a.tar"]) == Path(store.uris["a.tar"]).read_bytes()
+    assert not cache.enabled and caplog.text.count("streaming shards from the store instead") == 1
+    assert store.calls == []  # streamed, never filled
+    assert cache.stats.take() == (100_000, 0)
+
+
+def test_a_full_disk_mid_fill_falls_back_to_streaming(tmp_path, caplog):
+    import errno
+
+    store = CountingStore(tmp_path / "store", {"a.tar": 50_000})
+
+    def full(uri: str, target: Path) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    cache = ShardCache(tmp_path / "cache", 10**7, download=full)
+    with caplog.at_level(logging.WARNING):
+        assert read(cache, store.uris["a.tar"]) == Path(store.uris["a.tar"]).read_bytes()
+    assert not cache.enabled and "No space left on device" in caplog.text
+    assert list((tmp_path / "cache").glob("*.tar")) == [] and list((tmp_path / "cache").glob(".*.tmp")) == []
