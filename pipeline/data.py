@@ -410,7 +410,7 @@ def train_samples(
 
 def train_blocks(raw: Iterator[tuple], size: int, window: int, seed: int, epoch: int, rank: int, first_window: int,
                  skip_in_window: int, flip: bool, counter: BadSampleCounter, rotate: float = 0.0,
-                 loader_workers: int = 1) -> Iterator[np.ndarray]:  # fmt: skip
+                 loader_workers: int = 1, cache=None) -> Iterator[np.ndarray]:  # fmt: skip
     """`train_samples` a window at a time: one contiguous uint8 array (n, 3, size, size) per shuffle window.
 
     With `loader_workers` N > 1, N threads each take a whole window (checksums, decoding, the shuffle, flips and
@@ -425,6 +425,8 @@ def train_blocks(raw: Iterator[tuple], size: int, window: int, seed: int, epoch:
     jobs = enumerate(windows(raw, window), start=first_window)
     for records, block, first_shard in ordered_map(work, jobs, loader_workers):
         for record in records:
+            if cache is not None and not record[2] and record[0].startswith("s3://"):
+                cache.drop(record[0])  # maybe damaged on this disk: the next epoch fetches it again
             counter.record(*record)
         if block is None:
             raise DataError(f"a whole window of {len(records)} samples was corrupt (first shard: {first_shard})")
@@ -580,7 +582,7 @@ def train_batches(
                         verify=False, cache=cache)  # fmt: skip
     blocks = train_blocks(
         raw, plan.size, shuffle_window, seed, epoch, rank, first_window, skip_in_window, flip, counter, rotate,
-        loader_workers,
+        loader_workers, cache,
     )  # fmt: skip
     return block_batches(blocks, batch_size), steps, counter
 

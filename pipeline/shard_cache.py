@@ -9,7 +9,8 @@ folder on the node's local disk, shared by every rank (every process) of the nod
   cache is always a complete download (a process killed mid-fill leaves a temporary file that nothing trusts,
   removed by the next cache that finds it old). A cached shard must have the size the version records; one that
   does not is dropped and fetched again, with one warning. Samples are still checked against their CRC-32 by the
-  reader, as from any store.
+  reader, as from any store; a shard with a sample that fails is dropped from the cache (`drop`), so the next
+  epoch fetches it again.
 - **Bounded.** At most `capacity` bytes: a fill first evicts the least recently used shards that no reader holds
   open (readers hold a shared `flock` while they read). A shard that cannot fit is streamed as before.
 - **Never a crash.** A cache folder that cannot be created or written (read-only, full disk) turns the cache off
@@ -137,6 +138,15 @@ class ShardCache:
         if hit:
             self.stats.add(cache=size)
         return handle
+
+    def drop(self, uri: str) -> None:
+        """Forget the cached copy of `uri` (a sample in it failed its checksum): the next read fetches it again,
+        so a copy damaged on this disk heals, and damage in the store itself shows again. Warns once a shard."""
+        path = self._path(uri)
+        if path.exists():
+            log.warning("a sample of the cached shard %s failed its checksum: dropped it, the next read fetches %s "
+                        "again", path, uri)  # fmt: skip
+            path.unlink(missing_ok=True)  # a reader holding it open reads on; the name is gone
 
     def _stream(self, uri: str) -> BinaryIO:
         import io

@@ -178,3 +178,34 @@ def test_the_shard_cache_makes_epoch_two_read_nothing_from_s3(s3_env, photo_writ
         seen |= {shard.uri for shard in touched}
         if number:
             assert local > 0
+
+
+def test_a_cached_shard_damaged_on_the_nodes_disk_is_dropped_and_fetched_again(s3_env, photo_writer,
+                                                                              tmp_path) -> None:  # fmt: skip
+    """Same size, a changed byte (the node's disk, not the store): the sample is a corrupt one that epoch, the cached
+    copy is dropped, and the next epoch fetches the shard again and reads it whole."""
+    from pipeline.data import train_batches
+    from pipeline.shard_cache import ShardCache
+
+    photo_writer(tmp_path / "photos", range(840, 852), width=80, height=64)
+    lake = f"s3://{s3_env.bucket}/lake"
+    run_ingest(IngestConfig(kind="folder", source=str(tmp_path / "photos"), dataset="photos", lake=lake, size=64,
+                            shard_size=10**6, val_fraction=0.0, use_ray=False, progress=False))  # fmt: skip
+    plan = resolve_data(["photos"], lake)
+    assert len(plan.train) == 1
+    cache = ShardCache(tmp_path / "cache", 10**8)
+
+    def epoch() -> int:
+        batches, _, counter = train_batches(plan, 0, 0, 0, 1, 4, 4, False, cache=cache, max_bad_fraction=0.5)
+        list(batches)
+        return counter.bad
+
+    assert epoch() == 0
+    (cached,) = (tmp_path / "cache").glob("*.tar")
+    data = bytearray(cached.read_bytes())
+    data[512 + 400] ^= 0xFF  # inside the first sample's array
+    cached.write_bytes(bytes(data))
+    cache.stats.take()
+    assert epoch() == 1 and not cached.exists()  # counted, and the copy is gone
+    assert epoch() == 0  # fetched again from S3: whole
+    assert cache.stats.take()[0] == plan.train[0].size
