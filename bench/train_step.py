@@ -124,7 +124,10 @@ def main() -> None:
     def project_step(batch):
         return trainer.train_step(batch, config.stages[0], gan_loss, opts[:2])
 
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     project_img_s = timed(project_step, lambda: (pinned,), args.warmup, args.steps, device)
+    mfu = trainer._mfu(project_img_s, gan=True).get("mfu")
 
     loader_per_core = args.loader_samples_s
     result = {
@@ -134,6 +137,8 @@ def main() -> None:
         "project_img_s": project_img_s,
         "project_vs_seed": project_img_s / seed_img_s,
         "torch_threads": torch.get_num_threads(),
+        "mfu": mfu,  # of the device's dense bf16 peak, where known (`pipeline.train.throughput`)
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
     if loader_per_core:
         capacity = loader_per_core * (os.cpu_count() or 1)
