@@ -60,29 +60,53 @@ class GcReport:
     deleted: int = 0
 
 
+CLAIM_MARGIN_S = 360.0  # a commit claim or temporary file younger than this may be a write in progress (claims
+# count as a crashed writer's after 300 s: `ingest.storage.s3`), whatever --min-age says
+
+
+def _referenced(lake: Lake, dataset: str) -> tuple[set[str], list[int]]:
+    """The keys the dataset's versions reference, and the version numbers read.
+
+    Raises:
+        LakeError: a version record does not parse.
+    """
+    keep = set()
+    versions = lake.versions(dataset)
+    for version in versions:
+        record = lake.resolve(f"{dataset}@{version}").record
+        keep.add(version_key(dataset, version))
+        keep.update(f"{dataset}/{record[name]}" for name in ("manifest", "rejects") if record.get(name))
+        keep.update(f"{dataset}/{shard['path']}" for entries in record["shards"].values() for shard in entries)
+    return keep, versions
+
+
 def collect(lake: Lake, dataset: str, min_age: float = 0.0) -> GcReport:
     """Find what gc may delete in `dataset` (see the module's docstring); deletes nothing."""
     validate_name(dataset)
     report = GcReport(dataset)
-    keep = set()
     try:
-        for version in lake.versions(dataset):
-            record = lake.resolve(f"{dataset}@{version}").record
-            keep.add(version_key(dataset, version))
-            keep.update(f"{dataset}/{record[name]}" for name in ("manifest", "rejects") if record.get(name))
-            keep.update(f"{dataset}/{shard['path']}" for entries in record["shards"].values() for shard in entries)
+        keep, _ = _referenced(lake, dataset)
     except LakeError as e:
         report.skipped = f"{e} (nothing collected in {dataset}; see `recolor lake check {dataset}`)"
         return report
-    cutoff = time.time() - min_age
+    now = time.time()
+    cutoff = now - min_age
     candidates: list[tuple[ObjectInfo, str | None]] = []
     for obj in lake.storage.list(dataset, include_partial=True, follow_links=False):
         if obj.key in keep:
             continue
-        match = None if obj.symlink else LAYOUT.match(_canonical(obj.key[len(dataset) + 1 :]))
+        rest = obj.key[len(dataset) + 1 :]
+        canonical = _canonical(rest)
+        match = None if obj.symlink else LAYOUT.match(canonical)
         if match is None:
             report.unknown.append(obj)
-        elif obj.modified <= cutoff or match.group(0).endswith(f"/{LEASE_FILE}"):  # an expired lease: any age
+            continue
+        if canonical == rest and canonical.startswith("versions/"):
+            continue  # a version record itself is never garbage (one committed after `keep` was read)
+        decorated = canonical != rest  # a temporary file, an unfinished upload or a commit claim
+        if decorated and obj.modified > min(cutoff, now - CLAIM_MARGIN_S):
+            continue
+        if obj.modified <= cutoff or (not decorated and canonical.endswith(f"/{LEASE_FILE}")):  # expired lease
             candidates.append((obj, match["id"]))
     for ingest_id in sorted({ingest_id for _, ingest_id in candidates if ingest_id}):
         lease = read_lease(lake.storage, f"{dataset}/ingests/{ingest_id}/{LEASE_FILE}")
@@ -92,24 +116,44 @@ def collect(lake: Lake, dataset: str, min_age: float = 0.0) -> GcReport:
     return report
 
 
+RECHECK_EVERY = 100  # objects deleted between two readings of an ingest's lease
+
+
 def delete(lake: Lake, report: GcReport) -> None:
-    """Delete what `collect` found, one ingest at a time, reading each ingest's lease again just before: an ingest
-    that resumed since `collect` keeps its objects. Chunk records go first, so an ingest starting meanwhile
-    redoes those chunks rather than trusting shards about to vanish."""
+    """Delete what `collect` found, one ingest at a time.
+
+    For each ingest its lease is read again first (one that resumed since `collect` keeps its objects), then the
+    dataset's versions (an ingest commits before it gives its lease up, so a version committed since `collect` is
+    seen here, and what it references is kept), and the lease again every `RECHECK_EVERY` objects. Chunk records
+    go first, so an ingest starting meanwhile redoes those chunks rather than trusting shards about to vanish."""
     groups: dict[str | None, list[ObjectInfo]] = {}
     for obj in report.garbage:
         match = LAYOUT.match(_canonical(obj.key[len(report.dataset) + 1 :]))
         groups.setdefault(match["id"] if match else None, []).append(obj)
-    kept: list[ObjectInfo] = []
+    deleted: list[ObjectInfo] = []
     for ingest_id, objects in groups.items():
-        if ingest_id is not None:
-            lease = read_lease(lake.storage, f"{report.dataset}/ingests/{ingest_id}/{LEASE_FILE}")
-            if lease is not None and lease.live:
-                report.in_use[ingest_id] = lease
-                continue
+        lease_key = f"{report.dataset}/ingests/{ingest_id}/{LEASE_FILE}" if ingest_id else None
+        if not _free(lake, report, ingest_id, lease_key):
+            continue
+        keep, _ = _referenced(lake, report.dataset)
         objects.sort(key=lambda obj: ("/chunks/" not in obj.key, obj.key))
-        for obj in objects:
+        for number, obj in enumerate(objects):
+            if number and number % RECHECK_EVERY == 0 and not _free(lake, report, ingest_id, lease_key):
+                break
+            if obj.key in keep:
+                continue
             lake.storage.delete(obj.key)
             report.deleted += 1
-            kept.append(obj)
-    report.garbage = kept
+            deleted.append(obj)
+    report.garbage = deleted
+
+
+def _free(lake: Lake, report: GcReport, ingest_id: str | None, lease_key: str | None) -> bool:
+    """Whether no live lease holds this ingest now (recorded in the report when one does)."""
+    if lease_key is None:
+        return True
+    lease = read_lease(lake.storage, lease_key)
+    if lease is not None and lease.live:
+        report.in_use[ingest_id] = lease
+        return False
+    return True

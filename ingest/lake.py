@@ -369,8 +369,7 @@ class Lake:
     def shard_problems(self, dataset: str, record: dict) -> list[tuple[str, dict, str]]:
         """The shards a version record lists that are not in the store as recorded: [(split, entry, problem)],
         problem "missing" or "size N, recorded M". One listing of the dataset's `ingests/`, not a request a shard."""
-        sizes = {obj.key: obj.size for obj in self.storage.list(f"{dataset}/ingests", follow_links=False)
-                 if not obj.symlink}  # fmt: skip
+        sizes = {obj.key: obj.size for obj in self.storage.list(f"{dataset}/ingests")}  # links followed: reads do
         problems = []
         for split, entries in record["shards"].items():
             for entry in entries:

@@ -52,10 +52,27 @@ class LeaseState:
     renewed: float  # seconds since the epoch, the later of the holder's clock and the store's
     ttl: float
     live: bool
+    token: str = ""  # the holder's, to tell its lease from a successor's
 
     def describe(self) -> str:
         age = max(0.0, time.time() - self.renewed)
         return f"pid {self.pid} on {self.host}, renewed {age:.0f} s ago"
+
+
+def _machine() -> str:
+    """Who can judge a pid: the host name, its boot, and the pid namespace (containers sharing a host name but
+    not their processes must not take each other's live holders for dead)."""
+    parts = [socket.gethostname()]
+    for path in ("/proc/sys/kernel/random/boot_id",):
+        try:
+            parts.append(open(path).read().strip())
+        except OSError:
+            parts.append("?")
+    try:
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        parts.append("?")
+    return "/".join(parts)
 
 
 def _process_alive(pid: int) -> bool:
@@ -83,13 +100,14 @@ def read_lease(storage: Storage, key: str, modified: float | None = None) -> Lea
         lease = json.loads(data)
         holder, host, pid = str(lease["holder"]), str(lease["host"]), int(lease["pid"])
         renewed, ttl = max(float(lease["renewed"]), modified), float(lease["ttl"])
+        token, machine = str(lease.get("token", "")), str(lease.get("machine", ""))
     except (ValueError, KeyError, TypeError):
         ttl = lease_ttl()
         return LeaseState(key, "?", "?", 0, modified, ttl, time.time() - modified < ttl)
     live = time.time() - renewed < ttl
-    if live and host == socket.gethostname() and not _process_alive(pid):
-        live = False  # its process is gone: nobody will renew it
-    return LeaseState(key, holder, host, pid, renewed, ttl, live)
+    if live and machine == _machine() and "?" not in machine and not _process_alive(pid):
+        live = False  # its process is gone (same host, boot and pid namespace): nobody will renew it
+    return LeaseState(key, holder, host, pid, renewed, ttl, live, token)
 
 
 class LeaseHeld(RecolorError):
@@ -118,7 +136,8 @@ class Lease:
 
     def _payload(self) -> bytes:
         return json.dumps({"holder": self.holder, "host": socket.gethostname(), "pid": os.getpid(),
-                           "renewed": time.time(), "ttl": self.ttl, "token": self.token}).encode()  # fmt: skip
+                           "machine": _machine(), "renewed": time.time(), "ttl": self.ttl,
+                           "token": self.token}).encode()  # fmt: skip
 
     def _write(self) -> None:
         self.storage.write_bytes(self.key, self._payload())
@@ -135,15 +154,27 @@ class Lease:
                     raise LeaseHeld(f"{self.storage.uri(self.key)} is held by {state.holder} ({state.describe()})",
                                     state) from None  # fmt: skip
                 if state is not None:
+                    again = read_lease(self.storage, self.key)
+                    if again is not None and again.token != state.token:
+                        continue  # another taker replaced it meanwhile: judge the new one
                     log.warning("taking over %s: its holder (%s) is gone", self.storage.uri(self.key),
                                 state.describe())  # fmt: skip
                     self.storage.delete(self.key)
         raise LeaseHeld(f"{self.storage.uri(self.key)}: could not take the lease (others keep taking it)",
                         LeaseState(self.key, "?", "?", 0, time.time(), self.ttl, True))  # fmt: skip
 
+    def _ours(self) -> bool:
+        """Whether the stored lease is still this holder's (or gone): never renew or remove a successor's."""
+        state = read_lease(self.storage, self.key)
+        return state is None or state.token in (self.token, "")
+
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl / 5):
             try:
+                if self.exclusive and not self._ours():
+                    log.warning("the lease %s was taken over while this process held it (it stalled past its "
+                                "lifetime): no longer renewing it", self.storage.uri(self.key))  # fmt: skip
+                    return
                 self._write()
             except Exception as e:  # an outage: the next renewal tries again, well within the lifetime
                 log.warning("could not renew the lease %s: %s", self.storage.uri(self.key), e)
@@ -162,7 +193,8 @@ class Lease:
         if self._thread is not None:
             self._thread.join(timeout=30)
         try:
-            self.storage.delete(self.key)
+            if self._ours():
+                self.storage.delete(self.key)
         except Exception as e:
             log.warning("could not remove the lease %s (it expires by itself): %s", self.storage.uri(self.key), e)
 

@@ -24,6 +24,7 @@ contract (exact, resumable epochs) that reads best in one place.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import queue
@@ -210,7 +211,9 @@ def _open_ahead(uris: list[str], opener: Callable, readahead: int, fetch: Callab
                 futures.append(pool.submit(fetch, uris[index + readahead]))
             yield futures[index].result
         for future in futures:
-            future.cancel()
+            if not future.cancel() and future.done() and future.exception() is None:
+                with contextlib.suppress(Exception):
+                    future.result().close()  # fetched ahead, never read: let its cache lock go
 
 
 def read_segments(

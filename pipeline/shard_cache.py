@@ -21,11 +21,11 @@ Counters (`stats`) say how many bytes came from the store and from the cache, fo
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import logging
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -89,7 +89,9 @@ class ShardCache:
         self.enabled = False
 
     def _path(self, uri: str) -> Path:
-        return self.root / f"{hashlib.sha256(uri.encode()).hexdigest()[:32]}.tar"
+        # The endpoint too: one bucket name on two S3 servers is two shards.
+        endpoint = os.environ.get("AWS_ENDPOINT_URL", "") if uri.startswith("s3://") else ""
+        return self.root / f"{hashlib.sha256(f'{endpoint}|{uri}'.encode()).hexdigest()[:32]}.tar"
 
     def open(self, uri: str, size: int | None) -> BinaryIO:
         """The shard at `uri` as a readable file: from the cache, after filling it if needed; streamed from the
@@ -114,8 +116,14 @@ class ShardCache:
                         raise ValueError(f"downloaded {written} bytes, the version records {size}")
                     os.replace(temp, path)
                 finally:
-                    temp.unlink(missing_ok=True)
-        except OSError as e:  # a full or read-only disk: stream, as without a cache
+                    with contextlib.suppress(OSError):
+                        temp.unlink(missing_ok=True)
+        except CacheDiskError as e:  # a full or read-only disk: stream, as without a cache
+            self._disable(f"the shard cache {self.root} failed to store {uri} ({e})")
+            return self._stream(uri)
+        except OSError as e:
+            if not _local_error(e, self.root):
+                raise  # the store's answer (a missing or unreadable object): the reader's to handle
             self._disable(f"the shard cache {self.root} failed to store {uri} ({e.strerror or e})")
             return self._stream(uri)
         opened = self._open_cached(path, size, hit=False)  # its bytes were counted as the store's
@@ -126,6 +134,14 @@ class ShardCache:
             handle = open(path, "rb")
         except FileNotFoundError:
             return None
+        fcntl.flock(handle.fileno(), fcntl.LOCK_SH)  # held while read: eviction passes it over
+        try:
+            same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # evicted (or replaced) between the open and the lock: as if it were not there
+            handle.close()
+            return None
         actual = os.fstat(handle.fileno()).st_size
         if actual != size:
             handle.close()
@@ -133,8 +149,8 @@ class ShardCache:
                         size)  # fmt: skip
             path.unlink(missing_ok=True)
             return None
-        fcntl.flock(handle.fileno(), fcntl.LOCK_SH)  # held while read: eviction passes it over
-        os.utime(path)  # recently used
+        with contextlib.suppress(OSError):
+            os.utime(path)  # recently used
         if hit:
             self.stats.add(cache=size)
         return handle
@@ -202,14 +218,35 @@ class _locked:
         self.handle.close()
 
 
+class CacheDiskError(OSError):
+    """Writing into the cache failed (a full or read-only disk), as opposed to reading the store."""
+
+
+def _local_error(error: OSError, root: Path) -> bool:
+    return str(root) in str(getattr(error, "filename", "") or "")
+
+
 def _download(uri: str, target: Path) -> int:
-    """Copy the object at `uri` into the local file `target`; returns the bytes written."""
+    """Copy the object at `uri` into the local file `target`; returns the bytes written. Errors of the local disk
+    are `CacheDiskError`; the store's propagate as they are."""
     from ingest.storage import open_uri
 
-    with open_uri(uri) as source, open(target, "wb") as out:
-        shutil.copyfileobj(source, out, 4 * 2**20)
-        out.flush()
-        return out.tell()
+    with open_uri(uri) as source:
+        try:
+            out = open(target, "wb")
+        except OSError as e:
+            raise CacheDiskError(e.errno, f"{target}: {e.strerror or e}") from None
+        with out:
+            while chunk := source.read(4 * 2**20):
+                try:
+                    out.write(chunk)
+                except OSError as e:
+                    raise CacheDiskError(e.errno, f"{target}: {e.strerror or e}") from None
+            try:
+                out.flush()
+            except OSError as e:
+                raise CacheDiskError(e.errno, f"{target}: {e.strerror or e}") from None
+            return out.tell()
 
 
 _CACHES: dict[tuple[str, int], ShardCache] = {}

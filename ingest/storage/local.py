@@ -115,6 +115,14 @@ class LocalStorage:
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
+    def info(self, key: str) -> ObjectInfo | None:
+        """The file's size and modification time, or None when there is no such file."""
+        try:
+            info = self._path(key).stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return ObjectInfo(key, info.st_size, info.st_mtime, version=_version(info))
+
     def size(self, key: str) -> int:
         return self._path(key).stat().st_size
 

@@ -32,6 +32,9 @@ def test_gc_lists_orphans_and_deletes_only_when_asked(tmp_path, photo_writer, ca
     assert json.loads(capsys.readouterr().out)["unreferenced"] == []
     temp = orphan.parent / ".train-deadbeef0000-000001.tar.0123456789ab.tmp"  # a killed writer's
     temp.write_bytes(b"y" * 10)
+    young = orphan.parent / ".train-deadbeef0000-000002.tar.0123456789ab.tmp"  # a write that may be in progress
+    young.write_bytes(b"z" * 10)
+    _old(temp, 600)  # temporary files and claims are left alone for 6 minutes whatever --min-age says
 
     assert main(["lake", "gc", "--lake", str(lake_dir), "--json", "--min-age", "0"]) == 0
     listed = json.loads(capsys.readouterr().out)["unreferenced"]
@@ -45,9 +48,11 @@ def test_gc_lists_orphans_and_deletes_only_when_asked(tmp_path, photo_writer, ca
     assert not keys & named
     assert orphan.exists()  # listing deletes nothing
 
+    assert "photos/ingests/deadbeef0000/shards/.train-deadbeef0000-000002.tar.0123456789ab.tmp" not in keys
     assert main(["lake", "gc", "photos", "--lake", str(lake_dir), "--delete", "--min-age", "0s"]) == 0
     assert "deleted" in capsys.readouterr().out
-    assert not orphan.exists() and not temp.exists()
+    assert not orphan.exists() and not temp.exists() and young.exists()
+    young.unlink()
     assert lake.unreferenced("photos") == []
     assert len(lake_check(lake, lake.resolve("photos@1"))) == 6  # the version is whole
 
@@ -170,7 +175,9 @@ def test_a_live_lease_protects_an_ingest_and_an_expired_one_does_not(tmp_path, p
 
     # A holder that died: its lease (pid of a process that is gone) protects nothing.
     lease_file = lake_dir / "photos" / "ingests" / "0123456789ab" / "lease.json"
-    lease_file.write_text(json.dumps({"holder": "x", "host": __import__("socket").gethostname(), "pid": 2**22 + 7,
+    from ingest.lease import _machine
+
+    lease_file.write_text(json.dumps({"holder": "x", "host": "here", "machine": _machine(), "pid": 2**22 + 7,
                                       "renewed": __import__("time").time(), "ttl": 600}))  # fmt: skip
     assert not read_lease(lake.storage, ingest_lease_key("photos", "0123456789ab")).live
     assert main(["lake", "gc", "photos", "--lake", str(lake_dir), "--delete", "--json"]) == 0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.shard_cache import ShardCache, _download
+from pipeline.shard_cache import CacheDiskError, ShardCache, _download
 
 
 class CountingStore:
@@ -126,10 +126,17 @@ def test_a_full_disk_mid_fill_falls_back_to_streaming(tmp_path, caplog):
     store = CountingStore(tmp_path / "store", {"a.tar": 50_000})
 
     def full(uri: str, target: Path) -> int:
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise CacheDiskError(errno.ENOSPC, f"{target}: No space left on device")  # as `_download` says it
 
     cache = ShardCache(tmp_path / "cache", 10**7, download=full)
     with caplog.at_level(logging.WARNING):
         assert read(cache, store.uris["a.tar"]) == Path(store.uris["a.tar"]).read_bytes()
     assert not cache.enabled and "No space left on device" in caplog.text
     assert list((tmp_path / "cache").glob("*.tar")) == [] and list((tmp_path / "cache").glob(".*.tmp")) == []
+
+
+def test_a_missing_object_in_the_store_is_the_readers_error_not_a_broken_cache(tmp_path):
+    cache = ShardCache(tmp_path / "cache", 10**7)
+    with pytest.raises(FileNotFoundError):
+        cache.open(str(tmp_path / "store" / "gone.tar"), 1000)
+    assert cache.enabled  # one object the store lacks says nothing about the node's disk
