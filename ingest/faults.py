@@ -23,8 +23,10 @@ about to be uploaded), `loss_nan` (with `flag`: a step's losses turn NaN).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -36,6 +38,19 @@ ONCE_ENV = "RECOLOR_FAILPOINT_ONCE"
 BARRIER_ENV = "RECOLOR_FAILPOINT_BARRIER"
 BARRIER_TIMEOUT_S = 120.0
 _hits: dict[str, int] = {}
+_quiet = threading.local()
+
+
+@contextlib.contextmanager
+def suppressed():
+    """No failpoint fires in this thread inside the block (bookkeeping writes, such as a lease's, that a drill's
+    count of writes must not include)."""
+    previous = getattr(_quiet, "on", False)
+    _quiet.on = True
+    try:
+        yield
+    finally:
+        _quiet.on = previous
 
 
 class InjectedFault(OSError):
@@ -45,7 +60,7 @@ class InjectedFault(OSError):
 def maybe_fail(name: str, rank: int | None = None) -> bool:
     """Act if `$RECOLOR_FAILPOINT` names this point and this is its N-th hit; True when a `flag` fired."""
     spec = os.environ.get(ENV)
-    if not spec:
+    if not spec or getattr(_quiet, "on", False):
         return False
     target, _, rest = spec.partition(":")
     if target != name:

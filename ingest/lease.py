@@ -23,6 +23,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from ingest import faults
 from ingest.errors import RecolorError
 from ingest.storage import AlreadyExistsError, Storage
 
@@ -140,13 +141,15 @@ class Lease:
                            "token": self.token}).encode()  # fmt: skip
 
     def _write(self) -> None:
-        self.storage.write_bytes(self.key, self._payload())
+        with faults.suppressed():  # a drill counts the work's writes, not the lease's
+            self.storage.write_bytes(self.key, self._payload())
 
     def _take(self) -> None:
         """The create-exclusive write of an exclusive lease (see the class)."""
         for _ in range(5):
             try:
-                self.storage.put_if_absent(self.key, self._payload())
+                with faults.suppressed():
+                    self.storage.put_if_absent(self.key, self._payload())
                 return
             except AlreadyExistsError:
                 state = read_lease(self.storage, self.key)

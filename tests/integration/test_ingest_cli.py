@@ -7,6 +7,8 @@ fixture's `finally`, so no Ray process outlives a test). Ray starts in about 6 s
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -228,9 +230,13 @@ def test_killed_ingest_rerun_equals_a_clean_run(
     assert "committed" not in killed.stdout
     assert Lake(str(lake_dir)).versions("photos") == []  # no half-written version is visible
     assert list(lake_dir.glob("photos/ingests/*/chunks/*.json"))  # but finished chunks are kept
-    leftovers = gc_listing(recolor, lake_dir)
     if failpoint.startswith("upload_partial"):
-        assert any(key.endswith(".tmp") for key in leftovers)  # the killed writer's temporary file
+        temps = list(lake_dir.rglob(".*.tmp"))  # the killed writer's temporary file
+        assert temps
+        assert not any(key.endswith(".tmp") for key in gc_listing(recolor, lake_dir))  # young: maybe a live write
+        for temp in temps:
+            os.utime(temp, (time.time() - 600, time.time() - 600))
+        assert any(key.endswith(".tmp") for key in gc_listing(recolor, lake_dir))  # 10 minutes old: garbage
 
     rerun = recolor(*args)
     assert rerun.returncode == 0, rerun.stderr
