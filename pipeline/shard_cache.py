@@ -107,7 +107,8 @@ class ShardCache:
                 cached = self._open_cached(path, size)  # another rank filled it while this one waited
                 if cached is not None:
                     return cached
-                self._make_room(size)
+                if not self._make_room(size):  # every cached shard is being read: no room now
+                    return self._stream(uri)
                 temp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
                 try:
                     written = self._download(uri, temp)
@@ -173,8 +174,9 @@ class ShardCache:
         self.stats.add(store=len(data))
         return io.BytesIO(data)
 
-    def _make_room(self, size: int) -> None:
-        """Evict least recently used shards no reader holds until `size` more bytes fit in `capacity`."""
+    def _make_room(self, size: int) -> bool:
+        """Evict least recently used shards no reader holds until `size` more bytes fit in `capacity`; False when
+        they cannot (the shards left are all being read)."""
         entries = []
         for path in self.root.glob("*.tar"):
             try:
@@ -185,7 +187,7 @@ class ShardCache:
         used = sum(size for _, size, _ in entries)
         for _, held, path in sorted(entries):
             if used + size <= self.capacity:
-                return
+                return True
             try:
                 with open(path, "rb") as handle:
                     fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # no reader holds it
@@ -193,6 +195,7 @@ class ShardCache:
                 used -= held
             except (BlockingIOError, FileNotFoundError):
                 continue
+        return used + size <= self.capacity
 
     def _clean_stale(self) -> None:
         cutoff = time.time() - STALE_TEMP_S
