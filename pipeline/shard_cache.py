@@ -107,9 +107,12 @@ class ShardCache:
                 cached = self._open_cached(path, size)  # another rank filled it while this one waited
                 if cached is not None:
                     return cached
-                if not self._make_room(size):  # every cached shard is being read: no room now
-                    return self._stream(uri)
                 temp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+                reservation = temp.with_name(f"{temp.name[:-4]}.{size}.reserve")
+                with _locked(self.root / ".space.lock", fcntl.LOCK_EX):  # room judged by one fill at a time
+                    if not self._make_room(size):  # every cached shard is being read: no room now
+                        return self._stream(uri)
+                    reservation.touch()  # counted by fills running beside this one until it is in place
                 try:
                     written = self._download(uri, temp)
                     self.stats.add(store=written)
@@ -119,6 +122,8 @@ class ShardCache:
                 finally:
                     with contextlib.suppress(OSError):
                         temp.unlink(missing_ok=True)
+                    with contextlib.suppress(OSError):
+                        reservation.unlink(missing_ok=True)
         except CacheDiskError as e:  # a full or read-only disk: stream, as without a cache
             self._disable(f"the shard cache {self.root} failed to store {uri} ({e})")
             return self._stream(uri)
@@ -185,6 +190,9 @@ class ShardCache:
                 continue
             entries.append((info.st_mtime, info.st_size, path))
         used = sum(size for _, size, _ in entries)
+        for reserved in self.root.glob(".*.reserve"):  # fills under way: their shards are coming
+            with contextlib.suppress(ValueError):
+                used += int(reserved.name.rsplit(".", 2)[-2])
         for _, held, path in sorted(entries):
             if used + size <= self.capacity:
                 return True
@@ -199,7 +207,7 @@ class ShardCache:
 
     def _clean_stale(self) -> None:
         cutoff = time.time() - STALE_TEMP_S
-        for temp in self.root.glob(".*.tmp"):
+        for temp in [*self.root.glob(".*.tmp"), *self.root.glob(".*.reserve")]:
             try:
                 if temp.stat().st_mtime < cutoff:
                     temp.unlink()

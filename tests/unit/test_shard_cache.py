@@ -140,3 +140,17 @@ def test_a_missing_object_in_the_store_is_the_readers_error_not_a_broken_cache(t
     with pytest.raises(FileNotFoundError):
         cache.open(str(tmp_path / "store" / "gone.tar"), 1000)
     assert cache.enabled  # one object the store lacks says nothing about the node's disk
+
+
+def test_fills_running_at_once_keep_the_budget(tmp_path):
+    """Four ranks fill four different shards at once into room for two: no more than two are ever cached."""
+    store = CountingStore(tmp_path / "store", {f"{n}.tar": 100_000 for n in "abcd"}, delay=0.2)
+    caches = [ShardCache(tmp_path / "cache", 250_000, download=store.download) for _ in range(4)]
+    threads = [threading.Thread(target=lambda c=c, n=n: read(c, store.uris[f"{n}.tar"]))
+               for c, n in zip(caches, "abcd", strict=True)]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(p.stat().st_size for p in (tmp_path / "cache").glob("*.tar")) <= 250_000
+    assert list((tmp_path / "cache").glob(".*.reserve")) == []
