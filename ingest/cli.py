@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 
 from ingest.chunk import ORDERS
 from ingest.images import DEFAULT_MAX_PIXELS
 from ingest.lake import LAKE_ENV, SPLITS, URL_FORMS, Lake
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+from ingest.storage.base import parse_size
 
 
 def parse_bytes(text: str) -> int:
-    """'64MB', '1.5GiB', '500k', '1048576' to a byte count (powers of 1024)."""
-    match = _SIZE.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}: use e.g. 64MB, 1GB or a byte count")
-    number, unit, _ = match.groups()
-    return int(float(number) * 1024 ** " kmgt".index(unit.lower() or " "))
+    """An argparse type: `ingest.storage.parse_size`."""
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def positive_int(text: str) -> int:

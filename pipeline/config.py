@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from ingest.errors import ConfigError
+from ingest.storage.base import parse_size
 
 # The vocabularies: their one owner (the models and losses import them from here).
 GAN_MODES = ("vanilla", "lsgan")
@@ -111,7 +112,10 @@ class DataConfig:
         if self.cache not in CACHE_MODES:
             raise ConfigError(f"data.cache must be one of {CACHE_MODES}, got {self.cache!r}")
         if isinstance(self.cache_bytes, str):
-            self.cache_bytes = parse_size(self.cache_bytes, "data.cache_bytes")
+            try:
+                self.cache_bytes = parse_size(self.cache_bytes)
+            except ValueError as e:
+                raise ConfigError(f"data.cache_bytes: {e}") from None
         if self.cache_bytes is not None and self.cache_bytes < 1:
             raise ConfigError(
                 f"data.cache_bytes must be positive (or null: 80% of the free space), got {self.cache_bytes}"
@@ -211,22 +215,6 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         return _build(cls, values, "")
-
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str, name: str) -> int:
-    """'200GB', '1.5GiB', '500k', '1048576' to bytes (powers of 1024).
-
-    Raises:
-        ConfigError: naming the field.
-    """
-    match = _SIZE.match(text)
-    if not match:
-        raise ConfigError(f"{name}: {text!r} is not a size: use e.g. 200GB, 512MiB or a byte count")
-    number, unit = match.groups()
-    return int(float(number) * 1024 ** " kmgt".index(unit.lower() or " "))
 
 
 def _build(cls, values: dict[str, Any], path: str):

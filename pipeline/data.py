@@ -388,33 +388,13 @@ def windows(items: Iterable, size: int) -> Iterator[list]:
         yield window
 
 
-def train_samples(
-    raw: Iterator[tuple],
-    size: int,
-    window: int,
-    seed: int,
-    epoch: int,
-    rank: int,
-    first_window: int,
-    skip_in_window: int,
-    flip: bool,
-    counter: BadSampleCounter,
-    rotate: float = 0.0,
-    loader_workers: int = 1,
-) -> Iterator[np.ndarray]:
-    """Decode, shuffle within windows, flip, rotate (within +-`rotate` degrees; 0: never). Corrupt samples are
-    replaced by a good one of the same window (and counted), so the rank still yields exactly as many samples as
-    planned. Every draw comes from the window's seeded generator: a resumed epoch repeats them. (The samples of
-    `train_blocks`, one by one.)"""
-    for block in train_blocks(raw, size, window, seed, epoch, rank, first_window, skip_in_window, flip, counter,
-                              rotate, loader_workers):  # fmt: skip
-        yield from block
-
-
 def train_blocks(raw: Iterator[tuple], size: int, window: int, seed: int, epoch: int, rank: int, first_window: int,
                  skip_in_window: int, flip: bool, counter: BadSampleCounter, rotate: float = 0.0,
                  loader_workers: int = 1, cache=None) -> Iterator[np.ndarray]:  # fmt: skip
-    """`train_samples` a window at a time: one contiguous uint8 array (n, 3, size, size) per shuffle window.
+    """Decode, shuffle within windows, flip, rotate (within +-`rotate` degrees; 0: never), a window at a time: one
+    contiguous uint8 array (n, 3, size, size) per shuffle window. Corrupt samples are replaced by a good one of the
+    same window (and counted), so the rank still yields exactly as many samples as planned. Every draw comes from
+    the window's seeded generator: a resumed epoch repeats them.
 
     With `loader_workers` N > 1, N threads each take a whole window (checksums, decoding, the shuffle, flips and
     rotations, written into the window's array: zlib, numpy and PIL release the GIL for that work) while this
@@ -572,7 +552,7 @@ def train_batches(
     cache=None,
 ) -> tuple[Iterator[np.ndarray], int, BadSampleCounter]:
     """One epoch of uint8 Lab batches (batch, 3, H, W) for this rank, from step `start_step` on, read from
-    `interleave` shards at a time, checked, decoded and augmented by `loader_workers` threads (`train_samples`).
+    `interleave` shards at a time, checked, decoded and augmented by `loader_workers` threads (`train_blocks`).
 
     Returns:
         (batch iterator, steps in the epoch, the corrupt-sample counter).

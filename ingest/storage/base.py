@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,22 @@ class Storage(Protocol):
     def delete(self, key: str) -> None: ...
     def check_access(self) -> None: ...
     def check_writable(self) -> None: ...
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'64MB', '1.5GiB', '500k', '1048576' to a byte count (powers of 1024).
+
+    Raises:
+        ValueError: not a size.
+    """
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"invalid size {text!r}: use e.g. 64MB, 1GB or a byte count")
+    number, unit = match.groups()
+    return int(float(number) * 1024 ** " kmgt".index(unit.lower() or " "))
 
 
 def join_key(*parts: str) -> str:

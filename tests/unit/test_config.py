@@ -303,6 +303,8 @@ def test_lr_lambda_drives_lambda_lr_as_the_loop_steps_it() -> None:
         ("cpus_per_worker=0", r"cpus_per_worker must be at least 1"),
         ("data.max_val_batches=0", r"data.max_val_batches must be at least 1"),
         ("data.prefetch_batches=-1", r"data.prefetch_batches must be at least 0"),
+        ("data.cache_bytes=lots", r"data.cache_bytes: invalid size 'lots': use e.g. 64MB"),
+        ("data.cache_bytes=0", r"data.cache_bytes must be positive"),
     ],
 )
 def test_non_finite_and_out_of_range_values_are_refused_when_the_config_is_read(override, message):
