@@ -131,11 +131,16 @@ def delete(lake: Lake, report: GcReport) -> None:
         match = LAYOUT.match(_canonical(obj.key[len(report.dataset) + 1 :]))
         groups.setdefault(match["id"] if match else None, []).append(obj)
     deleted: list[ObjectInfo] = []
+    if report.skipped or not groups:
+        report.garbage = deleted
+        return
+    keep, versions = _referenced(lake, report.dataset)
     for ingest_id, objects in groups.items():
         lease_key = f"{report.dataset}/ingests/{ingest_id}/{LEASE_FILE}" if ingest_id else None
         if not _free(lake, report, ingest_id, lease_key):
             continue
-        keep, _ = _referenced(lake, report.dataset)
+        if lake.versions(report.dataset) != versions:  # one listing; the records only when one was committed
+            keep, versions = _referenced(lake, report.dataset)
         objects.sort(key=lambda obj: ("/chunks/" not in obj.key, obj.key))
         for number, obj in enumerate(objects):
             if number and number % RECHECK_EVERY == 0 and not _free(lake, report, ingest_id, lease_key):
