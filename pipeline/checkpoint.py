@@ -2,11 +2,13 @@
 
     {"format": 1, "generator", "discriminator", "opt_g", "opt_d", "sched_g", "sched_d",
      "position": {"stage", "epoch", "step_in_epoch", "global_step"}, "rng": {"torch"},
-     "config": TrainConfig as a dict, "data": {"refs", "digests", "size" (the samples' side), "resize"}}
+     "config": TrainConfig as a dict, "data": {"refs", "digests", "size" (the samples' side), "resize",
+     "interleave", "global_batch", "splits" (the epoch in progress's worker groups)}}
 
 This module is the payload's one owner: `build_payload` makes it, `restore_networks` and
 `restore_optimizers` put it back, `payload_config` reads its config. The position is where training
-continues: after an epoch's last step it already points at the next epoch (or stage). Random draws
+continues: after an epoch's last step it already points at the next epoch (or stage). `step_in_epoch`
+counts global batches, so it means the same on any number of workers. Random draws
 (dropout, flips, shuffles) are re-derived from the seed and the position, so a resumed run
 continues exactly as an uninterrupted one would; the saved CPU RNG state is for inspection only
 and is not restored (nor is a CUDA one saved: nothing draws from it that the position does not fix).
@@ -48,10 +50,12 @@ class Position:
 
 
 def build_payload(generator, discriminator, optimizers, schedulers, position: Position, config, plan,
-                  interleave: int | None = None) -> dict:  # fmt: skip
+                  interleave: int | None = None, global_batch: int | None = None,
+                  splits: list[tuple[int, int]] | None = None) -> dict:  # fmt: skip
     """The checkpoint dict of a run at `position`: plain modules (unwrapped from DDP), both optimizers and
-    schedulers (generator's first), the config (`TrainConfig`), the data plan's versions and the read order of the
-    epoch in progress (`interleave`: a resumed epoch must skip samples of the order it began with)."""
+    schedulers (generator's first), the config (`TrainConfig`), the data plan's versions and how the epoch in
+    progress is read (`interleave`: a resumed epoch must skip samples of the order it began with; `global_batch`,
+    the run's samples a step; `splits`, the epoch's worker groups so far, `pipeline.data.plan_rank_epoch`)."""
     return {
         "format": FORMAT,
         "generator": generator.state_dict(),
@@ -69,6 +73,8 @@ def build_payload(generator, discriminator, optimizers, schedulers, position: Po
             "size": plan.size,
             "resize": plan.resize,
             "interleave": interleave if interleave is not None else config.data.interleave,
+            "global_batch": global_batch or config.global_batch,
+            "splits": [list(split) for split in splits or [(config.workers, 0)]],
         },  # fmt: skip
     }
 
@@ -77,6 +83,20 @@ def epoch_interleave(payload: dict) -> int:
     """The read order of the epoch a checkpoint was taken in: shards read at once (1 in checkpoints written before
     the reader interleaved shards)."""
     return int(payload.get("data", {}).get("interleave", 1))
+
+
+def epoch_global_batch(payload: dict) -> int | None:
+    """The run's samples a step when the checkpoint was taken (None in checkpoints older than elastic groups)."""
+    value = payload.get("data", {}).get("global_batch")
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def epoch_splits(payload: dict) -> list[tuple[int, int]] | None:
+    """The worker groups of the epoch in progress, [(workers, first step), ...] (None in older checkpoints)."""
+    splits = payload.get("data", {}).get("splits")
+    if not isinstance(splits, list) or not splits:
+        return None
+    return [(int(workers), int(step)) for workers, step in splits]
 
 
 def restore_networks(payload: dict, generator, discriminator) -> Position:

@@ -81,6 +81,8 @@ class DataConfig:
     """Where the samples come from and how they are fed."""
 
     datasets: list[str] = field(default_factory=list)  # lake datasets, NAME or NAME@VERSION; mixed freely
+    mix: dict[str, float] | None = None  # {NAME[@VERSION]: weight}: each epoch draws from each in proportion
+    epoch_samples: int | None = None  # samples an epoch of a mix draws (None: the datasets' training samples)
     lake: str | None = None  # lake URI; None: $RECOLOR_LAKE, else ./lake
     batch_size: int = 16  # per worker (see global_batch_size)
     global_batch_size: int | None = None  # the batch of one update over all workers, split evenly; sets batch_size
@@ -97,6 +99,24 @@ class DataConfig:
     max_bad_fraction: float = 0.01  # stop when more than this share of samples is corrupt
 
     def __post_init__(self):
+        if self.mix is not None:
+            if not self.mix:
+                raise ConfigError("data.mix is empty: name datasets and their weights, e.g. {imagenet: 0.8, coco: 0.2}")
+            if self.datasets and self.datasets != list(self.mix):
+                raise ConfigError(f"data.datasets {self.datasets} and data.mix {list(self.mix)} name different data: "
+                                  "set one of them")  # fmt: skip
+            for name, weight in self.mix.items():
+                if not (isinstance(weight, int | float) and not isinstance(weight, bool) and math.isfinite(weight)
+                        and weight > 0):  # fmt: skip
+                    raise ConfigError(f"data.mix.{name}: the weight must be a positive number, got {weight!r}")
+            self.mix = {name: float(weight) for name, weight in self.mix.items()}
+            self.datasets = list(self.mix)
+        if self.epoch_samples is not None:
+            if self.epoch_samples < 1:
+                raise ConfigError(f"data.epoch_samples must be at least 1 (or null), got {self.epoch_samples}")
+            if self.mix is None:
+                raise ConfigError("data.epoch_samples sets the length of a mixture's epoch: give weights too "
+                                  "(--dataset NAME:WEIGHT, or data.mix)")  # fmt: skip
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size must be at least 1, got {self.batch_size}")
         if self.shuffle_window < 1:
@@ -142,7 +162,9 @@ class TrainConfig:
     l1_lambda: float = 100.0  # weight of the L1 term
     beta1: float = 0.5  # Adam betas, as the recipe
     beta2: float = 0.999
-    workers: int = 2  # Ray Train workers (DDP ranks)
+    workers: int | list[int] = 2  # Ray Train workers (DDP ranks); [MIN, MAX]: an elastic group (see max_workers)
+    max_workers: int | None = None  # an elastic group's largest size (`workers: [2, 8]` sets both); None: fixed
+    elastic_resize_s: float = 60.0  # how often a running elastic group looks for room to grow
     use_gpu: bool = False
     cpus_per_worker: int = 1
     amp: str = "bf16"  # autocast dtype on CUDA ("none" to turn off); CPU always runs fp32
@@ -153,7 +175,7 @@ class TrainConfig:
     checkpoint_every: int = 200  # steps between checkpoints (and one at every epoch's end)
     checkpoint_upload: str = "async"  # "async": uploads run beside training; "sync": each step waits for its upload
     keep_checkpoints: int = 3  # at least 2: when the latest checkpoint is unreadable, a run resumes from the one before
-    max_failures: int = 2  # worker-group restarts Ray Train may do
+    max_failures: int = 2  # worker-group restarts Ray Train may do (-1: no limit, for preemptible nodes)
     log_every: int = 10  # steps between loss logs
     max_steps: int | None = None  # stop after this many steps in total (smoke tests, benchmarks)
 
@@ -162,8 +184,19 @@ class TrainConfig:
             raise ConfigError(f"name {self.name!r}: use letters, digits, '.', '_' and '-'")
         if not self.stages:
             raise ConfigError("a run needs at least one stage")
+        if isinstance(self.workers, list):
+            if len(self.workers) != 2:
+                raise ConfigError(f"workers: expected a count or [MIN, MAX], got {self.workers}")
+            self.workers, self.max_workers = self.workers
         if self.workers < 1:
             raise ConfigError(f"workers must be at least 1, got {self.workers}")
+        if self.max_workers is not None and self.max_workers < self.workers:
+            raise ConfigError(f"workers [{self.workers}, {self.max_workers}]: the largest group is smaller than the "
+                              "smallest")  # fmt: skip
+        if self.max_workers == self.workers:
+            self.max_workers = None
+        if not 1 <= self.elastic_resize_s <= 86400:
+            raise ConfigError(f"elastic_resize_s must be in [1, 86400] seconds, got {self.elastic_resize_s}")
         if self.cpus_per_worker < 1:
             raise ConfigError(f"cpus_per_worker must be at least 1, got {self.cpus_per_worker}")
         if not 0 <= self.l1_lambda <= 1e6:
@@ -171,8 +204,8 @@ class TrainConfig:
         for beta in ("beta1", "beta2"):
             if not 0 <= getattr(self, beta) < 1:
                 raise ConfigError(f"{beta} must be in [0, 1), got {getattr(self, beta)} (the recipe: 0.5, 0.999)")
-        if self.max_failures < 0:
-            raise ConfigError(f"max_failures must be at least 0, got {self.max_failures}")
+        if self.max_failures < -1:
+            raise ConfigError(f"max_failures must be at least 0 (or -1: no limit), got {self.max_failures}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be at least 1 (or null: no limit), got {self.max_steps}")
         if self.amp not in AMP_MODES:
@@ -183,14 +216,15 @@ class TrainConfig:
                 "newer; no scaling needed) or amp=none"
             )
         global_batch = self.data.global_batch_size
-        if global_batch is not None:
-            if global_batch % self.workers:
-                raise ConfigError(
-                    f"data.global_batch_size={global_batch} does not split over {self.workers} workers: pick a "
-                    "multiple of the worker count, or set data.batch_size (per worker) instead"
-                )
+        if global_batch is not None and not self.elastic:
+            check_split(global_batch, self.workers)
             # A new DataConfig: a config made by dataclasses.replace() shares the old one's.
             self.data = dataclasses.replace(self.data, batch_size=global_batch // self.workers)
+        if self.elastic and self.global_batch < self.max_workers:
+            raise ConfigError(
+                f"a global batch of {self.global_batch} cannot feed {self.max_workers} workers: raise "
+                f"data.global_batch_size to at least {self.max_workers}, or lower the largest worker count"
+            )
         for interval in ("checkpoint_every", "log_every"):
             if getattr(self, interval) < 1:
                 raise ConfigError(f"{interval} must be at least 1, got {getattr(self, interval)}")
@@ -209,12 +243,41 @@ class TrainConfig:
                 "when the latest checkpoint is unreadable, a run resumes from the one before"
             )
 
+    @property
+    def elastic(self) -> bool:
+        """Whether the worker group may change size while it trains (`workers: [MIN, MAX]`)."""
+        return self.max_workers is not None
+
+    @property
+    def global_batch(self) -> int:
+        """The samples of one update over all workers: data.global_batch_size, else data.batch_size per worker of
+        the smallest group (so no worker of an elastic group ever holds more than data.batch_size)."""
+        return self.data.global_batch_size or self.data.batch_size * self.workers
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         return _build(cls, values, "")
+
+
+def check_split(global_batch: int, workers: int, source: str = "data.global_batch_size") -> None:
+    """Refuse a fixed worker count that does not divide the global batch (its ranks would get unequal batches),
+    naming the counts that do.
+
+    Raises:
+        ConfigError: naming the counts that split the batch evenly, and the elastic alternative.
+    """
+    if global_batch % workers == 0:
+        return
+    counts = [n for n in range(1, min(global_batch, 64) + 1) if global_batch % n == 0]
+    raise ConfigError(
+        f"{source}={global_batch} does not split evenly over {workers} workers: use --workers "
+        f"{' / '.join(map(str, counts))}, a global batch that {workers} divides (e.g. "
+        f"{(global_batch // workers + 1) * workers}), or an elastic group (--workers MIN-MAX), whose ranks may take "
+        "unequal shares"
+    )
 
 
 def _build(cls, values: dict[str, Any], path: str):
@@ -265,6 +328,10 @@ def _checked(name: str, hint: Any, shown: str, value: Any) -> Any:
             (item,) = typing.get_args(option)
             if all(isinstance(v, item) for v in value):
                 return value
+        if (typing.get_origin(option) is dict and isinstance(value, dict)  # {str: float}: weights
+                and all(isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
+                        for k, v in value.items())):  # fmt: skip
+            return value
     raise ConfigError(f"{name}: expected {shown}, got {value!r}")
 
 

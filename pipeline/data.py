@@ -49,19 +49,27 @@ class ShardInfo:
     uri: str
     count: int
     size: int | None = None  # bytes, as the version records (what a cached copy must have); None: unknown
+    source: int = 0  # which of the plan's datasets (an index into `DataPlan.refs`)
 
 
 @dataclass(frozen=True)
 class Segment:
-    """Samples [start, stop) of one shard."""
+    """Samples [start, stop) of one shard; with `picks` (ascending sample indices of the shard), the samples
+    picks[start:stop] (what is left of a shuffle window that an epoch re-split across another number of workers
+    did not finish)."""
 
     shard: ShardInfo
     start: int
     stop: int
+    picks: tuple[int, ...] | None = None
 
     @property
     def length(self) -> int:
         return self.stop - self.start
+
+    def sample(self, position: int) -> int:
+        """The shard's sample index at `position` (start <= position < stop)."""
+        return self.picks[position] if self.picks is not None else position
 
 
 @dataclass
@@ -75,6 +83,8 @@ class DataPlan:
     train: list[ShardInfo] = field(default_factory=list)
     resize: str = "cover"  # how ingest fit photos to the side ("cover": short side, centre crop; "squash")
     val: list[ShardInfo] = field(default_factory=list)
+    weights: list[float] | None = None  # a mixture: each dataset's share of an epoch (by `refs`); None: all, once
+    epoch_samples: int | None = None  # a mixture's epoch length (None: the datasets' training samples)
 
     def to_dict(self) -> dict:
         return {
@@ -83,8 +93,10 @@ class DataPlan:
             "uris": self.uris,
             "size": self.size,
             "resize": self.resize,
-            "train": [[s.uri, s.count, s.size] for s in self.train],
-            "val": [[s.uri, s.count, s.size] for s in self.val],
+            "train": [[s.uri, s.count, s.size, s.source] for s in self.train],
+            "val": [[s.uri, s.count, s.size, s.source] for s in self.val],
+            "weights": self.weights,
+            "epoch_samples": self.epoch_samples,
         }
 
     @classmethod
@@ -97,18 +109,33 @@ class DataPlan:
             resize=str(values.get("resize", "cover")),
             train=[_shard_info(*shard) for shard in values["train"]],
             val=[_shard_info(*shard) for shard in values["val"]],
+            weights=values.get("weights"),
+            epoch_samples=values.get("epoch_samples"),
         )
 
     def count(self, split: str) -> int:
         return sum(s.count for s in (self.train if split == "train" else self.val))
 
+    def epoch_length(self) -> int:
+        """Training samples an epoch draws: a mixture's `epoch_samples`, else every training sample once."""
+        return self.epoch_samples or self.count("train")
 
-def _shard_info(uri: str, count: int, size: int | None = None) -> ShardInfo:
-    return ShardInfo(uri, int(count), None if size is None else int(size))
+    def source(self, index: int) -> DataPlan:
+        """The plan of one of its datasets alone (`refs[index]`): per-dataset validation."""
+        ref = self.refs[index]
+        return DataPlan(refs=[ref], digests={ref: self.digests.get(ref, "")}, uris={ref: self.uris.get(ref, "")},
+                        size=self.size, resize=self.resize, train=[s for s in self.train if s.source == index],
+                        val=[s for s in self.val if s.source == index])  # fmt: skip
 
 
-def resolve_data(datasets: list[str], lake_uri: str | None) -> DataPlan:
-    """Pin `NAME[@VERSION]` references to versions and list their shards (grayscale-free by construction).
+def _shard_info(uri: str, count: int, size: int | None = None, source: int = 0) -> ShardInfo:
+    return ShardInfo(uri, int(count), None if size is None else int(size), int(source))
+
+
+def resolve_data(datasets: list[str], lake_uri: str | None, weights: list[float] | None = None,
+                 epoch_samples: int | None = None) -> DataPlan:  # fmt: skip
+    """Pin `NAME[@VERSION]` references to versions and list their shards (grayscale-free by construction); with
+    `weights` (one a dataset), the plan of a mixture (`epoch_segments`).
 
     Raises:
         LakeError: an unknown dataset or version; DataError: no datasets, or mixed sample sizes.
@@ -130,48 +157,225 @@ def resolve_data(datasets: list[str], lake_uri: str | None) -> DataPlan:
         plan.refs.append(ref.ref)
         plan.digests[ref.ref] = ref.record["manifest_sha256"]
         plan.uris[ref.ref] = lake.storage.uri(f"{ref.dataset}/versions/{ref.version:06d}.json")
-        plan.train += [ShardInfo(s["uri"], int(s["count"]), int(s["bytes"])) for s in lake.shards(ref, "train")]
-        plan.val += [ShardInfo(s["uri"], int(s["count"]), int(s["bytes"])) for s in lake.shards(ref, "val")]
+        source = len(plan.refs) - 1
+        plan.train += [ShardInfo(s["uri"], int(s["count"]), int(s["bytes"]), source) for s in lake.shards(ref, "train")]
+        plan.val += [ShardInfo(s["uri"], int(s["count"]), int(s["bytes"]), source) for s in lake.shards(ref, "val")]
+    if weights is not None:
+        if len(plan.refs) != len(set(plan.refs)):
+            raise DataError(f"a mixture names one dataset version twice ({', '.join(plan.refs)}): give it one weight")
+        empty = [ref for index, ref in enumerate(plan.refs) if not any(s.source == index for s in plan.train)]
+        if empty:
+            raise DataError(f"{', '.join(empty)} has no training samples to draw its share of the mixture from")
+        plan.weights = [float(w) for w in weights]
+        plan.epoch_samples = epoch_samples
     return plan
+
+
+def resolve_config_data(data, datasets: list[str] | None = None) -> DataPlan:
+    """The plan of a run's `DataConfig` (`pipeline.config`): its datasets, and with `data.mix` their weights.
+    `datasets` replaces the names with pinned versions (a resumed run's), in the same order."""
+    weights = list(data.mix.values()) if data.mix else None
+    return resolve_data(datasets or data.datasets, data.lake, weights, data.epoch_samples)
 
 
 def steps_per_epoch(total: int, world_size: int, batch_size: int) -> int:
     return total // (world_size * batch_size)
 
 
-def _segments(shards: list[ShardInfo], order: Iterable[int], begin: int, end: int) -> list[Segment]:
-    """The parts of `shards` (laid end to end in `order`) that fall in the sample range [begin, end)."""
-    segments = []
+def rank_batches(global_batch: int, world_size: int) -> list[int]:
+    """Each rank's share of one global batch: equal when the worker count divides it, else the first ranks take one
+    sample more (an elastic group of any size; the trainer weights each rank's loss so the update is the global
+    batch's mean)."""
+    base, extra = divmod(global_batch, world_size)
+    return [base + (1 if rank < extra else 0) for rank in range(world_size)]
+
+
+def _cut(segments: Iterable[Segment], begin: int, end: int) -> list[Segment]:
+    """The parts of `segments` (laid end to end) that fall in the sample range [begin, end)."""
+    parts = []
     offset = 0
-    for index in order:
-        shard = shards[index]
-        low, high = max(begin, offset), min(end, offset + shard.count)
+    for segment in segments:
+        low, high = max(begin, offset), min(end, offset + segment.length)
         if low < high:
-            segments.append(Segment(shard, low - offset, high - offset))
-        offset += shard.count
+            parts.append(Segment(segment.shard, segment.start + low - offset, segment.start + high - offset,
+                                 segment.picks))  # fmt: skip
+        offset += segment.length
         if offset >= end:
             break
-    return segments
+    return parts
+
+
+def _segments(shards: list[ShardInfo], order: Iterable[int], begin: int, end: int) -> list[Segment]:
+    """The parts of `shards` (laid end to end in `order`) that fall in the sample range [begin, end)."""
+    return _cut((Segment(shards[index], 0, shards[index].count) for index in order), begin, end)
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """How an epoch draws from several datasets: `weights` by `ShardInfo.source`, `samples` an epoch (None: all)."""
+
+    weights: tuple[float, ...]
+    samples: int | None = None
+
+
+def epoch_segments(shards: list[ShardInfo], epoch: int, seed: int, global_batch: int,
+                   mixture: Mixture | None = None) -> tuple[list[Segment], int]:  # fmt: skip
+    """One training epoch in its global order and its step count, whatever the number of workers: the shards
+    shuffled by seed and epoch, laid end to end (a `mixture`: `mixture_segments`), cut at a whole number of global
+    batches.
+
+    Raises:
+        DataError: fewer samples than one global batch.
+    """
+    if mixture is not None:
+        segments = mixture_segments(shards, epoch, seed, mixture)
+        total = sum(segment.length for segment in segments)
+    else:
+        total = sum(s.count for s in shards)
+    steps = total // global_batch
+    if steps == 0:
+        raise DataError(
+            f"the training split has {total} samples, fewer than one global batch ({global_batch}): ingest more "
+            "images or lower data.batch_size / data.global_batch_size"
+        )
+    if mixture is not None:
+        return _cut(segments, 0, steps * global_batch), steps
+    order = np.random.default_rng([seed, epoch]).permutation(len(shards))
+    return _segments(shards, order, 0, steps * global_batch), steps
+
+
+def mixture_quotas(counts: list[int], weights: tuple[float, ...], samples: int | None) -> list[int]:
+    """Each dataset's samples in one epoch of `samples` (default: all datasets' samples) drawn in proportion to
+    `weights`: the largest-remainder rounding, so they add up exactly."""
+    total = samples or sum(counts)
+    shares = np.asarray(weights, dtype=np.float64) / float(sum(weights)) * total
+    quotas = np.floor(shares).astype(int)
+    for index in np.argsort(-(shares - quotas), kind="stable")[: total - int(quotas.sum())]:
+        quotas[index] += 1
+    return [int(q) for q in quotas]
+
+
+def mixture_segments(shards: list[ShardInfo], epoch: int, seed: int, mixture: Mixture) -> list[Segment]:
+    """A mixture's epoch: each dataset contributes its quota (`mixture_quotas`), its shards shuffled by (seed, epoch,
+    dataset, round) and laid end to end, going round again with a new shuffle while its quota is not reached (a
+    smaller dataset repeats); the datasets' segments are then merged in proportion (each placed by how far through
+    its dataset's quota it sits), so every part of the epoch, and every rank's range, mixes them as the weights say."""
+    sources = range(len(mixture.weights))
+    by_source = [[s for s in shards if s.source == source] for source in sources]
+    quotas = mixture_quotas([sum(s.count for s in group) for group in by_source], mixture.weights, mixture.samples)
+    placed = []
+    for source, (group, quota) in enumerate(zip(by_source, quotas, strict=True)):
+        drawn, round_number = 0, 0
+        while drawn < quota and group:
+            order = np.random.default_rng([seed, epoch, source, round_number]).permutation(len(group))
+            for segment in _segments(group, order, 0, quota - drawn):
+                placed.append(((drawn + segment.length / 2) / quota, source, segment))
+                drawn += segment.length
+            round_number += 1
+    placed.sort(key=lambda item: (item[0], item[1]))
+    return [segment for _, _, segment in placed]
+
+
+@dataclass(frozen=True)
+class RankEpoch:
+    """One rank's part of a training epoch: its segments in read order from the step the current worker group
+    began at (`first_step`), its samples a step (`batch`), and the epoch's steps (the same on every rank)."""
+
+    segments: list[Segment]
+    steps: int
+    first_step: int
+    batch: int
+    generation: int  # how many times the epoch was re-split over another worker count (it seeds the shuffles)
+
+
+def plan_rank_epoch(shards: list[ShardInfo], epoch: int, seed: int, global_batch: int, splits: list[tuple[int, int]],
+                    rank: int, interleave: int, window: int, mixture: Mixture | None = None) -> RankEpoch:  # fmt: skip
+    """This rank's part of a training epoch that ran on `splits`: [(worker count, the epoch's step it started at),
+    ...], the first at step 0; the last is the worker group now running.
+
+    The first group splits the epoch's global order into contiguous ranges, one per rank (`rank_batches` samples
+    a step each). When the group changes size at step s, every old rank's samples not yet trained on (those of its
+    shuffle window in progress that the window's seeded order had not reached, then the rest of its range) are
+    laid end to end in rank order and split again over the new group. So whatever the sizes, every sample of the
+    epoch is trained on exactly once, the epoch has the same number of steps, and all of it is a pure function of
+    (seed, epoch, splits): a resume needs no list of what was read.
+    """
+    segments, steps = epoch_segments(shards, epoch, seed, global_batch, mixture)
+    world, first_step = splits[0]
+    ranges = _split(segments, [steps * b for b in rank_batches(global_batch, world)])
+    for generation, (world, step) in enumerate(splits[1:], start=1):
+        previous_world, previous_step = splits[generation - 1]
+        left: list[Segment] = []
+        for old_rank, (part, batch) in enumerate(zip(ranges, rank_batches(global_batch, previous_world), strict=True)):
+            left += remaining_segments(part, interleave, (step - previous_step) * batch, window, seed, epoch, old_rank,
+                                       generation - 1)  # fmt: skip
+        ranges = _split(left, [(steps - step) * b for b in rank_batches(global_batch, world)])
+        first_step = step
+    batch = rank_batches(global_batch, splits[-1][0])[rank]
+    return RankEpoch(ranges[rank], steps, first_step, batch, len(splits) - 1)
+
+
+def plan_mixture(plan: DataPlan) -> Mixture | None:
+    return Mixture(tuple(plan.weights), plan.epoch_samples) if plan.weights else None
+
+
+def _split(segments: list[Segment], lengths: list[int]) -> list[list[Segment]]:
+    bounds = np.cumsum([0, *lengths])
+    return [_cut(segments, int(begin), int(end)) for begin, end in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def read_order(segments: list[Segment], interleave: int) -> list[tuple[int, int]]:
+    """(segment index, position in it) of each sample in the order `read_segments` reads them."""
+    order = []
+    for first in range(0, len(segments), max(1, interleave)):
+        group = segments[first : first + max(1, interleave)]
+        positions = [segment.start for segment in group]
+        for index in _round_robin(group):
+            order.append((first + index, positions[index]))
+            positions[index] += 1
+    return order
+
+
+def remaining_segments(segments: list[Segment], interleave: int, consumed: int, window: int, seed: int, epoch: int,
+                       rank: int, generation: int = 0) -> list[Segment]:  # fmt: skip
+    """The samples of one rank's `segments` that training has not reached after `consumed` samples: the rest of the
+    shuffle window in progress (in the order of its seeded draw, `window_draws`) as segments with `picks`, then the
+    segments' unread ends."""
+    reads = read_order(segments, interleave)
+    window_number, into = divmod(consumed, window)
+    begin = window_number * window
+    if begin >= len(reads):
+        return []
+    end = min(begin + window, len(reads))
+    loose: dict[int, list[int]] = {}
+    if into:
+        order, _, _ = window_draws(seed, epoch, rank, window_number, end - begin, generation=generation)
+        for read in sorted(begin + int(i) for i in order[into:]):
+            index, position = reads[read]
+            loose.setdefault(index, []).append(segments[index].sample(position))
+    else:
+        end = begin  # the window had not begun: all of it is left, in read order
+    left = [Segment(segments[i].shard, 0, len(picks), tuple(picks)) for i, picks in sorted(loose.items())]
+    read_counts = [0] * len(segments)
+    for index, _ in reads[:end]:
+        read_counts[index] += 1
+    for segment, count in zip(segments, read_counts, strict=True):
+        if segment.start + count < segment.stop:
+            left.append(Segment(segment.shard, segment.start + count, segment.stop, segment.picks))
+    return left
 
 
 def plan_train_epoch(
     shards: list[ShardInfo], epoch: int, seed: int, rank: int, world_size: int, batch_size: int
 ) -> tuple[list[Segment], int]:
-    """This rank's segments of one training epoch, and the epoch's step count (the same on every rank).
+    """This rank's segments of one training epoch on an unchanging group of `world_size` workers of `batch_size`
+    each, and the epoch's step count (the same on every rank).
 
     Raises:
         DataError: fewer samples than one global batch.
     """
-    total = sum(s.count for s in shards)
-    steps = steps_per_epoch(total, world_size, batch_size)
-    if steps == 0:
-        raise DataError(
-            f"the training split has {total} samples, fewer than one global batch ({world_size} workers x "
-            f"batch {batch_size}): ingest more images or lower data.batch_size / --workers"
-        )
-    order = np.random.default_rng([seed, epoch]).permutation(len(shards))
-    per_rank = steps * batch_size
-    return _segments(shards, order, rank * per_rank, (rank + 1) * per_rank), steps
+    part = plan_rank_epoch(shards, epoch, seed, world_size * batch_size, [(world_size, 0)], rank, 1, 1)
+    return part.segments, part.steps
 
 
 def plan_validation(shards: list[ShardInfo], rank: int, world_size: int) -> list[Segment]:
@@ -301,13 +505,17 @@ def _segment_samples(segment: Segment, start: int, open_stream: Callable, verify
     from ingest.shards import checksum_matches, iter_samples
 
     emitted = 0
+    picks = None if segment.picks is None else set(segment.picks[start : segment.stop])
+    first, stop = start, segment.stop
+    if segment.picks is not None:  # read from the first pick to the last, passing over the others
+        first, stop = segment.picks[start], segment.picks[segment.stop - 1] + 1
     try:
         stream = open_stream()
         with stream:
             for position, sample in enumerate(iter_samples(stream)):
-                if position < start:
+                if position < first or (picks is not None and position not in picks):
                     continue
-                if position >= segment.stop:
+                if position >= stop:
                     break
                 lab = sample.get("lab.npy")
                 if not verify:
@@ -324,7 +532,7 @@ def _segment_samples(segment: Segment, start: int, open_stream: Callable, verify
         log.warning("shard %s is unreadable after %d samples: %s", segment.shard.uri, start + emitted, e)
     # A truncated or short shard: its missing samples count as unreadable.
     for missing in range(segment.stop - start - emitted):
-        key = f"<missing #{start + emitted + missing}>"
+        key = f"<missing #{segment.sample(start + emitted + missing)}>"
         yield (segment.shard.uri, key, None) if verify else (segment.shard.uri, key, None, None)
 
 
@@ -390,7 +598,7 @@ def windows(items: Iterable, size: int) -> Iterator[list]:
 
 def train_blocks(raw: Iterator[tuple], size: int, window: int, seed: int, epoch: int, rank: int, first_window: int,
                  skip_in_window: int, flip: bool, counter: BadSampleCounter, rotate: float = 0.0,
-                 loader_workers: int = 1, cache=None) -> Iterator[np.ndarray]:  # fmt: skip
+                 loader_workers: int = 1, cache=None, generation: int = 0) -> Iterator[np.ndarray]:  # fmt: skip
     """Decode, shuffle within windows, flip, rotate (within +-`rotate` degrees; 0: never), a window at a time: one
     contiguous uint8 array (n, 3, size, size) per shuffle window. Corrupt samples are replaced by a good one of the
     same window (and counted), so the rank still yields exactly as many samples as planned. Every draw comes from
@@ -403,7 +611,7 @@ def train_blocks(raw: Iterator[tuple], size: int, window: int, seed: int, epoch:
 
     def work(number: int, items: list[tuple]):
         start = skip_in_window if number == first_window else 0
-        return _window_block(items, size, seed, epoch, rank, number, start, flip, rotate)
+        return _window_block(items, size, seed, epoch, rank, number, start, flip, rotate, generation)
 
     jobs = enumerate(windows(raw, window), start=first_window)
     for records, block, first_shard in ordered_map(work, jobs, loader_workers):
@@ -417,7 +625,7 @@ def train_blocks(raw: Iterator[tuple], size: int, window: int, seed: int, epoch:
 
 
 def _window_block(items: list[tuple], size: int, seed: int, epoch: int, rank: int, number: int, start: int,
-                  flip: bool, rotate: float):  # fmt: skip
+                  flip: bool, rotate: float, generation: int = 0):  # fmt: skip
     """One window's samples in training order from `start` on: ([(uri, key, ok)], one array of them or None when
     every sample is corrupt, the first item's shard)."""
     arrays, records = [], []
@@ -429,7 +637,7 @@ def _window_block(items: list[tuple], size: int, seed: int, epoch: int, rank: in
     if not good:
         return records, None, items[0][0]
     arrays = [a if a is not None else good[i % len(good)] for i, a in enumerate(arrays)]
-    order, flips, angles = window_draws(seed, epoch, rank, number, len(arrays), rotate)
+    order, flips, angles = window_draws(seed, epoch, rank, number, len(arrays), rotate, generation)
     block = np.empty((len(arrays) - start, 3, size, size), dtype=np.uint8)
     for out, position in enumerate(range(start, len(arrays))):
         array = arrays[order[position]]
@@ -464,9 +672,10 @@ def ordered_map(function: Callable, jobs: Iterable[tuple], workers: int) -> Iter
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def window_draws(seed: int, epoch: int, rank: int, number: int, size: int, rotate: float = 0.0):
-    """The seeded draws of one shuffle window: its order, its flips and (with `rotate`) its angles."""
-    rng = np.random.default_rng([seed, epoch, rank, number])
+def window_draws(seed: int, epoch: int, rank: int, number: int, size: int, rotate: float = 0.0, generation: int = 0):
+    """The seeded draws of one shuffle window: its order, its flips and (with `rotate`) its angles. `generation`:
+    the worker group of the epoch (`plan_rank_epoch`); the first one's draws are seeded as they always were."""
+    rng = np.random.default_rng([seed, epoch, rank, number] + ([generation] if generation else []))
     order = rng.permutation(size)
     flips = rng.random(size) < 0.5
     angles = rng.uniform(-rotate, rotate, size) if rotate else None  # after the flips: they stay as they were
@@ -550,24 +759,31 @@ def train_batches(
     interleave: int = 4,
     loader_workers: int = 1,
     cache=None,
+    global_batch: int | None = None,
+    splits: list[tuple[int, int]] | None = None,
 ) -> tuple[Iterator[np.ndarray], int, BadSampleCounter]:
-    """One epoch of uint8 Lab batches (batch, 3, H, W) for this rank, from step `start_step` on, read from
+    """One epoch of uint8 Lab batches (batch, 3, H, W) for this rank, from the epoch's step `start_step` on, read from
     `interleave` shards at a time, checked, decoded and augmented by `loader_workers` threads (`train_blocks`).
+
+    `global_batch` (default `world_size * batch_size`) is split over the ranks by `rank_batches` (`batch_size` is
+    then unused); `splits` are the epoch's worker groups so far (`plan_rank_epoch`; default: this one from step 0).
 
     Returns:
         (batch iterator, steps in the epoch, the corrupt-sample counter).
     """
-    segments, steps = plan_train_epoch(plan.train, epoch, seed, rank, world_size, batch_size)
-    skip = start_step * batch_size
+    global_batch = global_batch or world_size * batch_size
+    part = plan_rank_epoch(plan.train, epoch, seed, global_batch, splits or [(world_size, 0)], rank, interleave,
+                           shuffle_window, plan_mixture(plan))  # fmt: skip
+    skip = (start_step - part.first_step) * part.batch
     first_window, skip_in_window = divmod(skip, shuffle_window)
-    counter = BadSampleCounter(max_bad_fraction, steps * batch_size)
-    raw = read_segments(segments, skip=first_window * shuffle_window, opener=opener, interleave=interleave,
+    counter = BadSampleCounter(max_bad_fraction, (part.steps - part.first_step) * part.batch)
+    raw = read_segments(part.segments, skip=first_window * shuffle_window, opener=opener, interleave=interleave,
                         verify=False, cache=cache)  # fmt: skip
     blocks = train_blocks(
         raw, plan.size, shuffle_window, seed, epoch, rank, first_window, skip_in_window, flip, counter, rotate,
-        loader_workers, cache,
+        loader_workers, cache, part.generation,
     )  # fmt: skip
-    return block_batches(blocks, batch_size), steps, counter
+    return block_batches(blocks, part.batch), part.steps, counter
 
 
 def validation_batches(

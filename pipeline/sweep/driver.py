@@ -106,7 +106,7 @@ def run_sweep(preset: str | None, base_overrides: list[str], trials: list[Trial]
         LakeError, DataError: the data of the preset cannot train.
     """
     from ingest.cluster import ensure_ray
-    from pipeline.data import resolve_data
+    from pipeline.data import resolve_config_data
     from pipeline.evaluation.validation import metric_names
     from pipeline.tracking.runs import check_tracking_server, resolve_tracking_uri
     from pipeline.train.driver import check_before_start
@@ -128,7 +128,7 @@ def run_sweep(preset: str | None, base_overrides: list[str], trials: list[Trial]
             "--stop-early with a ray:// address: run the sweep on the cluster with `recolor submit sweep`"
         )
     configs = trial_configs(preset, base_overrides, trials, options)
-    plan = resolve_data(configs[0].data.datasets, configs[0].data.lake)
+    plan = resolve_config_data(configs[0].data)
     check_before_start(configs[0], plan, ray_address)
     tracking_uri = None
     if tracking is not None and tracking.enabled:

@@ -1,5 +1,5 @@
-"""Loggers: an interface of `log(metrics, step)`, `log_image(png, path)` and `close()`, a null logger and rank 0's
-MLflow logger, so the training loop never asks whether tracking is on."""
+"""Loggers: an interface of `log(metrics, step)`, `log_image(png, path)`, `event(text, step)` and `close()`, a null
+logger and rank 0's MLflow logger, so the training loop never asks whether tracking is on."""
 
 from __future__ import annotations
 
@@ -8,10 +8,13 @@ import os
 from pathlib import Path
 from typing import Protocol
 
+EVENTS_TAG = "recolor.events"  # what happened to a run (resizes), one line each
+
 
 class Logger(Protocol):
     def log(self, metrics: dict[str, float], step: int) -> None: ...
     def log_image(self, png: bytes, artifact_path: str, key: str | None = None, step: int | None = None) -> None: ...
+    def event(self, text: str, step: int) -> None: ...
     def close(self) -> None: ...
 
 
@@ -22,6 +25,9 @@ class NullLogger:
         pass
 
     def log_image(self, png: bytes, artifact_path: str, key: str | None = None, step: int | None = None) -> None:
+        pass
+
+    def event(self, text: str, step: int) -> None:
         pass
 
     def close(self) -> None:
@@ -92,6 +98,21 @@ class MlflowLogger:
                     type(e).__name__,
                     " ".join(str(e).split())[:300],
                 )
+
+    def event(self, text: str, step: int) -> None:
+        """Something that happened to the run (a worker group resized), where its page shows it: a line in the tag
+        `recolor.events` and under "Events" in the run's description."""
+        line = f"step {step}: {text}"
+        try:
+            run = self.client.get_run(self.run_id)
+            events = run.data.tags.get(EVENTS_TAG, "")
+            self.client.set_tag(self.run_id, EVENTS_TAG, f"{events}\n{line}".strip()[-4900:])
+            note = run.data.tags.get("mlflow.note.content", "")
+            heading = "\n\n#### Events\n"
+            note = note + ("" if heading in note else heading) + f"- {line}\n"
+            self.client.set_tag(self.run_id, "mlflow.note.content", note)
+        except Exception as e:  # noqa: BLE001 - an event line is not worth a restart of every worker
+            logging.getLogger(__name__).warning("could not record event %r in MLflow: %s", line, e)
 
     def close(self) -> None:
         if self.monitor is not None:

@@ -154,7 +154,10 @@ def describe_run(config, plan, device: str, preset: str | None = None) -> str:
                                                               if stage.decay_epochs else "")
         for stage in config.stages
     )  # fmt: skip
-    datasets = ", ".join(f"`{ref}`" for ref in plan.refs)
+    shares = mixture_shares(plan)
+    datasets = ", ".join(f"`{ref}`" + (f" ({shares[ref]:.0%})" if shares else "") for ref in plan.refs)
+    if shares:
+        datasets += f", a mixture of {plan.epoch_length()} samples an epoch"
     lines = [
         f"**{config.name}**: {config.model.arch} ({config.model.norm} norm), preset `{preset or 'defaults'}`",
         "",
@@ -164,10 +167,16 @@ def describe_run(config, plan, device: str, preset: str | None = None) -> str:
         "|---|---|",
         f"| datasets | {datasets}: {plan.count('train')} training, {plan.count('val')} validation samples, "
         f"{plan.size} px |",
-        f"| workers | {config.workers} x {device}, batch {config.data.batch_size} per worker |",
+        f"| workers | {worker_text(config)} x {device}, {config.global_batch} samples a step "
+        f"({'split over the group as it runs' if config.elastic else f'{config.data.batch_size} per worker'}) |",
         f"| stages | {stages} |",
     ]
     return "\n".join(lines)
+
+
+def worker_text(config) -> str:
+    """ "4", or "2-8 (elastic)"."""
+    return f"{config.workers}-{config.max_workers} (elastic)" if config.elastic else str(config.workers)
 
 
 def describe_result(metrics: dict) -> str:
@@ -219,7 +228,7 @@ def start_or_resume_run(
         "recolor.ray_run_name": config.name,
         "recolor.storage": storage,
         "recolor.arch": config.model.arch,
-        "recolor.workers": str(config.workers),
+        "recolor.workers": f"{config.workers}-{config.max_workers}" if config.elastic else str(config.workers),
         "recolor.device": device,
         "recolor.stages": ",".join(stage.name for stage in config.stages),
         "recolor.datasets": ",".join(plan.refs),
@@ -249,11 +258,13 @@ def start_or_resume_run(
     for start in range(0, len(params), 100):
         client.log_batch(run_id, params=params[start : start + 100], tags=[RunTag("recolor.params_logged", "1")])
     with fluent_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
+        shares = mixture_shares(plan)
         for ref in plan.refs:
             # One input per split: MLflow keeps a single context per dataset name and digest.
             for split, context in (("train", "training"), ("val", "validation")):
                 dataset = lake_dataset(f"{ref}/{split}", plan.uris[ref], plan.digests[ref])
-                _log_input(dataset, context)
+                extra = {"recolor.weight": f"{shares[ref]:.4g}"} if split == "train" and ref in shares else None
+                _log_input(dataset, context, tags=extra)
     client.update_run(run_id, status="RUNNING")
     return run_id, False
 
@@ -308,7 +319,15 @@ def manifest_tag(ref: str) -> str:
     return "recolor.manifest." + ref.replace("@", ":")
 
 
-def _log_input(dataset, context: str, attempts: int = 5) -> None:
+def mixture_shares(plan) -> dict[str, float]:
+    """A mixture's share of each dataset version (`{ref: weight / total}`), or {} when the plan is no mixture."""
+    if not plan.weights:
+        return {}
+    total = sum(plan.weights)
+    return {ref: weight / total for ref, weight in zip(plan.refs, plan.weights, strict=True)}
+
+
+def _log_input(dataset, context: str, attempts: int = 5, tags: dict[str, str] | None = None) -> None:
     """`mlflow.log_input`, again when a concurrent run (a sweep's trials start together) created the same dataset
     row first: a SQL store then refuses the second insert (UNIQUE constraint); the retry links the existing row."""
     import time
@@ -318,7 +337,7 @@ def _log_input(dataset, context: str, attempts: int = 5) -> None:
 
     for attempt in range(1, attempts + 1):
         try:
-            mlflow.log_input(dataset, context=context)
+            mlflow.log_input(dataset, context=context, tags=tags)
             return
         except MlflowException as e:
             if attempt == attempts or "UNIQUE constraint" not in str(e) and "IntegrityError" not in str(e):

@@ -17,13 +17,27 @@ def add_train_parser(subparsers) -> None:
         epilog="examples:\n"
         "  recolor train configs/demo.yaml\n"
         "  recolor train configs/pix2pix_unet.yaml --dataset imagenet-5k@1 --workers 4 --gpu stages.0.epochs=100\n"
+        "  recolor train configs/pix2pix_unet.yaml --dataset imagenet-5k --workers 2-8 --gpu max_failures=-1\n"
+        "  recolor train configs/pix2pix_unet.yaml --dataset imagenet-5k:0.8 --dataset coco:0.2\n"
         "  recolor train configs/resnet18_unet.yaml model.backbone_weights=s3://weights/resnet18.pth",
         formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
     )
     parser.add_argument("config", help="YAML preset (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.batch_size=8 stages.0.epochs=3")
-    parser.add_argument("--dataset", action="append", metavar="NAME[@VERSION]", help="training data (repeatable)")
-    parser.add_argument("--workers", type=int, help="Ray Train workers (DDP ranks)")
+    parser.add_argument(
+        "--dataset",
+        action="append",
+        metavar="NAME[@VERSION][:WEIGHT]",
+        help="training data (repeatable); with weights on all of them, each epoch draws from each in proportion "
+        "(a mixture: data.mix; its length data.epoch_samples, default the datasets' total)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=worker_counts,
+        metavar="N | MIN-MAX",
+        help="Ray Train workers (DDP ranks); MIN-MAX: an elastic group that starts with what the cluster gives, goes "
+        "on with fewer when nodes are lost and grows when they come back, each step the same global batch",
+    )
     parser.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker (NCCL, bf16 autocast)")
     parser.add_argument("--lake", help="lake URI (default: $RECOLOR_LAKE, else ./lake)")
     parser.add_argument(
@@ -42,10 +56,46 @@ def add_train_parser(subparsers) -> None:
     parser.set_defaults(handler=run_train_command)
 
 
+def worker_counts(text: str) -> int | list[int]:
+    """`--workers 4` or `--workers 2-8`."""
+    import argparse
+
+    low, dash, high = text.partition("-")
+    try:
+        counts = [int(low), int(high)] if dash else int(low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count (4) or a range (2-8), got {text!r}") from None
+    if min(counts if dash else [counts]) < 1:
+        raise argparse.ArgumentTypeError(f"worker counts start at 1, got {text!r}")
+    return counts
+
+
+def dataset_override(datasets: list[str]) -> str:
+    """`--dataset a --dataset b` as data.datasets; `--dataset a:0.8 --dataset b:0.2` as data.mix.
+
+    Raises:
+        ConfigError: weights on some datasets only, or a weight that is not a positive number.
+    """
+    from ingest.errors import ConfigError
+
+    weighted = [name.rpartition(":") for name in datasets]
+    if not any(sep for _, sep, _ in weighted):
+        return f"data.datasets={json.dumps(datasets)}"
+    mix = {}
+    for name, sep, weight in weighted:
+        if not sep:
+            raise ConfigError(f"--dataset {weight}: give every dataset of a mixture a weight (NAME:WEIGHT), or none")
+        try:
+            mix[name] = float(weight)
+        except ValueError:
+            raise ConfigError(f"--dataset {name}:{weight}: the weight must be a number, e.g. {name}:0.2") from None
+    return f"data.mix={json.dumps(mix)}"
+
+
 def config_from_args(args):
     overrides = list(args.overrides)
     if args.dataset:
-        overrides.append(f"data.datasets={json.dumps(args.dataset)}")
+        overrides.append(dataset_override(args.dataset))
     for flag, key in (("workers", "workers"), ("lake", "data.lake"), ("storage", "storage"), ("name", "name")):
         value = getattr(args, flag)
         if value is not None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ingest.errors import ConfigError
 from pipeline.config import TrainConfig
-from pipeline.data import DataError, DataPlan, resolve_data
+from pipeline.data import DataError, DataPlan, rank_batches, resolve_config_data
 from pipeline.train.failures import (
     NonFiniteLoss,
     Stopped,
@@ -106,7 +106,7 @@ def run_training(
     """
     from pipeline.train.checkpoints import upload_attempts
 
-    plan = resolve_data(config.data.datasets, config.data.lake)
+    plan = resolve_config_data(config.data)
     check_before_start(config, plan, ray_address)
     storage = resolve_storage(config.storage)
     upload_attempts()  # a bad $RECOLOR_CHECKPOINT_UPLOAD_ATTEMPTS stops here, not at a worker's first checkpoint
@@ -156,7 +156,10 @@ def _train_holding_lease(config, plan, storage, run_uri, tracking, tracking_uri,
 
     # A rerun after checkpoints were lost resumes from what is left (or starts over) instead of failing forever.
     repair_run_snapshot(run_uri)
-    resuming = latest_recorded(run_uri) is not None
+    latest = latest_recorded(run_uri)
+    resuming = latest is not None
+    if resuming:
+        check_resumed_batch(config, latest[1])
     pinned = pin_run_data(config, plan, run_uri, resuming)
     if pinned.refs != plan.refs:
         check_before_start(config, pinned, ray_address)
@@ -266,7 +269,7 @@ def pin_run_data(config: TrainConfig, plan: DataPlan, run_uri: str, resuming: bo
     log.warning("run %s resumes on %s, the versions it started with (latest now: %s); to train on the new data "
                 "start a new run: --dataset %s --name NEW_NAME", config.name, ", ".join(recorded),
                 ", ".join(plan.refs), " --dataset ".join(plan.refs))  # fmt: skip
-    return resolve_data(recorded, config.data.lake)
+    return resolve_config_data(config.data, recorded)
 
 
 def finished_earlier(config: TrainConfig, plan: DataPlan, run_uri: str, tracking) -> TrainResult | None:
@@ -311,6 +314,29 @@ def _trained_all(config: TrainConfig, metrics: dict) -> bool:
     )
 
 
+def check_resumed_batch(config: TrainConfig, metrics: dict) -> None:
+    """A resumed run keeps its global batch (the samples of one update, recorded with its checkpoints), whatever
+    this command's worker count or batch size: refuse a fixed count that cannot split it evenly, and say when the
+    config asks for another batch.
+
+    Raises:
+        ConfigError: the fixed worker count does not divide the run's global batch, naming the counts that do.
+    """
+    from pipeline.config import check_split
+
+    recorded = metrics.get("global_batch")
+    if not recorded:
+        return  # a checkpoint older than elastic groups: it ran batch_size on each of as many workers
+    recorded = int(recorded)
+    if not config.elastic:
+        check_split(recorded, config.workers, f"run {config.name!r}'s global batch")
+    if recorded != config.global_batch:
+        shares = "/".join(map(str, sorted(set(rank_batches(recorded, config.workers)), reverse=True)))
+        log.warning("run %s resumes with its global batch of %d samples a step (recorded in its checkpoints), not %d: "
+                    "%s a worker on %d workers; start a new run (--name) to train with another batch", config.name,
+                    recorded, config.global_batch, shares, config.workers)  # fmt: skip
+
+
 def check_before_start(config: TrainConfig, plan: DataPlan, ray_address: str | None = None) -> None:
     """What the driver can tell in seconds, before a cluster starts: data too small to train, backbone weights
     that do not load, devices missing.
@@ -328,10 +354,10 @@ def check_before_start(config: TrainConfig, plan: DataPlan, ray_address: str | N
             load_backbone_weights(build_generator(config.model.arch), load_backbone(config.model.backbone_weights))
         except ValueError as e:
             raise ConfigError(f"model.backbone_weights {config.model.backbone_weights}: {e}") from None
-    global_batch = config.workers * config.data.batch_size
-    train, val = plan.count("train"), plan.count("val")
+    global_batch = config.global_batch
+    train, val = plan.epoch_length(), plan.count("val")
     refs = ", ".join(plan.refs)
-    if train == 0:
+    if plan.count("train") == 0:
         raise DataError(
             f"{refs}: no training samples (every sample is in the validation split, as in a dataset ingested with "
             "--val-fraction 1 for scoring): score models on it with recolor evaluate, and train on a dataset "
@@ -339,8 +365,9 @@ def check_before_start(config: TrainConfig, plan: DataPlan, ray_address: str | N
         )
     if train < global_batch:
         raise DataError(
-            f"{refs}: the training split has {train} samples, fewer than one global batch ({config.workers} workers "
-            f"x batch {config.data.batch_size}): ingest more images or lower data.batch_size / --workers"
+            f"{refs}: the training split has {train} samples, fewer than one global batch ({global_batch}: "
+            f"{config.workers} workers x batch {config.data.batch_size}, or data.global_batch_size): ingest more "
+            "images or lower data.batch_size / data.global_batch_size / --workers"
         )
     if val == 0:
         raise DataError(
@@ -356,7 +383,7 @@ def check_before_start(config: TrainConfig, plan: DataPlan, ray_address: str | N
         import torch
 
         available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if available < config.workers:
+        if available < config.workers:  # an elastic group starts with its smallest size
             raise ConfigError(
                 f"--gpu with {config.workers} workers needs {config.workers} GPUs, and this machine has {available}: "
                 "drop --gpu, lower --workers, or pass --ray-address of a cluster with GPU nodes"
@@ -372,7 +399,7 @@ def _fit(config: TrainConfig, plan: DataPlan, storage: str, ray_address, logger_
     from ingest.cluster import ensure_ray, ship_environment
     from pipeline.train.worker import train_loop_per_worker
 
-    needed_cpus = config.workers * config.cpus_per_worker
+    needed_cpus = (config.max_workers or config.workers) * config.cpus_per_worker
     with ensure_ray(ray_address, max(os.cpu_count() or 1, needed_cpus)):
         resources = {"CPU": config.cpus_per_worker}
         if config.use_gpu:
@@ -389,9 +416,7 @@ def _fit(config: TrainConfig, plan: DataPlan, storage: str, ray_address, logger_
                 # An object reference, not the values: Ray shows a run's config on its dashboard and logs runtime envs.
                 "environment": ship_environment({"MLFLOW_TRACKING_URI": run_info["uri"]} if run_info else None),
             },
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=config.workers, use_gpu=config.use_gpu, resources_per_worker=resources
-            ),
+            scaling_config=scaling_config(config, resources),
             torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
             run_config=ray.train.RunConfig(
                 name=config.name,
@@ -408,6 +433,20 @@ def _fit(config: TrainConfig, plan: DataPlan, storage: str, ray_address, logger_
         )
         # Ray Train 2.60 raises when training fails (never a Result with `.error`).
         return _fit_until_stopped(trainer)
+
+
+def scaling_config(config: TrainConfig, resources: dict):
+    """Ray Train's worker group: `config.workers` workers, or with `max_workers` an elastic group that starts with
+    what the cluster can give (at least `workers`), restarts smaller from the latest checkpoint when workers are
+    lost, and grows when the cluster has room again (looked at every `elastic_resize_s`)."""
+    import ray.train
+
+    if not config.elastic:
+        return ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
+                                       resources_per_worker=resources)  # fmt: skip
+    return ray.train.ScalingConfig(num_workers=(config.workers, config.max_workers), use_gpu=config.use_gpu,
+                                   resources_per_worker=resources,
+                                   elastic_resize_monitor_interval_s=config.elastic_resize_s)  # fmt: skip
 
 
 def _fit_until_stopped(trainer):

@@ -26,9 +26,17 @@ from torch import nn
 
 from ingest import faults
 from ingest.lab import lab8_to_network_torch
-from pipeline.checkpoint import Position, build_payload, epoch_interleave, restore_networks, restore_optimizers
+from pipeline.checkpoint import (
+    Position,
+    build_payload,
+    epoch_global_batch,
+    epoch_interleave,
+    epoch_splits,
+    restore_networks,
+    restore_optimizers,
+)
 from pipeline.config import StageConfig, TrainConfig
-from pipeline.data import DataPlan, prefetch, train_batches, validation_batches
+from pipeline.data import DataPlan, prefetch, rank_batches, train_batches, validation_batches
 from pipeline.evaluation.validation import accumulate, finalize
 from pipeline.losses import GANLoss, discriminator_loss, generator_loss
 from pipeline.models import build_discriminator, build_generator
@@ -38,6 +46,8 @@ from pipeline.train.failures import NonFiniteLoss
 
 log = logging.getLogger(__name__)
 
+TRAINED_LOG = "RECOLOR_TRAINED_LOG"  # test hooks: see ColorizerTrainer._log_trained and _wait_while_paused
+TRAIN_PAUSE = "RECOLOR_TRAIN_PAUSE"
 SAMPLES_KEY = "validation_samples"  # the MLflow image key of the sample grids (one a validation, by step)
 
 
@@ -147,9 +157,16 @@ class ColorizerTrainer:
         # taken under another one (a changed data.interleave, or a checkpoint older than interleaving).
         self.interleave = config.data.interleave
         self.resumed_interleave: int | None = None
+        # The run's samples a step, whatever the number of workers: a resume on another count keeps it (the rate
+        # means the same), and each rank takes its share (`rank_batches`). The epoch's worker groups so far.
+        self.global_batch = config.global_batch if config.elastic else config.data.batch_size * world_size
+        self.splits: list[tuple[int, int]] = [(world_size, 0)]
+        self.resumed_splits: list[tuple[int, int]] | None = None
         if checkpoint_payload is not None:
             self.position = restore_networks(checkpoint_payload, generator, discriminator)
             self.resumed_interleave = epoch_interleave(checkpoint_payload)
+            self.global_batch = epoch_global_batch(checkpoint_payload) or self.global_batch
+            self.resumed_splits = epoch_splits(checkpoint_payload)
         if model.norm == "sync_batch" and world_size > 1:
             generator = nn.SyncBatchNorm.convert_sync_batchnorm(generator)
             discriminator = nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
@@ -165,6 +182,8 @@ class ColorizerTrainer:
             self.plain_generator = torch.compile(self.plain_generator)
             self.plain_discriminator = torch.compile(self.plain_discriminator)
         self._resume_payload = checkpoint_payload
+        self._started = time.time_ns()  # tells this worker group's steps from a restarted one's (test hooks)
+        self._group_started: int | None = None
         from pipeline.train.throughput import peak_flops
 
         self._peak_flops = peak_flops(device)
@@ -202,8 +221,12 @@ class ColorizerTrainer:
             torch.optim.lr_scheduler.LambdaLR(opt_d, schedule),
         )
 
-    def train_step(self, batch: torch.Tensor, stage: StageConfig, gan_loss: GANLoss | None, opts) -> dict[str, float]:
-        """One step on a uint8 Lab batch: D update, then G update with D frozen (or L1 only)."""
+    def train_step(self, batch: torch.Tensor, stage: StageConfig, gan_loss: GANLoss | None, opts,
+                   weight: float = 1.0) -> dict[str, float]:  # fmt: skip
+        """One step on a uint8 Lab batch: D update, then G update with D frozen (or L1 only).
+
+        `weight` scales what is back-propagated (not the losses returned): a rank holding k of a global batch B over
+        N ranks weighs N*k/B, so DDP's mean over ranks is the mean over the global batch when shares differ."""
         opt_g, opt_d = opts
         lab8 = batch.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         light, real_ab = lab8_to_network_torch(lab8)
@@ -218,7 +241,7 @@ class ColorizerTrainer:
                 fake_logits = self.discriminator(torch.cat([light, fake_ab.detach()], dim=1))
                 real_logits = self.discriminator(torch.cat([light, real_ab], dim=1))
             d_losses = discriminator_loss(gan_loss, fake_logits.float(), real_logits.float())
-            d_losses["loss_D"].backward()
+            (d_losses["loss_D"] * weight if weight != 1.0 else d_losses["loss_D"]).backward()
             opt_d.step()
             losses.update(d_losses)
             # Generator: the discriminator is frozen and called unwrapped, so DDP syncs no D gradients.
@@ -227,50 +250,60 @@ class ColorizerTrainer:
             with self._autocast():
                 logits = self.plain_discriminator(torch.cat([light, fake_ab], dim=1))
             g_losses = generator_loss(gan_loss, logits.float(), fake_ab.float(), real_ab, self.config.l1_lambda)
-            g_losses["loss_G"].backward()
+            (g_losses["loss_G"] * weight if weight != 1.0 else g_losses["loss_G"]).backward()
             opt_g.step()
             losses.update(g_losses)
         else:
             opt_g.zero_grad(set_to_none=True)
             loss_l1 = nn.functional.l1_loss(fake_ab.float(), real_ab) * self.config.l1_lambda
-            loss_l1.backward()
+            (loss_l1 * weight if weight != 1.0 else loss_l1).backward()
             opt_g.step()
             losses.update(loss_G_L1=loss_l1, loss_G=loss_l1)
         return {name: value.detach() for name, value in losses.items()}  # tensors: no device sync per step
 
     @torch.no_grad()
     def validate(self, grid_name: str | None = None, step: int | None = None) -> dict[str, float]:
-        """Metrics on this rank's share of the validation split, all-reduced; gray baseline beside them.
+        """Metrics on this rank's share of the validation split, all-reduced; gray baseline beside them. With several
+        datasets, each one's too, as `val/<dataset>/<metric>` (`data.max_val_batches` caps each one).
 
         Rank 0 also logs a sample grid of its first validation batch (the same images every epoch).
         """
         generator = unwrap(self.generator)
         was_training = generator.training
         generator.eval()  # the plain (maybe compiled) module shares these weights and this mode
-        batches = validation_batches(
-            self.plan, self.rank, self.world_size, self.config.data.batch_size, self.config.data.max_val_batches,
-            cache=self.cache,
-        )  # fmt: skip
-        # fp32, as `recolor evaluate` scores: the same checkpoint gets the same metrics in both.
-        totals, first = accumulate(
-            self.plain_generator,
-            prefetch(batches, self.config.data.prefetch_batches),
-            self.device,
-            memory_format=self.memory_format,
-        )
+        sources = range(len(self.plan.refs)) if len(self.plan.refs) > 1 else [None]
+        overall, first, metrics = None, None, {}
+        for source in sources:
+            plan = self.plan if source is None else self.plan.source(source)
+            batches = validation_batches(
+                plan, self.rank, self.world_size, self.config.data.batch_size, self.config.data.max_val_batches,
+                cache=self.cache,
+            )  # fmt: skip
+            # fp32, as `recolor evaluate` scores: the same checkpoint gets the same metrics in both.
+            totals, source_first = accumulate(
+                self.plain_generator,
+                prefetch(batches, self.config.data.prefetch_batches),
+                self.device,
+                memory_format=self.memory_format,
+            )
+            if self.world_size > 1:
+                torch.distributed.all_reduce(totals)
+            if source is not None:
+                metrics |= finalize(totals, prefix=f"val/{self.plan.refs[source].partition('@')[0]}/")
+            overall = totals if overall is None else overall + totals
+            first = first if first is not None else source_first
         generator.train(was_training)
-        if self.world_size > 1:
-            torch.distributed.all_reduce(totals)
         if grid_name and first is not None:
             self.logger.log_image(sample_grid(*first), grid_name, key=SAMPLES_KEY, step=step)
-        return finalize(totals)
+        return finalize(overall) | metrics
 
     # ------------------------------------------------------------------------------------ checkpoints
 
     def payload(self, next_position: Position, opts, scheds) -> dict:
         generator, discriminator = unwrap(self.generator), unwrap(self.discriminator)
+        splits = self.splits if next_position.step_in_epoch else [(self.world_size, 0)]
         return build_payload(generator, discriminator, opts, scheds, next_position, self.config, self.plan,
-                             self.interleave)  # fmt: skip
+                             self.interleave, self.global_batch, splits)  # fmt: skip
 
     # ---------------------------------------------------------------------------------------- the run
 
@@ -278,6 +311,7 @@ class ColorizerTrainer:
         config = self.config
         last_metrics: dict[str, float] = {}
         progress = Progress(self.is_rank_zero)
+        self._note_resize()
         for stage_index in range(self.position.stage, len(config.stages)):
             stage = config.stages[stage_index]
             gan_loss = GANLoss(stage.gan_mode) if stage.gan_mode else None
@@ -307,6 +341,7 @@ class ColorizerTrainer:
                         "the next", self.resumed_interleave, self.interleave)  # fmt: skip
             self.interleave = self.resumed_interleave
         self.resumed_interleave = None
+        self.splits = self._epoch_splits(start_step)
         # Shuffles differ per stage and epoch; flips and windows too (they derive from the same numbers).
         shuffle_epoch = stage_index * 100_000 + epoch
         batches, steps, bad = train_batches(
@@ -315,7 +350,7 @@ class ColorizerTrainer:
             config.seed,
             self.rank,
             self.world_size,
-            config.data.batch_size,
+            0,
             config.data.shuffle_window,
             config.data.flip,
             start_step,
@@ -324,12 +359,16 @@ class ColorizerTrainer:
             interleave=self.interleave,
             loader_workers=config.data.loader_workers or config.cpus_per_worker,
             cache=self.cache,
+            global_batch=self.global_batch,
+            splits=self.splits,
         )
         progress.start_epoch(f"{stage.name} epoch {epoch + 1}/{stage.epochs}", steps, start_step)
         window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
         losses: dict[str, torch.Tensor] = {}
         step_in_epoch = start_step
-        trained = start_step * config.data.batch_size  # samples this rank trained on this epoch, resumes included
+        # Samples trained on this epoch: rank 0 counts the steps before this group's start (on whatever group ran
+        # them), each rank its own since; summed over ranks at the epoch's end.
+        trained = start_step * self.global_batch if self.rank == 0 else 0
         pinned = self.cuda  # page-locked host batches: the non_blocking copies to the GPU then really overlap
         source = iter(prefetch((_host_batch(b, pinned) for b in batches), config.data.prefetch_batches))
         while True:
@@ -341,20 +380,25 @@ class ColorizerTrainer:
             if config.max_steps is not None and self.position.global_step >= config.max_steps:
                 return None
             faults.maybe_fail("train_step", self.rank)
+            if TRAIN_PAUSE in os.environ:
+                self._wait_while_paused()
             torch.manual_seed(step_seed(config.seed, self.rank, self.position.global_step))
-            losses = self.train_step(batch, stage, gan_loss, opts)
+            losses = self.train_step(batch, stage, gan_loss, opts, self.world_size * batch.shape[0] / self.global_batch)
             if faults.maybe_fail("loss_nan", self.rank):  # drills: a step whose losses diverge
                 losses = {name: value * float("nan") for name, value in losses.items()}
             step_in_epoch += 1
             trained += batch.shape[0]
+            if TRAINED_LOG in os.environ:
+                self._log_trained(batch, stage_index, epoch, step_in_epoch)
             self.position = Position(stage_index, epoch, step_in_epoch, self.position.global_step + 1)
             window_steps += 1
             progress.step()
             step = self.position.global_step
             if step % config.log_every == 0 or step_in_epoch == steps:
                 elapsed = time.perf_counter() - window_start
-                images_per_s = window_steps * batch.shape[0] * self.world_size / elapsed
+                images_per_s = window_steps * self.global_batch / elapsed
                 throughput = {
+                    "workers": float(self.world_size),
                     "images_per_s": images_per_s,
                     "step_time_s": elapsed / window_steps,
                     "data_wait_s": window_wait / window_steps,
@@ -391,7 +435,7 @@ class ColorizerTrainer:
             metrics |= {"data_store_bytes": store_bytes, "data_cache_bytes": cache_bytes,
                         "data_cache_hit_ratio": cache_bytes / max(1.0, store_bytes + cache_bytes)}  # fmt: skip
         if self.rank == 0:
-            available = self.plan.count("train")
+            available = self.plan.epoch_length()
             log.info(
                 "%s epoch %d: trained on %d of %d training samples (%d left out: less than one global batch of %d)",
                 stage.name,
@@ -399,16 +443,75 @@ class ColorizerTrainer:
                 epoch_samples,
                 available,
                 available - epoch_samples,
-                config.data.batch_size * self.world_size,
+                self.global_batch,
             )
         logged = ("bad_samples", "epoch_samples", "data_store_bytes", "data_cache_bytes", "data_cache_hit_ratio")
         self.logger.log(
-            {k: v for k, v in metrics.items() if k.startswith("val_") or k in logged}, self.position.global_step
+            {k: v for k, v in metrics.items() if k.startswith(("val_", "val/")) or k in logged},
+            self.position.global_step,
         )
         next_position = Position(stage_index, epoch + 1, 0, self.position.global_step)
         self.position = next_position
         self._checkpoint({**metrics, "epoch": epoch, "stage": stage_index, "epoch_end": 1}, next_position, opts, scheds)
         return metrics
+
+    def _epoch_splits(self, start_step: int) -> list[tuple[int, int]]:
+        """The worker groups of the epoch about to run: this one from the first step, or, resuming mid-epoch, the
+        checkpoint's groups and this one from `start_step` when its size differs (logged as an event)."""
+        resumed, self.resumed_splits = self.resumed_splits, None
+        if not start_step:
+            return [(self.world_size, 0)]
+        if resumed is None:  # a checkpoint older than elastic groups: taken on a group of this size, presumably
+            return [(self.world_size, 0)]
+        if resumed[-1][0] == self.world_size:
+            return resumed
+        return [*resumed, (self.world_size, start_step)]
+
+    def _note_resize(self) -> None:
+        """Say, once a worker group starts, that it has another size than the one that took its checkpoint."""
+        before = self.resumed_splits[-1][0] if self.resumed_splits else None
+        if before is None or before == self.world_size:
+            return
+        position = self.position
+        text = (f"worker group resized {before} -> {self.world_size} (stage {position.stage}, epoch {position.epoch}, "
+                f"step {position.step_in_epoch} of the epoch); {self.global_batch} samples a step, "
+                f"{'/'.join(map(str, sorted(set(rank_batches(self.global_batch, self.world_size)), reverse=True)))} "
+                "a worker")  # fmt: skip
+        if self.is_rank_zero:
+            log.warning("%s", text)
+        self.logger.event(text, position.global_step)
+        self.logger.log({"workers": float(self.world_size)}, position.global_step)
+
+    def _log_trained(self, batch: torch.Tensor, stage_index: int, epoch: int, step_in_epoch: int) -> None:
+        """A test hook (`$RECOLOR_TRAINED_LOG`, a folder): one line a step, "stage epoch step workers started crc32,..."
+        (`started`: when rank 0's trainer of this worker group was made, so that steps a restarted group trained again
+        can be told apart), the CRC-32 of each sample trained on (as stored, with data.flip off)."""
+        if self._group_started is None:  # every rank logs rank 0's time: one id for the group
+            (started,) = self._sum_over_ranks(self._started if self.is_rank_zero else 0)
+            self._group_started = int(started)
+        rows = batch.numpy().reshape(batch.shape[0], -1)
+        crcs = ",".join(str(zlib.crc32(row.tobytes())) for row in rows)
+        path = Path(os.environ[TRAINED_LOG]) / f"trained-rank{self.rank}.txt"
+        with path.open("a") as log_file:
+            log_file.write(f"{stage_index} {epoch} {step_in_epoch} {self.world_size} {self._group_started} {crcs}\n")
+
+    def _wait_while_paused(self) -> None:
+        """A test hook (`$RECOLOR_TRAIN_PAUSE`, a file holding a global step N): while it exists and the run has
+        trained N steps or more, steps wait; each waiting rank says so in a file beside it named for the group's size
+        and the step (`<file>.waiting-<workers>-<rank>-<step>`). The test moves N on or deletes the file."""
+        pause = Path(os.environ[TRAIN_PAUSE])
+        marker = pause.with_name(f"{pause.name}.waiting-{self.world_size}-{self.rank}-{self.position.global_step}")
+
+        def paused() -> bool:
+            try:
+                return self.position.global_step >= int(pause.read_text() or 0)
+            except (FileNotFoundError, ValueError):
+                return False
+
+        if paused():
+            marker.touch()
+        while paused():
+            time.sleep(0.05)
 
     def _stop_if_diverged(self, losses: dict[str, float], stage_index: int) -> None:
         """Stop the run when any rank's losses are not finite, before a checkpoint of the diverged model is taken.
@@ -450,7 +553,8 @@ class ColorizerTrainer:
 
     def _checkpoint(self, metrics: dict, position: Position, opts, scheds) -> None:
         payload = self.payload(position, opts, scheds) if self.is_rank_zero else None
-        self.report({**metrics, "global_step": position.global_step}, payload)
+        self.report({**metrics, "global_step": position.global_step, "global_batch": self.global_batch,
+                     "workers": self.world_size}, payload)  # fmt: skip
 
 
 def shard_cache_for(config: TrainConfig, plan: DataPlan):

@@ -58,6 +58,9 @@ def metric_recorder(path: Path):
             def log_image(self, image, name: str, key=None, step=None) -> None:
                 pass
 
+            def event(self, text: str, step: int) -> None:
+                pass
+
             def close(self) -> None:
                 pass
 

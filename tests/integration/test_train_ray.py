@@ -268,3 +268,64 @@ def test_recolor_train_with_a_missing_dataset_is_a_one_line_error(train_lake, tm
     assert len(result.error_lines) == 1, result.stderr
     assert result.error_lines[0].startswith("recolor: error: ") and "nope" in result.error_lines[0]
     assert not (tmp_path / "runs").exists()
+
+
+# --- resuming on another number of workers -----------------------------------------------------------
+
+
+def trained_log(folder: Path) -> list[tuple[int, int, int, list[int]]]:
+    """(epoch, step in epoch, workers, sample CRCs) of every step every rank trained (`RECOLOR_TRAINED_LOG`)."""
+    steps = []
+    for path in sorted(folder.glob("trained-rank*.txt")):
+        for line in path.read_text().splitlines():
+            _, epoch, step, workers, _, crcs = line.split()
+            steps.append((int(epoch), int(step), int(workers), [int(c) for c in crcs.split(",")]))
+    return steps
+
+
+def epoch_sample_crcs(plan: DataPlan, seed: int, global_batch: int) -> list[int]:
+    """The CRC-32 of each sample of the first epoch's global order (what one epoch must train, each once)."""
+    import zlib
+
+    from pipeline.data import decode_sample, epoch_segments, read_segments
+
+    segments, _ = epoch_segments(plan.train, 0, seed, global_batch)
+    return [zlib.crc32(decode_sample(data, plan.size).tobytes()) for _, _, data in read_segments(segments)]
+
+
+@pytest.mark.parametrize(
+    "first_workers, then_workers, global_batch", [(2, 1, 4), (1, 3, 6)], ids=["2-then-1", "1-then-3"]
+)
+def test_an_epoch_resumed_on_another_worker_count_trains_each_sample_once(
+    uninterrupted, train_lake, tmp_path, quiet_env, first_workers, then_workers, global_batch
+) -> None:
+    _, reference_root, reference_steps = uninterrupted
+    lake, plan = train_lake
+    steps = plan.count("train") // global_batch
+    stop_at = steps // 2 + 1  # mid-epoch, inside a shuffle window
+    log_dir = tmp_path / "trained"
+    log_dir.mkdir()
+    quiet_env.setenv("RECOLOR_TRAINED_LOG", str(log_dir))
+    storage = tmp_path / "runs"
+    options = dict(data=DataConfig(datasets=["photos"], lake=lake, global_batch_size=global_batch, shuffle_window=8,
+                                   flip=False), checkpoint_every=stop_at)  # fmt: skip
+
+    run_training(tiny_config(lake, storage, "elastic", workers=first_workers, max_steps=stop_at, **options))
+    second = run_training(tiny_config(lake, storage, "elastic", workers=then_workers, **options))
+
+    final = load_checkpoint(second.checkpoint)
+    assert final["position"]["global_step"] == steps  # as many steps as an uninterrupted epoch
+    assert final["data"]["global_batch"] == global_batch
+    if global_batch == WORKERS * BATCH:
+        assert steps == reference_steps
+    trained = trained_log(log_dir)
+    assert {(workers, step <= stop_at) for _, step, workers, _ in trained} == {(first_workers, True),
+                                                                              (then_workers, False)}  # fmt: skip
+    per_step: dict[int, int] = {}
+    for _, step, _, crcs in trained:
+        per_step[step] = per_step.get(step, 0) + len(crcs)
+    assert per_step == {step: global_batch for step in range(1, steps + 1)}  # the global batch, every step
+    got = sorted(crc for *_, crcs in trained for crc in crcs)
+    expected = sorted(epoch_sample_crcs(plan, 0, global_batch))
+    assert len(set(expected)) == len(expected) == steps * global_batch  # the photos are all different
+    assert got == expected, "a sample of the epoch was trained twice, or not at all"

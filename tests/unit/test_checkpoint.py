@@ -491,7 +491,7 @@ def test_trainer_stops_at_max_steps_and_its_payload_restores_a_fresh_trainer(tin
     assert payload["position"] == {"stage": 0, "epoch": 0, "step_in_epoch": 2, "global_step": 2}
     assert payload["config"] == config.to_dict()
     assert payload["data"] == {"refs": plan.refs, "digests": plan.digests, "size": plan.size, "resize": plan.resize,
-                               "interleave": 4}  # fmt: skip
+                               "interleave": 4, "global_batch": 2, "splits": [[1, 0]]}  # fmt: skip
     assert payload["opt_g"]["state"], "the generator's Adam moments are missing"
     assert payload["sched_g"]["last_epoch"] == 0
 
@@ -566,6 +566,9 @@ class ListLogger:
         self.logged.append((step, dict(metrics)))
 
     def log_image(self, png: bytes, artifact_path: str, key=None, step=None) -> None:
+        pass
+
+    def event(self, text: str, step: int) -> None:
         pass
 
     def close(self) -> None:

@@ -33,8 +33,19 @@ def test_pix2pix_preset_is_the_recipe() -> None:
 
 
 def test_a_global_batch_that_does_not_split_over_the_workers_is_refused() -> None:
-    with pytest.raises(ConfigError, match=r"data.global_batch_size=16 does not split over 3 workers"):
+    with pytest.raises(
+        ConfigError,
+        match=r"data.global_batch_size=16 does not split evenly over 3 workers: use "
+        r"--workers 1 / 2 / 4 / 8 / 16, .* \(e.g. 18\), or an elastic group",
+    ):
         load_config(CONFIGS / "pix2pix_unet.yaml", ["workers=3"])
+    elastic = load_config(CONFIGS / "pix2pix_unet.yaml", ["workers=[2, 5]"])  # unequal shares are weighted
+    assert (elastic.workers, elastic.max_workers, elastic.global_batch, elastic.elastic) == (2, 5, 16, True)
+    assert TrainConfig.from_dict(elastic.to_dict()) == elastic
+    with pytest.raises(ConfigError, match=r"a global batch of 16 cannot feed 20 workers"):
+        load_config(CONFIGS / "pix2pix_unet.yaml", ["workers=[2, 20]"])
+    with pytest.raises(ConfigError, match=r"workers \[4, 2\]: the largest group is smaller"):
+        load_config(CONFIGS / "pix2pix_unet.yaml", ["workers=[4, 2]"])
     config = load_config(CONFIGS / "demo.yaml", ["data.global_batch_size=12", "workers=3"])
     assert config.data.batch_size == 4
     again = dataclasses.replace(config, workers=2)  # a sweep's trial: a new worker count, the global batch kept
@@ -299,7 +310,7 @@ def test_lr_lambda_drives_lambda_lr_as_the_loop_steps_it() -> None:
         ("model.num_downs=0", r"model.num_downs must be in 1..12, got 0"),
         ("model.num_downs=40", r"model.num_downs must be in 1..12, got 40"),
         ("max_steps=0", r"max_steps must be at least 1"),
-        ("max_failures=-1", r"max_failures must be at least 0, got -1"),
+        ("max_failures=-2", r"max_failures must be at least 0 \(or -1: no limit\), got -2"),
         ("cpus_per_worker=0", r"cpus_per_worker must be at least 1"),
         ("data.max_val_batches=0", r"data.max_val_batches must be at least 1"),
         ("data.prefetch_batches=-1", r"data.prefetch_batches must be at least 0"),

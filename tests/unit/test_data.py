@@ -147,7 +147,7 @@ def test_the_left_out_remainder_changes_between_epochs(uneven_plan) -> None:
 
 def test_fewer_samples_than_one_global_batch_is_a_data_error(tmp_path) -> None:
     plan = make_plan(write_shards(tmp_path, [3, 2]))
-    with pytest.raises(DataError, match=r"5 samples, fewer than one global batch \(2 workers x batch 3\)"):
+    with pytest.raises(DataError, match=r"5 samples, fewer than one global batch \(6\)"):
         train_batches(plan, 0, 0, 0, 2, 3, 4, True)
 
 

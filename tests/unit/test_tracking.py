@@ -15,7 +15,7 @@ def test_a_dataset_a_concurrent_run_created_first_is_logged_again_not_failed(mon
 
     calls = []
 
-    def log_input(dataset, context):
+    def log_input(dataset, context, tags=None):
         calls.append(context)
         if len(calls) == 1:
             raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id")
@@ -24,7 +24,7 @@ def test_a_dataset_a_concurrent_run_created_first_is_logged_again_not_failed(mon
     runs._log_input(object(), "training")
     assert calls == ["training", "training"]
 
-    def refused(dataset, context):
+    def refused(dataset, context, tags=None):
         raise MlflowException("RESOURCE_DOES_NOT_EXIST: run gone")
 
     monkeypatch.setattr(mlflow, "log_input", refused)
