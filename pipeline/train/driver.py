@@ -330,6 +330,9 @@ def check_resumed_batch(config: TrainConfig, metrics: dict) -> None:
     recorded = int(recorded)
     if not config.elastic:
         check_split(recorded, config.workers, f"run {config.name!r}'s global batch")
+    elif recorded < config.max_workers:
+        raise ConfigError(f"run {config.name!r} trains {recorded} samples a step, too few for {config.max_workers} "
+                          f"workers: cap the group at {recorded} (--workers {config.workers}-{recorded})")  # fmt: skip
     if recorded != config.global_batch:
         shares = "/".join(map(str, sorted(set(rank_batches(recorded, config.workers)), reverse=True)))
         log.warning("run %s resumes with its global batch of %d samples a step (recorded in its checkpoints), not %d: "

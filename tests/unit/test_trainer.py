@@ -6,6 +6,7 @@ import pytest
 from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 from ray.train import ControllerError, WorkerGroupError
 
+from ingest.errors import ConfigError
 from ingest.faults import InjectedFault
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import DataConfig, ModelConfig, TrainConfig
@@ -144,3 +145,20 @@ def test_an_unreachable_tracking_server_is_named_in_one_line(tmp_path) -> None:
         "(ConnectionError): start it, fix --tracking-uri / $MLFLOW_TRACKING_URI, or unset it to track in ./mlflow.db",
     )
     check_tracking_server(f"sqlite:///{tmp_path / 'mlflow.db'}")  # a file store: nothing to ask
+
+
+def test_a_resume_keeps_the_runs_global_batch_and_refuses_a_count_that_cannot_split_it(caplog) -> None:
+    from pipeline.train.driver import check_resumed_batch
+
+    recorded = {"global_batch": 12.0, "global_step": 40.0}
+    check_resumed_batch(TrainConfig(workers=3, data=DataConfig(batch_size=4)), recorded)  # 12 = 3 x 4: as it was
+    with caplog.at_level("WARNING"):
+        check_resumed_batch(TrainConfig(workers=2, data=DataConfig(batch_size=4)), recorded)
+    assert "resumes with its global batch of 12 samples a step" in caplog.text and "6 a worker on 2" in caplog.text
+    with pytest.raises(ConfigError, match=r"run 'colorizer''s global batch=12 does not split evenly over 5 workers: "
+                                          r"use --workers 1 / 2 / 3 / 4 / 6 / 12"):  # fmt: skip
+        check_resumed_batch(TrainConfig(workers=5, data=DataConfig(batch_size=4)), recorded)
+    check_resumed_batch(TrainConfig(workers=[2, 5], data=DataConfig(batch_size=4)), recorded)  # elastic: 3/3/2/2/2
+    with pytest.raises(ConfigError, match=r"too few for 16 workers: cap the group at 12 \(--workers 2-12\)"):
+        check_resumed_batch(TrainConfig(workers=[2, 16], data=DataConfig(batch_size=8)), recorded)
+    check_resumed_batch(TrainConfig(workers=7), {"global_step": 3.0})  # a checkpoint older than elastic groups
