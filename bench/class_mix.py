@@ -52,7 +52,8 @@ def ingest(source: str, lake: Path, order: str, shard_samples: int) -> None:
 
 def mean_classes(lake: Path, window: int, interleave: int, world_size: int) -> float:
     from ingest.lake import Lake
-    from pipeline.data import epoch_keys, resolve_data
+    from pipeline.data import epoch_keys
+    from pipeline.dataplan import resolve_data
 
     catalog = Lake(str(lake))
     manifest = catalog.manifest(catalog.resolve("mix"))

@@ -104,7 +104,7 @@ def zstd_lake(plan, level: int, folder: Path):
     import zstandard
 
     from ingest.shards import ShardWriter, iter_samples
-    from pipeline.data import ShardInfo
+    from pipeline.dataplan import ShardInfo
 
     compressor = zstandard.ZstdCompressor(level=level)
     folder.mkdir(parents=True, exist_ok=True)
@@ -157,7 +157,7 @@ def main() -> None:
 
     from infra.stack.s3_server import LocalS3Server, apply_env, restore_env
     from ingest.driver import IngestConfig, run_ingest
-    from pipeline.data import resolve_data
+    from pipeline.dataplan import resolve_data
 
     work = Path(tempfile.mkdtemp(prefix="recolor-bench-loader-"))
     try:

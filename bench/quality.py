@@ -132,7 +132,7 @@ def train(lake: str, storage: str, size: int, minutes: float, gpu: bool, workers
     import threading
 
     from pipeline.config import load_config
-    from pipeline.data import resolve_data
+    from pipeline.dataplan import resolve_data
     from pipeline.train.checkpoints import latest_recorded
     from pipeline.train.driver import TrackingOptions, run_training
     from pipeline.train.failures import Stopped
@@ -178,7 +178,8 @@ def score(checkpoint: str, lake: str, gpu: bool) -> tuple[dict, object]:
 
     from ingest.lab import lab8_to_network_torch, network_to_lab_torch
     from pipeline.checkpoint import load_checkpoint
-    from pipeline.data import resolve_data, validation_batches
+    from pipeline.data import validation_batches
+    from pipeline.dataplan import resolve_data
     from pipeline.evaluation.metrics import colorization_metrics_per_image
     from pipeline.tracking.registry import generator_from_checkpoint
 

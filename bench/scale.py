@@ -11,7 +11,7 @@ in a fresh process that reports its time and peak memory (RSS, interpreter and i
     list      list the source (`ingest.driver.list_source`)
     dedup     a +1% re-ingest's filter: the parent's manifest, the known keys, skipping unchanged files, the order
     commit    that re-ingest's commit: the 1% new rows merged with the parent, manifest and record written
-    plan      the training `DataPlan` (`pipeline.data.resolve_data`)
+    plan      the training `DataPlan` (`pipeline.dataplan.resolve_data`)
     ship      the plan as the workers get it (pickled `to_dict` in the loop config) and rebuilt
     show      `recolor lake show`
     gc        `recolor lake gc` listing (what no version references)
@@ -192,7 +192,8 @@ def run_step(step: str, source: Path, lake: Path) -> dict:
         seconds = time.perf_counter() - started
         return found | {"version": summary.version, "samples": sum(summary.counts.values()), "seconds": seconds}
     if step in ("plan", "ship", "epoch"):
-        from pipeline.data import DataPlan, plan_train_epoch, resolve_data
+        from pipeline.dataplan import DataPlan, resolve_data
+        from pipeline.epochs import plan_train_epoch
 
         plan = resolve_data([DATASET], str(lake))
         if step == "plan":

@@ -1,25 +1,10 @@
-"""Training data straight from lake shards (local or S3), split exactly across DDP ranks.
+"""Reading training data straight from lake shards (local or S3): the stages from a rank's segments to batches.
 
-Exact epochs. The manifest knows how many samples each shard holds, so the split is done on
-sample counts, not on shard files: each epoch the shard order is shuffled (seeded by seed and
-epoch) and laid end to end, every rank takes its own contiguous range of `steps * batch_size`
-samples, and `steps = total // (world_size * batch_size)`. Every rank therefore runs the same
-number of steps whatever the shard sizes (DDP cannot hang at an epoch's end), every sample is
-used at most once per epoch, and at most `world_size * batch_size - 1` samples (the remainder,
-less than one global batch) sit out an epoch; which ones changes with the shuffle. A range may
-start or end inside a shard, and with more ranks than shards several ranks read one shard.
-
-Shuffling. Within a rank's range, samples are read in order and shuffled in windows of
-`shuffle_window` samples with a generator seeded by (seed, epoch, rank, window). Because the
-order is a pure function of those numbers, resuming mid-epoch skips the samples already trained
-on without decoding them: whole shards are not even opened.
-
-Stages are small generator functions (read -> decode -> shuffle -> flip -> batch), each testable
-on plain lists. Shards are parsed by `ingest.shards.iter_members`, a streaming USTAR reader about
-3x faster than webdataset's tarfile-based iterator on these shards; webdataset reads them as well.
-
-About 400 lines on purpose: the epoch plan, the stages and the prefetch thread share one
-contract (exact, resumable epochs) that reads best in one place.
+Which segments a rank reads, and in what order, is `pipeline.epochs`'s; the run's dataset versions are
+`pipeline.dataplan`'s. Stages are small generator functions (read -> check -> decode -> shuffle -> flip ->
+batch), each testable on plain lists, with `data.loader_workers` threads doing a shuffle window each. Shards
+are parsed by `ingest.shards.iter_members`, a streaming USTAR reader about 3x faster than webdataset's
+tarfile-based iterator on these shards; webdataset reads them as well.
 """
 
 from __future__ import annotations
@@ -30,360 +15,22 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from ingest.errors import RecolorError
 from ingest.storage import StorageError
+from pipeline.dataplan import DataError, DataPlan
+from pipeline.epochs import (
+    Segment,
+    plan_mixture,
+    plan_rank_epoch,
+    plan_train_epoch,
+    plan_validation,
+    round_robin,
+    window_draws,
+)
 
 log = logging.getLogger(__name__)
-
-
-class DataError(RecolorError):
-    """The training data cannot be used as configured (too many corrupt samples, empty split, ...)."""
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    uri: str
-    count: int
-    size: int | None = None  # bytes, as the version records (what a cached copy must have); None: unknown
-    source: int = 0  # which of the plan's datasets (an index into `DataPlan.refs`)
-
-
-@dataclass(frozen=True)
-class Segment:
-    """Samples [start, stop) of one shard; with `picks` (ascending sample indices of the shard), the samples
-    picks[start:stop] (what is left of a shuffle window that an epoch re-split across another number of workers
-    did not finish)."""
-
-    shard: ShardInfo
-    start: int
-    stop: int
-    picks: tuple[int, ...] | None = None
-
-    @property
-    def length(self) -> int:
-        return self.stop - self.start
-
-    def sample(self, position: int) -> int:
-        """The shard's sample index at `position` (start <= position < stop)."""
-        return self.picks[position] if self.picks is not None else position
-
-
-@dataclass
-class DataPlan:
-    """The pinned dataset versions of a run and their shards, resolved once on the driver."""
-
-    refs: list[str]  # "name@version"
-    digests: dict[str, str]  # ref -> manifest SHA-256
-    uris: dict[str, str]  # ref -> URI of the version record
-    size: int  # sample side in pixels
-    train: list[ShardInfo] = field(default_factory=list)
-    resize: str = "cover"  # how ingest fit photos to the side ("cover": short side, centre crop; "squash")
-    val: list[ShardInfo] = field(default_factory=list)
-    weights: list[float] | None = None  # a mixture: each dataset's share of an epoch (by `refs`); None: all, once
-    epoch_samples: int | None = None  # a mixture's epoch length (None: the datasets' training samples)
-
-    def to_dict(self) -> dict:
-        return {
-            "refs": self.refs,
-            "digests": self.digests,
-            "uris": self.uris,
-            "size": self.size,
-            "resize": self.resize,
-            "train": [[s.uri, s.count, s.size, s.source] for s in self.train],
-            "val": [[s.uri, s.count, s.size, s.source] for s in self.val],
-            "weights": self.weights,
-            "epoch_samples": self.epoch_samples,
-        }
-
-    @classmethod
-    def from_dict(cls, values: dict) -> DataPlan:
-        return cls(
-            refs=list(values["refs"]),
-            digests=dict(values["digests"]),
-            uris=dict(values["uris"]),
-            size=int(values["size"]),
-            resize=str(values.get("resize", "cover")),
-            train=[_shard_info(*shard) for shard in values["train"]],
-            val=[_shard_info(*shard) for shard in values["val"]],
-            weights=values.get("weights"),
-            epoch_samples=values.get("epoch_samples"),
-        )
-
-    def count(self, split: str) -> int:
-        return sum(s.count for s in (self.train if split == "train" else self.val))
-
-    def epoch_length(self) -> int:
-        """Training samples an epoch draws: a mixture's `epoch_samples`, else every training sample once."""
-        return self.epoch_samples or self.count("train")
-
-    def source(self, index: int) -> DataPlan:
-        """The plan of one of its datasets alone (`refs[index]`): per-dataset validation."""
-        ref = self.refs[index]
-        return DataPlan(refs=[ref], digests={ref: self.digests.get(ref, "")}, uris={ref: self.uris.get(ref, "")},
-                        size=self.size, resize=self.resize, train=[s for s in self.train if s.source == index],
-                        val=[s for s in self.val if s.source == index])  # fmt: skip
-
-
-def _shard_info(uri: str, count: int, size: int | None = None, source: int = 0) -> ShardInfo:
-    return ShardInfo(uri, int(count), None if size is None else int(size), int(source))
-
-
-def resolve_data(datasets: list[str], lake_uri: str | None, weights: list[float] | None = None,
-                 epoch_samples: int | None = None) -> DataPlan:  # fmt: skip
-    """Pin `NAME[@VERSION]` references to versions and list their shards (grayscale-free by construction); with
-    `weights` (one a dataset), the plan of a mixture (`epoch_segments`).
-
-    Raises:
-        LakeError: an unknown dataset or version; DataError: no datasets, or mixed sample sizes.
-    """
-    from ingest.lake import Lake
-
-    if not datasets:
-        raise DataError("no training data: pass --dataset NAME[@VERSION] (or set data.datasets in the config)")
-    lake = Lake(lake_uri)
-    lake.check()
-    plan = DataPlan(refs=[], digests={}, uris={}, size=0)
-    for name in datasets:
-        ref = lake.resolve(name)
-        size = int(ref.record["size"])
-        if plan.size and size != plan.size:
-            raise DataError(f"{ref.ref} holds {size}px samples but {plan.refs[0]} holds {plan.size}px: mix one size")
-        plan.size = size
-        plan.resize = str(ref.record.get("resize", "cover"))
-        plan.refs.append(ref.ref)
-        plan.digests[ref.ref] = ref.record["manifest_sha256"]
-        plan.uris[ref.ref] = lake.storage.uri(f"{ref.dataset}/versions/{ref.version:06d}.json")
-        source = len(plan.refs) - 1
-        plan.train += [ShardInfo(s["uri"], int(s["count"]), int(s["bytes"]), source) for s in lake.shards(ref, "train")]
-        plan.val += [ShardInfo(s["uri"], int(s["count"]), int(s["bytes"]), source) for s in lake.shards(ref, "val")]
-    if weights is not None:
-        if len(plan.refs) != len(set(plan.refs)):
-            raise DataError(f"a mixture names one dataset version twice ({', '.join(plan.refs)}): give it one weight")
-        empty = [ref for index, ref in enumerate(plan.refs) if not any(s.source == index for s in plan.train)]
-        if empty:
-            raise DataError(f"{', '.join(empty)} has no training samples to draw its share of the mixture from")
-        plan.weights = [float(w) for w in weights]
-        plan.epoch_samples = epoch_samples
-    return plan
-
-
-def resolve_config_data(data, datasets: list[str] | None = None) -> DataPlan:
-    """The plan of a run's `DataConfig` (`pipeline.config`): its datasets, and with `data.mix` their weights.
-    `datasets` replaces the names with pinned versions (a resumed run's), in the same order."""
-    weights = list(data.mix.values()) if data.mix else None
-    return resolve_data(datasets or data.datasets, data.lake, weights, data.epoch_samples)
-
-
-def steps_per_epoch(total: int, world_size: int, batch_size: int) -> int:
-    return total // (world_size * batch_size)
-
-
-def rank_batches(global_batch: int, world_size: int) -> list[int]:
-    """Each rank's share of one global batch: equal when the worker count divides it, else the first ranks take one
-    sample more (an elastic group of any size; the trainer weights each rank's loss so the update is the global
-    batch's mean)."""
-    base, extra = divmod(global_batch, world_size)
-    return [base + (1 if rank < extra else 0) for rank in range(world_size)]
-
-
-def _cut(segments: Iterable[Segment], begin: int, end: int) -> list[Segment]:
-    """The parts of `segments` (laid end to end) that fall in the sample range [begin, end)."""
-    parts = []
-    offset = 0
-    for segment in segments:
-        low, high = max(begin, offset), min(end, offset + segment.length)
-        if low < high:
-            parts.append(Segment(segment.shard, segment.start + low - offset, segment.start + high - offset,
-                                 segment.picks))  # fmt: skip
-        offset += segment.length
-        if offset >= end:
-            break
-    return parts
-
-
-def _segments(shards: list[ShardInfo], order: Iterable[int], begin: int, end: int) -> list[Segment]:
-    """The parts of `shards` (laid end to end in `order`) that fall in the sample range [begin, end)."""
-    return _cut((Segment(shards[index], 0, shards[index].count) for index in order), begin, end)
-
-
-@dataclass(frozen=True)
-class Mixture:
-    """How an epoch draws from several datasets: `weights` by `ShardInfo.source`, `samples` an epoch (None: all)."""
-
-    weights: tuple[float, ...]
-    samples: int | None = None
-
-
-def epoch_segments(shards: list[ShardInfo], epoch: int, seed: int, global_batch: int,
-                   mixture: Mixture | None = None) -> tuple[list[Segment], int]:  # fmt: skip
-    """One training epoch in its global order and its step count, whatever the number of workers: the shards
-    shuffled by seed and epoch, laid end to end (a `mixture`: `mixture_segments`), cut at a whole number of global
-    batches.
-
-    Raises:
-        DataError: fewer samples than one global batch.
-    """
-    if mixture is not None:
-        segments = mixture_segments(shards, epoch, seed, mixture)
-        total = sum(segment.length for segment in segments)
-    else:
-        total = sum(s.count for s in shards)
-    steps = total // global_batch
-    if steps == 0:
-        raise DataError(
-            f"the training split has {total} samples, fewer than one global batch ({global_batch}): ingest more "
-            "images or lower data.batch_size / data.global_batch_size"
-        )
-    if mixture is not None:
-        return _cut(segments, 0, steps * global_batch), steps
-    order = np.random.default_rng([seed, epoch]).permutation(len(shards))
-    return _segments(shards, order, 0, steps * global_batch), steps
-
-
-def mixture_quotas(counts: list[int], weights: tuple[float, ...], samples: int | None) -> list[int]:
-    """Each dataset's samples in one epoch of `samples` (default: all datasets' samples) drawn in proportion to
-    `weights`: the largest-remainder rounding, so they add up exactly."""
-    total = samples or sum(counts)
-    shares = np.asarray(weights, dtype=np.float64) / float(sum(weights)) * total
-    quotas = np.floor(shares).astype(int)
-    for index in np.argsort(-(shares - quotas), kind="stable")[: total - int(quotas.sum())]:
-        quotas[index] += 1
-    return [int(q) for q in quotas]
-
-
-def mixture_segments(shards: list[ShardInfo], epoch: int, seed: int, mixture: Mixture) -> list[Segment]:
-    """A mixture's epoch: each dataset contributes its quota (`mixture_quotas`), its shards shuffled by (seed, epoch,
-    dataset, round) and laid end to end, going round again with a new shuffle while its quota is not reached (a
-    smaller dataset repeats); the datasets' segments are then merged in proportion (each placed by how far through
-    its dataset's quota it sits), so every part of the epoch, and every rank's range, mixes them as the weights say."""
-    sources = range(len(mixture.weights))
-    by_source = [[s for s in shards if s.source == source] for source in sources]
-    quotas = mixture_quotas([sum(s.count for s in group) for group in by_source], mixture.weights, mixture.samples)
-    placed = []
-    for source, (group, quota) in enumerate(zip(by_source, quotas, strict=True)):
-        drawn, round_number = 0, 0
-        while drawn < quota and group:
-            order = np.random.default_rng([seed, epoch, source, round_number]).permutation(len(group))
-            for segment in _segments(group, order, 0, quota - drawn):
-                placed.append(((drawn + segment.length / 2) / quota, source, segment))
-                drawn += segment.length
-            round_number += 1
-    placed.sort(key=lambda item: (item[0], item[1]))
-    return [segment for _, _, segment in placed]
-
-
-@dataclass(frozen=True)
-class RankEpoch:
-    """One rank's part of a training epoch: its segments in read order from the step the current worker group
-    began at (`first_step`), its samples a step (`batch`), and the epoch's steps (the same on every rank)."""
-
-    segments: list[Segment]
-    steps: int
-    first_step: int
-    batch: int
-    generation: int  # how many times the epoch was re-split over another worker count (it seeds the shuffles)
-
-
-def plan_rank_epoch(shards: list[ShardInfo], epoch: int, seed: int, global_batch: int, splits: list[tuple[int, int]],
-                    rank: int, interleave: int, window: int, mixture: Mixture | None = None) -> RankEpoch:  # fmt: skip
-    """This rank's part of a training epoch that ran on `splits`: [(worker count, the epoch's step it started at),
-    ...], the first at step 0; the last is the worker group now running.
-
-    The first group splits the epoch's global order into contiguous ranges, one per rank (`rank_batches` samples
-    a step each). When the group changes size at step s, every old rank's samples not yet trained on (those of its
-    shuffle window in progress that the window's seeded order had not reached, then the rest of its range) are
-    laid end to end in rank order and split again over the new group. So whatever the sizes, every sample of the
-    epoch is trained on exactly once, the epoch has the same number of steps, and all of it is a pure function of
-    (seed, epoch, splits): a resume needs no list of what was read.
-    """
-    segments, steps = epoch_segments(shards, epoch, seed, global_batch, mixture)
-    world, first_step = splits[0]
-    ranges = _split(segments, [steps * b for b in rank_batches(global_batch, world)])
-    for generation, (world, step) in enumerate(splits[1:], start=1):
-        previous_world, previous_step = splits[generation - 1]
-        left: list[Segment] = []
-        for old_rank, (part, batch) in enumerate(zip(ranges, rank_batches(global_batch, previous_world), strict=True)):
-            left += remaining_segments(part, interleave, (step - previous_step) * batch, window, seed, epoch, old_rank,
-                                       generation - 1)  # fmt: skip
-        ranges = _split(left, [(steps - step) * b for b in rank_batches(global_batch, world)])
-        first_step = step
-    batch = rank_batches(global_batch, splits[-1][0])[rank]
-    return RankEpoch(ranges[rank], steps, first_step, batch, len(splits) - 1)
-
-
-def plan_mixture(plan: DataPlan) -> Mixture | None:
-    return Mixture(tuple(plan.weights), plan.epoch_samples) if plan.weights else None
-
-
-def _split(segments: list[Segment], lengths: list[int]) -> list[list[Segment]]:
-    bounds = np.cumsum([0, *lengths])
-    return [_cut(segments, int(begin), int(end)) for begin, end in zip(bounds[:-1], bounds[1:], strict=True)]
-
-
-def read_order(segments: list[Segment], interleave: int) -> list[tuple[int, int]]:
-    """(segment index, position in it) of each sample in the order `read_segments` reads them."""
-    order = []
-    for first in range(0, len(segments), max(1, interleave)):
-        group = segments[first : first + max(1, interleave)]
-        positions = [segment.start for segment in group]
-        for index in _round_robin(group):
-            order.append((first + index, positions[index]))
-            positions[index] += 1
-    return order
-
-
-def remaining_segments(segments: list[Segment], interleave: int, consumed: int, window: int, seed: int, epoch: int,
-                       rank: int, generation: int = 0) -> list[Segment]:  # fmt: skip
-    """The samples of one rank's `segments` that training has not reached after `consumed` samples: the rest of the
-    shuffle window in progress (in the order of its seeded draw, `window_draws`) as segments with `picks`, then the
-    segments' unread ends."""
-    reads = read_order(segments, interleave)
-    window_number, into = divmod(consumed, window)
-    begin = window_number * window
-    if begin >= len(reads):
-        return []
-    end = min(begin + window, len(reads))
-    loose: dict[int, list[int]] = {}
-    if into:
-        order, _, _ = window_draws(seed, epoch, rank, window_number, end - begin, generation=generation)
-        for read in sorted(begin + int(i) for i in order[into:]):
-            index, position = reads[read]
-            loose.setdefault(index, []).append(segments[index].sample(position))
-    else:
-        end = begin  # the window had not begun: all of it is left, in read order
-    left = [Segment(segments[i].shard, 0, len(picks), tuple(picks)) for i, picks in sorted(loose.items())]
-    read_counts = [0] * len(segments)
-    for index, _ in reads[:end]:
-        read_counts[index] += 1
-    for segment, count in zip(segments, read_counts, strict=True):
-        if segment.start + count < segment.stop:
-            left.append(Segment(segment.shard, segment.start + count, segment.stop, segment.picks))
-    return left
-
-
-def plan_train_epoch(
-    shards: list[ShardInfo], epoch: int, seed: int, rank: int, world_size: int, batch_size: int
-) -> tuple[list[Segment], int]:
-    """This rank's segments of one training epoch on an unchanging group of `world_size` workers of `batch_size`
-    each, and the epoch's step count (the same on every rank).
-
-    Raises:
-        DataError: fewer samples than one global batch.
-    """
-    part = plan_rank_epoch(shards, epoch, seed, world_size * batch_size, [(world_size, 0)], rank, 1, 1)
-    return part.segments, part.steps
-
-
-def plan_validation(shards: list[ShardInfo], rank: int, world_size: int) -> list[Segment]:
-    """This rank's share of the validation split: contiguous, in order; every sample exactly once overall."""
-    total = sum(s.count for s in shards)
-    base, extra = divmod(total, world_size)
-    begin = rank * base + min(rank, extra)
-    return _segments(shards, range(len(shards)), begin, begin + base + (1 if rank < extra else 0))
 
 
 def open_shard(uri: str):
@@ -454,7 +101,7 @@ def read_segments(
         if skip >= total:
             skip -= total
             continue
-        order = _round_robin(group)
+        order = round_robin(group)
         offsets = [segment.start for segment in group]
         for index in order[:skip]:
             offsets[index] += 1
@@ -491,12 +138,6 @@ def read_segments(
 
 def _nothing() -> Iterator:
     yield from ()
-
-
-def _round_robin(group: list[Segment]) -> list[int]:
-    """Which segment of `group` each sample comes from, in read order: one from each in turn."""
-    longest = max((segment.length for segment in group), default=0)
-    return [i for turn in range(longest) for i, segment in enumerate(group) if turn < segment.length]
 
 
 def _segment_samples(segment: Segment, start: int, open_stream: Callable, verify: bool = True) -> Iterator[tuple]:
@@ -670,16 +311,6 @@ def ordered_map(function: Callable, jobs: Iterable[tuple], workers: int) -> Iter
             yield pending.popleft().result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def window_draws(seed: int, epoch: int, rank: int, number: int, size: int, rotate: float = 0.0, generation: int = 0):
-    """The seeded draws of one shuffle window: its order, its flips and (with `rotate`) its angles. `generation`:
-    the worker group of the epoch (`plan_rank_epoch`); the first one's draws are seeded as they always were."""
-    rng = np.random.default_rng([seed, epoch, rank, number] + ([generation] if generation else []))
-    order = rng.permutation(size)
-    flips = rng.random(size) < 0.5
-    angles = rng.uniform(-rotate, rotate, size) if rotate else None  # after the flips: they stay as they were
-    return order, flips, angles
 
 
 def epoch_keys(

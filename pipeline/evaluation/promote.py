@@ -41,7 +41,8 @@ def compute_metrics(generator, plan, split: str, batch_size: int, device: torch.
         ConfigError: the split is empty, or the model needs larger samples than the dataset holds.
         DataError: more than `max_bad_fraction` of the split is corrupt, or nothing in it is readable.
     """
-    from pipeline.data import BadSampleCounter, DataError, validation_batches
+    from pipeline.data import BadSampleCounter, validation_batches
+    from pipeline.dataplan import DataError
     from pipeline.evaluation.validation import accumulate, finalize
     from pipeline.tracking.registry import min_side
 
@@ -124,7 +125,7 @@ def evaluate(
     import mlflow
     from mlflow import MlflowClient
 
-    from pipeline.data import resolve_data
+    from pipeline.dataplan import resolve_data
     from pipeline.evaluation.validation import metric_names
     from pipeline.tracking.registry import load_generator
     from pipeline.tracking.runs import (

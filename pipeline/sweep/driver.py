@@ -106,7 +106,7 @@ def run_sweep(preset: str | None, base_overrides: list[str], trials: list[Trial]
         LakeError, DataError: the data of the preset cannot train.
     """
     from ingest.cluster import ensure_ray
-    from pipeline.data import resolve_config_data
+    from pipeline.dataplan import resolve_config_data
     from pipeline.evaluation.validation import metric_names
     from pipeline.tracking.runs import check_tracking_server, resolve_tracking_uri
     from pipeline.train.driver import check_before_start

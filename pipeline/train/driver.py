@@ -16,7 +16,8 @@ from pathlib import Path
 
 from ingest.errors import ConfigError
 from pipeline.config import TrainConfig
-from pipeline.data import DataError, DataPlan, rank_batches, resolve_config_data
+from pipeline.dataplan import DataError, DataPlan, resolve_config_data
+from pipeline.epochs import rank_batches
 from pipeline.train.failures import (
     NonFiniteLoss,
     Stopped,

@@ -36,7 +36,9 @@ from pipeline.checkpoint import (
     restore_optimizers,
 )
 from pipeline.config import StageConfig, TrainConfig
-from pipeline.data import DataPlan, prefetch, rank_batches, train_batches, validation_batches
+from pipeline.data import prefetch, train_batches, validation_batches
+from pipeline.dataplan import DataPlan
+from pipeline.epochs import rank_batches
 from pipeline.evaluation.validation import accumulate, finalize
 from pipeline.losses import GANLoss, discriminator_loss, generator_loss
 from pipeline.models import build_discriminator, build_generator
@@ -333,8 +335,48 @@ class ColorizerTrainer:
         return last_metrics
 
     def _run_epoch(self, stage_index, stage, epoch, gan_loss, opts, scheds, progress) -> dict | None:
+        """One epoch from the position on: its steps, then `_end_epoch`. None when max_steps stopped the run."""
         config = self.config
         start_step = self.position.step_in_epoch if self.position.epoch == epoch else 0
+        batches, steps, bad = self._epoch_batches(stage_index, epoch, start_step)
+        progress.start_epoch(f"{stage.name} epoch {epoch + 1}/{stage.epochs}", steps, start_step)
+        window = StepWindow()
+        losses: dict[str, torch.Tensor] = {}
+        step_in_epoch = start_step
+        # Samples trained on this epoch: rank 0 counts the steps before this group's start (on whatever group ran
+        # them), each rank its own since; summed over ranks at the epoch's end.
+        trained = start_step * self.global_batch if self.rank == 0 else 0
+        pinned = self.cuda  # page-locked host batches: the non_blocking copies to the GPU then really overlap
+        source = iter(prefetch((_host_batch(b, pinned) for b in batches), config.data.prefetch_batches))
+        while (batch := window.next_batch(source)) is not None:
+            if config.max_steps is not None and self.position.global_step >= config.max_steps:
+                return None
+            faults.maybe_fail("train_step", self.rank)
+            if TRAIN_PAUSE in os.environ:
+                self._wait_while_paused()
+            torch.manual_seed(step_seed(config.seed, self.rank, self.position.global_step))
+            losses = self.train_step(batch, stage, gan_loss, opts, self.world_size * batch.shape[0] / self.global_batch)
+            if faults.maybe_fail("loss_nan", self.rank):  # drills: a step whose losses diverge
+                losses = {name: value * float("nan") for name, value in losses.items()}
+            step_in_epoch += 1
+            trained += batch.shape[0]
+            if TRAINED_LOG in os.environ:
+                self._log_trained(batch, stage_index, epoch, step_in_epoch)
+            self.position = Position(stage_index, epoch, step_in_epoch, self.position.global_step + 1)
+            window.steps += 1
+            progress.step()
+            step = self.position.global_step
+            if step % config.log_every == 0 or step_in_epoch == steps:
+                self._log_steps(window, losses, stage_index, gan_loss is not None, opts, progress)
+            if step_in_epoch < steps and step % config.checkpoint_every == 0:
+                self._stop_if_diverged(floats(losses), stage_index)
+                self._checkpoint({**floats(losses), "epoch": epoch, "stage": stage_index}, self.position, opts, scheds)
+        return self._end_epoch(stage_index, stage, epoch, gan_loss, losses, opts, scheds, bad.bad, trained)
+
+    def _epoch_batches(self, stage_index: int, epoch: int, start_step: int):
+        """This rank's batches of an epoch from `start_step` (`pipeline.data.train_batches`), read as the epoch
+        began (its interleave, its worker groups): (batches, the epoch's steps, the corrupt-sample counter)."""
+        config = self.config
         self.interleave = config.data.interleave
         if start_step and self.resumed_interleave not in (None, self.interleave):
             log.warning("finishing this epoch reading %d shard(s) at a time, as it began; data.interleave=%d from "
@@ -344,7 +386,7 @@ class ColorizerTrainer:
         self.splits = self._epoch_splits(start_step)
         # Shuffles differ per stage and epoch; flips and windows too (they derive from the same numbers).
         shuffle_epoch = stage_index * 100_000 + epoch
-        batches, steps, bad = train_batches(
+        return train_batches(
             self.plan,
             shuffle_epoch,
             config.seed,
@@ -362,58 +404,27 @@ class ColorizerTrainer:
             global_batch=self.global_batch,
             splits=self.splits,
         )
-        progress.start_epoch(f"{stage.name} epoch {epoch + 1}/{stage.epochs}", steps, start_step)
-        window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
-        losses: dict[str, torch.Tensor] = {}
-        step_in_epoch = start_step
-        # Samples trained on this epoch: rank 0 counts the steps before this group's start (on whatever group ran
-        # them), each rank its own since; summed over ranks at the epoch's end.
-        trained = start_step * self.global_batch if self.rank == 0 else 0
-        pinned = self.cuda  # page-locked host batches: the non_blocking copies to the GPU then really overlap
-        source = iter(prefetch((_host_batch(b, pinned) for b in batches), config.data.prefetch_batches))
-        while True:
-            waited = time.perf_counter()
-            batch = next(source, None)
-            window_wait += time.perf_counter() - waited  # the step waited this long for its batch
-            if batch is None:
-                break
-            if config.max_steps is not None and self.position.global_step >= config.max_steps:
-                return None
-            faults.maybe_fail("train_step", self.rank)
-            if TRAIN_PAUSE in os.environ:
-                self._wait_while_paused()
-            torch.manual_seed(step_seed(config.seed, self.rank, self.position.global_step))
-            losses = self.train_step(batch, stage, gan_loss, opts, self.world_size * batch.shape[0] / self.global_batch)
-            if faults.maybe_fail("loss_nan", self.rank):  # drills: a step whose losses diverge
-                losses = {name: value * float("nan") for name, value in losses.items()}
-            step_in_epoch += 1
-            trained += batch.shape[0]
-            if TRAINED_LOG in os.environ:
-                self._log_trained(batch, stage_index, epoch, step_in_epoch)
-            self.position = Position(stage_index, epoch, step_in_epoch, self.position.global_step + 1)
-            window_steps += 1
-            progress.step()
-            step = self.position.global_step
-            if step % config.log_every == 0 or step_in_epoch == steps:
-                elapsed = time.perf_counter() - window_start
-                images_per_s = window_steps * self.global_batch / elapsed
-                throughput = {
-                    "workers": float(self.world_size),
-                    "images_per_s": images_per_s,
-                    "step_time_s": elapsed / window_steps,
-                    "data_wait_s": window_wait / window_steps,
-                    **self._mfu(images_per_s / self.world_size, gan_loss is not None),
-                }
-                values = floats(losses)  # the one device sync of these steps
-                self._stop_if_diverged(values, stage_index)
-                self.logger.log({**values, **throughput, "lr": opts[0].param_groups[0]["lr"]}, step)
-                shown = {k: f"{v:.3g}" for k, v in values.items() if k in ("loss_D", "loss_G", "loss_G_L1")}
-                progress.update(shown | {"img/s": f"{images_per_s:.1f}"})
-                window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
-            if step_in_epoch < steps and step % config.checkpoint_every == 0:
-                self._stop_if_diverged(floats(losses), stage_index)
-                self._checkpoint({**floats(losses), "epoch": epoch, "stage": stage_index}, self.position, opts, scheds)
-        # Epoch end: schedule, validation on every rank, a checkpoint pointing at the next epoch.
+
+    def _log_steps(self, window: StepWindow, losses, stage_index: int, gan: bool, opts, progress) -> None:
+        """The losses (one device sync) and throughput of the steps since the last log; a divergence stops here."""
+        elapsed = time.perf_counter() - window.start
+        images_per_s = window.steps * self.global_batch / elapsed
+        throughput = {
+            "workers": float(self.world_size),
+            "images_per_s": images_per_s,
+            "step_time_s": elapsed / window.steps,
+            "data_wait_s": window.wait / window.steps,
+            **self._mfu(images_per_s / self.world_size, gan),
+        }
+        values = floats(losses)  # the one device sync of these steps
+        self._stop_if_diverged(values, stage_index)
+        self.logger.log({**values, **throughput, "lr": opts[0].param_groups[0]["lr"]}, self.position.global_step)
+        shown = {k: f"{v:.3g}" for k, v in values.items() if k in ("loss_D", "loss_G", "loss_G_L1")}
+        progress.update(shown | {"img/s": f"{images_per_s:.1f}"})
+        window.restart()
+
+    def _end_epoch(self, stage_index, stage, epoch, gan_loss, losses, opts, scheds, bad: int, trained: int) -> dict:
+        """Epoch end: schedule, validation on every rank, the epoch's metrics, a checkpoint pointing at the next."""
         # The discriminator's schedule advances only in stages that train it (an L1-only stage never steps opt_d).
         for scheduler in scheds if gan_loss is not None else scheds[:1]:
             scheduler.step()
@@ -422,7 +433,7 @@ class ColorizerTrainer:
         grid = f"samples/{stage_index}-{stage.name}/epoch_{epoch + 1:03d}.png"
         store_bytes, cache_bytes = self.cache.stats.take() if self.cache is not None else (0, 0)
         bad_samples, epoch_samples, store_bytes, cache_bytes = self._sum_over_ranks(
-            bad.bad, trained, store_bytes, cache_bytes
+            bad, trained, store_bytes, cache_bytes
         )
         metrics = {
             **floats(losses),
@@ -436,15 +447,9 @@ class ColorizerTrainer:
                         "data_cache_hit_ratio": cache_bytes / max(1.0, store_bytes + cache_bytes)}  # fmt: skip
         if self.rank == 0:
             available = self.plan.epoch_length()
-            log.info(
-                "%s epoch %d: trained on %d of %d training samples (%d left out: less than one global batch of %d)",
-                stage.name,
-                epoch + 1,
-                epoch_samples,
-                available,
-                available - epoch_samples,
-                self.global_batch,
-            )
+            log.info("%s epoch %d: trained on %d of %d training samples (%d left out: less than one global batch of "
+                     "%d)", stage.name, epoch + 1, epoch_samples, available, available - epoch_samples,
+                     self.global_batch)  # fmt: skip
         logged = ("bad_samples", "epoch_samples", "data_store_bytes", "data_cache_bytes", "data_cache_hit_ratio")
         self.logger.log(
             {k: v for k, v in metrics.items() if k.startswith(("val_", "val/")) or k in logged},
@@ -555,6 +560,23 @@ class ColorizerTrainer:
         payload = self.payload(position, opts, scheds) if self.is_rank_zero else None
         self.report({**metrics, "global_step": position.global_step, "global_batch": self.global_batch,
                      "workers": self.world_size}, payload)  # fmt: skip
+
+
+class StepWindow:
+    """The steps since the last log: how many, since when, and how long they waited for their batches."""
+
+    def __init__(self):
+        self.restart()
+
+    def restart(self) -> None:
+        self.start, self.steps, self.wait = time.perf_counter(), 0, 0.0
+
+    def next_batch(self, source):
+        """The next batch of `source` (None at its end), the wait counted."""
+        waited = time.perf_counter()
+        batch = next(source, None)
+        self.wait += time.perf_counter() - waited
+        return batch
 
 
 def shard_cache_for(config: TrainConfig, plan: DataPlan):

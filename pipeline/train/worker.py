@@ -19,7 +19,7 @@ import torch
 from ingest.cluster import open_environment
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import TrainConfig
-from pipeline.data import DataPlan
+from pipeline.dataplan import DataPlan
 from pipeline.train.checkpoints import resume_payload, upload_checkpoint, upload_started, wait_for_uploads
 from pipeline.train.loop import ColorizerTrainer
 

@@ -29,7 +29,9 @@ import pytest
 
 from ingest.driver import IngestConfig, run_ingest
 from pipeline.checkpoint import load_checkpoint
-from pipeline.data import DataPlan, decode_sample, epoch_segments, read_segments, resolve_data
+from pipeline.data import decode_sample, read_segments
+from pipeline.dataplan import DataPlan, resolve_data
+from pipeline.epochs import epoch_segments
 
 pytestmark = pytest.mark.slow
 

@@ -43,7 +43,7 @@ from PIL import Image, ImageOps
 from infra.stack.s3_server import free_port
 from ingest.driver import IngestConfig, run_ingest
 from pipeline.config import DataConfig, ModelConfig, StageConfig, TrainConfig, flatten
-from pipeline.data import resolve_data
+from pipeline.dataplan import resolve_data
 from pipeline.tracking.runs import fluent_tracking_uri, manifest_tag
 from pipeline.train.driver import TrackingOptions, resolve_storage, run_training
 

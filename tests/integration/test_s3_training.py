@@ -19,7 +19,7 @@ from test_train_ray import tiny_config
 from ingest.driver import IngestConfig, run_ingest
 from ingest.lake import Lake
 from pipeline.config import DataConfig, ModelConfig, StageConfig
-from pipeline.data import resolve_data
+from pipeline.dataplan import resolve_data
 from pipeline.train.driver import run_training
 
 pytestmark = pytest.mark.slow
@@ -162,7 +162,7 @@ def test_the_shard_cache_makes_epoch_two_read_nothing_from_s3(s3_env, photo_writ
         batches, _, _ = train_batches(plan, number, 0, 0, 1, 4, 8, True, **options)
         return list(batches)
 
-    from pipeline.data import plan_train_epoch
+    from pipeline.epochs import plan_train_epoch
 
     seen: set[str] = set()
     for number in (0, 1, 2):

@@ -21,7 +21,7 @@ from test_train_ray import differing, load_rank, start_recorder, starts, state_s
 
 from pipeline.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from pipeline.config import DataConfig
-from pipeline.data import DataError, resolve_data
+from pipeline.dataplan import DataError, resolve_data
 from pipeline.train.driver import run_training
 
 pytestmark = pytest.mark.slow

@@ -20,7 +20,7 @@ import torch
 from ingest.driver import IngestConfig, run_ingest
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import DataConfig, ModelConfig, StageConfig, TrainConfig
-from pipeline.data import DataPlan, resolve_data
+from pipeline.dataplan import DataPlan, resolve_data
 from pipeline.models import build_generator
 from pipeline.train.driver import TrainResult, run_training
 
@@ -287,7 +287,8 @@ def epoch_sample_crcs(plan: DataPlan, seed: int, global_batch: int) -> list[int]
     """The CRC-32 of each sample of the first epoch's global order (what one epoch must train, each once)."""
     import zlib
 
-    from pipeline.data import decode_sample, epoch_segments, read_segments
+    from pipeline.data import decode_sample, read_segments
+    from pipeline.epochs import epoch_segments
 
     segments, _ = epoch_segments(plan.train, 0, seed, global_batch)
     return [zlib.crc32(decode_sample(data, plan.size).tobytes()) for _, _, data in read_segments(segments)]

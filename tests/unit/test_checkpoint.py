@@ -21,7 +21,7 @@ from ingest import faults
 from ingest.driver import IngestConfig, run_ingest
 from pipeline.checkpoint import CHECKPOINT_FILE, FORMAT, CheckpointError, Position, load_checkpoint, save_checkpoint
 from pipeline.config import DataConfig, ModelConfig, StageConfig, TrainConfig
-from pipeline.data import DataPlan, resolve_data
+from pipeline.dataplan import DataPlan, resolve_data
 from pipeline.train.checkpoints import (
     UPLOAD_ATTEMPTS_ENV,
     fallback_order,

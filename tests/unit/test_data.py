@@ -19,20 +19,9 @@ import numpy as np
 import pytest
 
 from ingest.shards import ShardWriter, encode_npy
-from pipeline.data import (
-    DataError,
-    DataPlan,
-    ShardInfo,
-    decode_sample,
-    open_shard,
-    plan_train_epoch,
-    plan_validation,
-    prefetch,
-    read_segments,
-    steps_per_epoch,
-    train_batches,
-    validation_batches,
-)
+from pipeline.data import decode_sample, open_shard, prefetch, read_segments, train_batches, validation_batches
+from pipeline.dataplan import DataError, DataPlan, ShardInfo
+from pipeline.epochs import plan_train_epoch, plan_validation, steps_per_epoch
 
 SIZE = 8
 UNEVEN = [7, 1, 13, 4]  # 25 training samples

@@ -10,15 +10,9 @@ import pytest
 
 from ingest.errors import ConfigError
 from pipeline.config import DataConfig
-from pipeline.data import (
-    DataPlan,
-    Mixture,
-    ShardInfo,
-    epoch_segments,
-    mixture_quotas,
-    plan_rank_epoch,
-    train_batches,
-)
+from pipeline.data import train_batches
+from pipeline.dataplan import DataPlan, ShardInfo
+from pipeline.epochs import Mixture, epoch_segments, mixture_quotas, plan_rank_epoch
 from tests.unit.test_data import SIZE, ids_of, write_shards
 
 

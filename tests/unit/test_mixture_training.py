@@ -7,7 +7,7 @@ import pytest
 from ingest.driver import IngestConfig, run_ingest
 from ingest.errors import ConfigError
 from pipeline.config import DataConfig, ModelConfig, StageConfig, TrainConfig
-from pipeline.data import DataError, resolve_config_data
+from pipeline.dataplan import DataError, resolve_config_data
 from pipeline.train.cli import dataset_override
 from tests.unit.test_checkpoint import Recorder, new_trainer
 
