@@ -7,13 +7,13 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from test_data import SIZE, ids_of, write_shards
 
 from ingest.errors import ConfigError
 from pipeline.config import DataConfig
 from pipeline.data import train_batches
 from pipeline.dataplan import DataPlan, ShardInfo
 from pipeline.epochs import Mixture, epoch_segments, mixture_quotas, plan_rank_epoch
-from tests.unit.test_data import SIZE, ids_of, write_shards
 
 
 def synthetic(counts: list[list[int]]) -> list[ShardInfo]:

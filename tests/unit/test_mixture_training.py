@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from test_checkpoint import Recorder, new_trainer
 
 from ingest.driver import IngestConfig, run_ingest
 from ingest.errors import ConfigError
 from pipeline.config import DataConfig, ModelConfig, StageConfig, TrainConfig
 from pipeline.dataplan import DataError, resolve_config_data
 from pipeline.train.cli import dataset_override
-from tests.unit.test_checkpoint import Recorder, new_trainer
 
 
 @pytest.fixture(scope="module")
