@@ -62,7 +62,7 @@ def test_kid_of_two_halves_of_one_set_is_zero_within_its_error_and_gray_is_far(p
     gray = inception_features(desaturated(as_tensor(photos[half:]), 1.0))
     gray_kid, _ = kernel_inception_distance(gray, truth[:half], subsets=50)
     assert gray_kid > 3 * max(abs(kid), error), (gray_kid, kid, error)
-    assert frechet_distance(gray, truth[:half]) > 1.5 * frechet_distance(truth[half:], truth[:half])
+    assert frechet_distance(gray, truth[:half]) > 1.25 * frechet_distance(truth[half:], truth[:half])
 
 
 def test_without_the_network_fid_is_one_line_naming_the_extra(monkeypatch) -> None:
