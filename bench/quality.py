@@ -13,9 +13,10 @@ What it does, with this project's own commands underneath:
      stage to about 40% of the budget, and run `recolor train`'s `run_training` (Ray Train, DDP over
      --workers, MLflow tracking off); the GAN + L1 stage runs until the budget is spent, when the run is
      stopped as Ctrl-C stops it and its latest checkpoint (an epoch's end) is scored;
-  3. score the final generator (eval mode, fp32) on every test image: AuC, PSNR, SSIM, L1 on ab and
-     colorfulness, each next to the gray baseline (ab = 0), with 95% bootstrap intervals over images
-     (2,000 resamples, the same resample for both), and write a sample grid (L | prediction | truth).
+  3. score the final generator (eval mode, fp32) on every test image: FID and KID (the field's Inception network,
+     `recolor[fid]`), AuC, PSNR, SSIM, L1 on ab and colorfulness, each next to the gray baseline (ab = 0), with
+     95% bootstrap intervals over images (2,000 resamples, the same resample for both; FID 200; KID: +-2 standard
+     deviations over 100 subsets), and write a sample grid (L | prediction | truth).
 
 Goal (issue 16): beat the gray baseline on AuC and PSNR with intervals that do not overlap gray's, and
 colorfulness within 15 of the ground truth's.
@@ -172,15 +173,18 @@ def train(lake: str, storage: str, size: int, minutes: float, gpu: bool, workers
     }  # fmt: skip
 
 
-def score(checkpoint: str, lake: str, gpu: bool) -> tuple[dict, object]:
-    """Per-image metrics of the model and of gray on the whole `test` dataset, and the first batch for a grid."""
+def score(checkpoint: str, lake: str, gpu: bool) -> tuple[dict, object, object]:
+    """Per-image metrics of the model and of gray on the whole `test` dataset, the first batch for a grid, and the
+    Inception features of the model, the truth and gray (None without `recolor[fid]`)."""
     import torch
 
     from ingest.lab import lab8_to_network_torch, network_to_lab_torch
     from pipeline.checkpoint import load_checkpoint
     from pipeline.data import validation_batches
     from pipeline.dataplan import resolve_data
+    from pipeline.evaluation.fid import FidUnavailable
     from pipeline.evaluation.metrics import colorization_metrics_per_image
+    from pipeline.evaluation.per_image import FidFeatures
     from pipeline.tracking.registry import generator_from_checkpoint
 
     device = torch.device("cuda" if gpu else "cpu")
@@ -188,6 +192,11 @@ def score(checkpoint: str, lake: str, gpu: bool) -> tuple[dict, object]:
     plan = resolve_data(["test"], lake)
     values: dict[str, list] = {}
     first = None
+    try:
+        features = FidFeatures(device)
+    except FidUnavailable as e:
+        print(f"no FID or KID: {e}", file=sys.stderr)
+        features = None
     with torch.no_grad():
         for batch in validation_batches(plan, 0, 1, BATCH):
             light, real_ab = lab8_to_network_torch(torch.from_numpy(batch).to(device))
@@ -196,9 +205,32 @@ def score(checkpoint: str, lake: str, gpu: bool) -> tuple[dict, object]:
             for prefix, ab in (("", pred_ab), ("gray_", torch.zeros_like(true_ab))):
                 for name, per_image in colorization_metrics_per_image(lightness, ab, true_ab).items():
                     values.setdefault(prefix + name, []).append(per_image.cpu())
+            if features is not None:
+                features.on_batch(lightness, pred_ab, true_ab)
             if first is None:
                 first = (lightness.cpu(), pred_ab.cpu(), true_ab.cpu())
-    return {name: torch.cat(parts).numpy() for name, parts in values.items()}, first
+    per_image = {name: torch.cat(parts).numpy() for name, parts in values.items()}
+    return per_image, first, features.sets() if features is not None else None
+
+
+def fid_summary(sets: dict, resamples: int = 200, seed: int = 0) -> dict:
+    """FID (95% bootstrap interval over images: one resample serves the model, gray and the truth) and KID (its
+    spread over 100 subsets) of the model and of gray against the truth."""
+    import numpy as np
+
+    from pipeline.evaluation.fid import frechet_distance, kernel_inception_distance
+
+    truth = sets["truth"].astype(np.float64)
+    picks = np.random.default_rng(seed).integers(0, len(truth), (resamples, len(truth)))
+    summary = {}
+    for label, name in (("", "model"), ("gray_", "gray")):
+        images = sets[name].astype(np.float64)
+        boot = [frechet_distance(images[p], truth[p]) for p in picks]
+        low, high = np.percentile(boot, [2.5, 97.5])
+        kid, kid_std = kernel_inception_distance(images, truth)
+        summary[f"{label}fid"] = {"mean": frechet_distance(images, truth), "low": float(low), "high": float(high)}
+        summary[f"{label}kid"] = {"mean": kid, "low": kid - 2 * kid_std, "high": kid + 2 * kid_std}
+    return summary
 
 
 def bootstrap(values: dict, resamples: int = 2000, seed: int = 0) -> dict:
@@ -219,6 +251,9 @@ def verdict(summary: dict) -> dict:
     beats = {
         name: summary[name]["low"] > summary[f"gray_{name}"]["high"] for name in ("auc", "psnr")
     }  # intervals apart, the model above
+    for name in ("fid", "kid"):  # lower is better: the model's interval below gray's
+        if name in summary:
+            beats[name] = summary[name]["high"] < summary[f"gray_{name}"]["low"]
     gap = abs(summary["colorfulness"]["mean"] - summary["colorfulness_true"]["mean"])
     return {"beats_gray": beats, "colorfulness_gap": gap, "colorfulness_within_15": gap <= 15,
             "met": all(beats.values()) and gap <= 15}  # fmt: skip
@@ -263,11 +298,13 @@ def main() -> int:
         lake, storage = str(Path(temp) / "lake"), str(Path(temp) / "runs")
         counts = ingest_sets(lake, train_roots, test_root, str(annotations), size)
         trained = train(lake, storage, size, minutes, args.gpu, args.workers)
-        values, first = score(trained["checkpoint"], lake, args.gpu)
+        values, first, fid_sets = score(trained["checkpoint"], lake, args.gpu)
     from pipeline.tracking.plots import sample_grid
 
     Path(args.grid).write_bytes(sample_grid(*first, max_images=8))
     summary = bootstrap(values)
+    if fid_sets is not None:
+        summary |= fid_summary(fid_sets)
     report = {
         "machine": machine(), "device": "gpu" if args.gpu else "cpu", "size": size, "budget_minutes": minutes,
         "total_seconds": time.perf_counter() - started, "train": train_roots, "test": test_root,
@@ -283,14 +320,15 @@ def main() -> int:
           f"({t['l1_epochs']} L1 + {t['gan_epochs']} GAN epochs of {t['steps_per_epoch']} steps, {t['workers']} "
           f"workers); scored on {report['test_images']} test images")  # fmt: skip
     print(f"{'metric':14} {'model':>8} {'95% interval':>20} {'gray':>8} {'95% interval':>20}")
-    for name in SCORED:
+    for name in (("fid", "kid") if "fid" in summary else ()) + SCORED:
         m, g = summary[name], summary[f"gray_{name}"]
         print(f"{name:14} {m['mean']:8.4f} [{m['low']:8.4f}, {m['high']:8.4f}] {g['mean']:8.4f} "
               f"[{g['low']:8.4f}, {g['high']:8.4f}]")  # fmt: skip
     truth = summary["colorfulness_true"]
     print(f"{'colorfulness of the truth':26} {truth['mean']:8.4f}")
     goal = report["goal"]
-    print(f"goal: AuC beats gray {goal['beats_gray']['auc']}, PSNR beats gray {goal['beats_gray']['psnr']}, "
+    print(f"goal: FID beats gray {goal['beats_gray'].get('fid')}, KID beats gray {goal['beats_gray'].get('kid')}, "
+          f"AuC beats gray {goal['beats_gray']['auc']}, PSNR beats gray {goal['beats_gray']['psnr']}, "
           f"colorfulness within 15 of the truth's {goal['colorfulness_within_15']} (gap {goal['colorfulness_gap']:.1f})"
           f" -> {'met' if goal['met'] else 'missed'}")  # fmt: skip
     print(f"sample grid: {args.grid}")

@@ -177,6 +177,7 @@ class TrainConfig:
     keep_checkpoints: int = 3  # at least 2: when the latest checkpoint is unreadable, a run resumes from the one before
     max_failures: int = 2  # worker-group restarts Ray Train may do (-1: no limit, for preemptible nodes)
     log_every: int = 10  # steps between loss logs
+    fid_every: int = 0  # validations between FID/KID scores (val_fid; `recolor[fid]`); 0: never (CPU runs: costly)
     max_steps: int | None = None  # stop after this many steps in total (smoke tests, benchmarks)
 
     def __post_init__(self):
@@ -225,6 +226,8 @@ class TrainConfig:
                 f"a global batch of {self.global_batch} cannot feed {self.max_workers} workers: raise "
                 f"data.global_batch_size to at least {self.max_workers}, or lower the largest worker count"
             )
+        if self.fid_every < 0:
+            raise ConfigError(f"fid_every must be at least 0 (0: no FID), got {self.fid_every}")
         for interval in ("checkpoint_every", "log_every"):
             if getattr(self, interval) < 1:
                 raise ConfigError(f"{interval} must be at least 1, got {getattr(self, interval)}")

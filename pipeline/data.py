@@ -426,11 +426,13 @@ def validation_batches(
     opener: Callable = open_shard,
     counter: BadSampleCounter | None = None,
     cache=None,
+    keys: list | None = None,
 ) -> Iterator[np.ndarray]:
     """This rank's validation share, in order, in batches (the last may be smaller); corrupt samples skipped.
 
     Args:
         counter: counts what was read and skipped (and stops past its limit); default: no limit.
+        keys: given a list, (shard URI, sample key) of each sample yielded is appended to it, in order.
     """
     segments = plan_validation(plan.val, rank, world_size)
     counter = counter or BadSampleCounter(1.0, sum(s.length for s in segments))
@@ -440,6 +442,8 @@ def validation_batches(
             array = decode_sample(data, plan.size)
             counter.record(uri, key, array is not None)
             if array is not None:
+                if keys is not None:
+                    keys.append((uri, key))
                 yield array
 
     for number, batch in enumerate(batches(decoded(), batch_size, drop_last=False)):

@@ -15,7 +15,8 @@ def add_model_parsers(subparsers) -> None:
     evaluate = subparsers.add_parser(
         "evaluate",
         help="score a generator on a lake dataset; optionally promote it to champion",
-        description="Compute the validation metrics (L1 ab, PSNR, SSIM, colorfulness, AuC) and the gray baseline on "
+        description="Compute FID and KID (the field's Inception network), colorfulness, PSNR, SSIM, L1 ab and AuC, "
+        "each beside the gray baseline, on "
         "a lake dataset with the same code as training, log an evaluation run to MLflow, and with --promote move the "
         "registry alias `champion` to the model only if it beats the current champion on the same data.",
     )
@@ -52,6 +53,13 @@ def add_model_parsers(subparsers) -> None:
     evaluate.add_argument(
         "--dropout", action="store_true", help="score with the generator's dropout on, as pix2pix tests (seeded)"
     )
+    evaluate.add_argument(
+        "--protocol",
+        choices=("crop", "resize"),
+        help="insist on how the photos were cut: crop (short side, centre crop; ImageNet val5k as CT2/DDColor) or "
+        "resize (whole photo squashed; val50k, COCO-Stuff as ColorFormer/DDColor); default: the dataset's",
+    )
+    evaluate.add_argument("--no-fid", action="store_true", help="skip FID and KID (the Inception pass)")
     evaluate.set_defaults(handler=run_evaluate)
 
     runs = subparsers.add_parser("runs", help="compare training runs from MLflow in the terminal")
@@ -113,6 +121,8 @@ def run_evaluate(args) -> int:
         trust_pickle=args.trust_pickle,
         max_bad_fraction=args.max_bad_fraction,
         dropout=args.dropout,
+        fid=not args.no_fid,
+        protocol=args.protocol,
     )
     refused = result.promotion.get("decision") == "refused"
     if args.json:
@@ -121,9 +131,13 @@ def run_evaluate(args) -> int:
     m = result.metrics
     skipped = f", {m['eval_bad_samples']:.0f} corrupt skipped" if m.get("eval_bad_samples") else ""
     print(f"{result.model_uri} on {result.dataset} ({result.split}, {m['eval_count']:.0f} of "
-          f"{m['eval_expected']:.0f} images{skipped}):")  # fmt: skip
-    for name in ("l1_ab", "psnr", "ssim", "auc", "colorfulness", "colorfulness_abs_diff"):
-        print(f"  {name:<22} {m[f'eval_{name}']:10.4f}   gray baseline {m[f'eval_gray_{name}']:10.4f}")
+          f"{m['eval_expected']:.0f} images{skipped}, protocol {result.protocol}):")  # fmt: skip
+    for name in ("fid", "kid", "colorfulness", "colorfulness_true", "psnr", "ssim", "l1_ab", "auc",
+                 "colorfulness_abs_diff"):  # fmt: skip
+        if f"eval_{name}" in m:
+            gray = m.get(f"eval_gray_{name}")
+            shown = f"   gray baseline {gray:10.4f}" if gray is not None and name != "colorfulness_true" else ""
+            print(f"  {name:<22} {m[f'eval_{name}']:10.4f}{shown}")
     if result.promotion:
         p = result.promotion
         print(f"  promotion: {p['decision']} ({p['reason']})")

@@ -155,6 +155,14 @@ class FeatureSets:
         for name, images in rgb.items():
             self.sets[name].append(inception_features(images, self.device))
 
+    @classmethod
+    def of(cls, sets: dict[str, list[np.ndarray]]) -> FeatureSets:
+        """Feature sets gathered elsewhere (each name: a list of arrays, e.g. one a DDP rank)."""
+        made = cls.__new__(cls)
+        made.device, made.sets = None, {name: [np.asarray(p, dtype=np.float64) for p in parts]
+                                        for name, parts in sets.items()}  # fmt: skip
+        return made
+
     def features(self, name: str) -> np.ndarray:
         parts = self.sets[name]
         return np.concatenate(parts) if parts else np.zeros((0, 2048))

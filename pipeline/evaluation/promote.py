@@ -13,10 +13,18 @@ from dataclasses import dataclass, field
 import torch
 
 from ingest.errors import ConfigError
+from pipeline.evaluation.per_image import Inspection
 
 # Lower is better for these; higher for the rest (psnr, ssim, auc, colorfulness).
-LOWER_IS_BETTER = {"l1_ab", "colorfulness_abs_diff"}
+LOWER_IS_BETTER = {"l1_ab", "colorfulness_abs_diff", "fid", "kid"}
 EVAL_EXPERIMENT = "recolor-evaluation"
+
+
+# How the scored photos were cut to the side, by the lake's ingest `--resize` mode (`ingest.images`), and the
+# published numbers each matches (DDColor's answer in its issue #9): "crop", the short side resized and the centre
+# cropped (ImageNet val5k, as CT2 and DDColor); "resize", the whole photo squashed to the side (ImageNet val50k,
+# COCO-Stuff, ADE20K, as ColorFormer and DDColor). Both at 256 px in the papers.
+PROTOCOLS = {"crop": "cover", "resize": "squash"}
 
 
 @dataclass
@@ -27,15 +35,18 @@ class Evaluation:
     metrics: dict[str, float]
     run_id: str | None = None
     promotion: dict = field(default_factory=dict)
+    protocol: str = ""  # e.g. "crop-256" (`PROTOCOLS`)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 def compute_metrics(generator, plan, split: str, batch_size: int, device: torch.device, max_batches=None,
-                    max_bad_fraction: float = 0.01, dropout: bool = False) -> dict:  # fmt: skip
+                    max_bad_fraction: float = 0.01, dropout: bool = False, inspection=None) -> dict:  # fmt: skip
     """The training validation's metrics (`eval_*`, gray baseline beside them) over one split of `plan`, with
-    `eval_count` (samples scored), `eval_expected` (samples the split holds) and `eval_bad_samples` (skipped).
+    `eval_count` (samples scored), `eval_expected` (samples the split holds) and `eval_bad_samples` (skipped);
+    with an `inspection` (`pipeline.evaluation.per_image.Inspection`), FID and KID too, and its table and worst
+    images are filled.
 
     Raises:
         ConfigError: the split is empty, or the model needs larger samples than the dataset holds.
@@ -57,17 +68,92 @@ def compute_metrics(generator, plan, split: str, batch_size: int, device: torch.
     view = dataclasses.replace(plan, val=shards)
     expected = sum(shard.count for shard in shards)
     counter = BadSampleCounter(max_bad_fraction, expected, what="--max-bad-fraction", scope=f"in split {split!r}")
-    batches = validation_batches(view, 0, 1, batch_size, max_batches, counter=counter)
+    batches = validation_batches(view, 0, 1, batch_size, max_batches, counter=counter,
+                                 keys=inspection.keys if inspection is not None else None)  # fmt: skip
     from pipeline.models import set_inference_mode
 
     torch.manual_seed(0)  # with dropout: the same draws for every model scored
-    totals, _ = accumulate(set_inference_mode(generator.to(device), dropout), batches, device)
+    totals, _ = accumulate(set_inference_mode(generator.to(device), dropout), batches, device,
+                           on_batch=inspection.on_batch if inspection is not None else None)  # fmt: skip
     metrics = finalize(totals.cpu(), prefix="eval_")
     if not metrics:
         raise DataError(f"{', '.join(plan.refs)}: none of the {expected} samples of split {split!r} is readable "
                         f"({counter.bad} corrupt): run `recolor lake check {plan.refs[0].split('@')[0]} --deep`, "
                         "then `recolor lake repair` on what it names")  # fmt: skip
+    if inspection is not None:
+        metrics |= inspection.scores("eval_")
     return metrics | {"eval_expected": float(expected), "eval_bad_samples": float(counter.bad)}
+
+
+def _log_evaluation(client, tracking_uri: str, experiment: str, result: Evaluation, plan, registered, version,
+                    partial: str | None, inspection: Inspection, batch_size: int, metric: str,
+                    max_bad_fraction: float) -> str:  # fmt: skip
+    """The evaluation's MLflow run: its params, tags (promotion included), metrics, dataset, per-image table and
+    worst images. Returns its id."""
+    import mlflow
+
+    from pipeline.tracking.runs import fluent_tracking_uri, get_experiment_id, lake_dataset, manifest_tag
+
+    metrics, split, model_uri, protocol_name = result.metrics, result.split, result.model_uri, result.protocol
+    experiment_id = get_experiment_id(client, experiment, tracking_uri)
+    run_name = f"eval {plan.refs[0]}"
+    with fluent_tracking_uri(tracking_uri), mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
+        mlflow.log_params(
+            {
+                "model_uri": model_uri,
+                "dataset": plan.refs[0],
+                "split": split,
+                "batch_size": batch_size,
+                "metric": metric,
+                "max_bad_fraction": max_bad_fraction,
+                "protocol": protocol_name,
+            }
+        )
+        tags = {
+            "recolor.kind": "evaluation",
+            manifest_tag(plan.refs[0]): plan.digests[plan.refs[0]],
+            "recolor.evaluated": f"{metrics['eval_count']:.0f} of {metrics['eval_expected']:.0f} samples"
+            + (f" ({partial})" if partial else ""),
+        }
+        if registered is not None:
+            tags.update({"recolor.model_name": registered[0], "recolor.model_version": str(version)})
+        tags.update({f"promotion.{k}": str(v) for k, v in result.promotion.items()})
+        mlflow.set_tags(tags)
+        mlflow.log_metrics(metrics)
+        mlflow.log_input(
+            lake_dataset(f"{plan.refs[0]}/{split}", plan.uris[plan.refs[0]], plan.digests[plan.refs[0]]),
+            context="evaluation",
+        )
+        mlflow.log_table(inspection.table(), artifact_file="per_image.json")
+        worst = inspection.worst_grid()
+        if worst is not None:
+            mlflow.log_image(_png(worst), artifact_file="worst_16.png")
+        return run.info.run_id
+
+
+def check_protocol(plan, protocol: str | None) -> str:
+    """The evaluation protocol of `plan`'s samples, e.g. "crop-256" (`PROTOCOLS`).
+
+    Raises:
+        ConfigError: `protocol` asks for another cut than the dataset's, naming how to ingest one.
+    """
+    mode = {resize: name for name, resize in PROTOCOLS.items()}.get(plan.resize, plan.resize)
+    if protocol is not None and protocol != mode:
+        raise ConfigError(
+            f"--protocol {protocol} scores photos cut by `--resize {PROTOCOLS.get(protocol, protocol)}`, and "
+            f"{plan.refs[0]} was ingested with --resize {plan.resize}: ingest the photos again with "
+            f"`recolor ingest ... --resize {PROTOCOLS.get(protocol, protocol)} --size {plan.size}` under another name"
+        )
+    return f"{mode}-{plan.size}"
+
+
+def _png(data: bytes):
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as picture:
+        return picture.convert("RGB")
 
 
 def partial_reason(metrics: dict) -> str | None:
@@ -111,8 +197,14 @@ def evaluate(
     trust_pickle: bool = False,
     max_bad_fraction: float = 0.01,
     dropout: bool = False,
+    fid: bool = True,
+    protocol: str | None = None,
 ) -> Evaluation:
     """Evaluate a generator on a lake dataset, log an evaluation run, optionally promote it to `champion`.
+
+    `fid` adds FID and KID (`pipeline.evaluation.fid`; without its network, one warning and the rest). The photos'
+    cut is the dataset's (`PROTOCOLS`); `protocol` ("crop" or "resize") insists on one. The run logs a table of
+    every image's metrics and source (`per_image.json`) and the worst 16 by ab error beside their truth.
 
     `trust_pickle` allows models of the old pickled format (see `pipeline.tracking.registry.load_generator`).
     Corrupt samples are skipped up to `max_bad_fraction` of the split (more stops with `DataError`); promotion
@@ -122,7 +214,6 @@ def evaluate(
         ValueError: unknown metric, a model URI that cannot be promoted, unloadable model.
         LakeError: unknown dataset or version.
     """
-    import mlflow
     from mlflow import MlflowClient
 
     from pipeline.dataplan import resolve_data
@@ -130,10 +221,6 @@ def evaluate(
     from pipeline.tracking.registry import load_generator
     from pipeline.tracking.runs import (
         connect_tracking,
-        fluent_tracking_uri,
-        get_experiment_id,
-        lake_dataset,
-        manifest_tag,
     )
 
     known = {name for name in metric_names() if not name.startswith("gray_") and name != "count"}
@@ -148,9 +235,12 @@ def evaluate(
         raise ConfigError("--promote compares models on the whole split: drop --max-batches")
     torch_device = torch.device(device)
     plan = resolve_data([dataset], lake)
+    protocol_name = check_protocol(plan, protocol)
     generator = load_generator(model_uri, tracking_uri, torch_device, trust_pickle=trust_pickle)
-    metrics = compute_metrics(generator, plan, split, batch_size, torch_device, max_batches, max_bad_fraction, dropout)
-    result = Evaluation(model_uri, plan.refs[0], split, metrics)
+    inspection = Inspection([], fid=fid, device=torch_device)
+    metrics = compute_metrics(generator, plan, split, batch_size, torch_device, max_batches, max_bad_fraction, dropout,
+                              inspection)  # fmt: skip
+    result = Evaluation(model_uri, plan.refs[0], split, metrics, protocol=protocol_name)
     partial = partial_reason(metrics)
 
     version = None
@@ -184,35 +274,8 @@ def evaluate(
             dropout,
         )
 
-    experiment_id = get_experiment_id(client, experiment, tracking_uri)
-    run_name = f"eval {plan.refs[0]}"
-    with fluent_tracking_uri(tracking_uri), mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
-        mlflow.log_params(
-            {
-                "model_uri": model_uri,
-                "dataset": plan.refs[0],
-                "split": split,
-                "batch_size": batch_size,
-                "metric": metric,
-                "max_bad_fraction": max_bad_fraction,
-            }
-        )
-        tags = {
-            "recolor.kind": "evaluation",
-            manifest_tag(plan.refs[0]): plan.digests[plan.refs[0]],
-            "recolor.evaluated": f"{metrics['eval_count']:.0f} of {metrics['eval_expected']:.0f} samples"
-            + (f" ({partial})" if partial else ""),
-        }
-        if registered is not None:
-            tags.update({"recolor.model_name": registered[0], "recolor.model_version": str(version)})
-        tags.update({f"promotion.{k}": str(v) for k, v in result.promotion.items()})
-        mlflow.set_tags(tags)
-        mlflow.log_metrics(metrics)
-        mlflow.log_input(
-            lake_dataset(f"{plan.refs[0]}/{split}", plan.uris[plan.refs[0]], plan.digests[plan.refs[0]]),
-            context="evaluation",
-        )
-        result.run_id = run.info.run_id
+    result.run_id = _log_evaluation(client, tracking_uri, experiment, result, plan, registered, version, partial,
+                                    inspection, batch_size, metric, max_bad_fraction)  # fmt: skip
     if registered is not None:
         tag = f"eval.{plan.refs[0].replace('@', ':')}.{split}.{metric}"
         client.set_model_version_tag(registered[0], str(version), tag, f"{metrics[f'eval_{metric}']:.6g}")

@@ -31,8 +31,10 @@ def accumulate(
     device: torch.device,
     autocast=contextlib.nullcontext,
     memory_format=torch.contiguous_format,
+    on_batch=None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
-    """Sum every metric (model and gray baseline) over uint8 Lab batches.
+    """Sum every metric (model and gray baseline) over uint8 Lab batches; `on_batch(lightness, pred_ab, true_ab)`
+    (real units) sees each batch too (FID features, the per-image table).
 
     Returns:
         (a float64 vector of sums in `metric_names()` order, on `device`;
@@ -51,6 +53,8 @@ def accumulate(
         sums = colorization_metric_sums(lightness, pred_ab, true_ab)
         sums.update({f"gray_{k}": v for k, v in gray_baseline_metric_sums(lightness, true_ab).items()})
         totals += torch.stack([sums[name] for name in names])
+        if on_batch is not None:
+            on_batch(lightness, pred_ab, true_ab)
         if first is None:
             first = (lightness.cpu(), pred_ab.cpu(), true_ab.cpu())
     return totals, first

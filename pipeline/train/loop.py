@@ -185,6 +185,9 @@ class ColorizerTrainer:
             self.plain_discriminator = torch.compile(self.plain_discriminator)
         self._resume_payload = checkpoint_payload
         self._started = time.time_ns()  # tells this worker group's steps from a restarted one's (test hooks)
+        self._validations = 0  # validations so far in this worker group (`fid_every` counts them)
+        self._fid_reference = None  # the truth's and gray's Inception features of this rank's validation share
+        self._fid_unavailable = False
         self._group_started: int | None = None
         from pipeline.train.throughput import peak_flops
 
@@ -275,6 +278,8 @@ class ColorizerTrainer:
         generator.eval()  # the plain (maybe compiled) module shares these weights and this mode
         sources = range(len(self.plan.refs)) if len(self.plan.refs) > 1 else [None]
         overall, first, metrics = None, None, {}
+        self._validations += 1
+        features = self._fid_features()
         for source in sources:
             plan = self.plan if source is None else self.plan.source(source)
             batches = validation_batches(
@@ -287,6 +292,7 @@ class ColorizerTrainer:
                 prefetch(batches, self.config.data.prefetch_batches),
                 self.device,
                 memory_format=self.memory_format,
+                on_batch=features.on_batch if features is not None else None,
             )
             if self.world_size > 1:
                 torch.distributed.all_reduce(totals)
@@ -297,7 +303,46 @@ class ColorizerTrainer:
         generator.train(was_training)
         if grid_name and first is not None:
             self.logger.log_image(sample_grid(*first), grid_name, key=SAMPLES_KEY, step=step)
+        if features is not None:
+            metrics |= self._fid_scores(features)
         return finalize(overall) | metrics
+
+    def _fid_features(self):
+        """The collector of this validation's Inception features (`fid_every`), or None: not this time, or the
+        network is not installed (said once)."""
+        from pipeline.evaluation.fid import FidUnavailable
+        from pipeline.evaluation.per_image import FidFeatures
+
+        every = self.config.fid_every
+        if not every or self._validations % every or self._fid_unavailable:
+            return None
+        try:
+            return FidFeatures(self.device, self._fid_reference)
+        except FidUnavailable as e:
+            self._fid_unavailable = True
+            if self.is_rank_zero:
+                log.warning("fid_every=%d: %s; training goes on without val_fid", every, e)
+            return None
+
+    def _fid_scores(self, features) -> dict[str, float]:
+        """FID and KID of the model (and the gray baseline) against the truth over every rank's validation share:
+        the features gathered, scored on rank 0, the scores shared. The truth's and gray's features are kept for
+        the next validations (the same samples each time)."""
+        self._fid_reference = features.reference()
+        local = features.sets()
+        gathered = [local]
+        if self.world_size > 1:
+            gathered = [None] * self.world_size
+            torch.distributed.all_gather_object(gathered, local)
+        names = ("val_fid", "val_kid", "val_kid_std", "val_gray_fid", "val_gray_kid", "val_gray_kid_std")
+        scores = {}
+        if self.is_rank_zero:
+            from pipeline.evaluation.fid import FeatureSets
+
+            merged = FeatureSets.of({name: [part[name] for part in gathered] for name in local})
+            scores = merged.scores("val_", kid_subsets=20)
+        scored, *values = self._sum_over_ranks(1.0 if scores else 0.0, *(scores.get(name, 0.0) for name in names))
+        return dict(zip(names, values, strict=True)) if scored else {}
 
     # ------------------------------------------------------------------------------------ checkpoints
 

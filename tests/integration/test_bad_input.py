@@ -207,7 +207,7 @@ def test_evaluate_refuses_to_promote_on_a_split_with_corrupt_samples(registered_
     expected = setup.plan.count("val")
     assert corrupt_samples(setup.plan.val[0].uri, 1) == 1
     result = recolor("evaluate", "--model", "models:/c/1", "--dataset", "d", "--promote", "--max-bad-fraction", "0.5",
-                     env=setup.env, timeout=180)  # fmt: skip
+                     "--no-fid", env=setup.env, timeout=180)  # fmt: skip
     assert result.returncode == 1, result.stdout + result.stderr[-3000:]
     assert f"{expected - 1} of {expected} images, 1 corrupt skipped" in result.stdout
     assert result.error_lines[-1].startswith(f"recolor: error: promotion refused: 1 of {expected} samples are corrupt")
@@ -220,7 +220,8 @@ def test_evaluate_refuses_to_promote_on_a_split_with_corrupt_samples(registered_
     )
     assert run.data.tags["promotion.decision"] == "refused"
 
-    strict = recolor("evaluate", "--model", "models:/c/1", "--dataset", "d", "--max-bad-fraction", "0", env=setup.env)
+    strict = recolor("evaluate", "--model", "models:/c/1", "--dataset", "d", "--max-bad-fraction", "0", "--no-fid",
+                     env=setup.env)  # fmt: skip
     assert strict.returncode == 2 and "Traceback" not in strict.stderr  # the corrupt sample's warning, then why
     assert (
         f"1 corrupt samples (of {expected} expected in split 'val') exceed --max-bad-fraction=0.0"

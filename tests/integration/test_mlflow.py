@@ -511,7 +511,8 @@ def promotions(embedded, worse, lake, cli_runner, secret_env):
     def champion() -> str:
         return str(embedded.client.get_model_version_by_alias(MODEL, "champion").version)
 
-    first = evaluate(f"models:/{MODEL}/{worse.version}", "photos", lake.uri, tracking_uri=embedded.uri, promote=True)
+    first = evaluate(f"models:/{MODEL}/{worse.version}", "photos", lake.uri, tracking_uri=embedded.uri, promote=True,
+                     fid=False)  # fmt: skip
     after_first = champion()
     cli = cli_runner(
         "evaluate", "--model", f"models:/{MODEL}@candidate", "--dataset", "photos", "--lake", lake.uri,
@@ -522,7 +523,8 @@ def promotions(embedded, worse, lake, cli_runner, secret_env):
     assert cli.returncode == 0, cli.stderr[-3000:]
     second = json.loads(cli.stdout)
     after_second = champion()
-    third = evaluate(f"models:/{MODEL}/{worse.version}", "photos", lake.uri, tracking_uri=embedded.uri, promote=True)
+    third = evaluate(f"models:/{MODEL}/{worse.version}", "photos", lake.uri, tracking_uri=embedded.uri, promote=True,
+                     fid=False)  # fmt: skip
     return SimpleNamespace(
         first=first, after_first=after_first, second=second, after_second=after_second, third=third,
         after_third=champion(),
@@ -563,6 +565,27 @@ def test_promote_moves_champion_to_a_better_model_and_not_to_a_worse_one(promoti
     key = f"eval.{lake.ref.replace('@', ':')}.val.l1_ab"
     assert float(client.get_model_version(MODEL, good).tags[key]) == pytest.approx(second["candidate_value"], rel=1e-5)
     assert float(client.get_model_version(MODEL, worse.version).tags[key]) == pytest.approx(bad_value, rel=1e-5)
+
+
+def test_evaluate_scores_fid_and_kid_beside_gray_and_logs_each_image_and_the_worst(promotions, embedded) -> None:
+    metrics = promotions.second["metrics"]  # `recolor evaluate` with FID (the default)
+    assert all(np.isfinite(metrics[f"eval_{name}"]) for name in ("fid", "kid", "kid_std", "gray_fid", "gray_kid"))
+    assert metrics["eval_fid"] > 0 and metrics["eval_gray_fid"] > 0 and metrics["eval_kid_std"] >= 0
+    assert promotions.second["protocol"] == "crop-64"  # the lake's --resize cover, at 64 px
+    assert "eval_fid" not in promotions.first.metrics  # fid=False
+    run_id = promotions.second["run_id"]
+    run = embedded.client.get_run(run_id)
+    assert run.data.params["protocol"] == "crop-64" and run.data.metrics["eval_fid"] == pytest.approx(
+        metrics["eval_fid"]
+    )
+    folder = Path(embedded.client.download_artifacts(run_id, ""))
+    table = json.loads((folder / "per_image.json").read_text())
+    rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+    assert len(rows) == metrics["eval_count"] and all(row["shard"].endswith(".tar") and row["key"] for row in rows)
+    assert [row["l1_ab"] for row in rows] == sorted((row["l1_ab"] for row in rows), reverse=True)  # worst first
+    assert np.mean([row["psnr"] for row in rows]) == pytest.approx(metrics["eval_psnr"], rel=1e-6)
+    with Image.open(folder / "worst_16.png") as grid:
+        assert grid.width > grid.height  # one column an image (up to 16), three rows
 
 
 @pytest.fixture(scope="module")

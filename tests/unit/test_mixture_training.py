@@ -88,3 +88,20 @@ def test_the_command_line_names_a_mixture_by_weights() -> None:
 def test_a_mixture_of_one_version_twice_is_refused(two_datasets) -> None:
     with pytest.raises(DataError, match=r"names one dataset version twice"):
         resolve_config_data(DataConfig(mix={"big": 1.0, "big@1": 1.0}, lake=two_datasets))
+
+
+def test_validation_scores_fid_every_nth_time_with_the_truths_features_kept(two_datasets, monkeypatch) -> None:
+    import dataclasses
+
+    monkeypatch.setenv("RECOLOR_NO_PROGRESS", "1")
+    config = dataclasses.replace(mix_config(two_datasets), stages=[StageConfig(name="gan", epochs=3)], fid_every=2)
+    plan = resolve_config_data(config.data)
+    recorder = Recorder()
+    trainer = new_trainer(config, plan, recorder)
+    trainer.run()
+    ends = [m for m in recorder.metrics if m.get("epoch_end")]
+    assert ["val_fid" in m for m in ends] == [False, True, False]  # the 2nd validation of 3
+    scored = ends[1]
+    assert scored["val_fid"] > 0 and scored["val_gray_fid"] > 0 and scored["val_kid_std"] >= 0
+    truth, gray = trainer._fid_reference
+    assert len(truth) == len(gray) == scored["val_count"]
