@@ -221,7 +221,9 @@ def run_step(step: str, source: Path, lake: Path) -> dict:
             run_lake_show(argparse.Namespace(lake=str(lake), ref=DATASET, rejects=5, json=False))
         return {"lines": len(out.getvalue().splitlines())}
     if step == "gc":
-        return {"unreferenced": len(Lake(str(lake)).unreferenced(DATASET))}
+        from ingest.gc import collect
+
+        return {"unreferenced": len(collect(Lake(str(lake)), DATASET).garbage)}
     raise ValueError(step)
 
 

@@ -385,12 +385,6 @@ class Lake:
         data = json.dumps(record, indent=2, sort_keys=True).encode()
         self.storage.put_if_absent(version_key(dataset, version), data)
 
-    def unreferenced(self, dataset: str, min_age: float = 0.0) -> list:
-        """Objects of `dataset` that `recolor lake gc` would delete (see `ingest.gc`)."""
-        from ingest.gc import collect
-
-        return collect(self, dataset, min_age).garbage
-
     def summary(self, ref: VersionRef) -> dict:
         """What `lake show` prints: counts and bytes per split, stats, reject reasons, versions."""
         record = ref.record
