@@ -185,7 +185,7 @@ def score(checkpoint: str, lake: str, gpu: bool) -> tuple[dict, object, object]:
     from pipeline.evaluation.fid import FidUnavailable
     from pipeline.evaluation.metrics import colorization_metrics_per_image
     from pipeline.evaluation.per_image import FidFeatures
-    from pipeline.tracking.registry import generator_from_checkpoint
+    from pipeline.models.saved import generator_from_checkpoint
 
     device = torch.device("cuda" if gpu else "cpu")
     generator = generator_from_checkpoint(load_checkpoint(checkpoint)).to(device).eval()

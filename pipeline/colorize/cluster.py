@@ -155,7 +155,7 @@ def colorize_on_ray(
     from ingest.cluster import ensure_ray
     from ingest.storage import is_s3
     from pipeline.colorize.local import load_model, plan_outputs
-    from pipeline.tracking.registry import min_side
+    from pipeline.models.saved import min_side
 
     # Tasks run in other working directories (a cluster's nodes): local paths travel absolute.
     inputs = [given if is_s3(given) else str(Path(given).absolute()) for given in inputs]

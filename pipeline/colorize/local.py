@@ -41,7 +41,8 @@ def plan_outputs(
 def load_model(model_uri: str, tracking_uri: str | None, device, trust_pickle: bool, size: int | None):
     """The generator (on `device`), the network side (`size`, else the training side; at least the network's
     minimum) and how its training samples were cut: what both colorize paths need of the model."""
-    from pipeline.tracking.registry import load_generator_for_inference, min_side
+    from pipeline.models.saved import min_side
+    from pipeline.tracking.registry import load_generator_for_inference
 
     generator, trained_side, resize = load_generator_for_inference(model_uri, tracking_uri, device, trust_pickle)
     return generator, max(size or trained_side, min_side(generator)), resize

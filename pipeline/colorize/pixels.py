@@ -163,7 +163,7 @@ def predict_photos(generator, inputs: list[tuple[torch.Tensor, tuple]], device: 
 def colorize_rgb(generator, photos: list[np.ndarray], size: int, device: torch.device,
                  resize: str = "cover") -> list[np.ndarray]:  # fmt: skip
     """Color a batch of 8-bit RGB photos of any sizes; returns 8-bit RGB arrays of the same sizes."""
-    from pipeline.tracking.registry import min_side
+    from pipeline.models.saved import min_side
 
     multiple = min_side(generator)
     inputs = [network_input(rgb, size, multiple, resize) for rgb in photos]

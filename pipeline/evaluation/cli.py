@@ -154,7 +154,7 @@ KEY_METRICS = ("val_l1_ab", "val_psnr", "val_ssim", "val_auc", "val_colorfulness
 def run_compare(args) -> int:
     from mlflow import MlflowClient
 
-    from pipeline.tracking.runs import connect_tracking
+    from pipeline.tracking.uri import connect_tracking
 
     client = MlflowClient(connect_tracking(args.tracking_uri))
     experiment = client.get_experiment_by_name(args.experiment)

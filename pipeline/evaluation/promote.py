@@ -55,7 +55,7 @@ def compute_metrics(generator, plan, split: str, batch_size: int, device: torch.
     from pipeline.data import BadSampleCounter, validation_batches
     from pipeline.dataplan import DataError
     from pipeline.evaluation.validation import accumulate, finalize
-    from pipeline.tracking.registry import min_side
+    from pipeline.models.saved import min_side
 
     if plan.size < min_side(generator):
         raise ConfigError(
@@ -92,7 +92,8 @@ def _log_evaluation(client, tracking_uri: str, experiment: str, result: Evaluati
     worst images. Returns its id."""
     import mlflow
 
-    from pipeline.tracking.runs import fluent_tracking_uri, get_experiment_id, lake_dataset, manifest_tag
+    from pipeline.tracking.runs import lake_dataset, manifest_tag
+    from pipeline.tracking.uri import fluent_tracking_uri, get_experiment_id
 
     metrics, split, model_uri, protocol_name = result.metrics, result.split, result.model_uri, result.protocol
     experiment_id = get_experiment_id(client, experiment, tracking_uri)
@@ -219,9 +220,7 @@ def evaluate(
     from pipeline.dataplan import resolve_data
     from pipeline.evaluation.validation import metric_names
     from pipeline.tracking.registry import load_generator
-    from pipeline.tracking.runs import (
-        connect_tracking,
-    )
+    from pipeline.tracking.uri import connect_tracking
 
     known = {name for name in metric_names() if not name.startswith("gray_") and name != "count"}
     if metric not in known:

@@ -144,3 +144,27 @@ def load_saved_generator(folder: str | Path, device: str | torch.device = "cpu")
         first = str(e).strip().splitlines()[0]
         raise ConfigError(f"{path} does not fit the {spec.arch} of {Path(folder) / SPEC_FILE}: {first}") from None
     return generator.to(device).eval(), spec
+
+
+def generator_from_checkpoint(payload: dict) -> nn.Module:
+    """Rebuild the generator a checkpoint was trained with, in eval mode."""
+    generator = spec_from_checkpoint(payload).build()
+    generator.load_state_dict(payload["generator"])
+    return generator.eval()
+
+
+def spec_from_checkpoint(payload: dict, image_size: int | None = None) -> GeneratorSpec:
+    """The saved-generator spec of a checkpoint's generator, for inputs of `image_size` (default: the side it
+    trained at), with the way its samples were cut."""
+    from pipeline.checkpoint import payload_config, trained_resize, trained_side
+
+    return GeneratorSpec.from_config(
+        payload_config(payload), image_size or trained_side(payload), trained_resize(payload)
+    )
+
+
+def min_side(generator: nn.Module) -> int:
+    """The smallest input side the generator accepts (2**num_downs for the U-Net, 32 for the ResNet U-Net)."""
+    if hasattr(generator, "down_blocks"):
+        return 2 ** len(generator.down_blocks)
+    return 32

@@ -30,8 +30,9 @@ def add_export_parser(subparsers) -> None:
 
 def run_export(args) -> int:
     from ingest.errors import ConfigError
+    from pipeline.models.saved import min_side
     from pipeline.serving.export import export_generator
-    from pipeline.tracking.registry import load_generator_for_inference, min_side
+    from pipeline.tracking.registry import load_generator_for_inference
 
     generator, side, _ = load_generator_for_inference(args.model, args.tracking_uri, trust_pickle=args.trust_pickle)
     side = args.size or side

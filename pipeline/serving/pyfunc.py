@@ -26,27 +26,9 @@ import torch
 
 from ingest.images import DEFAULT_MAX_PIXELS
 from pipeline.colorize.pixels import PICTURE_FORMATS, PhotoRefused, colorize_rgb, decode_photo, encode_picture
+from pipeline.serving.signature import SERVING_DEFAULTS
 
 BATCH = 8  # photos through the network at once
-
-
-def serving_signature():
-    """The model's signature: optional `image` (binary) and `path` (string) columns, the params above."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-
-    inputs = Schema([ColSpec("binary", "image", required=False), ColSpec("string", "path", required=False)])
-    outputs = Schema(
-        [ColSpec("string", "image"), ColSpec("long", "width"), ColSpec("long", "height"), ColSpec("string", "error")]
-    )
-    params = ParamSchema(
-        [
-            ParamSpec("format", "string", "png"),
-            ParamSpec("quality", "long", 95),
-            ParamSpec("max_pixels", "long", DEFAULT_MAX_PIXELS),
-        ]
-    )
-    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
 def _load_pyfunc(data_path: str) -> ColorizerModel:
@@ -57,8 +39,7 @@ class ColorizerModel:
     """A saved generator answering tables of images; see the module's docstring for the columns."""
 
     def __init__(self, folder: str, device: str | None = None):
-        from pipeline.models.saved import load_saved_generator
-        from pipeline.tracking.registry import min_side
+        from pipeline.models.saved import load_saved_generator, min_side
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.generator, self.spec = load_saved_generator(folder, self.device)
@@ -67,7 +48,7 @@ class ColorizerModel:
     def predict(self, data, params: dict | None = None):
         import pandas as pd
 
-        params = {"format": "png", "quality": 95, "max_pixels": DEFAULT_MAX_PIXELS, **(params or {})}
+        params = {**SERVING_DEFAULTS, **(params or {})}
         picture_format = str(params["format"]).lower()
         if picture_format not in PICTURE_FORMATS:
             _refuse(f"param 'format' must be one of {PICTURE_FORMATS}, got {params['format']!r}")

@@ -108,7 +108,7 @@ def run_sweep(preset: str | None, base_overrides: list[str], trials: list[Trial]
     from ingest.cluster import ensure_ray
     from pipeline.dataplan import resolve_config_data
     from pipeline.evaluation.validation import metric_names
-    from pipeline.tracking.runs import check_tracking_server, resolve_tracking_uri
+    from pipeline.tracking.uri import check_tracking_server, resolve_tracking_uri
     from pipeline.train.driver import check_before_start
 
     # The gray baseline's metrics are the same for every trial: ranking by them would rank nothing.
@@ -284,7 +284,7 @@ def _open_parent(tracking_uri: str, tracking, options: SweepOptions, preset, tri
     """The sweep's parent run: the one of an earlier run of this sweep, or a new one."""
     from mlflow import MlflowClient
 
-    from pipeline.tracking.runs import get_experiment_id
+    from pipeline.tracking.uri import get_experiment_id
 
     client = MlflowClient(tracking_uri)
     experiment_id = get_experiment_id(client, tracking.experiment, tracking_uri)
@@ -374,7 +374,7 @@ def _finish_parent(tracking_uri: str, tracking, options: SweepOptions, parent_ru
         if options.register and tracking.model_name:
             _register_best(client, tracking_uri, tracking.model_name, best, options)
     done = all(row["status"] in ("FINISHED", "KILLED") for row in rows) and len(rows) == len(trials)
-    from pipeline.tracking.runs import quiet_run_links
+    from pipeline.tracking.uri import quiet_run_links
 
     with quiet_run_links(tracking_uri):
         client.set_terminated(parent_run_id, status="FINISHED" if done else "FAILED")
@@ -384,7 +384,7 @@ def _register_best(client, tracking_uri: str, model_name: str, best: dict, optio
     """The best trial's logged generator as a version of `model_name` with alias candidate (once per run)."""
     import mlflow
 
-    from pipeline.tracking.runs import fluent_tracking_uri
+    from pipeline.tracking.uri import fluent_tracking_uri
 
     existing = client.search_model_versions(f"name = '{model_name}' and run_id = '{best['run_id']}'")
     if existing:

@@ -25,35 +25,18 @@ import torch
 from torch import nn
 
 from ingest.errors import ConfigError
-from pipeline.models.saved import GeneratorSpec, is_saved_generator, load_saved_generator, save_generator
+from pipeline.models.saved import (
+    GeneratorSpec,
+    generator_from_checkpoint,
+    is_saved_generator,
+    load_saved_generator,
+    min_side,
+    save_generator,
+)
 
 MODEL_ARTIFACT = "generator"
 DEFAULT_MODEL_NAME = "colorizer"
 SERVING_MODULE = "pipeline.serving.pyfunc"
-
-
-def generator_from_checkpoint(payload: dict) -> nn.Module:
-    """Rebuild the generator a checkpoint was trained with, in eval mode."""
-    generator = spec_from_checkpoint(payload).build()
-    generator.load_state_dict(payload["generator"])
-    return generator.eval()
-
-
-def spec_from_checkpoint(payload: dict, image_size: int | None = None) -> GeneratorSpec:
-    """The saved-generator spec of a checkpoint's generator, for inputs of `image_size` (default: the side it
-    trained at), with the way its samples were cut."""
-    from pipeline.checkpoint import payload_config, trained_resize, trained_side
-
-    return GeneratorSpec.from_config(
-        payload_config(payload), image_size or trained_side(payload), trained_resize(payload)
-    )
-
-
-def min_side(generator: nn.Module) -> int:
-    """The smallest input side the generator accepts (2**num_downs for the U-Net, 32 for the ResNet U-Net)."""
-    if hasattr(generator, "down_blocks"):
-        return 2 ** len(generator.down_blocks)
-    return 32
 
 
 def log_generator(
@@ -80,8 +63,8 @@ def log_generator(
     import mlflow.pyfunc
     from mlflow import MlflowClient
 
-    from pipeline.serving.pyfunc import serving_signature
-    from pipeline.tracking.runs import fluent_tracking_uri
+    from pipeline.serving.signature import serving_signature
+    from pipeline.tracking.uri import fluent_tracking_uri
 
     with tempfile.TemporaryDirectory(prefix="recolor-model-") as scratch, warnings.catch_warnings():
         # An input example would make MLflow load and run the model while logging it; the signature says it all.
@@ -183,7 +166,7 @@ def _from_checkpoint(payload: dict, device) -> tuple[nn.Module, int, str]:
 def _download_model(uri: str, tracking_uri: str | None, scratch: str) -> Path:
     import mlflow.artifacts
 
-    from pipeline.tracking.runs import connect_tracking, fluent_tracking_uri
+    from pipeline.tracking.uri import connect_tracking, fluent_tracking_uri
 
     resolved = connect_tracking(tracking_uri)
     try:

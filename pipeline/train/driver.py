@@ -113,7 +113,7 @@ def run_training(
     upload_attempts()  # a bad $RECOLOR_CHECKPOINT_UPLOAD_ATTEMPTS stops here, not at a worker's first checkpoint
     tracking_uri = None
     if tracking is not None and tracking.enabled:
-        from pipeline.tracking.runs import check_tracking_server, resolve_tracking_uri
+        from pipeline.tracking.uri import check_tracking_server, resolve_tracking_uri
 
         tracking_uri = resolve_tracking_uri(tracking.tracking_uri)
         check_tracking_server(tracking_uri)  # seconds, not minutes of MLflow's retries

@@ -44,7 +44,8 @@ from infra.stack.s3_server import free_port
 from ingest.driver import IngestConfig, run_ingest
 from pipeline.config import DataConfig, ModelConfig, StageConfig, TrainConfig, flatten
 from pipeline.dataplan import resolve_data
-from pipeline.tracking.runs import fluent_tracking_uri, manifest_tag
+from pipeline.tracking.runs import manifest_tag
+from pipeline.tracking.uri import fluent_tracking_uri
 from pipeline.train.driver import TrackingOptions, resolve_storage, run_training
 
 pytestmark = pytest.mark.slow

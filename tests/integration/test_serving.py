@@ -71,7 +71,7 @@ def model_folder(registry, tmp_path: Path) -> Path:
 def download(registry, uri: str, folder: Path) -> Path:
     import mlflow.artifacts
 
-    from pipeline.tracking.runs import fluent_tracking_uri
+    from pipeline.tracking.uri import fluent_tracking_uri
 
     with fluent_tracking_uri(registry.uri):
         return Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(folder)))
@@ -150,7 +150,7 @@ def old_model(registry):
     import mlflow
     import mlflow.pytorch
 
-    from pipeline.tracking.runs import fluent_tracking_uri
+    from pipeline.tracking.uri import fluent_tracking_uri
 
     package = str(Path(__file__).resolve().parents[2] / "pipeline")
     with fluent_tracking_uri(registry.uri), mlflow.start_run(experiment_id=registry.experiment):

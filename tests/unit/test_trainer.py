@@ -134,7 +134,7 @@ def test_the_cli_says_rerun_only_when_a_rerun_can_succeed(monkeypatch, capsys) -
 def test_an_unreachable_tracking_server_is_named_in_one_line(tmp_path) -> None:
     from infra.stack.s3_server import free_port
     from pipeline.cli import exit_code_and_message
-    from pipeline.tracking.runs import TrackingUnreachable, check_tracking_server
+    from pipeline.tracking.uri import TrackingUnreachable, check_tracking_server
 
     port = free_port()  # nothing listens there
     with pytest.raises(TrackingUnreachable) as error:
