@@ -52,5 +52,5 @@ def test_cli_runs_on_a_given_ray_cluster_and_leaves_it_running(ray_local, photo_
     result = recolor(*args, "--ray-address", address, "--no-progress")
     assert result.returncode == 0, result.stderr
     assert "committed photos@1" in result.stdout
-    assert ray_local.is_initialized() and ray_local.cluster_resources().get("CPU") == 2
+    assert ray_local.is_initialized() and ray_local.cluster_resources().get("CPU") == 3  # the session's, unchanged
     assert sum(Lake(str(tmp_path / "lake")).resolve("photos").record["counts"].values()) == 4
