@@ -1,6 +1,6 @@
 """The project's one error base: every error a user can act on is a `RecolorError` whose message says what to do.
 
-`pipeline.cli` maps them to exit codes in one table (`EXIT_CODES` there): 2 for what the user must change
+`pipeline.cli` maps them to exit codes in one table (`exit_code_and_message` there): 2 for what the user must change
 (a setting, an input, a missing dataset, credentials), 1 for a training run that failed in its workers.
 Anything else that escapes is a bug and keeps its traceback. Here, in `ingest`, because `ingest` never
 imports `pipeline` and both raise them.

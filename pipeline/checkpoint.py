@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ingest.errors import ConfigError, RecolorError
+from ingest.errors import RecolorError
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,10 @@ FORMAT = 1
 
 class CheckpointError(RecolorError):
     """A checkpoint could not be uploaded, or none of a run's checkpoints can be read."""
+
+
+class CorruptCheckpoint(CheckpointError, ValueError):
+    """A file that is not a readable checkpoint of this project (damaged, truncated, or something else)."""
 
 
 @dataclass
@@ -190,7 +194,7 @@ def load_checkpoint(
     try:
         payload = safe_torch_load(handle, map_location)
     except ValueError as e:
-        raise ConfigError(f"{name} is not a readable checkpoint: {e}") from None
+        raise CorruptCheckpoint(f"{name} is not a readable checkpoint: {e}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT or "generator" not in payload:
-        raise ConfigError(f"{name} is not a recolor checkpoint")
+        raise CorruptCheckpoint(f"{name} is not a recolor checkpoint")
     return payload

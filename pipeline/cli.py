@@ -36,25 +36,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def exit_code_and_message(error: BaseException) -> tuple[int, str] | None:
+RESUMING = {"ingest", "train", "sweep", "colorize", "submit"}  # a rerun of these goes on where the last one stopped
+
+
+def exit_code_and_message(error: BaseException, command: str | None = None) -> tuple[int, str] | None:
     """The one table from an error to what the user sees: (exit code, one line), or None for a bug (traceback).
 
     | error | exit | says |
     |---|---|---|
     | `Stopped` / KeyboardInterrupt | 130 (SIGINT), 143 (SIGTERM) | stopped; rerun to resume |
     | `TrainingError` | 1 | the worker's error; rerun to resume only when a rerun can succeed |
-    | any other `RecolorError` (lake, source, storage, data, checkpoint, config, stack, ...) | 2 | its message |
+    | any other `RecolorError` (lake, source, storage, data, checkpoint, config, ...) | 2 | its message |
     | FileNotFoundError | 2 | the missing file |
     | an `MlflowException` (the server's answer) | 2 | its first line |
     | an error of Ray's own (a lost node, a task that kept crashing) | 1 | its root cause; rerun to resume |
+
+    "Rerun to resume" is said of the commands that resume (`RESUMING`); the others are told to rerun. `recolor
+    stack` prints its own `StackError` and exits 1 (the stack's processes, not the user's input, failed).
     """
     from ingest.cluster import mask_secrets
     from ingest.errors import RecolorError
     from pipeline.train.failures import TrainingError, describe_failure
 
+    rerun = "rerun the same command to resume" if command is None or command in RESUMING else "rerun the same command"
+
     if isinstance(error, KeyboardInterrupt):
         name = getattr(error, "signal_name", "SIGINT")
-        return getattr(error, "exit_code", 130), f"recolor: stopped by {name}; rerun the same command to resume"
+        return getattr(error, "exit_code", 130), f"recolor: stopped by {name}; {rerun}"
     if isinstance(error, TrainingError):
         run = f"; MLflow run {error.run_id} marked FAILED" if error.run_id else ""
         advice = (
@@ -71,7 +79,7 @@ def exit_code_and_message(error: BaseException) -> tuple[int, str] | None:
         return 2, f"recolor: error: MLflow: {mask_secrets(first)}"
     if type(error).__module__.startswith("ray."):
         # A remote traceback's text: one line naming the remote error is enough, the work done so far is kept.
-        return 1, f"recolor: error: {describe_failure(error)}; rerun the same command to resume"
+        return 1, f"recolor: error: {describe_failure(error)}; {rerun}"
     return None
 
 
@@ -88,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except BaseException as error:
-        outcome = exit_code_and_message(error)
+        outcome = exit_code_and_message(error, getattr(args, "command", None))
         if outcome is None:
             raise
         code, message = outcome

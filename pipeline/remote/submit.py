@@ -266,7 +266,10 @@ JOB_SERVER_ERRORS = (SubmitError, RuntimeError, OSError)
 
 
 def _error(message: str) -> int:
-    print(f"recolor: error: {message}", file=sys.stderr)
+    """One line, secrets masked (as `pipeline.cli.main` masks every other error), exit 2."""
+    from ingest.cluster import mask_secrets
+
+    print(f"recolor: error: {mask_secrets(message)}", file=sys.stderr)
     return 2
 
 

@@ -1,9 +1,10 @@
 """What every Ray Train worker (DDP rank) runs: `train_loop_per_worker`, Ray Train's entry point.
 
-It opens the credentials, picks the checkpoint to resume from (`pipeline.checkpoint.resume_payload`), builds
-the rank's `ColorizerTrainer` (`pipeline.train.loop`) with Ray's device and `prepare_model`, and reports to
-Ray Train through `ray_reporter` (checkpoint uploads: `pipeline.checkpoint.upload_checkpoint`). Only this
-module and `loop.py` talk to `ray.train` on a worker.
+It opens the credentials, picks the checkpoint to resume from (`pipeline.train.checkpoints.resume_payload`),
+builds the rank's `ColorizerTrainer` (`pipeline.train.loop`) with Ray's device and `prepare_model`, and reports
+to Ray Train through `ray_reporter` (checkpoint uploads: `pipeline.train.checkpoints.upload_checkpoint`). On a
+worker, `ray.train` is used here (context, device, reports) and in `pipeline.train.checkpoints` (the run's
+storage); the trainer itself gets what it needs as arguments, so it runs without Ray in unit tests.
 """
 
 from __future__ import annotations
