@@ -18,6 +18,8 @@ from ingest import faults
 from ingest.images import ImageRejected, decode_image, is_grayscale, mean_chroma
 from ingest.lab import rgb8_to_lab8
 from ingest.lake import (
+    SPLITS,
+    ManifestRow,
     sha256_hex,
 )
 from ingest.shards import ShardWriter
@@ -139,7 +141,7 @@ def process_chunk(spec: ChunkSpec, known_keys: KnownKeys | frozenset[str] | set[
     except FileNotFoundError:
         pass
     temp_dir = Path(local_temp_dir())
-    writers = {split: ShardWriter(temp_dir / f"{split}.tar") for split in ("train", "val")}
+    writers = {split: ShardWriter(temp_dir / f"{split}.tar") for split in SPLITS}
     rows: list[dict] = []
     rejects: list[dict] = []
     duplicates = 0
@@ -173,26 +175,12 @@ def process_chunk(spec: ChunkSpec, known_keys: KnownKeys | frozenset[str] | set[
             split = split_for(sha, spec.val_fraction)
             writer = writers[split]
             meta = _metadata(item, key, sha, split, decoded.width, decoded.height, spec.kind)
-            rows.append(
-                {
-                    "key": key,
-                    "split": split,
-                    "shard": spec.shard_path(split),
-                    "index_in_shard": writer.count,
-                    "source_dataset": spec.kind,
-                    "source_uri": item.uri,
-                    "sha256": sha,
-                    "width": decoded.width,
-                    "height": decoded.height,
-                    "label": item.label,
-                    "label_name": item.label_name,
-                    "coco_id": item.coco_id,
-                    "categories": list(item.categories),
-                    "ingest_id": spec.ingest_id,
-                    "source_size": item.size,
-                    "source_stamp": item.stamp,
-                }
-            )
+            row = ManifestRow(key=key, split=split, shard=spec.shard_path(split), index_in_shard=writer.count,
+                              source_dataset=spec.kind, source_uri=item.uri, sha256=sha, width=decoded.width,
+                              height=decoded.height, label=item.label, label_name=item.label_name,
+                              coco_id=item.coco_id, categories=list(item.categories), ingest_id=spec.ingest_id,
+                              source_size=item.size, source_stamp=item.stamp)  # fmt: skip
+            rows.append(row.to_dict())
             writer.write(key, lab8, meta)
             faults.maybe_fail("shard_write")
         shards = {}

@@ -313,7 +313,7 @@ def run_lake_show(args) -> int:
     print(f"{ref.ref}  ({summary['uri']})")
     print(f"  created   {summary['created']}   parent: {summary['parent'] or '-'}")
     print(f"  samples   {summary['size']}x{summary['size']} {summary['resize']}, encoding {summary['encoding']}")
-    for split in ("train", "val"):
+    for split in SPLITS:
         count = summary["counts"].get(split, 0)
         print(
             f"  {split:<6}    {count:>8} samples  {summary['shards'].get(split, 0):>4} shards  "

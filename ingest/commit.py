@@ -21,7 +21,16 @@ import pyarrow as pa
 from ingest import faults
 from ingest.chunk import ORDER_METHOD, KnownKeys
 from ingest.lab import ENCODING
-from ingest.lake import MANIFEST_SCHEMA, REJECTS_SCHEMA, Lake, LakeError, sha256_hex, table_to_parquet
+from ingest.lake import (
+    MANIFEST_SCHEMA,
+    RECORD_FORMAT,
+    REJECTS_SCHEMA,
+    SPLITS,
+    Lake,
+    LakeError,
+    sha256_hex,
+    table_to_parquet,
+)
 from ingest.shards import filter_shard
 from ingest.storage import AlreadyExistsError, local_temp_dir
 
@@ -184,9 +193,7 @@ def _check_shards_present(lake: Lake, dataset: str, ingest_id: str, record: dict
 
 
 def _version_record(config, version, parent_ref, ingest_id, listed: int, results, summary) -> dict:
-    shards = {
-        split: list(parent_ref.record["shards"].get(split, [])) if parent_ref else [] for split in ("train", "val")
-    }
+    shards = {split: list(parent_ref.record["shards"].get(split, [])) if parent_ref else [] for split in SPLITS}
     for result in results:
         for split, shard in sorted(result["shards"].items()):
             shards[split].append(shard)
@@ -202,7 +209,7 @@ def _version_record(config, version, parent_ref, ingest_id, listed: int, results
         "ingest_id": ingest_id,
     }
     return {
-        "format": "recolor-lake-v1",
+        "format": RECORD_FORMAT,
         "dataset": config.dataset,
         "version": version,
         "parent": parent_ref.version if parent_ref else None,

@@ -25,7 +25,7 @@ import re
 import shlex
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -42,26 +42,38 @@ SPLITS = ("train", "val")
 URL_FORMS = ("plain", "pipe", "aws", "presigned")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
-MANIFEST_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("split", pa.string()),
-        ("shard", pa.string()),
-        ("index_in_shard", pa.int32()),
-        ("source_dataset", pa.string()),
-        ("source_uri", pa.string()),
-        ("sha256", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("label", pa.string()),
-        ("label_name", pa.string()),
-        ("coco_id", pa.int64()),
-        ("categories", pa.list_(pa.string())),
-        ("ingest_id", pa.string()),
-        ("source_size", pa.int64()),  # the source file as listed: a re-ingest skips it while these match
-        ("source_stamp", pa.string()),
-    ]
-)
+
+def _column(arrow_type: pa.DataType):
+    return field(metadata={"arrow": arrow_type})
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One sample of a version's Parquet manifest: the one definition of its columns (`MANIFEST_SCHEMA` is made
+    from it), built by the chunk that wrote the sample (`ingest.chunk`) and read as that schema."""
+
+    key: str = _column(pa.string())  # the sample's name in its shard: the first bytes of its content hash
+    split: str = _column(pa.string())  # `SPLITS`
+    shard: str = _column(pa.string())  # the shard's path below the dataset's folder
+    index_in_shard: int = _column(pa.int32())
+    source_dataset: str = _column(pa.string())  # the source's kind: imagenet, coco, folder, urls
+    source_uri: str = _column(pa.string())
+    sha256: str = _column(pa.string())  # of the source file's bytes
+    width: int = _column(pa.int32())  # of the source photo
+    height: int = _column(pa.int32())
+    label: str | None = _column(pa.string())  # ImageNet's wnid
+    label_name: str | None = _column(pa.string())
+    coco_id: int | None = _column(pa.int64())
+    categories: list[str] = _column(pa.list_(pa.string()))  # COCO's
+    ingest_id: str = _column(pa.string())
+    source_size: int | None = _column(pa.int64())  # the source file as listed: a re-ingest skips it while these match
+    source_stamp: str | None = _column(pa.string())
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+MANIFEST_SCHEMA = pa.schema([(column.name, column.metadata["arrow"]) for column in fields(ManifestRow)])
 REJECTS_SCHEMA = pa.schema(
     [
         ("source_uri", pa.string()),
@@ -131,6 +143,22 @@ def version_key(dataset: str, version: int) -> str:
 
 
 RECORD_FORMAT = "recolor-lake-v1"
+# The version record's required fields and their JSON types: what `check_record` holds every record to, on read
+# and before a commit writes one (`Lake.commit_version`). Also written, not required: dataset, parent, rejects,
+# params, order, sources, host, repair.
+RECORD_FIELDS = {
+    "version": int,
+    "size": int,
+    "resize": str,
+    "counts": dict,
+    "bytes": dict,
+    "shards": dict,
+    "manifest": str,
+    "manifest_sha256": str,
+    "created": str,
+    "encoding": dict,
+    "stats": dict,
+}
 
 
 def check_record(record, where: str) -> None:
@@ -154,13 +182,11 @@ def check_record(record, where: str) -> None:
         raise corrupt("(the record)", "is not a JSON object")
     if record.get("format") != RECORD_FORMAT:
         raise corrupt("format", f"is {record.get('format')!r}, not {RECORD_FORMAT!r}")
-    for field, kind in (("version", int), ("size", int), ("resize", str), ("counts", dict), ("bytes", dict),
-                        ("shards", dict), ("manifest", str), ("manifest_sha256", str), ("created", str),
-                        ("encoding", dict), ("stats", dict)):  # fmt: skip
-        if field not in record:
-            raise corrupt(field, "is missing")
-        if not isinstance(record[field], kind) or (kind is int and isinstance(record[field], bool)):
-            raise corrupt(field, f"is a {type(record[field]).__name__}, not a {kind.__name__}")
+    for name, kind in RECORD_FIELDS.items():
+        if name not in record:
+            raise corrupt(name, "is missing")
+        if not isinstance(record[name], kind) or (kind is int and isinstance(record[name], bool)):
+            raise corrupt(name, f"is a {type(record[name]).__name__}, not a {kind.__name__}")
     check_key(record["manifest"], lambda why: corrupt("manifest", why))
     if record.get("rejects") is not None and not isinstance(record["rejects"], str):
         raise corrupt("rejects", f"is a {type(record['rejects']).__name__}, not a str")
@@ -381,7 +407,9 @@ class Lake:
         return problems
 
     def commit_version(self, dataset: str, version: int, record: dict) -> None:
-        """Publish a version: create-exclusive write of its record (raises AlreadyExistsError on a race)."""
+        """Publish a version: create-exclusive write of its record (raises AlreadyExistsError on a race), checked
+        first as every reader checks it (`check_record`: a writer's bug cannot publish a record readers refuse)."""
+        check_record(record, f"the new record of {dataset}@{version}")
         data = json.dumps(record, indent=2, sort_keys=True).encode()
         self.storage.put_if_absent(version_key(dataset, version), data)
 
