@@ -6,7 +6,7 @@ import argparse
 import json
 
 from ingest.chunk import ORDERS
-from ingest.images import DEFAULT_MAX_PIXELS
+from ingest.images import DEFAULT_MAX_PIXELS, RESIZE_MODES
 from ingest.lake import LAKE_ENV, SPLITS, URL_FORMS, Lake
 from ingest.storage.base import parse_size
 
@@ -63,7 +63,7 @@ def add_ingest_parser(subparsers) -> None:
         sub.add_argument("--size", type=positive_int, default=256, help="output side in pixels (default: 256)")
         sub.add_argument(
             "--resize",
-            choices=("cover", "squash"),
+            choices=RESIZE_MODES,
             default="cover",
             help="cover: shorter side to --size then center crop (default); squash: plain resize, as the recipe",
         )

@@ -40,7 +40,7 @@ SPLITS = ("train", "val")
 # package's storage layer (AWS_* credentials from the environment); `pipe:aws s3 cp ...` for the AWS CLI;
 # presigned https URLs (webdataset reads them with curl; no credentials needed until they expire).
 URL_FORMS = ("plain", "pipe", "aws", "presigned")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # dataset names (and run names, pipeline.config)
 
 
 def _column(arrow_type: pa.DataType):
@@ -113,7 +113,7 @@ def resolve_lake_uri(uri: str | None) -> str:
 
 def validate_name(name: str, what: str = "dataset name") -> str:
     """Refuse names that could escape the lake as paths or object keys."""
-    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
         raise LakeError(
             f"invalid {what} {name!r}: use letters, digits, '.', '_' and '-' (starting with a letter or digit, "
             "no '..', at most 128 characters)"
@@ -256,11 +256,11 @@ class Lake:
     def datasets(self) -> list[str]:
         # Other folders may share the lake's root ("lost+found", "my notes"): they are not datasets, not errors.
         names = self.storage.list_children("")
-        return [name for name in names if _NAME.match(name) and ".." not in name and self.versions(name)]
+        return [name for name in names if NAME_PATTERN.match(name) and ".." not in name and self.versions(name)]
 
     def dataset_folders(self) -> list[str]:
         """Datasets with versions, and those whose first ingest never committed (what `lake gc` looks at)."""
-        names = [name for name in self.storage.list_children("", follow_links=False) if _NAME.match(name)]
+        names = [name for name in self.storage.list_children("", follow_links=False) if NAME_PATTERN.match(name)]
         return [
             name
             for name in names

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ingest.errors import RecolorError
+from ingest.images import RESIZE_MODES
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def trained_side(payload: dict) -> int:
 def trained_resize(payload: dict) -> str:
     """How the samples a checkpoint trained on were cut ("cover" for checkpoints that do not say)."""
     resize = payload.get("data", {}).get("resize")
-    return resize if resize in ("cover", "squash") else "cover"
+    return resize if resize in RESIZE_MODES else "cover"
 
 
 def payload_config(payload: dict):

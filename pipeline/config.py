@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from ingest.errors import ConfigError
+from ingest.lake import NAME_PATTERN
 from ingest.storage.base import parse_size
 
 # The vocabularies: their one owner (the models and losses import them from here).
@@ -181,7 +182,7 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many steps in total (smoke tests, benchmarks)
 
     def __post_init__(self):
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$", self.name):
+        if not NAME_PATTERN.match(self.name):
             raise ConfigError(f"name {self.name!r}: use letters, digits, '.', '_' and '-'")
         if not self.stages:
             raise ConfigError("a run needs at least one stage")

@@ -7,6 +7,7 @@ import sys
 
 from ingest.cli import positive_int
 from ingest.errors import ConfigError
+from pipeline.tracking.uri import DEFAULT_EXPERIMENT
 
 TRACKING_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)"
 
@@ -65,7 +66,7 @@ def add_model_parsers(subparsers) -> None:
     runs = subparsers.add_parser("runs", help="compare training runs from MLflow in the terminal")
     runs_commands = runs.add_subparsers(dest="runs_command", required=True)
     compare = runs_commands.add_parser("compare", help="runs side by side: differing params, final metrics")
-    compare.add_argument("--experiment", default="recolor")
+    compare.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
     compare.add_argument("--tracking-uri", help=TRACKING_HELP)
     compare.add_argument("--max-runs", type=positive_int, default=10)
     compare.add_argument("--json", action="store_true")

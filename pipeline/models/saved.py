@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ingest.errors import ConfigError
+from ingest.images import RESIZE_MODES
 from pipeline.config import ARCHS, NORMS
 
 FORMAT = "recolor-generator"
@@ -40,7 +41,7 @@ class GeneratorSpec:
     resize: str = "cover"  # how the training samples were cut: "cover" (short side, crop) or "squash"
 
     def __post_init__(self):
-        if self.resize not in ("cover", "squash"):
+        if self.resize not in RESIZE_MODES:
             raise ValueError(f"resize must be 'cover' or 'squash', got {self.resize!r}")
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")

@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from pipeline.tracking.uri import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME
+
 
 def add_sweep_parser(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -43,8 +45,10 @@ def add_sweep_parser(subparsers) -> None:
     parser.add_argument("--storage", help="checkpoints: a folder or s3:// URI (default: ./ray_results)")
     parser.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")
     parser.add_argument("--tracking-uri", help="MLflow (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
-    parser.add_argument("--experiment", default="recolor", help="MLflow experiment (default: recolor)")
-    parser.add_argument("--model-name", default="colorizer", help="registered model of the best trial")
+    parser.add_argument(
+        "--experiment", default=DEFAULT_EXPERIMENT, help=f"MLflow experiment (default: {DEFAULT_EXPERIMENT})"
+    )
+    parser.add_argument("--model-name", default=DEFAULT_MODEL_NAME, help="registered model of the best trial")
     parser.add_argument("--no-register", dest="register", action="store_false", help="register no generator")
     parser.add_argument("--json", action="store_true", help="print the ranking as JSON")
     parser.set_defaults(handler=run_sweep_command)

@@ -33,9 +33,9 @@ from pipeline.models.saved import (
     min_side,
     save_generator,
 )
+from pipeline.tracking.uri import DEFAULT_MODEL_NAME
 
 MODEL_ARTIFACT = "generator"
-DEFAULT_MODEL_NAME = "colorizer"
 SERVING_MODULE = "pipeline.serving.pyfunc"
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from pipeline.tracking.uri import connect_tracking, fluent_tracking_uri, get_experiment_id, quiet_run_links
 
-EXPERIMENT_DEFAULT = "recolor"
 RUN_NAME_TAG = "recolor.run_name"
 CONTINUES_TAG = "recolor.continues"  # a run that goes on from a FINISHED run's checkpoints: that run's id
 FAILURE_TAG = "recolor.failure"  # why a FAILED (or KILLED) run stopped, in one line

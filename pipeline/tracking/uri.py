@@ -15,6 +15,9 @@ from pathlib import Path
 from ingest.cluster import has_credentials, mask_secrets
 from ingest.errors import RecolorError
 
+DEFAULT_EXPERIMENT = "recolor"  # training runs' MLflow experiment
+DEFAULT_MODEL_NAME = "colorizer"  # the registered model of training runs and sweeps
+
 log = logging.getLogger(__name__)
 _ANSWERED: set[str] = set()  # servers that answered in this process: probed once
 

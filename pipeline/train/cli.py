@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from pipeline.config import load_config
+from pipeline.tracking.uri import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME
 
 
 def add_train_parser(subparsers) -> None:
@@ -49,8 +50,12 @@ def add_train_parser(subparsers) -> None:
         "--tracking-uri",
         help="MLflow: a server URL or sqlite:///file (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)",
     )
-    parser.add_argument("--experiment", default="recolor", help="MLflow experiment (default: recolor)")
-    parser.add_argument("--model-name", default="colorizer", help="registered model name (default: colorizer)")
+    parser.add_argument(
+        "--experiment", default=DEFAULT_EXPERIMENT, help=f"MLflow experiment (default: {DEFAULT_EXPERIMENT})"
+    )
+    parser.add_argument(
+        "--model-name", default=DEFAULT_MODEL_NAME, help=f"registered model name (default: {DEFAULT_MODEL_NAME})"
+    )
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(handler=run_train_command)

@@ -18,6 +18,7 @@ from ingest.errors import ConfigError
 from pipeline.config import TrainConfig
 from pipeline.dataplan import DataError, DataPlan, resolve_config_data
 from pipeline.epochs import rank_batches
+from pipeline.tracking.uri import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME
 from pipeline.train.failures import (
     NonFiniteLoss,
     Stopped,
@@ -74,8 +75,8 @@ class TrackingOptions:
 
     enabled: bool = True
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else ./mlflow.db
-    experiment: str = "recolor"
-    model_name: str | None = "colorizer"  # registered model; None: log the model without registering
+    experiment: str = DEFAULT_EXPERIMENT
+    model_name: str | None = DEFAULT_MODEL_NAME  # registered model; None: log the model without registering
     preset: str | None = None  # the config file the run came from, for the run's description
     parent_run_id: str | None = None  # a sweep's run: this run is one of its trials (a child run in the UI)
     tags: dict[str, str] | None = None  # more tags of the run (a sweep's trial: its overrides)
