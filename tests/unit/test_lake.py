@@ -589,3 +589,25 @@ def test_reingest_with_a_higher_pixel_limit_reads_the_too_large_files_again(phot
     assert reads == []
     assert ingest(source, lake_dir).ingested == 3  # the default limit: the three fit now
     assert sorted(Path(uri).name for uri in reads) == [f"img{n:04d}.jpg" for n in range(3)]
+
+
+def test_a_commit_refuses_a_record_its_readers_would_refuse_and_the_manifest_schema_is_the_rows(tmp_path) -> None:
+    import dataclasses
+
+    from ingest.lake import RECORD_FIELDS, RECORD_FORMAT, ManifestRow
+
+    lake = Lake(str(tmp_path / "lake"))
+    record = {"format": RECORD_FORMAT, "version": 1, "size": 64, "resize": "cover", "counts": {}, "bytes": {},
+              "shards": {}, "manifest": "m.parquet", "manifest_sha256": "0" * 64, "created": "now",
+              "encoding": {"name": ENCODING["name"]}, "stats": {}}  # fmt: skip
+    assert set(RECORD_FIELDS) <= set(record)
+    for name in RECORD_FIELDS:
+        broken = {k: v for k, v in record.items() if k != name}
+        with pytest.raises(LakeError, match=rf"the new record of photos@1: field '{name}' is missing"):
+            lake.commit_version("photos", 1, broken)
+    with pytest.raises(LakeError, match=r"field 'manifest' is '../x': it leaves the dataset's folder"):
+        lake.commit_version("photos", 1, {**record, "manifest": "../x"})
+    assert lake.versions("photos") == []  # nothing was written
+    lake.commit_version("photos", 1, record)
+    assert lake.versions("photos") == [1]
+    assert [f.name for f in dataclasses.fields(ManifestRow)] == MANIFEST_SCHEMA.names
