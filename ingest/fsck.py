@@ -301,6 +301,67 @@ def _remake(row: dict, record: dict, name: str) -> tuple[object, dict] | str:
     return rgb8_to_lab8(decoded.rgb), meta
 
 
+def _rebuild_shard(lake: Lake, dataset: str, path: str, new_path: str, rows: list[dict], record: dict, roots,
+                   local: Path, summary: RepairSummary, new_rows: list[dict]) -> dict | None:  # fmt: skip
+    """One damaged shard written again as `new_path`: its intact samples copied byte for byte, the others remade
+    from their sources (or dropped, counted in `summary`); its manifest rows appended to `new_rows`. Returns its
+    entry for the version record, or None when nothing of it is left."""
+    from ingest.shards import ShardWriter
+
+    intact = _salvage(lake, dataset, path)
+    try:
+        with ShardWriter(local) as writer:
+            for row in rows:
+                if row["key"] in intact:
+                    writer.copy_sample(intact[row["key"]])
+                    summary.salvaged += 1
+                else:
+                    made = _remake(row, record, _source_name(row, roots))
+                    if isinstance(made, str):
+                        summary.dropped.append({"key": row["key"], "source_uri": row["source_uri"], "reason": made})
+                        continue
+                    writer.write(row["key"], *made)
+                    summary.remade += 1
+                new_rows.append(dict(row, shard=new_path, index_in_shard=writer.count - 1))
+        if not writer.count:
+            return None
+        lake.storage.upload_file(f"{dataset}/{new_path}", local)
+        return {"path": new_path, "count": writer.count, "bytes": local.stat().st_size}
+    finally:
+        local.unlink(missing_ok=True)
+
+
+def _repaired_record(record: dict, parent: int, repair_id: str, replaced: dict, manifest_path: str,
+                     manifest_bytes: bytes, summary: RepairSummary) -> dict:  # fmt: skip
+    """The repair's version record: the parent's, its damaged shards replaced (or gone), counted again."""
+    shards = {
+        split: [replaced.get(e["path"], e) for e in entries if replaced.get(e["path"], e) is not None]
+        for split, entries in record["shards"].items()
+    }
+    return {
+        **record,
+        "version": parent + 1,
+        "parent": parent,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "ingest_id": repair_id,
+        "shards": shards,
+        "counts": {split: sum(e["count"] for e in entries) for split, entries in shards.items()},
+        "bytes": {split: sum(e["bytes"] for e in entries) for split, entries in shards.items()},
+        "manifest": manifest_path,
+        "manifest_sha256": sha256_hex(manifest_bytes),
+        "stats": {"listed": 0, "ingested": 0, "duplicates": 0, "unchanged": 0, "grayscale": 0, "rejected": {}},
+        "repair": {
+            "of": parent,
+            "shards": summary.rebuilt,
+            "salvaged": summary.salvaged,
+            "remade": summary.remade,
+            "dropped": summary.dropped,
+            "reasons": dict(Counter(d["reason"] for d in summary.dropped)),
+        },
+        "host": os.uname().nodename,
+    }
+
+
 def repair(lake: Lake, dataset: str, report: CheckReport, progress: bool = True) -> RepairSummary:
     """Write a new version of `dataset` with the damaged shards `report` found (in its latest version) rebuilt.
 
@@ -309,8 +370,6 @@ def repair(lake: Lake, dataset: str, report: CheckReport, progress: bool = True)
         LakeError: another version was committed meanwhile (rerun), or a rebuilt shard vanished.
     """
     from tqdm.auto import tqdm
-
-    from ingest.shards import ShardWriter
 
     started = time.perf_counter()
     parent = lake.resolve(report.ref)
@@ -341,29 +400,8 @@ def repair(lake: Lake, dataset: str, report: CheckReport, progress: bool = True)
             for number, path in enumerate(tqdm(damaged, unit="shard", desc=f"repair {dataset}", disable=not progress)):
                 split = path.rsplit("/", 1)[-1].split("-", 1)[0]
                 new_path = f"ingests/{repair_id}/shards/{split}-{repair_id}-{number:06d}.tar"
-                intact = _salvage(lake, dataset, path)
-                local = temp_dir / "shard.tar"
-                with ShardWriter(local) as writer:
-                    for row in rows_by_shard.get(path, []):
-                        if row["key"] in intact:
-                            writer.copy_sample(intact[row["key"]])
-                            summary.salvaged += 1
-                        else:
-                            made = _remake(row, record, _source_name(row, roots))
-                            if isinstance(made, str):
-                                summary.dropped.append({"key": row["key"], "source_uri": row["source_uri"],
-                                                        "reason": made})  # fmt: skip
-                                continue
-                            writer.write(row["key"], *made)
-                            summary.remade += 1
-                        new_rows.append(dict(row, shard=new_path, index_in_shard=writer.count - 1))
-                count = writer.count
-                if count:
-                    lake.storage.upload_file(f"{dataset}/{new_path}", local)
-                    replaced[path] = {"path": new_path, "count": count, "bytes": local.stat().st_size}
-                else:
-                    replaced[path] = None
-                local.unlink(missing_ok=True)
+                replaced[path] = _rebuild_shard(lake, dataset, path, new_path, rows_by_shard.get(path, []), record,
+                                                roots, temp_dir / "shard.tar", summary, new_rows)  # fmt: skip
                 summary.rebuilt.append(path)
         finally:
             for leftover in temp_dir.iterdir():
@@ -373,32 +411,7 @@ def repair(lake: Lake, dataset: str, report: CheckReport, progress: bool = True)
         manifest_bytes = table_to_parquet(table)
         manifest_path = f"ingests/{repair_id}/manifest-p{parent.version}.parquet"
         lake.storage.write_bytes(f"{dataset}/{manifest_path}", manifest_bytes)
-        shards = {
-            split: [replaced.get(e["path"], e) for e in entries if replaced.get(e["path"], e) is not None]
-            for split, entries in record["shards"].items()
-        }
-        new = dict(record)
-        new.update(
-            version=parent.version + 1,
-            parent=parent.version,
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            ingest_id=repair_id,
-            shards=shards,
-            counts={split: sum(e["count"] for e in entries) for split, entries in shards.items()},
-            bytes={split: sum(e["bytes"] for e in entries) for split, entries in shards.items()},
-            manifest=manifest_path,
-            manifest_sha256=sha256_hex(manifest_bytes),
-            stats={"listed": 0, "ingested": 0, "duplicates": 0, "unchanged": 0, "grayscale": 0, "rejected": {}},
-            repair={
-                "of": parent.version,
-                "shards": summary.rebuilt,
-                "salvaged": summary.salvaged,
-                "remade": summary.remade,
-                "dropped": summary.dropped,
-                "reasons": dict(Counter(d["reason"] for d in summary.dropped)),
-            },  # fmt: skip
-            host=os.uname().nodename,
-        )
+        new = _repaired_record(record, parent.version, repair_id, replaced, manifest_path, manifest_bytes, summary)
         if lake.shard_problems(dataset, new):
             raise LakeError(f"not committing the repair of {parent.ref}: a shard vanished meanwhile; rerun the repair")
         try:
