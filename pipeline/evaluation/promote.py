@@ -218,20 +218,12 @@ def evaluate(
     from mlflow import MlflowClient
 
     from pipeline.dataplan import resolve_data
-    from pipeline.evaluation.validation import metric_names
     from pipeline.tracking.registry import load_generator
     from pipeline.tracking.uri import connect_tracking
 
-    known = {name for name in metric_names() if not name.startswith("gray_") and name != "count"}
-    if metric not in known:
-        raise ConfigError(f"unknown metric {metric!r}: use one of {', '.join(sorted(known))}")
+    registered = _check_request(model_uri, metric, promote, max_batches)
     tracking_uri = connect_tracking(tracking_uri)
     client = MlflowClient(tracking_uri)
-    registered = parse_registered(model_uri)
-    if promote and registered is None:
-        raise ConfigError("--promote needs a registered model: models:/NAME/VERSION or models:/NAME@ALIAS")
-    if promote and max_batches is not None:
-        raise ConfigError("--promote compares models on the whole split: drop --max-batches")
     torch_device = torch.device(device)
     plan = resolve_data([dataset], lake)
     protocol_name = check_protocol(plan, protocol)
@@ -257,21 +249,8 @@ def evaluate(
             "reason": reason,
         }
     elif promote:
-        result.promotion = _promotion(
-            client,
-            registered[0],
-            version,
-            metrics,
-            metric,
-            plan,
-            split,
-            batch_size,
-            torch_device,
-            tracking_uri,
-            max_batches,
-            trust_pickle,
-            dropout,
-        )
+        result.promotion = _promotion(client, registered[0], version, metrics, metric, plan, split, batch_size,
+                                      torch_device, tracking_uri, max_batches, trust_pickle, dropout)  # fmt: skip
 
     result.run_id = _log_evaluation(client, tracking_uri, experiment, result, plan, registered, version, partial,
                                     inspection, batch_size, metric, max_bad_fraction)  # fmt: skip
@@ -279,6 +258,26 @@ def evaluate(
         tag = f"eval.{plan.refs[0].replace('@', ':')}.{split}.{metric}"
         client.set_model_version_tag(registered[0], str(version), tag, f"{metrics[f'eval_{metric}']:.6g}")
     return result
+
+
+def _check_request(model_uri: str, metric: str, promote: bool, max_batches: int | None):
+    """What `evaluate` refuses before loading anything; returns the registered model's (name, version, alias) or
+    None.
+
+    Raises:
+        ConfigError: an unknown promotion metric; --promote of an unregistered model, or with --max-batches.
+    """
+    from pipeline.evaluation.validation import metric_names
+
+    known = {name for name in metric_names() if not name.startswith("gray_") and name != "count"}
+    if metric not in known:
+        raise ConfigError(f"unknown metric {metric!r}: use one of {', '.join(sorted(known))}")
+    registered = parse_registered(model_uri)
+    if promote and registered is None:
+        raise ConfigError("--promote needs a registered model: models:/NAME/VERSION or models:/NAME@ALIAS")
+    if promote and max_batches is not None:
+        raise ConfigError("--promote compares models on the whole split: drop --max-batches")
+    return registered
 
 
 def _promotion(client, name, version, metrics, metric, plan, split, batch_size, device, tracking_uri, max_batches,
