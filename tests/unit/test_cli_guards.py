@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from ingest.errors import ConfigError
 from pipeline.cli import main
 from pipeline.colorize.files import OUTPUT_MARKER
 from pipeline.colorize.local import plan_outputs
@@ -121,3 +122,23 @@ def test_colorize_overwrite_replaces_only_what_its_ledger_lists(tmp_path, photo_
     assert len(todo) == 3 and not summary.failed
     _, todo, summary = plan_outputs([str(tmp_path / "photos")], str(out), "png", overwrite=False)
     assert [name for _, name in todo] == ["img0002.png"] and len(summary.skipped) == 2
+
+
+def test_evaluate_refuses_before_loading_anything() -> None:
+    from pipeline.evaluation.promote import _check_request, check_protocol
+
+    assert _check_request("models:/c/3", "l1_ab", True, None) == ("c", "3", None)
+    with pytest.raises(ConfigError, match=r"unknown metric 'psnr_x': use one of auc, colorfulness"):
+        _check_request("models:/c/3", "psnr_x", False, None)
+    with pytest.raises(ConfigError, match=r"--promote needs a registered model"):
+        _check_request("ckpt/checkpoint.pt", "l1_ab", True, None)
+    with pytest.raises(ConfigError, match=r"drop --max-batches"):
+        _check_request("models:/c@champion", "l1_ab", True, 2)
+
+    class Plan:
+        refs, size, resize = ["photos@2"], 256, "cover"
+
+    assert check_protocol(Plan(), None) == "crop-256" and check_protocol(Plan(), "crop") == "crop-256"
+    with pytest.raises(ConfigError, match=r"--protocol resize scores photos cut by `--resize squash`, and photos@2 "
+                                          r"was ingested with --resize cover: ingest the photos again"):  # fmt: skip
+        check_protocol(Plan(), "resize")
