@@ -118,6 +118,39 @@ def _write(batch: dict, out_dir: str, picture_format: str, quality: int, max_pix
     return {"uri": batch["uri"], "status": np.array(statuses, dtype=object), "detail": np.array(details, dtype=object)}
 
 
+def _stages(todo: list[tuple[str, str]], decode: dict, generator_ref: list, write: dict, batch_size: int, actors: int,
+            gpu: bool, dropout: bool):  # fmt: skip
+    """The Ray Data job: decode (tasks) -> colorize (an actor pool, one model each) -> write (tasks)."""
+    import ray.data
+
+    return (
+        ray.data.from_items([{"uri": uri, "name": name} for uri, name in todo])
+        .map_batches(_decode, fn_kwargs=decode, batch_size=batch_size)
+        .map_batches(
+            _Colorizer,
+            fn_constructor_kwargs={"generator_ref": generator_ref, "gpu": gpu, "dropout": dropout},
+            batch_size=batch_size,
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_gpus=1 if gpu else 0,
+        )
+        .map_batches(_write, fn_kwargs=write, batch_size=batch_size)
+    )
+
+
+def _collect(dataset, total: int, summary: ColorizeSummary, progress: bool) -> None:
+    """Run the job, counting each picture written or failed into `summary`, under one progress bar."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, unit="img", desc="colorize", disable=not progress) as bar:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            for uri, status, detail in zip(batch["uri"], batch["status"], batch["detail"], strict=True):
+                if status == WRITTEN:
+                    summary.written.append(str(detail))
+                else:
+                    summary.failed.append((str(uri), str(detail)))
+            bar.update(len(batch["uri"]))
+
+
 def colorize_on_ray(
     model_uri: str,
     inputs: list[str],
@@ -150,8 +183,6 @@ def colorize_on_ray(
     """
     from pathlib import Path
 
-    from tqdm.auto import tqdm
-
     from ingest.cluster import ensure_ray
     from ingest.storage import is_s3
     from pipeline.colorize.local import load_model, plan_outputs
@@ -170,41 +201,13 @@ def colorize_on_ray(
 
     with ensure_ray(ray_address):
         context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False  # one bar, below, counts pictures (and Ray need not say so)
+        context.enable_progress_bars = False  # one bar, `_collect`'s, counts pictures (and Ray need not say so)
         context.print_on_execution_start = False
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
         generator_ref = [ray.put(generator.cpu())]  # in a list: Ray passes a bare ref to the actor resolved
-        dataset = (
-            ray.data.from_items([{"uri": uri, "name": name} for uri, name in todo])
-            .map_batches(
-                _decode,
-                fn_kwargs={"size": size, "multiple": min_side(generator), "resize": resize, "max_pixels": max_pixels},
-                batch_size=batch_size,
-            )
-            .map_batches(
-                _Colorizer,
-                fn_constructor_kwargs={"generator_ref": generator_ref, "gpu": gpu, "dropout": dropout},
-                batch_size=batch_size,
-                compute=ray.data.ActorPoolStrategy(size=actors),
-                num_gpus=1 if gpu else 0,
-            )
-            .map_batches(
-                _write,
-                fn_kwargs={
-                    "out_dir": out_dir,
-                    "picture_format": picture_format,
-                    "quality": quality,
-                    "max_pixels": max_pixels,  # the photo is decoded again here: the same limit as in stage 1
-                },
-                batch_size=batch_size,
-            )
-        )
-        with tqdm(total=len(todo), unit="img", desc="colorize", disable=not progress) as bar:
-            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-                for uri, status, detail in zip(batch["uri"], batch["status"], batch["detail"], strict=True):
-                    if status == WRITTEN:
-                        summary.written.append(str(detail))
-                    else:
-                        summary.failed.append((str(uri), str(detail)))
-                bar.update(len(batch["uri"]))
+        decode = {"size": size, "multiple": min_side(generator), "resize": resize, "max_pixels": max_pixels}
+        # The photo is decoded again when written: the same pixel limit as in the first stage.
+        write = {"out_dir": out_dir, "picture_format": picture_format, "quality": quality, "max_pixels": max_pixels}
+        dataset = _stages(todo, decode, generator_ref, write, batch_size, actors, gpu, dropout)
+        _collect(dataset, len(todo), summary, progress)
     return summary
