@@ -107,26 +107,10 @@ def run_sweep(preset: str | None, base_overrides: list[str], trials: list[Trial]
     """
     from ingest.cluster import ensure_ray
     from pipeline.dataplan import resolve_config_data
-    from pipeline.evaluation.validation import metric_names
     from pipeline.tracking.uri import check_tracking_server, resolve_tracking_uri
     from pipeline.train.driver import check_before_start
 
-    # The gray baseline's metrics are the same for every trial: ranking by them would rank nothing.
-    known = sorted(f"val_{name}" for name in metric_names() if name != "count" and not name.startswith("gray_"))
-    if options.metric not in known:
-        raise ConfigError(f"--metric must be a validation metric: one of {', '.join(known)}")
-    if options.stop_early is not None and options.stop_early not in SCHEDULERS:
-        raise ConfigError(f"--stop-early must be one of {SCHEDULERS}, got {options.stop_early!r}")
-    if options.max_concurrent < 1 or (options.workers_per_trial is not None and options.workers_per_trial < 1):
-        raise ConfigError("--max-concurrent and --workers-per-trial must be at least 1")
-    if any(key == "workers" for trial in trials for key, _ in trial.overrides):
-        raise ConfigError("--grid workers=...: a trial's workers are --workers-per-trial (the same for every trial)")
-    address = ray_address or os.environ.get("RAY_ADDRESS") or ""
-    if options.stop_early and address.startswith("ray://"):
-        # Ray Tune then runs the tuner on the cluster: its scheduler's decisions never reach this process.
-        raise ConfigError(
-            "--stop-early with a ray:// address: run the sweep on the cluster with `recolor submit sweep`"
-        )
+    _check_options(trials, options, ray_address)
     configs = trial_configs(preset, base_overrides, trials, options)
     plan = resolve_config_data(configs[0].data)
     check_before_start(configs[0], plan, ray_address)
@@ -182,6 +166,33 @@ def run_sweep(preset: str | None, base_overrides: list[str], trials: list[Trial]
             f"{len(errors)} of {len(trials)} trials failed; first: {describe_failure(errors[0])}", parent_run_id, True
         )
     return result
+
+
+def _check_options(trials: list[Trial], options: SweepOptions, ray_address: str | None) -> None:
+    """What a sweep refuses before anything starts.
+
+    Raises:
+        ConfigError: a metric that is not a validation metric, an unknown scheduler, counts below 1, a grid over
+            workers, or early stopping over a ray:// address.
+    """
+    from pipeline.evaluation.validation import metric_names
+
+    # The gray baseline's metrics are the same for every trial: ranking by them would rank nothing.
+    known = sorted(f"val_{name}" for name in metric_names() if name != "count" and not name.startswith("gray_"))
+    if options.metric not in known:
+        raise ConfigError(f"--metric must be a validation metric: one of {', '.join(known)}")
+    if options.stop_early is not None and options.stop_early not in SCHEDULERS:
+        raise ConfigError(f"--stop-early must be one of {SCHEDULERS}, got {options.stop_early!r}")
+    if options.max_concurrent < 1 or (options.workers_per_trial is not None and options.workers_per_trial < 1):
+        raise ConfigError("--max-concurrent and --workers-per-trial must be at least 1")
+    if any(key == "workers" for trial in trials for key, _ in trial.overrides):
+        raise ConfigError("--grid workers=...: a trial's workers are --workers-per-trial (the same for every trial)")
+    address = ray_address or os.environ.get("RAY_ADDRESS") or ""
+    if options.stop_early and address.startswith("ray://"):
+        # Ray Tune then runs the tuner on the cluster: its scheduler's decisions never reach this process.
+        raise ConfigError(
+            "--stop-early with a ray:// address: run the sweep on the cluster with `recolor submit sweep`"
+        )
 
 
 def _scheduler(options: SweepOptions, config):
