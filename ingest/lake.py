@@ -12,6 +12,9 @@ A version exists once its record exists, and the record is written last, create-
 readers list `versions/` and never see a version whose shards or manifest are incomplete.
 A version's manifest holds every sample of its parent plus the new ones, and its record lists
 every shard it uses (shards are shared with earlier versions, never copied or rewritten).
+
+About 480 lines on purpose: the layout, the record's and the manifest's one definitions (`RECORD_FIELDS`,
+`ManifestRow`) and the `Lake` that reads them belong together; gc, check and repair are their own modules.
 """
 
 from __future__ import annotations

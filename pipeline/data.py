@@ -5,6 +5,9 @@ Which segments a rank reads, and in what order, is `pipeline.epochs`'s; the run'
 batch), each testable on plain lists, with `data.loader_workers` threads doing a shuffle window each. Shards
 are parsed by `ingest.shards.iter_members`, a streaming USTAR reader about 3x faster than webdataset's
 tarfile-based iterator on these shards; webdataset reads them as well.
+
+About 500 lines on purpose: the stages share one contract (what `read_segments` yields, in an order a resume can
+skip exactly, whatever the number of loader threads) that reads best in one place.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@ run's checkpoint record, build Ray Train's `TorchTrainer` and run it until it fi
 then log and register the generator.
 
 `recolor train` and the Ray job entrypoint (`jobs/train.py`) both call `run_training`.
+
+About 500 lines on purpose: every step above reads or guards the same run (its name, storage, lease, pinned
+data and MLflow run), in the order of `run_training`.
 """
 
 from __future__ import annotations

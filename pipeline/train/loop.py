@@ -9,6 +9,10 @@ Each step is the recipe's: generate ab from L; one discriminator update on (L, f
 as fake and (L, true ab) as real; then one generator update (GAN loss of fakes judged real +
 lambda * L1) with the discriminator frozen. A stage without a GAN loss (the ResNet18 recipe's
 pretraining) updates the generator on L1 alone.
+
+About 650 lines on purpose: one class whose steps, epochs, validation (FID included) and checkpoints share one
+rank's state (networks, optimizers, position, the epoch's worker groups); the few helpers beside it (the
+progress bar, the step window, the shard cache's choice, two test hooks) are used only here.
 """
 
 from __future__ import annotations
