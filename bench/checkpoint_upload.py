@@ -91,7 +91,7 @@ def run_mode(mode: str, steps: int, every: int, work: int, storage: str, out: Pa
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipeline.train.driver import _storage_path_for_ray, storage_filesystem
+    from pipeline.train.driver import storage_filesystem, storage_path_for_ray
 
     start = time.perf_counter()
     trainer = TorchTrainer(
@@ -100,7 +100,7 @@ def run_mode(mode: str, steps: int, every: int, work: int, storage: str, out: Pa
         scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
         run_config=ray.train.RunConfig(
             name=f"bench-{mode}-{int(time.time())}",
-            storage_path=_storage_path_for_ray(storage),
+            storage_path=storage_path_for_ray(storage),
             storage_filesystem=storage_filesystem(storage),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),

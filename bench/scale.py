@@ -162,14 +162,14 @@ def run_step(step: str, source: Path, lake: Path) -> dict:
 
         return {"items": len(list_source(_config(source, lake)))}
     if step in ("dedup", "commit"):
-        from ingest.driver import _what_to_read, list_source
+        from ingest.driver import list_source, what_to_read
 
         config = _config(source, lake)
         catalog = Lake(str(lake))
         listed = list_source(config)  # timed as the list step; not part of this one
         started = time.perf_counter()
         parent = catalog.resolve(DATASET)
-        known, items = _what_to_read(catalog, parent, listed, config)  # what run_ingest does before its chunks
+        known, items = what_to_read(catalog, parent, listed, config)  # what run_ingest does before its chunks
         found = {"listed": len(listed), "new": len(items), "known_keys_mb": known.keys.nbytes / 2**20,
                  "seconds": time.perf_counter() - started}  # fmt: skip
         if step == "dedup":

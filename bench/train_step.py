@@ -95,7 +95,7 @@ def main() -> None:
     from pipeline.dataplan import DataPlan
     from pipeline.losses import GANLoss
     from pipeline.models import build_discriminator, build_generator
-    from pipeline.train.loop import ColorizerTrainer, _host_batch
+    from pipeline.train.loop import ColorizerTrainer, host_batch
 
     rng = np.random.default_rng(0)
     lab8 = torch.from_numpy(rng.integers(0, 256, (args.batch, 3, 256, 256), dtype=np.uint8))
@@ -119,7 +119,7 @@ def main() -> None:
     trainer = ColorizerTrainer(config, plan, rank=0, world_size=1, device=device)
     opts = trainer._optimizers(config.stages[0])
     gan_loss = GANLoss("vanilla")
-    pinned = _host_batch(lab8.numpy(), device.type == "cuda")  # as the training loop hands batches over
+    pinned = host_batch(lab8.numpy(), device.type == "cuda")  # as the training loop hands batches over
 
     def project_step(batch):
         return trainer.train_step(batch, config.stages[0], gan_loss, opts[:2])

@@ -104,7 +104,7 @@ def split_for(sha256: str, val_fraction: float) -> str:
     return "val" if int(sha256[-8:], 16) / 2**32 < val_fraction else "train"
 
 
-def _metadata(item: SourceItem, key: str, sha: str, split: str, width: int, height: int, kind: str) -> dict:
+def sample_metadata(item: SourceItem, key: str, sha: str, split: str, width: int, height: int, kind: str) -> dict:
     return {
         "key": key,
         "sha256": sha,
@@ -174,7 +174,7 @@ def process_chunk(spec: ChunkSpec, known_keys: KnownKeys | frozenset[str] | set[
                 continue
             split = split_for(sha, spec.val_fraction)
             writer = writers[split]
-            meta = _metadata(item, key, sha, split, decoded.width, decoded.height, spec.kind)
+            meta = sample_metadata(item, key, sha, split, decoded.width, decoded.height, spec.kind)
             row = ManifestRow(key=key, split=split, shard=spec.shard_path(split), index_in_shard=writer.count,
                               source_dataset=spec.kind, source_uri=item.uri, sha256=sha, width=decoded.width,
                               height=decoded.height, label=item.label, label_name=item.label_name,
@@ -203,7 +203,7 @@ def process_chunk(spec: ChunkSpec, known_keys: KnownKeys | frozenset[str] | set[
     return result
 
 
-def _chunk_task(environment, spec: ChunkSpec, known: KnownKeys) -> dict:
+def chunk_task(environment, spec: ChunkSpec, known: KnownKeys) -> dict:
     """`process_chunk` in a Ray task, with the driver's settings and credentials (`ingest.cluster.ship_environment`)."""
     from ingest.cluster import open_environment
 

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ingest.chunk import ORDERS, ChunkSpec, KnownKeys, _chunk_task, process_chunk, shard_order
+from ingest.chunk import ORDERS, ChunkSpec, KnownKeys, chunk_task, process_chunk, shard_order
 from ingest.commit import IngestSummary, commit
 from ingest.errors import ConfigError
 from ingest.images import DEFAULT_MAX_PIXELS, RESIZE_MODES
@@ -140,7 +140,7 @@ def run_ingest(config: IngestConfig) -> IngestSummary:
     parent_ref = lake.resolve(f"{config.dataset}@{parent}") if parent else None
     if parent_ref is not None:
         _check_compatible(parent_ref.record, config)
-    known, items = _what_to_read(lake, parent_ref, listed, config)
+    known, items = what_to_read(lake, parent_ref, listed, config)
     listed_count = len(listed)
     del listed  # ImageNet's listing is hundreds of MB: only the files to read go on
 
@@ -169,7 +169,7 @@ def run_ingest(config: IngestConfig) -> IngestSummary:
         return commit(lake, config, ingest_id, listed_count, items, results, started, resumed)
 
 
-def _what_to_read(lake: Lake, parent_ref, listed: list[SourceItem], config: IngestConfig):
+def what_to_read(lake: Lake, parent_ref, listed: list[SourceItem], config: IngestConfig):
     """The keys the dataset holds, and the listed items to read, in shard order. The parent's manifest is read a
     batch of rows at a time and kept only as fixed-size digests: at ImageNet scale it is hundreds of MB."""
     if parent_ref is None:
@@ -266,7 +266,7 @@ def _run_chunks(specs: list[ChunkSpec], known: KnownKeys, config: IngestConfig) 
             from ingest.cluster import ensure_ray, ship_environment
 
             with ensure_ray(config.ray_address, config.workers):
-                remote = ray.remote(num_cpus=1, max_retries=3)(_chunk_task)
+                remote = ray.remote(num_cpus=1, max_retries=3)(chunk_task)
                 known_ref, environment_ref = ray.put(known), ship_environment()
                 pending = {remote.remote(environment_ref, spec, known_ref): spec for spec in specs}
                 while pending:

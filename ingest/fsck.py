@@ -275,7 +275,7 @@ def _salvage(lake: Lake, dataset: str, path: str) -> dict[str, list[tuple[str, b
 
 def _remake(row: dict, record: dict, name: str) -> tuple[object, dict] | str:
     """The sample of a manifest row made again from its source: (lab8, metadata), or why it cannot be."""
-    from ingest.chunk import _metadata
+    from ingest.chunk import sample_metadata
     from ingest.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
     from ingest.lab import rgb8_to_lab8
     from ingest.sources import SourceItem
@@ -297,7 +297,7 @@ def _remake(row: dict, record: dict, name: str) -> tuple[object, dict] | str:
         return f"source no longer decodes ({e.reason})"
     item = SourceItem(uri=row["source_uri"], name=name, label=row["label"], label_name=row["label_name"],
                       coco_id=row["coco_id"], categories=tuple(row["categories"] or ()))  # fmt: skip
-    meta = _metadata(item, row["key"], sha, row["split"], decoded.width, decoded.height, row["source_dataset"])
+    meta = sample_metadata(item, row["key"], sha, row["split"], decoded.width, decoded.height, row["source_dataset"])
     return rgb8_to_lab8(decoded.rgb), meta
 
 

@@ -17,7 +17,7 @@ def retry_seconds(settings: dict[str, str] | None = None) -> float:
     return float((os.environ if settings is None else settings).get("RECOLOR_S3_RETRY_SECONDS", "120"))
 
 
-class _Retry:
+class Retry:
     """Backoff for one operation against an unreachable endpoint: 0.2 s doubling to 5 s, with jitter,
     until `RECOLOR_S3_RETRY_SECONDS` after the first failure; then a StorageError that says what to do."""
 
@@ -37,28 +37,28 @@ class _Retry:
                 self.endpoint,
                 self.what,
                 self.uri,
-                _one_line(error),
+                one_line(error),
                 limit,
             )
         self.attempts += 1
         if now >= self.deadline:
             raise StorageError(
                 f"S3 endpoint {self.endpoint} unreachable for {limit:.0f} s ({self.attempts} attempts) while trying "
-                f"to {self.what} {self.uri}: {_one_line(error)}. Check that the server is up and AWS_ENDPOINT_URL; "
+                f"to {self.what} {self.uri}: {one_line(error)}. Check that the server is up and AWS_ENDPOINT_URL; "
                 "rerunning the same command resumes where this one stopped"
             ) from None
         time.sleep(min(self.delay * random.uniform(0.5, 1.0), self.deadline - now))
         self.delay = min(self.delay * 2, 5.0)
 
 
-def _one_line(error: Exception) -> str:
+def one_line(error: Exception) -> str:
     return " ".join(f"{type(error).__name__}: {error}".split())[:300]
 
 
 _TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "RequestTimeTooSkewed"}
 
 
-def _is_transient(error: Exception) -> bool:
+def transient_error(error: Exception) -> bool:
     """Connection trouble or a server-side hiccup, worth retrying (not a 4xx that will answer the same)."""
     import boto3.exceptions
     import botocore.exceptions
@@ -77,7 +77,7 @@ def _is_transient(error: Exception) -> bool:
     ):
         return True
     if isinstance(error, botocore.exceptions.ClientError):
-        return _status(error) >= 500 or error.response.get("Error", {}).get("Code", "") in _TRANSIENT_CODES
+        return http_status(error) >= 500 or error.response.get("Error", {}).get("Code", "") in _TRANSIENT_CODES
     if isinstance(error, boto3.exceptions.S3UploadFailedError):
         text = str(error)
         return any(f"({code})" in text for code in _TRANSIENT_CODES) or any(
@@ -86,5 +86,5 @@ def _is_transient(error: Exception) -> bool:
     return False
 
 
-def _status(error) -> int:
+def http_status(error) -> int:
     return int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))

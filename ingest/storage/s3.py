@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 from ingest import faults
 from ingest.storage.base import AlreadyExistsError, ObjectInfo, ObjectUnreadable, StorageError, join_key
-from ingest.storage.retry import _is_transient, _one_line, _Retry, _status, retry_seconds
+from ingest.storage.retry import Retry, http_status, one_line, retry_seconds, transient_error
 
 log = logging.getLogger("ingest.storage")
 
@@ -57,8 +57,8 @@ class S3Storage:
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
 
-    def _retry(self, what: str, key: str) -> _Retry:
-        return _Retry(self.client.meta.endpoint_url, what, self.uri(key), retry_seconds(self.settings))
+    def _retry(self, what: str, key: str) -> Retry:
+        return Retry(self.client.meta.endpoint_url, what, self.uri(key), retry_seconds(self.settings))
 
     def _call(self, what: str, key: str, fn, *args, **kwargs):
         """Run one S3 request, retrying while the endpoint is unreachable; translate errors into ours.
@@ -73,13 +73,13 @@ class S3Storage:
             try:
                 return fn(*args, **kwargs)
             except Exception as e:  # noqa: BLE001 - sorted below: transient ones are retried, the rest translated
-                if not _is_transient(e):
+                if not transient_error(e):
                     raise _translate(e, what, self.uri(key)) from None
                 failing = what in ("read", "check") and retry.attempts + 1 >= OBJECT_FAILURES and _server_error(e)
                 if failing and self._answers():
                     raise ObjectUnreadable(
                         f"{self.uri(key)} cannot be read: the S3 server answers other requests but failed this "
-                        f"object {retry.attempts + 1} times ({_one_line(e)}): it is damaged or missing there"
+                        f"object {retry.attempts + 1} times ({one_line(e)}): it is damaged or missing there"
                     ) from None
                 retry.wait(e)
 
@@ -174,7 +174,7 @@ class S3Storage:
                     if retried and self._holds(key, data):
                         return
                     raise AlreadyExistsError(f"{self.uri(key)} already exists") from None
-                if not _is_transient(e):
+                if not transient_error(e):
                     raise _translate(e, "write", self.uri(key)) from None
                 retried = True
                 retry.wait(e)
@@ -391,7 +391,7 @@ def _is_precondition_failure(error: Exception) -> bool:
     if not isinstance(error, botocore.exceptions.ClientError):
         return False
     code = error.response.get("Error", {}).get("Code", "")
-    return code in ("PreconditionFailed", "ConditionalRequestConflict") or _status(error) in (409, 412)
+    return code in ("PreconditionFailed", "ConditionalRequestConflict") or http_status(error) in (409, 412)
 
 
 class _ResumableBody(io.RawIOBase):
@@ -427,7 +427,7 @@ class _ResumableBody(io.RawIOBase):
                 data = self._body.read(size)
                 break
             except Exception as e:  # noqa: BLE001 - only transient errors are retried
-                if not _is_transient(e):
+                if not transient_error(e):
                     raise
                 retry = retry or self._storage._retry("read", self._key)
                 retry.wait(e)
@@ -462,7 +462,7 @@ def _server_error(error: Exception) -> bool:
     import botocore.exceptions
 
     return isinstance(error, botocore.exceptions.ClientError) and (
-        _status(error) >= 500 or error.response.get("Error", {}).get("Code", "") in ("InternalError", "500")
+        http_status(error) >= 500 or error.response.get("Error", {}).get("Code", "") in ("InternalError", "500")
     )
 
 
@@ -552,7 +552,7 @@ def _translate(error: Exception, what: str, uri: str) -> Exception:
             "(and AWS_ENDPOINT_URL for MinIO or another S3-compatible store)"
         )
     if isinstance(error, boto3.exceptions.S3UploadFailedError):
-        return StorageError(f"S3 upload failed while trying to {what} {uri}: {_one_line(error)}")
+        return StorageError(f"S3 upload failed while trying to {what} {uri}: {one_line(error)}")
     return error
 
 
@@ -563,9 +563,9 @@ def _translate_client_error(error, what: str, uri: str) -> Exception:
     if code == "NoSuchBucket":
         bucket = uri.split("/")[2]
         return StorageError(f"S3 bucket {bucket!r} does not exist (while trying to {what} {uri}): create it first")
-    if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403") or _status(error) == 403:
+    if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403") or http_status(error) == 403:
         return StorageError(
             f"S3 refused to {what} {uri} ({code}): check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the "
             "bucket's permissions"
         )
-    return StorageError(f"S3 error {code or _status(error)} while trying to {what} {uri}: {error}")
+    return StorageError(f"S3 error {code or http_status(error)} while trying to {what} {uri}: {error}")

@@ -19,7 +19,7 @@ TRUST_PICKLE_HELP = (
 
 def add_colorize_parser(subparsers) -> None:
     from ingest.cli import positive_int
-    from pipeline.evaluation.cli import TRACKING_HELP, _cuda, device_arg
+    from pipeline.evaluation.cli import TRACKING_HELP, cuda_available, device_arg
 
     colorize = subparsers.add_parser(
         "colorize",
@@ -63,7 +63,7 @@ def add_colorize_parser(subparsers) -> None:
         default=DEFAULT_MAX_PIXELS,
         help=f"skip larger images as too_large (decompression bombs; default: {DEFAULT_MAX_PIXELS})",
     )
-    colorize.add_argument("--device", type=device_arg, default="cuda" if _cuda() else "cpu",
+    colorize.add_argument("--device", type=device_arg, default="cuda" if cuda_available() else "cpu",
                           help="without --ray: cpu, cuda or cuda:N (default: cuda when there is one)")  # fmt: skip
     colorize.add_argument("--ray", action="store_true", help="run as a Ray Data job (local instance or cluster)")
     colorize.add_argument("--ray-address", help="with --ray: the cluster (default: $RAY_ADDRESS, else local)")

@@ -41,7 +41,7 @@ def add_model_parsers(subparsers) -> None:
         help="stop when more of the split is corrupt (default: 0.01); --promote refuses any corrupt sample",
     )
     evaluate.add_argument("--max-batches", type=positive_int, help="evaluate at most N batches (quick checks)")
-    evaluate.add_argument("--device", type=device_arg, default="cuda" if _cuda() else "cpu",
+    evaluate.add_argument("--device", type=device_arg, default="cuda" if cuda_available() else "cpu",
                           help="cpu, cuda or cuda:N (default: cuda when there is one)")  # fmt: skip
     evaluate.add_argument("--tracking-uri", help=TRACKING_HELP)
     evaluate.add_argument("--experiment", default="recolor-evaluation")
@@ -95,7 +95,7 @@ def device_arg(text: str) -> str:
     return text
 
 
-def _cuda() -> bool:
+def cuda_available() -> bool:
     try:
         import torch
 

@@ -146,7 +146,7 @@ def first_readable(candidates: Iterable[str], load: Callable[[str], dict]) -> tu
         except StorageError:
             raise
         except Exception as error:  # noqa: BLE001 - any other reason makes it one to pass over
-            reason = _one_line(error)
+            reason = one_line(error)
             log.warning("%s is unreadable: %s", candidate, reason)
             unreadable[candidate] = reason
             continue
@@ -157,7 +157,7 @@ def first_readable(candidates: Iterable[str], load: Callable[[str], dict]) -> tu
     raise CheckpointError(f"no readable checkpoint to resume from ({tried})")
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     text = lines[0] if lines else ""
     return text if isinstance(error, ValueError) and text else f"{type(error).__name__}: {text}".rstrip(": ")

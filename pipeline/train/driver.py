@@ -26,11 +26,11 @@ from pipeline.train.failures import (
     NonFiniteLoss,
     Stopped,
     TrainingError,
-    _is_training_failure,
-    _worker_failures,
     describe_failure,
+    is_training_failure,
     is_transient,
     root_cause,
+    worker_failures_of,
 )
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def storage_filesystem(storage: str):
     return s3_filesystem()
 
 
-def _storage_path_for_ray(storage: str) -> str:
+def storage_path_for_ray(storage: str) -> str:
     # With an explicit file system Ray wants the path without the scheme.
     return storage[len("s3://") :] if storage.startswith("s3://") else storage
 
@@ -217,13 +217,13 @@ def _train_holding_lease(config, plan, storage, run_uri, tracking, tracking_uri,
 
             status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
             end_failed_run(run_info["uri"], run_info["run_id"], reason, status)
-        if not _is_training_failure(error):
+        if not is_training_failure(error):
             raise
         # Corrupt data is the user's to mend, not Ray's: say so in one line (the CLI's exit 2), not in tracebacks.
-        data_errors = [e for e in _worker_failures(error) if isinstance(e, DataError)]
+        data_errors = [e for e in worker_failures_of(error) if isinstance(e, DataError)]
         if data_errors:
             raise DataError(str(data_errors[0])) from error
-        diverged = [e for e in _worker_failures(error) if isinstance(e, NonFiniteLoss)]
+        diverged = [e for e in worker_failures_of(error) if isinstance(e, NonFiniteLoss)]
         if diverged:
             raise NonFiniteLoss(str(diverged[0])) from error
         cause = root_cause(error)
@@ -428,7 +428,7 @@ def _fit(config: TrainConfig, plan: DataPlan, storage: str, ray_address, logger_
             torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
             run_config=ray.train.RunConfig(
                 name=config.name,
-                storage_path=_storage_path_for_ray(storage),
+                storage_path=storage_path_for_ray(storage),
                 storage_filesystem=storage_filesystem(storage),
                 # Every worker error counts, a DataError too: Ray Train 2.60 has no public way to mark an error
                 # as not worth a restart (its failure policy retries every WorkerGroupError up to max_failures).

@@ -45,13 +45,13 @@ def is_transient(cause: BaseException) -> bool:
     )
 
 
-def _is_training_failure(error: BaseException) -> bool:
+def is_training_failure(error: BaseException) -> bool:
     from ray.train import TrainingFailedError
 
     return isinstance(error, TrainingFailedError)
 
 
-def _worker_failures(error: BaseException) -> list[BaseException]:
+def worker_failures_of(error: BaseException) -> list[BaseException]:
     # Ray Train's WorkerGroupError holds each failed rank's own exception (unwrapped from Ray's traceback wrapper).
     failures = getattr(error, "worker_failures", None) or {}
     return [failures[rank] for rank in sorted(failures)]
@@ -72,7 +72,7 @@ def root_cause(error: BaseException) -> BaseException:
     seen: set[int] = set()
     while id(error) not in seen:
         seen.add(id(error))
-        failures = _worker_failures(error)
+        failures = worker_failures_of(error)
         if failures:
             causes = [root_cause(failure) for failure in failures]
             error = next((cause for cause in causes if not _is_ray_error(cause)), causes[0])

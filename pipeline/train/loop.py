@@ -71,7 +71,7 @@ def floats(values: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(values, torch.stack([value.float() for value in values.values()]).tolist(), strict=True))
 
 
-def _host_batch(array, pinned: bool) -> torch.Tensor:
+def host_batch(array, pinned: bool) -> torch.Tensor:
     batch = torch.from_numpy(array)
     return batch.pin_memory() if pinned else batch
 
@@ -396,7 +396,7 @@ class ColorizerTrainer:
         # them), each rank its own since; summed over ranks at the epoch's end.
         trained = start_step * self.global_batch if self.rank == 0 else 0
         pinned = self.cuda  # page-locked host batches: the non_blocking copies to the GPU then really overlap
-        source = iter(prefetch((_host_batch(b, pinned) for b in batches), config.data.prefetch_batches))
+        source = iter(prefetch((host_batch(b, pinned) for b in batches), config.data.prefetch_batches))
         while (batch := window.next_batch(source)) is not None:
             if config.max_steps is not None and self.position.global_step >= config.max_steps:
                 return None
