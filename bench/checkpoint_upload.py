@@ -36,7 +36,7 @@ def worker(config: dict) -> None:
 
     from pipeline.checkpoint import FORMAT
     from pipeline.models import build_discriminator, build_generator
-    from pipeline.train.checkpoints import wait_for_uploads
+    from pipeline.train.checkpoint_store import wait_for_uploads
     from pipeline.train.worker import ray_reporter
 
     torch.set_num_threads(1)

@@ -134,7 +134,7 @@ def train(lake: str, storage: str, size: int, minutes: float, gpu: bool, workers
 
     from pipeline.config import load_config
     from pipeline.dataplan import resolve_data
-    from pipeline.train.checkpoints import latest_recorded
+    from pipeline.train.checkpoint_store import latest_recorded
     from pipeline.train.driver import TrackingOptions, run_training
     from pipeline.train.failures import Stopped
 

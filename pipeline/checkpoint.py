@@ -13,7 +13,7 @@ counts global batches, so it means the same on any number of workers. Random dra
 continues exactly as an uninterrupted one would; the saved CPU RNG state is for inspection only
 and is not restored (nor is a CUDA one saved: nothing draws from it that the position does not fix).
 
-Uploading, resuming from and repairing a run's checkpoints on Ray Train is `pipeline.train.checkpoints`'s.
+Uploading, resuming from and repairing a run's checkpoints on Ray Train is `pipeline.train.checkpoint_store`'s.
 """
 
 from __future__ import annotations

@@ -109,7 +109,7 @@ def run_training(
         TrainingError: training failed after `max_failures` restarts; its message names the root cause in one
             line. The MLflow run (when tracking) is then FAILED, tagged with that line; KILLED on Ctrl-C.
     """
-    from pipeline.train.checkpoints import upload_attempts
+    from pipeline.train.checkpoint_store import upload_attempts
 
     plan = resolve_config_data(config.data)
     check_before_start(config, plan, ray_address)
@@ -157,7 +157,7 @@ def _run_lease(run_uri: str, name: str):
 
 def _train_holding_lease(config, plan, storage, run_uri, tracking, tracking_uri, ray_address, logger_factory,
                          on_worker_end, callbacks) -> TrainResult:  # fmt: skip
-    from pipeline.train.checkpoints import latest_recorded, repair_run_snapshot
+    from pipeline.train.checkpoint_store import latest_recorded, repair_run_snapshot
 
     # A rerun after checkpoints were lost resumes from what is left (or starts over) instead of failing forever.
     repair_run_snapshot(run_uri)
@@ -284,7 +284,7 @@ def finished_earlier(config: TrainConfig, plan: DataPlan, run_uri: str, tracking
     it reports what the run left (its latest checkpoint, metrics, MLflow run and model version). A run whose
     config asks for more (more epochs, another stage) is resumed as usual.
     """
-    from pipeline.train.checkpoints import latest_recorded
+    from pipeline.train.checkpoint_store import latest_recorded
 
     latest = latest_recorded(run_uri)
     if latest is None or not _trained_all(config, latest[1]):

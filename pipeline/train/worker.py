@@ -1,9 +1,9 @@
 """What every Ray Train worker (DDP rank) runs: `train_loop_per_worker`, Ray Train's entry point.
 
-It opens the credentials, picks the checkpoint to resume from (`pipeline.train.checkpoints.resume_payload`),
+It opens the credentials, picks the checkpoint to resume from (`pipeline.train.checkpoint_store.resume_payload`),
 builds the rank's `ColorizerTrainer` (`pipeline.train.loop`) with Ray's device and `prepare_model`, and reports
-to Ray Train through `ray_reporter` (checkpoint uploads: `pipeline.train.checkpoints.upload_checkpoint`). On a
-worker, `ray.train` is used here (context, device, reports) and in `pipeline.train.checkpoints` (the run's
+to Ray Train through `ray_reporter` (checkpoint uploads: `pipeline.train.checkpoint_store.upload_checkpoint`). On a
+worker, `ray.train` is used here (context, device, reports) and in `pipeline.train.checkpoint_store` (the run's
 storage); the trainer itself gets what it needs as arguments, so it runs without Ray in unit tests.
 """
 
@@ -21,7 +21,7 @@ from ingest.cluster import open_environment
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import TrainConfig
 from pipeline.dataplan import DataPlan
-from pipeline.train.checkpoints import resume_payload, upload_checkpoint, upload_started, wait_for_uploads
+from pipeline.train.checkpoint_store import resume_payload, upload_checkpoint, upload_started, wait_for_uploads
 from pipeline.train.loop import ColorizerTrainer
 
 log = logging.getLogger(__name__)

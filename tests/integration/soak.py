@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ingest.storage import open_storage
 from pipeline.checkpoint import load_checkpoint
-from pipeline.train.checkpoints import RAY_CHECKPOINT_DIR
+from pipeline.train.checkpoint_store import RAY_CHECKPOINT_DIR
 
 PHOTOS = 100
 EPOCHS = 3

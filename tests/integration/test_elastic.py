@@ -238,7 +238,7 @@ def test_an_elastic_group_shrinks_when_a_node_dies_grows_when_one_joins_and_fini
 
 
 def _latest(tmp_path: Path) -> Path:
-    from pipeline.train.checkpoints import latest_recorded
+    from pipeline.train.checkpoint_store import latest_recorded
 
     name, _ = latest_recorded(str(tmp_path / "runs" / "elastic"))
     return tmp_path / "runs" / "elastic" / name

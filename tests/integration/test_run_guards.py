@@ -15,7 +15,7 @@ from test_train_ray import tiny_config
 
 from ingest.driver import IngestConfig, run_ingest
 from ingest.errors import ConfigError
-from pipeline.train.checkpoints import latest_recorded
+from pipeline.train.checkpoint_store import latest_recorded
 from pipeline.train.driver import TrackingOptions, run_training
 from pipeline.train.failures import NonFiniteLoss
 

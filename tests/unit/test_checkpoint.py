@@ -22,7 +22,7 @@ from ingest.driver import IngestConfig, run_ingest
 from pipeline.checkpoint import CHECKPOINT_FILE, FORMAT, CheckpointError, Position, load_checkpoint, save_checkpoint
 from pipeline.config import DataConfig, ModelConfig, StageConfig, TrainConfig
 from pipeline.dataplan import DataPlan, resolve_data
-from pipeline.train.checkpoints import (
+from pipeline.train.checkpoint_store import (
     UPLOAD_ATTEMPTS_ENV,
     fallback_order,
     first_readable,
@@ -265,7 +265,7 @@ def test_an_upload_that_fails_twice_is_retried_with_growing_waits_and_only_the_w
     destination.parent.mkdir()
     upload = FlakyUpload(source, destination, failures=2)
     waits: list[float] = []
-    with caplog.at_level("WARNING", logger="pipeline.train.checkpoints"):
+    with caplog.at_level("WARNING", logger="pipeline.train.checkpoint_store"):
         result = upload_with_retries(
             upload, str(destination), attempts=4, discard=discard_directory(destination), sleep=waits.append
         )
@@ -367,7 +367,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_readable_one(tmp_p
             requested.append(name)
             yield name
 
-    with caplog.at_level("WARNING", logger="pipeline.train.checkpoints"):
+    with caplog.at_level("WARNING", logger="pipeline.train.checkpoint_store"):
         name, payload = first_readable(candidates(), lambda name: load_checkpoint(tmp_path / name))
     assert name == "step2" and payload["position"]["global_step"] == 2
     assert requested == ["step6", "step4", "step2"]  # the older ones are looked up only when needed
@@ -393,7 +393,7 @@ def test_missing_and_unreachable_checkpoints_in_the_fallback(tmp_path, caplog) -
             raise OSError("unexpected end of stream")
         return load_checkpoint(tmp_path)
 
-    with caplog.at_level("WARNING", logger="pipeline.train.checkpoints"):
+    with caplog.at_level("WARNING", logger="pipeline.train.checkpoint_store"):
         assert first_readable(["gone", "partial", "whole"], load)[0] == "whole"
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warnings == [
@@ -451,7 +451,7 @@ def test_a_rerun_after_lost_checkpoints_resumes_from_what_is_left_or_starts_over
 
     (run / names[2] / CHECKPOINT_FILE).unlink()  # the latest, lost
     (run / names[0] / CHECKPOINT_FILE).unlink()
-    with caplog.at_level("WARNING", logger="pipeline.train.checkpoints"):
+    with caplog.at_level("WARNING", logger="pipeline.train.checkpoint_store"):
         message = repair_run_snapshot(str(run))
     assert message == f"checkpoints {names[0]}, {names[2]} of {run} are missing: resuming from {names[1]}"
     assert message in caplog.messages
