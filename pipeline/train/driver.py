@@ -417,8 +417,9 @@ def _fit(config: TrainConfig, plan: DataPlan, storage: str, ray_address, logger_
             train_loop_config={
                 "train": config.to_dict(),
                 "data_plan": plan.to_dict(),
-                "logger_factory": logger_factory,
-                "on_worker_end": on_worker_end,
+                # Hooks of tests and tools (`run_training`'s arguments): absent from a production run's config.
+                **({"logger_factory": logger_factory} if logger_factory is not None else {}),
+                **({"on_worker_end": on_worker_end} if on_worker_end is not None else {}),
                 # The run id only: the tracking URI (it may hold a password) travels in the shipped environment.
                 "tracking": {"run_id": run_info["run_id"]} if run_info else None,
                 # An object reference, not the values: Ray shows a run's config on its dashboard and logs runtime envs.
