@@ -20,6 +20,9 @@ pytestmark = pytest.mark.slow
 SMALL = ["--size", "64", "--no-progress"]
 # 64 px samples take ~13.8 kB: 40 KiB shards hold two training samples, so a chunk is two images.
 SMALL_SHARDS = [*SMALL, "--shard-size", "40k"]
+# The kill drills count writes: their items go into chunks in name order, so the N-th write is the same object on
+# every run (the shuffled order hashes each item's URI, which holds pytest's numbered temporary folder).
+KILL_SHARDS = [*SMALL_SHARDS, "--order", "sorted"]
 
 
 def manifest_by_key(lake_dir: Path, dataset: str) -> dict[str, dict]:
@@ -185,7 +188,7 @@ def kill_source(tmp_path_factory, photo_writer) -> Path:
 def clean_lake(kill_source, tmp_path_factory, cli_runner) -> Path:
     """The reference: the same ingest, uninterrupted, with Ray."""
     base = tmp_path_factory.mktemp("clean")
-    args = ["ingest", "folder", kill_source, "--dataset", "photos", "--lake", base / "lake", *SMALL_SHARDS]
+    args = ["ingest", "folder", kill_source, "--dataset", "photos", "--lake", base / "lake", *KILL_SHARDS]
     result = cli_runner(*args, cwd=base)
     assert result.returncode == 0, result.stderr
     return base / "lake"
@@ -222,7 +225,7 @@ def test_killed_ingest_rerun_equals_a_clean_run(
     failpoint: str, ray: bool, resumed: str | None, kill_source, clean_lake, tmp_path, recolor, lake_check
 ) -> None:
     lake_dir = tmp_path / "lake"
-    args = ["ingest", "folder", kill_source, "--dataset", "photos", "--lake", lake_dir, *SMALL_SHARDS]
+    args = ["ingest", "folder", kill_source, "--dataset", "photos", "--lake", lake_dir, *KILL_SHARDS]
     if not ray:
         args.append("--no-ray")
     killed = recolor(*args, env={"RECOLOR_FAILPOINT": failpoint})
@@ -275,7 +278,7 @@ def test_worker_killed_in_a_ray_task_is_retried(kill_source, clean_lake, tmp_pat
     the failpoint fire in one worker only (it counts per process, and every worker would die)."""
     lake_dir = tmp_path / "lake"
     fired = tmp_path / "fired"
-    args = ["ingest", "folder", kill_source, "--dataset", "photos", "--lake", lake_dir, *SMALL_SHARDS]
+    args = ["ingest", "folder", kill_source, "--dataset", "photos", "--lake", lake_dir, *KILL_SHARDS]
     result = recolor(*args, env={"RECOLOR_FAILPOINT": "chunk_result:1", "RECOLOR_FAILPOINT_ONCE": str(fired)})
     assert result.returncode == 0, result.stderr
     assert fired.exists()  # a worker did die
