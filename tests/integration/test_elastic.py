@@ -153,6 +153,14 @@ def waiting(path: Path, workers: int, step: int) -> bool:
     return all(path.with_name(f"{path.name}.waiting-{workers}-{rank}-{step}").exists() for rank in range(workers))
 
 
+def recorded_step(run_uri: str) -> int:
+    """The global step of the run's latest checkpoint that Ray Train has recorded (0: none yet)."""
+    from pipeline.train.checkpoint_store import latest_recorded
+
+    latest = latest_recorded(run_uri)
+    return int(latest[1].get("global_step", 0)) if latest else 0
+
+
 def effective_steps(folder: Path) -> dict[tuple[int, int], tuple[int, list[int]]]:
     """(epoch, step) -> (workers, sample CRCs) of the group that trained the step last (a restarted group trains
     again the steps after its checkpoint; those count once, as the group that went on)."""
@@ -194,11 +202,16 @@ def test_an_elastic_group_shrinks_when_a_node_dies_grows_when_one_joins_and_fini
     log = (tmp_path / "train.log").open("w")
     run = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
                            start_new_session=True)  # fmt: skip
+    run_uri = str(tmp_path / "runs" / "elastic")
     try:
         wait_for("two workers at step 3", lambda: waiting(pause, 2, 3), 240, run)
+        # The step-2 checkpoint uploads in the background: a node killed before Ray recorded it would send the
+        # next group back to step 0 (exact still, but not the resize this test is about).
+        wait_for("the step-2 checkpoint recorded", lambda: recorded_step(run_uri) >= 2, 120, run)
         set_pause(pause, 5)  # the next group waits before step 6
         assert cluster.kill_node("node_b") >= 2  # the raylet and the training worker on it, at least
         wait_for("one worker at step 5", lambda: waiting(pause, 1, 5), 240, run)
+        wait_for("the step-4 checkpoint recorded", lambda: recorded_step(run_uri) >= 4, 120, run)
         set_pause(pause, steps + 2)  # epoch 2's third step
         cluster.add_node("node_c")
         wait_for(f"two workers again at step {steps + 2}", lambda: waiting(pause, 2, steps + 2), 240, run)
