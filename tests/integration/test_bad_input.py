@@ -174,9 +174,11 @@ def corrupt_samples(shard_uri: str, count: int | None = None) -> int:
     with tarfile.open(shard_uri) as archive:
         members = [m for m in archive.getmembers() if m.name.endswith(".lab.npy")][:count]
     with open(shard_uri, "r+b") as shard:
-        for member in members:
+        for member in members:  # 32 bytes inverted: changed whatever they were (0xff-saturated pixels too)
             shard.seek(member.offset_data + member.size - 64)
-            shard.write(b"\xff" * 32)
+            inverted = bytes(byte ^ 0xFF for byte in shard.read(32))
+            shard.seek(member.offset_data + member.size - 64)
+            shard.write(inverted)
     return len(members)
 
 

@@ -94,9 +94,11 @@ def test_a_changed_sample_raises_naming_its_key_or_is_skipped_on_request(lake, t
     [first] = [p for p in copy.rglob("train-*-000000.tar")]
     with tarfile.open(first) as archive:
         member = next(m for m in archive.getmembers() if m.name.endswith(".lab.npy"))
-    with open(first, "r+b") as shard:
+    with open(first, "r+b") as shard:  # 32 bytes inverted: changed whatever they were (0xff-saturated pixels too)
         shard.seek(member.offset_data + member.size - 64)
-        shard.write(b"\xff" * 32)
+        inverted = bytes(byte ^ 0xFF for byte in shard.read(32))
+        shard.seek(member.offset_data + member.size - 64)
+        shard.write(inverted)
     key = member.name.split(".")[0]
     with pytest.raises(ValueError, match=f"sample {key} of d@1: missing or changed since ingest"):
         list(open_webdataset("d", "train", lake=str(copy)))
