@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ingest.errors import RecolorError
+from ingest.names import NAME_PATTERN
 from ingest.storage import Storage, StorageError, is_s3, open_storage
 
 LAKE_ENV = "RECOLOR_LAKE"
@@ -43,7 +44,6 @@ SPLITS = ("train", "val")
 # package's storage layer (AWS_* credentials from the environment); `pipe:aws s3 cp ...` for the AWS CLI;
 # presigned https URLs (webdataset reads them with curl; no credentials needed until they expire).
 URL_FORMS = ("plain", "pipe", "aws", "presigned")
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # dataset names (and run names, pipeline.config)
 
 
 def _column(arrow_type: pa.DataType):

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from ingest.errors import ConfigError
-from ingest.lake import NAME_PATTERN
+from ingest.names import NAME_PATTERN
 from ingest.storage.base import parse_size
 
 # The vocabularies: their one owner (the models and losses import them from here).
