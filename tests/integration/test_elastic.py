@@ -26,11 +26,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+from test_train_ray import train_lake  # noqa: F401, F811 - the same 40 photos at 64 px, a fixture
 
-from ingest.driver import IngestConfig, run_ingest
 from pipeline.checkpoint import load_checkpoint
 from pipeline.data import decode_sample, read_segments
-from pipeline.dataplan import DataPlan, resolve_data
+from pipeline.dataplan import DataPlan
 from pipeline.epochs import epoch_segments
 
 pytestmark = pytest.mark.slow
@@ -119,16 +119,6 @@ def cluster():
         cluster.stop()
 
 
-@pytest.fixture(scope="module")
-def elastic_lake(tmp_path_factory, photo_writer) -> tuple[str, DataPlan]:
-    root = tmp_path_factory.mktemp("elastic-lake")
-    photo_writer(root / "photos", range(40), width=80, height=64)
-    lake = str(root / "lake")
-    run_ingest(IngestConfig(kind="folder", source=str(root / "photos"), dataset="photos", lake=lake, size=64,
-                            shard_size=40_000, use_ray=False, progress=False))  # fmt: skip
-    return lake, resolve_data(["photos"], lake)
-
-
 def wait_for(what: str, condition, timeout: float, process: subprocess.Popen) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -179,9 +169,11 @@ def epoch_crcs(plan: DataPlan, epoch: int) -> list[int]:
 
 
 def test_an_elastic_group_shrinks_when_a_node_dies_grows_when_one_joins_and_finishes_exact_epochs(
-    cluster, elastic_lake, tmp_path
+    cluster,
+    train_lake,  # noqa: F811 - the imported fixture
+    tmp_path,
 ) -> None:
-    lake, plan = elastic_lake
+    lake, plan = train_lake
     steps = plan.count("train") // GLOBAL_BATCH
     assert steps >= 7
     pause, trained = tmp_path / "pause", tmp_path / "trained"
