@@ -39,6 +39,7 @@ def main() -> int:
     import torch
 
     from pipeline.colorize.cluster import colorize_on_ray
+    from pipeline.colorize.files import ColorizeOptions
     from pipeline.colorize.local import colorize
     from pipeline.models.saved import GeneratorSpec, save_generator
 
@@ -58,16 +59,15 @@ def main() -> int:
             print(f"{name:<18} {seconds:8.1f} s  {args.count / seconds:7.2f} images/s", flush=True)
 
         inputs = [str(root / "photos")]
-        timed("single_process", lambda out: colorize(str(model), inputs, out, batch_size=args.batch_size,
-                                                     progress=False))  # fmt: skip
+        options = ColorizeOptions(batch_size=args.batch_size, progress=False)
+        timed("single_process", lambda out: colorize(str(model), inputs, out, options))
         ray.init(num_cpus=None, include_dashboard=False, log_to_driver=False)
         try:
             for actors in (1, 2):
-                timed(f"ray_{actors}_actor", lambda out, n=actors: colorize_on_ray(
-                    str(model), inputs, out, batch_size=args.batch_size, actors=n, progress=False))  # fmt: skip
+                timed(f"ray_{actors}_actor", lambda out, n=actors: colorize_on_ray(str(model), inputs, out, options, n))
             if torch.cuda.is_available():
                 timed("ray_1_gpu_batch32", lambda out: colorize_on_ray(
-                    str(model), inputs, out, batch_size=32, actors=1, gpu=True, progress=False))  # fmt: skip
+                    str(model), inputs, out, ColorizeOptions(batch_size=32, progress=False), gpu=True))  # fmt: skip
         finally:
             ray.shutdown()
     base = results["single_process"]["images_per_s"]

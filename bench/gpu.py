@@ -57,6 +57,7 @@ def run_part(name: str, command: list[str], timeout: float, results: dict, env: 
 
 def colorize_rate(device: str, count: int, batch: int, base_filters: int) -> None:
     """(In a child process) images/s of the local colorize path; prints one JSON object."""
+    from pipeline.colorize.files import ColorizeOptions
     from pipeline.colorize.local import colorize
     from pipeline.models.saved import GeneratorSpec, save_generator
 
@@ -65,11 +66,10 @@ def colorize_rate(device: str, count: int, batch: int, base_filters: int) -> Non
         sample_photos(root / "photos", count)
         spec = GeneratorSpec("unet_256", "batch", base_filters, 8, 256)
         model = save_generator(spec.build(), spec, root / "model")
-        colorize(str(model), [str(root / "photos")], str(root / "warm"), batch_size=batch, device=device,
-                 progress=False)  # fmt: skip
+        options = ColorizeOptions(batch_size=batch, progress=False)
+        colorize(str(model), [str(root / "photos")], str(root / "warm"), options, device=device)
         start = time.perf_counter()
-        summary = colorize(str(model), [str(root / "photos")], str(root / "out"), batch_size=batch, device=device,
-                           progress=False)  # fmt: skip
+        summary = colorize(str(model), [str(root / "photos")], str(root / "out"), options, device=device)
         seconds = time.perf_counter() - start
     print(json.dumps({"images": len(summary.written), "batch": batch, "images_per_s": len(summary.written) / seconds}))
 

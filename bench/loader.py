@@ -69,10 +69,10 @@ def seed_loader(paths: list[Path]) -> int:
 
 def lake_loader(plan, interleave: int = 4, loader_workers: int = 1, cache=None) -> int:
     from ingest.lab import lab8_to_network_torch
-    from pipeline.data import train_batches
+    from pipeline.data import LoaderOptions, train_batches
 
-    batches, steps, _ = train_batches(plan, 0, 0, 0, 1, BATCH, 256, True, interleave=interleave,
-                                      loader_workers=loader_workers, cache=cache)  # fmt: skip
+    options = LoaderOptions(batch_size=BATCH, interleave=interleave, loader_workers=loader_workers)
+    batches, steps, _ = train_batches(plan, 0, 0, 0, 1, options, cache=cache)
     count = 0
     for batch in batches:
         light, _ = lab8_to_network_torch(torch.from_numpy(batch))
@@ -85,10 +85,10 @@ def input_path(plan, loader_workers: int, repeat: int = 8) -> int:
     device), over the lake's shards `repeat` times (16 shuffle windows of 256: enough for workers to overlap)."""
     import dataclasses
 
-    from pipeline.data import train_batches
+    from pipeline.data import LoaderOptions, train_batches
 
     plan = dataclasses.replace(plan, train=plan.train * repeat)
-    batches, _, _ = train_batches(plan, 0, 0, 0, 1, BATCH, 256, True, interleave=4, loader_workers=loader_workers)
+    batches, _, _ = train_batches(plan, 0, 0, 0, 1, LoaderOptions(batch_size=BATCH, loader_workers=loader_workers))
     return sum(batch.shape[0] for batch in batches)
 
 

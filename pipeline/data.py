@@ -18,6 +18,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -377,45 +378,63 @@ def block_batches(blocks: Iterable[np.ndarray], batch_size: int) -> Iterator[np.
             carry, held = [block[whole:]], len(block) - whole
 
 
+@dataclass(frozen=True)
+class LoaderOptions:
+    """How a rank reads its share of an epoch: the `data` config's reading settings (`pipeline.config.DataConfig`).
+
+    Attributes:
+        batch_size: this rank's batch; unused when `global_batch` is given.
+        global_batch: the run's batch over all ranks, split by `rank_batches`; None: `world_size * batch_size`.
+        shuffle_window: samples shuffled together (one loader thread's job).
+        flip: mirror half the samples, left to right (seeded).
+        rotate: rotate by up to this many degrees either way (seeded); 0: never.
+        interleave: shards read at a time.
+        loader_workers: threads checking, decoding and augmenting shuffle windows.
+        max_bad_fraction: the share of corrupt samples past which the epoch stops with a `DataError`.
+    """
+
+    batch_size: int = 0
+    global_batch: int | None = None
+    shuffle_window: int = 256
+    flip: bool = True
+    rotate: float = 0.0
+    interleave: int = 4
+    loader_workers: int = 1
+    max_bad_fraction: float = 0.01
+
+
 def train_batches(
     plan: DataPlan,
     epoch: int,
     seed: int,
     rank: int,
     world_size: int,
-    batch_size: int,
-    shuffle_window: int,
-    flip: bool,
+    options: LoaderOptions,
     start_step: int = 0,
-    max_bad_fraction: float = 0.01,
-    opener: Callable = open_shard,
-    rotate: float = 0.0,
-    interleave: int = 4,
-    loader_workers: int = 1,
-    cache=None,
-    global_batch: int | None = None,
     splits: list[tuple[int, int]] | None = None,
+    opener: Callable = open_shard,
+    cache=None,
 ) -> tuple[Iterator[np.ndarray], int, BadSampleCounter]:
     """One epoch of uint8 Lab batches (batch, 3, H, W) for this rank, from the epoch's step `start_step` on, read from
-    `interleave` shards at a time, checked, decoded and augmented by `loader_workers` threads (`train_blocks`).
-
-    `global_batch` (default `world_size * batch_size`) is split over the ranks by `rank_batches` (`batch_size` is
-    then unused); `splits` are the epoch's worker groups so far (`plan_rank_epoch`; default: this one from step 0).
+    `options.interleave` shards at a time, checked, decoded and augmented by `options.loader_workers` threads
+    (`train_blocks`). `splits` are the epoch's worker groups so far (`plan_rank_epoch`; default: this one from
+    step 0); `cache` a node-local `ShardCache` or None.
 
     Returns:
         (batch iterator, steps in the epoch, the corrupt-sample counter).
     """
-    global_batch = global_batch or world_size * batch_size
-    part = plan_rank_epoch(plan.train, epoch, seed, global_batch, splits or [(world_size, 0)], rank, interleave,
-                           shuffle_window, plan_mixture(plan))  # fmt: skip
+    window = options.shuffle_window
+    global_batch = options.global_batch or world_size * options.batch_size
+    part = plan_rank_epoch(plan.train, epoch, seed, global_batch, splits or [(world_size, 0)], rank, options.interleave,
+                           window, plan_mixture(plan))  # fmt: skip
     skip = (start_step - part.first_step) * part.batch
-    first_window, skip_in_window = divmod(skip, shuffle_window)
-    counter = BadSampleCounter(max_bad_fraction, (part.steps - part.first_step) * part.batch)
-    raw = read_segments(part.segments, skip=first_window * shuffle_window, opener=opener, interleave=interleave,
+    first_window, skip_in_window = divmod(skip, window)
+    counter = BadSampleCounter(options.max_bad_fraction, (part.steps - part.first_step) * part.batch)
+    raw = read_segments(part.segments, skip=first_window * window, opener=opener, interleave=options.interleave,
                         verify=False, cache=cache)  # fmt: skip
     blocks = train_blocks(
-        raw, plan.size, shuffle_window, seed, epoch, rank, first_window, skip_in_window, flip, counter, rotate,
-        loader_workers, cache, part.generation,
+        raw, plan.size, window, seed, epoch, rank, first_window, skip_in_window, options.flip, counter, options.rotate,
+        options.loader_workers, cache, part.generation,
     )  # fmt: skip
     return block_batches(blocks, part.batch), part.steps, counter
 

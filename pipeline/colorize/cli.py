@@ -89,7 +89,9 @@ def run_colorize(args) -> int:
         raise ConfigError("--batch-size and --actors must be at least 1")
     if not args.ray and (args.gpu or args.ray_address or args.actors != 1):
         raise ConfigError("--gpu, --ray-address and --actors apply with --ray only (without it, use --device)")
-    options = dict(
+    from pipeline.colorize.files import ColorizeOptions
+
+    options = ColorizeOptions(
         size=args.size,
         batch_size=args.batch_size,
         tracking_uri=args.tracking_uri,
@@ -106,13 +108,12 @@ def run_colorize(args) -> int:
         from pipeline.colorize.cluster import colorize_on_ray
 
         summary = colorize_on_ray(
-            args.model, args.inputs, args.out, actors=args.actors, gpu=args.gpu, ray_address=args.ray_address,
-            **options,
-        )  # fmt: skip
+            args.model, args.inputs, args.out, options, actors=args.actors, gpu=args.gpu, ray_address=args.ray_address
+        )
     else:
         from pipeline.colorize.local import colorize
 
-        summary = colorize(args.model, args.inputs, args.out, device=args.device, **options)
+        summary = colorize(args.model, args.inputs, args.out, options, device=args.device)
     skipped = f"; {len(summary.skipped)} already there (pass --overwrite to redo)" if summary.skipped else ""
     print(f"colorized {len(summary.written)} image(s) into {args.out}{skipped}")
     for uri, reason in summary.failed:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ingest.images import DEFAULT_MAX_PIXELS
-from pipeline.colorize.files import ColorizeSummary
+from pipeline.colorize.files import ColorizeOptions, ColorizeSummary
 
 WRITTEN, REFUSED = "written", "refused"
 
@@ -155,28 +155,18 @@ def colorize_on_ray(
     model_uri: str,
     inputs: list[str],
     out_dir: str,
-    size: int | None = None,
-    batch_size: int = 8,
+    options: ColorizeOptions = ColorizeOptions(),
     actors: int = 1,
     gpu: bool = False,
     ray_address: str | None = None,
-    tracking_uri: str | None = None,
-    progress: bool = True,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    picture_format: str = "png",
-    quality: int = 95,
-    overwrite: bool = False,
-    overwrite_any: bool = False,
-    trust_pickle: bool = False,
-    dropout: bool = False,
 ) -> ColorizeSummary:
     """`pipeline.colorize.local.colorize` as a Ray Data job (see the module's docstring); the same summary.
 
     Args:
+        options: as for `colorize` (`batch_size` is per actor call).
         actors: generator actors (each holds one copy of the model; one GPU each with `gpu`).
         gpu: put each actor on a GPU and run the generator in bf16.
         ray_address: a cluster to run on; None uses $RAY_ADDRESS, else a local instance.
-        (the others as in `colorize`)
 
     Raises:
         ConfigError: the model cannot be loaded, or the outputs would overwrite the inputs.
@@ -191,8 +181,8 @@ def colorize_on_ray(
     # Tasks run in other working directories (a cluster's nodes): local paths travel absolute.
     inputs = [given if is_s3(given) else str(Path(given).absolute()) for given in inputs]
     out_dir = out_dir if is_s3(str(out_dir)) else str(Path(out_dir).absolute())
-    out, todo, summary = plan_outputs(inputs, out_dir, picture_format, overwrite, overwrite_any)
-    generator, size, resize = load_model(model_uri, tracking_uri, "cpu", trust_pickle, size)
+    out, todo, summary = plan_outputs(inputs, out_dir, options.picture_format, options.overwrite, options.overwrite_any)
+    generator, size, resize = load_model(model_uri, options.tracking_uri, "cpu", options.trust_pickle, options.size)
     out.record([name for _, name in todo])
     if not todo:
         return summary
@@ -205,9 +195,11 @@ def colorize_on_ray(
         context.print_on_execution_start = False
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
         generator_ref = [ray.put(generator.cpu())]  # in a list: Ray passes a bare ref to the actor resolved
+        max_pixels = options.max_pixels
         decode = {"size": size, "multiple": min_side(generator), "resize": resize, "max_pixels": max_pixels}
         # The photo is decoded again when written: the same pixel limit as in the first stage.
-        write = {"out_dir": out_dir, "picture_format": picture_format, "quality": quality, "max_pixels": max_pixels}
-        dataset = _stages(todo, decode, generator_ref, write, batch_size, actors, gpu, dropout)
-        _collect(dataset, len(todo), summary, progress)
+        write = {"out_dir": out_dir, "picture_format": options.picture_format, "quality": options.quality,
+                 "max_pixels": max_pixels}  # fmt: skip
+        dataset = _stages(todo, decode, generator_ref, write, options.batch_size, actors, gpu, options.dropout)
+        _collect(dataset, len(todo), summary, options.progress)
     return summary

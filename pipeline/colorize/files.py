@@ -12,8 +12,39 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ingest.errors import ConfigError
+from ingest.images import DEFAULT_MAX_PIXELS
 from ingest.sources import SourceError, list_folder
 from ingest.storage import is_s3
+
+
+@dataclass(frozen=True)
+class ColorizeOptions:
+    """How `recolor colorize` reads, colorizes and writes: shared by the single-process and the Ray Data path.
+
+    Attributes:
+        size: the network's input side; None: the side the model trained at.
+        batch_size: photos a generator call (per actor on Ray).
+        tracking_uri: where `models:/` and `runs:/` model URIs resolve; None: the configured default.
+        progress: show a progress bar in pictures.
+        max_pixels: refuse larger images (decompression bombs) with reason `too_large`.
+        picture_format: "png" (lossless) or "jpeg" (at `quality`).
+        overwrite: redo pictures an earlier run wrote whole (else they are skipped).
+        overwrite_any: with `overwrite`, also replace same-named files recolor did not write.
+        trust_pickle: allow a model of the old pickled format (see `pipeline.tracking.registry.load_generator`).
+        dropout: keep the generator's dropout on, as pix2pix tests (seeded: the same inputs give the same colours).
+    """
+
+    size: int | None = None
+    batch_size: int = 8
+    tracking_uri: str | None = None
+    progress: bool = True
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    picture_format: str = "png"
+    quality: int = 95
+    overwrite: bool = False
+    overwrite_any: bool = False
+    trust_pickle: bool = False
+    dropout: bool = False
 
 
 @dataclass

@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ingest.images import DEFAULT_MAX_PIXELS
 from ingest.storage import StorageError
-from pipeline.colorize.files import ColorizeSummary, OutputFolder, guard_outputs, list_inputs
+from pipeline.colorize.files import ColorizeOptions, ColorizeSummary, OutputFolder, guard_outputs, list_inputs
 from pipeline.colorize.pixels import SUFFIXES, PhotoRefused, colorize_rgb, encode_picture, read_photo
 
 
@@ -60,21 +59,7 @@ def write_picture(out: OutputFolder, uri: str, name: str, rgb: np.ndarray, pictu
 
 
 def colorize(
-    model_uri: str,
-    inputs: list[str],
-    out_dir: str,
-    size: int | None = None,
-    batch_size: int = 8,
-    device: str = "cpu",
-    tracking_uri: str | None = None,
-    progress: bool = True,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    picture_format: str = "png",
-    quality: int = 95,
-    overwrite: bool = False,
-    overwrite_any: bool = False,
-    trust_pickle: bool = False,
-    dropout: bool = False,
+    model_uri: str, inputs: list[str], out_dir: str, options: ColorizeOptions = ColorizeOptions(), device: str = "cpu"
 ) -> ColorizeSummary:
     """Colorize every image of `inputs` into `out_dir` (a folder or an s3:// prefix; names from `list_inputs`).
 
@@ -82,14 +67,7 @@ def colorize(
     a reason (`empty`, `not_an_image`, `corrupt`, `too_large`, `missing`, `unreadable`, `no_images`,
     `name_clash`, `unwritable`) and a detail. Gray photos of any kind are colorized like the others.
     A picture already in `out_dir` is an earlier run's, whole (pictures are written atomically): it is
-    listed in `summary.skipped` and not done again unless `overwrite`.
-
-    Args:
-        max_pixels: refuse larger images (decompression bombs) with reason `too_large`.
-        picture_format: "png" (lossless) or "jpeg" (at `quality`).
-        size: the network's input side; None: the side the model trained at.
-        trust_pickle: allow a model of the old pickled format (see `pipeline.tracking.registry.load_generator`).
-        dropout: keep the generator's dropout on, as pix2pix tests (seeded: the same inputs give the same colours).
+    listed in `summary.skipped` and not done again unless `options.overwrite`.
 
     Raises:
         ConfigError: the model cannot be loaded, or the outputs would overwrite the inputs.
@@ -99,9 +77,10 @@ def colorize(
     from pipeline.models import set_inference_mode
 
     torch_device = torch.device(device)
-    out, todo, summary = plan_outputs(inputs, out_dir, picture_format, overwrite, overwrite_any)
-    generator, size, resize = load_model(model_uri, tracking_uri, torch_device, trust_pickle, size)
-    set_inference_mode(generator, dropout)
+    out, todo, summary = plan_outputs(inputs, out_dir, options.picture_format, options.overwrite, options.overwrite_any)
+    generator, size, resize = load_model(model_uri, options.tracking_uri, torch_device, options.trust_pickle,
+                                         options.size)  # fmt: skip
+    set_inference_mode(generator, options.dropout)
     torch.manual_seed(0)
     out.record([name for _, name in todo])
     pending: list[tuple[str, str, np.ndarray]] = []
@@ -110,16 +89,16 @@ def colorize(
         if pending:
             colored = colorize_rgb(generator, [rgb for _, _, rgb in pending], size, torch_device, resize)
             for (uri, name, _), rgb in zip(pending, colored, strict=True):
-                write_picture(out, uri, name, rgb, picture_format, quality, summary)
+                write_picture(out, uri, name, rgb, options.picture_format, options.quality, summary)
         pending.clear()
 
-    with tqdm(total=len(todo), unit="img", desc="colorize", disable=not progress) as bar:
+    with tqdm(total=len(todo), unit="img", desc="colorize", disable=not options.progress) as bar:
         for uri, name in todo:
             try:
-                pending.append((uri, name, read_photo(uri, max_pixels)))
+                pending.append((uri, name, read_photo(uri, options.max_pixels)))
             except PhotoRefused as e:
                 summary.failed.append((uri, e.reason))
-            if len(pending) == batch_size:
+            if len(pending) == options.batch_size:
                 flush()
             bar.update(1)
         flush()

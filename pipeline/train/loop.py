@@ -40,7 +40,7 @@ from pipeline.checkpoint import (
     restore_optimizers,
 )
 from pipeline.config import StageConfig, TrainConfig
-from pipeline.data import prefetch, train_batches, validation_batches
+from pipeline.data import LoaderOptions, prefetch, train_batches, validation_batches
 from pipeline.dataplan import DataPlan
 from pipeline.epochs import rank_batches
 from pipeline.evaluation.validation import accumulate, finalize
@@ -435,24 +435,19 @@ class ColorizerTrainer:
         self.splits = self._epoch_splits(start_step)
         # Shuffles differ per stage and epoch; flips and windows too (they derive from the same numbers).
         shuffle_epoch = stage_index * 100_000 + epoch
-        return train_batches(
-            self.plan,
-            shuffle_epoch,
-            config.seed,
-            self.rank,
-            self.world_size,
-            0,
-            config.data.shuffle_window,
-            config.data.flip,
-            start_step,
-            config.data.max_bad_fraction,
+        options = LoaderOptions(
+            global_batch=self.global_batch,
+            shuffle_window=config.data.shuffle_window,
+            flip=config.data.flip,
             rotate=config.data.rotate_degrees,
             interleave=self.interleave,
             loader_workers=config.data.loader_workers or config.cpus_per_worker,
-            cache=self.cache,
-            global_batch=self.global_batch,
-            splits=self.splits,
+            max_bad_fraction=config.data.max_bad_fraction,
         )
+        return train_batches(
+            self.plan, shuffle_epoch, config.seed, self.rank, self.world_size, options, start_step, self.splits,
+            cache=self.cache,
+        )  # fmt: skip
 
     def _log_steps(self, window: StepWindow, losses, stage_index: int, gan: bool, opts, progress) -> None:
         """The losses (one device sync) and throughput of the steps since the last log; a divergence stops here."""

@@ -699,11 +699,12 @@ def test_colorize_keeps_each_inputs_size_and_lightness_and_reports_the_unreadabl
 def test_colorize_keeps_lightness_under_strong_colours_outside_the_gamut(colorized, embedded, worse, tmp_path) -> None:
     # The tiny trained generator predicts nearly gray; the saturated one (ab near +110) puts most pixels
     # outside sRGB, where clipping R, G and B one by one would shift L by up to 30 units.
+    from pipeline.colorize.files import ColorizeOptions
     from pipeline.colorize.local import colorize
 
     inputs = colorized.root / "inputs"
-    summary = colorize(f"models:/{MODEL}/{worse.version}", [str(inputs)], str(tmp_path), tracking_uri=embedded.uri,
-                       progress=False)  # fmt: skip
+    options = ColorizeOptions(tracking_uri=embedded.uri, progress=False)
+    summary = colorize(f"models:/{MODEL}/{worse.version}", [str(inputs)], str(tmp_path), options)
     assert len(summary.written) == 5 and [uri for uri, _ in summary.failed] == [str(inputs / "broken.jpg")]
     for name, expected in colorized.expected.items():
         produced = np.asarray(Image.open((tmp_path / name).with_suffix(".png")))
@@ -713,12 +714,12 @@ def test_colorize_keeps_lightness_under_strong_colours_outside_the_gamut(coloriz
 
 
 def test_colorize_accepts_a_checkpoint_path_as_the_model(colorized, embedded, tmp_path) -> None:
+    from pipeline.colorize.files import ColorizeOptions
     from pipeline.colorize.local import colorize
 
     inputs = colorized.root / "inputs"
-    summary = colorize(
-        embedded.result.checkpoint, [str(inputs / "rgb.jpg"), str(inputs / "cmyk.jpg")], str(tmp_path), progress=False
-    )
+    photos = [str(inputs / "rgb.jpg"), str(inputs / "cmyk.jpg")]
+    summary = colorize(embedded.result.checkpoint, photos, str(tmp_path), ColorizeOptions(progress=False))
     assert not summary.failed and len(summary.written) == 2
     for name in ("rgb", "cmyk"):
         produced = np.asarray(Image.open(tmp_path / f"{name}.png"))

@@ -147,7 +147,7 @@ def test_the_shard_cache_makes_epoch_two_read_nothing_from_s3(s3_env, photo_writ
     nothing from S3, and the batches are those the uncached path gives, with 1 or 3 loader workers."""
     import numpy as np
 
-    from pipeline.data import train_batches
+    from pipeline.data import LoaderOptions, train_batches
     from pipeline.shard_cache import ShardCache
 
     photo_writer(tmp_path / "photos", range(800, 830), width=80, height=64)
@@ -158,9 +158,9 @@ def test_the_shard_cache_makes_epoch_two_read_nothing_from_s3(s3_env, photo_writ
     lake_bytes = sum(shard.size for shard in plan.train)
     cache = ShardCache(tmp_path / "cache", 10 * lake_bytes)
 
-    def epoch(number: int, **options) -> list:
-        batches, _, _ = train_batches(plan, number, 0, 0, 1, 4, 8, True, **options)
-        return list(batches)
+    def epoch(number: int, cache=None, loader_workers: int = 1) -> list:
+        options = LoaderOptions(batch_size=4, shuffle_window=8, loader_workers=loader_workers)
+        return list(train_batches(plan, number, 0, 0, 1, options, cache=cache)[0])
 
     from pipeline.epochs import plan_train_epoch
 
@@ -184,7 +184,7 @@ def test_a_cached_shard_damaged_on_the_nodes_disk_is_dropped_and_fetched_again(s
                                                                               tmp_path) -> None:  # fmt: skip
     """Same size, a changed byte (the node's disk, not the store): the sample is a corrupt one that epoch, the cached
     copy is dropped, and the next epoch fetches the shard again and reads it whole."""
-    from pipeline.data import train_batches
+    from pipeline.data import LoaderOptions, train_batches
     from pipeline.shard_cache import ShardCache
 
     photo_writer(tmp_path / "photos", range(840, 852), width=80, height=64)
@@ -196,7 +196,8 @@ def test_a_cached_shard_damaged_on_the_nodes_disk_is_dropped_and_fetched_again(s
     cache = ShardCache(tmp_path / "cache", 10**8)
 
     def epoch() -> int:
-        batches, _, counter = train_batches(plan, 0, 0, 0, 1, 4, 4, False, cache=cache, max_bad_fraction=0.5)
+        options = LoaderOptions(batch_size=4, shuffle_window=4, flip=False, max_bad_fraction=0.5)
+        batches, _, counter = train_batches(plan, 0, 0, 0, 1, options, cache=cache)
         list(batches)
         return counter.bad
 

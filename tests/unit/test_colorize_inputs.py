@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,11 @@ import torch
 from bad_files import hue_picture, write_checkpoint
 from PIL import Image
 
-from pipeline.colorize.files import list_inputs, output_names
+from pipeline.colorize.files import ColorizeOptions, list_inputs, output_names
 from pipeline.colorize.local import colorize
+
+QUIET = ColorizeOptions(progress=False)
+AT_64 = ColorizeOptions(size=64, progress=False)
 
 
 def picture(path: Path, seed: int, size=(24, 16)) -> Path:
@@ -92,7 +96,7 @@ def test_same_stem_inputs_both_get_an_output(tmp_path, checkpoint) -> None:
     inputs = tmp_path / "in"
     picture(inputs / "photo.jpg", 1, (30, 20))
     picture(inputs / "photo.png", 2, (20, 30))
-    summary = colorize(str(checkpoint), [str(inputs)], str(tmp_path / "out"), size=64, progress=False)
+    summary = colorize(str(checkpoint), [str(inputs)], str(tmp_path / "out"), AT_64)
     assert summary.failed == []
     assert sorted(Path(p).name for p in summary.written) == ["photo.jpg.png", "photo.png.png"]
     assert np.asarray(Image.open(tmp_path / "out" / "photo.png.png")).shape == (30, 20, 3)
@@ -104,7 +108,7 @@ def test_an_unwritable_output_skips_that_input_only(tmp_path, checkpoint) -> Non
     picture(inputs / "b.jpg", 2)
     out = tmp_path / "out"
     (out / "a.png").mkdir(parents=True)  # a folder where the output should go
-    summary = colorize(str(checkpoint), [str(inputs)], str(out), size=64, progress=False)
+    summary = colorize(str(checkpoint), [str(inputs)], str(out), AT_64)
     assert summary.written == [str(out / "b.png")]
     [(uri, reason)] = summary.failed
     assert uri == str(inputs / "a.jpg") and reason.startswith(f"unwritable: {out / 'a.png'}: ")
@@ -112,8 +116,7 @@ def test_an_unwritable_output_skips_that_input_only(tmp_path, checkpoint) -> Non
 
 def test_max_pixels_refuses_larger_inputs(tmp_path, checkpoint) -> None:
     small, large = picture(tmp_path / "small.png", 1, (10, 10)), picture(tmp_path / "large.png", 2, (11, 10))
-    summary = colorize(str(checkpoint), [str(small), str(large)], str(tmp_path / "out"), size=64, progress=False,
-                       max_pixels=100)  # fmt: skip
+    summary = colorize(str(checkpoint), [str(small), str(large)], str(tmp_path / "out"), replace(AT_64, max_pixels=100))
     assert summary.written == [str(tmp_path / "out" / "small.png")]
     [(uri, reason)] = summary.failed
     assert uri == str(large) and reason.startswith("too_large: 11x10 = 110 pixels")
@@ -128,7 +131,7 @@ def test_an_output_folder_that_is_the_input_folder_is_refused_and_nothing_is_wri
     photos = tmp_path / "photos"
     original = picture(photos / "a.png", 1).read_bytes()
     with pytest.raises(ConfigError, match=r"the output folder .*photos is the input folder .*photos"):
-        colorize(str(checkpoint), [str(photos)], str(photos), progress=False)
+        colorize(str(checkpoint), [str(photos)], str(photos), QUIET)
     assert (photos / "a.png").read_bytes() == original and sorted(p.name for p in photos.iterdir()) == ["a.png"]
 
 
@@ -138,10 +141,10 @@ def test_an_output_that_would_land_on_an_input_file_is_refused(tmp_path, checkpo
     monkeypatch.chdir(tmp_path)
     original = picture(tmp_path / "photo.png", 2).read_bytes()
     with pytest.raises(ConfigError, match=r"the output photo.png of photo.png would overwrite the input photo.png"):
-        colorize(str(checkpoint), ["photo.png"], ".", progress=False)  # `recolor colorize photo.png -o .`
+        colorize(str(checkpoint), ["photo.png"], ".", QUIET)  # `recolor colorize photo.png -o .`
     assert (tmp_path / "photo.png").read_bytes() == original
     picture(tmp_path / "b.jpg", 3)  # b.jpg's output b.png is no input: that one may go here
-    assert colorize(str(checkpoint), ["b.jpg"], ".", progress=False).written == [str(tmp_path / "b.png")]
+    assert colorize(str(checkpoint), ["b.jpg"], ".", QUIET).written == [str(tmp_path / "b.png")]
 
 
 def test_outputs_in_a_subfolder_of_the_input_are_never_colorized_again(tmp_path, checkpoint) -> None:
@@ -150,14 +153,14 @@ def test_outputs_in_a_subfolder_of_the_input_are_never_colorized_again(tmp_path,
     photos = tmp_path / "photos"
     picture(photos / "a.png", 4)
     picture(photos / "b.png", 5)
-    first = colorize(str(checkpoint), [str(photos)], str(photos / "colorized"), progress=False)
+    first = colorize(str(checkpoint), [str(photos)], str(photos / "colorized"), QUIET)
     assert sorted(Path(p).name for p in first.written) == ["a.png", "b.png"]
-    again = colorize(str(checkpoint), [str(photos)], str(photos / "colorized"), progress=False, overwrite=True)
+    again = colorize(str(checkpoint), [str(photos)], str(photos / "colorized"), replace(QUIET, overwrite=True))
     assert sorted(Path(p).name for p in again.written) == ["a.png", "b.png"]  # the photos only, not the outputs
-    other = colorize(str(checkpoint), [str(photos)], str(photos / "second"), progress=False)
+    other = colorize(str(checkpoint), [str(photos)], str(photos / "second"), QUIET)
     assert sorted(Path(p).relative_to(photos / "second").as_posix() for p in other.written) == ["a.png", "b.png"]
     with pytest.raises(ConfigError, match=r"colorized/a.png is a colorized picture"):
-        colorize(str(checkpoint), [str(photos / "colorized" / "a.png")], str(tmp_path / "x"), progress=False)
+        colorize(str(checkpoint), [str(photos / "colorized" / "a.png")], str(tmp_path / "x"), QUIET)
 
 
 # --- the network's view of a photo: as its training samples were cut ---------------------------------------

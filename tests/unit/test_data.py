@@ -19,7 +19,15 @@ import numpy as np
 import pytest
 
 from ingest.shards import ShardWriter, encode_npy
-from pipeline.data import decode_sample, open_shard, prefetch, read_segments, train_batches, validation_batches
+from pipeline.data import (
+    LoaderOptions,
+    decode_sample,
+    open_shard,
+    prefetch,
+    read_segments,
+    train_batches,
+    validation_batches,
+)
 from pipeline.dataplan import DataError, DataPlan, ShardInfo
 from pipeline.epochs import plan_train_epoch, plan_validation, steps_per_epoch
 
@@ -65,16 +73,10 @@ def make_plan(train: list[ShardInfo], val: list[ShardInfo] | None = None) -> Dat
 def epoch_batches(plan: DataPlan, rank: int, world_size: int, batch_size: int, **kwargs) -> tuple[list, int, object]:
     options = {"epoch": 0, "seed": 7, "shuffle_window": 5, "flip": True}
     options.update(kwargs)
+    epoch, seed = options.pop("epoch"), options.pop("seed")
+    reading = {name: options.pop(name) for name in list(options) if name in LoaderOptions.__dataclass_fields__}
     iterator, steps, counter = train_batches(
-        plan,
-        options.pop("epoch"),
-        options.pop("seed"),
-        rank,
-        world_size,
-        batch_size,
-        options.pop("shuffle_window"),
-        options.pop("flip"),
-        **options,
+        plan, epoch, seed, rank, world_size, LoaderOptions(batch_size=batch_size, **reading), **options
     )
     return list(iterator), steps, counter
 
@@ -137,7 +139,7 @@ def test_the_left_out_remainder_changes_between_epochs(uneven_plan) -> None:
 def test_fewer_samples_than_one_global_batch_is_a_data_error(tmp_path) -> None:
     plan = make_plan(write_shards(tmp_path, [3, 2]))
     with pytest.raises(DataError, match=r"5 samples, fewer than one global batch \(6\)"):
-        train_batches(plan, 0, 0, 0, 2, 3, 4, True)
+        train_batches(plan, 0, 0, 0, 2, LoaderOptions(batch_size=3, shuffle_window=4))
 
 
 # --- shuffling ---------------------------------------------------------------------------------------
@@ -534,13 +536,14 @@ def test_rotation_turns_the_sample_and_leaves_no_empty_corner() -> None:
 
 def test_rotation_is_drawn_per_sample_and_repeats_on_resume(tmp_path) -> None:
     plan = make_plan(write_shards(tmp_path, [12]))
-    first, _, _ = train_batches(plan, 0, 0, 0, 1, 4, 8, False, rotate=15.0)
-    again, _, _ = train_batches(plan, 0, 0, 0, 1, 4, 8, False, rotate=15.0)
-    plain, _, _ = train_batches(plan, 0, 0, 0, 1, 4, 8, False)
+    rotated = LoaderOptions(batch_size=4, shuffle_window=8, flip=False, rotate=15.0)
+    first, _, _ = train_batches(plan, 0, 0, 0, 1, rotated)
+    again, _, _ = train_batches(plan, 0, 0, 0, 1, rotated)
+    plain, _, _ = train_batches(plan, 0, 0, 0, 1, LoaderOptions(batch_size=4, shuffle_window=8, flip=False))
     first, again, plain = list(first), list(again), list(plain)
     assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))  # seeded: the same draws
     assert not all(np.array_equal(a, b) for a, b in zip(first, plain, strict=True))
-    resumed, _, _ = train_batches(plan, 0, 0, 0, 1, 4, 8, False, start_step=1, rotate=15.0)
+    resumed, _, _ = train_batches(plan, 0, 0, 0, 1, rotated, start_step=1)
     assert all(np.array_equal(a, b) for a, b in zip(list(resumed), first[1:], strict=True))
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from test_data import SIZE, ids_of, make_plan, write_shards
 
-from pipeline.data import train_batches
+from pipeline.data import LoaderOptions, train_batches
 from pipeline.epochs import epoch_segments, plan_rank_epoch, rank_batches, read_order, remaining_segments
 
 COUNTS = [7, 1, 13, 4, 9, 11, 3]  # 48 samples
@@ -29,10 +29,8 @@ def run(plan, splits, global_batch, stop_steps, *, window=5, interleave=3, epoch
         stop = stop_steps[generation] if generation < len(stop_steps) else None
         trained[generation] = {}
         for rank in range(world):
-            iterator, steps, _ = train_batches(
-                plan, epoch, seed, rank, world, 0, window, True, start_step=start, interleave=interleave,
-                global_batch=global_batch, splits=splits[: generation + 1],
-            )  # fmt: skip
+            options = LoaderOptions(global_batch=global_batch, shuffle_window=window, interleave=interleave)
+            iterator, steps, _ = train_batches(plan, epoch, seed, rank, world, options, start, splits[: generation + 1])
             batches = list(itertools.islice(iterator, None if stop is None else stop - start))
             trained[generation][rank] = batches
     return trained, steps
@@ -75,8 +73,9 @@ def test_a_resized_epoch_trains_each_sample_once_and_keeps_its_steps(plan, split
 def test_the_first_group_reads_as_an_unchanging_one_does(plan) -> None:
     # A run that never changes size sees the same samples in the same order, flips included, as before re-splits.
     for rank in range(2):
-        fixed, _, _ = train_batches(plan, 1, 3, rank, 2, 4, 5, True, interleave=3)
-        split, _, _ = train_batches(plan, 1, 3, rank, 2, 0, 5, True, interleave=3, global_batch=8, splits=[(2, 0)])
+        fixed, _, _ = train_batches(plan, 1, 3, rank, 2, LoaderOptions(batch_size=4, shuffle_window=5, interleave=3))
+        options = LoaderOptions(global_batch=8, shuffle_window=5, interleave=3)
+        split, _, _ = train_batches(plan, 1, 3, rank, 2, options, splits=[(2, 0)])
         for a, b in zip(fixed, split, strict=True):
             np.testing.assert_array_equal(a, b)
 

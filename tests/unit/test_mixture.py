@@ -11,7 +11,7 @@ from test_data import SIZE, ids_of, write_shards
 
 from ingest.errors import ConfigError
 from pipeline.config import DataConfig
-from pipeline.data import train_batches
+from pipeline.data import LoaderOptions, train_batches
 from pipeline.dataplan import DataPlan, ShardInfo
 from pipeline.epochs import Mixture, epoch_segments, mixture_quotas, plan_rank_epoch
 
@@ -81,7 +81,8 @@ def mixed_plan(tmp_path_factory) -> DataPlan:
 
 
 def test_reading_a_mixture_trains_its_draw_and_a_resume_continues_it(mixed_plan) -> None:
-    full, steps, _ = train_batches(mixed_plan, 1, 4, 0, 1, 4, 5, False, interleave=3)
+    options = LoaderOptions(batch_size=4, shuffle_window=5, flip=False, interleave=3)
+    full, steps, _ = train_batches(mixed_plan, 1, 4, 0, 1, options)
     full = list(full)
     assert steps == 15 and len(full) == 15
     ids = ids_of(full)
@@ -90,7 +91,7 @@ def test_reading_a_mixture_trains_its_draw_and_a_resume_continues_it(mixed_plan)
     assert set(Counter(from_small).values()) <= {2, 3}  # 10 samples drawn 24 times: round after round
     assert len(set(i for i in ids if i < 1000)) == 36  # the larger one: no repeats
     for start in (3, 7, 14):  # a resume mid-epoch continues the same draw
-        tail, _, _ = train_batches(mixed_plan, 1, 4, 0, 1, 4, 5, False, start_step=start, interleave=3)
+        tail, _, _ = train_batches(mixed_plan, 1, 4, 0, 1, options, start_step=start)
         for got, expected in zip(tail, full[start:], strict=True):
             np.testing.assert_array_equal(got, expected)
 
