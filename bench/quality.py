@@ -13,13 +13,18 @@ What it does, with this project's own commands underneath:
      stage to about 40% of the budget, and run `recolor train`'s `run_training` (Ray Train, DDP over
      --workers, MLflow tracking off); the GAN + L1 stage runs until the budget is spent, when the run is
      stopped as Ctrl-C stops it and its latest checkpoint (an epoch's end) is scored;
-  3. score the final generator (eval mode, fp32) on every test image: FID and KID (the field's Inception network,
-     `recolor[fid]`), AuC, PSNR, SSIM, L1 on ab and colorfulness, each next to the gray baseline (ab = 0), with
-     95% bootstrap intervals over images (2,000 resamples, the same resample for both; FID 200; KID: +-2 standard
-     deviations over 100 subsets), and write a sample grid (L | prediction | truth).
+  3. score the L1 stage's last generator and the final one (eval mode, fp32) on every test image: FID and KID
+     (the field's Inception network, `recolor[fid]`), AuC, PSNR, SSIM, L1 on ab and colorfulness, each next to
+     the gray baseline (ab = 0), with 95% bootstrap intervals over images (2,000 resamples, the same resample for
+     both; FID 200; KID: +-2 standard deviations over 100 subsets), and write a sample grid (L | prediction |
+     truth) of the final generator.
 
-Goal (issue 16): beat the gray baseline on AuC and PSNR with intervals that do not overlap gray's, and
-colorfulness within 15 of the ground truth's.
+On CPUs with native bf16 (AVX512-BF16, AMX) the workers train in bf16 autocast and channels_last (config
+`cpu_amp: auto`; 1.9x a step here, bench/cpu_step.py).
+
+Goals (issue 24), in the CPU budget: the final generator's FID and KID below gray's with intervals apart, its
+colorfulness within 15 of the truth's, its PSNR no more than 0.5 dB under gray's; the L1 stage's generator above
+gray on PSNR (intervals apart).
 """
 
 from __future__ import annotations
@@ -134,13 +139,14 @@ def train(lake: str, storage: str, size: int, minutes: float, gpu: bool, workers
 
     from pipeline.config import load_config
     from pipeline.dataplan import resolve_data
-    from pipeline.train.checkpoint_store import latest_recorded
+    from pipeline.train.checkpoint_store import latest_recorded, recorded_checkpoints
     from pipeline.train.driver import TrackingOptions, run_training
     from pipeline.train.failures import Stopped
 
     preset = REPO / "configs" / ("pix2pix_unet.yaml" if gpu else "resnet18_unet.yaml")
     common = ["data.datasets=[train]", f"data.lake={lake}", f"storage={storage}", f"workers={workers}",
-              f"use_gpu={str(gpu).lower()}", "name=quality", "checkpoint_every=1000000"]  # fmt: skip
+              f"use_gpu={str(gpu).lower()}", "name=quality", "checkpoint_every=1000000",
+              "keep_checkpoints=100000", "cpu_amp=auto"]  # fmt: skip
     l1_s, gan_s = calibrate(preset, size, gpu, workers)
     plan = resolve_data(["train"], lake)
     steps_per_epoch = plan.count("train") // 16
@@ -164,8 +170,10 @@ def train(lake: str, storage: str, size: int, minutes: float, gpu: bool, workers
         checkpoint, metrics = f"{run_uri}/{found[0]}", found[1]
     finally:
         deadline.cancel()
+    l1_stage = [name for name, reported in recorded_checkpoints(f"{storage}/quality") if reported.get("stage") == 0]
     return {
         "preset": preset.name, "checkpoint": checkpoint, "train_seconds": time.perf_counter() - started,
+        "l1_checkpoint": f"{storage}/quality/{l1_stage[-1]}" if l1_stage else None,
         "l1_epochs": l1_epochs, "global_step": int(metrics.get("global_step", 0)),
         "gan_epochs": max(0, int(metrics.get("global_step", 0)) // steps_per_epoch - l1_epochs),
         "steps_per_epoch": steps_per_epoch, "step_seconds": {"l1": l1_s, "gan": gan_s},
@@ -247,16 +255,20 @@ def bootstrap(values: dict, resamples: int = 2000, seed: int = 0) -> dict:
     return summary
 
 
-def verdict(summary: dict) -> dict:
-    beats = {
-        name: summary[name]["low"] > summary[f"gray_{name}"]["high"] for name in ("auc", "psnr")
-    }  # intervals apart, the model above
+def verdict(summary: dict, l1_summary: dict | None) -> dict:
+    """Issue 24's goals: the final generator's FID and KID intervals below gray's, colorfulness within 15 of the
+    truth's, PSNR no more than 0.5 dB under gray's; the L1 stage's PSNR interval above gray's."""
+    goals = {}
     for name in ("fid", "kid"):  # lower is better: the model's interval below gray's
         if name in summary:
-            beats[name] = summary[name]["high"] < summary[f"gray_{name}"]["low"]
+            goals[f"{name}_below_gray"] = summary[name]["high"] < summary[f"gray_{name}"]["low"]
     gap = abs(summary["colorfulness"]["mean"] - summary["colorfulness_true"]["mean"])
-    return {"beats_gray": beats, "colorfulness_gap": gap, "colorfulness_within_15": gap <= 15,
-            "met": all(beats.values()) and gap <= 15}  # fmt: skip
+    goals["colorfulness_within_15"] = gap <= 15
+    psnr_gap = summary["gray_psnr"]["mean"] - summary["psnr"]["mean"]
+    goals["psnr_within_0.5_db_of_gray"] = psnr_gap <= 0.5
+    if l1_summary is not None:
+        goals["l1_stage_psnr_above_gray"] = l1_summary["psnr"]["low"] > l1_summary["gray_psnr"]["high"]
+    return {"goals": goals, "colorfulness_gap": gap, "psnr_under_gray_db": psnr_gap, "met": all(goals.values())}
 
 
 def main() -> int:
@@ -298,41 +310,51 @@ def main() -> int:
         lake, storage = str(Path(temp) / "lake"), str(Path(temp) / "runs")
         counts = ingest_sets(lake, train_roots, test_root, str(annotations), size)
         trained = train(lake, storage, size, minutes, args.gpu, args.workers)
-        values, first, fid_sets = score(trained["checkpoint"], lake, args.gpu)
+        scored = {"final": score(trained["checkpoint"], lake, args.gpu)}
+        if trained["l1_checkpoint"]:
+            scored["l1_stage"] = score(trained["l1_checkpoint"], lake, args.gpu)
     from pipeline.tracking.plots import sample_grid
 
+    values, first, _ = scored["final"]
     Path(args.grid).write_bytes(sample_grid(*first, max_images=8))
-    summary = bootstrap(values)
-    if fid_sets is not None:
-        summary |= fid_summary(fid_sets)
+    summaries = {}
+    for stage, (stage_values, _, fid_sets) in scored.items():
+        summaries[stage] = bootstrap(stage_values)
+        if fid_sets is not None:
+            summaries[stage] |= fid_summary(fid_sets)
     report = {
         "machine": machine(), "device": "gpu" if args.gpu else "cpu", "size": size, "budget_minutes": minutes,
         "total_seconds": time.perf_counter() - started, "train": train_roots, "test": test_root,
-        "counts": counts, "training": {k: v for k, v in trained.items() if k != "checkpoint"},
-        "test_images": int(len(values["auc"])), "metrics": summary, "goal": verdict(summary), "grid": args.grid,
+        "counts": counts, "training": {k: v for k, v in trained.items() if not k.endswith("checkpoint")},
+        "test_images": int(len(values["auc"])), "metrics": summaries,
+        "goal": verdict(summaries["final"], summaries.get("l1_stage")), "grid": args.grid,
     }  # fmt: skip
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
+    print_report(report, size)
+    return 0
+
+
+def print_report(report: dict, size: int) -> None:
     t = report["training"]
     print(f"machine: {report['machine']} ({report['device']})")
     print(f"trained {t['preset']} at {size} px on {t['train_samples']} samples for {t['train_seconds'] / 60:.1f} min "
           f"({t['l1_epochs']} L1 + {t['gan_epochs']} GAN epochs of {t['steps_per_epoch']} steps, {t['workers']} "
           f"workers); scored on {report['test_images']} test images")  # fmt: skip
-    print(f"{'metric':14} {'model':>8} {'95% interval':>20} {'gray':>8} {'95% interval':>20}")
-    for name in (("fid", "kid") if "fid" in summary else ()) + SCORED:
-        m, g = summary[name], summary[f"gray_{name}"]
-        print(f"{name:14} {m['mean']:8.4f} [{m['low']:8.4f}, {m['high']:8.4f}] {g['mean']:8.4f} "
-              f"[{g['low']:8.4f}, {g['high']:8.4f}]")  # fmt: skip
-    truth = summary["colorfulness_true"]
-    print(f"{'colorfulness of the truth':26} {truth['mean']:8.4f}")
+    for stage, summary in report["metrics"].items():
+        print(f"\n{stage} generator:")
+        print(f"{'metric':14} {'model':>8} {'95% interval':>20} {'gray':>8} {'95% interval':>20}")
+        for name in (("fid", "kid") if "fid" in summary else ()) + SCORED:
+            m, g = summary[name], summary[f"gray_{name}"]
+            print(f"{name:14} {m['mean']:8.4f} [{m['low']:8.4f}, {m['high']:8.4f}] {g['mean']:8.4f} "
+                  f"[{g['low']:8.4f}, {g['high']:8.4f}]")  # fmt: skip
+        print(f"{'colorfulness of the truth':26} {summary['colorfulness_true']['mean']:8.4f}")
     goal = report["goal"]
-    print(f"goal: FID beats gray {goal['beats_gray'].get('fid')}, KID beats gray {goal['beats_gray'].get('kid')}, "
-          f"AuC beats gray {goal['beats_gray']['auc']}, PSNR beats gray {goal['beats_gray']['psnr']}, "
-          f"colorfulness within 15 of the truth's {goal['colorfulness_within_15']} (gap {goal['colorfulness_gap']:.1f})"
-          f" -> {'met' if goal['met'] else 'missed'}")  # fmt: skip
-    print(f"sample grid: {args.grid}")
-    return 0
+    shown = ", ".join(f"{name} {'yes' if ok else 'NO'}" for name, ok in goal["goals"].items())
+    print(f"\ngoals: {shown} -> {'met' if goal['met'] else 'missed'} (colorfulness gap {goal['colorfulness_gap']:.1f}, "
+          f"PSNR {goal['psnr_under_gray_db']:+.2f} dB under gray)")  # fmt: skip
+    print(f"sample grid: {report['grid']}")
 
 
 if __name__ == "__main__":

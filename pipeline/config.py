@@ -26,6 +26,7 @@ GAN_MODES = ("vanilla", "lsgan")
 ARCHS = ("unet_256", "resnet18_unet")
 NORMS = ("batch", "sync_batch", "instance")
 AMP_MODES = ("bf16", "fp16", "none")
+CPU_AMP_MODES = ("off", "auto", "on")
 CHECKPOINT_UPLOAD_MODES = ("async", "sync")
 CACHE_MODES = ("auto", "on", "off")
 MAX_NUM_DOWNS = 12  # 4096 px, the largest side ingest writes
@@ -168,7 +169,10 @@ class TrainConfig:
     elastic_resize_s: float = 60.0  # how often a running elastic group looks for room to grow
     use_gpu: bool = False
     cpus_per_worker: int = 1
-    amp: str = "bf16"  # autocast dtype on CUDA ("none" to turn off); CPU always runs fp32
+    amp: str = "bf16"  # autocast dtype on CUDA ("none" to turn off)
+    # CPU workers: "on" runs bf16 autocast and channels_last (1.9x a step where the CPU has AVX512-BF16 or AMX,
+    # bench/cpu_step.py; slower where it has neither), "auto" only on such CPUs, "off" fp32 NCHW
+    cpu_amp: str = "off"
     channels_last: bool = True  # memory format on CUDA
     compile: bool = False  # torch.compile both networks
     deterministic: bool = False  # deterministic kernels (slower); resumed runs then match uninterrupted ones
@@ -210,6 +214,8 @@ class TrainConfig:
             raise ConfigError(f"max_failures must be at least 0 (or -1: no limit), got {self.max_failures}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be at least 1 (or null: no limit), got {self.max_steps}")
+        if self.cpu_amp not in CPU_AMP_MODES:
+            raise ConfigError(f"cpu_amp must be one of {CPU_AMP_MODES}, got {self.cpu_amp!r}")
         if self.amp not in AMP_MODES:
             raise ConfigError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         if self.amp == "fp16":

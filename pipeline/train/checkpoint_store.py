@@ -388,6 +388,16 @@ def latest_recorded(run_uri: str) -> tuple[str, dict] | None:
     return latest["checkpoint_dir_name"], dict(latest.get("metrics") or {})
 
 
+def recorded_checkpoints(run_uri: str) -> list[tuple[str, dict]]:
+    """Every checkpoint Ray Train still records for the run at `run_uri` (the last `keep_checkpoints`), oldest
+    first: (folder name, the metrics reported with it). Empty when there is no record."""
+    from ingest.storage import open_storage
+
+    record = _read_snapshot(open_storage(run_uri)) or {}
+    return [(result["checkpoint_dir_name"], dict(result.get("metrics") or {}))
+            for result in record.get("checkpoint_results") or []]  # fmt: skip
+
+
 def _run_uri(storage) -> str:
     """The URI of a Ray Train run's folder (its `StorageContext`) for `ingest.storage.open_storage`."""
     from ingest.storage.arrow import S3Handler

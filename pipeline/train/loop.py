@@ -146,8 +146,15 @@ class ColorizerTrainer:
         self.report = report or (lambda metrics, payload: None)
         self.position = Position()
         self.cuda = device.type == "cuda"
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp) if self.cuda else None
-        self.memory_format = torch.channels_last if self.cuda and config.channels_last else torch.contiguous_format
+        if self.cuda:
+            self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp)
+            self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        else:
+            from pipeline.train.throughput import cpu_autocast
+
+            on = cpu_autocast(config.cpu_amp)
+            self.autocast_dtype = torch.bfloat16 if on else None
+            self.memory_format = torch.channels_last if on else torch.contiguous_format
 
         model = config.model
         backbone = load_backbone(model.backbone_weights) if model.backbone_weights else None
@@ -203,7 +210,7 @@ class ColorizerTrainer:
     def _autocast(self):
         if self.autocast_dtype is None:
             return torch.autocast(device_type=self.device.type, enabled=False)
-        return torch.autocast(device_type="cuda", dtype=self.autocast_dtype)
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     def _mfu(self, samples_per_s: float, gan: bool) -> dict[str, float]:
         """{"mfu": ...} where the device's peak is known (`pipeline.train.throughput`), else {}."""
@@ -237,8 +244,11 @@ class ColorizerTrainer:
         `weight` scales what is back-propagated (not the losses returned): a rank holding k of a global batch B over
         N ranks weighs N*k/B, so DDP's mean over ranks is the mean over the global batch when shares differ."""
         opt_g, opt_d = opts
-        lab8 = batch.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-        light, real_ab = lab8_to_network_torch(lab8)
+        light, real_ab = lab8_to_network_torch(batch.to(self.device, non_blocking=True))
+        light, real_ab = (
+            light.contiguous(memory_format=self.memory_format),
+            real_ab.contiguous(memory_format=self.memory_format),
+        )
         with self._autocast():
             fake_ab = self.generator(light)
         losses: dict[str, torch.Tensor] = {}

@@ -17,6 +17,20 @@ from torch import nn
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12}
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX: oneDNN's bf16 kernels), where bf16 autocast
+    nearly halves a step (bench/cpu_step.py); elsewhere it emulates bf16 and is slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
+def cpu_autocast(mode: str) -> bool:
+    """Whether a CPU worker runs bf16 autocast and channels_last under config `cpu_amp` ("off", "auto", "on")."""
+    return mode == "on" or (mode == "auto" and cpu_has_bf16())
+
+
 def peak_flops(device: torch.device) -> float | None:
     """The device's peak FLOP/s: $RECOLOR_PEAK_TFLOPS, else the table by CUDA device name, else None."""
     override = os.environ.get("RECOLOR_PEAK_TFLOPS")

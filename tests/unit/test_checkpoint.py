@@ -19,6 +19,7 @@ import torch
 
 from ingest import faults
 from ingest.driver import IngestConfig, run_ingest
+from ingest.errors import ConfigError
 from pipeline.checkpoint import CHECKPOINT_FILE, FORMAT, CheckpointError, Position, load_checkpoint, save_checkpoint
 from pipeline.config import DataConfig, ModelConfig, StageConfig, TrainConfig
 from pipeline.dataplan import DataPlan, resolve_data
@@ -503,6 +504,23 @@ def test_trainer_stops_at_max_steps_and_its_payload_restores_a_fresh_trainer(tin
     assert fresh.position == trainer.position
     assert_same_states(states(fresh), states(trainer))
     assert not torch.equal(states(fresh)["G.down_blocks.0.weight"], before["G.down_blocks.0.weight"])
+
+
+def test_cpu_amp_on_trains_the_cpu_step_in_bf16_channels_last_and_off_in_fp32(tiny_lake, monkeypatch) -> None:
+    lake, plan = tiny_lake
+    seen: dict[str, set] = {"on": set(), "off": set()}
+    for mode in ("on", "off"):
+        trainer = new_trainer(tiny_config(lake, max_steps=2, cpu_amp=mode), plan)
+        trainer.plain_generator.register_forward_hook(
+            lambda module, args, out, mode=mode: seen[mode].add((out.dtype, out.is_contiguous(
+                memory_format=torch.channels_last)) if module.training else None)
+        )  # fmt: skip
+        trainer.run()
+        assert all(torch.isfinite(tensor).all() for tensor in states(trainer).values() if tensor.is_floating_point())
+    assert seen["on"] - {None} == {(torch.bfloat16, True)}
+    assert seen["off"] - {None} == {(torch.float32, False)}
+    with pytest.raises(ConfigError, match=r"cpu_amp must be one of \('off', 'auto', 'on'\), got 'yes'"):
+        tiny_config(lake, cpu_amp="yes")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,122 @@
+"""What makes a training step faster on CPUs: the recipe's GAN + L1 step of a preset, one thread (as a Ray Train
+worker of one CPU runs it), in each variant a CPU user could turn on, timed in the same run, as ratios to fp32.
+
+    python bench/cpu_step.py                          # the CPU preset (ResNet18-encoder U-Net), 128 px, batch 8
+    python bench/cpu_step.py --arch unet_256 --size 256 --batch 4 --json
+
+Variants:
+  fp32            eager, NCHW, float32: what the CPU runs today
+  channels_last   the networks and the batch in NHWC
+  bf16            torch.autocast("cpu", bfloat16) around the forward passes (fast only on CPUs with AVX512-BF16 or AMX)
+  bf16_cl         both
+  compile         torch.compile (inductor, C++ codegen; the first steps compile, not timed)
+  side_x0.5       fp32 at half the side (the networks are fully convolutional: a smaller training side is 4x less
+                  work per sample; whether it trains as well is bench/quality.py's question)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, one_core  # noqa: E402
+
+one_core()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+VARIANTS = ("fp32", "channels_last", "bf16", "bf16_cl", "compile", "side_x0.5")
+
+
+def gan_step(arch: str, size: int, batch: int, variant: str):
+    """One D update and one G update of the recipe (vanilla GAN + 100 x L1) as a closure, set up for `variant`."""
+    from pipeline.losses import GANLoss
+    from pipeline.models import build_discriminator, build_generator
+
+    torch.manual_seed(0)
+    generator, discriminator = build_generator(arch, norm="batch"), build_discriminator(base_filters=64)
+    side = size // 2 if variant == "side_x0.5" else size
+    memory = torch.channels_last if variant in ("channels_last", "bf16_cl") else torch.contiguous_format
+    generator, discriminator = generator.to(memory_format=memory), discriminator.to(memory_format=memory)
+    opt_g = torch.optim.Adam(generator.parameters(), 2e-4, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(discriminator.parameters(), 2e-4, betas=(0.5, 0.999))
+    g, d = (
+        (torch.compile(generator), torch.compile(discriminator)) if variant == "compile" else (generator, discriminator)
+    )
+    gan = GANLoss("vanilla")
+    light = (torch.rand(batch, 1, side, side) * 2 - 1).contiguous(memory_format=memory)
+    ab = (torch.rand(batch, 2, side, side) * 2 - 1).contiguous(memory_format=memory)
+    bf16 = variant in ("bf16", "bf16_cl")
+
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+
+    def step() -> None:
+        with autocast():
+            fake = g(light)
+        opt_d.zero_grad(set_to_none=True)
+        with autocast():
+            real_in, fake_in = torch.cat([light, ab], 1), torch.cat([light, fake.detach()], 1)
+            loss_d = (gan(d(fake_in).float(), False) + gan(d(real_in).float(), True)) / 2
+        loss_d.backward()
+        opt_d.step()
+        opt_g.zero_grad(set_to_none=True)
+        with autocast():
+            loss_g = gan(d(torch.cat([light, fake], 1)).float(), True) + 100 * (fake.float() - ab).abs().mean()
+        loss_g.backward()
+        opt_g.step()
+
+    return step
+
+
+def time_variant(arch: str, size: int, batch: int, variant: str, steps: int) -> float:
+    """Samples per second of `variant` (its own warm-up steps first: compile's compilation is not timed)."""
+    step = gan_step(arch, size, batch, variant)
+    for _ in range(3 if variant == "compile" else 1):
+        step()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch / (time.perf_counter() - started)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="resnet18_unet", help="generator (default: resnet18_unet, the CPU preset)")
+    parser.add_argument("--size", type=int, default=128, help="training side in pixels (default: 128)")
+    parser.add_argument("--batch", type=int, default=8, help="one worker's batch (default: 8, the CPU preset's)")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per variant (default: 4)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    report = {"machine": machine(), "arch": args.arch, "size": args.size, "batch": args.batch,
+              "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags, "samples_per_s": {}}  # fmt: skip
+    for variant in args.variants.split(","):
+        try:
+            report["samples_per_s"][variant] = time_variant(args.arch, args.size, args.batch, variant, args.steps)
+        except Exception as e:  # noqa: BLE001 - e.g. compile without a C++ compiler: say so, time the others
+            report["samples_per_s"][variant] = None
+            print(f"{variant}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
+        if not args.json:
+            rate = report["samples_per_s"][variant]
+            base = report["samples_per_s"].get("fp32")
+            ratio = f"{rate / base:5.2f}x fp32" if rate and base else ""
+            print(f"{variant:14} {rate or float('nan'):8.2f} samples/s  {ratio}", flush=True)
+    base = report["samples_per_s"].get("fp32")
+    report["vs_fp32"] = {k: (v / base if v and base else None) for k, v in report["samples_per_s"].items()}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"machine: {report['machine']}; AVX512-BF16 {report['avx512_bf16']}, AMX {report['amx_bf16']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
