@@ -70,7 +70,7 @@ def run(workers: int, lake: str, work: Path, steps: int, batch: int, base_filter
     )
     run_training(config, logger_factory=make_file_logger(str(log_path)))
     rows = [json.loads(line) for line in log_path.read_text().splitlines()]
-    return [row["images_per_s"] for row in rows if "images_per_s" in row]
+    return [row["train/images_per_s"] for row in rows if "train/images_per_s" in row]
 
 
 def main() -> None:

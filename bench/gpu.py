@@ -97,7 +97,8 @@ def train_run(gpu: bool, tiny: bool, work: Path) -> None:
     result = json.loads(done.stdout[done.stdout.find("{") :])
     metrics = result.get("metrics", {})
     print(json.dumps({"seconds": seconds, "samples": count, "global_step": metrics.get("global_step"),
-                      "val_l1_ab": metrics.get("val_l1_ab"), "images_per_s": metrics.get("images_per_s")}))  # fmt: skip
+                      "val/l1_ab": metrics.get("val/l1_ab"),
+                      "images_per_s": metrics.get("train/images_per_s")}))  # fmt: skip
 
 
 def markdown(results: dict) -> str:

@@ -182,7 +182,7 @@ class TrainConfig:
     keep_checkpoints: int = 3  # at least 2: when the latest checkpoint is unreadable, a run resumes from the one before
     max_failures: int = 2  # worker-group restarts Ray Train may do (-1: no limit, for preemptible nodes)
     log_every: int = 10  # steps between loss logs
-    fid_every: int = 0  # validations between FID/KID scores (val_fid; `recolor[fid]`); 0: never (CPU runs: costly)
+    fid_every: int = 0  # validations between FID/KID scores (val/fid; `recolor[fid]`); 0: never (CPU runs: costly)
     max_steps: int | None = None  # stop after this many steps in total (smoke tests, benchmarks)
 
     def __post_init__(self):

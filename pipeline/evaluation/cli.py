@@ -7,6 +7,7 @@ import sys
 
 from ingest.cli import positive_int
 from ingest.errors import ConfigError
+from pipeline.sweep.ranking import metric_name
 from pipeline.tracking.uri import DEFAULT_EXPERIMENT
 
 TRACKING_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)"
@@ -71,7 +72,7 @@ def add_model_parsers(subparsers) -> None:
     compare.add_argument("--max-runs", type=positive_int, default=10)
     compare.add_argument("--json", action="store_true")
     compare.add_argument("--sweep", metavar="NAME", help="rank the trials of sweep NAME (see recolor sweep)")
-    compare.add_argument("--metric", help="with --sweep: the ranking's metric (default: the sweep's)")
+    compare.add_argument("--metric", type=metric_name, help="with --sweep: the ranking's metric (default: the sweep's)")
     compare.set_defaults(handler=run_compare)
 
 
@@ -130,15 +131,15 @@ def run_evaluate(args) -> int:
         print(json.dumps(result.to_dict(), indent=2))
         return 1 if refused else 0
     m = result.metrics
-    skipped = f", {m['eval_bad_samples']:.0f} corrupt skipped" if m.get("eval_bad_samples") else ""
-    print(f"{result.model_uri} on {result.dataset} ({result.split}, {m['eval_count']:.0f} of "
-          f"{m['eval_expected']:.0f} images{skipped}, protocol {result.protocol}):")  # fmt: skip
+    skipped = f", {m['eval/bad_samples']:.0f} corrupt skipped" if m.get("eval/bad_samples") else ""
+    print(f"{result.model_uri} on {result.dataset} ({result.split}, {m['eval/count']:.0f} of "
+          f"{m['eval/expected']:.0f} images{skipped}, protocol {result.protocol}):")  # fmt: skip
     for name in ("fid", "kid", "colorfulness", "colorfulness_true", "psnr", "ssim", "l1_ab", "auc",
                  "colorfulness_abs_diff"):  # fmt: skip
-        if f"eval_{name}" in m:
-            gray = m.get(f"eval_gray_{name}")
+        if f"eval/{name}" in m:
+            gray = m.get(f"eval/gray_{name}")
             shown = f"   gray baseline {gray:10.4f}" if gray is not None and name != "colorfulness_true" else ""
-            print(f"  {name:<22} {m[f'eval_{name}']:10.4f}{shown}")
+            print(f"  {name:<22} {m[f'eval/{name}']:10.4f}{shown}")
     if result.promotion:
         p = result.promotion
         print(f"  promotion: {p['decision']} ({p['reason']})")
@@ -149,7 +150,15 @@ def run_evaluate(args) -> int:
     return 0
 
 
-KEY_METRICS = ("val_l1_ab", "val_psnr", "val_ssim", "val_auc", "val_colorfulness_abs_diff", "loss_G_L1", "loss_D")
+KEY_METRICS = (
+    "val/l1_ab",
+    "val/psnr",
+    "val/ssim",
+    "val/auc",
+    "val/colorfulness_abs_diff",
+    "train/loss_G_L1",
+    "train/loss_D",
+)
 
 
 def run_compare(args) -> int:
@@ -198,13 +207,13 @@ def run_compare(args) -> int:
 
 
 def _compare_sweep(client, experiment_id: str, args) -> int:
-    from pipeline.sweep.ranking import ROLE_TAG, SWEEP_TAG, format_table, ranking
+    from pipeline.sweep.ranking import ROLE_TAG, SWEEP_TAG, format_table, metric_name, ranking
 
     parents = client.search_runs([experiment_id], f"tags.`{SWEEP_TAG}` = '{args.sweep}' and tags.`{ROLE_TAG}` = "
                                  "'parent'", max_results=1, order_by=["attributes.start_time DESC"])  # fmt: skip
     if not parents:
         raise ConfigError(f"no sweep {args.sweep!r} in experiment {args.experiment!r} (see recolor sweep)")
-    metric = args.metric or parents[0].data.tags.get("recolor.sweep.metric", "val_l1_ab")
+    metric = args.metric or metric_name(parents[0].data.tags.get("recolor.sweep.metric", "val/l1_ab"))
     rows = ranking(client, experiment_id, args.sweep, metric)
     if args.json:
         print(json.dumps({"sweep": args.sweep, "metric": metric, "parent_run_id": parents[0].info.run_id,

@@ -167,7 +167,7 @@ class FeatureSets:
         parts = self.sets[name]
         return np.concatenate(parts) if parts else np.zeros((0, 2048))
 
-    def scores(self, prefix: str = "eval_", kid_subsets: int = 100) -> dict[str, float]:
+    def scores(self, prefix: str = "eval/", kid_subsets: int = 100) -> dict[str, float]:
         """`{prefix}fid`, `{prefix}kid`, `{prefix}kid_std` of the model against the truth, and the gray
         baseline's beside them (`{prefix}gray_fid`, ...)."""
         truth = self.features("truth")

@@ -59,7 +59,7 @@ class Inspection:
                     gray=lab_to_rgb_torch(torch.cat([lightness, gray], dim=1)),
                 )
 
-    def scores(self, prefix: str = "eval_") -> dict[str, float]:
+    def scores(self, prefix: str = "eval/") -> dict[str, float]:
         """FID and KID of the model and of the gray baseline against the truth ({} without the network)."""
         return self.features.scores(prefix) if self.features is not None else {}
 

@@ -43,8 +43,8 @@ class Evaluation:
 
 def compute_metrics(generator, plan, split: str, batch_size: int, device: torch.device, max_batches=None,
                     max_bad_fraction: float = 0.01, dropout: bool = False, inspection=None) -> dict:  # fmt: skip
-    """The training validation's metrics (`eval_*`, gray baseline beside them) over one split of `plan`, with
-    `eval_count` (samples scored), `eval_expected` (samples the split holds) and `eval_bad_samples` (skipped);
+    """The training validation's metrics (`eval/...`, gray baseline beside them) over one split of `plan`, with
+    `eval/count` (samples scored), `eval/expected` (samples the split holds) and `eval/bad_samples` (skipped);
     with an `inspection` (`pipeline.evaluation.per_image.Inspection`), FID and KID too, and its table and worst
     images are filled.
 
@@ -75,14 +75,14 @@ def compute_metrics(generator, plan, split: str, batch_size: int, device: torch.
     torch.manual_seed(0)  # with dropout: the same draws for every model scored
     totals, _ = accumulate(set_inference_mode(generator.to(device), dropout), batches, device,
                            on_batch=inspection.on_batch if inspection is not None else None)  # fmt: skip
-    metrics = finalize(totals.cpu(), prefix="eval_")
+    metrics = finalize(totals.cpu(), prefix="eval/")
     if not metrics:
         raise DataError(f"{', '.join(plan.refs)}: none of the {expected} samples of split {split!r} is readable "
                         f"({counter.bad} corrupt): run `recolor lake check {plan.refs[0].split('@')[0]} --deep`, "
                         "then `recolor lake repair` on what it names")  # fmt: skip
     if inspection is not None:
-        metrics |= inspection.scores("eval_")
-    return metrics | {"eval_expected": float(expected), "eval_bad_samples": float(counter.bad)}
+        metrics |= inspection.scores("eval/")
+    return metrics | {"eval/expected": float(expected), "eval/bad_samples": float(counter.bad)}
 
 
 def _log_evaluation(client, tracking_uri: str, experiment: str, result: Evaluation, plan, registered, version,
@@ -113,7 +113,7 @@ def _log_evaluation(client, tracking_uri: str, experiment: str, result: Evaluati
         tags = {
             "recolor.kind": "evaluation",
             manifest_tag(plan.refs[0]): plan.digests[plan.refs[0]],
-            "recolor.evaluated": f"{metrics['eval_count']:.0f} of {metrics['eval_expected']:.0f} samples"
+            "recolor.evaluated": f"{metrics['eval/count']:.0f} of {metrics['eval/expected']:.0f} samples"
             + (f" ({partial})" if partial else ""),
         }
         if registered is not None:
@@ -159,7 +159,7 @@ def _png(data: bytes):
 
 def partial_reason(metrics: dict) -> str | None:
     """Why an evaluation did not score its whole split (corrupt samples, --max-batches), or None."""
-    scored, expected, bad = metrics["eval_count"], metrics["eval_expected"], metrics["eval_bad_samples"]
+    scored, expected, bad = metrics["eval/count"], metrics["eval/expected"], metrics["eval/bad_samples"]
     if scored >= expected:
         return None
     if bad:
@@ -256,7 +256,7 @@ def evaluate(
                                     inspection, batch_size, metric, max_bad_fraction)  # fmt: skip
     if registered is not None:
         tag = f"eval.{plan.refs[0].replace('@', ':')}.{split}.{metric}"
-        client.set_model_version_tag(registered[0], str(version), tag, f"{metrics[f'eval_{metric}']:.6g}")
+        client.set_model_version_tag(registered[0], str(version), tag, f"{metrics[f'eval/{metric}']:.6g}")
     return result
 
 
@@ -284,7 +284,7 @@ def _promotion(client, name, version, metrics, metric, plan, split, batch_size, 
                trust_pickle=False, dropout=False):  # fmt: skip
     from pipeline.tracking.registry import load_generator
 
-    key = f"eval_{metric}"
+    key = f"eval/{metric}"
     decision = {"metric": metric, "candidate_version": str(version), "candidate_value": metrics[key]}
     not_finite = sorted(name for name, value in metrics.items() if not math.isfinite(float(value)))
     if not_finite:  # a diverged generator scores NaN, and NaN compares as neither better nor worse

@@ -60,7 +60,7 @@ def accumulate(
     return totals, first
 
 
-def finalize(totals: torch.Tensor, prefix: str = "val_") -> dict[str, float]:
+def finalize(totals: torch.Tensor, prefix: str = "val/") -> dict[str, float]:
     """Sums (possibly all-reduced) to means: `{prefix}l1_ab`, ..., `{prefix}gray_l1_ab`, ..., `{prefix}count`."""
     sums = dict(zip(metric_names(), totals, strict=True))
     if float(sums["count"]) == 0:

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from pipeline.sweep.ranking import metric_name
 from pipeline.tracking.uri import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME
 
 
@@ -34,7 +35,8 @@ def add_sweep_parser(subparsers) -> None:
                         help="an axis of the grid (repeatable): every combination is a trial")  # fmt: skip
     parser.add_argument("--random", type=int, metavar="N", help="run N combinations picked at random (see --seed)")
     parser.add_argument("--seed", type=int, default=0, help="the --random pick (default: 0)")
-    parser.add_argument("--metric", default="val_l1_ab", help="the ranking's validation metric (default: val_l1_ab)")
+    parser.add_argument("--metric", default="val/l1_ab", type=metric_name,
+                        help="the ranking's validation metric (default: val/l1_ab)")  # fmt: skip
     parser.add_argument("--workers-per-trial", type=int, help="Ray Train workers of a trial (default: the preset's)")
     parser.add_argument("--max-concurrent", type=int, default=2, help="trials at once (default: 2)")
     parser.add_argument("--stop-early", choices=("asha", "median"), help="stop losing trials after a validation")

@@ -49,7 +49,7 @@ class SweepOptions:
     """What a sweep runs and how."""
 
     name: str  # the parent run's name; trials are NAME-00, NAME-01, ...
-    metric: str = "val_l1_ab"  # a validation metric (val_*), ranked lower- or higher-is-better by its kind
+    metric: str = "val/l1_ab"  # a validation metric (val/...), ranked lower- or higher-is-better by its kind
     workers_per_trial: int | None = None  # Ray Train workers of each trial; None: the preset's (or override's)
     max_concurrent: int = 2  # trials training at once
     stop_early: str | None = None  # None, "asha" or "median"
@@ -178,7 +178,7 @@ def _check_options(trials: list[Trial], options: SweepOptions, ray_address: str 
     from pipeline.evaluation.validation import metric_names
 
     # The gray baseline's metrics are the same for every trial: ranking by them would rank nothing.
-    known = sorted(f"val_{name}" for name in metric_names() if name != "count" and not name.startswith("gray_"))
+    known = sorted(f"val/{name}" for name in metric_names() if name != "count" and not name.startswith("gray_"))
     if options.metric not in known:
         raise ConfigError(f"--metric must be a validation metric: one of {', '.join(known)}")
     if options.stop_early is not None and options.stop_early not in SCHEDULERS:

@@ -19,10 +19,16 @@ DECISION_TAG = "recolor.sweep.decision"
 OVERRIDE_PREFIX = "recolor.sweep.override."
 
 
+def metric_name(given: str) -> str:
+    """A validation metric's name as the runs record it (`val/psnr`); the spelling before metrics were grouped by
+    prefix (`val_psnr`) is still understood."""
+    return f"val/{given.removeprefix('val_')}" if given.startswith("val_") else given
+
+
 def lower_is_better(metric: str) -> bool:
     from pipeline.evaluation.promote import LOWER_IS_BETTER
 
-    return metric.removeprefix("val_") in LOWER_IS_BETTER
+    return metric.removeprefix("val/") in LOWER_IS_BETTER
 
 
 def trial_runs(client, experiment_id: str, sweep: str) -> list:

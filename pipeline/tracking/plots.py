@@ -40,8 +40,8 @@ def sample_grid(lightness: torch.Tensor, fake_ab: torch.Tensor, real_ab: torch.T
 
 
 LOSS_PANELS = {
-    "discriminator": ("loss_D_real", "loss_D_fake", "loss_D"),
-    "generator": ("loss_G_GAN", "loss_G_L1", "loss_G"),
+    "discriminator": ("train/loss_D_real", "train/loss_D_fake", "train/loss_D"),
+    "generator": ("train/loss_G_GAN", "train/loss_G_L1", "train/loss_G"),
 }
 
 
@@ -58,7 +58,7 @@ def loss_curves(history: dict[str, list[tuple[int, float]]], title: str = "") ->
             points = sorted(history.get(name, []))
             if points:
                 steps, values = zip(*points, strict=True)
-                axis.plot(steps, values, label=name, linewidth=1)
+                axis.plot(steps, values, label=name.removeprefix("train/"), linewidth=1)
         axis.set_title(panel)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)

@@ -37,7 +37,9 @@ def git_commit() -> str | None:
 NOTE_TAG = "mlflow.note.content"  # the run page's description (Markdown)
 RESULT_HEADING = "### Result"
 DETAILS_HEADING = "### What ran"
-SHOWN_METRICS = ("l1_ab", "psnr", "ssim", "auc", "colorfulness")
+# What a user of colorizers asks first (does it look real? is it as colourful as photos?), then the pixel metrics.
+SHOWN_METRICS = {"fid": "FID (lower is better)", "kid": "KID (lower is better)", "colorfulness": "colorfulness",
+                 "psnr": "PSNR (dB)", "l1_ab": "L1 on ab", "ssim": "SSIM", "auc": "AuC"}  # fmt: skip
 
 
 def describe_run(config, plan, device: str, preset: str | None = None) -> str:
@@ -75,11 +77,14 @@ def worker_text(config) -> str:
 
 def describe_result(metrics: dict) -> str:
     """The description's last section: the final validation metrics beside the gray baseline."""
-    rows = [f"| {name} | {metrics[f'val_{name}']:.4g} | {metrics[f'val_gray_{name}']:.4g} |"
-            for name in SHOWN_METRICS if f"val_{name}" in metrics and f"val_gray_{name}" in metrics]  # fmt: skip
+    rows = [f"| {SHOWN_METRICS[name]} | {metrics[f'val/{name}']:.4g} | {metrics[f'val/gray_{name}']:.4g} |"
+            for name in SHOWN_METRICS if f"val/{name}" in metrics and f"val/gray_{name}" in metrics]  # fmt: skip
     if not rows:
         return ""
-    return "\n".join([RESULT_HEADING, "", "| validation | model | gray baseline |", "|---|---|---|", *rows])
+    table = [RESULT_HEADING, "", "| validation | model | gray baseline |", "|---|---|---|", *rows]
+    if "val/colorfulness_true" in metrics:
+        table += ["", f"The photos' own colorfulness: {metrics['val/colorfulness_true']:.4g}."]
+    return "\n".join(table)
 
 
 def start_or_resume_run(
@@ -285,7 +290,7 @@ def finish_run(tracking_uri: str, run_id: str, name: str, plan, metrics: dict, p
         parts = [title, result, DETAILS_HEADING + details.rstrip() if details else ""]
         client.set_tag(run_id, NOTE_TAG, "\n\n".join(part for part in parts if part))
     version = None
-    not_finite = sorted(k for k, v in metrics.items() if k.startswith("val_") and not math.isfinite(float(v)))
+    not_finite = sorted(k for k, v in metrics.items() if k.startswith("val/") and not math.isfinite(float(v)))
     if payload is not None and not_finite:  # a diverged generator: never a candidate, never a champion
         log.warning("not registering the generator of run %s: its validation metrics %s are not finite", name,
                     ", ".join(not_finite))  # fmt: skip
@@ -293,7 +298,7 @@ def finish_run(tracking_uri: str, run_id: str, name: str, plan, metrics: dict, p
         payload = None
     if payload is not None:
         generator = generator_from_checkpoint(payload)
-        shown = {k: f"{v:.6g}" for k, v in metrics.items() if k.startswith("val_")}
+        shown = {k: f"{v:.6g}" for k, v in metrics.items() if k.startswith("val/")}
         tags = {"run_id": run_id, "run_name": name, "datasets": ",".join(plan.refs), **shown}
         registered = log_generator(
             generator,

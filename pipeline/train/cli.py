@@ -137,7 +137,7 @@ def run_train_command(args) -> int:
     else:
         metrics = result.metrics
         shown = ", ".join(
-            f"{k} {metrics[k]:.4g}" for k in ("val_l1_ab", "val_psnr", "val_ssim", "val_auc") if k in metrics
+            f"{k} {metrics[k]:.4g}" for k in ("val/l1_ab", "val/psnr", "val/ssim", "val/auc") if k in metrics
         )
         print(f"run {result.name}: {', '.join(result.plan.refs)} -> {result.storage}")
         if shown:

@@ -213,7 +213,7 @@ class ColorizerTrainer:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     def _mfu(self, samples_per_s: float, gan: bool) -> dict[str, float]:
-        """{"mfu": ...} where the device's peak is known (`pipeline.train.throughput`), else {}."""
+        """{"train/mfu": ...} where the device's peak is known (`pipeline.train.throughput`), else {}."""
         from pipeline.train.throughput import step_flops_per_sample
 
         if self._peak_flops is None:
@@ -222,7 +222,7 @@ class ColorizerTrainer:
             self._step_flops[gan] = step_flops_per_sample(
                 self.plain_generator, self.plain_discriminator, self.plan.size, gan, self.device
             )
-        return {"mfu": samples_per_s * self._step_flops[gan] / self._peak_flops}
+        return {"train/mfu": samples_per_s * self._step_flops[gan] / self._peak_flops}
 
     def _optimizers(self, stage: StageConfig):
         betas = (self.config.beta1, self.config.beta2)
@@ -278,7 +278,7 @@ class ColorizerTrainer:
             (loss_l1 * weight if weight != 1.0 else loss_l1).backward()
             opt_g.step()
             losses.update(loss_G_L1=loss_l1, loss_G=loss_l1)
-        return {name: value.detach() for name, value in losses.items()}  # tensors: no device sync per step
+        return {f"train/{name}": value.detach() for name, value in losses.items()}  # tensors: no device sync per step
 
     @torch.no_grad()
     def validate(self, grid_name: str | None = None, step: int | None = None) -> dict[str, float]:
@@ -335,7 +335,7 @@ class ColorizerTrainer:
         except FidUnavailable as e:
             self._fid_unavailable = True
             if self.is_rank_zero:
-                log.warning("fid_every=%d: %s; training goes on without val_fid", every, e)
+                log.warning("fid_every=%d: %s; training goes on without val/fid", every, e)
             return None
 
     def _fid_scores(self, features) -> dict[str, float]:
@@ -348,13 +348,13 @@ class ColorizerTrainer:
         if self.world_size > 1:
             gathered = [None] * self.world_size
             torch.distributed.all_gather_object(gathered, local)
-        names = ("val_fid", "val_kid", "val_kid_std", "val_gray_fid", "val_gray_kid", "val_gray_kid_std")
+        names = ("val/fid", "val/kid", "val/kid_std", "val/gray_fid", "val/gray_kid", "val/gray_kid_std")
         scores = {}
         if self.is_rank_zero:
             from pipeline.evaluation.fid import FeatureSets
 
             merged = FeatureSets.of({name: [part[name] for part in gathered] for name in local})
-            scores = merged.scores("val_", kid_subsets=20)
+            scores = merged.scores("val/", kid_subsets=20)
         scored, *values = self._sum_over_ranks(1.0 if scores else 0.0, *(scores.get(name, 0.0) for name in names))
         return dict(zip(names, values, strict=True)) if scored else {}
 
@@ -464,16 +464,17 @@ class ColorizerTrainer:
         elapsed = time.perf_counter() - window.start
         images_per_s = window.steps * self.global_batch / elapsed
         throughput = {
-            "workers": float(self.world_size),
-            "images_per_s": images_per_s,
-            "step_time_s": elapsed / window.steps,
-            "data_wait_s": window.wait / window.steps,
+            "train/workers": float(self.world_size),
+            "train/images_per_s": images_per_s,
+            "train/step_time_s": elapsed / window.steps,
+            "data/wait_s": window.wait / window.steps,
             **self._mfu(images_per_s / self.world_size, gan),
         }
         values = floats(losses)  # the one device sync of these steps
         self._stop_if_diverged(values, stage_index)
-        self.logger.log({**values, **throughput, "lr": opts[0].param_groups[0]["lr"]}, self.position.global_step)
-        shown = {k: f"{v:.3g}" for k, v in values.items() if k in ("loss_D", "loss_G", "loss_G_L1")}
+        self.logger.log({**values, **throughput, "train/lr": opts[0].param_groups[0]["lr"]}, self.position.global_step)
+        shown = {k.removeprefix("train/"): f"{v:.3g}" for k, v in values.items()
+                 if k in ("train/loss_D", "train/loss_G", "train/loss_G_L1")}  # fmt: skip
         progress.update(shown | {"img/s": f"{images_per_s:.1f}"})
         window.restart()
 
@@ -492,21 +493,20 @@ class ColorizerTrainer:
         metrics = {
             **floats(losses),
             **self.validate(grid, self.position.global_step),
-            "bad_samples": bad_samples,
-            "epoch_samples": epoch_samples,
+            "data/bad_samples": bad_samples,
+            "data/epoch_samples": epoch_samples,
             "stage": float(stage_index),
         }
         if self.cache is not None:  # the node-local shard cache this epoch, all ranks together
-            metrics |= {"data_store_bytes": store_bytes, "data_cache_bytes": cache_bytes,
-                        "data_cache_hit_ratio": cache_bytes / max(1.0, store_bytes + cache_bytes)}  # fmt: skip
+            metrics |= {"data/store_bytes": store_bytes, "data/cache_bytes": cache_bytes,
+                        "data/cache_hit_ratio": cache_bytes / max(1.0, store_bytes + cache_bytes)}  # fmt: skip
         if self.rank == 0:
             available = self.plan.epoch_length()
             log.info("%s epoch %d: trained on %d of %d training samples (%d left out: less than one global batch of "
                      "%d)", stage.name, epoch + 1, epoch_samples, available, available - epoch_samples,
                      self.global_batch)  # fmt: skip
-        logged = ("bad_samples", "epoch_samples", "data_store_bytes", "data_cache_bytes", "data_cache_hit_ratio")
         self.logger.log(
-            {k: v for k, v in metrics.items() if k.startswith(("val_", "val/")) or k in logged},
+            {k: v for k, v in metrics.items() if k.startswith(("val/", "data/"))},
             self.position.global_step,
         )
         next_position = Position(stage_index, epoch + 1, 0, self.position.global_step)
@@ -539,7 +539,7 @@ class ColorizerTrainer:
         if self.is_rank_zero:
             log.warning("%s", text)
         self.logger.event(text, position.global_step)
-        self.logger.log({"workers": float(self.world_size)}, position.global_step)
+        self.logger.log({"train/workers": float(self.world_size)}, position.global_step)
 
     def _log_trained(self, batch: torch.Tensor, stage_index: int, epoch: int, step_in_epoch: int) -> None:
         """A test hook (`$RECOLOR_TRAINED_LOG`, a folder): one line a step, "stage epoch step workers started crc32,..."

@@ -115,7 +115,7 @@ def check_soaked_run(
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED"
-    logged = sorted({m.step for m in mlflow_client.get_metric_history(run.info.run_id, "loss_G")})
+    logged = sorted({m.step for m in mlflow_client.get_metric_history(run.info.run_id, "train/loss_G")})
     assert logged == list(range(1, steps + 1))  # every step once or (after the kill) twice, none missing
     versions = mlflow_client.search_model_versions(f"run_id = '{run.info.run_id}'")
     assert len(versions) == 1

@@ -215,7 +215,7 @@ def test_evaluate_refuses_to_promote_on_a_split_with_corrupt_samples(registered_
     assert result.error_lines[-1].startswith(f"recolor: error: promotion refused: 1 of {expected} samples are corrupt")
     assert not setup.client.get_registered_model("c").aliases  # nothing promoted
     [run] = setup.client.search_runs([setup.client.get_experiment_by_name("recolor-evaluation").experiment_id])
-    assert run.data.metrics["eval_count"] == expected - 1 and run.data.metrics["eval_bad_samples"] == 1
+    assert run.data.metrics["eval/count"] == expected - 1 and run.data.metrics["eval/bad_samples"] == 1
     assert (
         run.data.tags["recolor.evaluated"]
         == f"{expected - 1} of {expected} samples (1 of {expected} samples are corrupt)"

@@ -234,7 +234,7 @@ def test_an_elastic_group_shrinks_when_a_node_dies_grows_when_one_joins_and_fini
     client = MlflowClient(tracking)
     [mlflow_run] = client.search_runs([client.get_experiment_by_name("recolor").experiment_id])
     assert mlflow_run.info.status == "FINISHED"
-    counts = [int(m.value) for m in sorted(client.get_metric_history(mlflow_run.info.run_id, "workers"),
+    counts = [int(m.value) for m in sorted(client.get_metric_history(mlflow_run.info.run_id, "train/workers"),
                                            key=lambda m: (m.step, m.timestamp))]  # fmt: skip
     assert 1 in counts and counts[0] == 2 and counts[-1] == 2, counts
     events = mlflow_run.data.tags["recolor.events"].splitlines()

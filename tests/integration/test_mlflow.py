@@ -53,7 +53,8 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 SIZE = 64  # the lake's sample side; num_downs 6 needs 2**6
 BATCH, WORKERS = 2, 2
-RECIPE_LOSSES = ("loss_D_fake", "loss_D_real", "loss_D", "loss_G_GAN", "loss_G_L1", "loss_G")
+RECIPE_LOSSES = ("train/loss_D_fake", "train/loss_D_real", "train/loss_D", "train/loss_G_GAN", "train/loss_G_L1",
+                 "train/loss_G")  # fmt: skip
 VALIDATION = ("l1_ab", "psnr", "ssim", "colorfulness", "colorfulness_abs_diff", "auc")
 MODEL = "colorizer"
 GRID_GAP = 4  # pixels between the cells of a sample grid (pipeline.tracking.plots.sample_grid)
@@ -305,17 +306,17 @@ def test_run_has_the_recipe_losses_validation_and_throughput_metrics(embedded, l
         # log_every=1: one point per step of both epochs
         assert steps == list(range(1, 2 * steps_per_epoch + 1)), (name, steps)
         assert all(np.isfinite(m.value) for m in history), name
-    for name in ("images_per_s", "step_time_s"):
+    for name in ("train/images_per_s", "train/step_time_s"):
         values = [m.value for m in client.get_metric_history(run_id, name)]
         assert len(values) == 2 * steps_per_epoch and min(values) > 0, name
     for name in VALIDATION:
-        for metric in (f"val_{name}", f"val_gray_{name}"):
+        for metric in (f"val/{name}", f"val/gray_{name}"):
             steps = sorted(m.step for m in client.get_metric_history(run_id, metric))
             assert steps == [steps_per_epoch, 2 * steps_per_epoch], (metric, steps)  # once per epoch
     metrics = embedded.run.data.metrics
-    assert metrics["val_count"] == lake.plan.count("val")
-    assert metrics["val_l1_ab"] == pytest.approx(embedded.result.metrics["val_l1_ab"])
-    assert metrics["val_gray_l1_ab"] > 0
+    assert metrics["val/count"] == lake.plan.count("val")
+    assert metrics["val/l1_ab"] == pytest.approx(embedded.result.metrics["val/l1_ab"])
+    assert metrics["val/gray_l1_ab"] > 0
 
 
 def test_run_params_are_the_full_flattened_config(embedded) -> None:
@@ -379,8 +380,8 @@ def test_generator_is_registered_as_candidate_and_predicts_through_pyfunc(embedd
     assert version.run_id == embedded.result.run_id
     assert version.tags["run_id"] == embedded.result.run_id
     assert version.tags["datasets"] == lake.ref
-    assert float(version.tags["val_l1_ab"]) == pytest.approx(embedded.result.metrics["val_l1_ab"], rel=1e-5)
-    assert {"val_psnr", "val_ssim", "val_gray_l1_ab"} <= set(version.tags)
+    assert float(version.tags["val/l1_ab"]) == pytest.approx(embedded.result.metrics["val/l1_ab"], rel=1e-5)
+    assert {"val/psnr", "val/ssim", "val/gray_l1_ab"} <= set(version.tags)
     with fluent_tracking_uri(embedded.uri):
         model = mlflow.pyfunc.load_model(f"models:/{MODEL}@candidate")
     assert [column.name for column in model.metadata.get_input_schema().inputs] == ["image", "path"]
@@ -399,8 +400,9 @@ def test_the_run_page_says_what_ran_and_how_it_went(embedded, lake) -> None:
     assert note.index("### Result") < note.index("### What ran")  # how it went first: seen without "Show more"
     result = note.split("### Result", 1)[1]
     final = embedded.run.data.metrics
-    assert f"| l1_ab | {final['val_l1_ab']:.4g} | {final['val_gray_l1_ab']:.4g} |" in result
-    assert "| psnr |" in result and "| ssim |" in result
+    assert f"| L1 on ab | {final['val/l1_ab']:.4g} | {final['val/gray_l1_ab']:.4g} |" in result
+    assert result.index("| colorfulness |") < result.index("| PSNR (dB) |") < result.index("| SSIM |")
+    assert f"The photos' own colorfulness: {final['val/colorfulness_true']:.4g}." in result
 
 
 def test_sample_grids_are_mlflow_images_by_step(embedded) -> None:
@@ -431,7 +433,7 @@ def test_server_backend_tracks_the_same_and_keeps_artifacts_in_the_s3_bucket(ser
     steps_per_epoch = lake.plan.count("train") // (WORKERS * BATCH)
     for name in RECIPE_LOSSES:
         assert len(client.get_metric_history(run_id, name)) == steps_per_epoch, name
-    assert {f"val_{n}" for n in VALIDATION} | {f"val_gray_{n}" for n in VALIDATION} <= set(served.run.data.metrics)
+    assert {f"val/{n}" for n in VALIDATION} | {f"val/gray_{n}" for n in VALIDATION} <= set(served.run.data.metrics)
     assert served.run.data.params == {
         k: "None" if v is None else str(v) for k, v in flatten(served.config.to_dict()).items()
     }
@@ -493,7 +495,7 @@ def worse(embedded, lake):
     embedded.client.log_batch(
         run_id,
         metrics=[
-            mlflow.entities.Metric(k.replace("eval_", "val_", 1), v, int(time.time() * 1000), 0)
+            mlflow.entities.Metric(k.replace("eval/", "val/", 1), v, int(time.time() * 1000), 0)
             for k, v in metrics.items()
         ],
     )
@@ -540,7 +542,7 @@ def test_promote_sets_champion_when_there_is_none(promotions, worse) -> None:
 
 def test_promote_moves_champion_to_a_better_model_and_not_to_a_worse_one(promotions, embedded, worse, lake) -> None:
     good = str(embedded.result.model_version)
-    bad_value = promotions.first.metrics["eval_l1_ab"]
+    bad_value = promotions.first.metrics["eval/l1_ab"]
     second = promotions.second["promotion"]
     assert second["decision"] == "promoted", second
     assert second["champion_version"] == worse.version and second["candidate_version"] == good
@@ -560,7 +562,7 @@ def test_promote_moves_champion_to_a_better_model_and_not_to_a_worse_one(promoti
     assert run.data.tags["promotion.decision"] == "kept"
     assert float(run.data.tags["promotion.champion_value"]) == pytest.approx(second["candidate_value"])
     assert run.data.tags["recolor.model_version"] == worse.version
-    assert run.data.metrics["eval_l1_ab"] == pytest.approx(bad_value)
+    assert run.data.metrics["eval/l1_ab"] == pytest.approx(bad_value)
     assert client.get_experiment(run.info.experiment_id).name == "recolor-evaluation"
     assert client.get_run(promotions.second["run_id"]).data.tags["promotion.decision"] == "promoted"
     key = f"eval.{lake.ref.replace('@', ':')}.val.l1_ab"
@@ -570,21 +572,21 @@ def test_promote_moves_champion_to_a_better_model_and_not_to_a_worse_one(promoti
 
 def test_evaluate_scores_fid_and_kid_beside_gray_and_logs_each_image_and_the_worst(promotions, embedded) -> None:
     metrics = promotions.second["metrics"]  # `recolor evaluate` with FID (the default)
-    assert all(np.isfinite(metrics[f"eval_{name}"]) for name in ("fid", "kid", "kid_std", "gray_fid", "gray_kid"))
-    assert metrics["eval_fid"] > 0 and metrics["eval_gray_fid"] > 0 and metrics["eval_kid_std"] >= 0
+    assert all(np.isfinite(metrics[f"eval/{name}"]) for name in ("fid", "kid", "kid_std", "gray_fid", "gray_kid"))
+    assert metrics["eval/fid"] > 0 and metrics["eval/gray_fid"] > 0 and metrics["eval/kid_std"] >= 0
     assert promotions.second["protocol"] == "crop-64"  # the lake's --resize cover, at 64 px
-    assert "eval_fid" not in promotions.first.metrics  # fid=False
+    assert "eval/fid" not in promotions.first.metrics  # fid=False
     run_id = promotions.second["run_id"]
     run = embedded.client.get_run(run_id)
-    assert run.data.params["protocol"] == "crop-64" and run.data.metrics["eval_fid"] == pytest.approx(
-        metrics["eval_fid"]
+    assert run.data.params["protocol"] == "crop-64" and run.data.metrics["eval/fid"] == pytest.approx(
+        metrics["eval/fid"]
     )
     folder = Path(embedded.client.download_artifacts(run_id, ""))
     table = json.loads((folder / "per_image.json").read_text())
     rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
-    assert len(rows) == metrics["eval_count"] and all(row["shard"].endswith(".tar") and row["key"] for row in rows)
+    assert len(rows) == metrics["eval/count"] and all(row["shard"].endswith(".tar") and row["key"] for row in rows)
     assert [row["l1_ab"] for row in rows] == sorted((row["l1_ab"] for row in rows), reverse=True)  # worst first
-    assert np.mean([row["psnr"] for row in rows]) == pytest.approx(metrics["eval_psnr"], rel=1e-6)
+    assert np.mean([row["psnr"] for row in rows]) == pytest.approx(metrics["eval/psnr"], rel=1e-6)
     with Image.open(folder / "worst_16.png") as grid:
         assert grid.width > grid.height  # one column an image (up to 16), three rows
 
@@ -609,11 +611,11 @@ def test_runs_compare_lists_the_runs_with_differing_params_and_final_metrics(com
     assert trained["params"] == {"name": "embedded", "stages.0.lr": "0.0002"}
     assert rows[worse.run_id]["params"] == {"name": "worse", "stages.0.lr": "0.001"}
     final = embedded.run.data.metrics
-    assert set(trained["metrics"]) == {"val_l1_ab", "val_psnr", "val_ssim", "val_auc", "val_colorfulness_abs_diff",
-                                       "loss_G_L1", "loss_D"}  # fmt: skip
+    assert set(trained["metrics"]) == {"val/l1_ab", "val/psnr", "val/ssim", "val/auc", "val/colorfulness_abs_diff",
+                                       "train/loss_G_L1", "train/loss_D"}  # fmt: skip
     for name, value in trained["metrics"].items():
         assert value == pytest.approx(final[name]), name
-    assert rows[worse.run_id]["metrics"]["val_l1_ab"] > 2 * trained["metrics"]["val_l1_ab"]
+    assert rows[worse.run_id]["metrics"]["val/l1_ab"] > 2 * trained["metrics"]["val/l1_ab"]
 
 
 # --- colorize ---------------------------------------------------------------------------------------------
@@ -790,7 +792,7 @@ def test_no_secret_appears_in_params_tags_metrics_artifacts_models_or_logs(
     assert any(p.name.startswith("worker-") for p in recent), ray_logs
     searched.update({str(path): path.read_bytes() for path in recent})
 
-    assert len(searched) > 50 and any(b"loss_G_L1" in data for data in searched.values())
+    assert len(searched) > 50 and any(b"train/loss_G_L1" in data for data in searched.values())
     for secret in secret_env.values:
         leaks = sorted(what for what, data in searched.items() if secret.encode() in data)
         assert not leaks, f"a secret ({secret[:4]}...) appears in: {leaks}"

@@ -71,8 +71,8 @@ def test_training_reads_through_an_s3_outage_and_finishes(
         thread.join()
     assert result.metrics["global_step"] == 2 * steps_per_epoch
     assert any("retrying for up to 120 s" in message for message in worker_log(ray_local))
-    epoch_ends = [m for m in read_metrics(tmp_path / "metrics.jsonl") if "bad_samples" in m]
-    assert [m["bad_samples"] for m in epoch_ends] == [0.0, 0.0]  # an outage is waited out, never a corrupt sample
+    epoch_ends = [m for m in read_metrics(tmp_path / "metrics.jsonl") if "data/bad_samples" in m]
+    assert [m["data/bad_samples"] for m in epoch_ends] == [0.0, 0.0]  # an outage is waited out, never a corrupt sample
 
 
 LOAD_IMAGES = 2000
@@ -102,10 +102,10 @@ def test_load_two_thousand_images_into_s3_then_an_epoch_streamed_by_two_workers(
     )
     result = run_training(config, logger_factory=metric_recorder(tmp_path / "metrics.jsonl"))
     remainder = in_train % (batch * workers)  # the documented remainder: less than one global batch
-    epoch_end = next(m for m in read_metrics(tmp_path / "metrics.jsonl") if "epoch_samples" in m)
-    assert epoch_end["epoch_samples"] == in_train - remainder
+    epoch_end = next(m for m in read_metrics(tmp_path / "metrics.jsonl") if "data/epoch_samples" in m)
+    assert epoch_end["data/epoch_samples"] == in_train - remainder
     assert result.metrics["global_step"] == in_train // (batch * workers)
-    assert epoch_end["bad_samples"] == 0
+    assert epoch_end["data/bad_samples"] == 0
     assert any(
         f"trained on {in_train - remainder} of {in_train} training samples ({remainder} left out" in message
         for message in worker_log(ray_local)

@@ -163,9 +163,9 @@ def test_mlflow_answers_and_keeps_artifacts_in_s3(stack) -> None:
     assert "Default" in [e.name for e in client.search_experiments()]
     experiment = client.create_experiment("stack-check")
     run = client.create_run(experiment)
-    client.log_metric(run.info.run_id, "val_l1_ab", 7.5)
+    client.log_metric(run.info.run_id, "val/l1_ab", 7.5)
     client.log_text(run.info.run_id, "hello", "notes/hello.txt")
-    assert client.get_run(run.info.run_id).data.metrics == {"val_l1_ab": 7.5}
+    assert client.get_run(run.info.run_id).data.metrics == {"val/l1_ab": 7.5}
     keys = [o["Key"] for o in stack.s3().list_objects_v2(Bucket="mlflow").get("Contents", [])]
     assert any(
         key.startswith("artifacts/") and key.endswith(f"{run.info.run_id}/artifacts/notes/hello.txt") for key in keys
@@ -338,7 +338,7 @@ def test_main_job_end_to_end_through_the_stack(stack, cli_runner, photo_writer, 
     mlflow = mlflow_client(stack)
     experiment = mlflow.get_experiment_by_name("recolor")
     (run,) = mlflow.search_runs([experiment.experiment_id], filter_string="tags.`recolor.run_name` = 'e2e'")
-    assert {"loss_D", "loss_G", "loss_G_L1", "val_l1_ab", "val_gray_l1_ab"} <= set(run.data.metrics)
+    assert {"train/loss_D", "train/loss_G", "train/loss_G_L1", "val/l1_ab", "val/gray_l1_ab"} <= set(run.data.metrics)
     assert run.data.tags["recolor.datasets"] == "e2e@1"
     keys = [o["Key"] for o in client.list_objects_v2(Bucket="mlflow").get("Contents", [])]
     mine = [key for key in keys if f"/{run.info.run_id}/artifacts/" in key]

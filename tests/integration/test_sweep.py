@@ -55,7 +55,7 @@ def grid(workspace):
             "--workers-per-trial", "1", "--max-concurrent", "2", "--name", "grid")  # fmt: skip
     first = workspace.sweep(*args)
     runs = runs_of(workspace, "grid")
-    histories = {run.info.run_name: len(workspace.client.get_metric_history(run.info.run_id, "val_l1_ab"))
+    histories = {run.info.run_name: len(workspace.client.get_metric_history(run.info.run_id, "val/l1_ab"))
                  for run in runs["trial"]}  # fmt: skip
     checkpoints = sorted(p.name for p in (workspace.root / "ray_results").glob("grid-*/checkpoint_*"))
     again = workspace.sweep(*args)
@@ -76,11 +76,11 @@ def test_a_grid_sweep_runs_every_trial_as_a_child_run_ranked_on_the_parent(grid,
         assert grid.histories[run.info.run_name] == 2  # two epochs: two validations
 
     rows = ranking_rows(workspace, parent)
-    values = [float(row["val_l1_ab"]) for row in rows]
+    values = [float(row["val/l1_ab"]) for row in rows]
     assert values == sorted(values) and [row["rank"] for row in rows] == ["1", "2", "3", "4"]
     by_name = {run.info.run_name: run for run in trials}
     for row in rows:
-        assert float(row["val_l1_ab"]) == pytest.approx(by_name[row["name"]].data.metrics["val_l1_ab"])
+        assert float(row["val/l1_ab"]) == pytest.approx(by_name[row["name"]].data.metrics["val/l1_ab"])
     assert parent.data.tags["recolor.sweep.best_trial"] == rows[0]["name"]
     assert parent.data.tags["recolor.sweep.best_run_id"] == rows[0]["run_id"]
     artifacts = {item.path for item in workspace.client.list_artifacts(parent.info.run_id, "sweep")}
@@ -105,7 +105,7 @@ def test_rerunning_the_sweep_trains_nothing(grid, workspace) -> None:
     assert len(runs["parent"]) == 1 and len(runs["trial"]) == 4  # no new runs
     for run in runs["trial"]:
         assert (
-            len(workspace.client.get_metric_history(run.info.run_id, "val_l1_ab")) == grid.histories[run.info.run_name]
+            len(workspace.client.get_metric_history(run.info.run_id, "val/l1_ab")) == grid.histories[run.info.run_name]
         )
     assert sorted(p.name for p in (workspace.root / "ray_results").glob("grid-*/checkpoint_*")) == grid.checkpoints
     assert len(workspace.client.search_model_versions("name = 'colorizer'")) == 1  # the best, registered once
@@ -126,19 +126,19 @@ def test_asha_stops_a_losing_trial_and_records_why(workspace) -> None:
     assert bad.data.tags["recolor.sweep.decision"].startswith("stopped early by asha at validation ")
     # Tune's decision comes with a validation before the last; how many more the run fits in before its Train run is
     # ended depends on Tune's polling (here usually 1 or 2 more).
-    validations = len(workspace.client.get_metric_history(bad.info.run_id, "val_l1_ab"))
+    validations = len(workspace.client.get_metric_history(bad.info.run_id, "val/l1_ab"))
     rows = ranking_rows(workspace, runs["parent"][0])
     assert [row["name"] for row in rows] == [good.info.run_name, bad.info.run_name]
     again = workspace.sweep(*args)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert len(workspace.client.get_metric_history(bad.info.run_id, "val_l1_ab")) == validations  # stays stopped
+    assert len(workspace.client.get_metric_history(bad.info.run_id, "val/l1_ab")) == validations  # stays stopped
     assert workspace.client.get_run(bad.info.run_id).info.status == "KILLED"
 
 
 def test_bad_sweeps_are_one_line_before_anything_starts(workspace) -> None:
     for args, fragment in (
         (("--grid", "stages.0.lr"), "--grid 'stages.0.lr': expected KEY=VALUE"),
-        (("--grid", "stages.0.lr=1e-4", "--metric", "val_nope"), "--metric must be a validation metric"),
+        (("--grid", "stages.0.lr=1e-4", "--metric", "val/nope"), "--metric must be a validation metric"),
         (("--grid", "model.norm=batch,bogus"), "trial 1 (model.norm=bogus): model.norm must be one of"),
     ):
         result = workspace.sweep(*args, timeout=60)

@@ -66,7 +66,8 @@ def test_a_failing_worker_fails_the_mlflow_run_and_a_rerun_resumes_and_finishes_
     steps = plan.count("train") // (base.WORKERS * base.BATCH)
     assert load_checkpoint(latest.removeprefix("  latest checkpoint: "))["position"]["global_step"] == steps
     # The failed attempt logged step 1 before it stopped; the rerun, without a checkpoint to resume from, all of them.
-    assert sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss_G")}) == list(range(1, steps + 1))
+    logged = client.get_metric_history(run.info.run_id, "train/loss_G")
+    assert sorted({m.step for m in logged}) == list(range(1, steps + 1))
 
 
 def test_sigterm_ends_the_run_killed_with_its_checkpoints_kept_and_leaves_no_process(

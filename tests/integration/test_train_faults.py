@@ -175,8 +175,8 @@ def test_corrupt_samples_are_skipped_counted_and_named(corrupt_lake, quiet_env, 
     steps = resolve_data(["photos"], lake).count("train") // (base.WORKERS * base.BATCH)
     assert int(result.metrics["global_step"]) == steps
     logged = [json.loads(line) for line in (tmp_path / "metrics").read_text().splitlines()]
-    [bad] = [row["bad_samples"] for row in logged if "bad_samples" in row]  # one epoch: one count, both ranks'
-    assert bad == result.metrics["bad_samples"] >= 1
+    [bad] = [row["data/bad_samples"] for row in logged if "data/bad_samples" in row]  # one epoch, both ranks'
+    assert bad == result.metrics["data/bad_samples"] >= 1
     messages = set(worker_log(ray_local))
     named = [key for key, shard in corrupt.items() if f"skipping corrupt sample {key} in shard {shard}" in messages]
     assert len(named) == bad

@@ -170,7 +170,7 @@ def test_both_ranks_hold_identical_networks_after_training(uninterrupted) -> Non
     initial = build_generator("unet_256", norm="batch", base_filters=4, num_downs=6).state_dict()
     moved = differing(initial, rank0["generator"])
     assert any(name.endswith("weight") for name in moved) and any("running_var" in name for name in moved)
-    assert result.metrics["val_count"] == result.plan.count("val")
+    assert result.metrics["val/count"] == result.plan.count("val")
     assert starts(root / "starts") == [0]
 
 
@@ -252,7 +252,7 @@ def test_recolor_train_cli_runs_end_to_end_and_reports_validation(train_lake, tm
     lines = result.stdout.splitlines()
     assert lines[0] == f"run cli: {plan.refs[0]} -> {tmp_path / 'runs' / 'cli'}"
     [validation] = [line for line in lines if line.startswith("  validation: ")]
-    assert "val_l1_ab " in validation and "val_psnr " in validation and "val_ssim " in validation
+    assert "val/l1_ab " in validation and "val/psnr " in validation and "val/ssim " in validation
     [latest] = [line for line in lines if line.startswith("  latest checkpoint: ")]
     checkpoint = latest.removeprefix("  latest checkpoint: ")
     assert load_checkpoint(checkpoint)["position"]["global_step"] == plan.count("train") // (WORKERS * BATCH)

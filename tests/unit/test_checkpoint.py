@@ -543,9 +543,9 @@ def test_uninterrupted_run_trains_every_stage_and_validates_each_epoch(uninterru
     assert [m["global_step"] for m in recorder.metrics] == list(range(1, 3 * steps + 1))
     epoch_ends = [m for m in recorder.metrics if m.get("epoch_end")]
     assert [m["global_step"] for m in epoch_ends] == [steps, 2 * steps, 3 * steps]
-    assert all(m["val_count"] == plan.count("val") and m["bad_samples"] == 0 for m in epoch_ends)
-    assert "loss_D" not in epoch_ends[0] and "loss_D" in epoch_ends[1]  # stage 1 is L1 only
-    assert all(np.isfinite(m["loss_G"]) for m in recorder.metrics)
+    assert all(m["val/count"] == plan.count("val") and m["data/bad_samples"] == 0 for m in epoch_ends)
+    assert "train/loss_D" not in epoch_ends[0] and "train/loss_D" in epoch_ends[1]  # stage 1 is L1 only
+    assert all(np.isfinite(m["train/loss_G"]) for m in recorder.metrics)
 
 
 @pytest.mark.parametrize("where", ["mid L1 stage", "stage boundary", "mid GAN epoch 2 (decaying lr)"])
@@ -603,21 +603,22 @@ def test_every_log_says_how_long_steps_waited_for_data_and_the_mfu_against_a_kno
     logger = ListLogger()
     trainer = ColorizerTrainer(config, plan, 0, 1, torch.device("cpu"), logger=logger)
     trainer.run()
-    logs = [metrics for _, metrics in logger.logged if "images_per_s" in metrics]
-    assert logs and all(metrics["data_wait_s"] >= 0 and 0 < metrics["mfu"] < 1 for metrics in logs)
-    assert all(isinstance(metrics["loss_G"], float) for metrics in logs)  # tensors become floats at the log only
+    logs = [metrics for _, metrics in logger.logged if "train/images_per_s" in metrics]
+    assert logs and all(metrics["data/wait_s"] >= 0 and 0 < metrics["train/mfu"] < 1 for metrics in logs)
+    assert all(isinstance(metrics["train/loss_G"], float) for metrics in logs)  # tensors become floats at the log only
     gan = step_flops_per_sample(trainer.plain_generator, trainer.plain_discriminator, plan.size, True, trainer.device)
     l1 = step_flops_per_sample(trainer.plain_generator, trainer.plain_discriminator, plan.size, False, trainer.device)
     assert gan > l1 > 0
     for metrics in logs:  # the measured rate times the FLOPs of the step of its stage (L1 only, or with D)
-        assert any(metrics["mfu"] == pytest.approx(metrics["images_per_s"] * flops / 0.5e12) for flops in (gan, l1))
+        rate = metrics["train/images_per_s"]
+        assert any(metrics["train/mfu"] == pytest.approx(rate * flops / 0.5e12) for flops in (gan, l1))
 
     monkeypatch.delenv("RECOLOR_PEAK_TFLOPS")
     logger = ListLogger()
     torch.manual_seed(config.seed)
     ColorizerTrainer(dataclasses.replace(config, max_steps=2), plan, 0, 1, torch.device("cpu"), logger=logger).run()
-    logged = [metrics for _, metrics in logger.logged if "images_per_s" in metrics]
-    assert logged and all("mfu" not in metrics and "data_wait_s" in metrics for metrics in logged)  # no peak, no MFU
+    logged = [metrics for _, metrics in logger.logged if "train/images_per_s" in metrics]
+    assert logged and all("train/mfu" not in m and "data/wait_s" in m for m in logged)  # no peak, no MFU
 
 
 # --- the read order of a resumed epoch ------------------------------------------------------------------------
@@ -651,7 +652,7 @@ def test_an_epoch_resumed_under_another_interleave_finishes_in_the_order_it_bega
     sequential, interleaved = Recorder(), Recorder()
     new_trainer(config(1), plan, sequential).run()
     new_trainer(config(4), plan, interleaved).run()
-    assert [m["loss_G"] for m in sequential.metrics] != [m["loss_G"] for m in interleaved.metrics]
+    assert [m["train/loss_G"] for m in sequential.metrics] != [m["train/loss_G"] for m in interleaved.metrics]
 
     first = Recorder(tmp_path, save_at=(3,))
     new_trainer(config(1, max_steps=3), plan, first).run()

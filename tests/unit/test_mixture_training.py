@@ -49,12 +49,12 @@ def test_a_mixture_trains_its_epoch_length_and_scores_each_dataset(two_datasets,
     recorder = Recorder()
     new_trainer(config, plan, recorder).run()
     [end] = [m for m in recorder.metrics if m.get("epoch_end")]
-    assert end["epoch_samples"] == 30  # 15 steps of 2: the mixture's length, not the datasets' 30-odd samples
+    assert end["data/epoch_samples"] == 30  # 15 steps of 2: the mixture's length, not the datasets' 30-odd samples
     for name in ("big", "small"):
         count = plan.source(plan.refs.index(f"{name}@1")).count("val")
         assert count > 0 and end[f"val/{name}/count"] == count
         assert {f"val/{name}/l1_ab", f"val/{name}/psnr", f"val/{name}/gray_psnr"} <= set(end)
-    assert end["val_count"] == end["val/big/count"] + end["val/small/count"]
+    assert end["val/count"] == end["val/big/count"] + end["val/small/count"]
 
 
 def test_a_mixture_is_the_runs_lineage_in_mlflow(two_datasets, tmp_path) -> None:
@@ -100,8 +100,8 @@ def test_validation_scores_fid_every_nth_time_with_the_truths_features_kept(two_
     trainer = new_trainer(config, plan, recorder)
     trainer.run()
     ends = [m for m in recorder.metrics if m.get("epoch_end")]
-    assert ["val_fid" in m for m in ends] == [False, True]  # the 2nd validation of 2
+    assert ["val/fid" in m for m in ends] == [False, True]  # the 2nd validation of 2
     scored = ends[1]
-    assert scored["val_fid"] > 0 and scored["val_gray_fid"] > 0 and scored["val_kid_std"] >= 0
+    assert scored["val/fid"] > 0 and scored["val/gray_fid"] > 0 and scored["val/kid_std"] >= 0
     truth, gray = trainer._fid_reference
-    assert len(truth) == len(gray) == scored["val_count"]
+    assert len(truth) == len(gray) == scored["val/count"]
