@@ -3,11 +3,16 @@
     python bench/mlflow_ui.py                                  # ./mlflow.db (after `make demo`), to outputs/mlflow-ui/
     python bench/mlflow_ui.py --tracking-uri sqlite:///path/mlflow.db --run RUN_ID --out shots/
 
-Starts `mlflow server` on a free loopback port over the given store and opens, in headless
-Chromium (Debian's `chromium` package), the run's overview (its description: what ran and the
-final metrics beside the gray baseline), its metric charts, its artifacts (the sample grids and the
-loss curves) and the experiment's chart view (the `validation_samples` images by step). Each page
-is written as a PNG; the script checks that each is a real rendering (not blank) and prints the paths.
+Starts `mlflow server` on a free loopback port over the given store and opens, in headless Chromium (Debian's
+`chromium` package, driven by Playwright: `pip install -e .[ui]`), the run's overview (its description: what ran
+and the final metrics beside the gray baseline), its metric charts, its artifacts (the sample grids and the loss
+curves), the experiment's chart view that training saves (`pipeline.tracking.charts`: the sections by prefix and
+the sample grids by step) and, with two finished runs or more, MLflow's comparison of the latest two.
+
+Each page is written as a PNG only once it has rendered: its charts drawn (Plotly's SVGs in place and no loading
+spinner left) and, where the page shows pictures, a picture from the run's artifacts loaded in the page (an <img>
+whose file arrived and decoded). A page that does not get there within --timeout-s is an error naming what was
+missing; the screenshot is still written, to look at.
 """
 
 from __future__ import annotations
@@ -28,12 +33,31 @@ import subprocess  # noqa: E402
 import time  # noqa: E402
 import urllib.request  # noqa: E402
 
-PAGES = {  # name: (the UI route below the server, {e} the experiment id, {r} the run id; window height)
-    "run_overview": ("#/experiments/{e}/runs/{r}", 1400),
-    "run_metrics": ("#/experiments/{e}/runs/{r}/model-metrics", 3600),  # the charts, then the images by step
-    "run_artifacts": ("#/experiments/{e}/runs/{r}/artifacts/samples", 1100),
-    "experiment_charts": ("#/experiments/{e}/runs?compareRunsMode=CHART", 4400),  # metrics, then images
+# name: (the UI route below the server; window height; charts expected; an artifact picture expected)
+PAGES = {
+    "run_overview": ("#/experiments/{e}/runs/{r}", 1400, False, False),
+    "run_metrics": ("#/experiments/{e}/runs/{r}/model-metrics", 3600, True, False),
+    "run_artifacts": ("#/experiments/{e}/runs/{r}/artifacts/{grid}", 1100, False, True),  # the last sample grid
+    "experiment_charts": ("{view}", 5200, True, True),  # the saved view: metrics by section, the grids by step
+    "compare_runs": ('#/compare-runs?runs=["{r}","{r2}"]&experiments=["{e}"]', 2400, True, False),
 }
+RENDERED = """() => ({
+    plots: document.querySelectorAll('.js-plotly-plot').length,
+    drawn: document.querySelectorAll('.js-plotly-plot svg.main-svg').length,
+    spinners: Array.from(document.querySelectorAll('.du-bois-light-spin, [class*="spinner"], [role="progressbar"]'))
+        .filter(e => { const r = e.getBoundingClientRect(); return r.bottom > 0 && r.top < innerHeight; }).length,
+    pictures: Array.from(document.images).filter(i => i.complete && i.naturalWidth > 0
+        && !i.src.startsWith('data:')).length,  // the UI's own icons are inline; a run's pictures are fetched
+})"""
+
+
+def last_grid(client, run_id: str) -> str:
+    """The path of the run's last sample grid artifact (samples/<stage>/epoch_NNN.png), or the folder."""
+    found, folders = [], ["samples"]
+    while folders:
+        for item in client.list_artifacts(run_id, folders.pop()):
+            (folders if item.is_dir else found).append(item.path)
+    return max(found) if found else "samples"
 
 
 def browser() -> str:
@@ -43,19 +67,33 @@ def browser() -> str:
     raise SystemExit("no Chromium found: apt-get install chromium (Debian) or pass --browser")
 
 
-def screenshot(chrome: str, url: str, target: Path, wait_ms: int, height: int) -> None:
-    subprocess.run(
-        [chrome, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--window-size=1500,{height}",
-         f"--virtual-time-budget={wait_ms}", f"--screenshot={target}", url],
-        check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
-
-
-def distinct_colours(path: Path) -> int:
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return len(image.convert("RGB").resize((300, 220)).getcolors(maxcolors=1 << 16) or [])
+def capture(page, url: str, target: Path, height: int, charts: bool, picture: bool, timeout_s: float) -> dict:
+    """Open `url`, scroll it through and back (chart cards draw as they come into view), wait until what is in
+    the window has rendered, write the screenshot; returns what rendered and what is missing."""
+    page.set_viewport_size({"width": 1500, "height": height})
+    page.goto(url, wait_until="load")
+    time.sleep(2.0)
+    page.mouse.move(750, height // 2)
+    for delta in [800] * 12 + [-800] * 12:
+        page.mouse.wheel(0, delta)
+        time.sleep(0.2)
+    deadline = time.monotonic() + timeout_s
+    state, missing = {}, ["the page"]
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        state = page.evaluate(RENDERED)
+        missing = []
+        if charts and (not state["plots"] or state["drawn"] < state["plots"]):
+            missing.append(f"charts ({state['drawn']} of {state['plots']} drawn)")
+        if state["spinners"]:
+            missing.append(f"{state['spinners']} loading spinner(s)")
+        if picture and not state["pictures"]:
+            missing.append("a picture from the run's artifacts")
+        if not missing:
+            time.sleep(1.0)  # the last frame of any transition
+            break
+    page.screenshot(path=str(target))
+    return {"state": state, "missing": missing}
 
 
 def main() -> int:
@@ -65,7 +103,7 @@ def main() -> int:
     parser.add_argument("--run", help="run id (default: the experiment's latest finished run)")
     parser.add_argument("--out", default="outputs/mlflow-ui", help="folder for the PNGs")
     parser.add_argument("--browser", help="Chromium's path (default: found on PATH)")
-    parser.add_argument("--wait-ms", type=int, default=15000, help="time the page gets to render (virtual ms)")
+    parser.add_argument("--timeout-s", type=float, default=90, help="time a page gets to render (default: 90)")
     args = parser.parse_args()
 
     from mlflow import MlflowClient
@@ -76,7 +114,7 @@ def main() -> int:
     experiment = client.get_experiment_by_name(args.experiment)
     if experiment is None:
         raise SystemExit(f"no experiment {args.experiment!r} in {args.tracking_uri}: run `make demo` first")
-    runs = client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'", max_results=1,
+    runs = client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'", max_results=2,
                               order_by=["attributes.start_time DESC"])  # fmt: skip
     run_id = args.run or (runs[0].info.run_id if runs else None)
     if run_id is None:
@@ -102,13 +140,38 @@ def main() -> int:
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit("mlflow server did not start") from None
                 time.sleep(0.5)
-        for name, (route, height) in PAGES.items():
-            target = out / f"{name}.png"
-            url = base + route.format(e=experiment.experiment_id, r=run_id)
-            screenshot(chrome, url, target, args.wait_ms, height)
-            colours = distinct_colours(target)
-            verdict = "ok" if colours > 20 else "BLANK?"
-            print(f"{target}  ({colours} colours: {verdict})")
+        from playwright.sync_api import sync_playwright
+
+        from pipeline.tracking.charts import chart_view_route
+
+        other = next((run.info.run_id for run in runs if run.info.run_id != run_id), None)
+        view = chart_view_route(experiment.experiment_id)
+        names = {
+            "e": experiment.experiment_id,
+            "r": run_id,
+            "r2": other,
+            "view": view,
+            "grid": last_grid(client, run_id),
+        }
+        failed = []
+        with sync_playwright() as playwright:
+            chromium = playwright.chromium.launch(executable_path=chrome, args=["--no-sandbox", "--disable-gpu"])
+            page = chromium.new_page()
+            for name, (route, height, charts, picture) in PAGES.items():
+                if "{r2}" in route and names["r2"] is None:
+                    print(f"{name}: skipped (one finished run: nothing to compare)")
+                    continue
+                target = out / f"{name}.png"
+                seen = capture(page, base + route.format(**names), target, height, charts, picture, args.timeout_s)
+                state = seen["state"]
+                if seen["missing"]:
+                    failed.append(name)
+                    print(f"{target}  NOT RENDERED: missing {', '.join(seen['missing'])}")
+                else:
+                    print(f"{target}  ({state.get('drawn', 0)} charts, {state.get('pictures', 0)} pictures)")
+            chromium.close()
+        if failed:
+            raise SystemExit(f"pages that did not render within {args.timeout_s:g} s: {', '.join(failed)}")
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -284,6 +284,12 @@ def finish_run(tracking_uri: str, run_id: str, name: str, plan, metrics: dict, p
         loss_curves(history, title=name), "plots/loss_curves.png"
     )
     result = describe_result(metrics)
+    validated = client.get_metric_history(run_id, "val/l1_ab")
+    if validated:  # the experiment's chart view opens on this run's last sample grid
+        from pipeline.tracking.charts import save_chart_view
+
+        route = save_chart_view(client, client.get_run(run_id).info.experiment_id, max(m.step for m in validated))
+        result += f"\n\nThe sample grids by step, beside the charts: [chart view]({route})."
     if result:  # first under the title, where the run page shows it without "Show more"
         note = client.get_run(run_id).data.tags.get(NOTE_TAG, "")
         title, details = note.split("\n", 1)[0], note.partition(DETAILS_HEADING)[2]

@@ -46,6 +46,7 @@ from pipeline.epochs import rank_batches
 from pipeline.evaluation.validation import accumulate, finalize
 from pipeline.losses import GANLoss, discriminator_loss, generator_loss
 from pipeline.models import build_discriminator, build_generator
+from pipeline.tracking.charts import SAMPLES_KEY
 from pipeline.tracking.loggers import Logger, NullLogger
 from pipeline.tracking.plots import sample_grid
 from pipeline.train.failures import NonFiniteLoss
@@ -54,7 +55,6 @@ log = logging.getLogger(__name__)
 
 TRAINED_LOG = "RECOLOR_TRAINED_LOG"  # test hooks: see ColorizerTrainer._log_trained and _wait_while_paused
 TRAIN_PAUSE = "RECOLOR_TRAIN_PAUSE"
-SAMPLES_KEY = "validation_samples"  # the MLflow image key of the sample grids (one a validation, by step)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -408,9 +408,25 @@ def test_the_run_page_says_what_ran_and_how_it_went(embedded, lake) -> None:
 def test_sample_grids_are_mlflow_images_by_step(embedded) -> None:
     """`mlflow.log_image(key=..., step=...)`: the run page's image view, one grid a validation."""
     images = [item.path for item in embedded.client.list_artifacts(embedded.result.run_id, "images")]
-    grids = [path for path in images if path.split("/")[-1].startswith("validation_samples+step+")]
+    grids = [path for path in images if path.split("/")[-1].startswith("val~samples+step+")]  # MLflow: "/" -> "~"
     steps = sorted({int(path.split("+step+")[1].split("+")[0]) for path in grids})
     assert len(steps) == 2 and steps[0] > 0, images  # two epochs: two validations, at their global steps
+
+
+def test_the_experiments_chart_view_shows_the_last_sample_grid_without_run_parameters(embedded) -> None:
+    """MLflow's default grid card shows step 0 (nothing logged there) under every run parameter: the saved view
+    shows the last validation's grid, and the run's description links to it."""
+    from pipeline.tracking.charts import VIEW_TAG, chart_view_route
+
+    experiment = embedded.client.get_experiment(embedded.run.info.experiment_id)
+    view = json.loads(experiment.tags[VIEW_TAG])
+    [card] = [card for card in view["compareRunCharts"] if card["type"] == "IMAGE"]
+    last = max(m.step for m in embedded.client.get_metric_history(embedded.result.run_id, "val/l1_ab"))
+    assert card["imageKeys"] == ["val/samples"] and card["step"] == last and card["showRunParams"] is False
+    assert card["metricSectionId"] in {section["uuid"] for section in view["compareRunSections"]}
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on its runs
+    note = embedded.client.get_run(embedded.result.run_id).data.tags["mlflow.note.content"]
+    assert f"[chart view]({chart_view_route(experiment.experiment_id)})" in note
 
 
 def test_system_metrics_are_logged_during_training(embedded) -> None:
