@@ -76,6 +76,12 @@ def add_colorize_parser(subparsers) -> None:
         action="store_true",
         help="keep the generator's dropout on, as pix2pix tests (sampled colours; default: eval mode, deterministic)",
     )
+    colorize.add_argument(
+        "--side-by-side",
+        metavar="PNG",
+        help="also write one picture comparing, for each photo (at most 16), its gray input, the colorized picture "
+        "and the photo itself (without --ray)",
+    )
     colorize.add_argument("--no-progress", dest="progress", action="store_false")
     colorize.set_defaults(handler=run_colorize)
 
@@ -87,6 +93,8 @@ def run_colorize(args) -> int:
         raise ConfigError(f"--quality must be in 1..95, got {args.quality}")
     if args.batch_size < 1 or args.actors < 1:
         raise ConfigError("--batch-size and --actors must be at least 1")
+    if args.ray and args.side_by_side:
+        raise ConfigError("--side-by-side applies without --ray (one process sees every picture)")
     if not args.ray and (args.gpu or args.ray_address or args.actors != 1):
         raise ConfigError("--gpu, --ray-address and --actors apply with --ray only (without it, use --device)")
     from pipeline.colorize.files import ColorizeOptions
@@ -103,6 +111,7 @@ def run_colorize(args) -> int:
         overwrite_any=args.overwrite_any,
         trust_pickle=args.trust_pickle,
         dropout=args.dropout,
+        side_by_side=args.side_by_side,
     )
     if args.ray:
         from pipeline.colorize.cluster import colorize_on_ray

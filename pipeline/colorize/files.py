@@ -16,6 +16,8 @@ from ingest.images import DEFAULT_MAX_PIXELS
 from ingest.sources import SourceError, list_folder
 from ingest.storage import is_s3
 
+SIDE_BY_SIDE_ROWS = 16
+
 
 @dataclass(frozen=True)
 class ColorizeOptions:
@@ -32,6 +34,8 @@ class ColorizeOptions:
         overwrite_any: with `overwrite`, also replace same-named files recolor did not write.
         trust_pickle: allow a model of the old pickled format (see `pipeline.tracking.registry.load_generator`).
         dropout: keep the generator's dropout on, as pix2pix tests (seeded: the same inputs give the same colours).
+        side_by_side: also write this PNG: each photo's gray input, colorized picture and the photo, a row each
+            (the single-process path; at most `SIDE_BY_SIDE_ROWS` photos).
     """
 
     size: int | None = None
@@ -45,6 +49,7 @@ class ColorizeOptions:
     overwrite_any: bool = False
     trust_pickle: bool = False
     dropout: bool = False
+    side_by_side: str | None = None
 
 
 @dataclass

@@ -6,8 +6,15 @@ import numpy as np
 import torch
 
 from ingest.storage import StorageError
-from pipeline.colorize.files import ColorizeOptions, ColorizeSummary, OutputFolder, guard_outputs, list_inputs
-from pipeline.colorize.pixels import SUFFIXES, PhotoRefused, colorize_rgb, encode_picture, read_photo
+from pipeline.colorize.files import (
+    SIDE_BY_SIDE_ROWS,
+    ColorizeOptions,
+    ColorizeSummary,
+    OutputFolder,
+    guard_outputs,
+    list_inputs,
+)
+from pipeline.colorize.pixels import SUFFIXES, PhotoRefused, colorize_rgb, encode_picture, read_photo, side_by_side
 
 
 def plan_outputs(
@@ -84,12 +91,15 @@ def colorize(
     torch.manual_seed(0)
     out.record([name for _, name in todo])
     pending: list[tuple[str, str, np.ndarray]] = []
+    compared: list[tuple[str, np.ndarray, np.ndarray]] = []  # (name, photo, colorized) for `side_by_side`
 
     def flush() -> None:
         if pending:
             colored = colorize_rgb(generator, [rgb for _, _, rgb in pending], size, torch_device, resize)
-            for (uri, name, _), rgb in zip(pending, colored, strict=True):
+            for (uri, name, photo), rgb in zip(pending, colored, strict=True):
                 write_picture(out, uri, name, rgb, options.picture_format, options.quality, summary)
+                if options.side_by_side and len(compared) < SIDE_BY_SIDE_ROWS:
+                    compared.append((name, photo, rgb))
         pending.clear()
 
     with tqdm(total=len(todo), unit="img", desc="colorize", disable=not options.progress) as bar:
@@ -102,4 +112,22 @@ def colorize(
                 flush()
             bar.update(1)
         flush()
+    if options.side_by_side and compared:
+        write_side_by_side(options.side_by_side, compared)
     return summary
+
+
+def write_side_by_side(target: str, compared: list[tuple[str, np.ndarray, np.ndarray]]) -> None:
+    """The comparison picture (`side_by_side`) written whole to a path or s3:// URI.
+
+    Raises:
+        ConfigError: it cannot be written (the pictures themselves are written already).
+    """
+    from ingest.errors import ConfigError
+    from ingest.storage import open_storage
+
+    folder, _, name = target.rstrip("/").rpartition("/")
+    try:
+        open_storage(folder or ".").write_bytes(name, side_by_side(compared))
+    except (OSError, StorageError) as e:
+        raise ConfigError(f"--side-by-side {target}: cannot write it: {e}") from None

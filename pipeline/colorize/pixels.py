@@ -170,6 +170,35 @@ def colorize_rgb(generator, photos: list[np.ndarray], size: int, device: torch.d
     return [compose(rgb, ab) for rgb, ab in zip(photos, predict_photos(generator, inputs, device), strict=True)]
 
 
+def side_by_side(rows: list[tuple[str, np.ndarray, np.ndarray]], height: int = 256) -> bytes:
+    """A PNG comparing each photo's gray input, its colorized picture and the photo itself, one row a photo
+    (`rows`: name, the photo, the colorized picture, 8-bit RGB of one size), each `height` pixels high, under a
+    header naming the columns and beside each row's name."""
+    from PIL import Image, ImageDraw
+
+    gap, label, header = 6, 16, 18
+    cells = []
+    for name, photo, colored in rows:
+        width = max(1, round(photo.shape[1] * height / photo.shape[0]))
+        gray = compose(photo, torch.zeros(2, 1, 1))  # the photo's L, no colour: what the network sees
+        cells.append(
+            (name, [Image.fromarray(a).resize((width, height), Image.BICUBIC) for a in (gray, colored, photo)])
+        )
+    column = max((images[0].width for _, images in cells), default=height)
+    canvas = Image.new("RGB", (3 * column + 4 * gap, header + len(cells) * (height + label + gap) + gap), "white")
+    draw = ImageDraw.Draw(canvas)
+    for index, title in enumerate(("gray input (L)", "colorized", "the photo")):
+        draw.text((gap + index * (column + gap), 3), title, fill="black")
+    for row, (name, images) in enumerate(cells):
+        top = header + row * (height + label + gap)
+        draw.text((gap, top), name, fill="black")
+        for index, image in enumerate(images):
+            canvas.paste(image, (gap + index * (column + gap), top + label))
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def encode_picture(rgb: np.ndarray, picture_format: str = "png", quality: int = 95) -> bytes:
     """An 8-bit RGB array as PNG (lossless) or JPEG bytes (`quality` 1-95, no chroma subsampling)."""
     from PIL import Image
