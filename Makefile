@@ -25,12 +25,16 @@ demo: $(BIN)/.installed
 	$(BIN)/recolor lake show demo-photos --lake $(LAKE)
 	$(BIN)/recolor train configs/demo.yaml --lake $(LAKE) --workers 2
 	$(BIN)/recolor evaluate --model models:/colorizer@candidate --dataset demo-photos --lake $(LAKE) --promote
+	$(BIN)/recolor evaluate --model models:/colorizer@champion --dataset demo-photos --lake $(LAKE) --split train
 	$(BIN)/recolor colorize --model models:/colorizer@champion "$(DEMO_PHOTOS)/coffee.png" \
-		"$(DEMO_PHOTOS)/camera.png" -o outputs/colorized
+		"$(DEMO_PHOTOS)/astronaut.png" "$(DEMO_PHOTOS)/chelsea.png" "$(DEMO_PHOTOS)/camera.png" -o outputs/colorized \
+		--overwrite --side-by-side outputs/colorized/side-by-side.png
 	@echo
 	@echo "lake:        $(LAKE)/demo-photos   (recolor lake show demo-photos)"
 	@echo "checkpoints: ray_results/demo"
-	@echo "colorized:   outputs/colorized"
+	@echo "colorized:   outputs/colorized; gray input | colorized | photo: outputs/colorized/side-by-side.png"
+	@echo "             coffee, astronaut and chelsea are in the demo model's training set (it learned them: the FID"
+	@echo "             and colorfulness above, --split train); camera.png is a gray photo it never saw"
 	@echo "MLflow UI:   $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000   then open http://127.0.0.1:5000"
 
 test: $(BIN)/.installed

@@ -83,7 +83,7 @@ def train_run(gpu: bool, tiny: bool, work: Path) -> None:
     sample_photos(work / "photos", count)
     run_ingest(IngestConfig(kind="folder", source=str(work / "photos"), dataset="gpu-bench", lake=str(work / "lake"),
                             size=size, use_ray=False, progress=False))  # fmt: skip
-    command = [sys.executable, "-m", "pipeline.cli", "train", str(REPO / "configs" / "demo.yaml"), "--lake",
+    command = [sys.executable, "-m", "pipeline.cli", "train", str(REPO / "configs" / "tiny.yaml"), "--lake",
                str(work / "lake"), "--dataset", "gpu-bench", "--storage", str(work / "runs"), "--name", "gpu-bench",
                "--no-tracking", "--workers", "1", "--json", "stages=[{name: gan, epochs: 2}]"]  # fmt: skip
     command += ["--gpu", "data.batch_size=16"] if gpu else []

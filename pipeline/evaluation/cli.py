@@ -130,6 +130,8 @@ def run_evaluate(args) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 1 if refused else 0
+    from pipeline.evaluation.fid import MIN_IMAGES
+
     m = result.metrics
     skipped = f", {m['eval/bad_samples']:.0f} corrupt skipped" if m.get("eval/bad_samples") else ""
     print(f"{result.model_uri} on {result.dataset} ({result.split}, {m['eval/count']:.0f} of "
@@ -140,6 +142,8 @@ def run_evaluate(args) -> int:
             gray = m.get(f"eval/gray_{name}")
             shown = f"   gray baseline {gray:10.4f}" if gray is not None and name != "colorfulness_true" else ""
             print(f"  {name:<22} {m[f'eval/{name}']:10.4f}{shown}")
+    if not args.no_fid and "eval/fid" not in m and m["eval/count"] < MIN_IMAGES:
+        print(f"  fid, kid               not scored: {m['eval/count']:.0f} image(s), they need at least {MIN_IMAGES}")
     if result.promotion:
         p = result.promotion
         print(f"  promotion: {p['decision']} ({p['reason']})")

@@ -142,6 +142,9 @@ def kernel_inception_distance(first: np.ndarray, second: np.ndarray, subsets: in
     return float(np.mean(values)), float(np.std(values))
 
 
+MIN_IMAGES = 4  # KID's subsets take half the smaller set, and its unbiased estimate needs two images a subset
+
+
 class FeatureSets:
     """Inception features gathered batch by batch: the model's output, the truth and the gray baseline."""
 
@@ -169,12 +172,12 @@ class FeatureSets:
 
     def scores(self, prefix: str = "eval/", kid_subsets: int = 100) -> dict[str, float]:
         """`{prefix}fid`, `{prefix}kid`, `{prefix}kid_std` of the model against the truth, and the gray
-        baseline's beside them (`{prefix}gray_fid`, ...)."""
+        baseline's beside them (`{prefix}gray_fid`, ...); none with fewer than `MIN_IMAGES` images."""
         truth = self.features("truth")
         result = {}
         for name, label in (("model", ""), ("gray", "gray_")):
             images = self.features(name)
-            if len(images) < 2:
+            if min(len(images), len(truth)) < MIN_IMAGES:
                 continue
             kid, kid_std = kernel_inception_distance(images, truth, subsets=kid_subsets)
             result |= {f"{prefix}{label}fid": frechet_distance(images, truth), f"{prefix}{label}kid": kid,

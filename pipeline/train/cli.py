@@ -75,8 +75,9 @@ def worker_counts(text: str) -> int | list[int]:
     return counts
 
 
-def dataset_override(datasets: list[str]) -> str:
-    """`--dataset a --dataset b` as data.datasets; `--dataset a:0.8 --dataset b:0.2` as data.mix.
+def dataset_override(datasets: list[str]) -> list[str]:
+    """`--dataset a --dataset b` as data.datasets; `--dataset a:0.8 --dataset b:0.2` as data.mix. Either replaces
+    the preset's choice of data whole: a preset's mixture (and its epoch length) or datasets do not linger.
 
     Raises:
         ConfigError: weights on some datasets only, or a weight that is not a positive number.
@@ -85,7 +86,7 @@ def dataset_override(datasets: list[str]) -> str:
 
     weighted = [name.rpartition(":") for name in datasets]
     if not any(sep for _, sep, _ in weighted):
-        return f"data.datasets={json.dumps(datasets)}"
+        return [f"data.datasets={json.dumps(datasets)}", "data.mix=null", "data.epoch_samples=null"]
     mix = {}
     for name, sep, weight in weighted:
         if not sep:
@@ -94,13 +95,12 @@ def dataset_override(datasets: list[str]) -> str:
             mix[name] = float(weight)
         except ValueError:
             raise ConfigError(f"--dataset {name}:{weight}: the weight must be a number, e.g. {name}:0.2") from None
-    return f"data.mix={json.dumps(mix)}"
+    return [f"data.mix={json.dumps(mix)}", "data.datasets=[]"]
 
 
 def config_from_args(args):
-    overrides = list(args.overrides)
-    if args.dataset:
-        overrides.append(dataset_override(args.dataset))
+    # --dataset first: KEY=VALUE overrides (data.epoch_samples=...) come after it and win.
+    overrides = [*(dataset_override(args.dataset) if args.dataset else []), *args.overrides]
     for flag, key in (("workers", "workers"), ("lake", "data.lake"), ("storage", "storage"), ("name", "name")):
         value = getattr(args, flag)
         if value is not None:

@@ -18,7 +18,7 @@ from ingest.lake import Lake
 pytestmark = pytest.mark.slow
 
 SIZE = 64
-DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+DEMO = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
 
 @pytest.fixture

@@ -185,7 +185,7 @@ def test_an_elastic_group_shrinks_when_a_node_dies_grows_when_one_joins_and_fini
         "RECOLOR_TRAINED_LOG": str(trained), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     }  # fmt: skip
     command = [
-        sys.executable, "-m", "pipeline.cli", "train", str(REPO / "configs" / "demo.yaml"),
+        sys.executable, "-m", "pipeline.cli", "train", str(REPO / "configs" / "tiny.yaml"),
         "--dataset", "photos", "--lake", lake, "--storage", str(tmp_path / "runs"), "--name", "elastic",
         "--workers", "1-2", "--tracking-uri", tracking, "model.num_downs=6", "model.base_filters=4",
         "stages.0.epochs=2", "stages.0.decay_epochs=0", f"data.global_batch_size={GLOBAL_BATCH}", "data.flip=false",

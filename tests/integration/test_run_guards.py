@@ -42,7 +42,7 @@ def test_a_second_run_of_the_same_name_is_refused_in_seconds(own_lake, tmp_path,
     """`recolor train` parked at its first step holds the run; the same command again is refused with one line
     naming the running one, before Ray starts; once the first is over its lease is gone."""
     barrier = tmp_path / "barrier"
-    args = ["train", Path(base.__file__).parents[2] / "configs" / "demo.yaml", "--lake", own_lake, "--dataset",
+    args = ["train", Path(base.__file__).parents[2] / "configs" / "tiny.yaml", "--lake", own_lake, "--dataset",
             "photos", "--storage", tmp_path / "runs", "--name", "twice", "--no-tracking", "--workers", "1",
             "model.base_filters=4", "model.num_downs=6", "data.batch_size=2", "stages=[{name: gan, epochs: 1}]",
             "max_steps=2"]  # fmt: skip

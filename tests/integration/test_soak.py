@@ -38,7 +38,7 @@ def test_a_long_run_survives_rotation_a_killed_worker_and_an_outage_then_a_rerun
     run_uri = f"{storage}/soak"
 
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = ["train", REPO / "configs" / "demo.yaml", "--dataset", "soak", "--lake", lake, "--storage", storage,
+    args = ["train", REPO / "configs" / "tiny.yaml", "--dataset", "soak", "--lake", lake, "--storage", storage,
             "--name", "soak", "--tracking-uri", tracking, *soak.OVERRIDES]  # fmt: skip
     env = soak.failpoint_env(tmp_path)
     outage = soak.Outage(run_uri, own_s3.stop, own_s3.start)

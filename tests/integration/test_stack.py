@@ -140,7 +140,7 @@ def submit_train_and_evaluate(stack: Stack, cli_runner, dataset: str, *overrides
     its artifacts in s3://mlflow/artifacts.
     """
     train = submit(
-        stack, cli_runner, "train", "configs/demo.yaml", "--dataset", dataset, "--workers", str(workers),
+        stack, cli_runner, "train", "configs/tiny.yaml", "--dataset", dataset, "--workers", str(workers),
         "stages.0.epochs=1", *overrides, timeout=600,
     )  # fmt: skip
     if train.returncode != 0:
@@ -400,7 +400,7 @@ def test_soak_a_long_job_through_the_stack(stack, cli_runner, photo_writer, tmp_
         monkeypatch.setenv(name, value)
     train_samples = Lake("s3://lake/lake").resolve("soak").record["counts"]["train"]
     run_uri = "s3://runs/train/soak"  # $RECOLOR_STORAGE of the stack, and the run's name
-    args = ["configs/demo.yaml", "--dataset", "soak", "--workers", str(soak.WORKERS), "--name", "soak",
+    args = ["configs/tiny.yaml", "--dataset", "soak", "--workers", str(soak.WORKERS), "--name", "soak",
             *soak.OVERRIDES]  # fmt: skip
     env = soak.failpoint_env(tmp_path)
     outage = soak.Outage(run_uri, *stack_s3_outage(stack))

@@ -12,7 +12,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+DEMO = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 SMALL = ["model.num_downs=5", "stages.0.decay_epochs=0"]
 
 

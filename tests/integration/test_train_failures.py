@@ -35,7 +35,7 @@ def test_a_failing_worker_fails_the_mlflow_run_and_a_rerun_resumes_and_finishes_
     lake, plan = train_lake
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [
-        "train", REPO / "configs" / "demo.yaml", "--dataset", "photos", "--lake", lake, "--storage", tmp_path / "runs",
+        "train", REPO / "configs" / "tiny.yaml", "--dataset", "photos", "--lake", lake, "--storage", tmp_path / "runs",
         "--name", "f", "--tracking-uri", uri, "--workers", "2", "model.num_downs=6", "model.base_filters=4",
         "stages.0.epochs=1", "stages.0.decay_epochs=0", "checkpoint_every=1000", "max_failures=0",
     ]  # fmt: skip
@@ -91,7 +91,7 @@ def test_sigterm_ends_the_run_killed_with_its_checkpoints_kept_and_leaves_no_pro
     lake, plan = train_lake
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [
-        sys.executable, "-m", "pipeline.cli", "train", REPO / "configs" / "demo.yaml", "--dataset", "photos",
+        sys.executable, "-m", "pipeline.cli", "train", REPO / "configs" / "tiny.yaml", "--dataset", "photos",
         "--lake", lake, "--storage", tmp_path / "runs", "--name", "stopped", "--tracking-uri", uri, "--workers", "2",
         "model.num_downs=6", "model.base_filters=4", "stages.0.epochs=6", "stages.0.decay_epochs=0",
         "checkpoint_every=2",

