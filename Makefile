@@ -26,8 +26,8 @@ demo: $(BIN)/.installed
 	$(BIN)/recolor train configs/demo.yaml --lake $(LAKE) --workers 2
 	$(BIN)/recolor evaluate --model models:/colorizer@candidate --dataset demo-photos --lake $(LAKE) --promote
 	$(BIN)/recolor evaluate --model models:/colorizer@champion --dataset demo-photos --lake $(LAKE) --split train
-	$(BIN)/recolor colorize --model models:/colorizer@champion "$(DEMO_PHOTOS)/coffee.png" \
-		"$(DEMO_PHOTOS)/astronaut.png" "$(DEMO_PHOTOS)/chelsea.png" "$(DEMO_PHOTOS)/camera.png" -o outputs/colorized \
+	photos=$(DEMO_PHOTOS); $(BIN)/recolor colorize --model models:/colorizer@champion "$$photos/coffee.png" \
+		"$$photos/astronaut.png" "$$photos/chelsea.png" "$$photos/camera.png" -o outputs/colorized \
 		--overwrite --side-by-side outputs/colorized/side-by-side.png
 	@echo
 	@echo "lake:        $(LAKE)/demo-photos   (recolor lake show demo-photos)"
