@@ -6,6 +6,7 @@ import sys
 
 from ingest.images import DEFAULT_MAX_PIXELS
 from pipeline.colorize.pixels import PICTURE_FORMATS
+from pipeline.colorize.video import CODECS, DEFAULT_CRF
 
 MODEL_HELP = (
     "models:/NAME@ALIAS (e.g. models:/colorizer@champion), models:/NAME/VERSION, runs:/ID/generator, "
@@ -82,6 +83,17 @@ def add_colorize_parser(subparsers) -> None:
         help="also write one picture comparing, for each photo (at most 16), its gray input, the colorized picture "
         "and the photo itself (without --ray)",
     )
+    colorize.add_argument("--codec", choices=sorted(CODECS), default="h264",
+                          help="videos: the encoder (default: h264; ffv1 is lossless RGB)")  # fmt: skip
+    colorize.add_argument(
+        "--crf",
+        type=int,
+        default=DEFAULT_CRF,
+        help=f"videos: quality, lower is better (default: {DEFAULT_CRF}; 0: lossless h264 4:4:4)",
+    )
+    colorize.add_argument("--no-temporal", dest="temporal", action="store_false",
+                          help="videos: colorize each frame alone (default: carry colour along the optical flow, "
+                          "against flicker)")  # fmt: skip
     colorize.add_argument("--no-progress", dest="progress", action="store_false")
     colorize.set_defaults(handler=run_colorize)
 
@@ -113,6 +125,14 @@ def run_colorize(args) -> int:
         dropout=args.dropout,
         side_by_side=args.side_by_side,
     )
+    from pipeline.colorize.video import list_videos
+
+    videos, args.inputs, refused = list_videos(args.inputs, args.out)
+    if videos and args.ray:
+        raise ConfigError("videos on Ray are not supported yet: colorize them without --ray (one process, --device)")
+    code = run_videos(args, videos, refused) if videos or refused else 0
+    if not args.inputs:
+        return code
     if args.ray:
         from pipeline.colorize.cluster import colorize_on_ray
 
@@ -129,5 +149,45 @@ def run_colorize(args) -> int:
         print(f"  skipped {uri}: {reason}", file=sys.stderr)
     if summary.failed:
         print(f"recolor: error: {len(summary.failed)} input(s) could not be colorized", file=sys.stderr)
+        return 1
+    return code
+
+
+def run_videos(args, videos: list[tuple[str, str]], refused: list[tuple[str, str]]) -> int:
+    """Colorize each video (`pipeline.colorize.video`); a refused one does not stop the others. Returns 1 when
+    some video was not colorized, else 0."""
+    from pathlib import Path
+
+    import torch
+
+    from pipeline.colorize.local import load_model
+    from pipeline.colorize.video import VideoOptions, VideoRefused, colorize_video
+    from pipeline.models import set_inference_mode
+
+    device = torch.device(args.device)
+    options = VideoOptions(codec=args.codec, crf=args.crf, temporal=args.temporal, batch_size=args.batch_size,
+                           max_pixels=args.max_pixels)  # fmt: skip
+    failed = list(refused)
+    todo = [(src, dst) for src, dst in videos if args.overwrite or not Path(dst).exists()]
+    for src, dst in videos:
+        if (src, dst) not in todo:
+            print(f"  {dst} is there already (pass --overwrite to redo)")
+    if todo:
+        generator, size, resize = load_model(args.model, args.tracking_uri, device, args.trust_pickle, args.size)
+        set_inference_mode(generator, args.dropout)
+        for src, dst in todo:
+            try:
+                result = colorize_video(generator, size, resize, device, src, dst, options, args.progress)
+            except VideoRefused as e:
+                failed.append((src, e.reason))
+                continue
+            extra = f"; {result.note}" if result.note else ""
+            print(f"colorized {src} -> {dst}: {result.frames} frames, {result.seconds:.1f} s at {result.fps:.3g} fps"
+                  f"{', audio copied' if result.audio else ''} ({result.frames / max(result.elapsed, 1e-9):.1f} "
+                  f"frames/s){extra}")  # fmt: skip
+    for src, reason in failed:
+        print(f"  skipped {src}: {reason}", file=sys.stderr)
+    if failed:
+        print(f"recolor: error: {len(failed)} video(s) could not be colorized", file=sys.stderr)
         return 1
     return 0

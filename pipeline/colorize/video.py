@@ -1,0 +1,302 @@
+"""`recolor colorize` for films: a video in, a colorized video out, on one machine (PyAV: FFmpeg in its wheel).
+
+Each frame is colorized as a photo is (`pixels`: the network sees its L at the model's side, the ab it predicts
+is upsampled onto the frame's own L), so frames keep the source's luminance. The output keeps the source's frame
+rate and timestamps (variable frame rates included), size, rotation and audio (copied, not re-encoded); the video
+is encoded with `--codec` at `--crf` into a temporary file beside the output and renamed into place once whole.
+
+Flicker: a network colorizing frame by frame makes still regions shimmer. With `temporal` (the default) each
+frame's predicted ab, at the network's resolution, is blended with the previous frame's result carried along
+the optical flow (OpenCV's DIS flow on L, no learned weights) where the flow is reliable (forward and backward
+flow agree): still and smoothly moving regions keep their colour, occluded and new ones take the prediction.
+
+Refused, one line each, nothing left under the output name: a file that is no video, a video without a video
+track, HDR (PQ or HLG transfer: colorizing their code values as sRGB would be wrong; tone-map first), frames
+over `max_pixels`; a stream that breaks off mid-way is reported with the frame it reached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ingest.sources.folder import IMAGE_EXTENSIONS
+from pipeline.colorize.pixels import compose, network_input, predict_photos
+
+VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".mkv", ".m4v", ".avi", ".webm"})
+CODECS = {"h264": "libx264", "h265": "libx265", "vp9": "libvpx-vp9", "ffv1": "ffv1"}  # --codec: FFmpeg encoder
+DEFAULT_CRF = 18  # x264's "visually lossless"
+HDR_TRANSFERS = {16: "smpte2084 (PQ)", 18: "arib-std-b67 (HLG)"}  # AVColorTransferCharacteristic values
+DEFAULT_MAX_FRAME_PIXELS = 3840 * 2160 * 2  # 8K UHD is 4x 4K: refused by default (each frame is held whole)
+
+
+class VideoRefused(Exception):
+    """An input video that cannot be colorized: `reason` is "<kind>: <detail>" as `ColorizeSummary.failed` has."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def is_video(name: str) -> bool:
+    return Path(name).suffix.lower() in VIDEO_SUFFIXES
+
+
+def video_output_name(name: str) -> str:
+    """The output's name for input `name`: the same name where H.264 fits the container, else `.mkv`."""
+    path = Path(name)
+    return str(path if path.suffix.lower() in {".mp4", ".mov", ".mkv", ".m4v"} else path.with_suffix(".mkv"))
+
+
+@dataclass(frozen=True)
+class VideoOptions:
+    """How a film is colorized and encoded.
+
+    Attributes:
+        codec: h264 (default), h265, vp9, or ffv1 (lossless, RGB: for archives and tests).
+        crf: quality of h264/h265/vp9 (lower is better; 0 is lossless for h264 in 4:4:4).
+        temporal: blend each frame with the previous one carried along the optical flow (see the module).
+        batch_size: frames a generator call.
+        max_pixels: refuse frames larger than this.
+    """
+
+    codec: str = "h264"
+    crf: int = DEFAULT_CRF
+    temporal: bool = True
+    batch_size: int = 8
+    max_pixels: int = DEFAULT_MAX_FRAME_PIXELS
+
+
+@dataclass
+class VideoResult:
+    frames: int
+    seconds: float  # the source's duration as its timestamps say
+    fps: float
+    audio: bool
+    note: str = ""
+    elapsed: float = 0.0  # seconds this took  # what the output could not keep (e.g. a 10-bit source written in 8 bits)
+
+
+class FlowSmoother:
+    """The temporal step: each frame's predicted ab (2, h, w) blended with the previous result warped along DIS
+    optical flow, where forward and backward flow agree within `tolerance` pixels."""
+
+    def __init__(self, weight: float = 0.85, tolerance: float = 1.0):
+        import cv2
+
+        self.cv2 = cv2
+        self.flow = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+        self.weight, self.tolerance = weight, tolerance
+        self.previous: tuple[np.ndarray, np.ndarray] | None = None  # (L as uint8, ab) of the last frame
+
+    def __call__(self, light: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
+        """`light`: the frame's network input (1, h, w) in [-1, 1]; `ab`: its prediction (2, h, w)."""
+        gray = ((light[0].numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
+        current = ab.numpy()
+        if self.previous is not None and self.previous[0].shape == gray.shape:
+            last_gray, last_ab = self.previous
+            backward = self.flow.calc(gray, last_gray, None)  # where each pixel of this frame was in the last
+            forward = self.flow.calc(last_gray, gray, None)
+            height, width = gray.shape
+            grid_x, grid_y = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
+            map_x, map_y = grid_x + backward[..., 0], grid_y + backward[..., 1]
+            cv2 = self.cv2
+            warped = np.stack([cv2.remap(c, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+                               for c in last_ab])  # fmt: skip
+            # Forward-backward check: following the backward flow, then the forward one, should come home.
+            there = np.stack([cv2.remap(forward[..., i], map_x, map_y, cv2.INTER_LINEAR) for i in (0, 1)], axis=-1)
+            error = np.linalg.norm(backward + there, axis=-1)
+            inside = (map_x >= 0) & (map_x <= width - 1) & (map_y >= 0) & (map_y <= height - 1)
+            reliable = ((error < self.tolerance) & inside).astype(np.float32) * self.weight
+            current = reliable * warped + (1 - reliable) * current
+        self.previous = (gray, current.astype(np.float32))
+        return torch.from_numpy(current.astype(np.float32))
+
+
+def list_videos(inputs: list[str], out: str) -> tuple[list[tuple[str, str]], list[str], list[tuple[str, str]]]:
+    """The videos among `inputs` (files with a video suffix, and those below given folders, hidden ones skipped)
+    and where each goes: `out` itself when it names one video file (`film.mp4 -o film-color.mp4`), else below the
+    folder `out` by its name below the given folder (`video_output_name`).
+
+    Returns:
+        ([(video, output path)], the inputs that are not videos, [(video, "reason: detail")] refused).
+    """
+    videos: list[tuple[str, str]] = []  # (path, name below the output folder)
+    rest = []
+    for given in inputs:
+        path = Path(given)
+        if path.is_dir():
+            found = _videos_below(path, Path(out).resolve())
+            videos += [(str(p), str(p.relative_to(path))) for p in found]
+            if not found or any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.rglob("*")):
+                rest.append(given)  # its images are the photo path's (a folder of neither: `no_images` there)
+        elif is_video(given):
+            videos.append((given, path.name))
+        else:
+            rest.append(given)
+    planned, refused = [], []
+    single = len(videos) == 1 and is_video(out) and not Path(out).is_dir()
+    for path, name in videos:
+        target = Path(out) if single else Path(out) / video_output_name(name)
+        if target.resolve() == Path(path).resolve():
+            refused.append((path, f"name_clash: the output {target} is the input"))
+        else:
+            planned.append((path, str(target)))
+    return planned, rest, refused
+
+
+def _videos_below(folder: Path, outputs: Path) -> list[Path]:
+    """The videos below `folder`, sorted: hidden files and folders skipped, and those below the output folder
+    `outputs` (an earlier run's outputs are no inputs)."""
+    found = []
+    for path in folder.rglob("*"):
+        hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
+        if path.is_file() and is_video(path.name) and not hidden and outputs not in path.resolve().parents:
+            found.append(path)
+    return sorted(found)
+
+
+def _open(src: str):
+    import av
+
+    try:
+        container = av.open(src)
+    except FileNotFoundError:
+        raise VideoRefused("missing: no such file") from None
+    except (av.error.InvalidDataError, av.error.FFmpegError, UnicodeDecodeError) as e:
+        raise VideoRefused(f"not_a_video: FFmpeg cannot read it ({e})") from None
+    if not container.streams.video:
+        container.close()
+        raise VideoRefused("no_video_track: the file holds no video stream")
+    return container
+
+
+def _check(stream, max_pixels: int) -> str:
+    """Refuse what cannot be colorized faithfully; returns a note on what the output will not keep."""
+    context = stream.codec_context
+    width, height = context.width, context.height
+    if width * height > max_pixels:
+        raise VideoRefused(f"too_large: {width}x{height} frames, over --max-pixels {max_pixels}")
+    transfer = int(getattr(context, "color_trc", 0) or 0)
+    if transfer in HDR_TRANSFERS:
+        raise VideoRefused(
+            f"hdr: the video is HDR (transfer {HDR_TRANSFERS[transfer]}); tone-map it to SDR first, e.g. "
+            "ffmpeg -i in.mp4 -vf zscale=t=linear,tonemap=hable,zscale=t=bt709:m=bt709,format=yuv420p out.mp4"
+        )
+    fmt = context.format
+    bits = max((component.bits for component in fmt.components), default=8) if fmt is not None else 8
+    return f"a {bits}-bit source written in 8 bits" if bits > 8 else ""
+
+
+def _output_streams(out, source, audio, options: VideoOptions, rotation: int):
+    codec = CODECS[options.codec]
+    rate = source.average_rate or source.guessed_rate or Fraction(25)
+    video = out.add_stream(codec, rate=rate)
+    width, height = source.codec_context.width, source.codec_context.height
+    video.width, video.height = width, height
+    video.time_base = source.time_base
+    if options.codec == "ffv1":
+        video.pix_fmt = "bgr0"  # lossless RGB
+    elif options.codec == "vp9":
+        video.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
+        video.options = {"crf": str(options.crf), "b": "0"}
+    else:  # 4:2:0 needs even sides; 4:4:4 takes any (and is what crf 0 needs to be lossless)
+        even = width % 2 == 0 and height % 2 == 0
+        video.pix_fmt = "yuv420p" if even and options.crf > 0 else "yuv444p"
+        video.options = {"crf": str(options.crf), "preset": "medium"}
+    if rotation:
+        video.metadata["rotate"] = str(-rotation % 360)
+    copied = out.add_stream_from_template(audio) if audio is not None else None
+    return video, copied
+
+
+def colorize_video(generator, size: int, resize: str, device: torch.device, src: str, dst: str,
+                   options: VideoOptions = VideoOptions(), progress: bool = True) -> VideoResult:  # fmt: skip
+    """Colorize the video file `src` into `dst` (written whole: a temporary file beside it, then renamed).
+
+    Raises:
+        VideoRefused: `src` cannot be colorized (see the module); nothing is left at `dst`.
+    """
+    import av
+    from tqdm.auto import tqdm
+
+    from pipeline.models.saved import min_side
+
+    if options.codec not in CODECS:
+        raise VideoRefused(f"bad_option: --codec must be one of {', '.join(CODECS)}, got {options.codec!r}")
+    source_file = _open(src)
+    target = Path(dst)
+    temp = target.with_name(f".{target.name}.{os.getpid()}.partial{target.suffix}")
+    try:
+        with source_file:
+            source = source_file.streams.video[0]
+            source.thread_type = "AUTO"
+            note = _check(source, options.max_pixels)
+            time_base, fps = source.time_base, float(source.average_rate or 0)
+            audio = source_file.streams.audio[0] if source_file.streams.audio else None
+            target.parent.mkdir(parents=True, exist_ok=True)
+            multiple = min_side(generator)
+            smoother = FlowSmoother() if options.temporal else None
+            frames, last_pts, started = 0, None, time.perf_counter()
+            total = source.frames or None
+            with av.open(str(temp), "w") as out, tqdm(total=total, unit="frame", desc=Path(src).name,
+                                                       disable=not progress) as bar:  # fmt: skip
+                rotation = 0
+                video_out, audio_out, pending = None, None, []
+
+                def flush() -> None:
+                    nonlocal frames
+                    if not pending:
+                        return
+                    photos = [frame.to_ndarray(format="rgb24") for frame in pending]
+                    inputs = [network_input(rgb, size, multiple, resize) for rgb in photos]
+                    predicted = predict_photos(generator, inputs, device)
+                    for frame, rgb, (light, crop), ab in zip(pending, photos, inputs, predicted, strict=True):
+                        if smoother is not None:
+                            ab = smoother(light[:, : crop[0], : crop[1]], ab)
+                        colored = av.VideoFrame.from_ndarray(compose(rgb, ab), format="rgb24")
+                        colored.pts, colored.time_base = frame.pts, frame.time_base
+                        for packet in video_out.encode(colored):
+                            out.mux(packet)
+                    frames += len(pending)
+                    bar.update(len(pending))
+                    pending.clear()
+
+                streams = [source] + ([audio] if audio is not None else [])
+                try:
+                    for packet in source_file.demux(*streams):
+                        if packet.stream is audio:
+                            if packet.dts is not None and audio_out is not None:
+                                packet.stream = audio_out
+                                out.mux(packet)
+                            continue
+                        for frame in packet.decode():
+                            if video_out is None:
+                                rotation = int(getattr(frame, "rotation", 0) or 0)
+                                video_out, audio_out = _output_streams(out, source, audio, options, rotation)
+                            pending.append(frame)
+                            last_pts = frame.pts
+                            if len(pending) >= options.batch_size:
+                                flush()
+                except av.error.FFmpegError as e:
+                    raise VideoRefused(f"corrupt: the stream breaks off after frame {frames + len(pending)} "
+                                       f"({e})") from None  # fmt: skip
+                if video_out is None:
+                    raise VideoRefused("corrupt: the video track holds no decodable frame")
+                flush()
+                for packet in video_out.encode(None):
+                    out.mux(packet)
+        os.replace(temp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+    seconds = float((last_pts or 0) * time_base) if time_base else 0.0
+    return VideoResult(frames=frames, seconds=seconds, fps=fps, audio=audio is not None, note=note,
+                       elapsed=time.perf_counter() - started)  # fmt: skip
