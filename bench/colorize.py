@@ -2,6 +2,7 @@
 
     python bench/colorize.py                   # 256 generated 500x375 photos, the full recipe's U-Net
     python bench/colorize.py --count 64 --json
+    python bench/colorize.py --video          # films: frames/s and flicker with and without the temporal step
 
 Every configuration colorizes the same photos with the same generator (the recipe's 54.4M-parameter
 U-Net at 256 px, untrained: the cost does not depend on the weights) into a fresh folder, through
@@ -9,6 +10,15 @@ the code the commands run (`pipeline.colorize.local.colorize`, `pipeline.coloriz
 The single-process command uses torch's threads on every core; a Ray actor holds one CPU. The Ray
 job's time includes its start (listing, the model put into the object store, the actors' start), not
 the local Ray instance's. With a GPU, images/s per GPU at batch 32 on one actor is printed too.
+
+--video: two generated 5-second clips at 320x240 and 10 fps whose motion is known (a still scene with camera
+noise of +-4 levels; a picture panned 2 px a frame), colorized through `pipeline.colorize.video` with and
+without the temporal step, one process (one actor's share: torch on one thread). Reported: frames/s, and
+flicker, the mean absolute change of a and b between consecutive frames where the scene does not move (the
+whole still scene; none of the pan): of the colour the network adds (at its resolution: what the step
+controls) and of the output (which also moves with the noise of the source's L, kept by design). The
+generator is the recipe's U-Net untrained, its last layer 30x stronger so that its colours follow the noise
+as an undertrained model's do (an untrained one's hardly move).
 """
 
 from __future__ import annotations
@@ -28,12 +38,77 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 
+def ab_change(sequence) -> float:
+    """Mean absolute change of ab (network units x AB_NORM: CIE Lab units) between consecutive frames."""
+    from ingest.lab import AB_NORM
+
+    steps = [float((b - a).abs().mean()) for a, b in zip(sequence, sequence[1:], strict=False)]
+    return AB_NORM * sum(steps) / len(steps)
+
+
+def video_bench(seconds: int = 5, fps: int = 10) -> dict:
+    """Frames/s and flicker of the still and the panned clip, with and without the temporal step."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from fixtures.videos import clip_frames, read_clip, write_clip
+
+    from pipeline.colorize.pixels import network_input, predict_photos
+    from pipeline.colorize.video import FlowSmoother, VideoOptions, colorize_video, flicker
+    from pipeline.models.saved import GeneratorSpec, min_side
+
+    torch.set_num_threads(1)
+    spec = GeneratorSpec("unet_256", "batch", 64, 8, 256)
+    generator = spec.build().eval()
+    last = [m for m in generator.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))][-1]
+    with torch.no_grad():
+        last.weight.mul_(30)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench-video-") as scratch:
+        root = Path(scratch)
+        for scene in ("still", "pan"):
+            frames = clip_frames(seconds * fps, 320, 240, still=scene == "still")
+            src = write_clip(root / f"{scene}.mkv", frames, fps=fps)
+            inputs = [network_input(f, 256, min_side(generator), "cover") for f in frames]
+            predicted = [ab for start in range(0, len(inputs), 8)
+                         for ab in predict_photos(generator, inputs[start : start + 8], torch.device("cpu"))]  # fmt: skip
+            smoother = FlowSmoother()
+            smoothed = [smoother(x[:, : c[0], : c[1]], ab) for (x, c), ab in zip(inputs, predicted, strict=True)]
+            for temporal in (False, True):
+                name = f"{scene}_{'temporal' if temporal else 'plain'}"
+                options = VideoOptions(codec="ffv1", temporal=temporal)
+                result = colorize_video(generator, 256, "cover", torch.device("cpu"), str(src),
+                                        str(root / f"{name}.mkv"), options, progress=False)  # fmt: skip
+                added = smoothed if temporal else predicted
+                row = {"frames_per_s": result.frames / result.elapsed, "network_ab_change": ab_change(added)}
+                if scene == "still":
+                    row["output_flicker"] = flicker(read_clip(root / f"{name}.mkv")[0])
+                results[name] = row
+                print(f"{name:16} {row['frames_per_s']:6.2f} frames/s  network ab change {row['network_ab_change']:.4f}"
+                      + (f"  output flicker {row['output_flicker']:.4f}" if "output_flicker" in row else ""),
+                      flush=True)  # fmt: skip
+        still_plain, still_smooth = results["still_plain"], results["still_temporal"]
+        results["still_network_flicker_ratio"] = still_smooth["network_ab_change"] / still_plain["network_ab_change"]
+        results["cost_ratio"] = still_plain["frames_per_s"] / still_smooth["frames_per_s"]
+    print(
+        f"still scene: the network's ab change x{results['still_network_flicker_ratio']:.2f} with the step; "
+        f"cost per frame x{results['cost_ratio']:.2f}"
+    )
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=256, help="photos (default: 256)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--video", action="store_true", help="films instead: frames/s and flicker (see above)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.video:
+        report = {"machine": machine(), **video_bench()}
+        if args.json:
+            print(json.dumps(report, indent=2))
+        return 0
 
     import ray
     import torch

@@ -85,39 +85,66 @@ class VideoResult:
 
 
 class FlowSmoother:
-    """The temporal step: each frame's predicted ab (2, h, w) blended with the previous result warped along DIS
-    optical flow, where forward and backward flow agree within `tolerance` pixels."""
+    """The temporal step: each frame's predicted ab (2, h, w), at the network's resolution, blended with the
+    previous result where the scene is known there: unchanged regions (L differs by less than `still` levels
+    after a 5x5 blur, which the camera's noise stays under) take the previous ab as it was; moving ones take it
+    carried along DIS optical flow where forward and backward flow agree within `tolerance` pixels; elsewhere
+    (occlusions, new content) the prediction stands. `weight` is the previous result's share where it is used."""
 
-    def __init__(self, weight: float = 0.85, tolerance: float = 1.0):
+    def __init__(self, weight: float = 0.85, tolerance: float = 1.0, still: float = 3.0):
         import cv2
 
         self.cv2 = cv2
         self.flow = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
-        self.weight, self.tolerance = weight, tolerance
+        self.weight, self.tolerance, self.still = weight, tolerance, still
         self.previous: tuple[np.ndarray, np.ndarray] | None = None  # (L as uint8, ab) of the last frame
 
     def __call__(self, light: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
         """`light`: the frame's network input (1, h, w) in [-1, 1]; `ab`: its prediction (2, h, w)."""
+        cv2 = self.cv2
         gray = ((light[0].numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
-        current = ab.numpy()
+        current = ab.numpy().astype(np.float32)
         if self.previous is not None and self.previous[0].shape == gray.shape:
             last_gray, last_ab = self.previous
-            backward = self.flow.calc(gray, last_gray, None)  # where each pixel of this frame was in the last
-            forward = self.flow.calc(last_gray, gray, None)
-            height, width = gray.shape
-            grid_x, grid_y = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
-            map_x, map_y = grid_x + backward[..., 0], grid_y + backward[..., 1]
-            cv2 = self.cv2
-            warped = np.stack([cv2.remap(c, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-                               for c in last_ab])  # fmt: skip
-            # Forward-backward check: following the backward flow, then the forward one, should come home.
-            there = np.stack([cv2.remap(forward[..., i], map_x, map_y, cv2.INTER_LINEAR) for i in (0, 1)], axis=-1)
-            error = np.linalg.norm(backward + there, axis=-1)
-            inside = (map_x >= 0) & (map_x <= width - 1) & (map_y >= 0) & (map_y <= height - 1)
-            reliable = ((error < self.tolerance) & inside).astype(np.float32) * self.weight
-            current = reliable * warped + (1 - reliable) * current
-        self.previous = (gray, current.astype(np.float32))
-        return torch.from_numpy(current.astype(np.float32))
+            change = cv2.blur(np.abs(gray.astype(np.float32) - last_gray.astype(np.float32)), (5, 5))
+            unchanged = change < self.still
+            warped, followed = self._carried(gray, last_gray, last_ab)
+            followed &= ~unchanged
+            carried = np.where(unchanged, last_ab, warped)
+            share = (unchanged | followed).astype(np.float32) * self.weight
+            current = share * carried + (1 - share) * current
+        self.previous = (gray, current)
+        return torch.from_numpy(current)
+
+    def _carried(self, gray: np.ndarray, last_gray: np.ndarray, last_ab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The last ab carried along the flow to this frame, and where that flow is reliable."""
+        cv2 = self.cv2
+        backward = self.flow.calc(gray, last_gray, None)  # where each pixel of this frame was in the last
+        forward = self.flow.calc(last_gray, gray, None)
+        height, width = gray.shape
+        grid_x, grid_y = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
+        map_x, map_y = grid_x + backward[..., 0], grid_y + backward[..., 1]
+        warped = np.stack([cv2.remap(c, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+                           for c in last_ab])  # fmt: skip
+        # Forward-backward check: following the backward flow, then the forward one, should come home.
+        there = np.stack([cv2.remap(forward[..., i], map_x, map_y, cv2.INTER_LINEAR) for i in (0, 1)], axis=-1)
+        error = np.linalg.norm(backward + there, axis=-1)
+        inside = (map_x >= 0) & (map_x <= width - 1) & (map_y >= 0) & (map_y <= height - 1)
+        return warped, (error < self.tolerance) & inside
+
+
+def flicker(frames: list[np.ndarray], moving: list[np.ndarray] | None = None) -> float:
+    """Mean absolute change of a and b (CIE Lab units) between consecutive 8-bit RGB frames, over the pixels that
+    do not move (`moving`: a boolean mask a frame pair, True where the scene moves; default: none moves)."""
+    from skimage.color import rgb2lab
+
+    ab = [rgb2lab(frame)[..., 1:] for frame in frames]
+    changes = []
+    for index in range(1, len(ab)):
+        change = np.abs(ab[index] - ab[index - 1]).mean(axis=-1)
+        keep = ~moving[index - 1] if moving is not None else np.ones(change.shape, bool)
+        changes.append(change[keep])
+    return float(np.concatenate(changes).mean()) if changes else 0.0
 
 
 def list_videos(inputs: list[str], out: str) -> tuple[list[tuple[str, str]], list[str], list[tuple[str, str]]]:
@@ -163,6 +190,18 @@ def _videos_below(folder: Path, outputs: Path) -> list[Path]:
     return sorted(found)
 
 
+def video_library():
+    """PyAV, and OpenCV (the temporal step's optical flow), or a `ConfigError` naming the extra to install."""
+    from ingest.errors import ConfigError
+
+    try:
+        import av
+        import cv2  # noqa: F401 - checked here, once, before any video is opened
+    except ImportError as e:
+        raise ConfigError(f"colorizing videos needs PyAV and OpenCV ({e}): pip install 'recolor[video]'") from None
+    return av
+
+
 def _open(src: str):
     import av
 
@@ -195,6 +234,24 @@ def _check(stream, max_pixels: int) -> str:
     return f"a {bits}-bit source written in 8 bits" if bits > 8 else ""
 
 
+def _check_complete(container, last_pts, time_base, fps: float) -> None:
+    """A file cut short (a broken download) often decodes without an error: its frames end before the duration
+    its header states. Refused as `corrupt` when more than two frames' time is missing."""
+    stream = container.streams.video[0]
+    if stream.duration:
+        stated = float(stream.duration * stream.time_base)
+    elif container.duration and not container.streams.audio:  # the container's: the longest stream's
+        stated = container.duration / 1_000_000  # AV_TIME_BASE
+    else:
+        return
+    if last_pts is None or not time_base:
+        return
+    reached = float(last_pts * time_base) + (1 / fps if fps else 0)
+    if stated - reached > 2 / (fps or 25):
+        raise VideoRefused(f"corrupt: the frames end at {reached:.2f} s of the {stated:.2f} s its header states "
+                           "(a file cut short?)")  # fmt: skip
+
+
 def _output_streams(out, source, audio, options: VideoOptions, rotation: int):
     codec = CODECS[options.codec]
     rate = source.average_rate or source.guessed_rate or Fraction(25)
@@ -202,6 +259,7 @@ def _output_streams(out, source, audio, options: VideoOptions, rotation: int):
     width, height = source.codec_context.width, source.codec_context.height
     video.width, video.height = width, height
     video.time_base = source.time_base
+    video.codec_context.time_base = source.time_base  # the source's timestamps as they are (variable rates too)
     if options.codec == "ffv1":
         video.pix_fmt = "bgr0"  # lossless RGB
     elif options.codec == "vp9":
@@ -224,10 +282,11 @@ def colorize_video(generator, size: int, resize: str, device: torch.device, src:
     Raises:
         VideoRefused: `src` cannot be colorized (see the module); nothing is left at `dst`.
     """
-    import av
     from tqdm.auto import tqdm
 
     from pipeline.models.saved import min_side
+
+    av = video_library()
 
     if options.codec not in CODECS:
         raise VideoRefused(f"bad_option: --codec must be one of {', '.join(CODECS)}, got {options.codec!r}")
@@ -282,7 +341,7 @@ def colorize_video(generator, size: int, resize: str, device: torch.device, src:
                                 rotation = int(getattr(frame, "rotation", 0) or 0)
                                 video_out, audio_out = _output_streams(out, source, audio, options, rotation)
                             pending.append(frame)
-                            last_pts = frame.pts
+                            last_pts = frame.pts if last_pts is None else max(last_pts, frame.pts or 0)
                             if len(pending) >= options.batch_size:
                                 flush()
                 except av.error.FFmpegError as e:
@@ -290,6 +349,7 @@ def colorize_video(generator, size: int, resize: str, device: torch.device, src:
                                        f"({e})") from None  # fmt: skip
                 if video_out is None:
                     raise VideoRefused("corrupt: the video track holds no decodable frame")
+                _check_complete(source_file, last_pts, time_base, fps)
                 flush()
                 for packet in video_out.encode(None):
                     out.mux(packet)
