@@ -70,8 +70,9 @@ def video_bench(seconds: int = 5, fps: int = 10) -> dict:
             frames = clip_frames(seconds * fps, 320, 240, still=scene == "still")
             src = write_clip(root / f"{scene}.mkv", frames, fps=fps)
             inputs = [network_input(f, 256, min_side(generator), "cover") for f in frames]
-            cpu = torch.device("cpu")
-            predicted = [ab for at in range(0, len(inputs), 8) for ab in predict_photos(generator, inputs[at : at + 8], cpu)]
+            predicted = []
+            for start in range(0, len(inputs), 8):
+                predicted += predict_photos(generator, inputs[start : start + 8], torch.device("cpu"))
             smoother = FlowSmoother()
             smoothed = [smoother(x[:, : c[0], : c[1]], ab) for (x, c), ab in zip(inputs, predicted, strict=True)]
             for temporal in (False, True):
