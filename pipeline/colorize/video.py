@@ -2,7 +2,8 @@
 
 Each frame is colorized as a photo is (`pixels`: the network sees its L at the model's side, the ab it predicts
 is upsampled onto the frame's own L), so frames keep the source's luminance. The output keeps the source's frame
-rate and timestamps (variable frame rates included), size, rotation and audio (copied, not re-encoded); the video
+rate and timestamps (variable frame rates included), size and audio (copied, not re-encoded), and a rotated
+source's rotation as the output stream's `rotate` tag (untested with real phone videos); the video
 is encoded with `--codec` at `--crf` into a temporary file beside the output and renamed into place once whole.
 
 Flicker: a network colorizing frame by frame makes still regions shimmer. With `temporal` (the default) each
