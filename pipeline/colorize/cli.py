@@ -105,6 +105,8 @@ def run_colorize(args) -> int:
         raise ConfigError(f"--quality must be in 1..95, got {args.quality}")
     if args.batch_size < 1 or args.actors < 1:
         raise ConfigError("--batch-size and --actors must be at least 1")
+    if not 0 <= args.crf <= 51:
+        raise ConfigError(f"--crf must be in 0..51 (lower is better), got {args.crf}")
     if args.ray and args.side_by_side:
         raise ConfigError("--side-by-side applies without --ray (one process sees every picture)")
     if not args.ray and (args.gpu or args.ray_address or args.actors != 1):
@@ -161,17 +163,22 @@ def run_videos(args, videos: list[tuple[str, str]], refused: list[tuple[str, str
     import torch
 
     from pipeline.colorize.local import load_model
-    from pipeline.colorize.video import VideoOptions, VideoRefused, colorize_video
+    from pipeline.colorize.video import VideoOptions, VideoRefused, colorize_video, written_by_recolor
     from pipeline.models import set_inference_mode
 
     device = torch.device(args.device)
     options = VideoOptions(codec=args.codec, crf=args.crf, temporal=args.temporal, batch_size=args.batch_size,
                            max_pixels=args.max_pixels)  # fmt: skip
-    failed = list(refused)
-    todo = [(src, dst) for src, dst in videos if args.overwrite or not Path(dst).exists()]
+    failed, todo = list(refused), []
     for src, dst in videos:
-        if (src, dst) not in todo:
+        if not Path(dst).exists():
+            todo.append((src, dst))
+        elif not (args.overwrite or args.overwrite_any):
             print(f"  {dst} is there already (pass --overwrite to redo)")
+        elif args.overwrite_any or written_by_recolor(dst):
+            todo.append((src, dst))
+        else:
+            failed.append((src, f"not_ours: {dst} exists and recolor did not write it; --overwrite-any replaces it"))
     if todo:
         generator, size, resize = load_model(args.model, args.tracking_uri, device, args.trust_pickle, args.size)
         set_inference_mode(generator, args.dropout)

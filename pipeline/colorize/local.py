@@ -99,7 +99,7 @@ def colorize(
             for (uri, name, photo), rgb in zip(pending, colored, strict=True):
                 write_picture(out, uri, name, rgb, options.picture_format, options.quality, summary)
                 if options.side_by_side and len(compared) < SIDE_BY_SIDE_ROWS:
-                    compared.append((name, photo, rgb))
+                    compared.append((name, thumbnail(photo), thumbnail(rgb)))  # not 16 full-size photos
         pending.clear()
 
     with tqdm(total=len(todo), unit="img", desc="colorize", disable=not options.progress) as bar:
@@ -113,21 +113,28 @@ def colorize(
             bar.update(1)
         flush()
     if options.side_by_side and compared:
-        write_side_by_side(options.side_by_side, compared)
+        write_side_by_side(options.side_by_side, compared, summary)
     return summary
 
 
-def write_side_by_side(target: str, compared: list[tuple[str, np.ndarray, np.ndarray]]) -> None:
-    """The comparison picture (`side_by_side`) written whole to a path or s3:// URI.
+def thumbnail(rgb: np.ndarray, height: int = 256) -> np.ndarray:
+    """`rgb` at most `height` pixels high, its aspect kept."""
+    from PIL import Image
 
-    Raises:
-        ConfigError: it cannot be written (the pictures themselves are written already).
-    """
-    from ingest.errors import ConfigError
+    if rgb.shape[0] <= height:
+        return rgb
+    width = max(1, round(rgb.shape[1] * height / rgb.shape[0]))
+    return np.asarray(Image.fromarray(rgb).resize((width, height), Image.BICUBIC))
+
+
+def write_side_by_side(target: str, compared: list[tuple[str, np.ndarray, np.ndarray]],
+                       summary: ColorizeSummary) -> None:  # fmt: skip
+    """The comparison picture (`side_by_side`) written whole to a path or s3:// URI; a failure is listed in
+    `summary.failed` (`unwritable`), after the pictures themselves were written."""
     from ingest.storage import open_storage
 
     folder, _, name = target.rstrip("/").rpartition("/")
     try:
         open_storage(folder or ".").write_bytes(name, side_by_side(compared))
     except (OSError, StorageError) as e:
-        raise ConfigError(f"--side-by-side {target}: cannot write it: {e}") from None
+        summary.failed.append((target, f"unwritable: --side-by-side {target}: {e}"))

@@ -35,6 +35,7 @@ VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".mkv", ".m4v", ".avi", ".webm"})
 CODECS = {"h264": "libx264", "h265": "libx265", "vp9": "libvpx-vp9", "ffv1": "ffv1"}  # --codec: FFmpeg encoder
 DEFAULT_CRF = 18  # x264's "visually lossless"
 HDR_TRANSFERS = {16: "smpte2084 (PQ)", 18: "arib-std-b67 (HLG)"}  # AVColorTransferCharacteristic values
+RECOLOR_MARK = "colorized by recolor"  # the container's comment: --overwrite replaces only files that carry it
 DEFAULT_MAX_FRAME_PIXELS = 3840 * 2160 * 2  # 8K UHD is 4x 4K: refused by default (each frame is held whole)
 
 
@@ -169,15 +170,33 @@ def list_videos(inputs: list[str], out: str) -> tuple[list[tuple[str, str]], lis
             videos.append((given, path.name))
         else:
             rest.append(given)
-    planned, refused = [], []
-    single = len(videos) == 1 and is_video(out) and not Path(out).is_dir()
+    from ingest.errors import ConfigError
+
+    single = is_video(out) and not Path(out).is_dir()
+    if single and not (len(videos) == 1 and len(inputs) == 1 and not Path(inputs[0]).is_dir()):
+        raise ConfigError(f"-o {out} names one output film: give it one input film (for several, -o a folder)")
+    planned, refused, claimed = [], [], {}
     for path, name in videos:
         target = Path(out) if single else Path(out) / video_output_name(name)
         if target.resolve() == Path(path).resolve():
             refused.append((path, f"name_clash: the output {target} is the input"))
+        elif target in claimed:
+            refused.append((path, f"name_clash: its output {target} is already that of {claimed[target]}"))
         else:
+            claimed[target] = path
             planned.append((path, str(target)))
     return planned, rest, refused
+
+
+def written_by_recolor(path: str) -> bool:
+    """Whether the video at `path` is one recolor wrote (its container's comment says so)."""
+    import av
+
+    try:
+        with av.open(path) as container:
+            return container.metadata.get("comment") == RECOLOR_MARK
+    except (av.error.FFmpegError, OSError):
+        return False
 
 
 def _videos_below(folder: Path, outputs: Path) -> list[Path]:
@@ -235,20 +254,22 @@ def _check(stream, max_pixels: int) -> str:
     return f"a {bits}-bit source written in 8 bits" if bits > 8 else ""
 
 
-def _check_complete(container, last_pts, time_base, fps: float) -> None:
+def _check_complete(container, stream, end) -> None:
     """A file cut short (a broken download) often decodes without an error: its frames end before the duration
-    its header states. Refused as `corrupt` when more than two frames' time is missing."""
-    stream = container.streams.video[0]
+    its header states (the video stream's, or the container's when the video is its only stream). Refused as
+    `corrupt` when more than two frames' time (at least 0.2 s) is missing. `end`: where the last frame ends (its
+    timestamp plus its duration), in the stream's time base."""
+    if end is None or not stream.time_base:
+        return
     if stream.duration:
-        stated = float(stream.duration * stream.time_base)
-    elif container.duration and not container.streams.audio:  # the container's: the longest stream's
-        stated = container.duration / 1_000_000  # AV_TIME_BASE
+        stated = float((stream.duration + (stream.start_time or 0)) * stream.time_base)
+    elif container.duration and len(container.streams) == 1:
+        stated = container.duration / 1_000_000 + float((stream.start_time or 0) * stream.time_base)
     else:
         return
-    if last_pts is None or not time_base:
-        return
-    reached = float(last_pts * time_base) + (1 / fps if fps else 0)
-    if stated - reached > 2 / (fps or 25):
+    reached = float(end * stream.time_base)
+    rate = float(stream.average_rate or 25)
+    if stated - reached > max(2 / rate, 0.2):
         raise VideoRefused(f"corrupt: the frames end at {reached:.2f} s of the {stated:.2f} s its header states "
                            "(a file cut short?)")  # fmt: skip
 
@@ -256,7 +277,13 @@ def _check_complete(container, last_pts, time_base, fps: float) -> None:
 def _output_streams(out, source, audio, options: VideoOptions, rotation: int):
     codec = CODECS[options.codec]
     rate = source.average_rate or source.guessed_rate or Fraction(25)
-    video = out.add_stream(codec, rate=rate)
+    try:
+        video = out.add_stream(codec, rate=rate)
+    except ValueError as e:
+        suffix = Path(out.name).suffix
+        raise VideoRefused(f"bad_option: --codec {options.codec} cannot be written in a {suffix} file ({e}); "
+                           "use .mkv, which takes every codec") from None  # fmt: skip
+    out.metadata["comment"] = RECOLOR_MARK
     width, height = source.codec_context.width, source.codec_context.height
     video.width, video.height = width, height
     video.time_base = source.time_base
@@ -276,24 +303,113 @@ def _output_streams(out, source, audio, options: VideoOptions, rotation: int):
     return video, copied
 
 
+class _Film:
+    """The output being written: its streams (made at the first decoded frame, which knows the rotation), the
+    frames waiting for a generator call, the audio that arrived before the video streams existed."""
+
+    def __init__(self, out, source, audio, options: VideoOptions, colorize_frames, bar):
+        self.out, self.source, self.audio, self.options = out, source, audio, options
+        self.colorize_frames, self.bar = colorize_frames, bar
+        self.video_out = self.audio_out = None
+        self.pending: list = []
+        self.early_audio: list = []
+        self.frames = 0
+        self.end = None  # the latest frame end seen, in the source's time base
+
+    def add_audio(self, packet) -> None:
+        if packet.dts is None:  # a flush packet
+            return
+        if self.audio_out is None:
+            self.early_audio.append(packet)
+            return
+        packet.stream = self.audio_out
+        self._mux(packet)
+
+    def add_frame(self, frame) -> None:
+        if self.video_out is None:
+            rotation = int(getattr(frame, "rotation", 0) or 0)
+            self.video_out, self.audio_out = _output_streams(self.out, self.source, self.audio, self.options, rotation)
+            for packet in self.early_audio:
+                self.add_audio(packet)
+            self.early_audio.clear()
+        self.pending.append(frame)
+        end = (frame.pts or 0) + int(getattr(frame, "duration", 0) or 0)
+        self.end = end if self.end is None else max(self.end, end)
+        if len(self.pending) >= self.options.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        import av
+
+        if not self.pending:
+            return
+        for frame, array in zip(self.pending, self.colorize_frames(self.pending), strict=True):
+            colored = av.VideoFrame.from_ndarray(array, format="rgb24")
+            colored.pts, colored.time_base = frame.pts, frame.time_base
+            for packet in self._encode(colored):
+                self._mux(packet)
+        self.frames += len(self.pending)
+        self.bar.update(len(self.pending))
+        self.pending.clear()
+
+    def finish(self) -> None:
+        self.flush()
+        for packet in self._encode(None):
+            self._mux(packet)
+
+    def _encode(self, frame) -> list:
+        import av
+
+        try:
+            return self.video_out.encode(frame)
+        except av.error.FFmpegError as e:
+            raise VideoRefused(f"unwritable: the {self.options.codec} encoder failed: {e}") from None
+
+    def _mux(self, packet) -> None:
+        import av
+
+        try:
+            self.out.mux(packet)
+        except av.error.FFmpegError as e:
+            raise VideoRefused(f"unwritable: writing the output failed: {e}") from None
+
+
+def _frame_colorizer(generator, size: int, resize: str, device: torch.device, temporal: bool):
+    """frames -> their colorized 8-bit RGB arrays, the temporal step carried from call to call."""
+    from pipeline.models.saved import min_side
+
+    multiple = min_side(generator)
+    smoother = FlowSmoother() if temporal else None
+
+    def colorize_frames(frames: list) -> list[np.ndarray]:
+        photos = [frame.to_ndarray(format="rgb24") for frame in frames]
+        inputs = [network_input(rgb, size, multiple, resize) for rgb in photos]
+        colored = []
+        for rgb, (light, crop), ab in zip(photos, inputs, predict_photos(generator, inputs, device), strict=True):
+            if smoother is not None:
+                ab = smoother(light[:, : crop[0], : crop[1]], ab)
+            colored.append(compose(rgb, ab))
+        return colored
+
+    return colorize_frames
+
+
 def colorize_video(generator, size: int, resize: str, device: torch.device, src: str, dst: str,
                    options: VideoOptions = VideoOptions(), progress: bool = True) -> VideoResult:  # fmt: skip
     """Colorize the video file `src` into `dst` (written whole: a temporary file beside it, then renamed).
 
     Raises:
-        VideoRefused: `src` cannot be colorized (see the module); nothing is left at `dst`.
+        VideoRefused: `src` cannot be colorized, or `dst` not written (see the module); nothing is left at `dst`.
     """
     from tqdm.auto import tqdm
 
-    from pipeline.models.saved import min_side
-
     av = video_library()
-
     if options.codec not in CODECS:
         raise VideoRefused(f"bad_option: --codec must be one of {', '.join(CODECS)}, got {options.codec!r}")
     source_file = _open(src)
     target = Path(dst)
     temp = target.with_name(f".{target.name}.{os.getpid()}.partial{target.suffix}")
+    started = time.perf_counter()
     try:
         with source_file:
             source = source_file.streams.video[0]
@@ -301,63 +417,41 @@ def colorize_video(generator, size: int, resize: str, device: torch.device, src:
             note = _check(source, options.max_pixels)
             time_base, fps = source.time_base, float(source.average_rate or 0)
             audio = source_file.streams.audio[0] if source_file.streams.audio else None
-            target.parent.mkdir(parents=True, exist_ok=True)
-            multiple = min_side(generator)
-            smoother = FlowSmoother() if options.temporal else None
-            frames, last_pts, started = 0, None, time.perf_counter()
-            total = source.frames or None
-            with av.open(str(temp), "w") as out, tqdm(total=total, unit="frame", desc=Path(src).name,
-                                                       disable=not progress) as bar:  # fmt: skip
-                rotation = 0
-                video_out, audio_out, pending = None, None, []
-
-                def flush() -> None:
-                    nonlocal frames
-                    if not pending:
-                        return
-                    photos = [frame.to_ndarray(format="rgb24") for frame in pending]
-                    inputs = [network_input(rgb, size, multiple, resize) for rgb in photos]
-                    predicted = predict_photos(generator, inputs, device)
-                    for frame, rgb, (light, crop), ab in zip(pending, photos, inputs, predicted, strict=True):
-                        if smoother is not None:
-                            ab = smoother(light[:, : crop[0], : crop[1]], ab)
-                        colored = av.VideoFrame.from_ndarray(compose(rgb, ab), format="rgb24")
-                        colored.pts, colored.time_base = frame.pts, frame.time_base
-                        for packet in video_out.encode(colored):
-                            out.mux(packet)
-                    frames += len(pending)
-                    bar.update(len(pending))
-                    pending.clear()
-
-                streams = [source] + ([audio] if audio is not None else [])
-                try:
-                    for packet in source_file.demux(*streams):
-                        if packet.stream is audio:
-                            if packet.dts is not None and audio_out is not None:
-                                packet.stream = audio_out
-                                out.mux(packet)
-                            continue
-                        for frame in packet.decode():
-                            if video_out is None:
-                                rotation = int(getattr(frame, "rotation", 0) or 0)
-                                video_out, audio_out = _output_streams(out, source, audio, options, rotation)
-                            pending.append(frame)
-                            last_pts = frame.pts if last_pts is None else max(last_pts, frame.pts or 0)
-                            if len(pending) >= options.batch_size:
-                                flush()
-                except av.error.FFmpegError as e:
-                    raise VideoRefused(f"corrupt: the stream breaks off after frame {frames + len(pending)} "
-                                       f"({e})") from None  # fmt: skip
-                if video_out is None:
-                    raise VideoRefused("corrupt: the video track holds no decodable frame")
-                _check_complete(source_file, last_pts, time_base, fps)
-                flush()
-                for packet in video_out.encode(None):
-                    out.mux(packet)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                out = av.open(str(temp), "w")
+            except (OSError, av.error.FFmpegError) as e:
+                raise VideoRefused(f"unwritable: {target}: {e}") from None
+            colorize_frames = _frame_colorizer(generator, size, resize, device, options.temporal)
+            with out, tqdm(total=source.frames or None, unit="frame", desc=Path(src).name, disable=not progress) as bar:
+                film = _Film(out, source, audio, options, colorize_frames, bar)
+                _decode_into(source_file, source, audio, film)
+                _check_complete(source_file, source, film.end)
+                film.finish()
         os.replace(temp, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
-    seconds = float((last_pts or 0) * time_base) if time_base else 0.0
-    return VideoResult(frames=frames, seconds=seconds, fps=fps, audio=audio is not None, note=note,
+    seconds = float((film.end or 0) * time_base) if time_base else 0.0
+    return VideoResult(frames=film.frames, seconds=seconds, fps=fps, audio=audio is not None, note=note,
                        elapsed=time.perf_counter() - started)  # fmt: skip
+
+
+def _decode_into(source_file, source, audio, film: _Film) -> None:
+    """Demux and decode the source into `film`; a stream that breaks off is `corrupt` (encoder and writer errors
+    are `unwritable`, raised as such by `film`)."""
+    import av
+
+    streams = [source] + ([audio] if audio is not None else [])
+    try:
+        for packet in source_file.demux(*streams):
+            if packet.stream is audio:
+                film.add_audio(packet)
+                continue
+            for frame in packet.decode():
+                film.add_frame(frame)
+    except av.error.FFmpegError as e:
+        raise VideoRefused(f"corrupt: the stream breaks off after frame {film.frames + len(film.pending)} "
+                           f"({e})") from None  # fmt: skip
+    if film.video_out is None:
+        raise VideoRefused("corrupt: the video track holds no decodable frame")

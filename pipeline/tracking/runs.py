@@ -288,8 +288,11 @@ def finish_run(tracking_uri: str, run_id: str, name: str, plan, metrics: dict, p
     if validated:  # the experiment's chart view opens on this run's last sample grid
         from pipeline.tracking.charts import save_chart_view
 
-        route = save_chart_view(client, client.get_run(run_id).info.experiment_id, max(m.step for m in validated))
-        result += f"\n\nThe sample grids by step, beside the charts: [chart view]({route})."
+        try:
+            route = save_chart_view(client, client.get_run(run_id).info.experiment_id, max(m.step for m in validated))
+            result += f"\n\nThe sample grids by step, beside the charts: [chart view]({route})."
+        except Exception as e:  # noqa: BLE001 - a view is not worth the registered model
+            log.warning("could not save the experiment's chart view: %s: %s", type(e).__name__, e)
     if result:  # first under the title, where the run page shows it without "Show more"
         note = client.get_run(run_id).data.tags.get(NOTE_TAG, "")
         title, details = note.split("\n", 1)[0], note.partition(DETAILS_HEADING)[2]

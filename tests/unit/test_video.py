@@ -60,7 +60,7 @@ def test_rate_timestamps_audio_and_odd_sides_are_kept(generator, tmp_path) -> No
     frames, out_pts, info = read_clip(tmp_path / "out.mp4")
     assert len(frames) == len(source_frames) == result.frames and out_pts == source_pts
     assert info["audio"] and result.audio and (info["width"], info["height"]) == (47, 33)
-    assert result.seconds == pytest.approx(12 / 25)  # the last frame's time, as the source's timestamps say
+    assert 12 / 25 < result.seconds <= 16 / 25  # where the last frame (at tick 12) ends
 
 
 def shimmering(generator):
@@ -162,3 +162,41 @@ def _audio_only(path: Path) -> None:
         silence.sample_rate, silence.pts = 16000, 0
         for packet in [*sound.encode(silence), *sound.encode(None)]:
             out.mux(packet)
+
+
+def audio_packets(path: Path) -> int:
+    import av
+
+    with av.open(str(path)) as container:
+        return sum(1 for packet in container.demux(container.streams.audio[0]) if packet.dts is not None)
+
+
+def test_every_audio_packet_is_copied_even_those_before_the_first_decoded_frame(generator, tmp_path) -> None:
+    src = write_clip(tmp_path / "talk.mp4", clip_frames(20, 32, 32), codec="h264", audio=True)
+    colorize_file(generator, src, tmp_path / "out.mp4")
+    assert audio_packets(tmp_path / "out.mp4") == audio_packets(src) > 0
+
+
+def test_outputs_never_clash_never_replace_a_stranger_and_a_codec_must_fit_its_file(model, tmp_path, capsys) -> None:
+    for name in ("c.avi", "c.webm"):  # both would be c.mkv
+        write_clip(
+            tmp_path / "x" / name, clip_frames(2, 32, 32), codec="mpeg4" if name.endswith("avi") else "libvpx-vp9"
+        )
+    base = ["colorize", "--model", str(model), "--size", "64", "--no-progress"]
+    assert main([*base, str(tmp_path / "x"), "-o", str(tmp_path / "out")]) == 1
+    assert "name_clash" in capsys.readouterr().err and [p.name for p in (tmp_path / "out").iterdir()] == ["c.mkv"]
+
+    film = write_clip(tmp_path / "a.mp4", clip_frames(2, 32, 32), codec="h264")
+    assert main([*base, str(film), str(film), "-o", str(tmp_path / "two.mp4")]) == 2  # one output file, two films
+    assert "names one output film" in capsys.readouterr().err
+
+    stranger = tmp_path / "mine.mp4"
+    stranger.write_bytes(film.read_bytes())  # not written by recolor: --overwrite leaves it
+    assert main([*base, str(film), "-o", str(stranger), "--overwrite"]) == 1
+    assert "not_ours" in capsys.readouterr().err and stranger.read_bytes() == film.read_bytes()
+    assert main([*base, str(film), "-o", str(stranger), "--overwrite-any"]) == 0
+    assert main([*base, str(film), "-o", str(stranger), "--overwrite"]) == 0  # now it is recolor's own
+
+    assert main([*base, str(film), "-o", str(tmp_path / "web.webm")]) == 1  # WebM takes VP8, VP9, AV1 only
+    assert "bad_option: --codec h264 cannot be written in a .webm file" in capsys.readouterr().err
+    assert not (tmp_path / "web.webm").exists() and not list(tmp_path.glob(".*partial*"))
