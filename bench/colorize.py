@@ -54,7 +54,8 @@ def video_bench(seconds: int = 5, fps: int = 10) -> dict:
     from fixtures.videos import clip_frames, read_clip, write_clip
 
     from pipeline.colorize.pixels import network_input, predict_photos
-    from pipeline.colorize.video import FlowSmoother, VideoOptions, colorize_video, flicker
+    from pipeline.colorize.temporal import FlowSmoother, flicker
+    from pipeline.colorize.video import VideoOptions, colorize_video
     from pipeline.models.saved import GeneratorSpec, min_side
 
     torch.set_num_threads(1)

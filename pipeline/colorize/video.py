@@ -30,6 +30,7 @@ import torch
 
 from ingest.sources.folder import IMAGE_EXTENSIONS
 from pipeline.colorize.pixels import compose, network_input, predict_photos
+from pipeline.colorize.temporal import FlowSmoother
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".mkv", ".m4v", ".avi", ".webm"})
 CODECS = {"h264": "libx264", "h265": "libx265", "vp9": "libvpx-vp9", "ffv1": "ffv1"}  # --codec: FFmpeg encoder
@@ -84,69 +85,6 @@ class VideoResult:
     audio: bool
     note: str = ""
     elapsed: float = 0.0  # seconds this took  # what the output could not keep (e.g. a 10-bit source written in 8 bits)
-
-
-class FlowSmoother:
-    """The temporal step: each frame's predicted ab (2, h, w), at the network's resolution, blended with the
-    previous result where the scene is known there: unchanged regions (L differs by less than `still` levels
-    after a 5x5 blur, which the camera's noise stays under) take the previous ab as it was; moving ones take it
-    carried along DIS optical flow where forward and backward flow agree within `tolerance` pixels; elsewhere
-    (occlusions, new content) the prediction stands. `weight` is the previous result's share where it is used."""
-
-    def __init__(self, weight: float = 0.85, tolerance: float = 1.0, still: float = 3.0):
-        import cv2
-
-        self.cv2 = cv2
-        self.flow = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
-        self.weight, self.tolerance, self.still = weight, tolerance, still
-        self.previous: tuple[np.ndarray, np.ndarray] | None = None  # (L as uint8, ab) of the last frame
-
-    def __call__(self, light: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
-        """`light`: the frame's network input (1, h, w) in [-1, 1]; `ab`: its prediction (2, h, w)."""
-        cv2 = self.cv2
-        gray = ((light[0].numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
-        current = ab.numpy().astype(np.float32)
-        if self.previous is not None and self.previous[0].shape == gray.shape:
-            last_gray, last_ab = self.previous
-            change = cv2.blur(np.abs(gray.astype(np.float32) - last_gray.astype(np.float32)), (5, 5))
-            unchanged = change < self.still
-            warped, followed = self._carried(gray, last_gray, last_ab)
-            followed &= ~unchanged
-            carried = np.where(unchanged, last_ab, warped)
-            share = (unchanged | followed).astype(np.float32) * self.weight
-            current = share * carried + (1 - share) * current
-        self.previous = (gray, current)
-        return torch.from_numpy(current)
-
-    def _carried(self, gray: np.ndarray, last_gray: np.ndarray, last_ab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The last ab carried along the flow to this frame, and where that flow is reliable."""
-        cv2 = self.cv2
-        backward = self.flow.calc(gray, last_gray, None)  # where each pixel of this frame was in the last
-        forward = self.flow.calc(last_gray, gray, None)
-        height, width = gray.shape
-        grid_x, grid_y = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
-        map_x, map_y = grid_x + backward[..., 0], grid_y + backward[..., 1]
-        warped = np.stack([cv2.remap(c, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-                           for c in last_ab])  # fmt: skip
-        # Forward-backward check: following the backward flow, then the forward one, should come home.
-        there = np.stack([cv2.remap(forward[..., i], map_x, map_y, cv2.INTER_LINEAR) for i in (0, 1)], axis=-1)
-        error = np.linalg.norm(backward + there, axis=-1)
-        inside = (map_x >= 0) & (map_x <= width - 1) & (map_y >= 0) & (map_y <= height - 1)
-        return warped, (error < self.tolerance) & inside
-
-
-def flicker(frames: list[np.ndarray], moving: list[np.ndarray] | None = None) -> float:
-    """Mean absolute change of a and b (CIE Lab units) between consecutive 8-bit RGB frames, over the pixels that
-    do not move (`moving`: a boolean mask a frame pair, True where the scene moves; default: none moves)."""
-    from skimage.color import rgb2lab
-
-    ab = [rgb2lab(frame)[..., 1:] for frame in frames]
-    changes = []
-    for index in range(1, len(ab)):
-        change = np.abs(ab[index] - ab[index - 1]).mean(axis=-1)
-        keep = ~moving[index - 1] if moving is not None else np.ones(change.shape, bool)
-        changes.append(change[keep])
-    return float(np.concatenate(changes).mean()) if changes else 0.0
 
 
 def list_videos(inputs: list[str], out: str) -> tuple[list[tuple[str, str]], list[str], list[tuple[str, str]]]:

@@ -11,8 +11,9 @@ folders Ray has no record of (uploads cut short) are deleted (`delete_unrecorded
 
 The payload itself (what a checkpoint holds) is `pipeline.checkpoint`'s.
 
-About 400 lines on purpose: uploads, the resume choice and the record repair keep one guarantee
-together (a resume never starts from a checkpoint that is not whole).
+About 450 lines on purpose: uploads, the resume choice, the record repair and the reading of that record
+(`latest_recorded`, `recorded_checkpoints`) keep one guarantee together (a resume never starts from a
+checkpoint that is not whole).
 """
 
 from __future__ import annotations

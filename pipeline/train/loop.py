@@ -10,7 +10,7 @@ as fake and (L, true ab) as real; then one generator update (GAN loss of fakes j
 lambda * L1) with the discriminator frozen. A stage without a GAN loss (the ResNet18 recipe's
 pretraining) updates the generator on L1 alone.
 
-About 650 lines on purpose: one class whose steps, epochs, validation (FID included) and checkpoints share one
+About 700 lines on purpose: one class whose steps, epochs, validation (FID included) and checkpoints share one
 rank's state (networks, optimizers, position, the epoch's worker groups); the few helpers beside it (the
 progress bar, the step window, the shard cache's choice, two test hooks) are used only here.
 """
@@ -62,6 +62,18 @@ def unwrap(model: nn.Module) -> nn.Module:
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
         model = getattr(model, "module", None) or model._orig_mod
     return model
+
+
+def precision(config: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, torch.memory_format]:
+    """The autocast dtype (None: fp32) and memory format of the training step: on CUDA `amp` and `channels_last`;
+    on CPUs bf16 and channels_last where `cpu_amp` turns them on (`pipeline.train.throughput.cpu_autocast`)."""
+    if device.type == "cuda":
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp)
+        return dtype, torch.channels_last if config.channels_last else torch.contiguous_format
+    from pipeline.train.throughput import cpu_autocast
+
+    on = cpu_autocast(config.cpu_amp)
+    return (torch.bfloat16 if on else None), (torch.channels_last if on else torch.contiguous_format)
 
 
 def floats(values: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -146,15 +158,7 @@ class ColorizerTrainer:
         self.report = report or (lambda metrics, payload: None)
         self.position = Position()
         self.cuda = device.type == "cuda"
-        if self.cuda:
-            self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp)
-            self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-        else:
-            from pipeline.train.throughput import cpu_autocast
-
-            on = cpu_autocast(config.cpu_amp)
-            self.autocast_dtype = torch.bfloat16 if on else None
-            self.memory_format = torch.channels_last if on else torch.contiguous_format
+        self.autocast_dtype, self.memory_format = precision(config, device)
 
         model = config.model
         backbone = load_backbone(model.backbone_weights) if model.backbone_weights else None

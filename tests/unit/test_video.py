@@ -75,7 +75,7 @@ def shimmering(generator):
 
 
 def smooth_all(inputs, predicted) -> list[torch.Tensor]:
-    from pipeline.colorize.video import FlowSmoother
+    from pipeline.colorize.temporal import FlowSmoother
 
     smoother = FlowSmoother()
     return [smoother(light[:, : crop[0], : crop[1]], ab) for (light, crop), ab in zip(inputs, predicted, strict=True)]
