@@ -590,7 +590,7 @@ class ColorizerTrainer:
         if not diverged:
             return
         stage = self.config.stages[stage_index]
-        shown = ", ".join(f"{name}={value}" for name, value in bad.items()) or "on another rank"
+        shown = ", ".join(f"{name.removeprefix('train/')}={value}" for name, value in bad.items()) or "on another rank"
         raise NonFiniteLoss(
             f"the losses are not finite at step {self.position.global_step} ({shown}): the run stopped, and its "
             f"latest checkpoint (taken while they were finite) is kept. Lower stages.{stage_index}.lr "
