@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ingest.errors import ConfigError
 from ingest.sources.folder import IMAGE_EXTENSIONS
 from pipeline.colorize.pixels import compose, network_input, predict_photos
 from pipeline.colorize.temporal import FlowSmoother
@@ -83,8 +84,8 @@ class VideoResult:
     seconds: float  # the source's duration as its timestamps say
     fps: float
     audio: bool
-    note: str = ""
-    elapsed: float = 0.0  # seconds this took  # what the output could not keep (e.g. a 10-bit source written in 8 bits)
+    note: str = ""  # what the output could not keep (e.g. a 10-bit source written in 8 bits)
+    elapsed: float = 0.0  # seconds this took
 
 
 def list_videos(inputs: list[str], out: str) -> tuple[list[tuple[str, str]], list[str], list[tuple[str, str]]]:
@@ -100,16 +101,14 @@ def list_videos(inputs: list[str], out: str) -> tuple[list[tuple[str, str]], lis
     for given in inputs:
         path = Path(given)
         if path.is_dir():
-            found = _videos_below(path, Path(out).resolve())
+            found, has_images = _videos_below(path, Path(out).resolve())
             videos += [(str(p), str(p.relative_to(path))) for p in found]
-            if not found or any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.rglob("*")):
+            if not found or has_images:
                 rest.append(given)  # its images are the photo path's (a folder of neither: `no_images` there)
         elif is_video(given):
             videos.append((given, path.name))
         else:
             rest.append(given)
-    from ingest.errors import ConfigError
-
     single = is_video(out) and not Path(out).is_dir()
     if single and not (len(videos) == 1 and len(inputs) == 1 and not Path(inputs[0]).is_dir()):
         raise ConfigError(f"-o {out} names one output film: give it one input film (for several, -o a folder)")
@@ -137,21 +136,22 @@ def written_by_recolor(path: str) -> bool:
         return False
 
 
-def _videos_below(folder: Path, outputs: Path) -> list[Path]:
-    """The videos below `folder`, sorted: hidden files and folders skipped, and those below the output folder
-    `outputs` (an earlier run's outputs are no inputs)."""
-    found = []
+def _videos_below(folder: Path, outputs: Path) -> tuple[list[Path], bool]:
+    """The videos below `folder`, sorted (hidden files and folders skipped, and those below the output folder
+    `outputs`: an earlier run's outputs are no inputs), and whether it holds images too; one walk of the tree."""
+    found, has_images = [], False
     for path in folder.rglob("*"):
-        hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
-        if path.is_file() and is_video(path.name) and not hidden and outputs not in path.resolve().parents:
+        suffix = path.suffix.lower()
+        has_images = has_images or suffix in IMAGE_EXTENSIONS
+        if suffix not in VIDEO_SUFFIXES or any(part.startswith(".") for part in path.relative_to(folder).parts):
+            continue
+        if path.is_file() and outputs not in path.resolve().parents:
             found.append(path)
-    return sorted(found)
+    return sorted(found), has_images
 
 
 def video_library():
     """PyAV, and OpenCV (the temporal step's optical flow), or a `ConfigError` naming the extra to install."""
-    from ingest.errors import ConfigError
-
     try:
         import av
         import cv2  # noqa: F401 - checked here, once, before any video is opened

@@ -154,7 +154,10 @@ def run_evaluate(args) -> int:
     return 0
 
 
-KEY_METRICS = (
+KEY_METRICS = (  # what users of colorizers compare first, then the pixel metrics and the losses
+    "val/fid",
+    "val/kid",
+    "val/colorfulness",
     "val/l1_ab",
     "val/psnr",
     "val/ssim",
