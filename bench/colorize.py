@@ -29,8 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, machine, sample_photos  # noqa: E402
 
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # ahead of bench/, whose ingest.py would hide the ingest package
 
 import argparse  # noqa: E402
 import json  # noqa: E402

@@ -27,8 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, machine, sample_photos  # noqa: E402
 
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # ahead of bench/, whose ingest.py would hide the ingest package
 
 
 def run_part(name: str, command: list[str], timeout: float, results: dict, env: dict | None = None) -> dict | None:
@@ -53,6 +52,16 @@ def run_part(name: str, command: list[str], timeout: float, results: dict, env: 
         value = {"output": text.strip().splitlines()[-1:]}
     results[name] = value | {"seconds": round(seconds, 1)}
     return value
+
+
+def has_rclone() -> bool:
+    from infra.stack.s3_server import rclone_binary
+
+    try:
+        rclone_binary()
+    except RuntimeError:
+        return False
+    return True
 
 
 def colorize_rate(device: str, count: int, batch: int, base_filters: int) -> None:
@@ -98,7 +107,7 @@ def train_run(gpu: bool, tiny: bool, work: Path) -> None:
     metrics = result.get("metrics", {})
     print(json.dumps({"seconds": seconds, "samples": count, "global_step": metrics.get("global_step"),
                       "val/l1_ab": metrics.get("val/l1_ab"),
-                      "images_per_s": metrics.get("train/images_per_s")}))  # fmt: skip
+                      "last_epoch_samples": metrics.get("data/epoch_samples")}))  # fmt: skip
 
 
 def markdown(results: dict) -> str:
@@ -109,7 +118,10 @@ def markdown(results: dict) -> str:
         if "error" in value:
             rows.append(f"| {name} | failed: {value['error']} |")
             continue
-        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items()
+        flat = {}
+        for key, item in value.items():  # one level of nesting: loader_workers_samples_s {"1": ..., "2": ...}
+            flat |= {f"{key}[{k}]": v for k, v in item.items()} if isinstance(item, dict) else {key: item}
+        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in flat.items()
                           if isinstance(v, (int, float, str)) and not isinstance(v, bool))  # fmt: skip
         rows.append(f"| {name} | {shown} |")
     return "\n".join(rows)
@@ -120,6 +132,11 @@ def main() -> int:
     parser.add_argument("--dry-run", action="store_true", help="the same parts on the CPU with tiny sizes")
     parser.add_argument("--out", default=str(REPO / "bench" / "gpu-results.json"), help="where the JSON goes")
     parser.add_argument("--quality-minutes", type=float, default=3.0, help="bench/quality.py's budget on the GPU")
+    parser.add_argument(
+        "--data",
+        default=str(REPO.parent / "shared" / "data"),
+        help="imagenet-sample/ and coco-sample/ for the quality part (default: ../shared/data)",
+    )
     parser.add_argument("--part", dest="child", nargs="+", help=argparse.SUPPRESS)  # a child process's work
     args = parser.parse_args()
     if args.child:
@@ -145,18 +162,24 @@ def main() -> int:
         options = ["--steps", "5", "--warmup", "2"] if gpu else ["--steps", "1", "--warmup", "0", "--base-filters", "4"]
         run_part(f"step_batch{batch}", [python, "bench/train_step.py", "--device", device, "--batch", str(batch),
                                         "--json", *options], 150 if gpu else 120, results)  # fmt: skip
-    feed = run_part("feed", [python, "bench/loader.py", "--json", "--skip-zstd", "--rounds", "1", "--count",
-                             "256" if gpu else "32"], 240, results)  # fmt: skip
+    feed_command = [python, "bench/loader.py", "--json", "--skip-zstd", "--rounds", "1", "--count",
+                    "256" if gpu else "32", "--loader-workers", *("1248" if gpu else "12")]  # fmt: skip
+    if not has_rclone():
+        feed_command.append("--skip-s3")  # a lent GPU host has no rclone: the S3 rows are measured on the CI machine
+    feed = run_part("feed", feed_command, 240, results)
     step16 = results.get("step_batch16" if gpu else "step_batch2", {}).get("project_img_s")
     if feed and step16:
         per_core = feed["loader_workers_samples_s"]["1"]  # one loader worker: one core
+        results["feed"]["best_loader_samples_s"] = max(feed["loader_workers_samples_s"].values())
         results["feed"]["step_img_s"] = step16
         results["feed"]["cores_to_feed_the_step"] = step16 / per_core
     with tempfile.TemporaryDirectory(prefix="bench-gpu-train-") as scratch:
         run_part("train", [python, "bench/gpu.py", "--part", "train", "gpu" if gpu else "cpu",
                            "full" if gpu else "tiny", scratch], 240 if gpu else 180, results)  # fmt: skip
     if gpu:
-        run_part("quality", [python, "bench/quality.py", "--gpu", "--json", "--minutes", str(args.quality_minutes)],
+        data = Path(args.data)
+        run_part("quality", [python, "bench/quality.py", "--gpu", "--json", "--minutes", str(args.quality_minutes),
+                             "--train", str(data / "imagenet-sample"), "--test", str(data / "coco-sample")],
                  60 * args.quality_minutes + 120, results)  # fmt: skip
     else:
         run_part("quality", [python, "bench/quality.py", "--help"], 60, results)  # parses: the GPU run can start

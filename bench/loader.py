@@ -146,6 +146,45 @@ def best_rate(rounds: int, fn) -> float:
     return best
 
 
+def s3_rows(rounds: int, lake: Path, work: Path) -> dict:
+    """The lake served by `rclone serve s3` on loopback: plain reads, and reads through the node cache."""
+    from infra.stack.s3_server import LocalS3Server, apply_env, restore_env
+    from pipeline.dataplan import resolve_data
+    from pipeline.shard_cache import ShardCache
+
+    server = LocalS3Server(work / "s3").start()
+    previous = apply_env(server.env())
+    try:
+        shutil.copytree(lake, work / "s3" / "lake")  # a bucket is a folder of the served root
+        s3_plan = resolve_data(["bench"], "s3://lake")
+        s3_rate = best_rate(rounds, lambda: lake_loader(s3_plan))
+        lake_train_bytes = sum(shard.size for shard in s3_plan.train)
+        cache = ShardCache(work / "cache", 2 * lake_train_bytes)
+        start = time.perf_counter()
+        count = lake_loader(s3_plan, cache=cache)  # epoch 1: fills the cache
+        cache_fill_rate = count / (time.perf_counter() - start)
+        fill_store, _ = cache.stats.take()
+        cache_rate = best_rate(rounds, lambda: lake_loader(s3_plan, cache=cache))  # epoch 2 and on
+        cached_store, _ = cache.stats.take()
+        small = ShardCache(work / "small-cache", lake_train_bytes // 2)  # half the lake fits
+        lake_loader(s3_plan, cache=small)
+        small.stats.take()
+        lake_loader(s3_plan, cache=small)
+        small_store, _ = small.stats.take()
+    finally:
+        restore_env(previous)
+        server.stop()
+    return {
+        "s3_samples_s": s3_rate,
+        "s3_cached_fill_samples_s": cache_fill_rate,
+        "s3_cached_samples_s": cache_rate,
+        "s3_cached_epoch2_store_bytes": cached_store // rounds,
+        "s3_fill_store_bytes": fill_store,
+        "s3_half_cache_epoch2_store_bytes": small_store,
+        "lake_train_bytes": lake_train_bytes,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", help="folder of photos (default: 256 generated crops of scikit-image photos)")
@@ -153,9 +192,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--skip-zstd", action="store_true", help="leave out the zstd rows (they take longest)")
+    parser.add_argument(
+        "--skip-s3",
+        action="store_true",
+        help="leave out the S3 and node-cache rows (a machine without rclone, e.g. a lent GPU host)",
+    )
+    parser.add_argument(
+        "--loader-workers",
+        type=int,
+        nargs="+",
+        default=[1, 2, 3],
+        metavar="N",
+        help="data.loader_workers values to time (default: 1 2 3; the first is the base)",
+    )
     args = parser.parse_args()
 
-    from infra.stack.s3_server import LocalS3Server, apply_env, restore_env
     from ingest.driver import IngestConfig, run_ingest
     from pipeline.dataplan import resolve_data
 
@@ -179,7 +230,7 @@ def main() -> None:
         seed_rate = best_rate(args.rounds, lambda: seed_loader(photos))
         local_rate = best_rate(args.rounds, lambda: lake_loader(local_plan))
         sequential_rate = best_rate(args.rounds, lambda: lake_loader(local_plan, interleave=1))
-        workers = {n: best_rate(args.rounds, lambda n=n: input_path(local_plan, n)) for n in (1, 2, 3)}
+        workers = {n: best_rate(args.rounds, lambda n=n: input_path(local_plan, n)) for n in args.loader_workers}
         import ingest.shards
 
         checked = ingest.shards.checksum_matches
@@ -194,32 +245,10 @@ def main() -> None:
             plan, per_sample = zstd_lake(local_plan, level, work / f"zstd-{level}")
             rate = best_rate(args.rounds, lambda plan=plan: zstd_loader(plan))
             zstd[level] = {"bytes_per_sample": per_sample, "ratio": per_sample / lake_bytes, "samples_s": rate}
-        server = LocalS3Server(work / "s3").start()
-        previous = apply_env(server.env())
-        try:
-            shutil.copytree(lake, work / "s3" / "lake")  # a bucket is a folder of the served root
-            s3_plan = resolve_data(["bench"], "s3://lake")
-            s3_rate = best_rate(args.rounds, lambda: lake_loader(s3_plan))
-            from pipeline.shard_cache import ShardCache
-
-            lake_train_bytes = sum(shard.size for shard in s3_plan.train)
-            cache = ShardCache(work / "cache", 2 * lake_train_bytes)
-            start = time.perf_counter()
-            count = lake_loader(s3_plan, cache=cache)  # epoch 1: fills the cache
-            cache_fill_rate = count / (time.perf_counter() - start)
-            fill_store, _ = cache.stats.take()
-            cache_rate = best_rate(args.rounds, lambda: lake_loader(s3_plan, cache=cache))  # epoch 2 and on
-            cached_store, cached_hits = cache.stats.take()
-            small = ShardCache(work / "small-cache", lake_train_bytes // 2)  # half the lake fits
-            lake_loader(s3_plan, cache=small)
-            small.stats.take()
-            lake_loader(s3_plan, cache=small)
-            small_store, _ = small.stats.take()
-        finally:
-            restore_env(previous)
-            server.stop()
+        s3 = None if args.skip_s3 else s3_rows(args.rounds, lake, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    base = args.loader_workers[0]
     result = {
         "samples": local_plan.count("train"),
         "seed_samples_s": seed_rate,
@@ -227,20 +256,12 @@ def main() -> None:
         "local_unchecked_samples_s": unchecked_rate,
         "local_one_shard_at_a_time_samples_s": sequential_rate,
         "checksum_cost": 1 - local_rate / unchecked_rate,
-        "s3_samples_s": s3_rate,
-        "s3_cached_fill_samples_s": cache_fill_rate,
-        "s3_cached_samples_s": cache_rate,
-        "s3_cached_vs_local": cache_rate / local_rate,
-        "s3_cached_epoch2_store_bytes": cached_store // args.rounds,
-        "s3_fill_store_bytes": fill_store,
-        "s3_half_cache_epoch2_store_bytes": small_store,
-        "lake_train_bytes": lake_train_bytes,
+        **(s3 or {}),
         "loader_workers_samples_s": workers,
-        "loader_workers_scaling": workers[2] / workers[1],
-        "cores_per_h200_at_one_core_rate": H200_SAMPLES_S / workers[1],
+        "loader_workers_scaling": {n: rate / workers[base] for n, rate in workers.items()},
+        "cores_per_h200_at_one_core_rate": H200_SAMPLES_S / workers[base] * base,
         "one_process_best_samples_s": max(workers.values()),
         "local_vs_seed": local_rate / seed_rate,
-        "s3_vs_local": s3_rate / local_rate,
         "bytes_per_sample": lake_bytes,
         "zstd": zstd,
         "zstd_offered": [
@@ -248,32 +269,41 @@ def main() -> None:
         ],
         "machine": machine(),
     }
+    if s3:
+        result["s3_cached_vs_local"] = s3["s3_cached_samples_s"] / local_rate
+        result["s3_vs_local"] = s3["s3_samples_s"] / local_rate
     if args.json:
         print(json.dumps(result, indent=2))
         return
     print(f"{result['samples']} samples, batch {BATCH}, one thread")
     print(f"seed recipe loader  {seed_rate:9.1f} samples/s")
     print(f"lake, local folder  {local_rate:9.1f} samples/s   {result['local_vs_seed']:.1f}x seed (goal >= 20)")
-    print(f"lake, S3 (loopback) {s3_rate:9.1f} samples/s   {result['s3_vs_local']:.2f}x local (goal >= 0.7)")
-    print(
-        f"lake, S3 via the node cache, epoch 1 {cache_fill_rate:9.1f} samples/s (downloads "
-        f"{fill_store / 2**20:.1f} MiB)"
-    )
-    print(
-        f"lake, S3 via the node cache, epoch 2 {cache_rate:9.1f} samples/s   {result['s3_cached_vs_local']:.2f}x local "
-        f"(goal >= 0.9); from S3: {result['s3_cached_epoch2_store_bytes']} bytes (goal 0)"
-    )
-    print(
-        f"lake, S3, cache of half the lake: epoch 2 downloads {small_store / 2**20:.1f} MiB of the lake's "
-        f"{lake_train_bytes / 2**20:.1f} MiB (ideal: {lake_train_bytes / 2 / 2**20:.1f})"
-    )
+    if s3:
+        s3_rate = s3["s3_samples_s"]
+        print(f"lake, S3 (loopback) {s3_rate:9.1f} samples/s   {result['s3_vs_local']:.2f}x local (goal >= 0.7)")
+        print(
+            f"lake, S3 via the node cache, epoch 1 {s3['s3_cached_fill_samples_s']:9.1f} samples/s (downloads "
+            f"{s3['s3_fill_store_bytes'] / 2**20:.1f} MiB)"
+        )
+        print(
+            f"lake, S3 via the node cache, epoch 2 {s3['s3_cached_samples_s']:9.1f} samples/s   "
+            f"{result['s3_cached_vs_local']:.2f}x local (goal >= 0.9); "
+            f"from S3: {result['s3_cached_epoch2_store_bytes']} bytes (goal 0)"
+        )
+        lake_train_bytes = s3["lake_train_bytes"]
+        print(
+            f"lake, S3, cache of half the lake: epoch 2 downloads {s3['s3_half_cache_epoch2_store_bytes'] / 2**20:.1f}"
+            f" MiB of the lake's {lake_train_bytes / 2**20:.1f} MiB (ideal: {lake_train_bytes / 2 / 2**20:.1f})"
+        )
     print(f"lake, local, 1 shard at a time {sequential_rate:9.1f} samples/s (data.interleave=1; default 4 above)")
     print(f"lake, local, no CRC {unchecked_rate:9.1f} samples/s   the per-sample check costs "
           f"{100 * result['checksum_cost']:.1f}%")  # fmt: skip
     for n, rate in workers.items():
-        print(f"input path, {n} loader worker(s) {rate:9.1f} samples/s   {rate / workers[1]:.2f}x one")
+        print(f"input path, {n} loader worker(s) {rate:9.1f} samples/s   {rate / workers[base]:.2f}x {base}")
+    scaling = result["loader_workers_scaling"].get(2)
+    measured = f"{scaling:.2f}x" if scaling else "not run"
     print(
-        f"  goal: 2 workers >= 1.7x one (measured {result['loader_workers_scaling']:.2f}x); one process tops out at "
+        f"  goal: 2 workers >= 1.7x one (measured {measured}); one process tops out at "
         f"{max(workers.values()):.0f} samples/s here; at one core's rate an H200 ({H200_SAMPLES_S:.0f} samples/s) "
         f"needs {result['cores_per_h200_at_one_core_rate']:.1f} cores"
     )

@@ -47,6 +47,7 @@ SCORED = ("auc", "psnr", "ssim", "l1_ab", "colorfulness")
 HIGHER_IS_BETTER = {"auc": True, "psnr": True, "ssim": True, "l1_ab": False}
 BATCH = 16
 L1_SHARE = 0.4
+GPU_EPOCH_OVERHEAD_S = 2.9  # measured on an H200: see train()
 
 
 def ingest_sets(lake: str, train_roots: list[str], test_root: str, annotations: str, size: int) -> dict:
@@ -109,6 +110,12 @@ def step_seconds(config, size: int, device: str, batch: int, steps: int = 3) -> 
     return timed[0], timed[1]
 
 
+def gpu_count() -> int:
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
 def calibrate(preset: Path, size: int, gpu: bool, workers: int) -> tuple[float, float]:
     """Seconds of an L1 and a GAN step as the run will take them: on the CPU, `workers` processes of one thread
     each at one worker's batch, all at once (they share the machine as the DDP workers do), plus 15% for the
@@ -151,9 +158,15 @@ def train(lake: str, storage: str, size: int, minutes: float, gpu: bool, workers
     plan = resolve_data(["train"], lake)
     steps_per_epoch = plan.count("train") // 16
     # Measured here: an epoch takes about 1.6x its steps' compute (loading, validation, the epoch's checkpoint).
-    l1_epochs = max(1, math.floor(L1_SHARE * minutes * 60 / (1.6 * steps_per_epoch * l1_s)))
-    config = load_config(preset, [*common, f"stages.0.epochs={l1_epochs}", "stages.1.epochs=10000",
-                                  "stages.1.decay_epochs=0"])  # fmt: skip
+    # On a GPU the steps are so short that an epoch's fixed cost (validation, the epoch's checkpoint of the 57M
+    # parameters and their optimizer states) is most of it: 2.9 s an epoch on an H200 (2026-12-04), where sizing
+    # by the steps alone planned 615 L1 epochs for 52 that fitted, and the GAN stage never began.
+    epoch_s = 1.6 * steps_per_epoch * l1_s + (GPU_EPOCH_OVERHEAD_S if gpu else 0.0)
+    l1_epochs = max(1, math.floor(L1_SHARE * minutes * 60 / epoch_s))
+    # The pix2pix preset trains with the GAN from the start; both presets get an L1 stage here, to score it.
+    stages = (f"stages=[{{name: pretrain_l1, epochs: {l1_epochs}, gan_mode: null, lr: 2.0e-4}}, "
+              "{name: gan, epochs: 10000, gan_mode: vanilla, lr: 2.0e-4, decay_epochs: 0}]")  # fmt: skip
+    config = load_config(preset, [*common, stages])
     started = time.perf_counter()
     deadline = threading.Timer(minutes * 60, lambda: os.kill(os.getpid(), signal.SIGTERM))
     deadline.daemon = True
@@ -281,7 +294,7 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, help="training budget (default: 17.5 on the CPU, 5 with --gpu)")
     parser.add_argument("--size", type=int, help="sample side in pixels (default: 128 on the CPU, 256 with --gpu)")
     parser.add_argument("--gpu", action="store_true", help="train and score on GPUs: the full recipe (pix2pix U-Net)")
-    parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: 2; with --gpu, 1 a GPU)")
+    parser.add_argument("--workers", type=int, help="Ray Train workers (default: 2; with --gpu, 1 a GPU)")
     parser.add_argument("--grid", default=str(REPO / "bench" / "quality-samples.png"), help="sample grid PNG path")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--calibrate", nargs=4, help=argparse.SUPPRESS)  # PRESET SIZE BATCH DEVICE: time steps
@@ -309,7 +322,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as temp:
         lake, storage = str(Path(temp) / "lake"), str(Path(temp) / "runs")
         counts = ingest_sets(lake, train_roots, test_root, str(annotations), size)
-        trained = train(lake, storage, size, minutes, args.gpu, args.workers)
+        workers = args.workers or (gpu_count() if args.gpu else 2)
+        trained = train(lake, storage, size, minutes, args.gpu, workers)
         scored = {"final": score(trained["checkpoint"], lake, args.gpu)}
         if trained["l1_checkpoint"]:
             scored["l1_stage"] = score(trained["l1_checkpoint"], lake, args.gpu)
