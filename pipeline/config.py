@@ -97,6 +97,9 @@ class DataConfig:
     cache: str = "auto"  # node-local shard cache: "auto" (on for s3:// lakes), "on", "off"
     cache_dir: str | None = None  # where (None: $TMPDIR or /tmp, recolor-shard-cache), shared by a node's ranks
     cache_bytes: int | str | None = None  # its budget, bytes or "200GB" (None: 80% of the free space there)
+    # each rank reads the same shards every epoch, shuffled among themselves, so a node's cache hits from epoch 2:
+    # "auto" (on where the shard cache is: s3:// lakes, or data.cache on), "on", "off" (every epoch drawn over all)
+    shard_ownership: str = "auto"
     max_val_batches: int | None = None  # cap validation per worker (None: the whole split)
     max_bad_fraction: float = 0.01  # stop when more than this share of samples is corrupt
 
@@ -133,6 +136,8 @@ class DataConfig:
             raise ConfigError(f"data.global_batch_size must be at least 1, got {self.global_batch_size}")
         if self.cache not in CACHE_MODES:
             raise ConfigError(f"data.cache must be one of {CACHE_MODES}, got {self.cache!r}")
+        if self.shard_ownership not in CACHE_MODES:
+            raise ConfigError(f"data.shard_ownership must be one of {CACHE_MODES}, got {self.shard_ownership!r}")
         if isinstance(self.cache_bytes, str):
             try:
                 self.cache_bytes = parse_size(self.cache_bytes)

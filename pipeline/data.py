@@ -319,10 +319,10 @@ def ordered_map(function: Callable, jobs: Iterable[tuple], workers: int) -> Iter
 
 def epoch_keys(
     plan: DataPlan, epoch: int, seed: int, rank: int, world_size: int, batch_size: int, shuffle_window: int,
-    interleave: int = 4, opener: Callable = open_shard,
+    interleave: int = 4, opener: Callable = open_shard, owned: bool = False,
 ) -> list[str]:  # fmt: skip
     """The sample keys of one rank's epoch in the order training sees them (what a batch mixes; benchmarks)."""
-    segments, steps = plan_train_epoch(plan.train, epoch, seed, rank, world_size, batch_size)
+    segments, steps = plan_train_epoch(plan.train, epoch, seed, rank, world_size, batch_size, owned)
     keys = []
     for number, items in enumerate(windows(read_segments(segments, opener=opener, interleave=interleave),
                                            shuffle_window)):  # fmt: skip
@@ -391,6 +391,7 @@ class LoaderOptions:
         interleave: shards read at a time.
         loader_workers: threads checking, decoding and augmenting shuffle windows.
         max_bad_fraction: the share of corrupt samples past which the epoch stops with a `DataError`.
+        owned_shards: each rank reads the shards it owns, every epoch (`pipeline.epochs.owned_ranges`).
     """
 
     batch_size: int = 0
@@ -401,6 +402,7 @@ class LoaderOptions:
     interleave: int = 4
     loader_workers: int = 1
     max_bad_fraction: float = 0.01
+    owned_shards: bool = False
 
 
 def train_batches(
@@ -426,7 +428,7 @@ def train_batches(
     window = options.shuffle_window
     global_batch = options.global_batch or world_size * options.batch_size
     part = plan_rank_epoch(plan.train, epoch, seed, global_batch, splits or [(world_size, 0)], rank, options.interleave,
-                           window, plan_mixture(plan))  # fmt: skip
+                           window, plan_mixture(plan), options.owned_shards)  # fmt: skip
     skip = (start_step - part.first_step) * part.batch
     first_window, skip_in_window = divmod(skip, window)
     counter = BadSampleCounter(options.max_bad_fraction, (part.steps - part.first_step) * part.batch)

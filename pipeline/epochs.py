@@ -133,19 +133,82 @@ def mixture_segments(shards: list[ShardInfo], epoch: int, seed: int, mixture: Mi
     smaller dataset repeats); the datasets' segments are then merged in proportion (each placed by how far through
     its dataset's quota it sits), so every part of the epoch, and every rank's range, mixes them as the weights say."""
     sources = range(len(mixture.weights))
-    by_source = [[s for s in shards if s.source == source] for source in sources]
-    quotas = mixture_quotas([sum(s.count for s in group) for group in by_source], mixture.weights, mixture.samples)
+    by_source = [[Segment(s, 0, s.count) for s in shards if s.source == source] for source in sources]
+    quotas = mixture_quotas([sum(s.length for s in group) for group in by_source], mixture.weights, mixture.samples)
+    return _mix(by_source, quotas, [seed, epoch])
+
+
+def _mix(groups: list[list[Segment]], quotas: list[int], key: list[int]) -> list[Segment]:
+    """Each group's quota of samples, its segments shuffled (seeded by `key`, the group and the round) and laid end
+    to end, round after round while the quota is not reached; the groups merged in proportion."""
     placed = []
-    for source, (group, quota) in enumerate(zip(by_source, quotas, strict=True)):
+    for source, (group, quota) in enumerate(zip(groups, quotas, strict=True)):
         drawn, round_number = 0, 0
         while drawn < quota and group:
-            order = np.random.default_rng([seed, epoch, source, round_number]).permutation(len(group))
-            for segment in _segments(group, order, 0, quota - drawn):
+            order = np.random.default_rng([*key, source, round_number]).permutation(len(group))
+            for segment in _cut([group[i] for i in order], 0, quota - drawn):
                 placed.append(((drawn + segment.length / 2) / quota, source, segment))
                 drawn += segment.length
             round_number += 1
     placed.sort(key=lambda item: (item[0], item[1]))
     return [segment for _, _, segment in placed]
+
+
+OWNERSHIP_KEY = 0x5EED0  # seeds the run's stable shard order (with the run's seed), apart from every epoch's draws
+
+
+def owned_parts(shards: list[ShardInfo], seed: int, shares: list[int]) -> list[list[Segment]]:
+    """The samples of `shards` cut into one part a rank, in proportion to `shares`, the same every epoch of the run:
+    the shards in one order seeded by the run's seed alone, laid end to end and cut. A shard at a cut is read in two
+    parts, each always by the same rank."""
+    total = sum(s.count for s in shards)
+    order = np.random.default_rng([seed, OWNERSHIP_KEY]).permutation(len(shards))
+    sizes = mixture_quotas([], tuple(float(share) for share in shares), total) if total else [0] * len(shares)
+    return _split(_segments(shards, order, 0, total), sizes)
+
+
+def owned_ranges(shards: list[ShardInfo], epoch: int, seed: int, global_batch: int, world: int,
+                 mixture: Mixture | None = None) -> tuple[list[list[Segment]], int] | None:  # fmt: skip
+    """Each rank's samples of an epoch when ranks own their shards (`data.shard_ownership`): rank r reads only its
+    part (`owned_parts`), whatever the epoch, its segments shuffled by (seed, epoch, r), cut to the epoch's steps
+    times its batch; the samples left over (less than one global batch in all) change with each epoch's shuffle.
+    A mixture draws each rank's quotas from its own part of each dataset, as `mixture_segments` does over all.
+
+    Every rank still has the same number of steps and trains each sample at most once an epoch; every global batch
+    still holds samples of every rank's part. Since a node's ranks read the same shards every epoch, its shard cache
+    holds them from epoch 2 on. None when a dataset has fewer samples than ranks (some part would be empty).
+
+    Raises:
+        DataError: fewer samples than one global batch.
+    """
+    batches = rank_batches(global_batch, world)
+    if mixture is None:
+        groups = [shards]
+        total = sum(s.count for s in shards)
+    else:
+        groups = [[s for s in shards if s.source == source] for source in range(len(mixture.weights))]
+        total = mixture.samples or sum(s.count for s in shards)
+    if any(sum(s.count for s in group) < world for group in groups):
+        return None
+    steps = total // global_batch
+    if steps == 0:
+        raise DataError(
+            f"the training split has {total} samples, fewer than one global batch ({global_batch}): ingest more "
+            "images or lower data.batch_size / data.global_batch_size"
+        )
+    parts = [owned_parts(group, seed + number, batches) for number, group in enumerate(groups)]
+    ranges = []
+    for rank, batch in enumerate(batches):
+        key = [seed, epoch, OWNERSHIP_KEY, rank]
+        if mixture is None:
+            own = parts[0][rank]
+            order = np.random.default_rng(key).permutation(len(own))
+            ranges.append(_cut([own[i] for i in order], 0, steps * batch))
+        else:
+            own = [group_parts[rank] for group_parts in parts]
+            quotas = mixture_quotas([], mixture.weights, steps * batch)
+            ranges.append(_mix(own, quotas, key))
+    return ranges, steps
 
 
 @dataclass(frozen=True)
@@ -161,7 +224,8 @@ class RankEpoch:
 
 
 def plan_rank_epoch(shards: list[ShardInfo], epoch: int, seed: int, global_batch: int, splits: list[tuple[int, int]],
-                    rank: int, interleave: int, window: int, mixture: Mixture | None = None) -> RankEpoch:  # fmt: skip
+                    rank: int, interleave: int, window: int, mixture: Mixture | None = None,
+                    owned: bool = False) -> RankEpoch:  # fmt: skip
     """This rank's part of a training epoch that ran on `splits`: [(worker count, the epoch's step it started at),
     ...], the first at step 0; the last is the worker group now running.
 
@@ -171,10 +235,18 @@ def plan_rank_epoch(shards: list[ShardInfo], epoch: int, seed: int, global_batch
     laid end to end in rank order and split again over the new group. So whatever the sizes, every sample of the
     epoch is trained on exactly once, the epoch has the same number of steps, and all of it is a pure function of
     (seed, epoch, splits): a resume needs no list of what was read.
+
+    With `owned`, the first group's ranks read the shards they own (`owned_ranges`): the same every epoch, for the
+    node's shard cache. A group that changes size mid-epoch re-splits what is left as above; the next epoch's
+    ownership is drawn for the new size.
     """
-    segments, steps = epoch_segments(shards, epoch, seed, global_batch, mixture)
     world, first_step = splits[0]
-    ranges = _split(segments, [steps * b for b in rank_batches(global_batch, world)])
+    owned_plan = owned_ranges(shards, epoch, seed, global_batch, world, mixture) if owned else None
+    if owned_plan is not None:
+        ranges, steps = owned_plan
+    else:
+        segments, steps = epoch_segments(shards, epoch, seed, global_batch, mixture)
+        ranges = _split(segments, [steps * b for b in rank_batches(global_batch, world)])
     for generation, (world, step) in enumerate(splits[1:], start=1):
         previous_world, previous_step = splits[generation - 1]
         left: list[Segment] = []
@@ -238,7 +310,7 @@ def remaining_segments(segments: list[Segment], interleave: int, consumed: int, 
 
 
 def plan_train_epoch(
-    shards: list[ShardInfo], epoch: int, seed: int, rank: int, world_size: int, batch_size: int
+    shards: list[ShardInfo], epoch: int, seed: int, rank: int, world_size: int, batch_size: int, owned: bool = False
 ) -> tuple[list[Segment], int]:
     """This rank's segments of one training epoch on an unchanging group of `world_size` workers of `batch_size`
     each, and the epoch's step count (the same on every rank).
@@ -246,7 +318,7 @@ def plan_train_epoch(
     Raises:
         DataError: fewer samples than one global batch.
     """
-    part = plan_rank_epoch(shards, epoch, seed, world_size * batch_size, [(world_size, 0)], rank, 1, 1)
+    part = plan_rank_epoch(shards, epoch, seed, world_size * batch_size, [(world_size, 0)], rank, 1, 1, owned=owned)
     return part.segments, part.steps
 
 

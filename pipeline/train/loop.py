@@ -457,6 +457,7 @@ class ColorizerTrainer:
             interleave=self.interleave,
             loader_workers=config.data.loader_workers or config.cpus_per_worker,
             max_bad_fraction=config.data.max_bad_fraction,
+            owned_shards=owns_shards(config, self.plan),
         )
         return train_batches(
             self.plan, shuffle_epoch, config.seed, self.rank, self.world_size, options, start_step, self.splits,
@@ -635,6 +636,17 @@ class StepWindow:
         batch = next(source, None)
         self.wait += time.perf_counter() - waited
         return batch
+
+
+def owns_shards(config: TrainConfig, plan: DataPlan) -> bool:
+    """Whether each rank reads the shards it owns every epoch (`data.shard_ownership`; "auto": where the shard cache
+    is configured). Decided by the config and the lake alone, never by whether the cache could be opened: the
+    epoch's order must be the same when it resumes."""
+    mode = config.data.shard_ownership
+    if mode != "auto":
+        return mode == "on"
+    return config.data.cache == "on" or (config.data.cache == "auto" and any(s.uri.startswith("s3://")
+                                                                              for s in plan.train))  # fmt: skip
 
 
 def shard_cache_for(config: TrainConfig, plan: DataPlan):

@@ -323,6 +323,7 @@ def test_lr_lambda_drives_lambda_lr_as_the_loop_steps_it() -> None:
         ("data.prefetch_batches=-1", r"data.prefetch_batches must be at least 0"),
         ("data.cache_bytes=lots", r"data.cache_bytes: invalid size 'lots': use e.g. 64MB"),
         ("data.cache_bytes=0", r"data.cache_bytes must be positive"),
+        ("data.shard_ownership=node", r"data.shard_ownership must be one of \('auto', 'on', 'off'\), got 'node'"),
     ],
 )
 def test_non_finite_and_out_of_range_values_are_refused_when_the_config_is_read(override, message):

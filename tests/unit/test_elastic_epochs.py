@@ -19,7 +19,7 @@ def plan(tmp_path_factory):
     return make_plan(write_shards(tmp_path_factory.mktemp("elastic"), COUNTS))
 
 
-def run(plan, splits, global_batch, stop_steps, *, window=5, interleave=3, epoch=2, seed=11):
+def run(plan, splits, global_batch, stop_steps, *, window=5, interleave=3, epoch=2, seed=11, owned=False):
     """The batches each group of `splits` trains: group k from its start step to `stop_steps[k]` (the next group's
     start; the last runs to the epoch's end). Returns {group: {rank: batches}} and the epoch's steps."""
     trained = {}
@@ -29,7 +29,8 @@ def run(plan, splits, global_batch, stop_steps, *, window=5, interleave=3, epoch
         stop = stop_steps[generation] if generation < len(stop_steps) else None
         trained[generation] = {}
         for rank in range(world):
-            options = LoaderOptions(global_batch=global_batch, shuffle_window=window, interleave=interleave)
+            options = LoaderOptions(global_batch=global_batch, shuffle_window=window, interleave=interleave,
+                                    owned_shards=owned)  # fmt: skip
             iterator, steps, _ = train_batches(plan, epoch, seed, rank, world, options, start, splits[: generation + 1])
             batches = list(itertools.islice(iterator, None if stop is None else stop - start))
             trained[generation][rank] = batches
@@ -52,13 +53,14 @@ def all_ids(trained) -> list[int]:
     ],
 )
 @pytest.mark.parametrize("window, interleave", [(5, 3), (4, 1), (100, 2)])
+@pytest.mark.parametrize("owned", [False, True], ids=["drawn-over-all", "owned-shards"])
 def test_a_resized_epoch_trains_each_sample_once_and_keeps_its_steps(plan, splits, global_batch, window,
-                                                                     interleave) -> None:  # fmt: skip
-    uninterrupted, steps = run(plan, [splits[0]], global_batch, [], window=window, interleave=interleave)
+                                                                     interleave, owned) -> None:  # fmt: skip
+    uninterrupted, steps = run(plan, [splits[0]], global_batch, [], window=window, interleave=interleave, owned=owned)
     expected = sorted(all_ids(uninterrupted))
     assert steps == sum(COUNTS) // global_batch
     stops = [step for _, step in splits[1:]]
-    trained, resized_steps = run(plan, splits, global_batch, stops, window=window, interleave=interleave)
+    trained, resized_steps = run(plan, splits, global_batch, stops, window=window, interleave=interleave, owned=owned)
     assert resized_steps == steps
     got = all_ids(trained)
     assert sorted(got) == expected, "a sample was trained twice or not at all"

@@ -32,13 +32,14 @@ def ingest(source, lake, order: str):
     return run_ingest(config)
 
 
-def mean_classes_per_batch(lake, world_size: int, interleave: int, batch: int = 16, window: int = 64) -> float:
+def mean_classes_per_batch(lake, world_size: int, interleave: int, batch: int = 16, window: int = 64,
+                           owned: bool = False) -> float:  # fmt: skip
     plan = resolve_data(["mixed"], str(lake))
     manifest = Lake(str(lake)).manifest(Lake(str(lake)).resolve("mixed"))
     labels = dict(zip(manifest["key"].to_pylist(), manifest["label"].to_pylist(), strict=True))
     counts = []
     for rank in range(world_size):
-        keys = epoch_keys(plan, 0, 7, rank, world_size, batch, window, interleave=interleave)
+        keys = epoch_keys(plan, 0, 7, rank, world_size, batch, window, interleave=interleave, owned=owned)
         counts += [len({labels[k] for k in keys[i : i + batch]}) for i in range(0, len(keys), batch)]
     return sum(counts) / len(counts)
 
@@ -61,6 +62,9 @@ def test_shuffled_shards_give_batches_of_many_classes(lakes) -> None:
     for world_size in (1, 2):
         for interleave in (1, 4):
             assert mean_classes_per_batch(lakes["shuffled"], world_size, interleave) >= 12
+    # Ranks reading only the shards they own (data.shard_ownership, for the node cache) mix as many classes.
+    for world_size in (2, 4):
+        assert mean_classes_per_batch(lakes["shuffled"], world_size, 4, owned=True) >= 12
 
 
 def test_path_sorted_shards_give_batches_of_few_classes(lakes) -> None:
