@@ -146,6 +146,24 @@ def best_rate(rounds: int, fn) -> float:
     return best
 
 
+def two_node_epoch2(plan, folder: Path, owned: bool) -> list[int]:
+    """4 ranks on 2 nodes (a cache each, room for the whole lake), 2 epochs: each node's bytes from S3 in epoch 2,
+    with shard ownership (`data.shard_ownership`) or each epoch drawn over all ranks."""
+    from pipeline.data import LoaderOptions, train_batches
+    from pipeline.shard_cache import ShardCache
+
+    lake_bytes = sum(shard.size for shard in plan.train)
+    caches = [ShardCache(folder / f"node{n}", 2 * lake_bytes) for n in range(2)]
+    for epoch in range(2):
+        for cache in caches:
+            cache.stats.take()
+        for rank in range(4):
+            options = LoaderOptions(global_batch=BATCH, shuffle_window=256, owned_shards=owned)
+            for _ in train_batches(plan, epoch, 0, rank, 4, options, cache=caches[rank // 2])[0]:
+                pass
+    return [cache.stats.take()[0] for cache in caches]
+
+
 def s3_rows(rounds: int, lake: Path, work: Path) -> dict:
     """The lake served by `rclone serve s3` on loopback: plain reads, and reads through the node cache."""
     from infra.stack.s3_server import LocalS3Server, apply_env, restore_env
@@ -171,10 +189,13 @@ def s3_rows(rounds: int, lake: Path, work: Path) -> dict:
         small.stats.take()
         lake_loader(s3_plan, cache=small)
         small_store, _ = small.stats.take()
+        nodes = {owned: two_node_epoch2(s3_plan, work / f"nodes-{owned}", owned) for owned in (True, False)}
     finally:
         restore_env(previous)
         server.stop()
     return {
+        "two_nodes_epoch2_store_bytes_owned": nodes[True],
+        "two_nodes_epoch2_store_bytes_drawn_over_all": nodes[False],
         "s3_samples_s": s3_rate,
         "s3_cached_fill_samples_s": cache_fill_rate,
         "s3_cached_samples_s": cache_rate,
@@ -290,6 +311,9 @@ def main() -> None:
             f"{result['s3_cached_vs_local']:.2f}x local (goal >= 0.9); "
             f"from S3: {result['s3_cached_epoch2_store_bytes']} bytes (goal 0)"
         )
+        owned, drawn = s3["two_nodes_epoch2_store_bytes_owned"], s3["two_nodes_epoch2_store_bytes_drawn_over_all"]
+        print(f"2 nodes x 2 ranks, epoch 2 from S3 a node: {[b // 2**10 for b in owned]} KiB with shard ownership, "
+              f"{[b // 2**10 for b in drawn]} KiB drawn over all ranks (goal 0)")  # fmt: skip
         lake_train_bytes = s3["lake_train_bytes"]
         print(
             f"lake, S3, cache of half the lake: epoch 2 downloads {s3['s3_half_cache_epoch2_store_bytes'] / 2**20:.1f}"
