@@ -7,7 +7,8 @@
 
 The model and the registry come from --tracking-uri / $MLFLOW_TRACKING_URI; S3 from the AWS_* variables.
 Inputs and outputs are read and written by the cluster's nodes: use s3:// prefixes (or a file system every
-node mounts).
+node mounts). Films are cut into chunks at keyframes, colorized in parallel and joined (`pipeline.colorize.chunks`);
+they are read by path: a file system every node mounts.
 """
 
 from __future__ import annotations

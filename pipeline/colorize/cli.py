@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from ingest.images import DEFAULT_MAX_PIXELS
+from pipeline.colorize.chunks import CHUNK_FRAMES
 from pipeline.colorize.pixels import PICTURE_FORMATS
 from pipeline.colorize.video import CODECS, DEFAULT_CRF
 
@@ -94,6 +95,10 @@ def add_colorize_parser(subparsers) -> None:
     colorize.add_argument("--no-temporal", dest="temporal", action="store_false",
                           help="videos: colorize each frame alone (default: carry colour along the optical flow, "
                           "against flicker)")  # fmt: skip
+    colorize.add_argument("--chunk-frames", type=positive_int, default=CHUNK_FRAMES,
+                          help=f"videos with --ray: frames a chunk holds at least, cut at keyframes; chunks are "
+                          f"colorized in parallel, one per actor, and a rerun keeps those done (default: "
+                          f"{CHUNK_FRAMES})")  # fmt: skip
     colorize.add_argument("--no-progress", dest="progress", action="store_false")
     colorize.set_defaults(handler=run_colorize)
 
@@ -130,8 +135,6 @@ def run_colorize(args) -> int:
     from pipeline.colorize.video import list_videos
 
     videos, args.inputs, refused = list_videos(args.inputs, args.out)
-    if videos and args.ray:
-        raise ConfigError("videos on Ray are not supported yet: colorize them without --ray (one process, --device)")
     code = run_videos(args, videos, refused) if videos or refused else 0
     if not args.inputs:
         return code
@@ -180,11 +183,24 @@ def run_videos(args, videos: list[tuple[str, str]], refused: list[tuple[str, str
         else:
             failed.append((src, f"not_ours: {dst} exists and recolor did not write it; --overwrite-any replaces it"))
     if todo:
+        device = torch.device("cpu") if args.ray else device  # with --ray the tasks run the network
         generator, size, resize = load_model(args.model, args.tracking_uri, device, args.trust_pickle, args.size)
         set_inference_mode(generator, args.dropout)
         for src, dst in todo:
             try:
-                result = colorize_video(generator, size, resize, device, src, dst, options, args.progress)
+                if args.ray:
+                    from pipeline.colorize.chunks import colorize_video_on_ray
+
+                    chunked = colorize_video_on_ray(
+                        generator, args.model, size, resize, src, dst, options, chunk_frames=args.chunk_frames,
+                        actors=args.actors, gpu=args.gpu, dropout=args.dropout, ray_address=args.ray_address,
+                        progress=args.progress,
+                    )  # fmt: skip
+                    result = chunked.result
+                    reused = f", {chunked.reused} from an earlier run" if chunked.reused else ""
+                    print(f"  {src}: {chunked.chunks} chunk(s) cut at keyframes{reused}")
+                else:
+                    result = colorize_video(generator, size, resize, device, src, dst, options, args.progress)
             except VideoRefused as e:
                 failed.append((src, e.reason))
                 continue

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -312,18 +313,31 @@ class _Film:
             raise VideoRefused(f"unwritable: writing the output failed: {e}") from None
 
 
-def _frame_colorizer(generator, size: int, resize: str, device: torch.device, temporal: bool):
-    """frames -> their colorized 8-bit RGB arrays, the temporal step carried from call to call."""
+def _frame_colorizer(generator, size: int, resize: str, device: torch.device, temporal: bool,
+                     stored_ab: Iterator[torch.Tensor] | None = None):  # fmt: skip
+    """frames -> their colorized 8-bit RGB arrays, the temporal step carried from call to call. The ab of each
+    frame is the generator's, or with `stored_ab` the next of those (computed before, `pipeline.colorize.chunks`)."""
     from pipeline.models.saved import min_side
 
     multiple = min_side(generator)
     smoother = FlowSmoother() if temporal else None
 
+    def predict(inputs: list) -> list[torch.Tensor]:
+        if stored_ab is None:
+            return predict_photos(generator, inputs, device)
+        predicted = []
+        for _, crop in inputs:
+            ab = next(stored_ab, None)
+            if ab is None or tuple(ab.shape[1:]) != tuple(crop):
+                raise VideoRefused("corrupt: the film decodes to other frames than when its chunks were colorized")
+            predicted.append(ab)
+        return predicted
+
     def colorize_frames(frames: list) -> list[np.ndarray]:
         photos = [frame.to_ndarray(format="rgb24") for frame in frames]
         inputs = [network_input(rgb, size, multiple, resize) for rgb in photos]
         colored = []
-        for rgb, (light, crop), ab in zip(photos, inputs, predict_photos(generator, inputs, device), strict=True):
+        for rgb, (light, crop), ab in zip(photos, inputs, predict(inputs), strict=True):
             if smoother is not None:
                 ab = smoother(light[:, : crop[0], : crop[1]], ab)
             colored.append(compose(rgb, ab))
@@ -333,8 +347,11 @@ def _frame_colorizer(generator, size: int, resize: str, device: torch.device, te
 
 
 def colorize_video(generator, size: int, resize: str, device: torch.device, src: str, dst: str,
-                   options: VideoOptions = VideoOptions(), progress: bool = True) -> VideoResult:  # fmt: skip
-    """Colorize the video file `src` into `dst` (written whole: a temporary file beside it, then renamed).
+                   options: VideoOptions = VideoOptions(), progress: bool = True,
+                   stored_ab: Iterator[torch.Tensor] | None = None) -> VideoResult:  # fmt: skip
+    """Colorize the video file `src` into `dst` (written whole: a temporary file beside it, then renamed). With
+    `stored_ab`, the network's ab of every frame in order (a film colorized by chunks on a cluster), the generator
+    is not run: this is the pass that joins the chunks, with the temporal step over the whole film.
 
     Raises:
         VideoRefused: `src` cannot be colorized, or `dst` not written (see the module); nothing is left at `dst`.
@@ -360,12 +377,14 @@ def colorize_video(generator, size: int, resize: str, device: torch.device, src:
                 out = av.open(str(temp), "w")
             except (OSError, av.error.FFmpegError) as e:
                 raise VideoRefused(f"unwritable: {target}: {e}") from None
-            colorize_frames = _frame_colorizer(generator, size, resize, device, options.temporal)
+            colorize_frames = _frame_colorizer(generator, size, resize, device, options.temporal, stored_ab)
             with out, tqdm(total=source.frames or None, unit="frame", desc=Path(src).name, disable=not progress) as bar:
                 film = _Film(out, source, audio, options, colorize_frames, bar)
                 _decode_into(source_file, source, audio, film)
                 _check_complete(source_file, source, film.end)
                 film.finish()
+            if stored_ab is not None and next(stored_ab, None) is not None:
+                raise VideoRefused("corrupt: the film decodes to fewer frames than when its chunks were colorized")
         os.replace(temp, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
