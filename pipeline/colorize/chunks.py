@@ -6,7 +6,7 @@
 A chunk starts at a keyframe and holds at least `chunk_frames` frames (the last one what is left). A task seeks to
 its keyframe, decodes the chunk's frames (those whose timestamps fall in it), runs the generator as the
 single-process path does and keeps the ab it predicts, at the network's side, in float16 (`chunk-NNNNN.npz`,
-about 50 KB a frame compressed): never a picture. The files sit in a work folder beside the output
+compressed; 256 KiB a frame at 256 px before compression): never a picture. The files sit in a work folder beside the output
 (`.<name>.chunks/`), each written to a temporary name and renamed once whole, under a plan that names the source
 (size, modification time), the model (a digest of its weights) and the settings. An interrupted job run again
 with the same plan keeps the chunks already there and computes the others; another plan starts over.
