@@ -45,6 +45,35 @@ def ab_change(sequence) -> float:
     return AB_NORM * sum(steps) / len(steps)
 
 
+def ray_film_rates(generator, src: Path, root: Path) -> dict:
+    """The panned clip through `recolor colorize --ray`'s film path (`pipeline.colorize.chunks`: chunks of 10
+    frames, the temporal step in the joining pass) on a local Ray instance with 1 and 2 CPU actors: frames/s in
+    all, and the joining pass's share of the time."""
+    import ray
+    import torch
+
+    from pipeline.colorize.chunks import colorize_video_on_ray
+    from pipeline.colorize.video import VideoOptions
+
+    rates = {}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        for actors in (1, 2):
+            started = time.perf_counter()
+            done = colorize_video_on_ray(generator, "bench", 256, "cover", str(src), str(root / f"ray{actors}.mkv"),
+                                         VideoOptions(codec="ffv1"), chunk_frames=10, actors=actors,
+                                         progress=False)  # fmt: skip
+            seconds = time.perf_counter() - started
+            rates[f"actors_{actors}"] = {"frames_per_s": done.result.frames / seconds, "chunks": done.chunks,
+                                         "join_seconds": done.result.elapsed, "seconds": seconds}  # fmt: skip
+            print(f"ray, {actors} actor(s)   {done.result.frames / seconds:6.2f} frames/s  ({done.chunks} chunks; "
+                  f"joining pass {done.result.elapsed:.1f} of {seconds:.1f} s)", flush=True)  # fmt: skip
+    finally:
+        ray.shutdown()
+        torch.set_num_threads(1)
+    return rates
+
+
 def video_bench(seconds: int = 5, fps: int = 10) -> dict:
     """Frames/s and flicker of the still and the panned clip, with and without the temporal step."""
     import torch
@@ -53,7 +82,7 @@ def video_bench(seconds: int = 5, fps: int = 10) -> dict:
     from fixtures.videos import clip_frames, read_clip, write_clip
 
     from pipeline.colorize.pixels import network_input, predict_photos
-    from pipeline.colorize.temporal import FlowSmoother, flicker
+    from pipeline.colorize.temporal import FlowSmoother, flicker, warping_error
     from pipeline.colorize.video import VideoOptions, colorize_video
     from pipeline.models.saved import GeneratorSpec, min_side
 
@@ -75,19 +104,26 @@ def video_bench(seconds: int = 5, fps: int = 10) -> dict:
                 predicted += predict_photos(generator, inputs[start : start + 8], torch.device("cpu"))
             smoother = FlowSmoother()
             smoothed = [smoother(x[:, : c[0], : c[1]], ab) for (x, c), ab in zip(inputs, predicted, strict=True)]
+            motion = (0.0, 0.0) if scene == "still" else (2.0, 0.0)  # the clip's: where a pixel was a frame before
+            results[f"{scene}_source_warping_error"] = warping_error(frames, frames, motion)  # the floor: L is kept
             for temporal in (False, True):
                 name = f"{scene}_{'temporal' if temporal else 'plain'}"
                 options = VideoOptions(codec="ffv1", temporal=temporal)
                 result = colorize_video(generator, 256, "cover", torch.device("cpu"), str(src),
                                         str(root / f"{name}.mkv"), options, progress=False)  # fmt: skip
                 added = smoothed if temporal else predicted
-                row = {"frames_per_s": result.frames / result.elapsed, "network_ab_change": ab_change(added)}
+                written = read_clip(root / f"{name}.mkv")[0]
+                row = {"frames_per_s": result.frames / result.elapsed, "network_ab_change": ab_change(added),
+                       "warping_error": warping_error(written, frames, motion)}  # fmt: skip
                 if scene == "still":
-                    row["output_flicker"] = flicker(read_clip(root / f"{name}.mkv")[0])
+                    row["output_flicker"] = flicker(written)
                 results[name] = row
                 print(f"{name:16} {row['frames_per_s']:6.2f} frames/s  network ab change {row['network_ab_change']:.4f}"
+                      f"  warping error {row['warping_error']:.5f}"
                       + (f"  output flicker {row['output_flicker']:.4f}" if "output_flicker" in row else ""),
                       flush=True)  # fmt: skip
+            if scene == "pan":
+                results["ray"] = ray_film_rates(generator, src, root)
         still_plain, still_smooth = results["still_plain"], results["still_temporal"]
         results["still_network_flicker_ratio"] = still_smooth["network_ab_change"] / still_plain["network_ab_change"]
         results["cost_ratio"] = still_plain["frames_per_s"] / still_smooth["frames_per_s"]

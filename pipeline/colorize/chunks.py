@@ -6,10 +6,11 @@
 A chunk starts at a keyframe and holds at least `chunk_frames` frames (the last one what is left). A task seeks to
 its keyframe, decodes the chunk's frames (those whose timestamps fall in it), runs the generator as the
 single-process path does and keeps the ab it predicts, at the network's side, in float16 (`chunk-NNNNN.npz`,
-compressed; 256 KiB a frame at 256 px before compression): never a picture. The files sit in a work folder beside the output
-(`.<name>.chunks/`), each written to a temporary name and renamed once whole, under a plan that names the source
-(size, modification time), the model (a digest of its weights) and the settings. An interrupted job run again
-with the same plan keeps the chunks already there and computes the others; another plan starts over.
+compressed; 256 KiB a frame at 256 px before compression): never a picture. The files sit in a work folder
+beside the output (`.<name>.chunks/`), each written to a temporary name and renamed once whole, under a plan
+that names the source (size, modification time), the model (a digest of its weights) and the settings. An
+interrupted job run again with the same plan keeps the chunks already there and computes the others; another
+plan starts over.
 
 The join is `colorize_video` fed with those ab in frame order instead of the generator: the temporal step (the
 optical flow is computed on the CPU) runs over the whole film in one pass, so chunk boundaries show no jump, and

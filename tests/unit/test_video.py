@@ -200,3 +200,16 @@ def test_outputs_never_clash_never_replace_a_stranger_and_a_codec_must_fit_its_f
     assert main([*base, str(film), "-o", str(tmp_path / "web.webm")]) == 1  # WebM takes VP8, VP9, AV1 only
     assert "bad_option: --codec h264 cannot be written in a .webm file" in capsys.readouterr().err
     assert not (tmp_path / "web.webm").exists() and not list(tmp_path.glob(".*partial*"))
+
+
+def test_the_warping_error_is_near_zero_for_a_steady_film_and_grows_with_flicker() -> None:
+    from pipeline.colorize.temporal import warping_error
+
+    frames = clip_frames(6, 64, 48)  # a pan of 2 px a frame: the flow of the source carries each frame onto the next
+    steady = warping_error(frames, frames)
+    tint = np.array([1, -1, 0])
+    flickering = [(frame.astype(int) + (12 if index % 2 else -12) * tint).clip(0, 255).astype(np.uint8)
+                  for index, frame in enumerate(frames)]  # fmt: skip
+    assert steady < 0.003
+    assert warping_error(flickering, frames) > 5 * max(steady, 1e-4)
+    assert warping_error(flickering[:1], frames[:1]) == 0.0  # one frame: no pair
