@@ -17,15 +17,17 @@ optical flow is computed on the CPU) runs over the whole film in one pass, so ch
 the output has the source's frames, in order, as many as it has, with its timestamps, size and audio; it is
 written whole and the work folder removed. Only the network, which a GPU does best, is spread over the cluster.
 
-Paths: the tasks open the source by its path, so on a cluster the films and the output folder must be on a
-file system every node sees (s3:// films are not supported yet).
+Where: a film may be a local path (on a cluster, on a file system every node mounts) or an s3:// object, which
+tasks read through a presigned URL (FFmpeg's range requests: each task reads its chunk, not the film; no
+credentials travel). A task returns its chunk to the driver, which writes it (beside a local output, or under
+an s3:// output's prefix) and writes the output: only the driver needs the output's store.
 """
 
 from __future__ import annotations
 
 import bisect
-import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -36,7 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.colorize.video import VideoOptions, VideoRefused, VideoResult
+from ingest.storage import StorageError, is_s3, open_storage, split_uri
+from pipeline.colorize.video import VideoOptions, VideoRefused, VideoResult, readable
 
 CHUNK_FRAMES = 240  # 10 s at 24 fps: a task's work is seconds on a GPU, minutes on a CPU
 PLAN_NAME = "plan.json"
@@ -113,7 +116,7 @@ def chunk_frames_ab(generator, src: str, chunk: Chunk, size: int, resize: str, d
         predicted.extend(predict_photos(generator, inputs, device))
         pending.clear()
 
-    with av.open(src) as container:
+    with av.open(readable(src)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         container.seek(chunk.start, stream=stream, backward=True, any_frame=False)
@@ -136,24 +139,23 @@ def chunk_frames_ab(generator, src: str, chunk: Chunk, size: int, resize: str, d
     return torch.stack(predicted).numpy().astype(np.float16)
 
 
-def write_chunk(folder: Path, chunk: Chunk, ab: np.ndarray) -> None:
-    """The chunk's ab, whole under its name or not at all (a temporary name, then a rename)."""
-    temp = folder / f".{chunk.name}.{os.getpid()}.tmp"
-    try:
-        with open(temp, "wb") as handle:
-            np.savez_compressed(handle, ab=ab)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, folder / chunk.name)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            temp.unlink()
+def packed(ab: np.ndarray) -> bytes:
+    """A chunk's ab as the bytes of its file (compressed npz)."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, ab=ab)
+    return buffer.getvalue()
 
 
-def stored_ab(folder: Path, chunks: list[Chunk]) -> Iterator[torch.Tensor]:
+def write_chunk(folder: str, chunk: Chunk, data: bytes | np.ndarray) -> None:
+    """The chunk's ab (`packed`), whole under its name or not at all (a file renamed into place, or one S3 PUT)."""
+    open_storage(folder).write_bytes(chunk.name, data if isinstance(data, bytes) else packed(data))
+
+
+def stored_ab(folder: str, chunks: list[Chunk]) -> Iterator[torch.Tensor]:
     """Every frame's ab, in order, chunk after chunk (one chunk in memory at a time)."""
+    storage = open_storage(folder)
     for chunk in chunks:
-        with np.load(folder / chunk.name) as data:
+        with np.load(io.BytesIO(storage.read_bytes(chunk.name))) as data:
             ab = data["ab"]
         for frame in ab:
             yield torch.from_numpy(frame.astype(np.float32))
@@ -168,33 +170,55 @@ def model_digest(generator) -> str:
     return digest.hexdigest()[:16]
 
 
-def work_folder(dst: str) -> Path:
-    target = Path(dst)
-    return target.with_name(f".{target.name}.chunks")
+def work_folder(dst: str) -> str:
+    """Where a film's chunks wait: `.<output name>.chunks` beside the output (a folder, or an s3:// prefix)."""
+    parent, name = split_uri(dst) if is_s3(dst) else (str(Path(dst).parent), Path(dst).name)
+    return f"{parent}/.{name}.chunks"
 
 
-def prepare(folder: Path, plan: dict) -> set[str]:
+def source_identity(src: str) -> dict:
+    """What says the source is the same film as when chunks were computed: its size and modification time (or an
+    s3:// object's ETag)."""
+    if is_s3(src):
+        parent, name = split_uri(src)
+        info = open_storage(parent).info(name)
+        if info is None:
+            raise VideoRefused("missing: no such object")
+        return {"source": src, "source_bytes": info.size, "source_tag": info.etag or str(info.modified)}
+    stat = os.stat(src)
+    return {"source": src, "source_bytes": stat.st_size, "source_tag": str(stat.st_mtime_ns)}
+
+
+def prepare(folder: str, plan: dict) -> set[str]:
     """The work folder for `plan`: the chunk files already whole there when an earlier run had the same plan;
-    else an empty folder holding the plan."""
-    written = folder / PLAN_NAME
-    if written.exists():
+    else an emptied folder holding the plan."""
+    storage = open_storage(folder)
+    names = [info.key for info in storage.list()]  # never the temporary files of unfinished writes
+    if PLAN_NAME in names:
         try:
-            same = json.loads(written.read_text()) == plan
-        except (OSError, ValueError):
+            same = json.loads(storage.read_bytes(PLAN_NAME)) == plan
+        except (OSError, StorageError, ValueError):
             same = False
         if same:
-            return {path.name for path in folder.glob("chunk-*.npz")}
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    temp = folder / f".{PLAN_NAME}.tmp"
-    temp.write_text(json.dumps(plan, indent=1))
-    os.replace(temp, written)
+            return {name for name in names if name.startswith("chunk-") and name.endswith(".npz")}
+    remove(folder)
+    storage.write_bytes(PLAN_NAME, json.dumps(plan, indent=1).encode())
     return set()
 
 
+def remove(folder: str) -> None:
+    """The work folder and all in it."""
+    if not is_s3(folder):
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    storage = open_storage(folder)
+    for info in list(storage.list(include_partial=True)):
+        storage.delete(info.key)
+
+
 def _chunk_task(generator_ref, src: str, chunk: Chunk, size: int, resize: str, batch_size: int, gpu: bool,
-                folder: str, dropout: bool) -> int:  # fmt: skip
-    """(A Ray task) one chunk's ab into its file; returns its frames."""
+                dropout: bool) -> tuple[Chunk, bytes]:  # fmt: skip
+    """(A Ray task) one chunk's ab, packed; the driver writes it (tasks need no access to the output's store)."""
     import ray
 
     from pipeline.models import set_inference_mode
@@ -202,9 +226,7 @@ def _chunk_task(generator_ref, src: str, chunk: Chunk, size: int, resize: str, b
     device = torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
     generator = set_inference_mode(ray.get(generator_ref[0]).to(device), dropout)
     torch.manual_seed(0)
-    ab = chunk_frames_ab(generator, src, chunk, size, resize, device, batch_size)
-    write_chunk(Path(folder), chunk, ab)
-    return chunk.frames
+    return chunk, packed(chunk_frames_ab(generator, src, chunk, size, resize, device, batch_size))
 
 
 @dataclass
@@ -233,16 +255,16 @@ def colorize_video_on_ray(generator, model_key: str, size: int, resize: str, src
     from pipeline.colorize.video import colorize_video, video_library
 
     video_library()
-    src, dst = str(Path(src).absolute()), str(Path(dst).absolute())  # tasks run in other working directories
+    # Tasks run in other working directories; s3:// films are read through presigned URLs (`readable`).
+    src, dst = (uri if is_s3(uri) else str(Path(uri).absolute()) for uri in (src, dst))
+    source_url = readable(src)
     chunks = plan_chunks(src, chunk_frames, options.max_pixels)
-    stat = os.stat(src)
-    plan = {"source": src, "source_bytes": stat.st_size, "source_mtime_ns": stat.st_mtime_ns, "model": model_key,
-            "weights": model_digest(generator), "size": size, "resize": resize, "dropout": dropout,
-            "chunks": [asdict(chunk) for chunk in chunks]}  # fmt: skip
+    plan = {**source_identity(src), "model": model_key, "weights": model_digest(generator), "size": size,
+            "resize": resize, "dropout": dropout, "chunks": [asdict(chunk) for chunk in chunks]}  # fmt: skip
     folder = work_folder(dst)
     try:
         done = prepare(folder, plan)
-    except OSError as e:
+    except (OSError, StorageError) as e:
         raise VideoRefused(f"unwritable: {folder}: {e}") from None
     todo = [chunk for chunk in chunks if chunk.name not in done]
     if todo:
@@ -258,10 +280,15 @@ def colorize_video_on_ray(generator, model_key: str, size: int, resize: str, src
                     while queue or waiting:
                         while queue and len(waiting) < actors:
                             chunk = queue.pop(0)
-                            waiting.append(task.remote(generator_ref, src, chunk, size, resize, options.batch_size,
-                                                       gpu, str(folder), dropout))  # fmt: skip
+                            waiting.append(task.remote(generator_ref, source_url, chunk, size, resize,
+                                                       options.batch_size, gpu, dropout))  # fmt: skip
                         finished, waiting = ray.wait(waiting, num_returns=1)
-                        bar.update(ray.get(finished[0]))
+                        chunk, data = ray.get(finished[0])
+                        try:
+                            write_chunk(folder, chunk, data)
+                        except (OSError, StorageError) as e:
+                            raise VideoRefused(f"unwritable: {folder}/{chunk.name}: {e}") from None
+                        bar.update(chunk.frames)
                 except ray.exceptions.RayTaskError as e:
                     cause = getattr(e, "cause", None)
                     if isinstance(cause, VideoRefused):
@@ -269,5 +296,5 @@ def colorize_video_on_ray(generator, model_key: str, size: int, resize: str, src
                     raise
     result = colorize_video(generator, size, resize, torch.device("cpu"), src, dst, options, progress,
                             stored_ab=stored_ab(folder, chunks))  # fmt: skip
-    shutil.rmtree(folder, ignore_errors=True)
+    remove(folder)
     return ChunkedResult(result, len(chunks), len(chunks) - len(todo))

@@ -161,12 +161,11 @@ def run_colorize(args) -> int:
 def run_videos(args, videos: list[tuple[str, str]], refused: list[tuple[str, str]]) -> int:
     """Colorize each video (`pipeline.colorize.video`); a refused one does not stop the others. Returns 1 when
     some video was not colorized, else 0."""
-    from pathlib import Path
 
     import torch
 
     from pipeline.colorize.local import load_model
-    from pipeline.colorize.video import VideoOptions, VideoRefused, colorize_video, written_by_recolor
+    from pipeline.colorize.video import VideoOptions, VideoRefused, colorize_video, output_exists, written_by_recolor
     from pipeline.models import set_inference_mode
 
     device = torch.device(args.device)
@@ -174,7 +173,7 @@ def run_videos(args, videos: list[tuple[str, str]], refused: list[tuple[str, str
                            max_pixels=args.max_pixels)  # fmt: skip
     failed, todo = list(refused), []
     for src, dst in videos:
-        if not Path(dst).exists():
+        if not output_exists(dst):
             todo.append((src, dst))
         elif not (args.overwrite or args.overwrite_any):
             print(f"  {dst} is there already (pass --overwrite to redo)")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ import torch
 
 from ingest.errors import ConfigError
 from ingest.sources.folder import IMAGE_EXTENSIONS
+from ingest.storage import is_s3
 from pipeline.colorize.pixels import compose, network_input, predict_photos
 from pipeline.colorize.temporal import FlowSmoother
 
@@ -101,7 +103,14 @@ def list_videos(inputs: list[str], out: str) -> tuple[list[tuple[str, str]], lis
     rest = []
     for given in inputs:
         path = Path(given)
-        if path.is_dir():
+        if is_s3(given) and not is_video(given):  # a prefix: its videos here, its images the photo path's
+            found, has_images = _s3_videos_below(given)
+            videos += found
+            if not found or has_images:
+                rest.append(given)
+        elif is_s3(given):
+            videos.append((given, given.rsplit("/", 1)[-1]))
+        elif path.is_dir():
             found, has_images = _videos_below(path, Path(out).resolve())
             videos += [(str(p), str(p.relative_to(path))) for p in found]
             if not found or has_images:
@@ -110,13 +119,16 @@ def list_videos(inputs: list[str], out: str) -> tuple[list[tuple[str, str]], lis
             videos.append((given, path.name))
         else:
             rest.append(given)
-    single = is_video(out) and not Path(out).is_dir()
+    single = is_video(out) and (is_s3(out) or not Path(out).is_dir())
     if single and not (len(videos) == 1 and len(inputs) == 1 and not Path(inputs[0]).is_dir()):
         raise ConfigError(f"-o {out} names one output film: give it one input film (for several, -o a folder)")
     planned, refused, claimed = [], [], {}
     for path, name in videos:
-        target = Path(out) if single else Path(out) / video_output_name(name)
-        if target.resolve() == Path(path).resolve():
+        if is_s3(out):
+            target = out if single else f"{out.rstrip('/')}/{video_output_name(name)}"
+        else:
+            target = Path(out) if single else Path(out) / video_output_name(name)
+        if _same(target, path):
             refused.append((path, f"name_clash: the output {target} is the input"))
         elif target in claimed:
             refused.append((path, f"name_clash: its output {target} is already that of {claimed[target]}"))
@@ -126,15 +138,93 @@ def list_videos(inputs: list[str], out: str) -> tuple[list[tuple[str, str]], lis
     return planned, rest, refused
 
 
+def _same(target, path: str) -> bool:
+    if is_s3(str(target)) or is_s3(path):
+        return str(target) == path
+    return Path(target).resolve() == Path(path).resolve()
+
+
+def _s3_videos_below(prefix: str) -> tuple[list[tuple[str, str]], bool]:
+    """The videos below an s3:// prefix, sorted (hidden names skipped), named below it; and whether it holds
+    images too."""
+    from ingest.storage import StorageError, open_storage
+
+    storage = open_storage(prefix)
+    try:
+        keys = [info.key for info in storage.list()]
+    except StorageError as e:
+        raise ConfigError(f"cannot list {prefix}: {e}") from None
+    shown = [key for key in keys if not any(part.startswith(".") for part in key.split("/"))]
+    videos = [(storage.uri(key), key) for key in sorted(shown) if is_video(key)]
+    return videos, any(Path(key).suffix.lower() in IMAGE_EXTENSIONS for key in shown)
+
+
+def readable(uri: str) -> str:
+    """What FFmpeg opens for `uri`: a local path as it is; an s3:// object as a presigned URL (FFmpeg reads it over
+    HTTP with range requests, seeking included: a film is never downloaded whole)."""
+    if not is_s3(uri):
+        return uri
+    from ingest.storage import split_uri
+
+    parent, name = split_uri(uri)
+    from ingest.storage import open_storage
+
+    return open_storage(parent).presigned_url(name, expires=7 * 24 * 3600)
+
+
+def output_exists(dst: str) -> bool:
+    if not is_s3(dst):
+        return Path(dst).exists()
+    from ingest.storage import open_storage, split_uri
+
+    parent, name = split_uri(dst)
+    return open_storage(parent).exists(name)
+
+
 def written_by_recolor(path: str) -> bool:
-    """Whether the video at `path` is one recolor wrote (its container's comment says so)."""
+    """Whether the video at `path` (a file or an s3:// object) is one recolor wrote (its container's comment)."""
     import av
 
     try:
-        with av.open(path) as container:
+        with av.open(readable(path)) as container:
             return container.metadata.get("comment") == RECOLOR_MARK
     except (av.error.FFmpegError, OSError):
         return False
+
+
+@contextlib.contextmanager
+def published(dst: str) -> Iterator[Path]:
+    """A temporary file to write the output into, put in place only when the block ends without an error: renamed
+    over `dst` (a hidden file beside it), or uploaded to an s3:// `dst` (one whole object); removed in any case."""
+    import tempfile
+
+    if is_s3(dst):
+        from ingest.storage import StorageError, open_storage, split_uri
+
+        folder = Path(tempfile.mkdtemp(prefix="recolor-film-"))
+        temp = folder / f"partial{Path(dst).suffix}"
+        try:
+            yield temp
+            parent, name = split_uri(dst)
+            try:
+                open_storage(parent).upload_file(name, temp)
+            except (StorageError, OSError) as e:
+                raise VideoRefused(f"unwritable: {dst}: {e}") from None
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return
+    target = Path(dst)
+    temp = target.with_name(f".{target.name}.{os.getpid()}.partial{target.suffix}")
+    try:
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise VideoRefused(f"unwritable: {target}: {e}") from None
+        yield temp
+        os.replace(temp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
 
 
 def _videos_below(folder: Path, outputs: Path) -> tuple[list[Path], bool]:
@@ -161,11 +251,19 @@ def video_library():
     return av
 
 
+def _container_format(dst: str) -> str | None:
+    """The muxer for the output's name (the temporary file's suffix says the same; explicit for clarity)."""
+    return {".mkv": "matroska", ".webm": "webm", ".avi": "avi"}.get(Path(dst).suffix.lower())
+
+
 def _open(src: str):
+    """The source opened for reading (an s3:// object through a presigned URL, `readable`)."""
     import av
 
+    if is_s3(src) and not output_exists(src):
+        raise VideoRefused("missing: no such object")
     try:
-        container = av.open(src)
+        container = av.open(readable(src))
     except FileNotFoundError:
         raise VideoRefused("missing: no such file") from None
     except (av.error.InvalidDataError, av.error.FFmpegError, UnicodeDecodeError) as e:
@@ -362,33 +460,25 @@ def colorize_video(generator, size: int, resize: str, device: torch.device, src:
     if options.codec not in CODECS:
         raise VideoRefused(f"bad_option: --codec must be one of {', '.join(CODECS)}, got {options.codec!r}")
     source_file = _open(src)
-    target = Path(dst)
-    temp = target.with_name(f".{target.name}.{os.getpid()}.partial{target.suffix}")
     started = time.perf_counter()
-    try:
-        with source_file:
-            source = source_file.streams.video[0]
-            source.thread_type = "AUTO"
-            note = _check(source, options.max_pixels)
-            time_base, fps = source.time_base, float(source.average_rate or 0)
-            audio = source_file.streams.audio[0] if source_file.streams.audio else None
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                out = av.open(str(temp), "w")
-            except (OSError, av.error.FFmpegError) as e:
-                raise VideoRefused(f"unwritable: {target}: {e}") from None
-            colorize_frames = _frame_colorizer(generator, size, resize, device, options.temporal, stored_ab)
-            with out, tqdm(total=source.frames or None, unit="frame", desc=Path(src).name, disable=not progress) as bar:
-                film = _Film(out, source, audio, options, colorize_frames, bar)
-                _decode_into(source_file, source, audio, film)
-                _check_complete(source_file, source, film.end)
-                film.finish()
-            if stored_ab is not None and next(stored_ab, None) is not None:
-                raise VideoRefused("corrupt: the film decodes to fewer frames than when its chunks were colorized")
-        os.replace(temp, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            temp.unlink()
+    with published(dst) as temp, source_file:
+        source = source_file.streams.video[0]
+        source.thread_type = "AUTO"
+        note = _check(source, options.max_pixels)
+        time_base, fps = source.time_base, float(source.average_rate or 0)
+        audio = source_file.streams.audio[0] if source_file.streams.audio else None
+        try:
+            out = av.open(str(temp), "w", format=_container_format(dst))
+        except (OSError, av.error.FFmpegError) as e:
+            raise VideoRefused(f"unwritable: {dst}: {e}") from None
+        colorize_frames = _frame_colorizer(generator, size, resize, device, options.temporal, stored_ab)
+        with out, tqdm(total=source.frames or None, unit="frame", desc=Path(src).name, disable=not progress) as bar:
+            film = _Film(out, source, audio, options, colorize_frames, bar)
+            _decode_into(source_file, source, audio, film)
+            _check_complete(source_file, source, film.end)
+            film.finish()
+        if stored_ab is not None and next(stored_ab, None) is not None:
+            raise VideoRefused("corrupt: the film decodes to fewer frames than when its chunks were colorized")
     seconds = float((film.end or 0) * time_base) if time_base else 0.0
     return VideoResult(frames=film.frames, seconds=seconds, fps=fps, audio=audio is not None, note=note,
                        elapsed=time.perf_counter() - started)  # fmt: skip

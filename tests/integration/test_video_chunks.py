@@ -91,7 +91,7 @@ def test_a_film_on_ray_is_the_single_process_film(ray_local, generator, film, tm
         assert np.abs(lightness(colored) - lightness(frame)).max() <= 1.0, index
         # The temporal step ran over the whole film in one pass: no jump at the chunk boundaries (frames 20, 40).
         assert np.abs(colored.astype(int) - single.astype(int)).max() <= 2, index
-    assert not work_folder(str(tmp_path / "ray.mkv")).exists()  # the chunks go once the film is whole
+    assert not Path(work_folder(str(tmp_path / "ray.mkv"))).exists()  # the chunks go once the film is whole
 
 
 def test_an_interrupted_film_resumes_by_chunk(ray_local, generator, film, tmp_path) -> None:
@@ -110,7 +110,7 @@ def test_an_interrupted_film_resumes_by_chunk(ray_local, generator, film, tmp_pa
     chunks = plan_chunks(str(film), 12)
     for chunk in chunks[:2]:
         write_chunk(folder, chunk, chunk_frames_ab(loaded, str(film), chunk, size, resize, torch.device("cpu"), 8))
-    (folder / f".{chunks[2].name}.999.tmp").write_bytes(b"PK\x03\x04 half a chunk")
+    (Path(folder) / f".{chunks[2].name}.999.tmp").write_bytes(b"PK\x03\x04 half a chunk")
     resumed = colorize_video_on_ray(loaded, "m", size, resize, str(film), dst, options, chunk_frames=12,
                                     progress=False)  # fmt: skip
     assert (resumed.chunks, resumed.reused) == (3, 2)
@@ -131,10 +131,8 @@ def module_plan(module, loaded, size, resize, film, key) -> dict:
     from dataclasses import asdict
 
     src = str(Path(film).absolute())
-    stat = os.stat(src)
-    return {"source": src, "source_bytes": stat.st_size, "source_mtime_ns": stat.st_mtime_ns, "model": key,
-            "weights": module.model_digest(loaded), "size": size, "resize": resize, "dropout": False,
-            "chunks": [asdict(c) for c in module.plan_chunks(src, 12)]}  # fmt: skip
+    return {**module.source_identity(src), "model": key, "weights": module.model_digest(loaded), "size": size,
+            "resize": resize, "dropout": False, "chunks": [asdict(c) for c in module.plan_chunks(src, 12)]}  # fmt: skip
 
 
 def test_the_command_line_colorizes_films_on_ray_and_refuses_bad_ones(ray_local, model, film, tmp_path,
@@ -159,3 +157,33 @@ def test_a_refused_chunk_is_the_films_one_line(ray_local, generator, tmp_path) -
     with pytest.raises(VideoRefused, match="^hdr: "):
         colorize_video_on_ray(loaded, "m", size, resize, str(hdr), str(tmp_path / "o.mkv"), progress=False)
     assert not (tmp_path / "o.mkv").exists()
+
+
+@pytest.mark.s3
+def test_films_in_and_out_of_s3_in_one_process_and_on_ray(ray_local, s3_env, model, film, tmp_path, capsys) -> None:
+    from ingest.storage import open_storage
+
+    films = open_storage(f"s3://{s3_env.bucket}/films")
+    films.upload_file("pan.mp4", film)
+    films.upload_file("trip/day-1.mp4", film)
+    for out, extra in (("one-process", []), ("on-ray", ["--ray", "--chunk-frames", "12"])):
+        target = f"s3://{s3_env.bucket}/{out}"
+        code = main(["colorize", "--model", str(model), "--size", "64", f"s3://{s3_env.bucket}/films", "-o", target,
+                     "--no-progress", *extra])  # fmt: skip
+        printed = capsys.readouterr()
+        assert code == 0, printed.err
+        assert printed.out.count("3 chunk(s) cut at keyframes") == (2 if extra else 0)
+        outputs = open_storage(target)
+        # The films under the prefix, named below it; nothing else left there (no chunks, no partial upload).
+        assert sorted(info.key for info in outputs.list(include_partial=True)) == ["pan.mp4", "trip/day-1.mp4"]
+        local = tmp_path / out / "day-1.mp4"
+        local.parent.mkdir()
+        local.write_bytes(outputs.read_bytes("trip/day-1.mp4"))
+        frames, _, info = read_clip(local)
+        assert len(frames) == 45 and info["audio"]
+        again = main(["colorize", "--model", str(model), "--size", "64", f"s3://{s3_env.bucket}/films", "-o", target,
+                      "--no-progress", *extra])  # fmt: skip
+        assert again == 0 and capsys.readouterr().out.count("is there already") == 2
+    code = main(["colorize", "--model", str(model), f"s3://{s3_env.bucket}/films/gone.mp4", "-o",
+                 f"s3://{s3_env.bucket}/gone.mp4", "--no-progress"])  # fmt: skip
+    assert code == 1 and "missing: no such object" in capsys.readouterr().err
