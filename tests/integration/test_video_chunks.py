@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from bad_files import write_checkpoint
+from fixtures import videos
 from fixtures.videos import clip_frames, read_clip, write_clip
 
 from ingest.lab import lightness
@@ -22,23 +22,11 @@ from pipeline.colorize.chunks import (
     work_folder,
     write_chunk,
 )
-from pipeline.colorize.local import load_model
 from pipeline.colorize.video import VideoOptions, VideoRefused, colorize_video
 
+model, generator = videos.model, videos.generator  # the module's fixtures: a checkpoint, and it loaded
+
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return write_checkpoint(tmp_path_factory.mktemp("model"))
-
-
-@pytest.fixture(scope="module")
-def generator(model):
-    from pipeline.models import set_inference_mode
-
-    loaded, size, resize = load_model(str(model), None, torch.device("cpu"), False, 64)
-    return set_inference_mode(loaded, False), size, resize
 
 
 @pytest.fixture(scope="module")
