@@ -56,11 +56,12 @@ class Position:
 
 def build_payload(generator, discriminator, optimizers, schedulers, position: Position, config, plan,
                   interleave: int | None = None, global_batch: int | None = None,
-                  splits: list[tuple[int, int]] | None = None) -> dict:  # fmt: skip
+                  splits: list[tuple[int, int]] | None = None, owned: bool = False) -> dict:  # fmt: skip
     """The checkpoint dict of a run at `position`: plain modules (unwrapped from DDP), both optimizers and
     schedulers (generator's first), the config (`TrainConfig`), the data plan's versions and how the epoch in
     progress is read (`interleave`: a resumed epoch must skip samples of the order it began with; `global_batch`,
-    the run's samples a step; `splits`, the epoch's worker groups so far, `pipeline.epochs.plan_rank_epoch`)."""
+    the run's samples a step; `splits`, the epoch's worker groups so far, `pipeline.epochs.plan_rank_epoch`;
+    `owned`, whether its ranks read the shards they own, `data.shard_ownership`)."""
     return {
         "format": FORMAT,
         "generator": generator.state_dict(),
@@ -80,6 +81,7 @@ def build_payload(generator, discriminator, optimizers, schedulers, position: Po
             "interleave": interleave if interleave is not None else config.data.interleave,
             "global_batch": global_batch or config.global_batch,
             "splits": [list(split) for split in splits or [(config.workers, 0)]],
+            "owned": owned,
         },  # fmt: skip
     }
 
@@ -88,6 +90,12 @@ def epoch_interleave(payload: dict) -> int:
     """The read order of the epoch a checkpoint was taken in: shards read at once (1 in checkpoints written before
     the reader interleaved shards)."""
     return int(payload.get("data", {}).get("interleave", 1))
+
+
+def epoch_owned(payload: dict) -> bool | None:
+    """Whether the ranks of the epoch in progress read the shards they own (None in older checkpoints: not)."""
+    value = payload.get("data", {}).get("owned")
+    return value if isinstance(value, bool) else None
 
 
 def epoch_global_batch(payload: dict) -> int | None:

@@ -35,6 +35,7 @@ from pipeline.checkpoint import (
     build_payload,
     epoch_global_batch,
     epoch_interleave,
+    epoch_owned,
     epoch_splits,
     restore_networks,
     restore_optimizers,
@@ -179,11 +180,15 @@ class ColorizerTrainer:
         self.global_batch = config.global_batch if config.elastic else config.data.batch_size * world_size
         self.splits: list[tuple[int, int]] = [(world_size, 0)]
         self.resumed_splits: list[tuple[int, int]] | None = None
+        # Whether ranks read the shards they own (`owns_shards`): an epoch resumed mid-way keeps how it began.
+        self.owned = owns_shards(config, plan)
+        self.resumed_owned: bool | None = None
         if checkpoint_payload is not None:
             self.position = restore_networks(checkpoint_payload, generator, discriminator)
             self.resumed_interleave = epoch_interleave(checkpoint_payload)
             self.global_batch = epoch_global_batch(checkpoint_payload) or self.global_batch
             self.resumed_splits = epoch_splits(checkpoint_payload)
+            self.resumed_owned = bool(epoch_owned(checkpoint_payload))
         if model.norm == "sync_batch" and world_size > 1:
             generator = nn.SyncBatchNorm.convert_sync_batchnorm(generator)
             discriminator = nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
@@ -368,7 +373,7 @@ class ColorizerTrainer:
         generator, discriminator = unwrap(self.generator), unwrap(self.discriminator)
         splits = self.splits if next_position.step_in_epoch else [(self.world_size, 0)]
         return build_payload(generator, discriminator, opts, scheds, next_position, self.config, self.plan,
-                             self.interleave, self.global_batch, splits)  # fmt: skip
+                             self.interleave, self.global_batch, splits, self.owned)  # fmt: skip
 
     # ---------------------------------------------------------------------------------------- the run
 
@@ -446,6 +451,12 @@ class ColorizerTrainer:
                         "the next", self.resumed_interleave, self.interleave)  # fmt: skip
             self.interleave = self.resumed_interleave
         self.resumed_interleave = None
+        self.owned = owns_shards(config, self.plan)
+        if start_step and self.resumed_owned is not None and self.resumed_owned != self.owned:
+            log.warning("finishing this epoch with shard ownership %s, as it began; %s from the next",
+                        "on" if self.resumed_owned else "off", "on" if self.owned else "off")  # fmt: skip
+            self.owned = self.resumed_owned
+        self.resumed_owned = None
         self.splits = self._epoch_splits(start_step)
         # Shuffles differ per stage and epoch; flips and windows too (they derive from the same numbers).
         shuffle_epoch = stage_index * 100_000 + epoch
@@ -457,7 +468,7 @@ class ColorizerTrainer:
             interleave=self.interleave,
             loader_workers=config.data.loader_workers or config.cpus_per_worker,
             max_bad_fraction=config.data.max_bad_fraction,
-            owned_shards=owns_shards(config, self.plan),
+            owned_shards=self.owned,
         )
         return train_batches(
             self.plan, shuffle_epoch, config.seed, self.rank, self.world_size, options, start_step, self.splits,

@@ -492,7 +492,7 @@ def test_trainer_stops_at_max_steps_and_its_payload_restores_a_fresh_trainer(tin
     assert payload["position"] == {"stage": 0, "epoch": 0, "step_in_epoch": 2, "global_step": 2}
     assert payload["config"] == config.to_dict()
     assert payload["data"] == {"refs": plan.refs, "digests": plan.digests, "size": plan.size, "resize": plan.resize,
-                               "interleave": 4, "global_batch": 2, "splits": [[1, 0]]}  # fmt: skip
+                               "interleave": 4, "global_batch": 2, "splits": [[1, 0]], "owned": False}  # fmt: skip
     assert payload["opt_g"]["state"], "the generator's Adam moments are missing"
     assert payload["sched_g"]["last_epoch"] == 0
 
@@ -663,3 +663,29 @@ def test_an_epoch_resumed_under_another_interleave_finishes_in_the_order_it_bega
     second = Recorder()
     ColorizerTrainer(config(4), plan, 0, 1, torch.device("cpu"), report=second, checkpoint_payload=payload).run()
     assert second.metrics == sequential.metrics[3:steps]  # the epoch ends as it would have with interleave 1
+
+
+def test_an_epoch_resumed_with_shard_ownership_switched_finishes_as_it_began(sharded_lake, tmp_path) -> None:
+    # data.shard_ownership (or data.cache, which "auto" follows) changed between a stop and its resume: the epoch in
+    # progress keeps the order it began with; the next one uses the new setting.
+    lake, plan = sharded_lake
+    steps = plan.count("train") // 2
+    one_stage = [StageConfig(name="l1", epochs=1, gan_mode=None)]
+
+    def config(ownership: str, **overrides) -> TrainConfig:
+        data = DataConfig(datasets=["tiny"], lake=lake, batch_size=2, shuffle_window=2, prefetch_batches=0,
+                          flip=False, shard_ownership=ownership)  # fmt: skip
+        return tiny_config(lake, stages=one_stage, data=data, **overrides)
+
+    owned, drawn = Recorder(), Recorder()
+    new_trainer(config("on"), plan, owned).run()
+    new_trainer(config("off"), plan, drawn).run()
+    assert [m["train/loss_G"] for m in owned.metrics] != [m["train/loss_G"] for m in drawn.metrics]
+
+    first = Recorder(tmp_path, save_at=(3,))
+    new_trainer(config("on", max_steps=3), plan, first).run()
+    payload = load_checkpoint(first.saved[3])
+    assert payload["data"]["owned"] is True
+    second = Recorder()
+    ColorizerTrainer(config("off"), plan, 0, 1, torch.device("cpu"), report=second, checkpoint_payload=payload).run()
+    assert second.metrics == owned.metrics[3:steps]
