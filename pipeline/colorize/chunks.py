@@ -31,6 +31,7 @@ import io
 import json
 import os
 import shutil
+import zipfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ from pipeline.colorize.video import VideoOptions, VideoRefused, VideoResult, rea
 
 CHUNK_FRAMES = 240  # 10 s at 24 fps: a task's work is seconds on a GPU, minutes on a CPU
 PLAN_NAME = "plan.json"
+PLAN_FORMAT = 1  # bumped when what a chunk file holds changes: older chunks are then not reused
 
 
 @dataclass(frozen=True)
@@ -70,14 +72,17 @@ def plan_chunks(src: str, chunk_frames: int = CHUNK_FRAMES, max_pixels: int | No
 
     from pipeline.colorize.video import DEFAULT_MAX_FRAME_PIXELS, _check, _open
 
-    stamps, keys = [], []
+    stamps, keys, keyed = [], [], False
     with _open(src) as container:
         stream = container.streams.video[0]
         _check(stream, max_pixels or DEFAULT_MAX_FRAME_PIXELS)
         try:
             for packet in container.demux(stream):
                 if packet.pts is None or packet.size == 0:
-                    continue
+                    continue  # a flush packet
+                keyed = keyed or packet.is_keyframe
+                if not keyed or getattr(packet, "is_discard", False):
+                    continue  # before the first keyframe (a file cut mid-GOP), or trimmed by an edit list: no frame
                 stamps.append(packet.pts)
                 if packet.is_keyframe:
                     keys.append(packet.pts)
@@ -116,11 +121,15 @@ def chunk_frames_ab(generator, src: str, chunk: Chunk, size: int, resize: str, d
         predicted.extend(predict_photos(generator, inputs, device))
         pending.clear()
 
-    with av.open(readable(src)) as container:
+    try:
+        container = av.open(readable(src))
+    except (av.error.FFmpegError, OSError) as e:
+        raise VideoRefused(f"unreadable: chunk {chunk.index} cannot open the film ({e})") from None
+    with container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        container.seek(chunk.start, stream=stream, backward=True, any_frame=False)
         try:
+            container.seek(chunk.start, stream=stream, backward=True, any_frame=False)
             for frame in container.decode(stream):
                 if frame.pts is None or frame.pts < chunk.start:
                     continue  # before the chunk: the keyframe seek lands at or before its start
@@ -155,8 +164,15 @@ def stored_ab(folder: str, chunks: list[Chunk]) -> Iterator[torch.Tensor]:
     """Every frame's ab, in order, chunk after chunk (one chunk in memory at a time)."""
     storage = open_storage(folder)
     for chunk in chunks:
-        with np.load(io.BytesIO(storage.read_bytes(chunk.name))) as data:
-            ab = data["ab"]
+        try:
+            with np.load(io.BytesIO(storage.read_bytes(chunk.name))) as data:
+                ab = data["ab"]
+        except (OSError, StorageError, ValueError, KeyError, zipfile.BadZipFile) as e:
+            raise VideoRefused(f"corrupt: the chunk file {folder}/{chunk.name} cannot be read ({e}); run again: "
+                               "it is computed anew") from None  # fmt: skip
+        if len(ab) != chunk.frames:
+            raise VideoRefused(f"corrupt: the chunk file {folder}/{chunk.name} holds {len(ab)} frames, not "
+                               f"{chunk.frames}; run again: it is computed anew")  # fmt: skip
         for frame in ab:
             yield torch.from_numpy(frame.astype(np.float32))
 
@@ -181,12 +197,16 @@ def source_identity(src: str) -> dict:
     s3:// object's ETag)."""
     if is_s3(src):
         parent, name = split_uri(src)
-        info = open_storage(parent).info(name)
-        if info is None:
-            raise VideoRefused("missing: no such object")
-        return {"source": src, "source_bytes": info.size, "source_tag": info.etag or str(info.modified)}
-    stat = os.stat(src)
-    return {"source": src, "source_bytes": stat.st_size, "source_tag": str(stat.st_mtime_ns)}
+        storage = open_storage(parent)
+        try:
+            head = storage.client.head_object(Bucket=storage.bucket, Key=storage._key(name))
+        except Exception as e:  # botocore's ClientError (404, 403) or a connection error
+            raise VideoRefused(f"unreadable: {src}: {e}") from None
+        return {"source": src, "source_bytes": int(head["ContentLength"]), "source_tag": head.get("ETag") or
+                str(head["LastModified"].timestamp())}  # fmt: skip
+    stat = os.stat(src)  # mtime, ctime and inode: a copy that keeps the mtime (cp -p, rsync -a) is another file
+    return {"source": src, "source_bytes": stat.st_size,
+            "source_tag": f"{stat.st_mtime_ns}:{stat.st_ctime_ns}:{stat.st_ino}"}  # fmt: skip
 
 
 def prepare(folder: str, plan: dict) -> set[str]:
@@ -257,10 +277,10 @@ def colorize_video_on_ray(generator, model_key: str, size: int, resize: str, src
     video_library()
     # Tasks run in other working directories; s3:// films are read through presigned URLs (`readable`).
     src, dst = (uri if is_s3(uri) else str(Path(uri).absolute()) for uri in (src, dst))
-    source_url = readable(src)
     chunks = plan_chunks(src, chunk_frames, options.max_pixels)
-    plan = {**source_identity(src), "model": model_key, "weights": model_digest(generator), "size": size,
-            "resize": resize, "dropout": dropout, "chunks": [asdict(chunk) for chunk in chunks]}  # fmt: skip
+    plan = {"format": PLAN_FORMAT, **source_identity(src), "model": model_key, "weights": model_digest(generator),
+            "size": size, "resize": resize, "dropout": dropout,
+            "chunks": [asdict(chunk) for chunk in chunks]}  # fmt: skip
     folder = work_folder(dst)
     try:
         done = prepare(folder, plan)
@@ -279,8 +299,8 @@ def colorize_video_on_ray(generator, model_key: str, size: int, resize: str, src
                 try:
                     while queue or waiting:
                         while queue and len(waiting) < actors:
-                            chunk = queue.pop(0)
-                            waiting.append(task.remote(generator_ref, source_url, chunk, size, resize,
+                            chunk = queue.pop(0)  # a fresh URL each: a long job outlives temporary credentials
+                            waiting.append(task.remote(generator_ref, readable(src), chunk, size, resize,
                                                        options.batch_size, gpu, dropout))  # fmt: skip
                         finished, waiting = ray.wait(waiting, num_returns=1)
                         chunk, data = ray.get(finished[0])
@@ -293,8 +313,18 @@ def colorize_video_on_ray(generator, model_key: str, size: int, resize: str, src
                     cause = getattr(e, "cause", None)
                     if isinstance(cause, VideoRefused):
                         raise VideoRefused(cause.reason) from None
-                    raise
-    result = colorize_video(generator, size, resize, torch.device("cpu"), src, dst, options, progress,
-                            stored_ab=stored_ab(folder, chunks))  # fmt: skip
+                    # Anything else (a GPU out of memory, a lost node past its retries) ends this film, not the job.
+                    raise VideoRefused(f"failed: a chunk task failed: {type(cause or e).__name__}: {cause or e}; "
+                                       "run again to resume from the chunks done") from None  # fmt: skip
+                finally:
+                    for ref in waiting:  # the other chunks of a film that failed: their results are not wanted
+                        ray.cancel(ref)
+    try:
+        result = colorize_video(generator, size, resize, torch.device("cpu"), src, dst, options, progress,
+                                stored_ab=stored_ab(folder, chunks))  # fmt: skip
+    except VideoRefused as e:
+        if e.reason.startswith("corrupt:"):  # the chunks disagree with the film: a rerun computes them anew
+            remove(folder)
+        raise
     remove(folder)
     return ChunkedResult(result, len(chunks), len(chunks) - len(todo))

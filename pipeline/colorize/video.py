@@ -104,7 +104,7 @@ def list_videos(inputs: list[str], out: str) -> tuple[list[tuple[str, str]], lis
     for given in inputs:
         path = Path(given)
         if is_s3(given) and not is_video(given):  # a prefix: its videos here, its images the photo path's
-            found, has_images = _s3_videos_below(given)
+            found, has_images = _s3_videos_below(given, out)
             videos += found
             if not found or has_images:
                 rest.append(given)
@@ -120,7 +120,8 @@ def list_videos(inputs: list[str], out: str) -> tuple[list[tuple[str, str]], lis
         else:
             rest.append(given)
     single = is_video(out) and (is_s3(out) or not Path(out).is_dir())
-    if single and not (len(videos) == 1 and len(inputs) == 1 and not Path(inputs[0]).is_dir()):
+    one_file = bool(inputs) and (is_video(inputs[0]) if is_s3(inputs[0]) else not Path(inputs[0]).is_dir())
+    if single and not (len(videos) == 1 and len(inputs) == 1 and one_file):
         raise ConfigError(f"-o {out} names one output film: give it one input film (for several, -o a folder)")
     planned, refused, claimed = [], [], {}
     for path, name in videos:
@@ -144,9 +145,9 @@ def _same(target, path: str) -> bool:
     return Path(target).resolve() == Path(path).resolve()
 
 
-def _s3_videos_below(prefix: str) -> tuple[list[tuple[str, str]], bool]:
-    """The videos below an s3:// prefix, sorted (hidden names skipped), named below it; and whether it holds
-    images too."""
+def _s3_videos_below(prefix: str, out: str) -> tuple[list[tuple[str, str]], bool]:
+    """The videos below an s3:// prefix, sorted (hidden names and those below the output prefix `out` skipped),
+    named below it; and whether it holds images too."""
     from ingest.storage import StorageError, open_storage
 
     storage = open_storage(prefix)
@@ -154,7 +155,9 @@ def _s3_videos_below(prefix: str) -> tuple[list[tuple[str, str]], bool]:
         keys = [info.key for info in storage.list()]
     except StorageError as e:
         raise ConfigError(f"cannot list {prefix}: {e}") from None
-    shown = [key for key in keys if not any(part.startswith(".") for part in key.split("/"))]
+    outputs = out.rstrip("/") + "/"
+    shown = [key for key in keys if not any(part.startswith(".") for part in key.split("/"))
+             and not storage.uri(key).startswith(outputs)]  # fmt: skip
     videos = [(storage.uri(key), key) for key in sorted(shown) if is_video(key)]
     return videos, any(Path(key).suffix.lower() in IMAGE_EXTENSIONS for key in shown)
 
@@ -461,7 +464,7 @@ def colorize_video(generator, size: int, resize: str, device: torch.device, src:
         raise VideoRefused(f"bad_option: --codec must be one of {', '.join(CODECS)}, got {options.codec!r}")
     source_file = _open(src)
     started = time.perf_counter()
-    with published(dst) as temp, source_file:
+    with source_file, published(dst) as temp:
         source = source_file.streams.video[0]
         source.thread_type = "AUTO"
         note = _check(source, options.max_pixels)

@@ -119,8 +119,9 @@ def module_plan(module, loaded, size, resize, film, key) -> dict:
     from dataclasses import asdict
 
     src = str(Path(film).absolute())
-    return {**module.source_identity(src), "model": key, "weights": module.model_digest(loaded), "size": size,
-            "resize": resize, "dropout": False, "chunks": [asdict(c) for c in module.plan_chunks(src, 12)]}  # fmt: skip
+    return {"format": module.PLAN_FORMAT, **module.source_identity(src), "model": key,
+            "weights": module.model_digest(loaded), "size": size, "resize": resize, "dropout": False,
+            "chunks": [asdict(c) for c in module.plan_chunks(src, 12)]}  # fmt: skip
 
 
 def test_the_command_line_colorizes_films_on_ray_and_refuses_bad_ones(ray_local, model, film, tmp_path,
@@ -172,6 +173,47 @@ def test_films_in_and_out_of_s3_in_one_process_and_on_ray(ray_local, s3_env, mod
         again = main(["colorize", "--model", str(model), "--size", "64", f"s3://{s3_env.bucket}/films", "-o", target,
                       "--no-progress", *extra])  # fmt: skip
         assert again == 0 and capsys.readouterr().out.count("is there already") == 2
+    # An output prefix below the input prefix: its films are not taken as inputs on the next run.
+    inside = f"s3://{s3_env.bucket}/films/color"
+    for _ in range(2):
+        assert main(["colorize", "--model", str(model), "--size", "64", f"s3://{s3_env.bucket}/films", "-o", inside,
+                     "--no-progress"]) == 0  # fmt: skip
+    assert capsys.readouterr().out.count("is there already") == 2
+    assert sorted(info.key for info in open_storage(inside).list()) == ["pan.mp4", "trip/day-1.mp4"]
     code = main(["colorize", "--model", str(model), f"s3://{s3_env.bucket}/films/gone.mp4", "-o",
                  f"s3://{s3_env.bucket}/gone.mp4", "--no-progress"])  # fmt: skip
     assert code == 1 and "missing: no such object" in capsys.readouterr().err
+
+
+def remuxed(src: Path, dst: Path, drop_first: int = 0, shift: int = 0) -> Path:
+    """`src`'s video packets copied into `dst` (no re-encoding): the first `drop_first` in decode order left out (a
+    file cut mid-GOP), timestamps moved back by `shift` ticks (an MP4 whose edit list then trims frames)."""
+    import av
+
+    with av.open(str(src)) as source, av.open(str(dst), "w") as out:
+        stream = source.streams.video[0]
+        copy = out.add_stream_from_template(stream)
+        for number, packet in enumerate(source.demux(stream)):
+            if packet.dts is None or number < drop_first:
+                continue
+            packet.pts -= shift
+            packet.dts -= shift
+            packet.stream = copy
+            out.mux(packet)
+    return dst
+
+
+@pytest.mark.parametrize("cut", ["mid-gop", "edit-list"])
+def test_films_cut_by_stream_copy_have_as_many_frames_on_ray_as_in_one_process(ray_local, generator, film, tmp_path,
+                                                                                cut) -> None:  # fmt: skip
+    # What `ffmpeg -ss ... -c copy` makes: frames before the first keyframe, or trimmed by the edit list, that the
+    # decoder does not output. The chunks must count the frames the film decodes to, not its packets.
+    loaded, size, resize = generator
+    src = remuxed(film, tmp_path / f"{cut}.mp4", **({"drop_first": 4} if cut == "mid-gop" else {"shift": 3}))
+    options = VideoOptions(codec="ffv1")
+    local = colorize_video(loaded, size, resize, torch.device("cpu"), str(src), str(tmp_path / "local.mkv"), options,
+                           progress=False)  # fmt: skip
+    done = colorize_video_on_ray(loaded, "m", size, resize, str(src), str(tmp_path / "ray.mkv"), options,
+                                 chunk_frames=12, progress=False)  # fmt: skip
+    assert done.result.frames == local.frames == len(read_clip(src)[0])
+    assert read_clip(tmp_path / "ray.mkv")[1] == read_clip(tmp_path / "local.mkv")[1]
