@@ -197,6 +197,14 @@ def owned_ranges(shards: list[ShardInfo], epoch: int, seed: int, global_batch: i
             "images or lower data.batch_size / data.global_batch_size"
         )
     parts = [owned_parts(group, seed + number, batches) for number, group in enumerate(groups)]
+    if mixture is not None:
+        quotas = [mixture_quotas([], mixture.weights, steps * batch) for batch in batches]
+        counts = [sum(s.count for s in group) for group in groups]
+        wanted = mixture_quotas(counts, mixture.weights, steps * global_batch)  # the epoch's draw of each dataset
+        fitting = [want <= count for want, count in zip(wanted, counts, strict=True)]  # no repeat meant
+        for rank, rank_quotas in enumerate(quotas):
+            sizes = [sum(segment.length for segment in group_parts[rank]) for group_parts in parts]
+            _fit_quotas(rank_quotas, sizes, fitting)
     ranges = []
     for rank, batch in enumerate(batches):
         key = [seed, epoch, OWNERSHIP_KEY, rank]
@@ -205,10 +213,25 @@ def owned_ranges(shards: list[ShardInfo], epoch: int, seed: int, global_batch: i
             order = np.random.default_rng(key).permutation(len(own))
             ranges.append(_cut([own[i] for i in order], 0, steps * batch))
         else:
-            own = [group_parts[rank] for group_parts in parts]
-            quotas = mixture_quotas([], mixture.weights, steps * batch)
-            ranges.append(_mix(own, quotas, key))
+            ranges.append(_mix([group_parts[rank] for group_parts in parts], quotas[rank], key))
     return ranges, steps
+
+
+def _fit_quotas(quotas: list[int], sizes: list[int], fitting: list[bool]) -> None:
+    """A rank's quotas (in place) where rounding gave a dataset that fits its epoch quota more samples than this
+    rank owns of it: the excess goes to the datasets with room left on this rank, so no sample repeats within an
+    epoch that was not meant to (a dataset smaller than its quota repeats as in `mixture_segments`). The rank's
+    total is kept."""
+    for source, fits in enumerate(fitting):
+        while fits and quotas[source] > sizes[source]:
+            room = [(sizes[other] - quotas[other], other) for other in range(len(quotas))
+                    if other != source and quotas[other] < sizes[other]]  # fmt: skip
+            if not room:
+                return
+            space, other = max(room)
+            moved = min(quotas[source] - sizes[source], space)
+            quotas[source] -= moved
+            quotas[other] += moved
 
 
 @dataclass(frozen=True)
