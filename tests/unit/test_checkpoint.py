@@ -637,55 +637,37 @@ def sharded_lake(tmp_path_factory, photo_writer) -> tuple[str, DataPlan]:
     return lake, plan
 
 
-@pytest.mark.parametrize("old_checkpoint", [False, True])
-def test_an_epoch_resumed_under_another_interleave_finishes_in_the_order_it_began(sharded_lake, tmp_path,
+@pytest.mark.parametrize(
+    "setting, began, resumed, old_checkpoint",
+    [("interleave", 1, 4, False), ("interleave", 1, 4, True), ("shard_ownership", "on", "off", False)],
+    ids=["interleave", "interleave-old-checkpoint", "shard-ownership"],
+)
+def test_an_epoch_resumed_under_another_read_order_finishes_in_the_order_it_began(sharded_lake, tmp_path, setting,
+                                                                                 began, resumed,
                                                                                  old_checkpoint) -> None:  # fmt: skip
+    # data.interleave or data.shard_ownership (or data.cache, which "auto" follows) changed between a stop and its
+    # resume: the epoch in progress keeps the order it began with; the next one uses the new setting.
     lake, plan = sharded_lake
     steps = plan.count("train") // 2
     one_stage = [StageConfig(name="l1", epochs=1, gan_mode=None)]
 
-    def config(interleave: int, **overrides) -> TrainConfig:
+    def config(value, **overrides) -> TrainConfig:
         data = DataConfig(datasets=["tiny"], lake=lake, batch_size=2, shuffle_window=2, prefetch_batches=0,
-                          flip=False, interleave=interleave)  # fmt: skip
+                          flip=False, **{setting: value})  # fmt: skip
         return tiny_config(lake, stages=one_stage, data=data, **overrides)
 
-    sequential, interleaved = Recorder(), Recorder()
-    new_trainer(config(1), plan, sequential).run()
-    new_trainer(config(4), plan, interleaved).run()
-    assert [m["train/loss_G"] for m in sequential.metrics] != [m["train/loss_G"] for m in interleaved.metrics]
+    as_begun, other = Recorder(), Recorder()
+    new_trainer(config(began), plan, as_begun).run()
+    new_trainer(config(resumed), plan, other).run()
+    assert [m["train/loss_G"] for m in as_begun.metrics] != [m["train/loss_G"] for m in other.metrics]
 
     first = Recorder(tmp_path, save_at=(3,))
-    new_trainer(config(1, max_steps=3), plan, first).run()
+    new_trainer(config(began, max_steps=3), plan, first).run()
     payload = load_checkpoint(first.saved[3])
-    assert payload["data"]["interleave"] == 1
+    key, value = ("interleave", 1) if setting == "interleave" else ("owned", True)
+    assert payload["data"][key] == value
     if old_checkpoint:  # written before the reader interleaved shards: it read one shard after the other
-        del payload["data"]["interleave"]
+        del payload["data"][key]
     second = Recorder()
-    ColorizerTrainer(config(4), plan, 0, 1, torch.device("cpu"), report=second, checkpoint_payload=payload).run()
-    assert second.metrics == sequential.metrics[3:steps]  # the epoch ends as it would have with interleave 1
-
-
-def test_an_epoch_resumed_with_shard_ownership_switched_finishes_as_it_began(sharded_lake, tmp_path) -> None:
-    # data.shard_ownership (or data.cache, which "auto" follows) changed between a stop and its resume: the epoch in
-    # progress keeps the order it began with; the next one uses the new setting.
-    lake, plan = sharded_lake
-    steps = plan.count("train") // 2
-    one_stage = [StageConfig(name="l1", epochs=1, gan_mode=None)]
-
-    def config(ownership: str, **overrides) -> TrainConfig:
-        data = DataConfig(datasets=["tiny"], lake=lake, batch_size=2, shuffle_window=2, prefetch_batches=0,
-                          flip=False, shard_ownership=ownership)  # fmt: skip
-        return tiny_config(lake, stages=one_stage, data=data, **overrides)
-
-    owned, drawn = Recorder(), Recorder()
-    new_trainer(config("on"), plan, owned).run()
-    new_trainer(config("off"), plan, drawn).run()
-    assert [m["train/loss_G"] for m in owned.metrics] != [m["train/loss_G"] for m in drawn.metrics]
-
-    first = Recorder(tmp_path, save_at=(3,))
-    new_trainer(config("on", max_steps=3), plan, first).run()
-    payload = load_checkpoint(first.saved[3])
-    assert payload["data"]["owned"] is True
-    second = Recorder()
-    ColorizerTrainer(config("off"), plan, 0, 1, torch.device("cpu"), report=second, checkpoint_payload=payload).run()
-    assert second.metrics == owned.metrics[3:steps]
+    ColorizerTrainer(config(resumed), plan, 0, 1, torch.device("cpu"), report=second, checkpoint_payload=payload).run()
+    assert second.metrics == as_begun.metrics[3:steps]  # the epoch ends as it would have under its first setting
