@@ -82,6 +82,20 @@ def _segments(shards: list[ShardInfo], order: Iterable[int], begin: int, end: in
     return _cut((Segment(shards[index], 0, shards[index].count) for index in order), begin, end)
 
 
+def epoch_steps(total: int, global_batch: int) -> int:
+    """An epoch's steps: whole global batches of its `total` samples.
+
+    Raises:
+        DataError: fewer samples than one global batch.
+    """
+    if total < global_batch:
+        raise DataError(
+            f"the training split has {total} samples, fewer than one global batch ({global_batch}): ingest more "
+            "images or lower data.batch_size / data.global_batch_size"
+        )
+    return total // global_batch
+
+
 @dataclass(frozen=True)
 class Mixture:
     """How an epoch draws from several datasets: `weights` by `ShardInfo.source`, `samples` an epoch (None: all)."""
@@ -104,12 +118,7 @@ def epoch_segments(shards: list[ShardInfo], epoch: int, seed: int, global_batch:
         total = sum(segment.length for segment in segments)
     else:
         total = sum(s.count for s in shards)
-    steps = total // global_batch
-    if steps == 0:
-        raise DataError(
-            f"the training split has {total} samples, fewer than one global batch ({global_batch}): ingest more "
-            "images or lower data.batch_size / data.global_batch_size"
-        )
+    steps = epoch_steps(total, global_batch)
     if mixture is not None:
         return _cut(segments, 0, steps * global_batch), steps
     order = np.random.default_rng([seed, epoch]).permutation(len(shards))
@@ -190,12 +199,7 @@ def owned_ranges(shards: list[ShardInfo], epoch: int, seed: int, global_batch: i
         total = mixture.samples or sum(s.count for s in shards)
     if any(sum(s.count for s in group) < world for group in groups):
         return None
-    steps = total // global_batch
-    if steps == 0:
-        raise DataError(
-            f"the training split has {total} samples, fewer than one global batch ({global_batch}): ingest more "
-            "images or lower data.batch_size / data.global_batch_size"
-        )
+    steps = epoch_steps(total, global_batch)
     parts = [owned_parts(group, seed + number, batches) for number, group in enumerate(groups)]
     if mixture is not None:
         quotas = [mixture_quotas([], mixture.weights, steps * batch) for batch in batches]

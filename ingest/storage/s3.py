@@ -269,12 +269,14 @@ class S3Storage:
         return self._call("list", prefix, uploads)
 
     def info(self, key: str) -> ObjectInfo | None:
-        """The object's size and modification time, or None when there is no such object."""
+        """The object's size, modification time and ETag (as `list` gives them), or None when there is no such
+        object."""
         try:
             head = self._call("check", key, self.client.head_object, Bucket=self.bucket, Key=self._key(key))
         except FileNotFoundError:
             return None
-        return ObjectInfo(key, int(head["ContentLength"]), head["LastModified"].timestamp())
+        etag = str(head.get("ETag") or "").strip('"') or None
+        return ObjectInfo(key, int(head["ContentLength"]), head["LastModified"].timestamp(), etag)
 
     def read_range(self, key: str, start: int, length: int) -> bytes:
         """`length` bytes of the object from byte `start` (fewer at its end)."""

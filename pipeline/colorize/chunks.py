@@ -8,7 +8,7 @@ its keyframe, decodes the chunk's frames (those whose timestamps fall in it), ru
 single-process path does and keeps the ab it predicts, at the network's side, in float16 (`chunk-NNNNN.npz`,
 compressed; 256 KiB a frame at 256 px before compression): never a picture. The files sit in a work folder
 beside the output (`.<name>.chunks/`), each written to a temporary name and renamed once whole, under a plan
-that names the source (size, modification time), the model (a digest of its weights) and the settings. An
+that names the source (its size and `object_stamp`), the model (a digest of its weights) and the settings. An
 interrupted job run again with the same plan keeps the chunks already there and computes the others; another
 plan starts over.
 
@@ -29,7 +29,6 @@ import bisect
 import hashlib
 import io
 import json
-import os
 import shutil
 import zipfile
 from collections.abc import Iterator
@@ -39,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ingest.storage import StorageError, is_s3, open_storage, split_uri
+from ingest.storage import StorageError, is_s3, object_stamp, open_storage, split_uri
 from pipeline.colorize.video import VideoOptions, VideoRefused, VideoResult, readable
 
 CHUNK_FRAMES = 240  # 10 s at 24 fps: a task's work is seconds on a GPU, minutes on a CPU
@@ -193,20 +192,16 @@ def work_folder(dst: str) -> str:
 
 
 def source_identity(src: str) -> dict:
-    """What says the source is the same film as when chunks were computed: its size and modification time (or an
-    s3:// object's ETag)."""
-    if is_s3(src):
-        parent, name = split_uri(src)
-        storage = open_storage(parent)
-        try:
-            head = storage.client.head_object(Bucket=storage.bucket, Key=storage._key(name))
-        except Exception as e:  # botocore's ClientError (404, 403) or a connection error
-            raise VideoRefused(f"unreadable: {src}: {e}") from None
-        return {"source": src, "source_bytes": int(head["ContentLength"]), "source_tag": head.get("ETag") or
-                str(head["LastModified"].timestamp())}  # fmt: skip
-    stat = os.stat(src)  # mtime, ctime and inode: a copy that keeps the mtime (cp -p, rsync -a) is another file
-    return {"source": src, "source_bytes": stat.st_size,
-            "source_tag": f"{stat.st_mtime_ns}:{stat.st_ctime_ns}:{stat.st_ino}"}  # fmt: skip
+    """What says the source is the same film as when chunks were computed: its size and `object_stamp` (an s3://
+    object's ETag; a file's mtime, ctime and inode, so a copy that keeps the mtime is another film)."""
+    parent, name = split_uri(src) if is_s3(src) else (str(Path(src).parent), Path(src).name)
+    try:
+        info = open_storage(parent).info(name)
+    except (OSError, StorageError) as e:
+        raise VideoRefused(f"unreadable: {src}: {e}") from None
+    if info is None:
+        raise VideoRefused(f"missing: no such {'object' if is_s3(src) else 'file'}")
+    return {"source": src, "source_bytes": info.size, "source_tag": object_stamp(info)}
 
 
 def prepare(folder: str, plan: dict) -> set[str]:

@@ -165,7 +165,7 @@ def run_videos(args, videos: list[tuple[str, str]], refused: list[tuple[str, str
     import torch
 
     from pipeline.colorize.local import load_model
-    from pipeline.colorize.video import VideoOptions, VideoRefused, colorize_video, output_exists, written_by_recolor
+    from pipeline.colorize.video import VideoOptions, VideoRefused, colorize_video, uri_exists, written_by_recolor
     from pipeline.models import set_inference_mode
 
     device = torch.device(args.device)
@@ -173,7 +173,7 @@ def run_videos(args, videos: list[tuple[str, str]], refused: list[tuple[str, str
                            max_pixels=args.max_pixels)  # fmt: skip
     failed, todo = list(refused), []
     for src, dst in videos:
-        if not output_exists(dst):
+        if not uri_exists(dst):
             todo.append((src, dst))
         elif not (args.overwrite or args.overwrite_any):
             print(f"  {dst} is there already (pass --overwrite to redo)")

@@ -167,20 +167,19 @@ def readable(uri: str) -> str:
     HTTP with range requests, seeking included: a film is never downloaded whole)."""
     if not is_s3(uri):
         return uri
-    from ingest.storage import split_uri
+    from ingest.storage import open_storage, split_uri
 
     parent, name = split_uri(uri)
-    from ingest.storage import open_storage
-
     return open_storage(parent).presigned_url(name, expires=7 * 24 * 3600)
 
 
-def output_exists(dst: str) -> bool:
-    if not is_s3(dst):
-        return Path(dst).exists()
+def uri_exists(uri: str) -> bool:
+    """Whether the file or s3:// object at `uri` exists."""
+    if not is_s3(uri):
+        return Path(uri).exists()
     from ingest.storage import open_storage, split_uri
 
-    parent, name = split_uri(dst)
+    parent, name = split_uri(uri)
     return open_storage(parent).exists(name)
 
 
@@ -254,16 +253,11 @@ def video_library():
     return av
 
 
-def _container_format(dst: str) -> str | None:
-    """The muxer for the output's name (the temporary file's suffix says the same; explicit for clarity)."""
-    return {".mkv": "matroska", ".webm": "webm", ".avi": "avi"}.get(Path(dst).suffix.lower())
-
-
 def _open(src: str):
     """The source opened for reading (an s3:// object through a presigned URL, `readable`)."""
     import av
 
-    if is_s3(src) and not output_exists(src):
+    if is_s3(src) and not uri_exists(src):
         raise VideoRefused("missing: no such object")
     try:
         container = av.open(readable(src))
@@ -471,7 +465,7 @@ def colorize_video(generator, size: int, resize: str, device: torch.device, src:
         time_base, fps = source.time_base, float(source.average_rate or 0)
         audio = source_file.streams.audio[0] if source_file.streams.audio else None
         try:
-            out = av.open(str(temp), "w", format=_container_format(dst))
+            out = av.open(str(temp), "w")  # the muxer by the temporary file's suffix, the output's
         except (OSError, av.error.FFmpegError) as e:
             raise VideoRefused(f"unwritable: {dst}: {e}") from None
         colorize_frames = _frame_colorizer(generator, size, resize, device, options.temporal, stored_ab)
