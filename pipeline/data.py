@@ -4,7 +4,9 @@ Which segments a rank reads, and in what order, is `pipeline.epochs`'s; the run'
 `pipeline.dataplan`'s. Stages are small generator functions (read -> check -> decode -> shuffle -> flip ->
 batch), each testable on plain lists, with `data.loader_workers` threads doing a shuffle window each. Shards
 are parsed by `ingest.shards.iter_members`, a streaming USTAR reader about 3x faster than webdataset's
-tarfile-based iterator on these shards; webdataset reads them as well.
+tarfile-based iterator on these shards (webdataset reads them as well), which hands out the arrays of mapped
+files and downloaded shards as views, not copies; each sample is checked, decoded and written to its shuffled
+place in one pass while it is in the core's cache.
 
 About 500 lines on purpose: the stages share one contract (what `read_segments` yields, in an order a resume can
 skip exactly, whatever the number of loader threads) that reads best in one place.
@@ -157,7 +159,7 @@ def _segment_samples(segment: Segment, start: int, open_stream: Callable, verify
     try:
         stream = open_stream()
         with stream:
-            for position, sample in enumerate(iter_samples(stream)):
+            for position, sample in enumerate(iter_samples(stream, views=True)):
                 if position < first or (picks is not None and position not in picks):
                     continue
                 if position >= stop:
@@ -250,7 +252,7 @@ def train_blocks(raw: Iterator[tuple], size: int, window: int, seed: int, epoch:
     the window's seeded generator: a resumed epoch repeats them.
 
     With `loader_workers` N > 1, N threads each take a whole window (checksums, decoding, the shuffle, flips and
-    rotations, written into the window's array: zlib, numpy and PIL release the GIL for that work) while this
+    rotations, written into the window's array: zlib-ng, numpy and PIL release the GIL for that work) while this
     thread reads the next ones, and the windows come back in their order: the samples are the same, in the same
     order, whatever N. Up to N windows are in flight (N x `shuffle_window` samples in memory)."""
 
@@ -272,26 +274,52 @@ def train_blocks(raw: Iterator[tuple], size: int, window: int, seed: int, epoch:
 def _window_block(items: list[tuple], size: int, seed: int, epoch: int, rank: int, number: int, start: int,
                   flip: bool, rotate: float, generation: int = 0):  # fmt: skip
     """One window's samples in training order from `start` on: ([(uri, key, ok)], one array of them or None when
-    every sample is corrupt, the first item's shard)."""
-    arrays, records = [], []
-    for item in items:
+    every sample is corrupt, the first item's shard).
+
+    One pass in reading order: each sample is checked, decoded and written to its shuffled place while its bytes are
+    still in the core's cache (the shuffle is drawn before anything is read). A corrupt sample's place is filled
+    afterwards by a good one of the window (item i by the (i mod good)-th good one)."""
+    count = len(items)
+    order, flips, angles = window_draws(seed, epoch, rank, number, count, rotate, generation)
+    places = np.full(count, -1, dtype=np.int64)  # item -> its row in the block (-1: before `start`, not yielded)
+    places[order[start:]] = np.arange(count - start)
+    block = np.empty((count - start, 3, size, size), dtype=np.uint8)
+    records, good, bad = [], [], []
+
+    def put(row: int, array: np.ndarray) -> None:
+        position = start + row
+        angle = None if angles is None else float(angles[position])
+        _augment_into(block[row], array, flip and bool(flips[position]), angle)
+
+    for index, item in enumerate(items):
         array = decode_sample(verified(item), size)
         records.append((item[0], item[1], array is not None))
-        arrays.append(array)
-    good = [a for a in arrays if a is not None]
+        if array is None:
+            bad.append(index)
+            continue
+        good.append(index)
+        if places[index] >= 0:
+            put(int(places[index]), array)
     if not good:
         return records, None, items[0][0]
-    arrays = [a if a is not None else good[i % len(good)] for i, a in enumerate(arrays)]
-    order, flips, angles = window_draws(seed, epoch, rank, number, len(arrays), rotate, generation)
-    block = np.empty((len(arrays) - start, 3, size, size), dtype=np.uint8)
-    for out, position in enumerate(range(start, len(arrays))):
-        array = arrays[order[position]]
-        if angles is not None:
-            array = rotate_lab8(array[:, :, ::-1] if flip and flips[position] else array, float(angles[position]))
-        elif flip and flips[position]:
-            array = array[:, :, ::-1]
-        block[out] = array  # one copy: the flip is a view until here
+    for index in bad:
+        if places[index] >= 0:
+            put(int(places[index]), decode_sample(verified(items[good[index % len(good)]]), size))
     return records, block, items[0][0]
+
+
+def _augment_into(out: np.ndarray, array: np.ndarray, flipped: bool, angle: float | None) -> None:
+    """Write `array` (uint8 (3, S, S)) into `out`, mirrored left to right when `flipped`, then rotated by `angle`."""
+    if angle is not None:
+        out[...] = rotate_lab8(array[:, :, ::-1] if flipped else array, angle)
+    elif flipped and array.shape[-1] % 8 == 0 and array.flags.c_contiguous:
+        # A row of S bytes is S/8 words: their order reversed and each word's bytes swapped mirror it, 3x faster
+        # than numpy's byte-by-byte reversed copy.
+        out.view("<u8")[...] = array.view(">u8")[..., ::-1]
+    elif flipped:
+        out[...] = array[:, :, ::-1]
+    else:
+        out[...] = array
 
 
 def ordered_map(function: Callable, jobs: Iterable[tuple], workers: int) -> Iterator:

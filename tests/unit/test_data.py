@@ -18,18 +18,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ingest.shards import ShardWriter, encode_npy
+from ingest.shards import ShardWriter, TarFormatError, encode_npy, iter_members
 from pipeline.data import (
     LoaderOptions,
+    _window_block,
     decode_sample,
     open_shard,
     prefetch,
     read_segments,
+    rotate_lab8,
     train_batches,
     validation_batches,
+    verified,
 )
 from pipeline.dataplan import DataError, DataPlan, ShardInfo
-from pipeline.epochs import plan_train_epoch, plan_validation, steps_per_epoch
+from pipeline.epochs import plan_train_epoch, plan_validation, steps_per_epoch, window_draws
 
 SIZE = 8
 UNEVEN = [7, 1, 13, 4]  # 25 training samples
@@ -449,6 +452,95 @@ def test_garbage_inside_an_arrays_data_is_a_corrupt_sample_by_its_checksum(tmp_p
         writer.write_raw("s000009.json", b'{"key":"s000009"}')
     [(_, _, data)] = list(read_segments(plan_validation([ShardInfo(str(old), 1)], 0, 1)))
     np.testing.assert_array_equal(decode_sample(data, SIZE), sample_array(9))
+
+
+def reference_window(items, size, seed, epoch, rank, number, start, flip, rotate):
+    """A window as the loader defines it, written the plain way: decode all, replace each corrupt sample i by the
+    (i mod good)-th good one, then shuffle, flip and rotate."""
+    arrays = [decode_sample(verified(item), size) for item in items]
+    good = [array for array in arrays if array is not None]
+    arrays = [array if array is not None else good[i % len(good)] for i, array in enumerate(arrays)]
+    order, flips, angles = window_draws(seed, epoch, rank, number, len(arrays), rotate)
+    out = []
+    for position in range(start, len(arrays)):
+        array = arrays[order[position]]
+        if flip and flips[position]:
+            array = array[:, :, ::-1]
+        if angles is not None:
+            array = rotate_lab8(array, float(angles[position]))
+        out.append(array)
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("size", [48, 44])  # rows of whole 8-byte words (mirrored word by word), and not
+@pytest.mark.parametrize("start", [0, 5])
+@pytest.mark.parametrize("rotate", [0.0, 12.0])
+def test_a_window_is_checked_shuffled_and_augmented_as_the_plain_way_does(tmp_path, size, start, rotate) -> None:
+    rng = np.random.default_rng(size)
+    path = tmp_path / "window.tar"
+    with ShardWriter(path) as writer:
+        for number in range(20):
+            writer.write(f"s{number:06d}", rng.integers(0, 256, (3, size, size), dtype=np.uint8), {})
+    items = list(read_segments(plan_validation([ShardInfo(str(path), 20)], 0, 1), verify=False))
+    assert isinstance(items[0][2], memoryview)  # the mapped file's bytes, not a copy
+    items[3] = (*items[3][:2], bytes(items[3][2][:-8]) + b"garbage!", items[3][3])  # fails its checksum
+    items[11] = (items[11][0], "<missing #11>", None, None)
+    records, block, first = _window_block(items, size, 7, 2, 1, 4, start, True, rotate)
+    assert records == [(item[0], item[1], index not in (3, 11)) for index, item in enumerate(items)]
+    assert first == str(path)
+    np.testing.assert_array_equal(block, reference_window(items, size, 7, 2, 1, 4, start, True, rotate))
+    assert block.shape == (20 - start, 3, size, size)
+
+
+class Unseekable:
+    def __init__(self, data: bytes):
+        self.stream = io.BytesIO(data)
+
+    def read(self, size: int = -1) -> bytes:
+        return self.stream.read(min(size, 1000))  # short reads, as a socket gives
+
+
+@pytest.mark.parametrize("source", ["file", "bytes", "stream"])
+@pytest.mark.parametrize("cut", [None, 5000, 10_000, 20_000])
+def test_members_read_as_views_are_the_members_read_as_copies(tmp_path, source, cut) -> None:
+    """`iter_members(views=True)` maps files and shares in-memory buffers: the same members, the same errors."""
+    path = tmp_path / "shard.tar"
+    with ShardWriter(path) as writer:
+        for number in range(4):
+            writer.write(f"s{number:06d}", sample_array(number).repeat(6, axis=1).repeat(6, axis=2), {"n": number})
+    if cut:
+        path.write_bytes(path.read_bytes()[:cut])
+
+    def members(views: bool) -> tuple[list, str | None]:
+        data = path.read_bytes()
+        opened = {"file": lambda: open(path, "rb"), "bytes": lambda: io.BytesIO(data),
+                  "stream": lambda: Unseekable(data)}[source]()  # fmt: skip
+        read = []
+        try:
+            for name, member in iter_members(opened, views):
+                assert not views or source == "stream" or len(member) <= 4096 or isinstance(member, memoryview)
+                read.append((name, bytes(member)))
+        except TarFormatError as e:
+            return read, str(e)
+        return read, None
+
+    copies, views = members(False), members(True)
+    assert views == copies
+    assert len(copies[0]) == {None: 8, 5000: 0, 10_000: 2, 20_000: 4}[cut] and (copies[1] is None) == (cut is None)
+
+
+def test_the_recorded_checksum_is_zlibs_crc32(tmp_path) -> None:
+    import json
+    import tarfile
+    import zlib
+
+    path = tmp_path / "crc.tar"
+    with ShardWriter(path) as writer:
+        writer.write("s000001", sample_array(1), {})
+    with tarfile.open(path) as archive:
+        lab = archive.extractfile("s000001.lab.npy").read()
+        meta = json.loads(archive.extractfile("s000001.json").read())
+    assert meta["lab_crc32"] == zlib.crc32(lab)
 
 
 # --- prefetch ----------------------------------------------------------------------------------------
