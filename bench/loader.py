@@ -21,7 +21,8 @@ zstd:  bandwidth per GPU. The same local shards rewritten with each .lab.npy mem
 loader workers: one training worker's input path (uint8 batches, as the step receives them; it normalizes on
        its device) from the local lake with `data.loader_workers` 1, 2 and 3 (threads that check, decode and
        augment whole shuffle windows while the reading thread goes on; issue 22's goal: 2 >= 1.7x 1), and the
-       cores an H200 needs at 4,300 samples/s at the best rate per thread.
+       cores an H200 needs at 4,300 samples/s at the best rate per thread. Beside them, one loader worker
+       reading as before 2026-12-04 (members copied out of the file, zlib's CRC-32).
 All in one process on one thread (no prefetch thread), best of --rounds, except the loader-workers rows.
 """
 
@@ -90,6 +91,22 @@ def input_path(plan, loader_workers: int, repeat: int = 8) -> int:
     plan = dataclasses.replace(plan, train=plan.train * repeat)
     batches, _, _ = train_batches(plan, 0, 0, 0, 1, LoaderOptions(batch_size=BATCH, loader_workers=loader_workers))
     return sum(batch.shape[0] for batch in batches)
+
+
+def copied_members(plan) -> int:
+    """`input_path` with one loader worker, reading as before 2026-12-04: each shard member copied out of the
+    file (a fresh buffer a sample) and checked with zlib's CRC-32 instead of zlib-ng's."""
+    import zlib
+
+    import ingest.shards
+
+    crc, iter_samples = ingest.shards.crc32, ingest.shards.iter_samples
+    ingest.shards.crc32 = zlib.crc32
+    ingest.shards.iter_samples = lambda stream, views=False: iter_samples(stream, False)
+    try:
+        return input_path(plan, 1)
+    finally:
+        ingest.shards.crc32, ingest.shards.iter_samples = crc, iter_samples
 
 
 ZSTD_LEVELS = (1, 3, 9)
@@ -254,6 +271,7 @@ def main() -> None:
         workers = {n: best_rate(args.rounds, lambda n=n: input_path(local_plan, n)) for n in args.loader_workers}
         import ingest.shards
 
+        copies_rate = best_rate(args.rounds, lambda: copied_members(local_plan))
         checked = ingest.shards.checksum_matches
         ingest.shards.checksum_matches = lambda lab, meta: True  # read_segments looks it up at each call
         try:
@@ -279,6 +297,7 @@ def main() -> None:
         "checksum_cost": 1 - local_rate / unchecked_rate,
         **(s3 or {}),
         "loader_workers_samples_s": workers,
+        "input_path_copies_zlib_samples_s": copies_rate,
         "loader_workers_scaling": {n: rate / workers[base] for n, rate in workers.items()},
         "cores_per_h200_at_one_core_rate": H200_SAMPLES_S / workers[base] * base,
         "one_process_best_samples_s": max(workers.values()),
@@ -322,8 +341,10 @@ def main() -> None:
     print(f"lake, local, 1 shard at a time {sequential_rate:9.1f} samples/s (data.interleave=1; default 4 above)")
     print(f"lake, local, no CRC {unchecked_rate:9.1f} samples/s   the per-sample check costs "
           f"{100 * result['checksum_cost']:.1f}%")  # fmt: skip
+    print(f"input path, members copied, zlib's CRC-32 (the read path before 2026-12-04) {copies_rate:9.1f} samples/s")
     for n, rate in workers.items():
-        print(f"input path, {n} loader worker(s) {rate:9.1f} samples/s   {rate / workers[base]:.2f}x {base}")
+        print(f"input path, {n} loader worker(s) {rate:9.1f} samples/s   {rate / workers[base]:.2f}x {base}"
+              + (f"   {rate / copies_rate:.2f}x copies + zlib" if n == 1 else ""))  # fmt: skip
     scaling = result["loader_workers_scaling"].get(2)
     measured = f"{scaling:.2f}x" if scaling else "not run"
     print(
