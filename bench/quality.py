@@ -2,6 +2,7 @@
 
     python bench/quality.py                         # CPU: 128 px, ResNet18-encoder U-Net, random init, <= 20 min
     python bench/quality.py --gpu --minutes 5       # GPU: 256 px, the full recipe's preset
+    python bench/quality.py --fusion inception --grid bench/quality-samples-fusion.png   # Deep Koalarization
     python bench/quality.py --train ~/imagenet-sub --test ~/coco --annotations ~/coco/annotations/x.json --json
 
 What it does, with this project's own commands underneath:
@@ -73,7 +74,7 @@ def step_seconds(config, size: int, device: str, batch: int, steps: int = 3) -> 
     from pipeline.models import build_discriminator, build_generator
 
     dev = torch.device(device)
-    generator = build_generator(config.model.arch, norm=config.model.norm).to(dev)
+    generator = build_generator(config.model.arch, norm=config.model.norm, fusion=config.model.fusion).to(dev)
     discriminator = build_discriminator(base_filters=config.model.base_filters).to(dev)
     opt_g = torch.optim.Adam(generator.parameters(), 2e-4, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(discriminator.parameters(), 2e-4, betas=(0.5, 0.999))
@@ -116,7 +117,7 @@ def gpu_count() -> int:
     return max(1, torch.cuda.device_count())
 
 
-def calibrate(preset: Path, size: int, gpu: bool, workers: int) -> tuple[float, float]:
+def calibrate(preset: Path, size: int, gpu: bool, workers: int, fusion: str = "none") -> tuple[float, float]:
     """Seconds of an L1 and a GAN step as the run will take them: on the CPU, `workers` processes of one thread
     each at one worker's batch, all at once (they share the machine as the DDP workers do), plus 15% for the
     gradient all-reduce; on a GPU, one process."""
@@ -131,6 +132,7 @@ def calibrate(preset: Path, size: int, gpu: bool, workers: int) -> tuple[float, 
         str(size),
         str(per_worker),
         "cuda" if gpu else "cpu",
+        fusion,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     runs = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env) for _ in range(1 if gpu else workers)]
@@ -138,7 +140,7 @@ def calibrate(preset: Path, size: int, gpu: bool, workers: int) -> tuple[float, 
     return max(t[0] for t in timings) * 1.15, max(t[1] for t in timings) * 1.15
 
 
-def train(lake: str, storage: str, size: int, minutes: float, gpu: bool, workers: int) -> dict:
+def train(lake: str, storage: str, size: int, minutes: float, gpu: bool, workers: int, fusion: str = "none") -> dict:
     """Stage 1 (L1) for about 40% of the budget, as calibrated; stage 2 (GAN + L1) until the budget is spent: the
     run is stopped then (SIGTERM, as a user's Ctrl-C) and its latest checkpoint, an epoch's end, is scored."""
     import signal
@@ -153,8 +155,8 @@ def train(lake: str, storage: str, size: int, minutes: float, gpu: bool, workers
     preset = REPO / "configs" / ("pix2pix_unet.yaml" if gpu else "resnet18_unet.yaml")
     common = ["data.datasets=[train]", f"data.lake={lake}", f"storage={storage}", f"workers={workers}",
               f"use_gpu={str(gpu).lower()}", "name=quality", "checkpoint_every=1000000",
-              "keep_checkpoints=100000", "cpu_amp=auto"]  # fmt: skip
-    l1_s, gan_s = calibrate(preset, size, gpu, workers)
+              "keep_checkpoints=100000", "cpu_amp=auto", f"model.fusion={fusion}"]  # fmt: skip
+    l1_s, gan_s = calibrate(preset, size, gpu, workers, fusion)
     plan = resolve_data(["train"], lake)
     steps_per_epoch = plan.count("train") // 16
     # Measured here: an epoch takes about 1.6x its steps' compute (loading, validation, the epoch's checkpoint).
@@ -190,7 +192,7 @@ def train(lake: str, storage: str, size: int, minutes: float, gpu: bool, workers
         "l1_epochs": l1_epochs, "global_step": int(metrics.get("global_step", 0)),
         "gan_epochs": max(0, int(metrics.get("global_step", 0)) // steps_per_epoch - l1_epochs),
         "steps_per_epoch": steps_per_epoch, "step_seconds": {"l1": l1_s, "gan": gan_s},
-        "train_samples": plan.count("train"), "workers": workers,
+        "train_samples": plan.count("train"), "workers": workers, "fusion": fusion,
     }  # fmt: skip
 
 
@@ -297,7 +299,10 @@ def main() -> int:
     parser.add_argument("--workers", type=int, help="Ray Train workers (default: 2; with --gpu, 1 a GPU)")
     parser.add_argument("--grid", default=str(REPO / "bench" / "quality-samples.png"), help="sample grid PNG path")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--calibrate", nargs=4, help=argparse.SUPPRESS)  # PRESET SIZE BATCH DEVICE: time steps
+    parser.add_argument("--fusion", choices=("none", "inception"), default="none",
+                        help="model.fusion: 'inception' fuses a frozen Inception's view of the gray input at the "
+                        "generator's bottleneck (Deep Koalarization; needs recolor[fid])")  # fmt: skip
+    parser.add_argument("--calibrate", nargs=5, help=argparse.SUPPRESS)  # PRESET SIZE BATCH DEVICE FUSION
     args = parser.parse_args()
     if args.calibrate:
         import torch
@@ -305,8 +310,9 @@ def main() -> int:
         from pipeline.config import load_config
 
         torch.set_num_threads(1)
-        preset, size, batch, device = args.calibrate
-        print(json.dumps(step_seconds(load_config(preset), int(size), device, int(batch))))
+        preset, size, batch, device, fusion = args.calibrate
+        config = load_config(preset, [f"model.fusion={fusion}"])
+        print(json.dumps(step_seconds(config, int(size), device, int(batch))))
         return 0
     train_roots = args.train or [str(SHARED / "imagenet-sample"), str(SHARED / "imagenet-more")]
     test_root = args.test or str(SHARED / "coco-sample")
@@ -323,7 +329,7 @@ def main() -> int:
         lake, storage = str(Path(temp) / "lake"), str(Path(temp) / "runs")
         counts = ingest_sets(lake, train_roots, test_root, str(annotations), size)
         workers = args.workers or (gpu_count() if args.gpu else 2)
-        trained = train(lake, storage, size, minutes, args.gpu, workers)
+        trained = train(lake, storage, size, minutes, args.gpu, workers, args.fusion)
         scored = {"final": score(trained["checkpoint"], lake, args.gpu)}
         if trained["l1_checkpoint"]:
             scored["l1_stage"] = score(trained["l1_checkpoint"], lake, args.gpu)
@@ -355,7 +361,7 @@ def print_report(report: dict, size: int) -> None:
     print(f"machine: {report['machine']} ({report['device']})")
     print(f"trained {t['preset']} at {size} px on {t['train_samples']} samples for {t['train_seconds'] / 60:.1f} min "
           f"({t['l1_epochs']} L1 + {t['gan_epochs']} GAN epochs of {t['steps_per_epoch']} steps, {t['workers']} "
-          f"workers); scored on {report['test_images']} test images")  # fmt: skip
+          f"workers, fusion {t['fusion']}); scored on {report['test_images']} test images")  # fmt: skip
     for stage, summary in report["metrics"].items():
         print(f"\n{stage} generator:")
         print(f"{'metric':14} {'model':>8} {'95% interval':>20} {'gray':>8} {'95% interval':>20}")

@@ -25,6 +25,7 @@ from ingest.storage.base import parse_size
 GAN_MODES = ("vanilla", "lsgan")
 ARCHS = ("unet_256", "resnet18_unet")
 NORMS = ("batch", "sync_batch", "instance")
+FUSIONS = ("none", "inception")
 AMP_MODES = ("bf16", "fp16", "none")
 CPU_AMP_MODES = ("off", "auto", "on")
 CHECKPOINT_UPLOAD_MODES = ("async", "sync")
@@ -64,6 +65,7 @@ class ModelConfig:
     base_filters: int = 64  # first-layer filters of the U-Net and the PatchGAN
     num_downs: int = 8  # U-Net downsamplings; the image side must be at least 2**num_downs
     backbone_weights: str | None = None  # torchvision resnet18 state dict file or s3:// URI; None: random init
+    fusion: str = "none"  # "inception": Deep Koalarization, a frozen Inception's view fused at the bottleneck
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -74,6 +76,8 @@ class ModelConfig:
             raise ConfigError(f"model.base_filters must be positive, got {self.base_filters}")
         if not 1 <= self.num_downs <= MAX_NUM_DOWNS:  # the side must be at least 2**num_downs (checked with the data)
             raise ConfigError(f"model.num_downs must be in 1..{MAX_NUM_DOWNS}, got {self.num_downs} (8 for 256 px)")
+        if self.fusion not in FUSIONS:
+            raise ConfigError(f"model.fusion must be one of {FUSIONS}, got {self.fusion!r}")
         if self.backbone_weights and self.arch != "resnet18_unet":
             raise ConfigError("model.backbone_weights applies to arch resnet18_unet only")
 

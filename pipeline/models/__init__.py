@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from pipeline.config import ARCHS as GENERATOR_ARCHS
+from pipeline.models.fusion import FUSION_KINDS, InceptionFusion
 from pipeline.models.layers import NORM_KINDS, init_weights, norm_layer
 from pipeline.models.patchgan import PatchGANDiscriminator
 from pipeline.models.resnet import ResNet18, ResNet18Encoder
@@ -15,6 +16,7 @@ from pipeline.models.resnet_unet import ResNetUNet, load_backbone_weights
 from pipeline.models.unet import UNetGenerator
 
 __all__ = [
+    "FUSION_KINDS",
     "GENERATOR_ARCHS",
     "NORM_KINDS",
     "PatchGANDiscriminator",
@@ -41,6 +43,7 @@ def build_generator(
     dropout: float = 0.5,
     init_std: float = 0.02,
     backbone_state_dict: Mapping[str, torch.Tensor] | None = None,
+    fusion: str = "none",
 ) -> nn.Module:
     """Build an initialized generator.
 
@@ -55,6 +58,8 @@ def build_generator(
         init_std: standard deviation of the N(0, std) init ("resnet18_unet": decoder only).
         backbone_state_dict: torchvision-layout resnet18 weights for "resnet18_unet"'s encoder; None starts
             from torchvision's random init.
+        fusion: "inception" fuses a frozen Inception's view of the gray input into the bottleneck
+            (`pipeline.models.fusion`, Deep Koalarization); "none" leaves the generator plain.
 
     Returns:
         The generator, on the CPU, in training mode.
@@ -64,6 +69,17 @@ def build_generator(
     """
     if norm not in NORM_KINDS:
         raise ValueError(f"unknown norm {norm!r}; expected one of {NORM_KINDS}")
+    if fusion not in FUSION_KINDS:
+        raise ValueError(f"unknown fusion {fusion!r}; expected one of {FUSION_KINDS}")
+    generator = _plain_generator(arch, norm, in_channels, out_channels, base_filters, num_downs, dropout, init_std,
+                                 backbone_state_dict)  # fmt: skip
+    if fusion == "inception":
+        generator.fusion = InceptionFusion(generator.bottleneck_channels, init_std)
+    return generator
+
+
+def _plain_generator(arch: str, norm: str, in_channels: int, out_channels: int, base_filters: int, num_downs: int,
+                     dropout: float, init_std: float, backbone_state_dict) -> nn.Module:  # fmt: skip
     if arch == "unet_256":
         if backbone_state_dict is not None:
             raise ValueError("unet_256 has no pretrained backbone; backbone weights apply to resnet18_unet only")

@@ -117,10 +117,15 @@ class ResNetUNet(nn.Module):
         self.decoder = ResNetUNetDecoder(in_channels=in_channels, out_channels=out_channels, norm=norm)
         # Decoder only: the encoder keeps torchvision's init or, later, the loaded pretrained weights.
         init_weights(self.decoder, std=init_std)
+        self.fusion: nn.Module | None = None  # `pipeline.models.fusion` at the bottleneck (model.fusion)
+        self.bottleneck_channels = STAGE_CHANNELS[3]
 
     def forward(self, lightness: torch.Tensor) -> torch.Tensor:
         """Predict normalized ab (N, out_channels, H, W) in -1..1 from normalized L (N, in_channels, H, W)."""
-        return self.decoder(lightness, self.encoder.forward_features(lightness))
+        features = self.encoder.forward_features(lightness)
+        if self.fusion is not None:
+            features = [*features[:-1], self.fusion(features[-1], lightness)]
+        return self.decoder(lightness, features)
 
 
 def load_backbone_weights(model: ResNetUNet, state_dict: Mapping[str, torch.Tensor]) -> None:

@@ -21,7 +21,7 @@ from torch import nn
 
 from ingest.errors import ConfigError
 from ingest.images import RESIZE_MODES
-from pipeline.config import ARCHS, NORMS
+from pipeline.config import ARCHS, FUSIONS, NORMS
 
 FORMAT = "recolor-generator"
 FORMAT_VERSION = 1
@@ -39,6 +39,7 @@ class GeneratorSpec:
     num_downs: int  # downsamplings of unet_256
     image_size: int  # the side of the training crops: the network's input side at inference
     resize: str = "cover"  # how the training samples were cut: "cover" (short side, crop) or "squash"
+    fusion: str = "none"  # "inception": Deep Koalarization's fusion at the bottleneck (needs recolor[fid])
 
     def __post_init__(self):
         if self.resize not in RESIZE_MODES:
@@ -47,6 +48,8 @@ class GeneratorSpec:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
         for name in ("base_filters", "num_downs", "image_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -56,7 +59,7 @@ class GeneratorSpec:
     def from_config(cls, config, image_size: int, resize: str = "cover") -> GeneratorSpec:
         """The spec of a `TrainConfig`'s generator, at `image_size`, for samples cut by `resize`."""
         model = config.model
-        return cls(model.arch, model.norm, model.base_filters, model.num_downs, image_size, resize)
+        return cls(model.arch, model.norm, model.base_filters, model.num_downs, image_size, resize, model.fusion)
 
     def build(self) -> nn.Module:
         """The network, initialized, on the CPU, in eval mode."""
@@ -64,7 +67,8 @@ class GeneratorSpec:
 
         # Sync BatchNorm needs a process group to run; at inference it is plain BatchNorm.
         norm = "batch" if self.norm == "sync_batch" else self.norm
-        return build_generator(self.arch, norm=norm, base_filters=self.base_filters, num_downs=self.num_downs).eval()
+        return build_generator(self.arch, norm=norm, base_filters=self.base_filters, num_downs=self.num_downs,
+                               fusion=self.fusion).eval()  # fmt: skip
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}
@@ -107,6 +111,7 @@ def read_spec(folder: str | Path) -> GeneratorSpec:
         )
     fields = {name: data.get(name) for name in GeneratorSpec.__dataclass_fields__}
     fields["resize"] = fields["resize"] or "cover"  # optional: the lake's default
+    fields["fusion"] = fields["fusion"] or "none"  # optional: generators saved before fusion existed
     for name, value in fields.items():
         if value is None:
             raise ConfigError(f"{path}: field {name!r} is missing")

@@ -102,6 +102,8 @@ class UNetGenerator(nn.Module):
         self.up_blocks = nn.ModuleList(up_blocks)
 
         init_weights(self, std=init_std)
+        self.fusion: nn.Module | None = None  # `pipeline.models.fusion` at the bottleneck (model.fusion)
+        self.bottleneck_channels = down_channels[-1]
 
     def forward(self, lightness: torch.Tensor) -> torch.Tensor:
         """Predict ab from L.
@@ -118,7 +120,10 @@ class UNetGenerator(nn.Module):
             x = block(x)
             skips.append(x)
         # The bottleneck feeds the innermost up block directly; every later one sees cat(skip, x) as in pix2pix.
-        x = self.up_blocks[0](skips.pop())
+        bottleneck = skips.pop()
+        if self.fusion is not None:
+            bottleneck = self.fusion(bottleneck, lightness)
+        x = self.up_blocks[0](bottleneck)
         for block in self.up_blocks[1:]:
             x = block(torch.cat([skips.pop(), x], dim=1))
         return x

@@ -43,6 +43,11 @@ def export_generator(generator: nn.Module, side: int, export_format: str, path: 
     """
     if export_format not in EXPORT_FORMATS:
         raise ConfigError(f"export format must be one of {EXPORT_FORMATS}, got {export_format!r}")
+    if getattr(generator, "fusion", None) is not None:
+        raise ConfigError(
+            "this generator fuses a frozen Inception network (model.fusion: inception), which is not exported: "
+            "serve it with `mlflow models serve` (its registered model) or colorize with `recolor colorize` instead"
+        )
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{path} is a folder: pass the file to write, e.g. {path / ('colorizer.' + export_format)}")

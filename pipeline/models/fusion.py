@@ -1,0 +1,67 @@
+"""Deep Koalarization's fusion (Baldassarre et al. 2017): what a frozen ImageNet classifier sees in the gray input,
+fused into the generator's bottleneck (config `model.fusion: inception`).
+
+The classifier is the Inception network FID already uses (`pipeline.evaluation.fid`, the `recolor[fid]` extra):
+its 2048 global pool features of the gray image (L with ab = 0, as sRGB, resized to 299) are projected to 256,
+repeated over the bottleneck's positions, concatenated to it and mixed back to its width by a 1x1 convolution, as
+the paper's fusion layer (its ReLU is the next layer's: the U-Net's innermost up block begins with one; the ResNet
+U-Net's bottleneck feeds a transposed convolution). The generator's own encoder and decoder are unchanged.
+
+The fusion starts as the identity on the bottleneck (the 1x1 convolution's weights are an identity on the
+bottleneck's channels and 0 on the projected features; the projection is N(0, 0.02)), so a fused generator begins
+exactly as the plain one, and its first step starts learning how much of the classifier's view to use. The
+Inception network is frozen and not a submodule: it is not in the state dict, the optimizer or DDP's buckets; it
+is loaded from the extra's file on the input's device and runs in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.config import FUSIONS as FUSION_KINDS  # noqa: F401 - the models' name for it
+
+FEATURES = 2048  # Inception's pool features
+PROJECTED = 256  # the paper's fusion width
+
+
+def gray_features(lightness: torch.Tensor) -> torch.Tensor:
+    """Inception pool features (N, 2048, float32) of the gray images whose normalized L (N, 1, H, W) is given."""
+    from ingest.lab import lab_to_rgb_torch
+    from pipeline.evaluation.fid import TF_RANGE, _network, resize_299
+
+    with torch.no_grad(), torch.autocast(lightness.device.type, enabled=False):
+        light = (lightness.detach().float() + 1.0) * 50.0
+        rgb = lab_to_rgb_torch(torch.cat([light, torch.zeros_like(light).expand(-1, 2, -1, -1)], dim=1))
+        x = resize_299(rgb) * (TF_RANGE[1] - TF_RANGE[0]) + TF_RANGE[0]
+        features = _network(str(lightness.device))(x)
+        if features.ndim > 2:
+            features = features.mean(dim=list(range(2, features.ndim)))
+        return features.float()
+
+
+class InceptionFusion(nn.Module):
+    """The fusion layer at a bottleneck of `channels` channels (see the module's docstring).
+
+    Raises:
+        FidUnavailable: at construction, when the Inception network (`recolor[fid]`) is not installed.
+    """
+
+    def __init__(self, channels: int, init_std: float = 0.02) -> None:
+        super().__init__()
+        from pipeline.evaluation.fid import network_path
+
+        network_path()  # the missing extra is named now, not at the first step
+        self.project = nn.Linear(FEATURES, PROJECTED)
+        self.mix = nn.Conv2d(channels + PROJECTED, channels, 1)
+        with torch.no_grad():
+            nn.init.normal_(self.project.weight, 0.0, init_std)
+            nn.init.zeros_(self.project.bias)
+            self.mix.weight.zero_()
+            self.mix.weight[:, :channels, 0, 0] = torch.eye(channels)
+            nn.init.zeros_(self.mix.bias)
+
+    def forward(self, bottleneck: torch.Tensor, lightness: torch.Tensor) -> torch.Tensor:
+        features = self.project(gray_features(lightness).to(bottleneck.dtype))
+        tiled = features[:, :, None, None].expand(-1, -1, bottleneck.shape[2], bottleneck.shape[3])
+        return self.mix(torch.cat([bottleneck, tiled.to(bottleneck.dtype)], dim=1))
