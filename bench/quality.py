@@ -193,12 +193,13 @@ def train(lake: str, storage: str, size: int, minutes: float, gpu: bool, workers
         "gan_epochs": max(0, int(metrics.get("global_step", 0)) // steps_per_epoch - l1_epochs),
         "steps_per_epoch": steps_per_epoch, "step_seconds": {"l1": l1_s, "gan": gan_s},
         "train_samples": plan.count("train"), "workers": workers, "fusion": fusion,
+        "recorded": recorded_checkpoints(f"{storage}/quality"),
     }  # fmt: skip
 
 
-def score(checkpoint: str, lake: str, gpu: bool) -> tuple[dict, object, object]:
+def score(checkpoint: str, lake: str, gpu: bool, fid: bool = True) -> tuple[dict, object, object]:
     """Per-image metrics of the model and of gray on the whole `test` dataset, the first batch for a grid, and the
-    Inception features of the model, the truth and gray (None without `recolor[fid]`)."""
+    Inception features of the model, the truth and gray (None without `recolor[fid]`, or with `fid` False)."""
     import torch
 
     from ingest.lab import lab8_to_network_torch, network_to_lab_torch
@@ -215,11 +216,11 @@ def score(checkpoint: str, lake: str, gpu: bool) -> tuple[dict, object, object]:
     plan = resolve_data(["test"], lake)
     values: dict[str, list] = {}
     first = None
+    features = None
     try:
-        features = FidFeatures(device)
+        features = FidFeatures(device) if fid else None
     except FidUnavailable as e:
         print(f"no FID or KID: {e}", file=sys.stderr)
-        features = None
     with torch.no_grad():
         for batch in validation_batches(plan, 0, 1, BATCH):
             light, real_ab = lab8_to_network_torch(torch.from_numpy(batch).to(device))
@@ -234,6 +235,20 @@ def score(checkpoint: str, lake: str, gpu: bool) -> tuple[dict, object, object]:
                 first = (lightness.cpu(), pred_ab.cpu(), true_ab.cpu())
     per_image = {name: torch.cat(parts).numpy() for name, parts in values.items()}
     return per_image, first, features.sets() if features is not None else None
+
+
+def learning_curve(trained: dict, storage: str, lake: str, gpu: bool) -> list[dict]:
+    """Each epoch's checkpoint of the run scored on the test set (means over images; no FID), beside the
+    validation metrics training reported then (the ImageNet split it holds out: in-distribution)."""
+    rows = []
+    for name, reported in trained["recorded"]:
+        values, _, _ = score(f"{storage}/quality/{name}", lake, gpu, fid=False)
+        means = {key: float(array.mean()) for key, array in values.items()}
+        test = {key: means[key] for key in ("psnr", "gray_psnr", "colorfulness", "auc", "l1_ab")}
+        val = {key: float(value) for key, value in reported.items() if key.startswith("val/")}
+        rows.append({"checkpoint": name, "stage": int(reported.get("stage", -1)),
+                     "global_step": int(reported.get("global_step", 0)), "test": test, "val": val})  # fmt: skip
+    return rows
 
 
 def fid_summary(sets: dict, resamples: int = 200, seed: int = 0) -> dict:
@@ -302,6 +317,9 @@ def main() -> int:
     parser.add_argument("--fusion", choices=("none", "inception"), default="none",
                         help="model.fusion: 'inception' fuses a frozen Inception's view of the gray input at the "
                         "generator's bottleneck (Deep Koalarization; needs recolor[fid])")  # fmt: skip
+    parser.add_argument("--curve", action="store_true",
+                        help="also score every epoch's checkpoint on the test set (PSNR, colorfulness, AuC, L1; "
+                        "no FID): the learning curve, to see how many steps the goals would take")  # fmt: skip
     parser.add_argument("--calibrate", nargs=5, help=argparse.SUPPRESS)  # PRESET SIZE BATCH DEVICE FUSION
     args = parser.parse_args()
     if args.calibrate:
@@ -333,6 +351,7 @@ def main() -> int:
         scored = {"final": score(trained["checkpoint"], lake, args.gpu)}
         if trained["l1_checkpoint"]:
             scored["l1_stage"] = score(trained["l1_checkpoint"], lake, args.gpu)
+        curve = learning_curve(trained, storage, lake, args.gpu) if args.curve else None
     from pipeline.tracking.plots import sample_grid
 
     values, first, _ = scored["final"]
@@ -345,9 +364,10 @@ def main() -> int:
     report = {
         "machine": machine(), "device": "gpu" if args.gpu else "cpu", "size": size, "budget_minutes": minutes,
         "total_seconds": time.perf_counter() - started, "train": train_roots, "test": test_root,
-        "counts": counts, "training": {k: v for k, v in trained.items() if not k.endswith("checkpoint")},
+        "counts": counts,
+        "training": {k: v for k, v in trained.items() if not k.endswith("checkpoint") and k != "recorded"},
         "test_images": int(len(values["auc"])), "metrics": summaries,
-        "goal": verdict(summaries["final"], summaries.get("l1_stage")), "grid": args.grid,
+        "goal": verdict(summaries["final"], summaries.get("l1_stage")), "grid": args.grid, "curve": curve,
     }  # fmt: skip
     if args.json:
         print(json.dumps(report, indent=2))
@@ -375,6 +395,14 @@ def print_report(report: dict, size: int) -> None:
     print(f"\ngoals: {shown} -> {'met' if goal['met'] else 'missed'} (colorfulness gap {goal['colorfulness_gap']:.1f}, "
           f"PSNR {goal['psnr_under_gray_db']:+.2f} dB under gray)")  # fmt: skip
     print(f"sample grid: {report['grid']}")
+    if report.get("curve"):
+        print("\nlearning curve (test set, means; val: the training's held-out ImageNet split):")
+        print(f"{'stage':>5} {'step':>6} {'PSNR':>7} {'gray':>7} {'colorful':>8} {'AuC':>7} {'val':>40}")
+        for row in report["curve"]:
+            t = row["test"]
+            val = ", ".join(f"{k[4:]} {v:.3g}" for k, v in sorted(row["val"].items())[:3])
+            print(f"{row['stage']:5d} {row['global_step']:6d} {t['psnr']:7.2f} {t['gray_psnr']:7.2f} "
+                  f"{t['colorfulness']:8.2f} {t['auc']:7.4f} {val:>40}")  # fmt: skip
 
 
 if __name__ == "__main__":
