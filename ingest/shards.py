@@ -12,6 +12,7 @@ byte-identical shards: a resumed ingest reproduces what a clean run writes.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import mmap
@@ -37,6 +38,8 @@ except ImportError:  # pragma: no cover - a dependency; zlib's is the fallback
 def checksum_matches(lab: bytes, meta: bytes | None) -> bool:
     """Whether a sample's .lab.npy bytes have the CRC-32 its metadata records (True for samples ingested before
     checksums were recorded, and for metadata that names none)."""
+    if isinstance(meta, memoryview):  # metadata over 4 KiB, read as a view (`iter_members`)
+        meta = meta.tobytes()
     if meta is None or _CHECKSUM_KEY not in meta:
         return True
     try:
@@ -195,10 +198,11 @@ def iter_members(fileobj, views: bool = False) -> Iterator[tuple[str, bytes]]:
     A small streaming USTAR reader (with pax and GNU long names): about 3x faster than `tarfile`
     on shards of many small members, and it reads from any object with `read(n)`, S3 bodies included.
 
-    With `views`, members of a regular file or an in-memory stream larger than 4 KiB come as read-only
-    memoryviews of it (a map of the file, or the stream's buffer) instead of copies: no allocation, no page to
-    zero and no copy per sample, which cost more than checking and decoding it (bench/loader.py). The map lives
-    as long as a view of it does; a shard is never truncated in place (lake and cache files are replaced whole).
+    With `views`, members of a regular file on a local file system, or of an in-memory stream, larger than 4 KiB
+    come as read-only memoryviews of it (a map of the file, or the stream's buffer) instead of copies: no
+    allocation, no page to zero and no copy per sample, which cost more than checking and decoding it
+    (bench/loader.py). The map lives as long as a view of it does; a shard is never truncated in place (lake and
+    cache files are replaced whole). Files on network and FUSE mounts are read as before (see `_maps_safely`).
 
     Raises:
         TarFormatError: a header with a bad checksum, or a stream that ends inside a member.
@@ -224,6 +228,7 @@ def iter_members(fileobj, views: bool = False) -> Iterator[tuple[str, bytes]]:
         if padding:
             _read_exact(fileobj, padding)
         if kind in (b"x", b"L"):  # pax extended header / GNU long name: applies to the next member
+            data = bytes(data)  # parsed: a view when long
             long_name = _pax_path(data) if kind == b"x" else data.rstrip(b"\0").decode("utf-8", "replace")
             continue
         if kind in (b"g", b"K"):
@@ -236,6 +241,31 @@ def iter_members(fileobj, views: bool = False) -> Iterator[tuple[str, bytes]]:
             name, long_name = long_name, None
         if kind in (b"0", b"\0", b"7"):
             yield name, data
+
+
+# Mounts whose files are mapped: local file systems. On a network or FUSE mount a read error, or another client
+# replacing the file in place, would end the process (SIGBUS) where a read raises an error the reader handles.
+_LOCAL_FILESYSTEMS = frozenset(
+    {"ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "bcachefs", "jfs", "reiserfs", "tmpfs", "ramfs", "overlay"}
+)
+
+
+@functools.lru_cache(maxsize=64)
+def _maps_safely(device: int) -> bool:
+    """Whether files on `device` (a `st_dev`) lie on a local file system: the type of its mount in
+    /proc/self/mountinfo (Linux; elsewhere, and for mounts not found, False: files are read, not mapped)."""
+    try:
+        with open("/proc/self/mountinfo") as mounts:
+            lines = mounts.read().splitlines()
+    except OSError:
+        return False
+    wanted = f"{os.major(device)}:{os.minor(device)}"
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 2 and fields[2] == wanted and "-" in fields:
+            separator = fields.index("-")
+            return separator + 1 < len(fields) and fields[separator + 1] in _LOCAL_FILESYSTEMS
+    return False
 
 
 class _Mapped:
@@ -259,7 +289,7 @@ class _Mapped:
             position = fileobj.tell()
         except (AttributeError, OSError, ValueError):
             return None
-        if not S_ISREG(stat.st_mode) or stat.st_size <= position:
+        if not S_ISREG(stat.st_mode) or stat.st_size <= position or not _maps_safely(stat.st_dev):
             return None
         try:
             mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)

@@ -113,7 +113,18 @@ def epoch_splits(payload: dict) -> list[tuple[int, int]] | None:
 
 
 def restore_networks(payload: dict, generator, discriminator) -> Position:
-    """Load both networks' weights from `payload`; returns the position training continues at."""
+    """Load both networks' weights from `payload`; returns the position training continues at.
+
+    Raises:
+        ConfigError: the checkpoint's generator has another `model.fusion` than `generator`.
+    """
+    trained = (payload.get("config", {}).get("model") or {}).get("fusion", "none")
+    wanted = "none" if getattr(generator, "fusion", None) is None else "inception"
+    if trained != wanted:
+        from ingest.errors import ConfigError
+
+        raise ConfigError(f"the checkpoint was trained with model.fusion={trained}, this run asks for {wanted}: "
+                          "resume with the setting it began with, or start a new run (--name)")  # fmt: skip
     generator.load_state_dict(payload["generator"])
     discriminator.load_state_dict(payload["discriminator"])
     return Position(**payload["position"])

@@ -96,7 +96,8 @@ def read_segments(
     way by reading tar headers and bytes but decoding nothing. Shards on S3 are downloaded whole,
     `readahead` shards ahead in background threads (default: 2 for s3://, or K when interleaving; 0 for local
     files, which the OS reads ahead by itself), so network time overlaps decoding and training. On S3 a rank
-    then holds up to K + readahead shards in memory (8 x 64 MB with the default 4). With a `cache`
+    then holds up to K + readahead shards in memory (8 x 64 MB with the default 4), and the shards whose samples
+    windows still hold (read as views of the download: about K more). With a `cache`
     (`pipeline.shard_cache.ShardCache`), s3:// shards are read from (and fetched ahead into) the node's cache.
     """
     interleave = max(1, interleave)

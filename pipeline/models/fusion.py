@@ -25,6 +25,7 @@ FEATURES = 2048  # Inception's pool features
 PROJECTED = 256  # the paper's fusion width
 
 
+@torch.compiler.disable  # a TorchScript network behind a file lookup: one clean graph break under `compile`
 def gray_features(lightness: torch.Tensor) -> torch.Tensor:
     """Inception pool features (N, 2048, float32) of the gray images whose normalized L (N, 1, H, W) is given."""
     from ingest.lab import lab_to_rgb_torch

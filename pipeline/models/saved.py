@@ -1,7 +1,8 @@
 """A generator on disk without pickled code: its architecture as JSON, its weights as a plain state dict.
 
     FOLDER/colorizer.json   {"format": "recolor-generator", "format_version": 1, "arch", "norm",
-                             "base_filters", "num_downs", "image_size", "resize"}
+                             "base_filters", "num_downs", "image_size", "resize"}; version 2 adds
+                             "fusion" (`model.fusion`), written only for fused generators
     FOLDER/generator.pt     the state dict, saved with `torch.save`, read with `weights_only=True`
 
 Reading it runs only this package's code: the JSON names an architecture this package builds, and
@@ -24,7 +25,8 @@ from ingest.images import RESIZE_MODES
 from pipeline.config import ARCHS, FUSIONS, NORMS
 
 FORMAT = "recolor-generator"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the `fusion` field (written only for fused generators; others stay version 1)
+READABLE_VERSIONS = (1, 2)
 SPEC_FILE = "colorizer.json"
 WEIGHTS_FILE = "generator.pt"
 
@@ -71,7 +73,13 @@ class GeneratorSpec:
                                fusion=self.fusion).eval()  # fmt: skip
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}
+        # A plain generator's spec stays version 1, which recolor before fusion reads; a fused one is version 2,
+        # which it refuses by name instead of building a plain network that its weights do not fit.
+        fields = asdict(self)
+        if self.fusion == "none":
+            del fields["fusion"]
+            return {"format": FORMAT, "format_version": 1, **fields}
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, **fields}
 
 
 def is_saved_generator(folder: str | Path) -> bool:
@@ -104,10 +112,10 @@ def read_spec(folder: str | Path) -> GeneratorSpec:
         raise ConfigError(f"{path} is not readable JSON: {e}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ConfigError(f"{path}: field 'format' must be {FORMAT!r}: not a recolor generator")
-    if data.get("format_version") != FORMAT_VERSION:
+    if data.get("format_version") not in READABLE_VERSIONS:
         raise ConfigError(
-            f"{path}: field 'format_version' is {data.get('format_version')!r}; this recolor reads version "
-            f"{FORMAT_VERSION}: upgrade recolor to load it"
+            f"{path}: field 'format_version' is {data.get('format_version')!r}; this recolor reads versions "
+            f"{READABLE_VERSIONS}: upgrade recolor to load it"
         )
     fields = {name: data.get(name) for name in GeneratorSpec.__dataclass_fields__}
     fields["resize"] = fields["resize"] or "cover"  # optional: the lake's default

@@ -354,6 +354,13 @@ def check_before_start(config: TrainConfig, plan: DataPlan, ray_address: str | N
         ConfigError: backbone weights that are not a resnet18 state dict; GPU workers asked of a local machine
             without that many GPUs.
     """
+    if config.model.fusion == "inception":  # the Inception network's extra: one line now, not in every worker
+        from pipeline.evaluation.fid import FidUnavailable, network_path
+
+        try:
+            network_path()
+        except FidUnavailable as e:
+            raise ConfigError(f"model.fusion=inception: {e}") from None
     if config.model.backbone_weights:  # a wrong file: one line now, not a failed worker group later
         from pipeline.models import build_generator, load_backbone_weights
         from pipeline.train.loop import load_backbone

@@ -55,10 +55,17 @@ def step_flops_per_sample(generator: nn.Module, discriminator: nn.Module, size: 
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             fake = generator(light)
         generator_forward = counter.get_total_flops()
+        frozen = 0  # a fused generator's Inception runs forward only, once a step, without gradients
+        if getattr(generator, "fusion", None) is not None:
+            from pipeline.models.fusion import gray_features
+
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                gray_features(light)
+            frozen = counter.get_total_flops()
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             discriminator(torch.cat([light, fake], dim=1))
         discriminator_forward = counter.get_total_flops()
     finally:
         generator.train(was_training[0])
         discriminator.train(was_training[1])
-    return float(3 * generator_forward + (9 * discriminator_forward if gan else 0))
+    return float(3 * (generator_forward - frozen) + frozen + (9 * discriminator_forward if gan else 0))

