@@ -81,16 +81,23 @@ def inception_features(rgb: torch.Tensor, device: torch.device | str | None = No
         FidUnavailable: the network is not installed.
     """
     device = torch.device(device) if device is not None else rgb.device
-    network = _network(str(device))
-    parts = []
-    for start in range(0, rgb.shape[0], batch):
-        x = rgb[start : start + batch].to(device, torch.float32).clamp(0, 1)
-        x = resize_299(x) * (TF_RANGE[1] - TF_RANGE[0]) + TF_RANGE[0]
-        features = network(x)
-        if features.ndim > 2:
-            features = features.mean(dim=list(range(2, features.ndim)))
-        parts.append(features.double().cpu().numpy())
+    parts = [pool_features(rgb[start : start + batch].to(device, torch.float32)).double().cpu().numpy()
+             for start in range(0, rgb.shape[0], batch)]  # fmt: skip
     return np.concatenate(parts) if parts else np.zeros((0, 2048))
+
+
+@torch.no_grad()
+def pool_features(rgb: torch.Tensor) -> torch.Tensor:
+    """The 2048 pool features of one batch, float32 (N, 2048), on the images' device: RGB in [0, 1], any size.
+
+    Raises:
+        FidUnavailable: the network is not installed.
+    """
+    x = resize_299(rgb.float().clamp(0, 1)) * (TF_RANGE[1] - TF_RANGE[0]) + TF_RANGE[0]
+    features = _network(str(rgb.device))(x)
+    if features.ndim > 2:
+        features = features.mean(dim=list(range(2, features.ndim)))
+    return features.float()
 
 
 def frechet_distance(first: np.ndarray, second: np.ndarray) -> float:

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from pipeline.config import ARCHS as GENERATOR_ARCHS
-from pipeline.models.fusion import FUSION_KINDS, InceptionFusion
+from pipeline.config import FUSIONS as FUSION_KINDS
+from pipeline.models.fusion import InceptionFusion
 from pipeline.models.layers import NORM_KINDS, init_weights, norm_layer
 from pipeline.models.patchgan import PatchGANDiscriminator
 from pipeline.models.resnet import ResNet18, ResNet18Encoder

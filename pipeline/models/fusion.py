@@ -19,8 +19,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.config import FUSIONS as FUSION_KINDS  # noqa: F401 - the models' name for it
-
 FEATURES = 2048  # Inception's pool features
 PROJECTED = 256  # the paper's fusion width
 
@@ -28,17 +26,13 @@ PROJECTED = 256  # the paper's fusion width
 @torch.compiler.disable  # a TorchScript network behind a file lookup: one clean graph break under `compile`
 def gray_features(lightness: torch.Tensor) -> torch.Tensor:
     """Inception pool features (N, 2048, float32) of the gray images whose normalized L (N, 1, H, W) is given."""
-    from ingest.lab import lab_to_rgb_torch
-    from pipeline.evaluation.fid import TF_RANGE, _network, resize_299
+    from ingest.lab import denormalize_torch, lab_to_rgb_torch
+    from pipeline.evaluation.fid import pool_features
 
     with torch.no_grad(), torch.autocast(lightness.device.type, enabled=False):
-        light = (lightness.detach().float() + 1.0) * 50.0
-        rgb = lab_to_rgb_torch(torch.cat([light, torch.zeros_like(light).expand(-1, 2, -1, -1)], dim=1))
-        x = resize_299(rgb) * (TF_RANGE[1] - TF_RANGE[0]) + TF_RANGE[0]
-        features = _network(str(lightness.device))(x)
-        if features.ndim > 2:
-            features = features.mean(dim=list(range(2, features.ndim)))
-        return features.float()
+        light = lightness.detach().float()
+        gray_ab = light.new_zeros(light.shape[0], 2, *light.shape[2:])
+        return pool_features(lab_to_rgb_torch(denormalize_torch(light, gray_ab)))
 
 
 class InceptionFusion(nn.Module):
