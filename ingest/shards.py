@@ -30,9 +30,9 @@ CHECKSUM_FIELD = "lab_crc32"
 _CHECKSUM_KEY = CHECKSUM_FIELD.encode()  # looked for in every sample's metadata bytes on the read path
 
 try:  # the same CRC-32 as zlib's, with the CPU's carry-less multiply: about 7x faster (bench/loader.py)
-    from zlib_ng.zlib_ng import crc32
+    from zlib_ng.zlib_ng import adler32, crc32
 except ImportError:  # pragma: no cover - a dependency; zlib's is the fallback
-    from zlib import crc32
+    from zlib import adler32, crc32
 
 
 def checksum_matches(lab: bytes, meta: bytes | None) -> bool:
@@ -192,6 +192,79 @@ def _pax_path(data: bytes) -> str | None:
     return None
 
 
+_BLANK_CHECKSUM = b" " * 8
+
+
+def header_checksum(header: bytes) -> int:
+    """The tar checksum of a 512-byte header: the sum of its bytes, the checksum field counted as 8 spaces.
+
+    Summed in C by Adler-32, whose first half is 1 + the sum of the bytes modulo 65521: over 256 bytes the sum is
+    at most 65,280, so each half's is exact (5x faster than `sum` over the bytes, a third of reading a shard).
+    """
+    first = adler32(header[:148] + _BLANK_CHECKSUM + header[156:256]) & 0xFFFF
+    return first + (adler32(header[256:512]) & 0xFFFF) - 2
+
+
+def _parse_header(header: bytes) -> tuple[str, int, bytes]:
+    """(name, size, type flag) of a 512-byte tar header.
+
+    Raises:
+        TarFormatError: its checksum does not match.
+    """
+    if _octal(header[148:156]) != header_checksum(header):
+        raise TarFormatError("tar header checksum mismatch (not a tar file, or corrupt)")
+    name = header[:100].rstrip(b"\0").decode("utf-8", "replace")
+    if header[257:262] == b"ustar":
+        prefix = header[345:500].rstrip(b"\0").decode("utf-8", "replace")
+        if prefix:
+            name = f"{prefix}/{name}"
+    return name, _octal(header[124:136]), header[156:157]
+
+
+def _stream_members(fileobj) -> Iterator[tuple[str, bytes, bytes]]:
+    """(name, type flag, bytes) of every member of a tar stream read with `read(n)`, special members included."""
+    while True:
+        header = fileobj.read(512)
+        if len(header) < 512:
+            if header.strip(b"\0"):
+                raise TarFormatError("truncated tar header")
+            return
+        if header == _ZERO_BLOCK:
+            return
+        name, size, kind = _parse_header(header)
+        data = _read_exact(fileobj, size) if size else b""
+        padding = -size % 512
+        if padding:
+            _read_exact(fileobj, padding)
+        yield name, kind, data
+
+
+_ZERO_BLOCK = b"\0" * 512
+
+
+def _mapped_members(view: memoryview) -> Iterator[tuple[str, bytes, bytes]]:
+    """`_stream_members` over a buffer: the same members and errors, walking offsets; members larger than
+    `_SMALL` as views of it."""
+    end, position = len(view), 0
+    while True:
+        header = view[position : position + 512].tobytes()
+        if len(header) < 512:
+            if header.strip(b"\0"):
+                raise TarFormatError("truncated tar header")
+            return
+        if header == _ZERO_BLOCK:
+            return
+        name, size, kind = _parse_header(header)
+        start = position + 512
+        position = start + size + (-size % 512)
+        if start + size > end:
+            raise TarFormatError(f"truncated tar: wanted {size} bytes, got {max(0, end - start)}")
+        if position > end:
+            raise TarFormatError(f"truncated tar: wanted {-size % 512} bytes, got {end - start - size}")
+        data = view[start : start + size]
+        yield name, kind, (data.tobytes() if size <= _SMALL else data)
+
+
 def iter_members(fileobj, views: bool = False) -> Iterator[tuple[str, bytes]]:
     """Yield (member name, bytes) of the regular files in a tar stream, in order.
 
@@ -208,35 +281,15 @@ def iter_members(fileobj, views: bool = False) -> Iterator[tuple[str, bytes]]:
         TarFormatError: a header with a bad checksum, or a stream that ends inside a member.
     """
     long_name: str | None = None
-    if views:
-        fileobj = _Mapped.of(fileobj) or fileobj
-    while True:
-        header = fileobj.read(512)
-        if len(header) < 512:
-            if header.strip(b"\0"):
-                raise TarFormatError("truncated tar header")
-            return
-        if header == b"\0" * 512:
-            return
-        checksum = _octal(header[148:156])
-        if checksum != sum(header[:148]) + 256 + sum(header[156:]):
-            raise TarFormatError("tar header checksum mismatch (not a tar file, or corrupt)")
-        size = _octal(header[124:136])
-        kind = header[156:157]
-        data = _read_exact(fileobj, size) if size else b""
-        padding = -size % 512
-        if padding:
-            _read_exact(fileobj, padding)
+    mapped = _mapped_view(fileobj) if views else None
+    members = _stream_members(fileobj) if mapped is None else _mapped_members(mapped)
+    for name, kind, data in members:
         if kind in (b"x", b"L"):  # pax extended header / GNU long name: applies to the next member
             data = bytes(data)  # parsed: a view when long
             long_name = _pax_path(data) if kind == b"x" else data.rstrip(b"\0").decode("utf-8", "replace")
             continue
         if kind in (b"g", b"K"):
             continue
-        name = header[:100].rstrip(b"\0").decode("utf-8", "replace")
-        prefix = header[345:500].rstrip(b"\0").decode("utf-8", "replace") if header[257:262] == b"ustar" else ""
-        if prefix:
-            name = f"{prefix}/{name}"
         if long_name:
             name, long_name = long_name, None
         if kind in (b"0", b"\0", b"7"):
@@ -268,39 +321,27 @@ def _maps_safely(device: int) -> bool:
     return False
 
 
-class _Mapped:
-    """A stream over a read-only buffer (`of`: a regular file's map, or a BytesIO's bytes): `read(n)` returns bytes
-    up to 4 KiB (headers, metadata: parsed as bytes), and a memoryview of the buffer above that."""
+_SMALL = 4096  # members up to this size are read as bytes (headers, metadata: parsed), larger ones as views
 
-    SMALL = 4096
 
-    def __init__(self, view: memoryview):
-        self.view = view
-        self.position = 0
-
-    @classmethod
-    def of(cls, fileobj) -> _Mapped | None:
-        """The rest of `fileobj` without copying it, or None when it is neither a regular file nor a BytesIO."""
-        if isinstance(fileobj, io.BytesIO):
-            return cls(memoryview(fileobj.getvalue())[fileobj.tell() :])  # its bytes, shared until written to
-        try:
-            fd = fileobj.fileno()
-            stat = os.fstat(fd)
-            position = fileobj.tell()
-        except (AttributeError, OSError, ValueError):
-            return None
-        if not S_ISREG(stat.st_mode) or stat.st_size <= position or not _maps_safely(stat.st_dev):
-            return None
-        try:
-            mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-        except (OSError, ValueError):
-            return None
-        return cls(memoryview(mapped)[position:])
-
-    def read(self, size: int):
-        chunk = self.view[self.position : self.position + size]
-        self.position += len(chunk)
-        return chunk.tobytes() if size <= self.SMALL else chunk
+def _mapped_view(fileobj) -> memoryview | None:
+    """The rest of `fileobj` as a read-only buffer without copying it (a regular file's map on a local file system,
+    or a BytesIO's bytes), or None when it is neither."""
+    if isinstance(fileobj, io.BytesIO):
+        return memoryview(fileobj.getvalue())[fileobj.tell() :]  # its bytes, shared until written to
+    try:
+        fd = fileobj.fileno()
+        stat = os.fstat(fd)
+        position = fileobj.tell()
+    except (AttributeError, OSError, ValueError):
+        return None
+    if not S_ISREG(stat.st_mode) or stat.st_size <= position or not _maps_safely(stat.st_dev):
+        return None
+    try:
+        mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):
+        return None
+    return memoryview(mapped)[position:]
 
 
 def iter_samples(fileobj, views: bool = False) -> Iterator[dict]:

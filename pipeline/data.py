@@ -18,6 +18,7 @@ import contextlib
 import io
 import logging
 import queue
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -100,35 +101,10 @@ def read_segments(
     windows still hold (read as views of the download: about K more). With a `cache`
     (`pipeline.shard_cache.ShardCache`), s3:// shards are read from (and fetched ahead into) the node's cache.
     """
-    interleave = max(1, interleave)
-    groups = [segments[i : i + interleave] for i in range(0, len(segments), interleave)]
-    pending = []  # (group, sample order within it, start offsets)
-    for group in groups:
-        total = sum(segment.length for segment in group)
-        if skip >= total:
-            skip -= total
-            continue
-        order = round_robin(group)
-        offsets = [segment.start for segment in group]
-        for index in order[:skip]:
-            offsets[index] += 1
-        pending.append((group, order[skip:], offsets))
-        skip = 0
-    # Segments that the skip used up (inside a group it entered) are not opened.
-    uris = [
-        segment.shard.uri
-        for group, _, offsets in pending
-        for segment, start in zip(group, offsets, strict=True)
-        if start < segment.stop
-    ]
-    fetch = fetch_shard
-    if cache is not None and uris and uris[0].startswith("s3://") and opener is open_shard:
-        sizes = {segment.shard.uri: segment.shard.size for segment in segments}
-        opener = fetch = lambda uri: cache.open(uri, sizes[uri])  # noqa: E731 - one function, two roles
-        readahead = readahead if readahead is not None else min(max(2, interleave), 8)
-    if readahead is None:
-        readahead = min(max(2, interleave), 8) if uris and uris[0].startswith("s3://") and opener is open_shard else 0
-    openers = _open_ahead(uris, opener, readahead, fetch)
+    pending = reading_plan(segments, skip, interleave)
+    uris = [segment.shard.uri for group, _, offsets in pending for segment, start in zip(group, offsets, strict=True)
+            if start < segment.stop]  # fmt: skip
+    openers = shard_openers(uris, segments, opener, readahead, interleave, cache)
     for group, order, offsets in pending:
         streams = [
             _segment_samples(segment, start, next(openers), verify) if start < segment.stop else _nothing()
@@ -141,6 +117,40 @@ def read_segments(
             yield next(streams[index])
         for stream in streams:  # each is done: let its shard (a whole download on S3) go before the next group
             stream.close()
+
+
+def reading_plan(segments: list[Segment], skip: int, interleave: int) -> list[tuple[list[Segment], list, list]]:
+    """How `read_segments` reads: (group of up to `interleave` segments, which segment each of its samples comes
+    from, the first sample to read of each segment) for the groups left after the first `skip` samples. A pure
+    function of its arguments: every loader process reading an epoch sees the same stream."""
+    interleave = max(1, interleave)
+    groups = [segments[i : i + interleave] for i in range(0, len(segments), interleave)]
+    pending = []
+    for group in groups:
+        total = sum(segment.length for segment in group)
+        if skip >= total:
+            skip -= total
+            continue
+        order = round_robin(group)
+        offsets = [segment.start for segment in group]
+        for index in order[:skip]:
+            offsets[index] += 1
+        pending.append((group, order[skip:], offsets))
+        skip = 0
+    return pending
+
+
+def shard_openers(uris: list[str], segments: list[Segment], opener: Callable, readahead: int | None, interleave: int,
+                  cache) -> Iterator[Callable]:  # fmt: skip
+    """A context-manager factory per URI of `uris`, in order (see `read_segments` for `readahead` and `cache`)."""
+    fetch = fetch_shard
+    if cache is not None and uris and uris[0].startswith("s3://") and opener is open_shard:
+        sizes = {segment.shard.uri: segment.shard.size for segment in segments}
+        opener = fetch = lambda uri: cache.open(uri, sizes[uri])  # noqa: E731 - one function, two roles
+        readahead = readahead if readahead is not None else min(max(2, interleave), 8)
+    if readahead is None:
+        readahead = min(max(2, interleave), 8) if uris and uris[0].startswith("s3://") and opener is open_shard else 0
+    return _open_ahead(uris, opener, readahead, fetch)
 
 
 def _nothing() -> Iterator:
@@ -246,7 +256,8 @@ def windows(items: Iterable, size: int) -> Iterator[list]:
 
 def train_blocks(raw: Iterator[tuple], size: int, window: int, seed: int, epoch: int, rank: int, first_window: int,
                  skip_in_window: int, flip: bool, counter: BadSampleCounter, rotate: float = 0.0,
-                 loader_workers: int = 1, cache=None, generation: int = 0) -> Iterator[np.ndarray]:  # fmt: skip
+                 loader_workers: int = 1, cache=None, generation: int = 0,
+                 pool: BlockPool | None = None) -> Iterator[np.ndarray]:  # fmt: skip
     """Decode, shuffle within windows, flip, rotate (within +-`rotate` degrees; 0: never), a window at a time: one
     contiguous uint8 array (n, 3, size, size) per shuffle window. Corrupt samples are replaced by a good one of the
     same window (and counted), so the rank still yields exactly as many samples as planned. Every draw comes from
@@ -255,14 +266,23 @@ def train_blocks(raw: Iterator[tuple], size: int, window: int, seed: int, epoch:
     With `loader_workers` N > 1, N threads each take a whole window (checksums, decoding, the shuffle, flips and
     rotations, written into the window's array: zlib-ng, numpy and PIL release the GIL for that work) while this
     thread reads the next ones, and the windows come back in their order: the samples are the same, in the same
-    order, whatever N. Up to N windows are in flight (N x `shuffle_window` samples in memory)."""
+    order, whatever N. Up to N windows are in flight (N x `shuffle_window` samples in memory). The processes of
+    `pipeline.loader_processes` make the same windows (`window_blocks`) without sharing one interpreter's lock."""
+    pool = pool or BlockPool(window * 3 * size * size)
 
     def work(number: int, items: list[tuple]):
         start = skip_in_window if number == first_window else 0
-        return _window_block(items, size, seed, epoch, rank, number, start, flip, rotate, generation)
+        _, storage = pool.take()
+        return _window_block(items, size, seed, epoch, rank, number, start, flip, rotate, generation,
+                             lambda rows: shaped(storage, rows, size))  # fmt: skip
 
     jobs = enumerate(windows(raw, window), start=first_window)
-    for records, block, first_shard in ordered_map(work, jobs, loader_workers):
+    return checked_blocks(ordered_map(work, jobs, loader_workers), counter, cache)
+
+
+def checked_blocks(made: Iterable[tuple], counter: BadSampleCounter, cache=None) -> Iterator[np.ndarray]:
+    """The blocks of `_window_block` results, in order, each window's samples counted (good or corrupt) first."""
+    for records, block, first_shard in made:
         for record in records:
             if cache is not None and not record[2] and record[0].startswith("s3://"):
                 cache.drop(record[0])  # maybe damaged on this disk: the next epoch fetches it again
@@ -272,41 +292,99 @@ def train_blocks(raw: Iterator[tuple], size: int, window: int, seed: int, epoch:
         yield block
 
 
+class BlockPool:
+    """Storage for window blocks, reused once nothing refers to a block: a fresh 50 MB array a window costs its
+    page faults (the kernel zeroes every page), a third of a sample's time on one core (bench/loader.py).
+
+    A storage is free when its reference count says only the pool holds it. Every block and every batch cut from
+    one is a numpy view whose base is its storage (`torch.from_numpy` keeps the view, so the storage too): a batch
+    the consumer keeps, for however long, keeps its storage out of reuse, and the pool grows instead.
+    """
+
+    def __init__(self, nbytes: int, allocate: Callable[[int], np.ndarray] | None = None):
+        self.nbytes = nbytes
+        self._allocate = allocate or (lambda n: np.empty(n, dtype=np.uint8))
+        self._storages: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> tuple[int, np.ndarray]:
+        """(index, storage): a 1-D uint8 storage of `nbytes` that nothing refers to, the caller's until it lets go
+        of it and of every view of it; the index names it to a loader process."""
+        with self._lock:
+            for index in range(len(self._storages)):
+                if sys.getrefcount(self._storages[index]) == 2:  # the list's reference and the call's argument
+                    return index, self._storages[index]
+            self._storages.append(self._allocate(self.nbytes))
+            return len(self._storages) - 1, self._storages[-1]
+
+    def __len__(self) -> int:
+        return len(self._storages)
+
+
+def shaped(storage: np.ndarray, rows: int, size: int) -> np.ndarray:
+    """The first `rows` samples' worth of a pool storage as a block (rows, 3, size, size): a view of it."""
+    return storage[: rows * 3 * size * size].reshape(rows, 3, size, size)
+
+
 def _window_block(items: list[tuple], size: int, seed: int, epoch: int, rank: int, number: int, start: int,
-                  flip: bool, rotate: float, generation: int = 0):  # fmt: skip
+                  flip: bool, rotate: float, generation: int = 0,
+                  block_for: Callable[[int], np.ndarray] | None = None):  # fmt: skip
     """One window's samples in training order from `start` on: ([(uri, key, ok)], one array of them or None when
-    every sample is corrupt, the first item's shard).
+    every sample is corrupt, the first item's shard). `block_for(rows)` gives the array to fill (default: a new one).
 
     One pass in reading order: each sample is checked, decoded and written to its shuffled place while its bytes are
     still in the core's cache (the shuffle is drawn before anything is read). A corrupt sample's place is filled
     afterwards by a good one of the window (item i by the (i mod good)-th good one)."""
-    count = len(items)
-    order, flips, angles = window_draws(seed, epoch, rank, number, count, rotate, generation)
-    places = np.full(count, -1, dtype=np.int64)  # item -> its row in the block (-1: before `start`, not yielded)
-    places[order[start:]] = np.arange(count - start)
-    block = np.empty((count - start, 3, size, size), dtype=np.uint8)
-    records, good, bad = [], [], []
+    rows = len(items) - start
+    window = Window(len(items), start, size, flip, window_draws(seed, epoch, rank, number, len(items), rotate,
+                                                               generation))  # fmt: skip
+    block = block_for(rows) if block_for else np.empty((rows, 3, size, size), dtype=np.uint8)
+    records = window.fill(block, enumerate(items))
+    return window.finish(block, records, lambda index: items[index])
 
-    def put(row: int, array: np.ndarray) -> None:
-        position = start + row
-        angle = None if angles is None else float(angles[position])
-        _augment_into(block[row], array, flip and bool(flips[position]), angle)
 
-    for index, item in enumerate(items):
-        array = decode_sample(verified(item), size)
-        records.append((item[0], item[1], array is not None))
-        if array is None:
-            bad.append(index)
-            continue
-        good.append(index)
-        if places[index] >= 0:
-            put(int(places[index]), array)
-    if not good:
-        return records, None, items[0][0]
-    for index in bad:
-        if places[index] >= 0:
-            put(int(places[index]), decode_sample(verified(items[good[index % len(good)]]), size))
-    return records, block, items[0][0]
+class Window:
+    """One shuffle window's draws, applied: which row of the block each item goes to, mirrored and rotated how.
+    `fill` may run in parts (each loader process fills the rows of the items it read), `finish` once."""
+
+    def __init__(self, count: int, start: int, size: int, flip: bool, draws: tuple):
+        order, self.flips, self.angles = draws
+        self.start, self.size, self.flip = start, size, flip
+        self.places = np.full(count, -1, dtype=np.int64)  # item -> its row in the block (-1: before `start`)
+        self.places[order[start:]] = np.arange(count - start)
+
+    def put(self, block: np.ndarray, index: int, array: np.ndarray) -> None:
+        row = int(self.places[index])
+        position = self.start + row
+        angle = None if self.angles is None else float(self.angles[position])
+        _augment_into(block[row], array, self.flip and bool(self.flips[position]), angle)
+
+    def fill(self, block: np.ndarray, items: Iterable[tuple[int, tuple]]) -> list[tuple[int, str, str, bool]]:
+        """Check, decode and write each (index in the window, item) to its row; (index, uri, key, ok) of each."""
+        records = []
+        for index, item in items:
+            array = decode_sample(verified(item), self.size)
+            records.append((index, item[0], item[1], array is not None))
+            if array is not None and self.places[index] >= 0:
+                self.put(block, index, array)
+        return records
+
+    def finish(self, block: np.ndarray, records: list[tuple], item_of: Callable[[int], tuple]):
+        """([(uri, key, ok)] in item order, the block or None when every item was corrupt, the first item's
+        shard), after filling each corrupt item's row with the (i mod good)-th good item (`item_of(index)`)."""
+        records = sorted(records)
+        good = [index for index, _, _, ok in records if ok]
+        plain = [(uri, key, ok) for _, uri, key, ok in records]
+        if not good:
+            return plain, None, records[0][1]
+        for index, _, _, ok in records:
+            if not ok and self.places[index] >= 0:
+                array = decode_sample(verified(item_of(good[index % len(good)])), self.size)
+                if array is None:
+                    raise DataError(f"sample {records[good[index % len(good)]][2]} of shard "
+                                    f"{records[good[index % len(good)]][1]} read differently twice")  # fmt: skip
+                self.put(block, index, array)
+        return plain, block, records[0][1]
 
 
 def _augment_into(out: np.ndarray, array: np.ndarray, flipped: bool, angle: float | None) -> None:
@@ -418,7 +496,9 @@ class LoaderOptions:
         flip: mirror half the samples, left to right (seeded).
         rotate: rotate by up to this many degrees either way (seeded); 0: never.
         interleave: shards read at a time.
-        loader_workers: threads checking, decoding and augmenting shuffle windows.
+        loader_workers: processes (or threads) checking, decoding and augmenting shuffle windows.
+        loader_processes: with `loader_workers` > 1, processes where they can open the shards
+            (`pipeline.loader_processes`); False: threads in this process.
         max_bad_fraction: the share of corrupt samples past which the epoch stops with a `DataError`.
         owned_shards: each rank reads the shards it owns, every epoch (`pipeline.epochs.owned_ranges`).
     """
@@ -430,6 +510,7 @@ class LoaderOptions:
     rotate: float = 0.0
     interleave: int = 4
     loader_workers: int = 1
+    loader_processes: bool = True
     max_bad_fraction: float = 0.01
     owned_shards: bool = False
 
@@ -461,13 +542,43 @@ def train_batches(
     skip = (start_step - part.first_step) * part.batch
     first_window, skip_in_window = divmod(skip, window)
     counter = BadSampleCounter(options.max_bad_fraction, (part.steps - part.first_step) * part.batch)
-    raw = read_segments(part.segments, skip=first_window * window, opener=opener, interleave=options.interleave,
-                        verify=False, cache=cache)  # fmt: skip
-    blocks = train_blocks(
-        raw, plan.size, window, seed, epoch, rank, first_window, skip_in_window, options.flip, counter, options.rotate,
-        options.loader_workers, cache, part.generation,
-    )  # fmt: skip
+    processes = _loader_processes(options, part.segments, opener, cache)
+    if processes:
+        from pipeline import loader_processes
+
+        job = {
+            "segments": part.segments, "skip": first_window * window, "interleave": options.interleave,
+            "window": window, "size": plan.size, "seed": seed, "epoch": epoch, "rank": rank,
+            "first_window": first_window, "skip_in_window": skip_in_window, "flip": options.flip,
+            "rotate": options.rotate, "generation": part.generation, "nbytes": window * 3 * plan.size**2,
+            "cache": None if cache is None else (str(cache.root), cache.capacity),
+        }  # fmt: skip
+        made = loader_processes.process_windows(job, options.loader_workers, cache)
+        blocks = checked_blocks(made, counter, cache)
+    else:
+        raw = read_segments(part.segments, skip=first_window * window, opener=opener, interleave=options.interleave,
+                            verify=False, cache=cache)  # fmt: skip
+        blocks = train_blocks(
+            raw, plan.size, window, seed, epoch, rank, first_window, skip_in_window, options.flip, counter,
+            options.rotate, options.loader_workers, cache, part.generation,
+        )  # fmt: skip
     return block_batches(blocks, part.batch), part.steps, counter
+
+
+def _loader_processes(options: LoaderOptions, segments: list[Segment], opener: Callable, cache) -> bool:
+    """Whether `options.loader_workers` run as processes (`pipeline.loader_processes`): more than one asked for,
+    on Linux, each able to open the shards itself (local files, or S3 through the node's shard cache: without it
+    every process would download every shard)."""
+    from pipeline import loader_processes
+    from pipeline.shard_cache import ShardCache
+
+    if options.loader_workers <= 1 or not options.loader_processes or not loader_processes.available():
+        return False
+    if opener is not open_shard:
+        return False
+    if all("://" not in segment.shard.uri for segment in segments):
+        return True
+    return type(cache) is ShardCache and cache.enabled and cache.has_default_download()
 
 
 def validation_batches(

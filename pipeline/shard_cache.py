@@ -83,6 +83,10 @@ class ShardCache:
             return
         self._clean_stale()
 
+    def has_default_download(self) -> bool:
+        """Whether it downloads as `node_cache`'s would (a loader process can make its own like it)."""
+        return self._download is _download
+
     def _disable(self, why: str) -> None:
         if self.enabled:
             log.warning("%s: streaming shards from the store instead", why)

@@ -1,0 +1,396 @@
+"""Loader processes: `data.loader_workers` N > 1 as N processes that make the shuffle windows of one rank's epoch.
+
+Threads cannot: what a sample costs past its checksum and copy is tar headers and Python, under one interpreter
+lock, so 2 threads read 1.0x what one does (bench/loader.py). Here each process reads the epoch's whole stream of
+shards itself (mapped: a tar header walk is a fifth of a sample's time), and checks, decodes, shuffles, flips and
+rotates every Nth window straight into a block of shared memory the training process lent it (`BlockPool` over
+memfd). The training process takes the windows back in their order: the samples, draws and counts are those of one
+thread (`pipeline.data.train_blocks`), in the same order, whatever N; nothing is copied between processes.
+
+    training process                      loader process k of N
+    lend block b for window w  ------->   read the stream; for each window w = k (mod N): fill block b
+    yield block b as batches   <-------   (w, rows, [(shard, key, ok)], store/cache bytes)
+
+A lent block stays the training process's: when every batch cut from it is gone, the pool lends it again. The
+processes start with the epoch (about 0.1 s: numpy, not torch) and end with it, or when its iterator is closed;
+one that dies stops the epoch with a `DataError` naming it. They need a shard the process can open itself: a
+local lake, or S3 through the node's shard cache (`ShardCache`: one download a node; without it each process
+would download every shard, so `pipeline.data` keeps threads there). Linux only (memfd); elsewhere, threads.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import mmap
+import os
+import socket
+import subprocess
+import sys
+import threading
+import traceback
+from collections.abc import Iterator
+from multiprocessing.connection import Connection
+from multiprocessing.reduction import recv_handle, send_handle
+
+import numpy as np
+
+from pipeline.dataplan import DataError
+
+log = logging.getLogger(__name__)
+
+AHEAD = 2  # windows lent ahead of the one the training process waits for, past one a process
+DONE = ("done",)  # after a job's end: no more blocks for it
+
+
+def available() -> bool:
+    """Whether this platform has what the processes use (Linux's memfd, file descriptors sent over a socket)."""
+    return hasattr(os, "memfd_create") and hasattr(socket, "AF_UNIX")
+
+
+class SharedStorages:
+    """`BlockPool`'s allocator for loader processes: each storage a memfd's map, its descriptor kept (in the pool's
+    order) to lend it to a process."""
+
+    def __init__(self):
+        self.fds: list[int] = []
+
+    def __call__(self, nbytes: int) -> np.ndarray:
+        fd = os.memfd_create("recolor-window", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, nbytes)
+            mapped = _map(fd, nbytes)
+        except OSError:
+            os.close(fd)
+            raise
+        self.fds.append(fd)
+        return np.frombuffer(mapped, dtype=np.uint8)
+
+    def close(self) -> None:
+        """Close the descriptors (the maps last as long as a block of them does)."""
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
+def _map(fd: int, nbytes: int) -> mmap.mmap:
+    """A shared map of a memfd, its pages mapped at once (`MAP_POPULATE`): a block's 12,000 page faults, taken one
+    by one in each process, cost more than filling it."""
+    return mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+
+
+def process_windows(job: dict, count: int, cache=None) -> Iterator[tuple]:
+    """`_window_block` results ([(shard, key, ok)], block or None, first shard) of the windows `job` describes
+    (`serve`'s argument), in window order, made by `count` loader processes: an idle group of this process's, or
+    a new one. The shard cache's bytes (`cache.stats`) are added at the end."""
+    group = _acquire(count, job["nbytes"])
+    ended = False
+    try:
+        yield from group.windows(job, cache)
+        ended = True
+    finally:
+        _release(group, ended)
+
+
+_IDLE: list[LoaderGroup] = []
+_IDLE_LOCK = threading.Lock()
+
+
+def _acquire(count: int, nbytes: int) -> LoaderGroup:
+    with _IDLE_LOCK:
+        for group in _IDLE:
+            if (group.count, group.pool.nbytes) == (count, nbytes):
+                _IDLE.remove(group)
+                return group
+    return LoaderGroup(count, nbytes)
+
+
+def _release(group: LoaderGroup, ended: bool) -> None:
+    """Keep a group whose processes all ended their stream for the next epoch (one idle group for each shape);
+    stop any other (closed mid-epoch, or failed)."""
+    with _IDLE_LOCK:
+        if ended and not any((g.count, g.pool.nbytes) == (group.count, group.pool.nbytes) for g in _IDLE):
+            _IDLE.append(group)
+            return
+    group.close()
+
+
+@atexit.register
+def close_idle() -> None:
+    """Stop the idle groups' processes (they also end by themselves when this process does)."""
+    with _IDLE_LOCK:
+        groups, _IDLE[:] = list(_IDLE), []
+    for group in groups:
+        group.close()
+
+
+class LoaderGroup:
+    """`count` loader processes and the shared blocks they fill (`BlockPool`), kept from epoch to epoch: a process
+    starts in about 0.1 s and maps each block once."""
+
+    def __init__(self, count: int, nbytes: int):
+        from pipeline.data import BlockPool
+
+        self.count = count
+        self.storages = SharedStorages()
+        self.pool = BlockPool(nbytes, self.storages)
+        self.processes: list[subprocess.Popen] = []
+        self.connections: list[Connection] = []
+        self.known: list[set[int]] = [set() for _ in range(count)]  # the blocks each process has mapped
+        try:
+            for index in range(count):
+                process, connection = _start(index)
+                self.processes.append(process)
+                self.connections.append(connection)
+        except BaseException:
+            self.close()
+            raise
+
+    def windows(self, job: dict, cache) -> Iterator[tuple]:
+        from pipeline.data import Window, shaped
+        from pipeline.epochs import window_draws
+
+        lent: dict[int, tuple[int, np.ndarray]] = {}  # window number -> (block index, storage)
+        stats = [0, 0]  # bytes from the store, bytes from the cache
+        first, size = job["first_window"], job["size"]
+        try:
+            for index in range(self.count):
+                self._send(index, {**job, "index": index, "count": self.count})
+            number = lend = first
+            while True:
+                while lend < number + AHEAD + self.count:  # every process fills part of every window
+                    slot, storage = self.pool.take()
+                    lent[lend] = (slot, storage)
+                    for index in range(self.count):
+                        self._lend(index, slot)
+                    lend += 1
+                parts = [self._receive(index) for index in range(self.count)]
+                for part in parts:
+                    stats[0] += part[-2]
+                    stats[1] += part[-1]
+                kinds = {part[0] for part in parts}
+                if kinds == {"end"}:
+                    for index in range(self.count):  # the blocks lent past the end are theirs to drain
+                        self._send(index, DONE)
+                    return
+                lengths = {part[2] for part in parts if part[0] == "window"}
+                if kinds != {"window"} or {part[1] for part in parts} != {number} or len(lengths) != 1:
+                    raise DataError(f"the loader processes disagree on window {number}: {[p[:3] for p in parts]}")
+                length = lengths.pop()
+                start = job["skip_in_window"] if number == first else 0
+                slot, storage = lent.pop(number)
+                block = shaped(storage, length - start, size)
+                del storage
+                records = [record for part in parts for record in part[3]]
+                if all(ok for *_, ok in records):  # the usual case: nothing to replace
+                    plain = [(uri, key, ok) for _, uri, key, ok in sorted(records)]
+                    yield plain, block, plain[0][0]
+                else:
+                    draws = window_draws(job["seed"], job["epoch"], job["rank"], number, length, job["rotate"],
+                                         job["generation"])  # fmt: skip
+                    window = Window(length, start, size, job["flip"], draws)
+                    where = {index: (uri, key) for index, uri, key, _ in records}
+                    yield window.finish(block, records, lambda index, where=where: reread(*where[index], job, cache))
+                del block
+                number += 1
+        finally:
+            lent.clear()
+            if cache is not None:
+                cache.stats.add(store=stats[0], cache=stats[1])
+
+    def _send(self, index: int, message) -> None:
+        try:
+            self.connections[index].send(message)
+        except OSError as e:
+            raise self._died(index) from e
+
+    def _lend(self, index: int, slot: int) -> None:
+        """Lend block `slot` to process `index` for its next window (with the block's descriptor, the first time)."""
+        fresh = slot not in self.known[index]
+        try:
+            self.connections[index].send((slot, fresh))
+            if fresh:
+                send_handle(self.connections[index], self.storages.fds[slot], self.processes[index].pid)
+                self.known[index].add(slot)
+        except OSError:
+            pass  # it died: its end of the socket, read next, says how
+
+    def _receive(self, index: int):
+        try:
+            message = self.connections[index].recv()
+        except (EOFError, OSError) as e:
+            raise self._died(index) from e
+        if message[0] == "error":
+            _, error, text = message
+            if not isinstance(error, BaseException):
+                error = DataError(str(error))
+            error.add_note(f"in loader process {index} (pid {self.processes[index].pid}):\n{text}")
+            raise error
+        return message
+
+    def _died(self, index: int) -> DataError:
+        process = self.processes[index]
+        try:
+            code = process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            code = None
+        how = ("is not answering" if code is None else
+               f"was killed by signal {-code}" if code < 0 else f"exited ({code})")  # fmt: skip
+        return DataError(
+            f"loader process {index} (pid {process.pid}) {how}; its error output, if any, is above. Out of memory? "
+            "`data.loader_workers: 1` reads in the training process"
+        )
+
+    def close(self) -> None:
+        """Stop the processes (a process mid-window is killed: a cache fill it leaves is never trusted) and let the
+        blocks go."""
+        for connection in self.connections:
+            connection.close()  # a process waiting for a job or a block reads the end and exits
+        for process in self.processes:
+            try:
+                process.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.connections, self.processes = [], []
+        self.storages.close()
+
+
+def reread(uri: str, key: str, job: dict, cache) -> tuple:
+    """The item (uri, key, lab bytes, json bytes) of sample `key` of a shard, read again by the training process:
+    the good sample that takes a corrupt one's place (rare: `data.max_bad_fraction`)."""
+    from ingest.shards import iter_samples
+    from pipeline.data import open_shard
+
+    if cache is not None and uri.startswith("s3://"):
+        sizes = {segment.shard.uri: segment.shard.size for segment in job["segments"]}
+        stream = cache.open(uri, sizes.get(uri))
+    else:
+        stream = open_shard(uri)
+    with stream:
+        for sample in iter_samples(stream):
+            if sample["__key__"] == key:
+                return uri, key, sample.get("lab.npy"), sample.get("json")
+    return uri, key, None, None
+
+
+def _start(index: int) -> tuple[subprocess.Popen, Connection]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    env = dict(os.environ)
+    # The child imports this package as the training process does (a Ray job's working_dir, an editable install).
+    env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[name] = "1"
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.loader_processes", str(theirs.fileno()), str(index)],
+            pass_fds=[theirs.fileno()],
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+    finally:
+        theirs.close()
+    return process, Connection(ours.detach())
+
+
+# --- the loader process ----------------------------------------------------------------------------------------
+
+
+def serve(connection: Connection) -> None:
+    """One loader process: for each job (an epoch), fill its part of each window into the block it is lent, until
+    the stream ends; until the connection ends."""
+    from pipeline.shard_cache import node_cache
+
+    storages: dict[int, np.ndarray] = {}  # the blocks lent so far, mapped
+    while True:
+        try:
+            job = connection.recv()
+        except EOFError:
+            return  # the training process is done with this group
+        cache = node_cache(*job["cache"]) if job["cache"] else None
+        serve_job(connection, job, cache, storages)
+
+
+def serve_job(connection: Connection, job: dict, cache, storages: dict[int, np.ndarray]) -> None:
+    from pipeline.data import Window, shaped
+    from pipeline.epochs import window_draws
+
+    def lent() -> int | None:
+        """The block lent for the next window (None: the job is done), mapped the first time."""
+        message = connection.recv()
+        if message == DONE:
+            return None
+        slot, fresh = message
+        if fresh:
+            fd = recv_handle(connection)
+            storages[slot] = np.frombuffer(_map(fd, job["nbytes"]), dtype=np.uint8)
+            os.close(fd)
+        return slot
+
+    first, size = job["first_window"], job["size"]
+    for number, length, items in owned_items(job, cache):
+        slot = lent()
+        start = job["skip_in_window"] if number == first else 0
+        draws = window_draws(job["seed"], job["epoch"], job["rank"], number, length, job["rotate"], job["generation"])
+        records = Window(length, start, size, job["flip"], draws).fill(shaped(storages[slot], length - start, size),
+                                                                       items)  # fmt: skip
+        store, cached = cache.stats.take() if cache is not None else (0, 0)
+        connection.send(("window", number, length, records, store, cached))
+    store, cached = cache.stats.take() if cache is not None else (0, 0)
+    connection.send(("end", store, cached))
+    while lent() is not None:
+        pass  # lent past the stream's end
+
+
+def owned_items(job: dict, cache) -> Iterator[tuple[int, int, list[tuple[int, tuple]]]]:
+    """(window number, its length, [(index in the window, item)]) of each window of the stream `read_segments`
+    would give (`reading_plan`), with the items of the shards this process owns: every `count`th shard opened,
+    from the `index`th. Each process reads only its own shards; all of them agree on every window's items."""
+    from pipeline.data import _nothing, _segment_samples, open_shard, reading_plan, shard_openers
+
+    pending = reading_plan(job["segments"], job["skip"], job["interleave"])
+    opened = [(g, j) for g, (group, _, offsets) in enumerate(pending)
+              for j, (segment, start) in enumerate(zip(group, offsets, strict=True))
+              if start < segment.stop]  # fmt: skip
+    mine = {pair for ordinal, pair in enumerate(opened) if ordinal % job["count"] == job["index"]}
+    uris = [pending[g][0][j].shard.uri for g, j in opened if (g, j) in mine]
+    openers = shard_openers(uris, job["segments"], open_shard, None, job["interleave"], cache)
+    window, number, position, items = job["window"], job["first_window"], 0, []
+    for g, (group, order, offsets) in enumerate(pending):
+        streams = [
+            _segment_samples(segment, start, next(openers), verify=False) if (g, j) in mine else _nothing()
+            for j, (segment, start) in enumerate(zip(group, offsets, strict=True))
+        ]
+        for j in order:
+            if (g, j) in mine:
+                items.append((position, next(streams[j])))
+            position += 1
+            if position == window:
+                yield number, window, items
+                number, position, items = number + 1, 0, []
+        for stream in streams:
+            stream.close()
+    if position:
+        yield number, position, items
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format=f"loader process {sys.argv[2]}: %(levelname)s %(message)s")
+    connection = Connection(int(sys.argv[1]))
+    try:
+        serve(connection)
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        pass  # the training process closed the epoch early (or is gone): nothing to report to
+    except BaseException as e:  # noqa: BLE001 - sent to the training process, which raises it
+        text = traceback.format_exc()
+        try:
+            connection.send(("error", e, text))
+        except Exception:  # noqa: BLE001 - not picklable: its words then
+            with contextlib.suppress(OSError):
+                connection.send(("error", f"{type(e).__name__}: {e}", text))
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
