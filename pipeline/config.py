@@ -97,7 +97,8 @@ class DataConfig:
     flip: bool = True  # random horizontal flip of training samples
     rotate_degrees: float = 0.0  # random rotation within +-this many degrees, zoomed to fill the frame; 0: off
     prefetch_batches: int = 4  # batches read ahead by a background thread
-    loader_workers: int | None = None  # threads that check, decode and augment samples; None: cpus_per_worker
+    loader_workers: int | None = None  # loader processes that check, decode and augment samples; None: cpus_per_worker
+    loader_processes: bool = True  # loader_workers > 1 as processes (Linux; local lake or shard cache); false: threads
     cache: str = "auto"  # node-local shard cache: "auto" (on for s3:// lakes), "on", "off"
     cache_dir: str | None = None  # where (None: $TMPDIR or /tmp, recolor-shard-cache), shared by a node's ranks
     cache_bytes: int | str | None = None  # its budget, bytes or "200GB" (None: 80% of the free space there)

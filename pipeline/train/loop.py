@@ -468,6 +468,7 @@ class ColorizerTrainer:
             rotate=config.data.rotate_degrees,
             interleave=self.interleave,
             loader_workers=config.data.loader_workers or config.cpus_per_worker,
+            loader_processes=config.data.loader_processes,
             max_bad_fraction=config.data.max_bad_fraction,
             owned_shards=self.owned,
         )

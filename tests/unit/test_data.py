@@ -529,6 +529,21 @@ def test_members_read_as_views_are_the_members_read_as_copies(tmp_path, source, 
     assert len(copies[0]) == {None: 8, 5000: 0, 10_000: 2, 20_000: 4}[cut] and (copies[1] is None) == (cut is None)
 
 
+def test_the_tar_header_checksum_is_the_sum_of_its_bytes() -> None:
+    """`header_checksum` sums by Adler-32 halves: exactly tar's sum (checksum field as 8 spaces), at the extremes
+    too, and what tarfile writes."""
+    import tarfile
+
+    from ingest.shards import header_checksum
+
+    rng = np.random.default_rng(0)
+    headers = [bytes(rng.integers(0, 256, 512, dtype=np.uint8)) for _ in range(300)] + [b"\xff" * 512, b"\0" * 512]
+    for header in headers:
+        assert header_checksum(header) == sum(header[:148]) + 256 + sum(header[156:])
+    written = tarfile.TarInfo("s000001.lab.npy").tobuf(tarfile.USTAR_FORMAT)
+    assert header_checksum(written) == int(written[148:155], 8)
+
+
 def test_the_recorded_checksum_is_zlibs_crc32(tmp_path) -> None:
     import json
     import tarfile
@@ -642,32 +657,36 @@ def test_rotation_is_drawn_per_sample_and_repeats_on_resume(tmp_path) -> None:
 # --- loader workers ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("processes", [True, False], ids=["processes", "threads"])
 @pytest.mark.parametrize("rotate", [0.0, 10.0])
-def test_loader_workers_change_nothing_of_the_order_or_the_arrays(uneven_plan, rotate) -> None:
-    """1 and 3 loader workers give the same samples, flips and rotations in the same order, on every rank, from
-    the start and from a mid-epoch resume (a step that is not on a window's edge)."""
+def test_loader_workers_change_nothing_of_the_order_or_the_arrays(uneven_plan, rotate, processes) -> None:
+    """1 and 3 loader workers (processes or threads) give the same samples, flips and rotations in the same order,
+    on every rank, from the start and from a mid-epoch resume (a step that is not on a window's edge)."""
     for rank, world_size in ((0, 1), (1, 2)):
         one, steps, _ = epoch_batches(uneven_plan, rank, world_size, 3, interleave=2, rotate=rotate)
-        three, _, _ = epoch_batches(uneven_plan, rank, world_size, 3, interleave=2, rotate=rotate, loader_workers=3)
+        three, _, _ = epoch_batches(uneven_plan, rank, world_size, 3, interleave=2, rotate=rotate, loader_workers=3,
+                                    loader_processes=processes)  # fmt: skip
         assert len(one) == len(three) == steps
         assert all(np.array_equal(a, b) for a, b in zip(one, three, strict=True))
         resumed, _, _ = epoch_batches(uneven_plan, rank, world_size, 3, interleave=2, rotate=rotate,
-                                      loader_workers=3, start_step=3)  # fmt: skip
+                                      loader_workers=3, loader_processes=processes, start_step=3)  # fmt: skip
         assert all(np.array_equal(a, b) for a, b in zip(resumed, one[3:], strict=True))
 
 
-def test_loader_workers_count_and_replace_corrupt_samples_as_one_does(tmp_path) -> None:
+@pytest.mark.parametrize("processes", [True, False], ids=["processes", "threads"])
+def test_loader_workers_count_and_replace_corrupt_samples_as_one_does(tmp_path, processes) -> None:
     shards = write_shards(tmp_path, [6, 6, 6])
     data = bytearray(Path(shards[1].uri).read_bytes())
     data[512 + 300] ^= 0xFF  # a changed byte in the first sample's array: its checksum fails
     Path(shards[1].uri).write_bytes(bytes(data))
     plan = make_plan(shards)
     one, _, counter_one = epoch_batches(plan, 0, 1, 3, max_bad_fraction=0.5)
-    four, _, counter_four = epoch_batches(plan, 0, 1, 3, max_bad_fraction=0.5, loader_workers=4)
+    four, _, counter_four = epoch_batches(plan, 0, 1, 3, max_bad_fraction=0.5, loader_workers=4,
+                                          loader_processes=processes)  # fmt: skip
     assert counter_one.bad == counter_four.bad == 1
     assert all(np.array_equal(a, b) for a, b in zip(one, four, strict=True))
     with pytest.raises(DataError, match="corrupt samples"):
-        epoch_batches(plan, 0, 1, 3, max_bad_fraction=0.0, loader_workers=4)
+        epoch_batches(plan, 0, 1, 3, max_bad_fraction=0.0, loader_workers=4, loader_processes=processes)
 
 
 def test_ordered_map_keeps_order_and_stops_early() -> None:
