@@ -541,7 +541,7 @@ def test_the_tar_header_checksum_is_the_sum_of_its_bytes() -> None:
     for header in headers:
         assert header_checksum(header) == sum(header[:148]) + 256 + sum(header[156:])
     written = tarfile.TarInfo("s000001.lab.npy").tobuf(tarfile.USTAR_FORMAT)
-    assert header_checksum(written) == int(written[148:155], 8)
+    assert header_checksum(written) == int(written[148:154], 8)
 
 
 def test_the_recorded_checksum_is_zlibs_crc32(tmp_path) -> None:
