@@ -2,14 +2,15 @@
 
 Which segments a rank reads, and in what order, is `pipeline.epochs`'s; the run's dataset versions are
 `pipeline.dataplan`'s. Stages are small generator functions (read -> check -> decode -> shuffle -> flip ->
-batch), each testable on plain lists, with `data.loader_workers` threads doing a shuffle window each. Shards
+batch), each testable on plain lists; with `data.loader_workers` N > 1, N loader processes fill each shuffle window
+together from the shards each owns (`pipeline.loader_processes`), or N threads take a window each. Shards
 are parsed by `ingest.shards.iter_members`, a streaming USTAR reader about 3x faster than webdataset's
 tarfile-based iterator on these shards (webdataset reads them as well), which hands out the arrays of mapped
 files and downloaded shards as views, not copies; each sample is checked, decoded and written to its shuffled
 place in one pass while it is in the core's cache.
 
-About 500 lines on purpose: the stages share one contract (what `read_segments` yields, in an order a resume can
-skip exactly, whatever the number of loader threads) that reads best in one place.
+About 650 lines on purpose: the stages share one contract (what `read_segments` yields, in an order a resume can
+skip exactly, whatever the number of loader workers) that reads best in one place.
 """
 
 from __future__ import annotations

@@ -1,21 +1,25 @@
-"""Loader processes: `data.loader_workers` N > 1 as N processes that make the shuffle windows of one rank's epoch.
+"""Loader processes: `data.loader_workers` N > 1 as N processes that make one rank's shuffle windows.
 
-Threads cannot: what a sample costs past its checksum and copy is tar headers and Python, under one interpreter
-lock, so 2 threads read 1.0x what one does (bench/loader.py). Here each process reads the epoch's whole stream of
-shards itself (mapped: a tar header walk is a fifth of a sample's time), and checks, decodes, shuffles, flips and
-rotates every Nth window straight into a block of shared memory the training process lent it (`BlockPool` over
-memfd). The training process takes the windows back in their order: the samples, draws and counts are those of one
-thread (`pipeline.data.train_blocks`), in the same order, whatever N; nothing is copied between processes.
+Threads cannot: past its checksum and copy, what a sample costs is tar headers and Python under one interpreter
+lock, so 2 threads read 0.9x what one does (bench/loader.py). Here the epoch's shards are dealt out: process k opens
+every Nth shard the stream opens (`owned_items`), reads, checks and decodes only its own samples, and writes each,
+mirrored and rotated, to its shuffled row of the window's block, a block of shared memory (memfd) the training
+process lent to all N. Every process knows every window's layout without reading the others' shards (the stream's
+order and each window's draws are pure functions of the plan, the seed and the epoch), so the training process
+gets the same samples, draws and counts as from one thread (`pipeline.data.train_blocks`), in the same order,
+whatever N; nothing is copied between processes. 2 processes read 1.85x what one does on 2 cores.
 
-    training process                      loader process k of N
-    lend block b for window w  ------->   read the stream; for each window w = k (mod N): fill block b
-    yield block b as batches   <-------   (w, rows, [(shard, key, ok)], store/cache bytes)
+    training process                              loader process k of N
+    lend block b for window w to all  ---------->  fill the rows of window w's items from its own shards
+    yield block b as batches          <----------  (w, its length, [(index, shard, key, ok)], cache bytes)
 
-A lent block stays the training process's: when every batch cut from it is gone, the pool lends it again. The
-processes start with the epoch (about 0.1 s: numpy, not torch) and end with it, or when its iterator is closed;
-one that dies stops the epoch with a `DataError` naming it. They need a shard the process can open itself: a
-local lake, or S3 through the node's shard cache (`ShardCache`: one download a node; without it each process
-would download every shard, so `pipeline.data` keeps threads there). Linux only (memfd); elsewhere, threads.
+A corrupt sample's row is filled by the training process (it needs the whole window's verdicts), reading the good
+sample again: rare (`data.max_bad_fraction`). A block stays the training process's: once no batch cut from it is
+left, the pool lends it again (N + 1 blocks lent, plus those the consumer holds: about (N + 3) x 100 MB at the
+default `shuffle_window` 512). The processes (about 0.1 s to start: numpy, not torch) and their blocks are kept
+from epoch to epoch; an epoch closed early stops them, and one that dies stops the epoch with a `DataError` naming
+it. They open the shards themselves: a local lake, or S3 through the node's shard cache (`ShardCache`), which
+`pipeline.data` checks. Linux only (memfd); elsewhere, and without a cache on S3, threads.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import contextlib
 import logging
 import mmap
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -40,7 +45,7 @@ from pipeline.dataplan import DataError
 
 log = logging.getLogger(__name__)
 
-AHEAD = 2  # windows lent ahead of the one the training process waits for, past one a process
+AHEAD = 1  # windows lent ahead of the one the training process waits for, past one a process (measured)
 DONE = ("done",)  # after a job's end: no more blocks for it
 
 
@@ -94,6 +99,7 @@ def process_windows(job: dict, count: int, cache=None) -> Iterator[tuple]:
 
 
 _IDLE: list[LoaderGroup] = []
+MAX_IDLE = 2  # idle groups kept: a run uses one shape (workers, window); benchmarks and tests, several
 _IDLE_LOCK = threading.Lock()
 
 
@@ -109,11 +115,14 @@ def _acquire(count: int, nbytes: int) -> LoaderGroup:
 def _release(group: LoaderGroup, ended: bool) -> None:
     """Keep a group whose processes all ended their stream for the next epoch (one idle group for each shape);
     stop any other (closed mid-epoch, or failed)."""
+    stopped = [group]
     with _IDLE_LOCK:
         if ended and not any((g.count, g.pool.nbytes) == (group.count, group.pool.nbytes) for g in _IDLE):
             _IDLE.append(group)
-            return
-    group.close()
+            stopped = _IDLE[:-MAX_IDLE]  # the oldest shapes past the limit
+            del _IDLE[:-MAX_IDLE]
+    for old in stopped:
+        old.close()
 
 
 @atexit.register
@@ -146,6 +155,7 @@ class LoaderGroup:
         except BaseException:
             self.close()
             raise
+        log.info("started %d loader processes (pids %s)", count, ", ".join(str(p.pid) for p in self.processes))
 
     def windows(self, job: dict, cache) -> Iterator[tuple]:
         from pipeline.data import Window, shaped
@@ -377,6 +387,7 @@ def owned_items(job: dict, cache) -> Iterator[tuple[int, int, list[tuple[int, tu
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format=f"loader process {sys.argv[2]}: %(levelname)s %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's to handle: it stops this one
     connection = Connection(int(sys.argv[1]))
     try:
         serve(connection)

@@ -181,8 +181,10 @@ def test_rerun_with_the_same_name_resumes_mid_epoch_and_matches_the_uninterrupte
     lake, _ = train_lake
     stop_at = steps // 2 + 1  # mid-epoch, off the shuffle windows' edges
     storage = tmp_path / "runs"
+    # Run B reads with 2 loader processes in each rank, run A in the rank's own process: the same batches.
+    data = DataConfig(datasets=["photos"], lake=lake, batch_size=BATCH, shuffle_window=8, loader_workers=2)
 
-    first = run_training(tiny_config(lake, storage, "b", max_steps=stop_at, checkpoint_every=stop_at))
+    first = run_training(tiny_config(lake, storage, "b", max_steps=stop_at, checkpoint_every=stop_at, data=data))
     assert load_checkpoint(first.checkpoint)["position"] == {
         "stage": 0,
         "epoch": 0,
@@ -191,7 +193,7 @@ def test_rerun_with_the_same_name_resumes_mid_epoch_and_matches_the_uninterrupte
     }
 
     second = run_training(
-        tiny_config(lake, storage, "b", checkpoint_every=stop_at),
+        tiny_config(lake, storage, "b", checkpoint_every=stop_at, data=data),
         on_worker_end=state_saver(tmp_path),
         logger_factory=start_recorder(tmp_path / "starts"),
     )
