@@ -169,8 +169,13 @@ class TarFormatError(ValueError):
 
 
 def _octal(field: bytes) -> int:
+    """A header's octal number field; anything else (a sign, base-256, garbage) is a malformed header."""
     field = field.strip(b"\0 ")
-    return int(field, 8) if field else 0
+    if not field:
+        return 0
+    if not field.isdigit() or b"8" in field or b"9" in field:
+        raise TarFormatError(f"tar header field {field[:12]!r} is not an octal number")
+    return int(field, 8)
 
 
 def _read_exact(fileobj, size: int) -> bytes:
@@ -209,7 +214,7 @@ def _parse_header(header: bytes) -> tuple[str, int, bytes]:
     """(name, size, type flag) of a 512-byte tar header.
 
     Raises:
-        TarFormatError: its checksum does not match.
+        TarFormatError: its checksum does not match, or a number field is not octal.
     """
     if _octal(header[148:156]) != header_checksum(header):
         raise TarFormatError("tar header checksum mismatch (not a tar file, or corrupt)")

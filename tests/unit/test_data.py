@@ -544,6 +544,21 @@ def test_the_tar_header_checksum_is_the_sum_of_its_bytes() -> None:
     assert header_checksum(written) == int(written[148:154], 8)
 
 
+@pytest.mark.parametrize("size_field", [b"-0000001000\0", b"\x80" + b"\0" * 10 + b"\x01", b"00000000x12\0"])
+def test_a_size_that_is_not_octal_is_a_format_error_not_a_hang(tmp_path, size_field) -> None:
+    """A negative size (which walked a mapped shard backwards for ever), base-256 or garbage, with a valid header
+    checksum: a `TarFormatError`, read as views or copies."""
+    header = bytearray(512)
+    header[:9], header[100:108], header[124:136], header[156:157] = b"a.lab.npy", b"0000644\0", size_field, b"0"
+    header[257:265], header[148:156] = b"ustar\x0000", b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    path = tmp_path / "bad.tar"
+    path.write_bytes(bytes(header) + b"A" * 1024 + b"\0" * 1024)
+    for views in (False, True):
+        with open(path, "rb") as stream, pytest.raises(TarFormatError, match="not an octal number"):
+            list(iter_members(stream, views))
+
+
 def test_the_recorded_checksum_is_zlibs_crc32(tmp_path) -> None:
     import json
     import tarfile
