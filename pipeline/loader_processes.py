@@ -104,11 +104,16 @@ _IDLE_LOCK = threading.Lock()
 
 
 def _acquire(count: int, nbytes: int) -> LoaderGroup:
+    """An idle group of this shape whose processes are all alive (one that died between epochs, to the OOM killer
+    say, is stopped), or a new one."""
     with _IDLE_LOCK:
-        for group in _IDLE:
-            if (group.count, group.pool.nbytes) == (count, nbytes):
-                _IDLE.remove(group)
-                return group
+        shaped = [group for group in _IDLE if (group.count, group.pool.nbytes) == (count, nbytes)]
+        for group in shaped:
+            _IDLE.remove(group)
+    for group in shaped:
+        if group.alive():
+            return group
+        group.close()
     return LoaderGroup(count, nbytes)
 
 
@@ -156,6 +161,9 @@ class LoaderGroup:
             self.close()
             raise
         log.info("started %d loader processes (pids %s)", count, ", ".join(str(p.pid) for p in self.processes))
+
+    def alive(self) -> bool:
+        return all(process.poll() is None for process in self.processes)
 
     def windows(self, job: dict, cache) -> Iterator[tuple]:
         from pipeline.data import Window, shaped

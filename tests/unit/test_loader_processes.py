@@ -129,3 +129,17 @@ def test_a_block_is_lent_again_only_when_no_batch_refers_to_it() -> None:
     assert pool.take()[0] == 1 and len(pool) == 2  # the tensor keeps the first one's storage
     del tensor
     assert pool.take()[0] == 0
+
+
+def test_an_idle_group_whose_process_died_between_epochs_is_replaced(plan) -> None:
+    loader_processes.close_idle()
+    options = {"interleave": 2, "loader_workers": 2, "shuffle_window": 6}
+    epoch_batches(plan, 0, 1, 4, epoch=0, **options)
+    pids = idle_pids(2)
+    (group,) = [group for group in loader_processes._IDLE if group.count == 2]
+    os.kill(pids[1], signal.SIGKILL)
+    group.processes[1].wait(timeout=10)  # dead before the next epoch asks
+    again, _, _ = epoch_batches(plan, 0, 1, 4, epoch=1, **options)
+    threads, _, _ = epoch_batches(plan, 0, 1, 4, epoch=1, loader_processes=False, **options)
+    assert all(np.array_equal(a, b) for a, b in zip(again, threads, strict=True))
+    assert not set(idle_pids(2)) & set(pids)  # a new group
