@@ -529,9 +529,12 @@ def train_batches(
     cache=None,
 ) -> tuple[Iterator[np.ndarray], int, BadSampleCounter]:
     """One epoch of uint8 Lab batches (batch, 3, H, W) for this rank, from the epoch's step `start_step` on, read from
-    `options.interleave` shards at a time, checked, decoded and augmented by `options.loader_workers` threads
-    (`train_blocks`). `splits` are the epoch's worker groups so far (`plan_rank_epoch`; default: this one from
-    step 0); `cache` a node-local `ShardCache` or None.
+    `options.interleave` shards at a time, checked, decoded and augmented by `options.loader_workers` loader
+    processes or threads (`pipeline.loader_processes`, `train_blocks`). `splits` are the epoch's worker groups so
+    far (`plan_rank_epoch`; default: this one from step 0); `cache` a node-local `ShardCache` or None.
+
+    Raises:
+        ValueError: `start_step` lies outside this worker group's steps of the epoch.
 
     Returns:
         (batch iterator, steps in the epoch, the corrupt-sample counter).
@@ -540,6 +543,9 @@ def train_batches(
     global_batch = options.global_batch or world_size * options.batch_size
     part = plan_rank_epoch(plan.train, epoch, seed, global_batch, splits or [(world_size, 0)], rank, options.interleave,
                            window, plan_mixture(plan), options.owned_shards)  # fmt: skip
+    if not part.first_step <= start_step <= part.steps:
+        raise ValueError(f"start_step {start_step} is outside this worker group's steps of the epoch, "
+                         f"{part.first_step} to {part.steps}")  # fmt: skip
     skip = (start_step - part.first_step) * part.batch
     first_window, skip_in_window = divmod(skip, window)
     counter = BadSampleCounter(options.max_bad_fraction, (part.steps - part.first_step) * part.batch)

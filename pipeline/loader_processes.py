@@ -100,7 +100,7 @@ def process_windows(job: dict, count: int, cache=None) -> Iterator[tuple]:
 
 _IDLE: list[LoaderGroup] = []
 MAX_IDLE = 2  # idle groups kept: a run uses one shape (workers, window); benchmarks and tests, several
-_IDLE_LOCK = threading.Lock()
+_IDLE_LOCK = threading.RLock()  # reentrant: the GC may close a suspended epoch (and release its group) while held
 
 
 def _acquire(count: int, nbytes: int) -> LoaderGroup:
