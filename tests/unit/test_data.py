@@ -772,3 +772,11 @@ def test_metadata_read_as_a_view_is_still_checked(tmp_path) -> None:
         shard.write(b"\xff" * 8)
     [(_, _, data)] = list(read_segments(plan_validation([ShardInfo(str(path), 1)], 0, 1)))
     assert data is None
+
+
+def test_a_start_step_outside_the_epoch_is_refused(uneven_plan) -> None:
+    _, steps, _ = train_batches(uneven_plan, 0, 7, 0, 1, LoaderOptions(batch_size=3, shuffle_window=5))
+    assert list(train_batches(uneven_plan, 0, 7, 0, 1, LoaderOptions(batch_size=3), start_step=steps)[0]) == []
+    for start_step in (steps + 1, -1):
+        with pytest.raises(ValueError, match="outside this worker group's steps"):
+            train_batches(uneven_plan, 0, 7, 0, 1, LoaderOptions(batch_size=3, loader_workers=2), start_step=start_step)
