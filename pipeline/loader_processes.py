@@ -29,6 +29,7 @@ import contextlib
 import logging
 import mmap
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 
 AHEAD = 1  # windows lent ahead of the one the training process waits for, past one a process (measured)
 DONE = ("done",)  # after a job's end: no more blocks for it
+DRAINED = ("drained",)  # the answer: the blocks lent past the end were taken
 
 
 def available() -> bool:
@@ -122,7 +124,8 @@ def _release(group: LoaderGroup, ended: bool) -> None:
     stop any other (closed mid-epoch, or failed)."""
     stopped = [group]
     with _IDLE_LOCK:
-        if ended and not any((g.count, g.pool.nbytes) == (group.count, group.pool.nbytes) for g in _IDLE):
+        if ended and group.alive() and not any((g.count, g.pool.nbytes) == (group.count, group.pool.nbytes)
+                                               for g in _IDLE):  # fmt: skip
             _IDLE.append(group)
             stopped = _IDLE[:-MAX_IDLE]  # the oldest shapes past the limit
             del _IDLE[:-MAX_IDLE]
@@ -147,6 +150,7 @@ class LoaderGroup:
         from pipeline.data import BlockPool
 
         self.count = count
+        self.broken = False  # out of step with a process: never reused
         self.storages = SharedStorages()
         self.pool = BlockPool(nbytes, self.storages)
         self.processes: list[subprocess.Popen] = []
@@ -163,7 +167,7 @@ class LoaderGroup:
         log.info("started %d loader processes (pids %s)", count, ", ".join(str(p.pid) for p in self.processes))
 
     def alive(self) -> bool:
-        return all(process.poll() is None for process in self.processes)
+        return not self.broken and all(process.poll() is None for process in self.processes)
 
     def windows(self, job: dict, cache) -> Iterator[tuple]:
         from pipeline.data import Window, shaped
@@ -189,8 +193,7 @@ class LoaderGroup:
                     stats[1] += part[-1]
                 kinds = {part[0] for part in parts}
                 if kinds == {"end"}:
-                    for index in range(self.count):  # the blocks lent past the end are theirs to drain
-                        self._send(index, DONE)
+                    self._drain()
                     return
                 lengths = {part[2] for part in parts if part[0] == "window"}
                 if kinds != {"window"} or {part[1] for part in parts} != {number} or len(lengths) != 1:
@@ -208,14 +211,27 @@ class LoaderGroup:
                     draws = window_draws(job["seed"], job["epoch"], job["rank"], number, length, job["rotate"],
                                          job["generation"])  # fmt: skip
                     window = Window(length, start, size, job["flip"], draws)
-                    where = {index: (uri, key) for index, uri, key, _ in records}
-                    yield window.finish(block, records, lambda index, where=where: reread(*where[index], job, cache))
+                    good = sorted(index for index, _, _, ok in records if ok)
+                    wanted = {good[index % len(good)] for index, _, _, ok in records if not ok} if good else set()
+                    where = {index: (uri, key) for index, uri, key, _ in records if index in wanted}
+                    yield window.finish(block, records, reread(where, job, cache).__getitem__)
                 del block
                 number += 1
         finally:
             lent.clear()
             if cache is not None:
                 cache.stats.add(store=stats[0], cache=stats[1])
+
+    def _drain(self) -> None:
+        """After every process's end: each drains the blocks lent past it and says so, or the group is not kept
+        (what a process says after its end must never reach the next epoch)."""
+        for index in range(self.count):
+            try:
+                self.connections[index].send(DONE)
+                if self.connections[index].recv() != DRAINED:
+                    self.broken = True
+            except Exception:  # noqa: BLE001 - died, failed, or out of step: the epoch was whole, the group is not
+                self.broken = True
 
     def _send(self, index: int, message) -> None:
         try:
@@ -231,8 +247,10 @@ class LoaderGroup:
             if fresh:
                 send_handle(self.connections[index], self.storages.fds[slot], self.processes[index].pid)
                 self.known[index].add(slot)
-        except OSError:
+        except (BrokenPipeError, ConnectionResetError):
             pass  # it died: its end of the socket, read next, says how
+        except OSError as e:  # alive, but the message or descriptor did not go (EMFILE...): out of step from here
+            raise DataError(f"cannot lend a block to loader process {index}: {e}") from e
 
     def _receive(self, index: int):
         try:
@@ -243,7 +261,11 @@ class LoaderGroup:
             _, error, text = message
             if not isinstance(error, BaseException):
                 error = DataError(str(error))
-            error.add_note(f"in loader process {index} (pid {self.processes[index].pid}):\n{text}")
+            where = f"in loader process {index} (pid {self.processes[index].pid}):\n{text}"
+            if hasattr(error, "add_note"):  # Python 3.11+
+                error.add_note(where)
+            else:  # pragma: no cover - Python 3.10
+                log.error("%s", where)
             raise error
         return message
 
@@ -275,22 +297,30 @@ class LoaderGroup:
         self.storages.close()
 
 
-def reread(uri: str, key: str, job: dict, cache) -> tuple:
-    """The item (uri, key, lab bytes, json bytes) of sample `key` of a shard, read again by the training process:
-    the good sample that takes a corrupt one's place (rare: `data.max_bad_fraction`)."""
+def reread(wanted: dict[int, tuple[str, str]], job: dict, cache) -> dict[int, tuple]:
+    """The items (uri, key, lab bytes, json bytes) of the samples `wanted` ({index in the window: (uri, key)}),
+    read again by the training process, one pass a shard: the good samples that take corrupt ones' places (rare:
+    `data.max_bad_fraction`). A sample no longer there comes back as (uri, key, None, None)."""
     from ingest.shards import iter_samples
     from pipeline.data import open_shard
 
-    if cache is not None and uri.startswith("s3://"):
-        sizes = {segment.shard.uri: segment.shard.size for segment in job["segments"]}
-        stream = cache.open(uri, sizes.get(uri))
-    else:
-        stream = open_shard(uri)
-    with stream:
-        for sample in iter_samples(stream):
-            if sample["__key__"] == key:
-                return uri, key, sample.get("lab.npy"), sample.get("json")
-    return uri, key, None, None
+    sizes = {segment.shard.uri: segment.shard.size for segment in job["segments"]}
+    by_shard: dict[str, dict[str, list[int]]] = {}
+    for index, (uri, key) in wanted.items():
+        by_shard.setdefault(uri, {}).setdefault(key, []).append(index)
+    items = {index: (uri, key, None, None) for index, (uri, key) in wanted.items()}
+    for uri, keys in by_shard.items():
+        stream = cache.open(uri, sizes.get(uri)) if cache is not None and uri.startswith("s3://") else open_shard(uri)
+        left = set(keys)
+        with stream:
+            for sample in iter_samples(stream, views=True):
+                if sample["__key__"] in left:
+                    for index in keys[sample["__key__"]]:
+                        items[index] = (uri, sample["__key__"], sample.get("lab.npy"), sample.get("json"))
+                    left.discard(sample["__key__"])
+                    if not left:
+                        break
+    return items
 
 
 def _start(index: int) -> tuple[subprocess.Popen, Connection]:
@@ -307,6 +337,9 @@ def _start(index: int) -> tuple[subprocess.Popen, Connection]:
             env=env,
             stdin=subprocess.DEVNULL,
         )
+    except BaseException:
+        ours.close()
+        raise
     finally:
         theirs.close()
     return process, Connection(ours.detach())
@@ -359,6 +392,7 @@ def serve_job(connection: Connection, job: dict, cache, storages: dict[int, np.n
     connection.send(("end", store, cached))
     while lent() is not None:
         pass  # lent past the stream's end
+    connection.send(DRAINED)
 
 
 def owned_items(job: dict, cache) -> Iterator[tuple[int, int, list[tuple[int, tuple]]]]:
@@ -404,6 +438,7 @@ def main() -> None:
     except BaseException as e:  # noqa: BLE001 - sent to the training process, which raises it
         text = traceback.format_exc()
         try:
+            pickle.loads(pickle.dumps(e))  # some exceptions pickle but do not unpickle (botocore's ClientError)
             connection.send(("error", e, text))
         except Exception:  # noqa: BLE001 - not picklable: its words then
             with contextlib.suppress(OSError):
