@@ -226,15 +226,27 @@ def _parse_header(header: bytes) -> tuple[str, int, bytes]:
     return name, _octal(header[124:136]), header[156:157]
 
 
+_ZERO_BLOCK = b"\0" * 512
+
+
+def _archive_ends(header: bytes) -> bool:
+    """Whether the block read where a header belongs ends the archive: no more data, or a zero block.
+
+    Raises:
+        TarFormatError: a partial block that is not all zeros (a truncated header).
+    """
+    if len(header) < 512:
+        if header.strip(b"\0"):
+            raise TarFormatError("truncated tar header")
+        return True
+    return header == _ZERO_BLOCK
+
+
 def _stream_members(fileobj) -> Iterator[tuple[str, bytes, bytes]]:
     """(name, type flag, bytes) of every member of a tar stream read with `read(n)`, special members included."""
     while True:
         header = fileobj.read(512)
-        if len(header) < 512:
-            if header.strip(b"\0"):
-                raise TarFormatError("truncated tar header")
-            return
-        if header == _ZERO_BLOCK:
+        if _archive_ends(header):
             return
         name, size, kind = _parse_header(header)
         data = _read_exact(fileobj, size) if size else b""
@@ -244,20 +256,13 @@ def _stream_members(fileobj) -> Iterator[tuple[str, bytes, bytes]]:
         yield name, kind, data
 
 
-_ZERO_BLOCK = b"\0" * 512
-
-
 def _mapped_members(view: memoryview) -> Iterator[tuple[str, bytes, bytes]]:
     """`_stream_members` over a buffer: the same members and errors, walking offsets; members larger than
     `_SMALL` as views of it."""
     end, position = len(view), 0
     while True:
         header = view[position : position + 512].tobytes()
-        if len(header) < 512:
-            if header.strip(b"\0"):
-                raise TarFormatError("truncated tar header")
-            return
-        if header == _ZERO_BLOCK:
+        if _archive_ends(header):
             return
         name, size, kind = _parse_header(header)
         start = position + 512
