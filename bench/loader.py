@@ -169,15 +169,15 @@ def zstd_loader(plan) -> int:
     """`lake_loader` with each member decompressed before it is decoded (the loader's own decode, patched)."""
     import zstandard
 
-    import pipeline.data
+    import pipeline.reading
 
     decompress = zstandard.ZstdDecompressor().decompress
-    decode = pipeline.data.decode_sample
-    pipeline.data.decode_sample = lambda data, size: decode(decompress(data) if data is not None else None, size)
+    decode = pipeline.reading.decode_sample  # what `Window.fill` calls
+    pipeline.reading.decode_sample = lambda data, size: decode(decompress(data) if data is not None else None, size)
     try:
         return lake_loader(plan)
     finally:
-        pipeline.data.decode_sample = decode
+        pipeline.reading.decode_sample = decode
 
 
 def best_rate(rounds: int, fn) -> float:

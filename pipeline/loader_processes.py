@@ -147,7 +147,7 @@ class LoaderGroup:
     starts in about 0.1 s and maps each block once."""
 
     def __init__(self, count: int, nbytes: int):
-        from pipeline.data import BlockPool
+        from pipeline.reading import BlockPool
 
         self.count = count
         self.broken = False  # out of step with a process: never reused
@@ -170,8 +170,8 @@ class LoaderGroup:
         return not self.broken and all(process.poll() is None for process in self.processes)
 
     def windows(self, job: dict, cache) -> Iterator[tuple]:
-        from pipeline.data import Window, shaped
         from pipeline.epochs import window_draws
+        from pipeline.reading import Window, shaped
 
         lent: dict[int, tuple[int, np.ndarray]] = {}  # window number -> (block index, storage)
         stats = [0, 0]  # bytes from the store, bytes from the cache
@@ -302,7 +302,7 @@ def reread(wanted: dict[int, tuple[str, str]], job: dict, cache) -> dict[int, tu
     read again by the training process, one pass a shard: the good samples that take corrupt ones' places (rare:
     `data.max_bad_fraction`). A sample no longer there comes back as (uri, key, None, None)."""
     from ingest.shards import iter_samples
-    from pipeline.data import open_shard
+    from pipeline.reading import open_shard
 
     sizes = {segment.shard.uri: segment.shard.size for segment in job["segments"]}
     by_shard: dict[str, dict[str, list[int]]] = {}
@@ -364,8 +364,8 @@ def serve(connection: Connection) -> None:
 
 
 def serve_job(connection: Connection, job: dict, cache, storages: dict[int, np.ndarray]) -> None:
-    from pipeline.data import Window, shaped
     from pipeline.epochs import window_draws
+    from pipeline.reading import Window, shaped
 
     def lent() -> int | None:
         """The block lent for the next window (None: the job is done), mapped the first time."""
@@ -399,7 +399,7 @@ def owned_items(job: dict, cache) -> Iterator[tuple[int, int, list[tuple[int, tu
     """(window number, its length, [(index in the window, item)]) of each window of the stream `read_segments`
     would give (`reading_plan`), with the items of the shards this process owns: every `count`th shard opened,
     from the `index`th. Each process reads only its own shards; all of them agree on every window's items."""
-    from pipeline.data import _nothing, _segment_samples, open_shard, reading_plan, shard_openers
+    from pipeline.reading import _nothing, _segment_samples, open_shard, reading_plan, shard_openers
 
     pending = reading_plan(job["segments"], job["skip"], job["interleave"])
     opened = [(g, j) for g, (group, _, offsets) in enumerate(pending)

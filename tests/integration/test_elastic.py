@@ -29,9 +29,9 @@ import pytest
 from test_train_ray import train_lake  # noqa: F401, F811 - the same 40 photos at 64 px, a fixture
 
 from pipeline.checkpoint import load_checkpoint
-from pipeline.data import decode_sample, read_segments
 from pipeline.dataplan import DataPlan
 from pipeline.epochs import epoch_segments
+from pipeline.reading import decode_sample, read_segments
 
 pytestmark = pytest.mark.slow
 

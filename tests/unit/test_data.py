@@ -19,20 +19,10 @@ import numpy as np
 import pytest
 
 from ingest.shards import ShardWriter, TarFormatError, encode_npy, iter_members
-from pipeline.data import (
-    LoaderOptions,
-    _window_block,
-    decode_sample,
-    open_shard,
-    prefetch,
-    read_segments,
-    rotate_lab8,
-    train_batches,
-    validation_batches,
-    verified,
-)
+from pipeline.data import LoaderOptions, _window_block, prefetch, train_batches, validation_batches
 from pipeline.dataplan import DataError, DataPlan, ShardInfo
 from pipeline.epochs import plan_train_epoch, plan_validation, steps_per_epoch, window_draws
+from pipeline.reading import decode_sample, open_shard, read_segments, rotate_lab8, verified
 
 SIZE = 8
 UNEVEN = [7, 1, 13, 4]  # 25 training samples
@@ -642,7 +632,6 @@ def test_a_plan_round_trips_through_a_plain_dict() -> None:
 
 
 def test_rotation_turns_the_sample_and_leaves_no_empty_corner() -> None:
-    from pipeline.data import rotate_lab8
 
     side = 64
     y, x = np.mgrid[0:side, 0:side]

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from pipeline import loader_processes
-from pipeline.data import BlockPool, LoaderOptions, read_segments, train_batches, windows
+from pipeline.data import LoaderOptions, train_batches, windows
 from pipeline.dataplan import DataError
+from pipeline.reading import BlockPool, read_segments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_data import epoch_batches, ids_of, make_plan, write_shards  # noqa: E402

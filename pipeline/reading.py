@@ -1,0 +1,315 @@
+"""Reading a rank's samples from lake shards (local, or S3 whole or through the node's shard cache), and making
+shuffle windows of them: the layer under `pipeline.data`'s stages, shared with the loader processes
+(`pipeline.loader_processes`), which fill windows together from the shards each reads.
+
+Shards are parsed by `ingest.shards.iter_members`, a streaming USTAR reader about 3x faster than webdataset's
+tarfile-based iterator on these shards, which hands out the arrays of mapped files and downloaded shards as views,
+not copies. `read_segments` gives a rank's samples in an order that is a pure function of its segments
+(`reading_plan`), so a resume skips exactly and every loader process knows every window's layout. A `Window` writes
+each sample, checked and decoded, to its shuffled row of a block while its bytes are in the core's cache, mirrored
+and rotated as the window's seeded draws say; a `BlockPool` lends the blocks again once no batch refers to them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import sys
+import threading
+from collections.abc import Callable, Iterable, Iterator
+
+import numpy as np
+
+from ingest.storage import StorageError
+from pipeline.dataplan import DataError
+from pipeline.epochs import Segment, round_robin
+
+log = logging.getLogger(__name__)
+
+
+def open_shard(uri: str):
+    from ingest.storage import open_uri
+
+    return open_uri(uri)
+
+
+def fetch_shard(uri: str) -> io.BytesIO:
+    """A whole shard in memory (object stores: one large GET beats many small reads)."""
+    from ingest.storage import read_uri
+
+    return io.BytesIO(read_uri(uri))
+
+
+def _open_ahead(uris: list[str], opener: Callable, readahead: int, fetch: Callable = fetch_shard) -> Iterator:
+    """Yield a context manager per URI; with `readahead`, the next shards are fetched (`fetch`: downloaded whole,
+    or into the shard cache) in background threads."""
+    if readahead <= 0:
+        for uri in uris:
+            yield lambda uri=uri: opener(uri)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=readahead, thread_name_prefix="recolor-shard") as pool:
+        futures = [pool.submit(fetch, uri) for uri in uris[:readahead]]
+        for index in range(len(uris)):
+            if index + readahead < len(uris):
+                futures.append(pool.submit(fetch, uris[index + readahead]))
+            yield futures[index].result
+        for future in futures:
+            if not future.cancel() and future.done() and future.exception() is None:
+                with contextlib.suppress(Exception):
+                    future.result().close()  # fetched ahead, never read: let its cache lock go
+
+
+def read_segments(
+    segments: list[Segment],
+    skip: int = 0,
+    opener: Callable = open_shard,
+    readahead: int | None = None,
+    interleave: int = 1,
+    verify: bool = True,
+    cache=None,
+) -> Iterator[tuple]:
+    """Yield (shard uri, key, lab.npy bytes or None when unreadable) for the samples of `segments`; with
+    `verify=False`, (shard uri, key, lab.npy bytes or None, json bytes or None), the checksum left to the caller
+    (`verified`), so that loader workers check samples in parallel.
+
+    With `interleave` K > 1, segments are read K at a time, a sample from each in turn (round robin; a shorter
+    segment drops out when done), so consecutive samples come from K shards; with 1, one segment after another.
+    Either way the order is a pure function of the segments, which makes `skip` exact.
+
+    A sample whose bytes do not match the CRC-32 its metadata recorded at ingest is unreadable (None).
+
+    The first `skip` samples are passed over: whole groups of segments without opening them, the rest of the
+    way by reading tar headers and bytes but decoding nothing. Shards on S3 are downloaded whole,
+    `readahead` shards ahead in background threads (default: 2 for s3://, or K when interleaving; 0 for local
+    files, which the OS reads ahead by itself), so network time overlaps decoding and training. On S3 a rank
+    then holds up to K + readahead shards in memory (8 x 64 MB with the default 4), and the shards whose samples
+    windows still hold (read as views of the download: about K more). With a `cache`
+    (`pipeline.shard_cache.ShardCache`), s3:// shards are read from (and fetched ahead into) the node's cache.
+    """
+    pending = reading_plan(segments, skip, interleave)
+    uris = [segment.shard.uri for group, _, offsets in pending for segment, start in zip(group, offsets, strict=True)
+            if start < segment.stop]  # fmt: skip
+    openers = shard_openers(uris, segments, opener, readahead, interleave, cache)
+    for group, order, offsets in pending:
+        streams = [
+            _segment_samples(segment, start, next(openers), verify) if start < segment.stop else _nothing()
+            for segment, start in zip(group, offsets, strict=True)
+        ]
+        if len(streams) == 1:
+            yield from streams[0]
+            continue
+        for index in order:
+            yield next(streams[index])
+        for stream in streams:  # each is done: let its shard (a whole download on S3) go before the next group
+            stream.close()
+
+
+def reading_plan(segments: list[Segment], skip: int, interleave: int) -> list[tuple[list[Segment], list, list]]:
+    """How `read_segments` reads: (group of up to `interleave` segments, which segment each of its samples comes
+    from, the first sample to read of each segment) for the groups left after the first `skip` samples. A pure
+    function of its arguments: every loader process reading an epoch sees the same stream."""
+    interleave = max(1, interleave)
+    groups = [segments[i : i + interleave] for i in range(0, len(segments), interleave)]
+    pending = []
+    for group in groups:
+        total = sum(segment.length for segment in group)
+        if skip >= total:
+            skip -= total
+            continue
+        order = round_robin(group)
+        offsets = [segment.start for segment in group]
+        for index in order[:skip]:
+            offsets[index] += 1
+        pending.append((group, order[skip:], offsets))
+        skip = 0
+    return pending
+
+
+def shard_openers(uris: list[str], segments: list[Segment], opener: Callable, readahead: int | None, interleave: int,
+                  cache) -> Iterator[Callable]:  # fmt: skip
+    """A context-manager factory per URI of `uris`, in order (see `read_segments` for `readahead` and `cache`)."""
+    fetch = fetch_shard
+    if cache is not None and uris and uris[0].startswith("s3://") and opener is open_shard:
+        sizes = {segment.shard.uri: segment.shard.size for segment in segments}
+        opener = fetch = lambda uri: cache.open(uri, sizes[uri])  # noqa: E731 - one function, two roles
+        readahead = readahead if readahead is not None else min(max(2, interleave), 8)
+    if readahead is None:
+        readahead = min(max(2, interleave), 8) if uris and uris[0].startswith("s3://") and opener is open_shard else 0
+    return _open_ahead(uris, opener, readahead, fetch)
+
+
+def _nothing() -> Iterator:
+    yield from ()
+
+
+def _segment_samples(segment: Segment, start: int, open_stream: Callable, verify: bool = True) -> Iterator[tuple]:
+    """Samples [start, segment.stop) of one shard: exactly that many items, None for each unreadable one (see
+    `read_segments` for `verify`)."""
+    from ingest.shards import checksum_matches, iter_samples
+
+    emitted = 0
+    picks = None if segment.picks is None else set(segment.picks[start : segment.stop])
+    first, stop = start, segment.stop
+    if segment.picks is not None:  # read from the first pick to the last, passing over the others
+        first, stop = segment.picks[start], segment.picks[segment.stop - 1] + 1
+    try:
+        stream = open_stream()
+        with stream:
+            for position, sample in enumerate(iter_samples(stream, views=True)):
+                if position < first or (picks is not None and position not in picks):
+                    continue
+                if position >= stop:
+                    break
+                lab = sample.get("lab.npy")
+                if not verify:
+                    yield segment.shard.uri, sample["__key__"], lab, sample.get("json")
+                    emitted += 1
+                    continue
+                if lab is not None and not checksum_matches(lab, sample.get("json")):
+                    lab = None  # bytes changed since ingest: a corrupt sample
+                yield segment.shard.uri, sample["__key__"], lab
+                emitted += 1
+    except StorageError:
+        raise  # the store is unreachable (after its retries): not the shard's fault, nothing to skip
+    except Exception as e:  # noqa: BLE001 - a broken shard costs its remaining samples, named below
+        log.warning("shard %s is unreadable after %d samples: %s", segment.shard.uri, start + emitted, e)
+    # A truncated or short shard: its missing samples count as unreadable.
+    for missing in range(segment.stop - start - emitted):
+        key = f"<missing #{segment.sample(start + emitted + missing)}>"
+        yield (segment.shard.uri, key, None) if verify else (segment.shard.uri, key, None, None)
+
+
+def verified(item: tuple) -> bytes | None:
+    """The lab.npy bytes of an unverified item (`read_segments(verify=False)`), or None when they do not match the
+    CRC-32 their metadata recorded at ingest."""
+    from ingest.shards import checksum_matches
+
+    lab = item[2]
+    if len(item) > 3 and lab is not None and not checksum_matches(lab, item[3]):
+        return None
+    return lab
+
+
+def decode_sample(data: bytes | None, size: int) -> np.ndarray | None:
+    """A stored Lab array (uint8, (3, size, size)), or None when the bytes are not one. Never unpickles."""
+    from ingest.shards import decode_lab_npy
+
+    if data is None:
+        return None
+    try:
+        return decode_lab_npy(data, size)
+    except Exception:  # noqa: BLE001 - garbage bytes, pickled objects, truncated headers, wrong shapes
+        return None
+
+
+class Window:
+    """One shuffle window's draws, applied: which row of the block each item goes to, mirrored and rotated how.
+    `fill` may run in parts (each loader process fills the rows of the items it read), `finish` once."""
+
+    def __init__(self, count: int, start: int, size: int, flip: bool, draws: tuple):
+        order, self.flips, self.angles = draws
+        self.start, self.size, self.flip = start, size, flip
+        self.places = np.full(count, -1, dtype=np.int64)  # item -> its row in the block (-1: before `start`)
+        self.places[order[start:]] = np.arange(count - start)
+
+    def put(self, block: np.ndarray, index: int, array: np.ndarray) -> None:
+        row = int(self.places[index])
+        position = self.start + row
+        angle = None if self.angles is None else float(self.angles[position])
+        _augment_into(block[row], array, self.flip and bool(self.flips[position]), angle)
+
+    def fill(self, block: np.ndarray, items: Iterable[tuple[int, tuple]]) -> list[tuple[int, str, str, bool]]:
+        """Check, decode and write each (index in the window, item) to its row; (index, uri, key, ok) of each."""
+        records = []
+        for index, item in items:
+            array = decode_sample(verified(item), self.size)
+            records.append((index, item[0], item[1], array is not None))
+            if array is not None and self.places[index] >= 0:
+                self.put(block, index, array)
+        return records
+
+    def finish(self, block: np.ndarray, records: list[tuple], item_of: Callable[[int], tuple]):
+        """([(uri, key, ok)] in item order, the block or None when every item was corrupt, the first item's
+        shard), after filling each corrupt item's row with the (i mod good)-th good item (`item_of(index)`)."""
+        records = sorted(records)
+        good = [index for index, _, _, ok in records if ok]
+        plain = [(uri, key, ok) for _, uri, key, ok in records]
+        if not good:
+            return plain, None, records[0][1]
+        for index, _, _, ok in records:
+            if not ok and self.places[index] >= 0:
+                array = decode_sample(verified(item_of(good[index % len(good)])), self.size)
+                if array is None:
+                    raise DataError(f"sample {records[good[index % len(good)]][2]} of shard "
+                                    f"{records[good[index % len(good)]][1]} read differently twice")  # fmt: skip
+                self.put(block, index, array)
+        return plain, block, records[0][1]
+
+
+def _augment_into(out: np.ndarray, array: np.ndarray, flipped: bool, angle: float | None) -> None:
+    """Write `array` (uint8 (3, S, S)) into `out`, mirrored left to right when `flipped`, then rotated by `angle`."""
+    if angle is not None:
+        out[...] = rotate_lab8(array[:, :, ::-1] if flipped else array, angle)
+    elif flipped and array.shape[-1] % 8 == 0 and array.flags.c_contiguous:
+        # A row of S bytes is S/8 words: their order reversed and each word's bytes swapped mirror it, 3x faster
+        # than numpy's byte-by-byte reversed copy.
+        out.view("<u8")[...] = array.view(">u8")[..., ::-1]
+    elif flipped:
+        out[...] = array[:, :, ::-1]
+    else:
+        out[...] = array
+
+
+def rotate_lab8(array: np.ndarray, degrees: float) -> np.ndarray:
+    """A stored Lab sample (uint8, (3, S, S)) rotated by `degrees` and zoomed so no empty corner shows (bilinear:
+    the stored channels are linear in L, a and b)."""
+    import math
+
+    from PIL import Image
+
+    if degrees == 0:
+        return array
+    side = array.shape[-1]
+    image = Image.fromarray(np.ascontiguousarray(array.transpose(1, 2, 0)), "RGB").rotate(degrees, Image.BILINEAR)
+    radians = math.radians(abs(degrees))
+    inner = side / (math.cos(radians) + math.sin(radians))  # the largest upright square inside the rotated one
+    margin = (side - inner) / 2 + 1.0  # a pixel more: bilinear samples at the rotated edge blend in the empty fill
+    zoomed = image.resize((side, side), Image.BILINEAR, box=(margin, margin, side - margin, side - margin))
+    return np.ascontiguousarray(np.asarray(zoomed).transpose(2, 0, 1))
+
+
+class BlockPool:
+    """Storage for window blocks, reused once nothing refers to a block: a fresh 50 MB array a window costs its
+    page faults (the kernel zeroes every page), a third of a sample's time on one core (bench/loader.py).
+
+    A storage is free when its reference count says only the pool holds it. Every block and every batch cut from
+    one is a numpy view whose base is its storage (`torch.from_numpy` keeps the view, so the storage too): a batch
+    the consumer keeps, for however long, keeps its storage out of reuse, and the pool grows instead.
+    """
+
+    def __init__(self, nbytes: int, allocate: Callable[[int], np.ndarray] | None = None):
+        self.nbytes = nbytes
+        self._allocate = allocate or (lambda n: np.empty(n, dtype=np.uint8))
+        self._storages: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> tuple[int, np.ndarray]:
+        """(index, storage): a 1-D uint8 storage of `nbytes` that nothing refers to, the caller's until it lets go
+        of it and of every view of it; the index names it to a loader process."""
+        with self._lock:
+            for index in range(len(self._storages)):
+                if sys.getrefcount(self._storages[index]) == 2:  # the list's reference and the call's argument
+                    return index, self._storages[index]
+            self._storages.append(self._allocate(self.nbytes))
+            return len(self._storages) - 1, self._storages[-1]
+
+    def __len__(self) -> int:
+        return len(self._storages)
+
+
+def shaped(storage: np.ndarray, rows: int, size: int) -> np.ndarray:
+    """The first `rows` samples' worth of a pool storage as a block (rows, 3, size, size): a view of it."""
+    return storage[: rows * 3 * size * size].reshape(rows, 3, size, size)
