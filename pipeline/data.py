@@ -64,8 +64,7 @@ def windows(items: Iterable, size: int) -> Iterator[list]:
 
 def train_blocks(raw: Iterator[tuple], size: int, window: int, seed: int, epoch: int, rank: int, first_window: int,
                  skip_in_window: int, flip: bool, counter: BadSampleCounter, rotate: float = 0.0,
-                 loader_workers: int = 1, cache=None, generation: int = 0,
-                 pool: BlockPool | None = None) -> Iterator[np.ndarray]:  # fmt: skip
+                 loader_workers: int = 1, cache=None, generation: int = 0) -> Iterator[np.ndarray]:  # fmt: skip
     """Decode, shuffle within windows, flip, rotate (within +-`rotate` degrees; 0: never), a window at a time: one
     contiguous uint8 array (n, 3, size, size) per shuffle window. Corrupt samples are replaced by a good one of the
     same window (and counted), so the rank still yields exactly as many samples as planned. Every draw comes from
@@ -75,8 +74,8 @@ def train_blocks(raw: Iterator[tuple], size: int, window: int, seed: int, epoch:
     rotations, written into the window's array: zlib-ng, numpy and PIL release the GIL for that work) while this
     thread reads the next ones, and the windows come back in their order: the samples are the same, in the same
     order, whatever N. Up to N windows are in flight (N x `shuffle_window` samples in memory). The processes of
-    `pipeline.loader_processes` make the same windows (`window_blocks`) without sharing one interpreter's lock."""
-    pool = pool or BlockPool(window * 3 * size * size)
+    `pipeline.loader_processes` fill the same windows (`Window`) without sharing one interpreter's lock."""
+    pool = BlockPool(window * 3 * size * size)
 
     def work(number: int, items: list[tuple]):
         start = skip_in_window if number == first_window else 0
@@ -114,7 +113,7 @@ def _window_block(items: list[tuple], size: int, seed: int, epoch: int, rank: in
                                                                generation))  # fmt: skip
     block = block_for(rows) if block_for else np.empty((rows, 3, size, size), dtype=np.uint8)
     records = window.fill(block, enumerate(items))
-    return window.finish(block, records, lambda index: items[index])
+    return window.finish(block, records, lambda wanted: {index: items[index] for index in wanted})
 
 
 def ordered_map(function: Callable, jobs: Iterable[tuple], workers: int) -> Iterator:

@@ -170,12 +170,11 @@ class LoaderGroup:
         return not self.broken and all(process.poll() is None for process in self.processes)
 
     def windows(self, job: dict, cache) -> Iterator[tuple]:
-        from pipeline.epochs import window_draws
-        from pipeline.reading import Window, shaped
+        from pipeline.reading import shaped
 
         lent: dict[int, tuple[int, np.ndarray]] = {}  # window number -> (block index, storage)
         stats = [0, 0]  # bytes from the store, bytes from the cache
-        first, size = job["first_window"], job["size"]
+        first = job["first_window"]
         try:
             for index in range(self.count):
                 self._send(index, {**job, "index": index, "count": self.count})
@@ -199,22 +198,13 @@ class LoaderGroup:
                 if kinds != {"window"} or {part[1] for part in parts} != {number} or len(lengths) != 1:
                     raise DataError(f"the loader processes disagree on window {number}: {[p[:3] for p in parts]}")
                 length = lengths.pop()
-                start = job["skip_in_window"] if number == first else 0
+                window = _job_window(job, number, length)
                 slot, storage = lent.pop(number)
-                block = shaped(storage, length - start, size)
+                block = shaped(storage, length - window.start, job["size"])
                 del storage
                 records = [record for part in parts for record in part[3]]
-                if all(ok for *_, ok in records):  # the usual case: nothing to replace
-                    plain = [(uri, key, ok) for _, uri, key, ok in sorted(records)]
-                    yield plain, block, plain[0][0]
-                else:
-                    draws = window_draws(job["seed"], job["epoch"], job["rank"], number, length, job["rotate"],
-                                         job["generation"])  # fmt: skip
-                    window = Window(length, start, size, job["flip"], draws)
-                    good = sorted(index for index, _, _, ok in records if ok)
-                    wanted = {good[index % len(good)] for index, _, _, ok in records if not ok} if good else set()
-                    where = {index: (uri, key) for index, uri, key, _ in records if index in wanted}
-                    yield window.finish(block, records, reread(where, job, cache).__getitem__)
+                where = {index: (uri, key) for index, uri, key, _ in records}
+                yield window.finish(block, records, lambda wanted, where=where: reread(wanted, where, job, cache))
                 del block
                 number += 1
         finally:
@@ -297,22 +287,22 @@ class LoaderGroup:
         self.storages.close()
 
 
-def reread(wanted: dict[int, tuple[str, str]], job: dict, cache) -> dict[int, tuple]:
-    """The items (uri, key, lab bytes, json bytes) of the samples `wanted` ({index in the window: (uri, key)}),
-    read again by the training process, one pass a shard: the good samples that take corrupt ones' places (rare:
-    `data.max_bad_fraction`). A sample no longer there comes back as (uri, key, None, None)."""
+def reread(wanted: set[int], where: dict[int, tuple[str, str]], job: dict, cache) -> dict[int, tuple]:
+    """The items (uri, key, lab bytes, json bytes) of the window's samples `wanted` (indexes; `where`: index ->
+    (uri, key)), read again by the training process, one pass a shard: the good samples that take corrupt ones'
+    places (rare: `data.max_bad_fraction`). A sample no longer there comes back as (uri, key, None, None)."""
     from ingest.shards import iter_samples
-    from pipeline.reading import open_shard
+    from pipeline.reading import open_shard, shard_openers
 
-    sizes = {segment.shard.uri: segment.shard.size for segment in job["segments"]}
     by_shard: dict[str, dict[str, list[int]]] = {}
-    for index, (uri, key) in wanted.items():
+    for index in wanted:
+        uri, key = where[index]
         by_shard.setdefault(uri, {}).setdefault(key, []).append(index)
-    items = {index: (uri, key, None, None) for index, (uri, key) in wanted.items()}
-    for uri, keys in by_shard.items():
-        stream = cache.open(uri, sizes.get(uri)) if cache is not None and uri.startswith("s3://") else open_shard(uri)
+    items = {index: (*where[index], None, None) for index in wanted}
+    openers = shard_openers(list(by_shard), job["segments"], open_shard, 0, 1, cache)
+    for (uri, keys), opener in zip(by_shard.items(), openers, strict=True):
         left = set(keys)
-        with stream:
+        with opener() as stream:
             for sample in iter_samples(stream, views=True):
                 if sample["__key__"] in left:
                     for index in keys[sample["__key__"]]:
@@ -321,6 +311,17 @@ def reread(wanted: dict[int, tuple[str, str]], job: dict, cache) -> dict[int, tu
                     if not left:
                         break
     return items
+
+
+def _job_window(job: dict, number: int, length: int):
+    """Window `number` of a job (`length` items): the same draws in the training process and in every loader
+    process."""
+    from pipeline.epochs import window_draws
+    from pipeline.reading import Window
+
+    start = job["skip_in_window"] if number == job["first_window"] else 0
+    draws = window_draws(job["seed"], job["epoch"], job["rank"], number, length, job["rotate"], job["generation"])
+    return Window(length, start, job["size"], job["flip"], draws)
 
 
 def _start(index: int) -> tuple[subprocess.Popen, Connection]:
@@ -364,8 +365,7 @@ def serve(connection: Connection) -> None:
 
 
 def serve_job(connection: Connection, job: dict, cache, storages: dict[int, np.ndarray]) -> None:
-    from pipeline.epochs import window_draws
-    from pipeline.reading import Window, shaped
+    from pipeline.reading import shaped
 
     def lent() -> int | None:
         """The block lent for the next window (None: the job is done), mapped the first time."""
@@ -379,13 +379,10 @@ def serve_job(connection: Connection, job: dict, cache, storages: dict[int, np.n
             os.close(fd)
         return slot
 
-    first, size = job["first_window"], job["size"]
     for number, length, items in owned_items(job, cache):
         slot = lent()
-        start = job["skip_in_window"] if number == first else 0
-        draws = window_draws(job["seed"], job["epoch"], job["rank"], number, length, job["rotate"], job["generation"])
-        records = Window(length, start, size, job["flip"], draws).fill(shaped(storages[slot], length - start, size),
-                                                                       items)  # fmt: skip
+        window = _job_window(job, number, length)
+        records = window.fill(shaped(storages[slot], length - window.start, job["size"]), items)
         store, cached = cache.stats.take() if cache is not None else (0, 0)
         connection.send(("window", number, length, records, store, cached))
     store, cached = cache.stats.take() if cache is not None else (0, 0)

@@ -17,7 +17,7 @@ import io
 import logging
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -231,21 +231,23 @@ class Window:
                 self.put(block, index, array)
         return records
 
-    def finish(self, block: np.ndarray, records: list[tuple], item_of: Callable[[int], tuple]):
+    def finish(self, block: np.ndarray, records: list[tuple], items_of: Callable[[set[int]], Mapping[int, tuple]]):
         """([(uri, key, ok)] in item order, the block or None when every item was corrupt, the first item's
-        shard), after filling each corrupt item's row with the (i mod good)-th good item (`item_of(index)`)."""
+        shard), after filling each corrupt item's row with the (i mod good)-th good item. `items_of(indexes)` gives
+        the good items needed (index in the window -> item), all at once."""
         records = sorted(records)
         good = [index for index, _, _, ok in records if ok]
         plain = [(uri, key, ok) for _, uri, key, ok in records]
         if not good:
             return plain, None, records[0][1]
-        for index, _, _, ok in records:
-            if not ok and self.places[index] >= 0:
-                array = decode_sample(verified(item_of(good[index % len(good)])), self.size)
-                if array is None:
-                    raise DataError(f"sample {records[good[index % len(good)]][2]} of shard "
-                                    f"{records[good[index % len(good)]][1]} read differently twice")  # fmt: skip
-                self.put(block, index, array)
+        replaced = {index: good[index % len(good)] for index, _, _, ok in records if not ok and self.places[index] >= 0}
+        items = items_of(set(replaced.values())) if replaced else {}
+        for index, source in replaced.items():
+            array = decode_sample(verified(items[source]), self.size)
+            if array is None:
+                _, uri, key, _ = records[source]
+                raise DataError(f"sample {key} of shard {uri} read differently twice")
+            self.put(block, index, array)
         return plain, block, records[0][1]
 
 
