@@ -173,7 +173,7 @@ def _octal(field: bytes) -> int:
     field = field.strip(b"\0 ")
     if not field:
         return 0
-    if not field.isdigit() or b"8" in field or b"9" in field:
+    if field.strip(b"01234567"):  # a character that is not an octal digit is left
         raise TarFormatError(f"tar header field {field[:12]!r} is not an octal number")
     return int(field, 8)
 
