@@ -315,8 +315,12 @@ def repair_run_snapshot(run_uri: str) -> str | None:
     hand, by a lifecycle rule, or never completed), and says to pick a new name: every rerun would
     fail the same way. Checkpoints without their `checkpoint.pt` are dropped from the record; the
     latest becomes the newest one left. With none left the record is removed and the run starts from
-    its first step. Each change is one warning naming the checkpoints. Checkpoint folders the record
-    does not name (an upload cut short by a crash or a stop) are deleted: no resume can use them.
+    its first step. Each change is one warning naming the checkpoints.
+
+    A whole checkpoint newer than the record's latest (uploaded, then the driver was stopped before Ray
+    recorded it) is work done: it is added to the record and becomes the resume point, once its
+    `checkpoint.pt` loads as a resume loads it (`adopt_newer`). Other checkpoint folders the record does not
+    name (uploads cut short, rotated-out ones whose deletion failed) are deleted, each said in a warning.
     Call it only while no driver runs this run.
 
     Returns:
@@ -331,6 +335,9 @@ def repair_run_snapshot(run_uri: str) -> str | None:
 
     store = open_storage(run_uri)
     record = _read_snapshot(store)
+    adopted = adopt_newer(store, record)
+    if adopted:
+        record = _read_snapshot(store)
     if record is None:
         _delete_unrecorded(store, set())
         return None
@@ -343,7 +350,7 @@ def repair_run_snapshot(run_uri: str) -> str | None:
     missing = [result["checkpoint_dir_name"] for result in results if result["checkpoint_dir_name"] not in present]
     _delete_unrecorded(store, {result["checkpoint_dir_name"] for result in results})
     if not missing:
-        return None
+        return adopted
     if not present:
         store.delete(SNAPSHOT_FILE)
         message = (
@@ -372,6 +379,79 @@ def repair_run_snapshot(run_uri: str) -> str | None:
     message = f"checkpoints {', '.join(missing)} of {run_uri} are missing: resuming from {chosen}"
     log.warning(message)
     return message
+
+
+METRICS_FILE = "metrics.json"  # beside checkpoint.pt: the metrics reported with it, for `adopt_newer`
+
+
+def adopt_newer(store, record: dict | None) -> str | None:
+    """Add to Ray Train's record the whole checkpoints newer than its latest, so a rerun resumes from the newest.
+
+    A driver stopped (SIGTERM, Ctrl-C, a lost head node) after a checkpoint was uploaded but before Ray
+    recorded it leaves a checkpoint no record names. Such a folder is taken only when its `checkpoint.pt` loads
+    as a resume loads it (`load_checkpoint`, `weights_only=True`); its metrics are those reported with it
+    (`METRICS_FILE`; from its position for checkpoints written without that file). One warning names them.
+
+    Returns:
+        What was done, in one line (None when nothing was newer and whole).
+    """
+    import json
+
+    results = (record or {}).get("checkpoint_results") or []
+    recorded = {result["checkpoint_dir_name"] for result in results}
+    latest = ((record or {}).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name", "")
+    newer = sorted(name for name in store.list_children("", follow_links=False)
+                   if RAY_CHECKPOINT_DIR.match(name) and name not in recorded and name > latest)  # fmt: skip
+    adopted = [(name, metrics) for name in newer if (metrics := _whole_checkpoint_metrics(store, name)) is not None]
+    if not adopted:
+        return None
+    if record is None:
+        import ray
+
+        record = {"ray_version": ray.__version__, "checkpoint_results": [], "checkpoint_report_indices": [],
+                  "latest_checkpoint_result": None, "pending_training_results": [], "pending_validation_specs": [],
+                  "current_report_index": 0, "validated_checkpoint_dir_names": [],
+                  "timed_out_validation_checkpoint_dir_names": [], "failed_validation_checkpoint_dir_names": []}  # fmt: skip
+    index = max([int(record.get("current_report_index", 0)), *(i + 1 for i in record["checkpoint_report_indices"])])
+    for name, metrics in adopted:
+        entry = {"version": 0, "checkpoint_dir_name": name, "metrics": metrics}
+        record["checkpoint_results"].append(entry)
+        record["checkpoint_report_indices"].append(index)
+        record["latest_checkpoint_result"] = entry
+        index += 1
+    record["current_report_index"] = index
+    store.write_bytes(SNAPSHOT_FILE, json.dumps(record).encode())
+    names = ", ".join(name for name, _ in adopted)
+    step = adopted[-1][1].get("global_step")
+    message = (f"resuming {store.uri('')} from {adopted[-1][0]}" + (f" (step {int(step)})" if step is not None else "")
+               + f": whole checkpoint(s) {names} were written after Ray Train's last record of the run (a stopped "
+               "driver) and are kept")  # fmt: skip
+    log.warning(message)
+    return message
+
+
+def _whole_checkpoint_metrics(store, name: str) -> dict | None:
+    """The metrics reported with checkpoint folder `name`, if its `checkpoint.pt` loads; else None."""
+    import json
+
+    from pipeline.checkpoint import CorruptCheckpoint
+
+    try:
+        payload = load_checkpoint(store.read_bytes(posixpath.join(name, CHECKPOINT_FILE)), name=store.uri(name))
+    except (FileNotFoundError, CorruptCheckpoint, OSError, StorageError):
+        return None
+    try:
+        metrics = json.loads(store.read_bytes(posixpath.join(name, METRICS_FILE)))
+        if isinstance(metrics, dict) and all(isinstance(v, (int, float)) for v in metrics.values()):
+            return metrics
+    except (FileNotFoundError, OSError, StorageError, ValueError):
+        pass
+    position = payload.get("position") or {}
+    data = payload.get("data") or {}
+    metrics = {"global_step": float(position.get("global_step", 0)), "stage": float(position.get("stage", 0))}
+    if isinstance(data.get("global_batch"), int):
+        metrics["global_batch"] = float(data["global_batch"])
+    return metrics
 
 
 def latest_recorded(run_uri: str) -> tuple[str, dict] | None:
@@ -409,7 +489,8 @@ def _run_uri(storage) -> str:
 
 
 def delete_unrecorded(run_uri: str) -> None:
-    """Delete the checkpoint folders of the run at `run_uri` that Ray Train's record does not name."""
+    """Delete the checkpoint folders of the run at `run_uri` that Ray Train's record does not name, except those
+    newer than its latest that hold a `checkpoint.pt`: the driver's next `repair_run_snapshot` adopts them."""
     from ingest.storage import open_storage
 
     store = open_storage(run_uri)
@@ -417,7 +498,9 @@ def delete_unrecorded(run_uri: str) -> None:
         record = _read_snapshot(store) or {}
     except CheckpointError:
         return  # a damaged record: the driver reports it (repair_run_snapshot); deleting by it would be a guess
-    _delete_unrecorded(store, {result["checkpoint_dir_name"] for result in record.get("checkpoint_results", [])})
+    latest = (record.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name", "")
+    _delete_unrecorded(store, {result["checkpoint_dir_name"] for result in record.get("checkpoint_results", [])},
+                       keep_newer_than=latest)  # fmt: skip
 
 
 def _read_snapshot(store) -> dict | None:
@@ -439,15 +522,24 @@ def _read_snapshot(store) -> dict | None:
         ) from None
 
 
-def _delete_unrecorded(store, recorded: set[str]) -> None:
+def _delete_unrecorded(store, recorded: set[str], keep_newer_than: str | None = None) -> None:
     """Delete checkpoint folders Ray Train has no record of: uploads cut short by a crash or a stop (never
-    resumed from) and rotated-out ones whose deletion failed. Left alone they would pile up run after run."""
+    resumed from) and rotated-out ones whose deletion failed. Left alone they would pile up run after run.
+    With `keep_newer_than`, folders newer than that one that hold a `checkpoint.pt` are kept. Each deletion is
+    a warning: the console says what went."""
     from ingest.storage import LocalStorage
 
     for name in store.list_children("", follow_links=False):
         if RAY_CHECKPOINT_DIR.match(name) and name not in recorded:
+            if (keep_newer_than is not None and name > keep_newer_than
+                    and store.exists(posixpath.join(name, CHECKPOINT_FILE))):  # fmt: skip
+                continue
             for item in list(store.list(name, include_partial=True, follow_links=False)):
                 store.delete(item.key)
             if isinstance(store, LocalStorage):
                 shutil.rmtree(store.root / name, ignore_errors=True)  # the emptied folders too
-            log.info("deleted %s: a checkpoint Ray Train has no record of (an upload cut short)", store.uri(name))
+            log.warning(
+                "deleted %s: a checkpoint folder Ray Train has no record of, and not a whole checkpoint newer "
+                "than its latest (an upload cut short, or one rotated out)",
+                store.uri(name),
+            )

@@ -9,6 +9,7 @@ storage); the trainer itself gets what it needs as arguments, so it runs without
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -21,7 +22,14 @@ from ingest.cluster import open_environment
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import TrainConfig
 from pipeline.dataplan import DataPlan
-from pipeline.train.checkpoint_store import resume_payload, upload_checkpoint, upload_started, wait_for_uploads
+from pipeline.train.checkpoint_store import (
+    METRICS_FILE,
+    resume_payload,
+    upload_checkpoint,
+    upload_finished,
+    upload_started,
+    wait_for_uploads,
+)
 from pipeline.train.loop import ColorizerTrainer
 
 log = logging.getLogger(__name__)
@@ -58,6 +66,7 @@ def ray_reporter(upload_mode: str = "async"):
     from ray.train import CheckpointUploadMode
 
     mode = CheckpointUploadMode.ASYNC if upload_mode == "async" else CheckpointUploadMode.SYNC
+    remove_orphan_checkpoints()
 
     def report(metrics: dict, payload: dict | None) -> None:
         metrics = {k: float(v) for k, v in metrics.items()}
@@ -66,24 +75,51 @@ def ray_reporter(upload_mode: str = "async"):
             return
         if mode == CheckpointUploadMode.ASYNC:
             wait_for_uploads(at_most=1)
-        directory = tempfile.mkdtemp(prefix="recolor-checkpoint-")
+        directory = tempfile.mkdtemp(prefix=f"{LOCAL_CHECKPOINT_PREFIX}{os.getpid()}-")
         try:
             save_checkpoint(directory, payload)
+            with open(os.path.join(directory, METRICS_FILE), "w") as file:  # for a rerun's `adopt_newer`
+                json.dump(metrics, file)
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise
         checkpoint = ray.train.Checkpoint.from_directory(directory)
         upload_started()
         # Ray deletes the local folder once the upload succeeded (upload_checkpoint does after the last failure).
-        ray.train.report(
-            metrics,
-            checkpoint=checkpoint,
-            checkpoint_upload_mode=mode,
-            delete_local_checkpoint_after_upload=True,
-            checkpoint_upload_fn=upload_checkpoint,
-        )
+        try:
+            ray.train.report(
+                metrics,
+                checkpoint=checkpoint,
+                checkpoint_upload_mode=mode,
+                delete_local_checkpoint_after_upload=True,
+                checkpoint_upload_fn=upload_checkpoint,
+            )
+        except BaseException:  # the report itself failed (a stopped group): no upload will delete the folder
+            upload_finished()
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
 
     return report
+
+
+LOCAL_CHECKPOINT_PREFIX = "recolor-checkpoint-"  # + the worker's pid: a folder whose process is gone is an orphan
+
+
+def remove_orphan_checkpoints(folder: str | None = None) -> list[str]:
+    """Delete the local checkpoint folders (`recolor-checkpoint-<pid>-*`) that workers which died before their
+    upload finished left in the temporary folder (6 MB and more each); returns the paths removed. Folders of a
+    live process are its own, and are left alone."""
+    import glob
+
+    import psutil
+
+    removed = []
+    for path in glob.glob(os.path.join(folder or tempfile.gettempdir(), LOCAL_CHECKPOINT_PREFIX + "*")):
+        pid = os.path.basename(path).removeprefix(LOCAL_CHECKPOINT_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)) and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def train_loop_per_worker(loop_config: dict) -> None:

@@ -472,6 +472,58 @@ def test_a_rerun_after_lost_checkpoints_resumes_from_what_is_left_or_starts_over
         repair_run_snapshot(str(run))
 
 
+def test_whole_checkpoints_newer_than_rays_record_are_the_resume_point_never_garbage(tmp_path, caplog) -> None:
+    """The hostile pass's reproduction: a driver stopped by SIGTERM left Ray's record at step 65, while whole
+    checkpoints of steps 78 and 91 were on disk; the rerun resumed at 65 and deleted both, at info level."""
+    import json
+
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _CheckpointManagerState
+
+    from pipeline.train.checkpoint_store import METRICS_FILE, delete_unrecorded, latest_recorded
+
+    run = tmp_path / "run"
+    names = [f"checkpoint_2026-12-04_10-00-{second:02d}.000000" for second in (52, 65, 78, 91, 99)]
+    steps = dict(zip(names, (52, 65, 78, 91, 99), strict=True))
+    for name in names[:4]:
+        payload = example_payload()
+        payload["position"] = {"stage": 0, "epoch": 1, "step_in_epoch": 3, "global_step": steps[name]}
+        save_checkpoint((run / name).mkdir(parents=True) or run / name, payload)
+    reported = {"global_step": 91.0, "global_batch": 4.0, "workers": 1.0, "epoch": 1.0, "stage": 0.0}
+    (run / names[3] / METRICS_FILE).write_text(json.dumps(reported))  # 78 was written without it (older mains)
+    (run / names[4]).mkdir()
+    (run / names[4] / CHECKPOINT_FILE).write_bytes(b"half an upload")  # cut short: not whole
+    record = ray_snapshot(names[:2], names[1])
+    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(record))
+
+    delete_unrecorded(str(run))  # what rank 0 does as a run (re)starts: the newer whole ones are left for the driver
+    assert all((run / name / CHECKPOINT_FILE).exists() for name in names)
+
+    with caplog.at_level("WARNING", logger="pipeline.train.checkpoint_store"):
+        message = repair_run_snapshot(str(run))
+    assert message.startswith(f"resuming {run}") and f"from {names[3]} (step 91)" in message
+    assert names[2] in message and "kept" in message
+    assert message in caplog.messages
+    assert any(f"deleted {run / names[4]}" in line for line in caplog.messages)  # said, not logged at info
+    assert not (run / names[4]).exists()
+    assert latest_recorded(str(run)) == (names[3], reported)
+    repaired = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
+    _CheckpointManagerState.parse_obj(repaired)  # Ray Train 2.60 reads the record it resumes by
+    assert [r["checkpoint_dir_name"] for r in repaired["checkpoint_results"]] == names[:4]
+    assert repaired["checkpoint_report_indices"] == [10, 11, 12, 13]
+    assert repaired["current_report_index"] == 14
+    assert repaired["checkpoint_results"][2]["metrics"] == {"global_step": 78.0, "stage": 0.0}  # from its position
+    assert repair_run_snapshot(str(run)) is None  # nothing more to do
+
+    # No record at all (stopped before Ray wrote its first): the whole checkpoint becomes the record's only one.
+    (run / "checkpoint_manager_snapshot.json").unlink()
+    for name in names[:3]:
+        for item in (run / name).iterdir():
+            item.unlink()
+        (run / name).rmdir()
+    assert repair_run_snapshot(str(run)).startswith(f"resuming {run} from {names[3]}")
+    assert latest_recorded(str(run)) == (names[3], reported)
+
+
 # --- a real trainer ------------------------------------------------------------------------------
 
 
@@ -671,3 +723,22 @@ def test_an_epoch_resumed_under_another_read_order_finishes_in_the_order_it_bega
     second = Recorder()
     ColorizerTrainer(config(resumed), plan, 0, 1, torch.device("cpu"), report=second, checkpoint_payload=payload).run()
     assert second.metrics == as_begun.metrics[3:steps]  # the epoch ends as it would have under its first setting
+
+
+def test_local_checkpoint_folders_of_dead_workers_are_removed_and_live_ones_kept(tmp_path) -> None:
+    """A failed run left `recolor-checkpoint-*` (6 MB) in the temporary folder: the next worker removes it."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.train.worker import LOCAL_CHECKPOINT_PREFIX, remove_orphan_checkpoints
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f"{LOCAL_CHECKPOINT_PREFIX}{int(gone.stdout)}-abc"
+    live = tmp_path / f"{LOCAL_CHECKPOINT_PREFIX}{os.getpid()}-def"
+    other = tmp_path / f"{LOCAL_CHECKPOINT_PREFIX}notapid"
+    for folder in (dead, live, other):
+        folder.mkdir()
+        (folder / CHECKPOINT_FILE).write_bytes(b"x" * 1000)
+    assert remove_orphan_checkpoints(str(tmp_path)) == [str(dead)]
+    assert not dead.exists() and live.exists() and other.exists()
