@@ -408,10 +408,11 @@ def adopt_newer(store, record: dict | None) -> str | None:
     if record is None:
         import ray
 
-        record = {"ray_version": ray.__version__, "checkpoint_results": [], "checkpoint_report_indices": [],
-                  "latest_checkpoint_result": None, "pending_training_results": [], "pending_validation_specs": [],
-                  "current_report_index": 0, "validated_checkpoint_dir_names": [],
-                  "timed_out_validation_checkpoint_dir_names": [], "failed_validation_checkpoint_dir_names": []}  # fmt: skip
+        empty = ("checkpoint_results", "checkpoint_report_indices", "pending_training_results",
+                 "pending_validation_specs", "validated_checkpoint_dir_names",
+                 "timed_out_validation_checkpoint_dir_names", "failed_validation_checkpoint_dir_names")  # fmt: skip
+        record = {"ray_version": ray.__version__, "latest_checkpoint_result": None, "current_report_index": 0,
+                  **{field: [] for field in empty}}  # fmt: skip
     index = max([int(record.get("current_report_index", 0)), *(i + 1 for i in record["checkpoint_report_indices"])])
     for name, metrics in adopted:
         entry = {"version": 0, "checkpoint_dir_name": name, "metrics": metrics}
