@@ -152,10 +152,13 @@ def run_colorize(args) -> int:
     print(f"colorized {len(summary.written)} image(s) into {args.out}{skipped}")
     for uri, reason in summary.failed:
         print(f"  skipped {uri}: {reason}", file=sys.stderr)
+    if summary.side_by_side:
+        print(f"side by side: {summary.side_by_side}")
     if summary.failed:
         print(f"recolor: error: {len(summary.failed)} input(s) could not be colorized", file=sys.stderr)
-        return 1
-    return code
+    if summary.side_by_side_error:
+        print(f"recolor: error: the comparison picture was not written: {summary.side_by_side_error}", file=sys.stderr)
+    return 1 if summary.failed or summary.side_by_side_error else code
 
 
 def run_videos(args, videos: list[tuple[str, str]], refused: list[tuple[str, str]]) -> int:
@@ -175,8 +178,10 @@ def run_videos(args, videos: list[tuple[str, str]], refused: list[tuple[str, str
     for src, dst in videos:
         if not uri_exists(dst):
             todo.append((src, dst))
-        elif not (args.overwrite or args.overwrite_any):
+        elif not (args.overwrite or args.overwrite_any) and written_by_recolor(dst):
             print(f"  {dst} is there already (pass --overwrite to redo)")
+        elif not (args.overwrite or args.overwrite_any):  # a file recolor did not write blocks it: not done
+            failed.append((src, f"not_ours: {dst} exists and recolor did not write it; --overwrite-any replaces it"))
         elif args.overwrite_any or written_by_recolor(dst):
             todo.append((src, dst))
         else:

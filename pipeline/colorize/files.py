@@ -57,6 +57,8 @@ class ColorizeSummary:
     written: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # outputs an earlier run wrote whole: not done again
     failed: list[tuple[str, str]] = field(default_factory=list)  # (input, "reason: detail")
+    side_by_side: str | None = None  # the comparison picture written
+    side_by_side_error: str | None = None  # why it was not ("not_ours: ...", "unwritable: ...")
 
 
 def list_inputs(inputs: list[str], suffix: str = ".png") -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:

@@ -9,6 +9,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
+from ingest.errors import ConfigError
 from ingest.storage import StorageError
 from pipeline.colorize.files import (
     SIDE_BY_SIDE_ROWS,
@@ -29,7 +30,7 @@ def plan_outputs(
     (`OutputFolder.record`) before writing any.
 
     `overwrite` replaces only pictures an earlier run wrote (listed in the folder's ledger); a file of the same name
-    that recolor did not write is refused as `not_ours`, unless `overwrite_any`."""
+    that recolor did not write is refused as `not_ours` (with or without `overwrite`), unless `overwrite_any`."""
     items, failed = list_inputs(inputs, SUFFIXES[picture_format])
     items = guard_outputs(items, inputs, out_dir)
     out = OutputFolder(out_dir)
@@ -38,8 +39,11 @@ def plan_outputs(
     for uri, name in items:
         if not out.holds(name):
             todo.append((uri, name))
-        elif not overwrite:
+        elif not overwrite and out.wrote(name):
             summary.skipped.append(out.target(name))
+        elif not overwrite:  # a file recolor did not write blocks this output: it is not done
+            summary.failed.append((uri, f"not_ours: {out.target(name)} exists and recolor did not write it; "
+                                        "--overwrite-any replaces it"))  # fmt: skip
         elif overwrite_any or out.wrote(name):
             todo.append((uri, name))
         else:
@@ -92,10 +96,16 @@ def colorize(
 
     torch_device = torch.device(device)
     out, todo, summary = plan_outputs(inputs, out_dir, options.picture_format, options.overwrite, options.overwrite_any)
+    comparison = plan_side_by_side(options, inputs, out, todo, summary) if options.side_by_side else None
     generator, size, resize = load_model(model_uri, options.tracking_uri, torch_device, options.trust_pickle,
                                          options.size)  # fmt: skip
     set_inference_mode(generator, options.dropout)
     torch.manual_seed(0)
+    if comparison is not None:
+        try:
+            comparison[0].record([comparison[1]])
+        except ConfigError as e:
+            raise ConfigError(f"--side-by-side {options.side_by_side}: {e}") from None
     out.record([name for _, name in todo])
     pending: list[tuple[str, str, np.ndarray]] = []
     compared: list[tuple[str, np.ndarray, np.ndarray]] = []  # (name, photo, colorized) for `side_by_side`
@@ -110,7 +120,7 @@ def colorize(
             for (uri, name, photo), rgb in zip(pending, colored, strict=True):
                 writing.append(writers.submit(write_picture, out, uri, name, rgb, options.picture_format,
                                               options.quality))  # fmt: skip
-                if options.side_by_side and len(compared) < SIDE_BY_SIDE_ROWS:
+                if comparison is not None and len(compared) < SIDE_BY_SIDE_ROWS:
                     compared.append((name, thumbnail(photo), thumbnail(rgb)))  # not 16 full-size photos
         pending.clear()
         while len(writing) > WRITERS * 4:  # a bounded queue: memory stays a few batches of pictures
@@ -138,9 +148,46 @@ def colorize(
                 record(writing.popleft().result())
     finally:
         writers.shutdown(wait=True, cancel_futures=True)
-    if options.side_by_side and compared:
-        write_side_by_side(options.side_by_side, compared, summary)
+    if comparison is not None and compared:
+        write_side_by_side(*comparison, compared, summary)
     return summary
+
+
+def plan_side_by_side(options: ColorizeOptions, inputs: list[str], out: OutputFolder, todo: list[tuple[str, str]],
+                      summary: ColorizeSummary) -> tuple[OutputFolder, str] | None:  # fmt: skip
+    """Where the comparison picture goes, under the rules of every output: (its folder, its name), or None when it
+    is not to be written (an earlier run's, kept without `overwrite`; a file recolor did not write, refused as
+    `summary.side_by_side_error` unless `overwrite_any`).
+
+    Raises:
+        ConfigError: the picture would replace an input, or one of this run's colorized pictures.
+    """
+    from ingest.storage import is_s3
+    from pipeline.colorize.files import list_inputs
+
+    target = options.side_by_side
+    folder_uri, _, name = target.rstrip("/").rpartition("/")
+    if not name or name in (".", ".."):
+        raise ConfigError(f"--side-by-side {target}: name a file to write the comparison picture to")
+    folder = OutputFolder(folder_uri or ".")
+    listed, _ = list_inputs(inputs)
+    given = {uri for uri, _ in listed} | set(inputs)
+    if folder.target(name) in given or (not is_s3(target) and os.path.realpath(target) in {
+            os.path.realpath(uri) for uri in given if not is_s3(uri)}):  # fmt: skip
+        raise ConfigError(f"--side-by-side {target} is an input: the comparison picture never replaces a photo; "
+                          "name another file")  # fmt: skip
+    if folder.target(name) in {out.target(output) for _, output in todo}:
+        raise ConfigError(f"--side-by-side {target} is one of this run's colorized pictures: name another file")
+    if not folder.holds(name):
+        return folder, name
+    if folder.wrote(name) and not options.overwrite:
+        summary.skipped.append(folder.target(name))
+        return None
+    if folder.wrote(name) or options.overwrite_any:
+        return folder, name
+    summary.side_by_side_error = (f"not_ours: --side-by-side {folder.target(name)} exists and recolor did not write "
+                                  "it; --overwrite-any replaces it")  # fmt: skip
+    return None
 
 
 def thumbnail(rgb: np.ndarray, height: int = 256) -> np.ndarray:
@@ -153,14 +200,17 @@ def thumbnail(rgb: np.ndarray, height: int = 256) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb).resize((width, height), Image.BICUBIC))
 
 
-def write_side_by_side(target: str, compared: list[tuple[str, np.ndarray, np.ndarray]],
+def write_side_by_side(folder: OutputFolder, name: str, compared: list[tuple[str, np.ndarray, np.ndarray]],
                        summary: ColorizeSummary) -> None:  # fmt: skip
-    """The comparison picture (`side_by_side`) written whole to a path or s3:// URI; a failure is listed in
-    `summary.failed` (`unwritable`), after the pictures themselves were written."""
-    from ingest.storage import open_storage
-
-    folder, _, name = target.rstrip("/").rpartition("/")
+    """The comparison picture (`side_by_side`) written whole (a temporary file renamed, or one PUT) into `folder`;
+    a failure is `summary.side_by_side_error` (`unwritable`), after the pictures themselves were written."""
     try:
-        open_storage(folder or ".").write_bytes(name, side_by_side(compared))
+        folder.write(name, side_by_side(compared))
     except (OSError, StorageError) as e:
-        summary.failed.append((target, f"unwritable: --side-by-side {target}: {e}"))
+        summary.side_by_side_error = (
+            f"unwritable: --side-by-side {folder.target(name)}: {e.strerror or e}"
+            if isinstance(e, OSError)
+            else f"unwritable: --side-by-side {folder.target(name)}: {e}"
+        )
+    else:
+        summary.side_by_side = folder.target(name)

@@ -274,3 +274,89 @@ def test_side_by_side_is_refused_with_ray(tmp_path, checkpoint, capsys) -> None:
                  "--side-by-side", str(tmp_path / "s.png")])  # fmt: skip
     assert code == 2 and "--side-by-side applies without --ray" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "s.png").exists()
+
+
+def test_side_by_side_never_replaces_an_input_nor_a_file_recolor_did_not_write(tmp_path, checkpoint, capsys) -> None:
+    """The hostile pass: `--side-by-side photos/000000000009.jpg` replaced the original photo (and any other file)
+    with the comparison PNG, and exited 0."""
+    from pipeline.cli import main
+
+    photos = tmp_path / "photos"
+    first, second = picture(photos / "000000000009.jpg", 1), picture(photos / "000000000025.jpg", 2)
+    original = first.read_bytes()
+    out = tmp_path / "out"
+    for target in (first, photos / "sub" / ".." / first.name):  # named, or reached another way
+        code = main(["colorize", "--model", str(checkpoint), str(photos), "-o", str(out), "--size", "64",
+                     "--no-progress", "--side-by-side", str(target)])  # fmt: skip
+        assert code == 2 and "is an input: the comparison picture never replaces a photo" in capsys.readouterr().err
+        assert first.read_bytes() == original and not out.exists()
+    code = main(["colorize", "--model", str(checkpoint), str(second), "-o", str(out), "--size", "64", "--no-progress",
+                 "--side-by-side", str(out / "000000000025.png")])  # fmt: skip
+    assert code == 2 and "one of this run's colorized pictures" in capsys.readouterr().err
+
+    important = tmp_path / "important.txt"
+    important.write_text("keep me")
+    command = ["colorize", "--model", str(checkpoint), str(photos), "-o", str(out), "--size", "64", "--no-progress",
+               "--side-by-side", str(important)]  # fmt: skip
+    assert main(command) == 1
+    captured = capsys.readouterr()
+    assert "the comparison picture was not written: not_ours: --side-by-side" in captured.err
+    assert "could not be colorized" not in captured.err  # the photos were colorized: no input failed
+    assert important.read_text() == "keep me" and len(list(out.glob("*.png"))) == 2
+    assert main([*command, "--overwrite-any"]) == 0  # asked for: replaced, whole
+    assert important.read_bytes().startswith(b"\x89PNG") and f"side by side: {important}" in capsys.readouterr().out
+
+    ours = out / "side.png"  # written by an earlier run: kept without --overwrite, replaced with it
+    again = ["colorize", "--model", str(checkpoint), str(photos), "-o", str(out), "--size", "64", "--no-progress",
+             "--side-by-side", str(ours)]  # fmt: skip
+    assert main([*again, "--overwrite"]) == 0 and ours.exists()
+    assert ours.name in (out / ".recolor-colorized").read_text().splitlines()  # in the folder's ledger
+    ours.write_bytes(b"marker")
+    assert main(again) == 0 and ours.read_bytes() == b"marker"
+    assert main([*again, "--overwrite"]) == 0 and ours.read_bytes().startswith(b"\x89PNG")
+    assert [p.name for p in tmp_path.rglob("*") if p.name.startswith((".tmp", "tmp"))] == []  # no partial file left
+
+
+def test_side_by_side_to_an_unwritable_path_is_its_own_error_not_an_input_failure(tmp_path, checkpoint,
+                                                                                  capsys) -> None:  # fmt: skip
+    from pipeline.cli import main
+
+    photo = picture(tmp_path / "a.png", 1)
+    (tmp_path / "file").write_text("a file where a folder should be")
+    code = main(["colorize", "--model", str(checkpoint), str(photo), "-o", str(tmp_path / "out"), "--size", "64",
+                 "--no-progress", "--side-by-side", str(tmp_path / "file" / "side.png")])  # fmt: skip
+    captured = capsys.readouterr()  # refused before any picture is colorized, in one line naming it
+    assert code == 2 and "could not be colorized" not in captured.err and "Traceback" not in captured.err
+    assert f"recolor: error: --side-by-side {tmp_path / 'file' / 'side.png'}: " in captured.err
+    assert not list((tmp_path / "out").glob("*.png"))
+    # A folder that cannot take the picture once it is made (removed meanwhile, full): said as its own error.
+    from pipeline.colorize.files import ColorizeSummary, OutputFolder
+    from pipeline.colorize.local import write_side_by_side
+
+    summary = ColorizeSummary()
+    rows = [("a.png", np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8, 3), np.uint8))]
+    write_side_by_side(OutputFolder(tmp_path / "file" / "deeper"), "side.png", rows, summary)
+    assert summary.failed == [] and summary.side_by_side_error.startswith("unwritable: --side-by-side ")
+
+
+def test_a_file_recolor_did_not_write_that_blocks_an_output_is_not_reported_done(tmp_path, checkpoint,
+                                                                                 capsys) -> None:  # fmt: skip
+    """The hostile pass: with `out/000000000025.png` a text file, colorize said "1 already there" and exited 0."""
+    from pipeline.cli import main
+
+    photo = picture(tmp_path / "photos" / "000000000025.jpg", 1)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "000000000025.png").write_text("not a picture recolor wrote")
+    code = main(["colorize", "--model", str(checkpoint), str(photo), "-o", str(out), "--size", "64", "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 1 and "already there" not in captured.out
+    assert f"skipped {photo}: not_ours: {out / '000000000025.png'} exists and recolor did not write it" in captured.err
+    assert (out / "000000000025.png").read_text() == "not a picture recolor wrote"
+    # An earlier run's own picture is still skipped, and said so.
+    (out / "000000000025.png").unlink()
+    assert main(["colorize", "--model", str(checkpoint), str(photo), "-o", str(out), "--size", "64",
+                 "--no-progress"]) == 0  # fmt: skip
+    assert main(["colorize", "--model", str(checkpoint), str(photo), "-o", str(out), "--size", "64",
+                 "--no-progress"]) == 0  # fmt: skip
+    assert "1 already there" in capsys.readouterr().out

@@ -178,7 +178,11 @@ def test_outputs_never_clash_never_replace_a_stranger_and_a_codec_must_fit_its_f
     assert "names one output film" in capsys.readouterr().err
 
     stranger = tmp_path / "mine.mp4"
-    stranger.write_bytes(film.read_bytes())  # not written by recolor: --overwrite leaves it
+    stranger.write_bytes(film.read_bytes())  # not written by recolor: a plain run does not call it done
+    assert main([*base, str(film), "-o", str(stranger)]) == 1
+    said = capsys.readouterr()
+    assert "not_ours" in said.err and "is there already" not in said.out
+    # --overwrite leaves it too
     assert main([*base, str(film), "-o", str(stranger), "--overwrite"]) == 1
     assert "not_ours" in capsys.readouterr().err and stranger.read_bytes() == film.read_bytes()
     assert main([*base, str(film), "-o", str(stranger), "--overwrite-any"]) == 0
