@@ -91,7 +91,11 @@ def is_secret_name(name: str) -> bool:
 
 # Credentials inside a value: `scheme://user:password@host` and token-like query parameters.
 _URL_PASSWORD = re.compile(r"(\w[\w+.-]*://[^/\s:@]+):[^/\s@]+@")
-_QUERY_SECRET = re.compile(r"([?&](?:[\w.-]*(?:token|key|secret|password|passwd|signature|sig)[\w.-]*)=)[^&\s#]+",
+# An s3:// address carries no user at all: whatever stands before its `@` is a key (`s3://AKID:Secret@bucket`).
+_S3_USERINFO = re.compile(r"(s3://)[^/\s@]+@", re.IGNORECASE)
+# A query parameter whose name ends in a secret's word (`token`, `api_key`, `X-Amz-Signature`, `X-Amz-Credential`):
+# `max-keys=1` or `keys=` name no secret and stay as they are.
+_QUERY_SECRET = re.compile(r"([?&](?:[\w.-]*?(?:token|key|secret|password|passwd|signature|sig|credential))=)[^&\s#]+",
                            re.IGNORECASE)  # fmt: skip
 
 
@@ -110,8 +114,21 @@ def mask_secrets(text: str, environ=os.environ) -> str:
     """`text` with every credential masked: the values of secret variables, URL passwords, query tokens."""
     for secret in secret_values(environ):
         text = text.replace(secret, "***")
+    text = _S3_USERINFO.sub(r"\1***@", text)
     text = _URL_PASSWORD.sub(r"\1:***@", text)
     return _QUERY_SECRET.sub(r"\1***", text)
+
+
+class MaskingFilter(logging.Filter):
+    """A handler's filter that passes every record through `mask_secrets`: a log line that names an endpoint, a URI
+    or an error of boto3's never shows a password."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = mask_secrets(message)
+        if masked != message:
+            record.msg, record.args = masked, ()
+        return True
 
 
 def forwarded_environment(environ=os.environ, extra=()) -> dict[str, str]:

@@ -83,6 +83,24 @@ def exit_code_and_message(error: BaseException, command: str | None = None) -> t
     return None
 
 
+def masked_log_lines() -> None:
+    """Print warnings as Python's last-resort handler does (the message alone, on stderr), every line through
+    `mask_secrets`: retries and errors name endpoints, and an endpoint may carry a password. Left as it is when
+    logging was set up already (a test's capture, an embedding program)."""
+    import logging
+
+    from ingest.cluster import MaskingFilter
+
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.addFilter(MaskingFilter())
+    root.addHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; errors a user can act on print one line (see `exit_code_and_message`), without a traceback."""
     parser = build_parser()
@@ -93,7 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.command_help = lambda command: main([command, "--help"])  # for `recolor submit KIND --help`
+    masked_log_lines()
     try:
+        from ingest.storage import refuse_credentials_in_uri
+
+        for given in argv if argv is not None else sys.argv[1:]:  # --lake, --storage, -o, inputs, key=value
+            refuse_credentials_in_uri(given.split("=", 1)[1] if not given.startswith("s3://") and "=" in given
+                                      else given)  # fmt: skip
         return args.handler(args)
     except BaseException as error:
         outcome = exit_code_and_message(error, getattr(args, "command", None))

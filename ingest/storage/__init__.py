@@ -43,6 +43,7 @@ from ingest.storage.base import (
     is_s3,
     join_key,
     object_stamp,
+    refuse_credentials_in_uri,
     split_uri,
 )
 from ingest.storage.local import LocalStorage
@@ -65,6 +66,7 @@ __all__ = [
     "open_storage",
     "open_uri",
     "read_uri",
+    "refuse_credentials_in_uri",
     "s3_settings",
     "split_uri",
 ]
@@ -79,6 +81,7 @@ def open_storage(uri: str | Path) -> Storage:
     uri = str(uri)
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
+        refuse_credentials_in_uri(uri)
         if not parsed.netloc:
             raise StorageError(f"bad S3 URI {uri!r}: expected s3://BUCKET[/PREFIX]")
         return S3Storage(parsed.netloc, parsed.path.strip("/"))

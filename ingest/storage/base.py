@@ -98,5 +98,22 @@ def split_uri(uri: str) -> tuple[str, str]:
     return head, tail
 
 
+def refuse_credentials_in_uri(uri: str) -> None:
+    """Refuse an s3:// address that carries keys (`s3://AKID:Secret@bucket/prefix`): botocore would take
+    `AKID:Secret@bucket` for a bucket name and print it in a traceback.
+
+    Raises:
+        StorageError: one line, the keys masked, saying where keys go.
+    """
+    text = str(uri)
+    if is_s3(text) and "@" in text[5:].split("/", 1)[0]:
+        bucket_part = text[5:].split("/", 1)
+        masked = "s3://***@" + bucket_part[0].rsplit("@", 1)[1] + ("/" + bucket_part[1] if len(bucket_part) > 1 else "")
+        raise StorageError(
+            f"{masked} carries credentials in its address: refused. Give them in the standard variables "
+            "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE) and the address as s3://BUCKET/PREFIX"
+        )
+
+
 def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")

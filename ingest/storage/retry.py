@@ -22,7 +22,10 @@ class Retry:
     until `RECOLOR_S3_RETRY_SECONDS` after the first failure; then a StorageError that says what to do."""
 
     def __init__(self, endpoint: str, what: str, uri: str, limit_s: float):
-        self.endpoint, self.what, self.uri, self.limit_s = endpoint, what, uri, limit_s
+        from ingest.cluster import mask_secrets
+
+        # Every line below names the endpoint: a password in AWS_ENDPOINT_URL is masked once, here.
+        self.endpoint, self.what, self.uri, self.limit_s = mask_secrets(str(endpoint)), what, uri, limit_s
         self.deadline: float | None = None
         self.delay = 0.2
         self.attempts = 0
@@ -52,7 +55,11 @@ class Retry:
 
 
 def one_line(error: Exception) -> str:
-    return " ".join(f"{type(error).__name__}: {error}".split())[:300]
+    """The error in one line of at most 300 characters, credentials masked (boto3's errors name the endpoint's URL,
+    password included)."""
+    from ingest.cluster import mask_secrets
+
+    return mask_secrets(" ".join(f"{type(error).__name__}: {error}".split()))[:300]
 
 
 _TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "RequestTimeTooSkewed"}

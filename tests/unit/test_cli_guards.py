@@ -142,3 +142,60 @@ def test_evaluate_refuses_before_loading_anything() -> None:
     with pytest.raises(ConfigError, match=r"--protocol resize scores photos cut by `--resize squash`, and photos@2 "
                                           r"was ingested with --resize cover: ingest the photos again"):  # fmt: skip
         check_protocol(Plan(), "resize")
+
+
+# --- credentials in addresses --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["lake", "ls", "--lake", "s3://AKIDEXAMPLE:Wj4lrXUtnFEMI@lake/l"],
+        ["ingest", "folder", "photos", "--dataset", "d", "--lake", "s3://AKIDEXAMPLE:Wj4lrXUtnFEMI@lake/l", "--no-ray"],
+        ["evaluate", "--model", "m", "--dataset", "d", "--lake=s3://AKIDEXAMPLE:Wj4lrXUtnFEMI@lake/l"],
+        ["colorize", "--model", "m", "photo.jpg", "-o", "s3://AKIDEXAMPLE:Wj4lrXUtnFEMI@lake/out"],
+        ["train", "configs/tiny.yaml", "--storage", "s3://AKIDEXAMPLE:Wj4lrXUtnFEMI@lake/runs"],
+        ["train", "configs/tiny.yaml", "data.lake=s3://AKIDEXAMPLE:Wj4lrXUtnFEMI@lake/l"],
+    ],
+)
+def test_credentials_in_an_s3_address_are_refused_in_one_masked_line(command, capsys) -> None:
+    """The hostile pass: `--lake 's3://AKID:Secret@lake/l'` gave a 42-line botocore traceback printing the secret."""
+    assert main(command) == 2
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Wj4lrXUtnFEMI" not in captured.out + captured.err and "AKIDEXAMPLE" not in lines[0]
+    assert "s3://***@lake/" in lines[0] and "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in lines[0]
+
+
+def test_open_storage_refuses_keys_in_its_address_too() -> None:
+    from ingest.storage import StorageError, open_storage
+
+    with pytest.raises(StorageError, match=r"^s3://\*\*\*@bucket/p carries credentials") as raised:
+        open_storage("s3://key:secret@bucket/p")
+    assert "secret" not in str(raised.value).replace("credentials", "")
+
+
+def test_masking_hides_secrets_only() -> None:
+    from ingest.cluster import mask_secrets
+
+    assert mask_secrets("GET http://admin:hunter2@127.0.0.1:9/lake?list-type=2&max-keys=1&prefix=a") == (
+        "GET http://admin:***@127.0.0.1:9/lake?list-type=2&max-keys=1&prefix=a"
+    )  # max-keys names no secret
+    assert mask_secrets("https://b.s3/k?X-Amz-Credential=AKID%2F1&X-Amz-Date=1&X-Amz-Signature=ab12&api_key=z") == (
+        "https://b.s3/k?X-Amz-Credential=***&X-Amz-Date=1&X-Amz-Signature=***&api_key=***"
+    )
+    assert mask_secrets("s3://AKID:Secret@lake/l and s3://Secret@lake") == "s3://***@lake/l and s3://***@lake"
+
+
+def test_a_password_in_the_endpoint_is_masked_in_every_retry_line(tmp_path) -> None:
+    """The hostile pass: `lake ls` printed AWS_ENDPOINT_URL's password in clear in its retry warnings."""
+    from fixtures.cli import run_cli
+
+    env = {"AWS_ENDPOINT_URL": f"http://admin:hunter2secret@127.0.0.1:{closed_port()}", "AWS_ACCESS_KEY_ID": "k",
+           "AWS_SECRET_ACCESS_KEY": "s", "RECOLOR_S3_RETRY_SECONDS": "1"}  # fmt: skip
+    for command in (["lake", "ls"], ["lake", "show", "d"], ["lake", "check", "d"]):
+        result = run_cli(*command, "--lake", "s3://lake/l", cwd=tmp_path, env=env, timeout=60)
+        said = result.stdout + result.stderr
+        assert result.returncode == 2 and "hunter2secret" not in said, said
+        assert "retrying for up to 1 s" in said and "http://admin:***@127.0.0.1:" in said, said
+        assert "Traceback" not in said
