@@ -157,13 +157,16 @@ def load_saved_generator(folder: str | Path, device: str | torch.device = "cpu")
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise ConfigError(f"{path} does not fit the {spec.arch} of {Path(folder) / SPEC_FILE}: {first}") from None
+    generator.recolor_spec = spec  # what built it: `recolor export --format mlflow` saves it again
     return generator.to(device).eval(), spec
 
 
 def generator_from_checkpoint(payload: dict) -> nn.Module:
-    """Rebuild the generator a checkpoint was trained with, in eval mode."""
-    generator = spec_from_checkpoint(payload).build()
+    """Rebuild the generator a checkpoint was trained with, in eval mode (its spec as `recolor_spec`)."""
+    spec = spec_from_checkpoint(payload)
+    generator = spec.build()
     generator.load_state_dict(payload["generator"])
+    generator.recolor_spec = spec
     return generator.eval()
 
 

@@ -9,6 +9,7 @@ the pt2 program through `torch.export.load`; a difference over `tolerance` remov
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from torch import nn
 
 from ingest.errors import ConfigError
 
-EXPORT_FORMATS = ("onnx", "pt2")
+EXPORT_FORMATS = ("onnx", "pt2", "mlflow")  # mlflow: a model folder recolor wrote afresh, for `mlflow models serve`
 TOLERANCE = 1e-4  # max abs difference on the ab output, in the network's [-1, 1] units
 ONNX_OPSET = 18
 
@@ -43,7 +44,9 @@ def export_generator(generator: nn.Module, side: int, export_format: str, path: 
     """
     if export_format not in EXPORT_FORMATS:
         raise ConfigError(f"export format must be one of {EXPORT_FORMATS}, got {export_format!r}")
-    if getattr(generator, "fusion", None) is not None:
+    if export_format == "mlflow":
+        return export_model_folder(generator, side, path, overwrite)
+    if getattr(generator, "fusion", None) is not None and export_format != "mlflow":
         raise ConfigError(
             "this generator fuses a frozen Inception network (model.fusion: inception), which is not exported: "
             "serve it with `mlflow models serve` (its registered model) or colorize with `recolor colorize` instead"
@@ -80,6 +83,67 @@ def export_generator(generator: nn.Module, side: int, export_format: str, path: 
         with contextlib.suppress(OSError):  # on a read-only file system this fails too: the error above is the one
             temp.unlink(missing_ok=True)
     return ExportResult(path, export_format, side, diff)
+
+
+def export_model_folder(generator: nn.Module, side: int, path: str | Path, overwrite: bool = False) -> ExportResult:
+    """Write `generator` (loaded, and so verified, by recolor) as a new MLflow model folder: recolor's serving module,
+    its saved-generator data and pinned requirements, nothing copied from where the model came from. Served with
+    `mlflow models serve -m PATH --env-manager local`, it runs the installed recolor and no other code. Written into
+    a hidden folder beside `path`, loaded back through `load_generator` and compared, then renamed into place.
+
+    Raises:
+        ConfigError: `path` exists (without `overwrite`: only a folder this command wrote is replaced) or cannot be
+            written, or the folder does not load back to the same outputs.
+    """
+    import shutil
+    import tempfile
+
+    import mlflow.pyfunc
+
+    from pipeline.models.saved import GeneratorSpec, save_generator
+    from pipeline.serving.signature import serving_signature
+    from pipeline.tracking.registry import SERVING_MODULE, _requirements, load_generator
+
+    path = Path(path)
+    if path.exists():
+        if not overwrite:
+            raise ConfigError(f"{path} exists: pass --overwrite to replace it, or another -o")
+        if not (path / "MLmodel").is_file() or not (path / EXPORT_MARKER).is_file():
+            raise ConfigError(f"{path} exists and is not a model folder recolor export wrote: pass another -o")
+    spec = getattr(generator, "recolor_spec", None)
+    if not isinstance(spec, GeneratorSpec):
+        raise ConfigError("this generator carries no saved spec (an old pickled model): export it as onnx or pt2")
+    spec = dataclasses.replace(spec, image_size=side)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    except OSError as e:
+        raise ConfigError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        data = save_generator(generator.cpu().float().eval(), spec, scratch / "generator")
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*input example was not provided")
+            mlflow.pyfunc.save_model(str(scratch / "model"), loader_module=SERVING_MODULE, data_path=str(data),
+                                     signature=serving_signature(), pip_requirements=_requirements(spec.fusion))  # fmt: skip
+        (scratch / "model" / EXPORT_MARKER).write_text("written by recolor export --format mlflow\n")
+        loaded = load_generator(str(scratch / "model"))
+        diff = _check(generator.cpu().float().eval(), lambda light: loaded(torch.from_numpy(light)).detach().numpy(),
+                      side)  # fmt: skip
+        if diff != 0.0:
+            raise ConfigError(f"the model folder loads back {diff:.2e} away from the generator: not written")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(scratch / "model", path)
+    except OSError as e:
+        raise ConfigError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return ExportResult(path, "mlflow", side, diff)
+
+
+EXPORT_MARKER = "recolor-export.txt"  # in a model folder `export_model_folder` wrote: --overwrite may replace it
 
 
 def _write_onnx(generator: nn.Module, example: torch.Tensor, path: Path, metadata: dict[str, str]) -> None:

