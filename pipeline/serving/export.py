@@ -125,8 +125,13 @@ def export_model_folder(generator: nn.Module, side: int, path: str | Path, overw
 
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*input example was not provided")
-            mlflow.pyfunc.save_model(str(scratch / "model"), loader_module=SERVING_MODULE, data_path=str(data),
-                                     signature=serving_signature(), pip_requirements=_requirements(spec.fusion))  # fmt: skip
+            mlflow.pyfunc.save_model(
+                str(scratch / "model"),
+                loader_module=SERVING_MODULE,
+                data_path=str(data),
+                signature=serving_signature(),
+                pip_requirements=_requirements(spec.fusion),
+            )
         (scratch / "model" / EXPORT_MARKER).write_text("written by recolor export --format mlflow\n")
         loaded = load_generator(str(scratch / "model"))
         diff = _check(generator.cpu().float().eval(), lambda light: loaded(torch.from_numpy(light)).detach().numpy(),
