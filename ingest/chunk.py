@@ -20,6 +20,7 @@ from ingest.lab import rgb8_to_lab8
 from ingest.lake import (
     SPLITS,
     ManifestRow,
+    file_sha256,
     sha256_hex,
 )
 from ingest.shards import ShardWriter
@@ -189,7 +190,12 @@ def process_chunk(spec: ChunkSpec, known_keys: KnownKeys | frozenset[str] | set[
             if count:
                 faults.maybe_fail("shard_upload")
                 storage.upload_file(f"{spec.dataset}/{spec.shard_path(split)}", writer.path)
-                shards[split] = {"path": spec.shard_path(split), "count": count, "bytes": writer.path.stat().st_size}
+                shards[split] = {
+                    "path": spec.shard_path(split),
+                    "count": count,
+                    "bytes": writer.path.stat().st_size,
+                    "sha256": file_sha256(writer.path),
+                }  # what a node's cached copy must match
     finally:
         for writer in writers.values():
             writer.close()

@@ -28,6 +28,7 @@ from ingest.lake import (
     SPLITS,
     Lake,
     LakeError,
+    file_sha256,
     sha256_hex,
     table_to_parquet,
 )
@@ -96,7 +97,7 @@ def _rewrite_shard(lake: Lake, dataset: str, path: str, keep: set[str]) -> dict:
             count = filter_shard(source, temp, keep)
         if count:
             lake.storage.upload_file(key, temp)
-        return {"count": count, "bytes": temp.stat().st_size}
+        return {"count": count, "bytes": temp.stat().st_size, "sha256": file_sha256(temp)}
     finally:
         temp.unlink(missing_ok=True)
         temp_dir.rmdir()

@@ -36,6 +36,7 @@ from ingest.lake import (
     LakeError,
     VersionRef,
     conform,
+    file_sha256,
     sha256_hex,
     table_to_parquet,
 )
@@ -326,7 +327,7 @@ def _rebuild_shard(lake: Lake, dataset: str, path: str, new_path: str, rows: lis
         if not writer.count:
             return None
         lake.storage.upload_file(f"{dataset}/{new_path}", local)
-        return {"path": new_path, "count": writer.count, "bytes": local.stat().st_size}
+        return {"path": new_path, "count": writer.count, "bytes": local.stat().st_size, "sha256": file_sha256(local)}
     finally:
         local.unlink(missing_ok=True)
 

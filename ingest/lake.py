@@ -29,6 +29,7 @@ import shlex
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -208,6 +209,9 @@ def check_record(record, where: str) -> None:
                 if not isinstance(entry.get(number), int) or entry[number] < 0:
                     raise corrupt(f"{name}.{number}", "is not a count")
             check_key(entry["path"], lambda why, name=name: corrupt(f"{name}.path", why))
+            digest = entry.get("sha256")
+            if digest is not None and not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+                raise corrupt(f"{name}.sha256", "is not a SHA-256 in hex")
 
 
 def check_key(key: str, error) -> None:
@@ -220,6 +224,15 @@ def check_key(key: str, error) -> None:
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 (hex) of a file's bytes, read in 4 MB pieces: a shard's digest, recorded beside its size."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while piece := file.read(4 * 2**20):
+            digest.update(piece)
+    return digest.hexdigest()
 
 
 def table_to_parquet(table: pa.Table) -> bytes:

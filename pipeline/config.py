@@ -100,7 +100,7 @@ class DataConfig:
     loader_workers: int | None = None  # loader processes that check, decode and augment samples; None: cpus_per_worker
     loader_processes: bool = True  # loader_workers > 1 as processes (Linux; local lake or shard cache); false: threads
     cache: str = "auto"  # node-local shard cache: "auto" (on for s3:// lakes), "on", "off"
-    cache_dir: str | None = None  # where (None: $TMPDIR or /tmp, recolor-shard-cache), shared by a node's ranks
+    cache_dir: str | None = None  # where (None: $TMPDIR or /tmp, recolor-shard-cache-UID), shared by a node's ranks
     cache_bytes: int | str | None = None  # its budget, bytes or "200GB" (None: 80% of the free space there)
     # each rank reads the same shards every epoch, shuffled among themselves, so a node's cache hits from epoch 2:
     # "auto" (on where the shard cache is: s3:// lakes, or data.cache on), "on", "off" (every epoch drawn over all)

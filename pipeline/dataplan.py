@@ -20,6 +20,7 @@ class ShardInfo:
     count: int
     size: int | None = None  # bytes, as the version records (what a cached copy must have); None: unknown
     source: int = 0  # which of the plan's datasets (an index into `DataPlan.refs`)
+    sha256: str | None = None  # of the shard's bytes, as the version records (None: a lake from before digests)
 
 
 @dataclass
@@ -43,8 +44,8 @@ class DataPlan:
             "uris": self.uris,
             "size": self.size,
             "resize": self.resize,
-            "train": [[s.uri, s.count, s.size, s.source] for s in self.train],
-            "val": [[s.uri, s.count, s.size, s.source] for s in self.val],
+            "train": [[s.uri, s.count, s.size, s.source, s.sha256] for s in self.train],
+            "val": [[s.uri, s.count, s.size, s.source, s.sha256] for s in self.val],
             "weights": self.weights,
             "epoch_samples": self.epoch_samples,
         }
@@ -78,8 +79,8 @@ class DataPlan:
                         val=[s for s in self.val if s.source == index])  # fmt: skip
 
 
-def _shard_info(uri: str, count: int, size: int | None = None, source: int = 0) -> ShardInfo:
-    return ShardInfo(uri, int(count), None if size is None else int(size), int(source))
+def _shard_info(uri: str, count: int, size: int | None = None, source: int = 0, sha256: str | None = None) -> ShardInfo:
+    return ShardInfo(uri, int(count), None if size is None else int(size), int(source), sha256)
 
 
 def resolve_data(datasets: list[str], lake_uri: str | None, weights: list[float] | None = None,
@@ -108,8 +109,9 @@ def resolve_data(datasets: list[str], lake_uri: str | None, weights: list[float]
         plan.digests[ref.ref] = ref.record["manifest_sha256"]
         plan.uris[ref.ref] = lake.storage.uri(f"{ref.dataset}/versions/{ref.version:06d}.json")
         source = len(plan.refs) - 1
-        plan.train += [ShardInfo(s["uri"], int(s["count"]), int(s["bytes"]), source) for s in lake.shards(ref, "train")]
-        plan.val += [ShardInfo(s["uri"], int(s["count"]), int(s["bytes"]), source) for s in lake.shards(ref, "val")]
+        for split, shards in (("train", plan.train), ("val", plan.val)):
+            shards += [ShardInfo(s["uri"], int(s["count"]), int(s["bytes"]), source, s.get("sha256"))
+                       for s in lake.shards(ref, split)]  # fmt: skip
     if weights is not None:
         if len(plan.refs) != len(set(plan.refs)):
             raise DataError(f"a mixture names one dataset version twice ({', '.join(plan.refs)}): give it one weight")

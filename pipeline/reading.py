@@ -133,8 +133,8 @@ def shard_openers(uris: list[str], segments: list[Segment], opener: Callable, re
     """A context-manager factory per URI of `uris`, in order (see `read_segments` for `readahead` and `cache`)."""
     fetch = fetch_shard
     if cache is not None and uris and uris[0].startswith("s3://") and opener is open_shard:
-        sizes = {segment.shard.uri: segment.shard.size for segment in segments}
-        opener = fetch = lambda uri: cache.open(uri, sizes[uri])  # noqa: E731 - one function, two roles
+        shards = {segment.shard.uri: segment.shard for segment in segments}
+        opener = fetch = lambda uri: cache.open(uri, shards[uri].size, shards[uri].sha256)  # noqa: E731 - two roles
         readahead = readahead if readahead is not None else min(max(2, interleave), 8)
     if readahead is None:
         readahead = min(max(2, interleave), 8) if uris and uris[0].startswith("s3://") and opener is open_shard else 0

@@ -11,6 +11,12 @@ folder on the node's local disk, shared by every rank (every process) of the nod
   does not is dropped and fetched again, with one warning. Samples are still checked against their CRC-32 by the
   reader, as from any store; a shard with a sample that fails is dropped from the cache (`drop`), so the next
   epoch fetches it again.
+- **Trusted only as the lake recorded it.** The cache folder is the user's own and private: created 0700; one
+  owned by another user, or a link, is refused (the cache is off, with one warning); one of the user's that
+  others could write is emptied and made private. A cached shard is used only if its SHA-256 is the one its
+  version records (`sha256`, written at ingest), checked once a process; for lakes written before digests, the
+  one the cache recorded when it downloaded the shard (`<shard>.sha256` beside it, in the private folder).
+  A shard planted by another local user is never read: validation samples cannot leak into training.
 - **Bounded.** At most `capacity` bytes: a fill first evicts the least recently used shards that no reader holds
   open (readers hold a shared `flock` while they read). A shard that cannot fit is streamed as before.
 - **Never a crash.** A cache folder that cannot be created or written (read-only, full disk) turns the cache off
@@ -26,6 +32,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import stat
 import tempfile
 import threading
 import time
@@ -41,8 +48,8 @@ STALE_TEMP_S = 3600.0  # a temporary file this old is a killed fill's
 
 
 def default_cache_dir() -> str:
-    """Under the node's local temp space (`$TMPDIR`, else /tmp): what Ray nodes have for scratch."""
-    return str(Path(tempfile.gettempdir()) / DEFAULT_DIR_NAME)
+    """Under the node's local temp space (`$TMPDIR`, else /tmp): what Ray nodes have for scratch; one a user."""
+    return str(Path(tempfile.gettempdir()) / f"{DEFAULT_DIR_NAME}-{os.geteuid()}")
 
 
 @dataclass
@@ -72,9 +79,14 @@ class ShardCache:
         self.capacity = int(capacity)
         self.stats = CacheStats()
         self._download = download or _download
+        self._verified: set[tuple[int, int, int, str]] = set()  # (device, inode, size, digest) checked here
         self.enabled = True
         try:
             self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            refused = self._make_private()
+            if refused:
+                self._disable(refused)
+                return
             probe = self.root / f".probe-{uuid.uuid4().hex}"
             probe.write_bytes(b"")
             probe.unlink()
@@ -82,6 +94,25 @@ class ShardCache:
             self._disable(f"the shard cache {self.root} cannot be written ({e.strerror or e})")
             return
         self._clean_stale()
+
+    def _make_private(self) -> str | None:
+        """Check that the cache folder is this user's and private; None when it is (made so), else why not."""
+        info = os.lstat(self.root)
+        if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+            return f"the shard cache {self.root} is not a folder (a link, or a file): refused"
+        if info.st_uid != os.geteuid():
+            return (f"the shard cache {self.root} belongs to user id {info.st_uid}, not to you ({os.geteuid()}): "
+                    "refused, its shards could be anyone's; set data.cache_dir to a folder of your own")  # fmt: skip
+        if info.st_mode & 0o077:
+            dropped = 0
+            for item in self.root.iterdir():
+                if item.is_file() or item.is_symlink():
+                    item.unlink(missing_ok=True)
+                    dropped += 1
+            os.chmod(self.root, 0o700)
+            log.warning("the shard cache %s was open to other users (mode %o): its %d files were deleted and it is "
+                        "private now (0700)", self.root, stat.S_IMODE(info.st_mode), dropped)  # fmt: skip
+        return None
 
     def has_default_download(self) -> bool:
         """Whether it downloads as `node_cache`'s would (a loader process can make its own like it)."""
@@ -97,18 +128,19 @@ class ShardCache:
         endpoint = os.environ.get("AWS_ENDPOINT_URL", "") if uri.startswith("s3://") else ""
         return self.root / f"{hashlib.sha256(f'{endpoint}|{uri}'.encode()).hexdigest()[:32]}.tar"
 
-    def open(self, uri: str, size: int | None) -> BinaryIO:
+    def open(self, uri: str, size: int | None, sha256: str | None = None) -> BinaryIO:
         """The shard at `uri` as a readable file: from the cache, after filling it if needed; streamed from the
-        store when the cache is off, the size is unknown or the shard cannot fit."""
+        store when the cache is off, the size is unknown or the shard cannot fit. `sha256`: the shard's digest
+        as its version records (None for lakes written before digests)."""
         if not self.enabled or size is None or size > self.capacity:
             return self._stream(uri)
         path = self._path(uri)
-        cached = self._open_cached(path, size)
+        cached = self._open_cached(path, size, sha256)
         if cached is not None:
             return cached
         try:
             with _locked(path.with_suffix(".lock"), fcntl.LOCK_EX):
-                cached = self._open_cached(path, size)  # another rank filled it while this one waited
+                cached = self._open_cached(path, size, sha256)  # another rank filled it while this one waited
                 if cached is not None:
                     return cached
                 temp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
@@ -122,7 +154,19 @@ class ShardCache:
                     self.stats.add(store=written)
                     if written != size:
                         raise ValueError(f"downloaded {written} bytes, the version records {size}")
+                    digest = _file_sha256(temp)
+                    if sha256 is not None and digest != sha256:  # the store's copy is not the one recorded
+                        log.warning("%s has SHA-256 %s, not the %s its version records: not cached (its samples are "
+                                    "checked as read; `recolor lake check --deep` and `lake repair`)", uri, digest,
+                                    sha256)  # fmt: skip
+                        return _memory(temp)
+                    if sha256 is None:  # a lake from before digests: what this cache downloaded is the reference
+                        sidecar = temp.with_name(temp.name + ".sha256")
+                        sidecar.write_text(digest)
+                        os.replace(sidecar, path.with_suffix(".sha256"))
                     os.replace(temp, path)
+                    info = os.stat(path)
+                    self._verified.add((info.st_dev, info.st_ino, info.st_size, digest))
                 finally:
                     with contextlib.suppress(OSError):
                         temp.unlink(missing_ok=True)
@@ -136,10 +180,10 @@ class ShardCache:
                 raise  # the store's answer (a missing or unreadable object): the reader's to handle
             self._disable(f"the shard cache {self.root} failed to store {uri} ({e.strerror or e})")
             return self._stream(uri)
-        opened = self._open_cached(path, size, hit=False)  # its bytes were counted as the store's
+        opened = self._open_cached(path, size, sha256, hit=False)  # its bytes were counted as the store's
         return opened if opened is not None else self._stream(uri)
 
-    def _open_cached(self, path: Path, size: int, hit: bool = True) -> BinaryIO | None:
+    def _open_cached(self, path: Path, size: int, sha256: str | None, hit: bool = True) -> BinaryIO | None:
         try:
             handle = open(path, "rb")
         except FileNotFoundError:
@@ -159,11 +203,39 @@ class ShardCache:
                         size)  # fmt: skip
             path.unlink(missing_ok=True)
             return None
+        why = self._untrusted(path, handle, sha256)
+        if why is not None:
+            handle.close()
+            log.warning("cached shard %s %s: dropped, fetching it again", path, why)
+            path.unlink(missing_ok=True)
+            return None
         with contextlib.suppress(OSError):
             os.utime(path)  # recently used
         if hit:
             self.stats.add(cache=size)
         return handle
+
+    def _untrusted(self, path: Path, handle: BinaryIO, sha256: str | None) -> str | None:
+        """Why the open cached shard cannot be trusted, or None: its digest must be the recorded one (the version's,
+        else the one this cache wrote when it downloaded it); checked once a process for each file."""
+        expected = sha256
+        if expected is None:
+            try:
+                expected = path.with_suffix(".sha256").read_text().strip()
+            except (OSError, UnicodeDecodeError):
+                return "has no digest to check it by (not a download of this cache)"
+        info = os.fstat(handle.fileno())
+        key = (info.st_dev, info.st_ino, info.st_size, expected)
+        if key in self._verified:
+            return None
+        digest = hashlib.sha256()
+        while piece := handle.read(4 * 2**20):
+            digest.update(piece)
+        handle.seek(0)
+        if digest.hexdigest() != expected:
+            return f"has SHA-256 {digest.hexdigest()}, not the {expected} recorded"
+        self._verified.add(key)
+        return None
 
     def drop(self, uri: str) -> None:
         """Forget the cached copy of `uri` (a sample in it failed its checksum): the next read fetches it again,
@@ -173,6 +245,7 @@ class ShardCache:
             log.warning("a sample of the cached shard %s failed its checksum: dropped it, the next read fetches %s "
                         "again", path, uri)  # fmt: skip
             path.unlink(missing_ok=True)  # a reader holding it open reads on; the name is gone
+            path.with_suffix(".sha256").unlink(missing_ok=True)
 
     def _stream(self, uri: str) -> BinaryIO:
         import io
@@ -204,6 +277,7 @@ class ShardCache:
                 with open(path, "rb") as handle:
                     fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # no reader holds it
                     path.unlink()
+                    path.with_suffix(".sha256").unlink(missing_ok=True)
                 used -= held
             except (BlockingIOError, FileNotFoundError):
                 continue
@@ -217,6 +291,18 @@ class ShardCache:
                     temp.unlink()
             except FileNotFoundError:
                 continue
+
+
+def _file_sha256(path: Path) -> str:
+    from ingest.lake import file_sha256
+
+    return file_sha256(path)
+
+
+def _memory(path: Path) -> BinaryIO:
+    import io
+
+    return io.BytesIO(path.read_bytes())
 
 
 class _locked:

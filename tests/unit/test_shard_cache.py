@@ -154,3 +154,83 @@ def test_fills_running_at_once_keep_the_budget(tmp_path):
         thread.join()
     assert sum(p.stat().st_size for p in (tmp_path / "cache").glob("*.tar")) <= 250_000
     assert list((tmp_path / "cache").glob(".*.reserve")) == []
+
+
+# --- trust: a private folder, shards as the lake recorded them -----------------------------------------------
+
+
+def test_a_planted_shard_of_the_right_size_is_never_read(tmp_path, caplog):
+    """The hostile pass: a file of a shard's size planted in the cache was trained on (only its size was checked)."""
+    import hashlib
+
+    store = CountingStore(tmp_path / "store", {"a.tar": 100_000, "b.tar": 100_000})
+    uri, old_uri = store.uris["a.tar"], store.uris["b.tar"]
+    digest = hashlib.sha256(Path(uri).read_bytes()).hexdigest()
+    cache = ShardCache(tmp_path / "cache", 10**7, download=store.download)
+    planted = os.urandom(100_000)  # e.g. validation samples re-labelled as training ones
+    for target in (uri, old_uri):
+        cache._path(target).write_bytes(planted)
+    with caplog.at_level(logging.WARNING, logger="pipeline.shard_cache"):
+        with cache.open(uri, 100_000, digest) as handle:
+            assert handle.read() == Path(uri).read_bytes()  # the recorded shard, fetched again
+        with cache.open(old_uri, 100_000) as handle:  # a lake from before digests: no download of this cache's
+            assert handle.read() == Path(old_uri).read_bytes()
+    assert store.calls == [uri, old_uri]
+    assert any("not the" in message and "recorded: dropped" in message for message in caplog.messages)
+    assert any("has no digest to check it by" in message for message in caplog.messages)
+    # Once fetched, both are read from the cache, by this process and by another one (its own check).
+    for reader in (cache, ShardCache(tmp_path / "cache", 10**7, download=store.download)):
+        assert read_with(reader, uri, digest) == Path(uri).read_bytes()
+        assert read_with(reader, old_uri, None) == Path(old_uri).read_bytes()
+    assert store.calls == [uri, old_uri]
+    # A copy changed after it was checked (same size): the next process refuses it.
+    cache._path(uri).write_bytes(planted)
+    fresh = ShardCache(tmp_path / "cache", 10**7, download=store.download)
+    assert read_with(fresh, uri, digest) == Path(uri).read_bytes() and store.calls[-1] == uri
+
+
+def read_with(cache: ShardCache, uri: str, digest: str | None) -> bytes:
+    with cache.open(uri, os.path.getsize(uri), digest) as handle:
+        return handle.read()
+
+
+def test_a_store_copy_that_is_not_the_recorded_one_is_streamed_not_cached(tmp_path, caplog):
+    store = CountingStore(tmp_path / "store", {"a.tar": 50_000})
+    uri = store.uris["a.tar"]
+    cache = ShardCache(tmp_path / "cache", 10**7, download=store.download)
+    with caplog.at_level(logging.WARNING, logger="pipeline.shard_cache"):
+        assert read_with(cache, uri, "0" * 64) == Path(uri).read_bytes()  # the reader's checks judge its samples
+    assert not cache._path(uri).exists() and "not the " + "0" * 64 in caplog.text
+
+
+def test_a_cache_folder_open_to_others_is_emptied_and_made_private(tmp_path, caplog):
+    root = tmp_path / "cache"
+    root.mkdir()
+    (root / "0123.tar").write_bytes(b"planted")
+    os.chmod(root, 0o777)
+    with caplog.at_level(logging.WARNING, logger="pipeline.shard_cache"):
+        cache = ShardCache(root, 10**7)
+    assert cache.enabled and (os.stat(root).st_mode & 0o777) == 0o700 and list(root.iterdir()) == []
+    assert "was open to other users (mode 777)" in caplog.text
+
+
+def test_a_cache_folder_of_another_user_or_a_link_is_refused(tmp_path, caplog):
+    target = tmp_path / "elsewhere"
+    target.mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(target)
+    with caplog.at_level(logging.WARNING, logger="pipeline.shard_cache"):
+        assert not ShardCache(tmp_path / "link", 10**7).enabled
+    assert "is not a folder (a link, or a file): refused" in caplog.text
+    if os.geteuid() == 0:  # root can give a folder away: another user's
+        theirs = tmp_path / "theirs"
+        theirs.mkdir(mode=0o700)
+        os.chown(theirs, 12345, 12345)
+        with caplog.at_level(logging.WARNING, logger="pipeline.shard_cache"):
+            assert not ShardCache(theirs, 10**7).enabled
+        assert "belongs to user id 12345, not to you" in caplog.text and "data.cache_dir" in caplog.text
+
+
+def test_the_default_cache_folder_is_each_users_own():
+    from pipeline.shard_cache import default_cache_dir
+
+    assert default_cache_dir().endswith(f"recolor-shard-cache-{os.geteuid()}")
