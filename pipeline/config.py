@@ -82,6 +82,24 @@ class ModelConfig:
             raise ConfigError("model.backbone_weights applies to arch resnet18_unet only")
 
 
+MIX_WEIGHTS = (1e-6, 1e6)  # a mixture's weights are proportions: 1e-6..1e6 keeps every share exact in a float
+
+
+def weight_problem(weight: float) -> str | None:
+    """Why `weight` cannot be a mixture weight, or None: it must be a finite positive number within `MIX_WEIGHTS`
+    (1e308 overflows the shares' sum; 1e-320 is a share that rounds to no sample)."""
+    if math.isnan(weight):
+        return "is not a number (NaN)"
+    if math.isinf(weight):
+        return "is infinite"
+    if weight <= 0:
+        return "must be a positive number"
+    low, high = MIX_WEIGHTS
+    if not low <= weight <= high:
+        return f"must lie in {low:g}..{high:g} (weights are proportions, like 0.8 and 0.2)"
+    return None
+
+
 @dataclass
 class DataConfig:
     """Where the samples come from and how they are fed."""
@@ -116,11 +134,17 @@ class DataConfig:
                 raise ConfigError(f"data.datasets {self.datasets} and data.mix {list(self.mix)} name different data: "
                                   "set one of them")  # fmt: skip
             for name, weight in self.mix.items():
-                if not (isinstance(weight, int | float) and not isinstance(weight, bool) and math.isfinite(weight)
-                        and weight > 0):  # fmt: skip
+                if not isinstance(weight, int | float) or isinstance(weight, bool):
                     raise ConfigError(f"data.mix.{name}: the weight must be a positive number, got {weight!r}")
+                why = weight_problem(weight)
+                if why:
+                    raise ConfigError(f"data.mix.{name}: the weight {why}, got {weight!r}")
             self.mix = {name: float(weight) for name, weight in self.mix.items()}
             self.datasets = list(self.mix)
+        twice = sorted({name for name in self.datasets if self.datasets.count(name) > 1})
+        if twice:
+            raise ConfigError(f"data.datasets names {twice[0]} {self.datasets.count(twice[0])} times: name each "
+                              "dataset once")  # fmt: skip
         if self.epoch_samples is not None:
             if self.epoch_samples < 1:
                 raise ConfigError(f"data.epoch_samples must be at least 1 (or null), got {self.epoch_samples}")
@@ -344,14 +368,22 @@ def _checked(name: str, hint: Any, shown: str, value: Any) -> Any:
             return value
         if option in (bool, str) and isinstance(value, option):
             return value
+        if option is str and isinstance(value, bool) and bool not in typing.get_args(hint):
+            return "on" if value else "off"  # YAML 1.1 reads `on`/`off` (the documented modes) as true/false
         if typing.get_origin(option) is list and isinstance(value, list):
             (item,) = typing.get_args(option)
             if all(isinstance(v, item) for v in value):
                 return value
         if (typing.get_origin(option) is dict and isinstance(value, dict)  # {str: float}: weights
-                and all(isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
+                and all(isinstance(k, str) and isinstance(v, int | float | str) and not isinstance(v, bool)
                         for k, v in value.items())):  # fmt: skip
-            return value
+            numbers = {}
+            for key, item in value.items():  # YAML 1.1 reads 1e308, 1e-320 and NaN as text: judged as numbers
+                try:
+                    numbers[key] = float(item)
+                except ValueError:
+                    raise ConfigError(f"{name}.{key}: expected a number, got {item!r}") from None
+            return numbers
     raise ConfigError(f"{name}: expected {shown}, got {value!r}")
 
 

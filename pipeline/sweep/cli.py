@@ -41,7 +41,8 @@ def add_sweep_parser(subparsers) -> None:
     parser.add_argument("--max-concurrent", type=int, default=2, help="trials at once (default: 2)")
     parser.add_argument("--stop-early", choices=("asha", "median"), help="stop losing trials after a validation")
     parser.add_argument("--name", help="the sweep's name (default: the preset's and a digest of the grid)")
-    parser.add_argument("--dataset", action="append", metavar="NAME[@VERSION]", help="training data (repeatable)")
+    parser.add_argument("--dataset", action="append", metavar="NAME[@VERSION][:WEIGHT]",
+                        help="training data (repeatable; with weights, a mixture), as for recolor train")  # fmt: skip
     parser.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker")
     parser.add_argument("--lake", help="lake URI (default: $RECOLOR_LAKE, else ./lake)")
     parser.add_argument("--storage", help="checkpoints: a folder or s3:// URI (default: ./ray_results)")
@@ -68,8 +69,10 @@ def run_sweep_command(args) -> int:
     from pipeline.train.driver import TrackingOptions
 
     overrides = list(args.overrides)
-    if args.dataset:
-        overrides.append(f"data.datasets={json.dumps(args.dataset)}")
+    if args.dataset:  # as `recolor train` takes it: it replaces a preset's datasets or mixture whole
+        from pipeline.train.cli import dataset_override
+
+        overrides = [*dataset_override(args.dataset), *overrides]
     for flag, key in (("lake", "data.lake"), ("storage", "storage")):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={json.dumps(getattr(args, flag))}")

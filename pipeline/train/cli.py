@@ -83,8 +83,14 @@ def dataset_override(datasets: list[str]) -> list[str]:
         ConfigError: weights on some datasets only, or a weight that is not a positive number.
     """
     from ingest.errors import ConfigError
+    from pipeline.config import weight_problem
 
     weighted = [name.rpartition(":") for name in datasets]
+    names = [name if sep else weight for name, sep, weight in weighted]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ConfigError(f"--dataset {twice[0]} is given {names.count(twice[0])} times: name each dataset once "
+                          "(its weight is its share of the mixture)")  # fmt: skip
     if not any(sep for _, sep, _ in weighted):
         return [f"data.datasets={json.dumps(datasets)}", "data.mix=null", "data.epoch_samples=null"]
     mix = {}
@@ -95,6 +101,9 @@ def dataset_override(datasets: list[str]) -> list[str]:
             mix[name] = float(weight)
         except ValueError:
             raise ConfigError(f"--dataset {name}:{weight}: the weight must be a number, e.g. {name}:0.2") from None
+        why = weight_problem(mix[name])
+        if why:
+            raise ConfigError(f"--dataset {name}:{weight}: the weight {why}, e.g. {name}:0.2")
     return [f"data.mix={json.dumps(mix)}", "data.datasets=[]"]
 
 

@@ -329,3 +329,58 @@ def test_lr_lambda_drives_lambda_lr_as_the_loop_steps_it() -> None:
 def test_non_finite_and_out_of_range_values_are_refused_when_the_config_is_read(override, message):
     with pytest.raises(ValueError, match=message):
         load_config(Path(__file__).parents[2] / "configs" / "tiny.yaml", [override])
+
+
+TINY = Path(__file__).parents[2] / "configs" / "tiny.yaml"
+
+
+def test_the_documented_on_and_off_modes_are_read_as_modes_not_booleans():
+    """The hostile pass: `data.cache=on` (the documented value) failed with "expected str, got True"."""
+    for mode in ("on", "off", "auto"):
+        config = load_config(TINY, [f"data.cache={mode}", f"data.shard_ownership={mode}"])
+        assert config.data.cache == mode and config.data.shard_ownership == mode
+    assert load_config(TINY, ["data.flip=off"]).data.flip is False  # a real boolean stays one
+
+
+@pytest.mark.parametrize(
+    ("weight", "why"),
+    [("nan", r"is not a number \(NaN\)"), ("1e308", r"must lie in 1e-06\.\.1e\+06"),
+     ("1e-320", r"must lie in 1e-06\.\.1e\+06"), ("inf", "is infinite"), ("0", "must be a positive number")],
+)  # fmt: skip
+def test_a_bad_mixture_weight_is_named_with_the_reason(weight, why):
+    from pipeline.train.cli import dataset_override
+
+    with pytest.raises(ConfigError, match=rf"^--dataset base:{weight}: the weight {why}"):
+        dataset_override([f"base:{weight}", "coco:0.2"])
+    with pytest.raises(ConfigError, match=rf"^data\.mix\.base: the weight {why}"):  # the same read from a config
+        load_config(TINY, ["data.datasets=[]", f"data.mix={{base: {weight}, coco: 0.2}}"])
+
+
+def test_a_dataset_named_twice_is_refused():
+    """The hostile pass: `--dataset base:0.8 --dataset base:0.2` trained with the last weight only."""
+    from pipeline.train.cli import dataset_override
+
+    with pytest.raises(ConfigError, match=r"^--dataset base is given 2 times: name each dataset once"):
+        dataset_override(["base:0.8", "base:0.2"])
+    with pytest.raises(ConfigError, match=r"^--dataset base is given 2 times"):
+        dataset_override(["base", "base"])
+    with pytest.raises(ConfigError, match=r"data.datasets names base 2 times"):
+        load_config(TINY, ["data.datasets=[base, base]"])
+
+
+def test_a_sweep_replaces_the_presets_mixture_as_train_does(monkeypatch):
+    """The hostile pass: `recolor sweep configs/demo.yaml --dataset c` failed on every trial, the preset's
+    data.mix ['demo-photos'] lingering beside data.datasets ['c']."""
+    import pipeline.sweep.driver
+    from pipeline.cli import main
+
+    seen = {}
+
+    def fake_run_sweep(config_path, overrides, *args, **kwargs):
+        seen["config"] = load_config(config_path, overrides)
+        raise KeyboardInterrupt  # stop here: the trials' config is what matters
+
+    monkeypatch.setattr(pipeline.sweep.driver, "run_sweep", fake_run_sweep)
+    demo = Path(__file__).parents[2] / "configs" / "demo.yaml"
+    assert main(["sweep", str(demo), "--dataset", "c", "--grid", "stages.0.lr=1e-4,2e-4"]) == 130
+    assert seen["config"].data.datasets == ["c"] and seen["config"].data.mix is None
