@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from ingest.chunk import ORDERS
 from ingest.images import DEFAULT_MAX_PIXELS, RESIZE_MODES
-from ingest.lake import LAKE_ENV, SPLITS, URL_FORMS, Lake
+from ingest.lake import LAKE_ENV, SPLITS, URL_FORMS, Lake, LakeError
 from ingest.storage.base import parse_size
 
 
@@ -195,8 +196,9 @@ def add_lake_parser(subparsers) -> None:
     urls.add_argument("--split", choices=SPLITS, default="train")
     urls.add_argument("--form", choices=URL_FORMS, default="plain", help="plain (default), pipe, aws or presigned")
     urls.add_argument(
-        "--expires", type=positive_int, default=3600, help="presigned URLs' lifetime in seconds (default: 3600)"
-    )
+        "--expires", type=_expiry, default=3600,
+        help="presigned URLs' lifetime in seconds, at most 604800 (7 days, S3's limit; default: 3600)",
+    )  # fmt: skip
     check = commands.add_parser(
         "check",
         help="check that a version is whole: shards present with their sizes, tables parse, counts agree",
@@ -234,6 +236,29 @@ def add_lake_parser(subparsers) -> None:
     urls.set_defaults(handler=run_lake_urls)
 
 
+PRESIGN_MAX_S = 604_800  # S3 (SigV4) refuses presigned URLs that live longer than 7 days
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a share in [0, 1] (`--max-bad-fraction -1` or `2` is a slip)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number: give a share in 0..1, e.g. 0.01") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a share in 0..1: e.g. 0.01 for one sample in a hundred")
+    return value
+
+
+def _expiry(text: str) -> int:
+    """An argparse type: a presigned URL's lifetime, 1..604800 seconds."""
+    value = positive_int(text)
+    if value > PRESIGN_MAX_S:
+        raise argparse.ArgumentTypeError(f"{value} s is longer than S3's limit for presigned URLs ({PRESIGN_MAX_S} s, "
+                                         "7 days)")  # fmt: skip
+    return value
+
+
 def _duration(text: str) -> float:
     """`90`, `90s`, `30m`, `1h`, `2d` -> seconds."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -258,9 +283,13 @@ def _human(n: float) -> str:
 def run_lake_ls(args) -> int:
     lake = Lake(args.lake)
     lake.check()
-    rows = []
+    rows, unreadable = [], []
     for dataset in lake.datasets():
-        ref = lake.resolve(dataset)
+        try:
+            ref = lake.resolve(dataset)
+        except LakeError as e:  # one damaged record hides no other dataset: it is named, the rest listed
+            unreadable.append({"dataset": dataset, "error": str(e)})
+            continue
         rows.append(
             {
                 "dataset": dataset,
@@ -272,11 +301,14 @@ def run_lake_ls(args) -> int:
             }
         )
     if args.json:
-        print(json.dumps({"lake": lake.storage.root_uri, "datasets": rows}, indent=2))
-        return 0
+        print(json.dumps({"lake": lake.storage.root_uri, "datasets": rows, "unreadable": unreadable}, indent=2))
+        return 1 if unreadable else 0
+    for bad in unreadable:
+        print(f"recolor: error: dataset {bad['dataset']} cannot be listed: {bad['error']}", file=sys.stderr)
     if not rows:
-        print(f"no datasets in {lake.storage.root_uri} (create one with `recolor ingest`)")
-        return 0
+        if not unreadable:
+            print(f"no datasets in {lake.storage.root_uri} (create one with `recolor ingest`)")
+        return 1 if unreadable else 0
     print(f"lake {lake.storage.root_uri}")
     print(f"{'dataset':<24} {'latest':>6} {'train':>8} {'val':>7} {'size':>10}  created")
     for row in rows:
@@ -285,7 +317,7 @@ def run_lake_ls(args) -> int:
             f"{row['dataset']:<24} {'@' + str(row['latest']):>6} {counts.get('train', 0):>8} {counts.get('val', 0):>7} "
             f"{_human(row['bytes']):>10}  {row['created']}"
         )
-    return 0
+    return 1 if unreadable else 0
 
 
 def run_lake_urls(args) -> int:
@@ -384,6 +416,12 @@ def run_lake_repair(args) -> int:
     for dropped in summary.dropped:
         print(f"dropped   {dropped['key']}  {dropped['source_uri']}  ({dropped['reason']})")
     counts = ", ".join(f"{split} {n}" for split, n in summary.counts.items())
+    if summary.rejects == "rebuilt":
+        print(f"rejects   the rejects table of {ref.ref} was damaged: made again from its ingest's chunk records")
+    elif summary.rejects == "lost":
+        print(f"rejects   the rejects table of {ref.ref} was damaged and its chunk records are gone: the new version's "
+              f"is empty; the {summary.rejects_lost} refusal(s) stay counted by reason in the version that ingested "
+              "them (`recolor lake show NAME@V`)")  # fmt: skip
     print(
         f"repaired {ref.ref} into {ref.dataset}@{summary.version} ({counts}): {len(summary.rebuilt)} shard(s) rebuilt, "
         f"{summary.salvaged} sample(s) copied intact, {summary.remade} made again from their sources, "

@@ -224,6 +224,10 @@ class RepairSummary:
     dropped: list[dict] = field(default_factory=list)  # {"key", "source_uri", "reason"}
     counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    rejects: str | None = None  # how a damaged rejects table was mended: "rebuilt" or "lost" (names unknown)
+    rejects_lost: int = 0  # refusals the mended table could not name (the record still counts them)
+    rejects_source: str | None = None  # the ingest whose refusals the table lists
+    rejects_count: int = 0  # how many it refused
 
 
 def _source_names(lake: Lake, record: dict) -> dict[str, list[str]]:
@@ -363,6 +367,46 @@ def _repaired_record(record: dict, parent: int, repair_id: str, replaced: dict, 
     }
 
 
+def _rejects_source(lake: Lake, dataset: str, record: dict) -> tuple[str, int]:
+    """(the ingest whose chunks refused the files of `record`'s rejects table, how many it refused). A mended table
+    says where it came from (`repair.rejects_source`); otherwise its path names the ingest, whose own version's
+    stats count its refusals."""
+    repaired = record.get("repair") or {}
+    if repaired.get("rejects_source"):
+        return str(repaired["rejects_source"]), int(repaired.get("rejects_count", 0))
+    parts = str(record.get("rejects") or "").split("/")
+    source = parts[1] if len(parts) == 3 and parts[0] == "ingests" else str(record["ingest_id"])
+    for version in lake.versions(dataset):
+        try:
+            other = lake.resolve(f"{dataset}@{version}").record
+        except LakeError:
+            continue
+        if other.get("ingest_id") == source and not other.get("repair"):
+            return source, sum((other.get("stats") or {}).get("rejected", {}).values())
+    return source, sum((record.get("stats") or {}).get("rejected", {}).values())
+
+
+def _mended_rejects(lake: Lake, dataset: str, record: dict, summary: RepairSummary) -> bytes:
+    """A rejects table in place of the version's damaged one: made again from its ingest's chunk records (each
+    holds the refusals of its files) when they are all there and add up to the refusals the record counts; else
+    empty, the lost refusals counted in `summary.rejects_lost` (their reasons stay in the record's stats)."""
+    source, expected = _rejects_source(lake, dataset, record)
+    summary.rejects_source, summary.rejects_count = source, expected
+    rows: list[dict] = []
+    prefix = f"{dataset}/ingests/{source}/chunks/"
+    try:
+        for info in sorted(lake.storage.list(prefix), key=lambda info: info.key):
+            rows += json.loads(lake.storage.read_bytes(info.key)).get("rejects", [])
+        table = pa.Table.from_pylist(rows, schema=REJECTS_SCHEMA)
+    except (StorageError, OSError, ValueError, TypeError, KeyError, pa.ArrowException):
+        rows, table = [], None
+    if table is not None and len(rows) == expected:
+        summary.rejects = "rebuilt"
+        return table_to_parquet(table)
+    summary.rejects, summary.rejects_lost = "lost", expected
+    return table_to_parquet(pa.Table.from_pylist([], schema=REJECTS_SCHEMA))
+
+
 def repair(lake: Lake, dataset: str, report: CheckReport, progress: bool = True) -> RepairSummary:
     """Write a new version of `dataset` with the damaged shards `report` found (in its latest version) rebuilt.
 
@@ -382,14 +426,15 @@ def repair(lake: Lake, dataset: str, report: CheckReport, progress: bool = True)
             f"Restore it from a backup, or train on an earlier version (`recolor lake show {dataset}` lists them)"
         )
     damaged = sorted(report.damaged_shards)
+    rejects_damaged = any(p.what == "rejects" for p in report.problems)
     summary = RepairSummary(dataset, parent.version, None)
-    if not damaged:
+    if not damaged and not rejects_damaged:
         return summary
-    repair_id = sha256_hex(json.dumps(["repair", dataset, parent.version, damaged]).encode())[:12]
+    repair_id = sha256_hex(json.dumps(["repair", dataset, parent.version, damaged, rejects_damaged]).encode())[:12]
     manifest = lake.manifest(parent)
     roots = _source_names(lake, record)
-    damaged_rows = manifest.filter(pc.is_in(manifest["shard"], pa.array(damaged)))
-    kept = manifest.filter(pc.invert(pc.is_in(manifest["shard"], pa.array(damaged))))
+    damaged_rows = manifest.filter(pc.is_in(manifest["shard"], pa.array(damaged, type=pa.string())))
+    kept = manifest.filter(pc.invert(pc.is_in(manifest["shard"], pa.array(damaged, type=pa.string()))))
     rows_by_shard: dict[str, list[dict]] = {}
     for row in sorted(damaged_rows.to_pylist(), key=lambda r: r["index_in_shard"]):
         rows_by_shard.setdefault(row["shard"], []).append(row)
@@ -413,6 +458,15 @@ def repair(lake: Lake, dataset: str, report: CheckReport, progress: bool = True)
         manifest_path = f"ingests/{repair_id}/manifest-p{parent.version}.parquet"
         lake.storage.write_bytes(f"{dataset}/{manifest_path}", manifest_bytes)
         new = _repaired_record(record, parent.version, repair_id, replaced, manifest_path, manifest_bytes, summary)
+        if rejects_damaged:
+            new["rejects"] = f"ingests/{repair_id}/rejects.parquet"
+            lake.storage.write_bytes(f"{dataset}/{new['rejects']}", _mended_rejects(lake, dataset, record, summary))
+            new["repair"].update(
+                rejects=summary.rejects,
+                rejects_lost=summary.rejects_lost,
+                rejects_source=summary.rejects_source,
+                rejects_count=summary.rejects_count,
+            )
         if lake.shard_problems(dataset, new):
             raise LakeError(f"not committing the repair of {parent.ref}: a shard vanished meanwhile; rerun the repair")
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from ingest.cli import positive_int
+from ingest.cli import fraction, positive_int
 from ingest.errors import ConfigError
 from pipeline.sweep.ranking import metric_name
 from pipeline.tracking.uri import DEFAULT_EXPERIMENT
@@ -37,7 +37,7 @@ def add_model_parsers(subparsers) -> None:
     evaluate.add_argument("--batch-size", type=positive_int, default=16)
     evaluate.add_argument(
         "--max-bad-fraction",
-        type=float,
+        type=fraction,
         default=0.01,
         help="stop when more of the split is corrupt (default: 0.01); --promote refuses any corrupt sample",
     )

@@ -199,3 +199,17 @@ def test_a_password_in_the_endpoint_is_masked_in_every_retry_line(tmp_path) -> N
         assert result.returncode == 2 and "hunter2secret" not in said, said
         assert "retrying for up to 1 s" in said and "http://admin:***@127.0.0.1:" in said, said
         assert "Traceback" not in said
+
+
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        (["lake", "urls", "d", "--form", "presigned", "--expires", "604801"], "longer than S3's limit"),
+        (["evaluate", "--model", "m", "--dataset", "d", "--max-bad-fraction", "-1"], "is not a share in 0..1"),
+        (["evaluate", "--model", "m", "--dataset", "d", "--max-bad-fraction", "1.5"], "is not a share in 0..1"),
+    ],
+)
+def test_values_past_their_limits_are_refused(command, said, capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(command)
+    assert exited.value.code == 2 and said in capsys.readouterr().err

@@ -120,3 +120,56 @@ def test_repair_refuses_without_a_readable_manifest(damaged, capsys):
     (lake.storage.root / "photos" / ref.record["manifest"]).write_bytes(b"garbage")
     assert main(["lake", "repair", "photos", "--lake", lake.uri, "--no-ray"]) == 2
     assert "cannot repair photos@1: its manifest" in capsys.readouterr().err
+
+
+def test_repair_mends_a_damaged_rejects_table_that_check_reports(tmp_path, photo_writer, capsys, lake_check):
+    """The hostile pass: with a corrupt rejects.parquet, `lake check` reported it and `lake repair` said "nothing
+    to repair"."""
+    photo_writer(tmp_path / "photos", range(3), width=48, height=40)
+    (tmp_path / "photos" / "broken.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "photos" / "empty.png").write_bytes(b"")
+    lake_dir = tmp_path / "lake"
+    run_ingest(IngestConfig(kind="folder", source=str(tmp_path / "photos"), dataset="photos", lake=str(lake_dir),
+                            size=32, use_ray=False, progress=False))  # fmt: skip
+    lake = Lake(str(lake_dir))
+    record = json.loads((lake_dir / "photos/versions/000001.json").read_text())
+    original = (lake_dir / "photos" / record["rejects"]).read_bytes()
+    (lake_dir / "photos" / record["rejects"]).write_bytes(b"PAR1 not parquet")
+    assert main(["lake", "check", "photos", "--lake", str(lake_dir), "--no-ray"]) == 1
+    capsys.readouterr()
+    assert main(["lake", "repair", "photos", "--lake", str(lake_dir), "--no-ray", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "made again from its ingest's chunk records" in out and "into photos@2" in out
+    new = json.loads((lake_dir / "photos/versions/000002.json").read_text())
+    assert (lake_dir / "photos" / new["rejects"]).read_bytes() == original  # the same table, byte for byte
+    assert new["repair"]["rejects"] == "rebuilt" and new["shards"] == record["shards"]
+    lake_check(lake, lake.resolve("photos@2"))
+    assert main(["lake", "check", "photos", "--lake", str(lake_dir), "--no-ray"]) == 0
+
+    # Its chunk records gone as well: an empty table, the refusals still counted by reason, and said so.
+    for chunk in (lake_dir / "photos" / "ingests" / record["ingest_id"] / "chunks").iterdir():
+        chunk.unlink()
+    (lake_dir / "photos" / new["rejects"]).write_bytes(b"garbage")
+    capsys.readouterr()
+    assert main(["lake", "repair", "photos", "--lake", str(lake_dir), "--no-ray", "--no-progress"]) == 0
+    assert "its chunk records are gone: the new version's is empty; the 2 refusal(s)" in capsys.readouterr().out
+    third = json.loads((lake_dir / "photos/versions/000003.json").read_text())
+    assert third["repair"]["rejects_lost"] == 2 and third["repair"]["rejects_source"] == record["ingest_id"]
+    assert main(["lake", "check", "photos", "--lake", str(lake_dir), "--no-ray"]) == 0
+
+
+def test_one_damaged_version_record_hides_no_other_dataset_from_lake_ls(tmp_path, photo_writer, capsys):
+    photo_writer(tmp_path / "photos", range(3), width=48, height=40)
+    lake_dir = tmp_path / "lake"
+    for name in ("alpha", "beta", "gamma"):
+        run_ingest(IngestConfig(kind="folder", source=str(tmp_path / "photos"), dataset=name, lake=str(lake_dir),
+                                size=32, use_ray=False, progress=False))  # fmt: skip
+    (lake_dir / "beta/versions/000001.json").write_text('{"version": 1, "torn')
+    assert main(["lake", "ls", "--lake", str(lake_dir)]) == 1
+    captured = capsys.readouterr()
+    assert "alpha" in captured.out and "gamma" in captured.out and "beta" not in captured.out
+    assert "recolor: error: dataset beta cannot be listed: " in captured.err and "000001.json" in captured.err
+    assert main(["lake", "ls", "--lake", str(lake_dir), "--json"]) == 1
+    listing = json.loads(capsys.readouterr().out)
+    assert [row["dataset"] for row in listing["datasets"]] == ["alpha", "gamma"]
+    assert [bad["dataset"] for bad in listing["unreadable"]] == ["beta"]
