@@ -47,7 +47,8 @@ class BadSampleCounter:
             raise DataError(
                 f"{self.bad} corrupt samples (of {self.expected} expected {self.scope}) exceed "
                 f"{self.what}={self.max_fraction}; last: {key} in {uri}. `recolor lake check NAME --deep` lists the "
-                "damaged shards and `recolor lake repair NAME` rebuilds them into a new version"
+                "damaged shards and `recolor lake repair NAME` rebuilds them into a new version; a training run "
+                "then goes on from its checkpoint on the repaired version when rerun with the same command"
             )
 
 

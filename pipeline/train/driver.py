@@ -260,6 +260,13 @@ def pin_run_data(config: TrainConfig, plan: DataPlan, run_uri: str, resuming: bo
     if recorded is None or recorded == plan.refs:
         store.write_bytes(RUN_DATA, json.dumps({"refs": plan.refs}).encode())
         return plan
+    repaired = repair_continuation(config, recorded, plan.refs)
+    if repaired is not None:
+        log.warning("run %s continues on %s: %s (a lake repair of the versions it began with, the same samples in the "
+                    "same shards and order)", config.name, ", ".join(repaired), ", ".join(
+                        f"{new} repairs {old}" for old, new in zip(recorded, repaired, strict=True) if old != new))  # fmt: skip
+        store.write_bytes(RUN_DATA, json.dumps({"refs": repaired}).encode())
+        return resolve_config_data(config.data, repaired)
     asked = [name.partition("@") for name in config.data.datasets]
     names = [name for name, _, _ in asked]
     pinned_names = [ref.partition("@")[0] for ref in recorded]
@@ -275,6 +282,50 @@ def pin_run_data(config: TrainConfig, plan: DataPlan, run_uri: str, resuming: bo
                 "start a new run: --dataset %s --name NEW_NAME", config.name, ", ".join(recorded),
                 ", ".join(plan.refs), " --dataset ".join(plan.refs))  # fmt: skip
     return resolve_config_data(config.data, recorded)
+
+
+def repair_continuation(config: TrainConfig, recorded: list[str], refs: list[str]) -> list[str] | None:
+    """The versions a run pinned to `recorded` goes on with when the lake repaired them: for each dataset, the
+    newer version `refs` asks for (explicitly or as the latest) when it was made by `recolor lake repair` from the
+    pinned one (a chain of repairs) and keeps every sample, so each shard's count and place; else None.
+
+    A run stopped by a damaged shard can then go on after the advised `lake repair`, exactly where it stopped: the
+    epoch's read order depends only on the shards' counts and order, which such a repair keeps.
+
+    Raises:
+        ConfigError: a repair of the pinned version that dropped samples (the epoch's order cannot go on exactly).
+    """
+    from ingest.lake import Lake
+
+    if len(recorded) != len(refs) or [r.partition("@")[0] for r in recorded] != [r.partition("@")[0] for r in refs]:
+        return None
+    lake = Lake(config.data.lake)
+    chosen = []
+    for old, new in zip(recorded, refs, strict=True):
+        if old == new:
+            chosen.append(old)
+            continue
+        name, _, old_version = old.partition("@")
+        new_ref = lake.resolve(new)
+        record, chain = new_ref.record, [new_ref.version]
+        while (record.get("repair") or {}).get("of") is not None and str(record["repair"]["of"]) != old_version:
+            record = lake.resolve(f"{name}@{record['repair']['of']}").record
+            chain.append(record["version"])
+        if str((record.get("repair") or {}).get("of")) != old_version:
+            return None  # not a repair of the pinned version: new data
+        pinned = lake.resolve(old).record
+        if _shard_counts(new_ref.record) != _shard_counts(pinned):
+            raise ConfigError(
+                f"run {config.name!r} was trained on {old}, and {new} repairs it but dropped samples whose sources "
+                f"are gone (`recolor lake show {new}`): the run cannot go on exactly where it stopped. Start a new run "
+                f"on the repaired data (--dataset {new} --name NEW_NAME), or restore the sources and repair again"
+            )
+        chosen.append(new)
+    return chosen
+
+
+def _shard_counts(record: dict) -> dict[str, list[int]]:
+    return {split: [entry["count"] for entry in entries] for split, entries in record["shards"].items()}
 
 
 def finished_earlier(config: TrainConfig, plan: DataPlan, run_uri: str, tracking) -> TrainResult | None:

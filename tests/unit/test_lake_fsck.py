@@ -173,3 +173,39 @@ def test_one_damaged_version_record_hides_no_other_dataset_from_lake_ls(tmp_path
     listing = json.loads(capsys.readouterr().out)
     assert [row["dataset"] for row in listing["datasets"]] == ["alpha", "gamma"]
     assert [bad["dataset"] for bad in listing["unreadable"]] == ["beta"]
+
+
+def test_a_run_pinned_to_a_damaged_version_goes_on_with_its_repair(damaged, tmp_path, capsys, caplog):
+    """The hostile pass: a run stopped by a corrupt shard could not go on after the advised `lake repair`, pinned
+    to the damaged version, the repaired one refused."""
+    from pathlib import Path
+
+    from ingest.errors import ConfigError
+    from pipeline.config import load_config
+    from pipeline.dataplan import resolve_data
+    from pipeline.train.driver import RUN_DATA, pin_run_data
+
+    lake, ref, entries, _, photos = damaged
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / RUN_DATA).write_text(json.dumps({"refs": ["photos@1"]}))
+    config = load_config(Path(__file__).parents[2] / "configs" / "tiny.yaml",
+                         ["data.datasets=[photos]", f"data.lake={lake.uri}"])  # fmt: skip
+    assert main(["lake", "repair", "photos", "--lake", lake.uri, "--no-ray", "--no-progress"]) == 0
+    for asked in (["photos"], ["photos@2"]):  # the latest, or named
+        plan = pin_run_data(config, resolve_data(asked, lake.uri), str(run), resuming=True)
+        assert plan.refs == ["photos@2"] and json.loads((run / RUN_DATA).read_text()) == {"refs": ["photos@2"]}
+        (run / RUN_DATA).write_text(json.dumps({"refs": ["photos@1"]}))
+    rebuilt = {e["path"] for e in lake.resolve("photos@2").record["shards"]["train"]}
+    assert len(rebuilt - {e["path"] for e in entries}) == 2  # the rebuilt shards are the ones the run now reads
+
+    # A repair that dropped samples cannot continue the run exactly: refused, saying what to do.
+    manifest = lake.manifest(lake.resolve("photos@2")).to_pylist()
+    victim = next(e for e in lake.resolve("photos@2").record["shards"]["train"] if e["path"] not in
+                  {x["path"] for x in entries})  # fmt: skip
+    row = next(r for r in manifest if r["shard"] == victim["path"])
+    Path(row["source_uri"]).rename(row["source_uri"] + ".gone")
+    (lake.storage.root / "photos" / victim["path"]).unlink()
+    assert main(["lake", "repair", "photos", "--lake", lake.uri, "--no-ray", "--no-progress"]) == 0
+    with pytest.raises(ConfigError, match=r"photos@3 repairs it but dropped samples .*--dataset photos@3 --name"):
+        pin_run_data(config, resolve_data(["photos"], lake.uri), str(run), resuming=True)
