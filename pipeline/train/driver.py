@@ -262,9 +262,9 @@ def pin_run_data(config: TrainConfig, plan: DataPlan, run_uri: str, resuming: bo
         return plan
     repaired = repair_continuation(config, recorded, plan.refs)
     if repaired is not None:
+        pairs = ", ".join(f"{new} repairs {old}" for old, new in zip(recorded, repaired, strict=True) if old != new)
         log.warning("run %s continues on %s: %s (a lake repair of the versions it began with, the same samples in the "
-                    "same shards and order)", config.name, ", ".join(repaired), ", ".join(
-                        f"{new} repairs {old}" for old, new in zip(recorded, repaired, strict=True) if old != new))  # fmt: skip
+                    "same shards and order)", config.name, ", ".join(repaired), pairs)  # fmt: skip
         store.write_bytes(RUN_DATA, json.dumps({"refs": repaired}).encode())
         return resolve_config_data(config.data, repaired)
     asked = [name.partition("@") for name in config.data.datasets]
