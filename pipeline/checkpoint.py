@@ -212,6 +212,18 @@ def load_checkpoint(
         handle = path / CHECKPOINT_FILE if path.is_dir() else path
     name = name or ("checkpoint bytes" if isinstance(source, bytes) else str(source))
     try:
+        if isinstance(handle, io.BytesIO):
+            head = source[:4]
+        else:
+            with open(handle, "rb") as file:
+                head = file.read(4)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise CorruptCheckpoint(f"{name} is not a readable checkpoint: {e.strerror or e}") from None
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch's zip format, or its legacy pickle
+        raise CorruptCheckpoint(f"{name} is not a readable checkpoint: not a torch file")
+    try:
         payload = safe_torch_load(handle, map_location)
     except ValueError as e:
         raise CorruptCheckpoint(f"{name} is not a readable checkpoint: {e}") from None

@@ -146,6 +146,13 @@ def load_generator_for_inference(
     path = Path(uri)
     if uri.endswith(".pt") or (path.is_dir() and (path / CHECKPOINT_FILE).exists()):
         return _from_checkpoint(load_checkpoint(path), device)
+    if path.is_file() or (path.exists() and not path.is_dir()):  # a local file: a checkpoint, whatever its name
+        from pipeline.checkpoint import CorruptCheckpoint
+
+        try:
+            return _from_checkpoint(load_checkpoint(path), device)
+        except CorruptCheckpoint as e:
+            raise ConfigError(f"{e}: pass a checkpoint (.pt), a model folder, or models:/NAME@ALIAS") from None
     if path.is_dir() and not (path / "MLmodel").exists():
         checkpoints = sorted(path.glob("checkpoint_*/" + CHECKPOINT_FILE))
         if checkpoints:  # a run's storage folder: its latest checkpoint

@@ -213,3 +213,16 @@ def test_values_past_their_limits_are_refused(command, said, capsys) -> None:
     with pytest.raises(SystemExit) as exited:
         main(command)
     assert exited.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_a_model_that_is_some_other_file_is_named_not_a_temporary_folder(tmp_path, capsys) -> None:
+    """The hostile pass: `--model /etc/passwd` said `/tmp/recolor-model-*/passwd/MLmodel is not readable`."""
+    other = tmp_path / "passwd"
+    other.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    photo = tmp_path / "p.png"
+    from PIL import Image
+
+    Image.new("RGB", (20, 20)).save(photo)
+    assert main(["colorize", "--model", str(other), str(photo), "-o", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{other} is not a readable checkpoint: not a torch file" in err and "recolor-model-" not in err
