@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -12,6 +13,18 @@ from typing import BinaryIO
 
 from ingest import faults
 from ingest.storage.base import AlreadyExistsError, ObjectInfo, StorageError
+
+
+class LocalWriteError(StorageError, OSError):
+    """A local file could not be written (no permission, a file where a folder should be, a full disk): one line
+    naming it. An OSError too, so callers that pass over a failed write of theirs still do."""
+
+    def __init__(self, message: str, errno: int | None = None):
+        OSError.__init__(self, errno, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class NotARegularFile(OSError):
@@ -74,14 +87,28 @@ class LocalStorage:
         file system: readers see the whole file or nothing.
         """
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file where the folder should be, no permission: not a race to retry
+            raise LocalWriteError(f"{self.uri(key)} cannot be written: its folder {path.parent} cannot be made "
+                                  f"({e.strerror or e})", e.errno) from None  # fmt: skip
         temp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
         try:
             fill(temp)
             faults.maybe_fail("upload_partial")
             place(temp, path)
+        except FileExistsError:
+            raise  # put_if_absent's answer: another writer was first
+        except LocalWriteError:
+            raise
+        except OSError as e:
+            if isinstance(e, NotARegularFile | faults.InjectedFault) or (
+                    e.filename is not None and str(e.filename) not in (str(temp), str(path))):  # fmt: skip
+                raise  # a drill's fault, or the source of an upload that cannot be read: not this write's
+            raise LocalWriteError(f"{self.uri(key)} cannot be written: {e.strerror or e}", e.errno) from None
         finally:
-            temp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                temp.unlink(missing_ok=True)
 
     @staticmethod
     def _writer(data: bytes):

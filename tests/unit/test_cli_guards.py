@@ -226,3 +226,26 @@ def test_a_model_that_is_some_other_file_is_named_not_a_temporary_folder(tmp_pat
     assert main(["colorize", "--model", str(other), str(photo), "-o", str(tmp_path / "out"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f"{other} is not a readable checkpoint: not a torch file" in err and "recolor-model-" not in err
+
+
+def test_an_unwritable_lake_or_run_storage_is_one_line_not_a_traceback(tmp_path, capsys, photo_writer) -> None:
+    """The hostile pass: an unwritable `versions/` at commit and an unwritable `--storage` gave tracebacks (and a
+    file where `versions/` should be was taken for racing ingests, retried five times)."""
+    photo_writer(tmp_path / "photos", range(3), width=48, height=40)
+    lake = tmp_path / "lake"
+    (lake / "d").mkdir(parents=True)
+    (lake / "d" / "versions").write_text("a file where the folder should be")
+    ingest = ["ingest", "folder", str(tmp_path / "photos"), "--dataset", "d", "--lake", str(lake), "--size", "32",
+              "--no-ray", "--no-progress", "--val-fraction", "0.5"]  # fmt: skip
+    assert main(ingest) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{lake / 'd' / 'versions'} cannot be made" in err and "attempts" not in err
+    (lake / "d" / "versions").unlink()
+    assert main(ingest) == 0  # the same command, once the folder can be made, commits from the finished chunks
+    (tmp_path / "afile").write_text("not a folder")
+    capsys.readouterr()
+    tiny = Path(__file__).parents[2] / "configs" / "tiny.yaml"
+    code = main(["train", str(tiny), "--dataset", "d", "--lake", str(lake), "--storage", str(tmp_path / "afile" / "runs"),
+                 "--workers", "1", "model.num_downs=5", "data.batch_size=1"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and f"{tmp_path / 'afile' / 'runs'}" in err and "cannot be" in err
