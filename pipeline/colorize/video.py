@@ -264,11 +264,44 @@ def _open(src: str):
     except FileNotFoundError:
         raise VideoRefused("missing: no such file") from None
     except (av.error.InvalidDataError, av.error.FFmpegError, UnicodeDecodeError) as e:
+        if _container_signature(src):  # a film's header, then nothing FFmpeg can use: cut short or damaged
+            raise VideoRefused(
+                f"corrupt: it begins as a {_container_signature(src)} film but FFmpeg cannot read it "
+                f"({e}); a file cut before its index (an interrupted copy) reads like this"
+            ) from None
         raise VideoRefused(f"not_a_video: FFmpeg cannot read it ({e})") from None
     if not container.streams.video:
         container.close()
         raise VideoRefused("no_video_track: the file holds no video stream")
     return container
+
+
+def _container_signature(src: str) -> str | None:
+    """The container a file's first bytes announce (MP4/MOV, Matroska/WebM, AVI, Ogg, FLV, MPEG-TS), or None."""
+    try:
+        if is_s3(src):
+            from ingest.storage import open_storage, split_uri
+
+            parent, name = split_uri(src)
+            head = open_storage(parent).read_range(name, 0, 12)
+        else:
+            with open(src, "rb") as file:
+                head = file.read(12)
+    except (OSError, ValueError, AttributeError):
+        return None
+    if head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide"):
+        return "MP4/MOV"
+    if head.startswith(b"\x1a\x45\xdf\xa3"):
+        return "Matroska/WebM"
+    if head.startswith(b"RIFF") and head[8:12] == b"AVI ":
+        return "AVI"
+    if head.startswith(b"OggS"):
+        return "Ogg"
+    if head.startswith(b"FLV"):
+        return "FLV"
+    if head[:1] == b"\x47" and len(head) >= 1 and src.lower().endswith((".ts", ".m2ts", ".mts")):
+        return "MPEG-TS"
+    return None
 
 
 def _check(stream, max_pixels: int) -> str:

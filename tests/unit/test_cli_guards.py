@@ -245,7 +245,8 @@ def test_an_unwritable_lake_or_run_storage_is_one_line_not_a_traceback(tmp_path,
     (tmp_path / "afile").write_text("not a folder")
     capsys.readouterr()
     tiny = Path(__file__).parents[2] / "configs" / "tiny.yaml"
-    code = main(["train", str(tiny), "--dataset", "d", "--lake", str(lake), "--storage", str(tmp_path / "afile" / "runs"),
-                 "--workers", "1", "model.num_downs=5", "data.batch_size=1"])  # fmt: skip
+    storage = tmp_path / "afile" / "runs"
+    code = main(["train", str(tiny), "--dataset", "d", "--lake", str(lake), "--storage", str(storage), "--workers", "1",
+                 "model.num_downs=5", "data.batch_size=1"])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and f"{tmp_path / 'afile' / 'runs'}" in err and "cannot be" in err

@@ -126,6 +126,8 @@ def test_bad_videos_are_refused_one_line_each_and_the_others_go_on(model, tmp_pa
     _audio_only(audio_only)
     whole = write_clip(tmp_path / "long.mkv", clip_frames(30, 32, 32)).read_bytes()
     (tmp_path / "in" / "cut.mkv").write_bytes(whole[: len(whole) // 3])  # a download that broke off
+    mp4 = write_clip(tmp_path / "long.mp4", clip_frames(30, 32, 32), codec="h264").read_bytes()
+    (tmp_path / "in" / "noindex.mp4").write_bytes(mp4[: len(mp4) // 2])  # cut before its index (moov at the end)
     write_clip(tmp_path / "in" / "hdr.mkv", clip_frames(2, 32, 32), transfer=16)
     write_clip(tmp_path / "in" / "big.mkv", clip_frames(2, 64, 64))
     code = main(["colorize", "--model", str(model), str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--size",
@@ -135,6 +137,7 @@ def test_bad_videos_are_refused_one_line_each_and_the_others_go_on(model, tmp_pa
     reasons = {line.split(": ")[0].split("/")[-1]: line for line in captured.err.splitlines() if "skipped" in line}
     assert "not_a_video" in reasons["text.mp4"] and "no_video_track" in reasons["sound.mp4"]
     assert "corrupt" in reasons["cut.mkv"] and "hdr" in reasons["hdr.mkv"] and "too_large" in reasons["big.mkv"]
+    assert "corrupt: it begins as a MP4/MOV film" in reasons["noindex.mp4"]  # not "not_a_video"
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert written == ["good.mp4"], written  # no half-written file under any name, hidden ones included
     assert len(read_clip(tmp_path / "out" / "good.mp4")[0]) == 3 and good.exists()
