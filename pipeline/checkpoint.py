@@ -116,13 +116,28 @@ def restore_networks(payload: dict, generator, discriminator) -> Position:
     """Load both networks' weights from `payload`; returns the position training continues at.
 
     Raises:
-        ConfigError: the checkpoint's generator has another `model.fusion` than `generator`.
+        ConfigError: the checkpoint's generator has another `model.arch` (another encoder), `model.encoder` or
+            `model.fusion` than `generator`.
     """
-    trained = (payload.get("config", {}).get("model") or {}).get("fusion", "none")
+    from ingest.errors import ConfigError
+    from pipeline.models import generator_arch
+
+    model = payload.get("config", {}).get("model") or {}
+    trained_arch, wanted_arch = model.get("arch", "unet_256"), generator_arch(generator)
+    if trained_arch != wanted_arch:
+        raise ConfigError(f"the checkpoint was trained with model.arch={trained_arch}, this run asks for "
+                          f"{wanted_arch}: another encoder and decoder; resume with the arch it began with, or start "
+                          "a new run (--name)")  # fmt: skip
+    if wanted_arch == "inception_unet":
+        trained_encoder = model.get("encoder", "frozen")
+        wanted_encoder = "frozen" if generator.freeze_encoder else "finetune"
+        if trained_encoder != wanted_encoder:
+            raise ConfigError(f"the checkpoint was trained with model.encoder={trained_encoder}, this run asks for "
+                              f"{wanted_encoder}: resume with the setting it began with, or start a new run "
+                              "(--name)")  # fmt: skip
+    trained = model.get("fusion", "none")
     wanted = "none" if getattr(generator, "fusion", None) is None else "inception"
     if trained != wanted:
-        from ingest.errors import ConfigError
-
         raise ConfigError(f"the checkpoint was trained with model.fusion={trained}, this run asks for {wanted}: "
                           "resume with the setting it began with, or start a new run (--name)")  # fmt: skip
     generator.load_state_dict(payload["generator"])

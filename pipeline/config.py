@@ -23,7 +23,8 @@ from ingest.storage.base import parse_size
 
 # The vocabularies: their one owner (the models and losses import them from here).
 GAN_MODES = ("vanilla", "lsgan")
-ARCHS = ("unet_256", "resnet18_unet")
+ARCHS = ("unet_256", "resnet18_unet", "inception_unet")
+ENCODER_MODES = ("frozen", "finetune")  # inception_unet's pretrained encoder: kept as it is, or trained slowly
 NORMS = ("batch", "sync_batch", "instance")
 FUSIONS = ("none", "inception")
 AMP_MODES = ("bf16", "fp16", "none")
@@ -60,12 +61,16 @@ class StageConfig:
 class ModelConfig:
     """The networks."""
 
-    arch: str = "unet_256"  # "unet_256" (pix2pix U-Net) or "resnet18_unet" (ResNet18 encoder)
+    # "unet_256" (pix2pix U-Net), "resnet18_unet" (ResNet18 encoder) or "inception_unet" (FID's ImageNet-trained
+    # Inception-v3 as the encoder, from the recolor[fid] wheel: pretrained with nothing to download)
+    arch: str = "unet_256"
     norm: str = "batch"  # "batch", "sync_batch" (DDP-wide statistics) or "instance"
     base_filters: int = 64  # first-layer filters of the U-Net and the PatchGAN
     num_downs: int = 8  # U-Net downsamplings; the image side must be at least 2**num_downs
     backbone_weights: str | None = None  # torchvision resnet18 state dict file or s3:// URI; None: random init
     fusion: str = "none"  # "inception": Deep Koalarization, a frozen Inception's view fused at the bottleneck
+    encoder: str = "frozen"  # inception_unet: "frozen" (its ImageNet weights kept) or "finetune" (trained slowly)
+    encoder_lr_scale: float = 0.1  # inception_unet with encoder finetune: the encoder's lr, times the stage's
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -80,6 +85,13 @@ class ModelConfig:
             raise ConfigError(f"model.fusion must be one of {FUSIONS}, got {self.fusion!r}")
         if self.backbone_weights and self.arch != "resnet18_unet":
             raise ConfigError("model.backbone_weights applies to arch resnet18_unet only")
+        if self.encoder not in ENCODER_MODES:
+            raise ConfigError(f"model.encoder must be one of {ENCODER_MODES}, got {self.encoder!r}")
+        if not 0 < self.encoder_lr_scale <= 1:
+            raise ConfigError(f"model.encoder_lr_scale must be in (0, 1], got {self.encoder_lr_scale}")
+        if self.arch == "inception_unet" and self.fusion != "none":
+            raise ConfigError("model.fusion applies to unet_256 and resnet18_unet: inception_unet's encoder is the "
+                              "Inception network already")  # fmt: skip
 
 
 MIX_WEIGHTS = (1e-6, 1e6)  # a mixture's weights are proportions: 1e-6..1e6 keeps every share exact in a float

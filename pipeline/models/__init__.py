@@ -10,6 +10,7 @@ from torch import nn
 from pipeline.config import ARCHS as GENERATOR_ARCHS
 from pipeline.config import FUSIONS as FUSION_KINDS
 from pipeline.models.fusion import InceptionFusion
+from pipeline.models.inception_unet import InceptionUNet
 from pipeline.models.layers import NORM_KINDS, init_weights, norm_layer
 from pipeline.models.patchgan import PatchGANDiscriminator
 from pipeline.models.resnet import ResNet18, ResNet18Encoder
@@ -19,6 +20,7 @@ from pipeline.models.unet import UNetGenerator
 __all__ = [
     "FUSION_KINDS",
     "GENERATOR_ARCHS",
+    "InceptionUNet",
     "NORM_KINDS",
     "PatchGANDiscriminator",
     "ResNet18",
@@ -27,6 +29,7 @@ __all__ = [
     "UNetGenerator",
     "build_discriminator",
     "build_generator",
+    "generator_arch",
     "init_weights",
     "load_backbone_weights",
     "norm_layer",
@@ -45,11 +48,13 @@ def build_generator(
     init_std: float = 0.02,
     backbone_state_dict: Mapping[str, torch.Tensor] | None = None,
     fusion: str = "none",
+    freeze_encoder: bool = True,
 ) -> nn.Module:
     """Build an initialized generator.
 
     Args:
-        arch: "unet_256" (pix2pix U-Net) or "resnet18_unet" (U-Net on a ResNet18 encoder).
+        arch: "unet_256" (pix2pix U-Net), "resnet18_unet" (U-Net on a ResNet18 encoder) or "inception_unet"
+            (U-Net on FID's ImageNet-trained Inception-v3, `pipeline.models.inception_unet`).
         norm: "batch", "sync_batch" or "instance".
         in_channels: input channels (1: L).
         out_channels: output channels (2: ab).
@@ -61,6 +66,7 @@ def build_generator(
             from torchvision's random init.
         fusion: "inception" fuses a frozen Inception's view of the gray input into the bottleneck
             (`pipeline.models.fusion`, Deep Koalarization); "none" leaves the generator plain.
+        freeze_encoder: "inception_unet": keep the pretrained encoder as it is (else it trains).
 
     Returns:
         The generator, on the CPU, in training mode.
@@ -72,6 +78,10 @@ def build_generator(
         raise ValueError(f"unknown norm {norm!r}; expected one of {NORM_KINDS}")
     if fusion not in FUSION_KINDS:
         raise ValueError(f"unknown fusion {fusion!r}; expected one of {FUSION_KINDS}")
+    if arch == "inception_unet":
+        if backbone_state_dict is not None or fusion != "none":
+            raise ValueError("inception_unet's encoder is the Inception network: no backbone weights, no fusion")
+        return InceptionUNet(in_channels, out_channels, norm=norm, init_std=init_std, freeze_encoder=freeze_encoder)
     generator = _plain_generator(arch, norm, in_channels, out_channels, base_filters, num_downs, dropout, init_std,
                                  backbone_state_dict)  # fmt: skip
     if fusion == "inception":
@@ -99,6 +109,15 @@ def _plain_generator(arch: str, norm: str, in_channels: int, out_channels: int, 
             load_backbone_weights(model, backbone_state_dict)
         return model
     raise ValueError(f"unknown generator arch {arch!r}; expected one of {GENERATOR_ARCHS}")
+
+
+def generator_arch(generator: nn.Module) -> str:
+    """The `model.arch` a generator was built as (DDP and `torch.compile` wrappers looked through)."""
+    plain = getattr(generator, "module", None) or getattr(generator, "_orig_mod", None) or generator
+    for arch, kind in (("inception_unet", InceptionUNet), ("resnet18_unet", ResNetUNet), ("unet_256", UNetGenerator)):
+        if isinstance(plain, kind):
+            return arch
+    raise ValueError(f"not a generator of this project: {type(plain).__name__}")
 
 
 def build_discriminator(

@@ -76,7 +76,7 @@ class GeneratorSpec:
         # A plain generator's spec stays version 1, which recolor before fusion reads; a fused one is version 2,
         # which it refuses by name instead of building a plain network that its weights do not fit.
         fields = asdict(self)
-        if self.fusion == "none":
+        if self.fusion == "none" and self.arch != "inception_unet":  # a reader before both refuses them by version
             del fields["fusion"]
             return {"format": FORMAT, "format_version": 1, **fields}
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **fields}

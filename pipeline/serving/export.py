@@ -130,7 +130,7 @@ def export_model_folder(generator: nn.Module, side: int, path: str | Path, overw
                 loader_module=SERVING_MODULE,
                 data_path=str(data),
                 signature=serving_signature(),
-                pip_requirements=_requirements(spec.fusion),
+                pip_requirements=_requirements(spec.fusion, spec.arch),
             )
         (scratch / "model" / EXPORT_MARKER).write_text("written by recolor export --format mlflow\n")
         loaded = load_generator(str(scratch / "model"))

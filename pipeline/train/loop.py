@@ -170,6 +170,7 @@ class ColorizerTrainer:
             num_downs=model.num_downs,
             backbone_state_dict=backbone,
             fusion=model.fusion,
+            freeze_encoder=model.encoder == "frozen",
         )
         discriminator = build_discriminator(base_filters=model.base_filters, norm=model.norm)
         # The read order of the epoch in progress: the config's, except in an epoch resumed from a checkpoint
@@ -237,7 +238,9 @@ class ColorizerTrainer:
     def _optimizers(self, stage: StageConfig):
         betas = (self.config.beta1, self.config.beta2)
         fused = self.cuda or None  # one kernel a step on CUDA; torch picks on the CPU
-        opt_g = torch.optim.Adam(self.generator.parameters(), lr=stage.lr, betas=betas, fused=fused)
+        groups = getattr(unwrap(self.generator), "parameter_groups", None)  # a pretrained encoder: its own lr, or none
+        params_g = groups(stage.lr, self.config.model.encoder_lr_scale) if groups else self.generator.parameters()
+        opt_g = torch.optim.Adam(params_g, lr=stage.lr, betas=betas, fused=fused)
         opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=stage.lr, betas=betas, fused=fused)
         schedule = lr_lambda(stage)
         return (
