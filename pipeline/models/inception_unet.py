@@ -128,8 +128,9 @@ class InceptionUNet(nn.Module):
             self.encoder.requires_grad_(False)
         widths = [channels for _, channels in STAGES]
         use_bias = conv_bias_for(norm)
-        self.bottleneck = nn.Sequential(nn.Conv2d(widths[-1], BOTTLENECK, 1, bias=use_bias), norm_layer(norm, BOTTLENECK),
-                                        nn.ReLU(inplace=True))  # fmt: skip
+        self.bottleneck = nn.Sequential(
+            nn.Conv2d(widths[-1], BOTTLENECK, 1, bias=use_bias), norm_layer(norm, BOTTLENECK), nn.ReLU(inplace=True)
+        )
         blocks, previous = [], BOTTLENECK
         for skip, width in zip([*reversed(widths[:-1]), in_channels], DECODER, strict=True):
             blocks.append(DecoderBlock(previous, skip, width, norm))

@@ -9,7 +9,7 @@ from test_checkpoint import Recorder, new_trainer, tiny_config  # noqa: F401
 
 from ingest.driver import IngestConfig, run_ingest
 from ingest.errors import ConfigError
-from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.checkpoint import load_checkpoint
 from pipeline.config import ModelConfig
 from pipeline.dataplan import resolve_data
 from pipeline.evaluation import fid
