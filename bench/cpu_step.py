@@ -12,6 +12,11 @@ Variants:
   compile         torch.compile (inductor, C++ codegen; the first steps compile, not timed)
   side_x0.5       fp32 at half the side (the networks are fully convolutional: a smaller training side is 4x less
                   work per sample; whether it trains as well is bench/quality.py's question)
+  finetune        inception_unet: its pretrained encoder trained too (at a lower lr), not frozen
+  bf16_encoder    inception_unet: its frozen encoder run in bfloat16 (the decoder and losses in float32)
+
+Several generators in one run, each beside the others (`--arch resnet18_unet,inception_unet`): the variants that
+apply to each are timed, and the table gives each one's samples/s and its ratio to the first generator's fp32.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 VARIANTS = ("fp32", "channels_last", "bf16", "bf16_cl", "compile", "side_x0.5")
+ENCODER_VARIANTS = ("finetune", "bf16_encoder")  # inception_unet only: its encoder trained, or frozen in bf16
 
 
 def gan_step(arch: str, size: int, batch: int, variant: str):
@@ -39,11 +45,15 @@ def gan_step(arch: str, size: int, batch: int, variant: str):
     from pipeline.models import build_discriminator, build_generator
 
     torch.manual_seed(0)
-    generator, discriminator = build_generator(arch, norm="batch"), build_discriminator(base_filters=64)
+    options = {"freeze_encoder": variant != "finetune"} if arch == "inception_unet" else {}
+    generator, discriminator = build_generator(arch, norm="batch", **options), build_discriminator(base_filters=64)
+    if variant == "bf16_encoder":
+        generator.encoder_bf16 = True
     side = size // 2 if variant == "side_x0.5" else size
     memory = torch.channels_last if variant in ("channels_last", "bf16_cl") else torch.contiguous_format
     generator, discriminator = generator.to(memory_format=memory), discriminator.to(memory_format=memory)
-    opt_g = torch.optim.Adam(generator.parameters(), 2e-4, betas=(0.5, 0.999))
+    groups = generator.parameter_groups(2e-4, 0.1) if hasattr(generator, "parameter_groups") else generator.parameters()
+    opt_g = torch.optim.Adam(groups, 2e-4, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(discriminator.parameters(), 2e-4, betas=(0.5, 0.999))
     g, d = (
         (torch.compile(generator), torch.compile(discriminator)) if variant == "compile" else (generator, discriminator)
@@ -87,29 +97,37 @@ def time_variant(arch: str, size: int, batch: int, variant: str, steps: int) -> 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="resnet18_unet", help="generator (default: resnet18_unet, the CPU preset)")
+    parser.add_argument(
+        "--arch", default="resnet18_unet", help="generator, or several comma-separated (default: resnet18_unet)"
+    )
     parser.add_argument("--size", type=int, default=128, help="training side in pixels (default: 128)")
     parser.add_argument("--batch", type=int, default=8, help="one worker's batch (default: 8, the CPU preset's)")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per variant (default: 4)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default=",".join(VARIANTS + ENCODER_VARIANTS),
+                        help=f"comma-separated, of {', '.join(VARIANTS + ENCODER_VARIANTS)}")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     torch.set_num_threads(1)
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    archs = args.arch.split(",")
     report = {"machine": machine(), "arch": args.arch, "size": args.size, "batch": args.batch,
               "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags, "samples_per_s": {}}  # fmt: skip
-    for variant in args.variants.split(","):
-        try:
-            report["samples_per_s"][variant] = time_variant(args.arch, args.size, args.batch, variant, args.steps)
-        except Exception as e:  # noqa: BLE001 - e.g. compile without a C++ compiler: say so, time the others
-            report["samples_per_s"][variant] = None
-            print(f"{variant}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
-        if not args.json:
-            rate = report["samples_per_s"][variant]
-            base = report["samples_per_s"].get("fp32")
-            ratio = f"{rate / base:5.2f}x fp32" if rate and base else ""
-            print(f"{variant:14} {rate or float('nan'):8.2f} samples/s  {ratio}", flush=True)
-    base = report["samples_per_s"].get("fp32")
+    first = None
+    for arch in archs:
+        variants = [v for v in args.variants.split(",") if arch == "inception_unet" or v not in ENCODER_VARIANTS]
+        for variant in variants:
+            key = variant if len(archs) == 1 else f"{arch}/{variant}"
+            try:
+                report["samples_per_s"][key] = time_variant(arch, args.size, args.batch, variant, args.steps)
+            except Exception as e:  # noqa: BLE001 - e.g. compile without a C++ compiler: say so, time the others
+                report["samples_per_s"][key] = None
+                print(f"{key}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
+            first = first or key
+            if not args.json:
+                rate, base = report["samples_per_s"][key], report["samples_per_s"].get(first)
+                ratio = f"{rate / base:5.2f}x {first}" if rate and base else ""
+                print(f"{key:30} {rate or float('nan'):8.2f} samples/s  {ratio}", flush=True)
+    base = report["samples_per_s"].get(first)
     report["vs_fp32"] = {k: (v / base if v and base else None) for k, v in report["samples_per_s"].items()}
     if args.json:
         print(json.dumps(report, indent=2))

@@ -124,6 +124,7 @@ class InceptionUNet(nn.Module):
         self.encoder = load_inception()
         self.register_buffer("gray_levels", gray_levels(), persistent=False)  # not state: made the same each time
         self.freeze_encoder = freeze_encoder
+        self.encoder_bf16 = False  # a frozen encoder's forward in bfloat16 (its maps back in float32): `bench/cpu_step`
         if freeze_encoder:
             self.encoder.requires_grad_(False)
         widths = [channels for _, channels in STAGES]
@@ -146,8 +147,8 @@ class InceptionUNet(nn.Module):
         """The five stages' maps, shallowest first."""
         x = gray_input(lightness, self.gray_levels)
         if self.freeze_encoder:
-            with torch.no_grad():
-                return self._stages(x)
+            with torch.no_grad(), torch.autocast(x.device.type, torch.bfloat16, enabled=self.encoder_bf16):
+                return [feature.float() for feature in self._stages(x)] if self.encoder_bf16 else self._stages(x)
         return self._stages(x)
 
     def _stages(self, x: torch.Tensor) -> list[torch.Tensor]:
