@@ -490,8 +490,10 @@ def _run_uri(storage) -> str:
 
 
 def delete_unrecorded(run_uri: str) -> None:
-    """Delete the checkpoint folders of the run at `run_uri` that Ray Train's record does not name, except those
-    newer than its latest that hold a `checkpoint.pt`: the driver's next `repair_run_snapshot` adopts them."""
+    """Delete the checkpoint folders of the run at `run_uri` that Ray Train's record does not name. A worker group
+    calls it as it (re)starts, after the driver's `repair_run_snapshot` adopted the whole ones a stopped driver
+    left: what is unrecorded now is an upload cut short, or one the group being replaced made after Ray's last
+    record, whose steps this run trains again."""
     from ingest.storage import open_storage
 
     store = open_storage(run_uri)
@@ -499,9 +501,7 @@ def delete_unrecorded(run_uri: str) -> None:
         record = _read_snapshot(store) or {}
     except CheckpointError:
         return  # a damaged record: the driver reports it (repair_run_snapshot); deleting by it would be a guess
-    latest = (record.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name", "")
-    _delete_unrecorded(store, {result["checkpoint_dir_name"] for result in record.get("checkpoint_results", [])},
-                       keep_newer_than=latest)  # fmt: skip
+    _delete_unrecorded(store, {result["checkpoint_dir_name"] for result in record.get("checkpoint_results", [])})
 
 
 def _read_snapshot(store) -> dict | None:
@@ -523,18 +523,14 @@ def _read_snapshot(store) -> dict | None:
         ) from None
 
 
-def _delete_unrecorded(store, recorded: set[str], keep_newer_than: str | None = None) -> None:
+def _delete_unrecorded(store, recorded: set[str]) -> None:
     """Delete checkpoint folders Ray Train has no record of: uploads cut short by a crash or a stop (never
     resumed from) and rotated-out ones whose deletion failed. Left alone they would pile up run after run.
-    With `keep_newer_than`, folders newer than that one that hold a `checkpoint.pt` are kept. Each deletion is
-    a warning: the console says what went."""
+    Each deletion is a warning: the console says what went."""
     from ingest.storage import LocalStorage
 
     for name in store.list_children("", follow_links=False):
         if RAY_CHECKPOINT_DIR.match(name) and name not in recorded:
-            if (keep_newer_than is not None and name > keep_newer_than
-                    and store.exists(posixpath.join(name, CHECKPOINT_FILE))):  # fmt: skip
-                continue
             for item in list(store.list(name, include_partial=True, follow_links=False)):
                 store.delete(item.key)
             if isinstance(store, LocalStorage):
