@@ -536,7 +536,7 @@ def _delete_unrecorded(store, recorded: set[str]) -> None:
             if isinstance(store, LocalStorage):
                 shutil.rmtree(store.root / name, ignore_errors=True)  # the emptied folders too
             log.warning(
-                "deleted %s: a checkpoint folder Ray Train has no record of, and not a whole checkpoint newer "
-                "than its latest (an upload cut short, or one rotated out)",
+                "deleted %s: a checkpoint folder Ray Train has no record of (an upload cut short, one rotated out, "
+                "or one a replaced worker group made after Ray's last record)",
                 store.uri(name),
             )

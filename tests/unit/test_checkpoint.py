@@ -495,11 +495,8 @@ def test_whole_checkpoints_newer_than_rays_record_are_the_resume_point_never_gar
     record = ray_snapshot(names[:2], names[1])
     (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(record))
 
-    delete_unrecorded(str(run))  # what rank 0 does as a run (re)starts: the newer whole ones are left for the driver
-    assert all((run / name / CHECKPOINT_FILE).exists() for name in names)
-
     with caplog.at_level("WARNING", logger="pipeline.train.checkpoint_store"):
-        message = repair_run_snapshot(str(run))
+        message = repair_run_snapshot(str(run))  # the driver, before any worker starts
     assert message.startswith(f"resuming {run}") and f"from {names[3]} (step 91)" in message
     assert names[2] in message and "kept" in message
     assert message in caplog.messages
@@ -513,6 +510,8 @@ def test_whole_checkpoints_newer_than_rays_record_are_the_resume_point_never_gar
     assert repaired["current_report_index"] == 14
     assert repaired["checkpoint_results"][2]["metrics"] == {"global_step": 78.0, "stage": 0.0}  # from its position
     assert repair_run_snapshot(str(run)) is None  # nothing more to do
+    delete_unrecorded(str(run))  # what rank 0 then does as the run starts: the adopted ones are recorded now
+    assert all((run / name / CHECKPOINT_FILE).exists() for name in names[:4])
 
     # No record at all (stopped before Ray wrote its first): the whole checkpoint becomes the record's only one.
     (run / "checkpoint_manager_snapshot.json").unlink()
