@@ -6,8 +6,15 @@ Every asset is generated, deterministically from a seed, so no binary is committ
 below its own `tmp_path`.
 """
 
-from fixtures.cli import CliResult, cli_runner, recolor, run_cli  # noqa: F401
-from fixtures.images import (  # noqa: F401
+import os
+
+# Ray Train's controller polls its workers every 2 s by default, and a worker's report (every checkpoint) waits for
+# that poll: in runs of a few dozen tiny steps the polls, not the steps, would set the pace. Set before the session's
+# Ray starts, so its processes and every `recolor` process the tests start inherit it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+
+from fixtures.cli import CliResult, cli_runner, recolor, run_cli  # noqa: E402, F401
+from fixtures.images import (  # noqa: E402, F401
     color_photo,
     encode,
     make_image,
@@ -17,10 +24,10 @@ from fixtures.images import (  # noqa: F401
     photo_writer,
     write_photos,
 )
-from fixtures.lake import check_version, lake_check, shard_samples  # noqa: F401
-from fixtures.ray import ray_local  # noqa: F401
-from fixtures.s3 import MotoS3Server, S3Env, moto_s3, own_s3, restart_later, s3_env, s3_server  # noqa: F401
-from fixtures.sources import (  # noqa: F401
+from fixtures.lake import check_version, lake_check, shard_samples  # noqa: E402, F401
+from fixtures.ray import ray_address, ray_local  # noqa: E402, F401
+from fixtures.s3 import MotoS3Server, S3Env, moto_s3, own_s3, restart_later, s3_env, s3_server  # noqa: E402, F401
+from fixtures.sources import (  # noqa: E402, F401
     COCO_CATEGORIES,
     IMAGENET_NAMES,
     CocoTree,

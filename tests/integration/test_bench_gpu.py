@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,10 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_the_gpu_script_runs_every_part_in_a_dry_run(tmp_path) -> None:
+def test_the_gpu_script_runs_every_part_in_a_dry_run(tmp_path, ray_address) -> None:
     out = tmp_path / "gpu.json"
-    done = subprocess.run([sys.executable, "bench/gpu.py", "--dry-run", "--out", str(out)], cwd=REPO,
+    env = {**os.environ, "RAY_ADDRESS": ray_address}  # its `recolor train` joins the session's Ray, as on a cluster
+    done = subprocess.run([sys.executable, "bench/gpu.py", "--dry-run", "--out", str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-2000:])
     results = json.loads(out.read_text())

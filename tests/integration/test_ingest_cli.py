@@ -1,7 +1,9 @@
-"""The `recolor` CLI as a user runs it: real processes, a local Ray per ingest, SIGKILL and rerun.
+"""The `recolor` CLI as a user runs it: real processes on a Ray cluster, SIGKILL and rerun.
 
 Each ingest here is a `python -m pipeline.cli` subprocess in its own process group (killed in the
-fixture's `finally`, so no Ray process outlives a test). Ray starts in about 6 s per ingest.
+fixture's `finally`, so no process it started outlives a test). Those that use Ray join the session's
+(`RAY_ADDRESS`, as on a cluster) instead of starting their own, which costs about 6 s each; a killed
+driver leaves the cluster as it was (`test_ingest_ray.py` starts one of its own).
 """
 
 from __future__ import annotations
@@ -38,14 +40,15 @@ def shard_files(lake_dir: Path) -> dict[str, bytes]:
 # --- the happy path ----------------------------------------------------------------------------
 
 
-def test_ingest_imagenet_then_lake_ls_and_show(imagenet_tree, make_photo, tmp_path, recolor, lake_check) -> None:
+def test_ingest_imagenet_then_lake_ls_and_show(imagenet_tree, make_photo, tmp_path, recolor, lake_check,
+                                               ray_address) -> None:  # fmt: skip
     root = imagenet_tree.root
     (root / "train" / "n01440764" / "n01440764_99.JPEG").write_bytes(make_photo(50, gray=True))
     (root / "train" / "n02085620" / "n02085620_98.JPEG").write_text("<html>oops</html>")
     lake_dir = tmp_path / "lake"
     result = recolor(
         "ingest", "imagenet", root, "--source-split", "train,val", "--dataset", "imagenet-mini", "--lake", lake_dir,
-        *SMALL_SHARDS,
+        *SMALL_SHARDS, env={"RAY_ADDRESS": ray_address},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -185,11 +188,11 @@ def kill_source(tmp_path_factory, photo_writer) -> Path:
 
 
 @pytest.fixture(scope="module")
-def clean_lake(kill_source, tmp_path_factory, cli_runner) -> Path:
+def clean_lake(kill_source, tmp_path_factory, cli_runner, ray_address) -> Path:
     """The reference: the same ingest, uninterrupted, with Ray."""
     base = tmp_path_factory.mktemp("clean")
     args = ["ingest", "folder", kill_source, "--dataset", "photos", "--lake", base / "lake", *KILL_SHARDS]
-    result = cli_runner(*args, cwd=base)
+    result = cli_runner(*args, cwd=base, env={"RAY_ADDRESS": ray_address})
     assert result.returncode == 0, result.stderr
     return base / "lake"
 
@@ -222,12 +225,14 @@ def assert_same_as_clean(lake_dir: Path, clean_lake: Path, lake_check) -> None:
     ],
 )
 def test_killed_ingest_rerun_equals_a_clean_run(
-    failpoint: str, ray: bool, resumed: str | None, kill_source, clean_lake, tmp_path, recolor, lake_check
+    failpoint: str, ray: bool, resumed: str | None, kill_source, clean_lake, tmp_path, recolor, lake_check, ray_address
 ) -> None:
     lake_dir = tmp_path / "lake"
     args = ["ingest", "folder", kill_source, "--dataset", "photos", "--lake", lake_dir, *KILL_SHARDS]
     if not ray:
         args.append("--no-ray")
+    else:
+        args += ["--ray-address", ray_address]
     killed = recolor(*args, env={"RECOLOR_FAILPOINT": failpoint})
     assert killed.returncode == -9, (killed.stdout, killed.stderr)
     assert "committed" not in killed.stdout
@@ -272,13 +277,15 @@ def assert_gc_leaves_the_version_whole(recolor, lake_dir: Path, lake_check) -> N
     assert len(lake_check(lake, lake.resolve("photos@1"))) == 16
 
 
-def test_worker_killed_in_a_ray_task_is_retried(kill_source, clean_lake, tmp_path, recolor, lake_check) -> None:
+def test_worker_killed_in_a_ray_task_is_retried(kill_source, clean_lake, tmp_path, recolor, lake_check,
+                                                ray_address) -> None:  # fmt: skip
     """A worker SIGKILLed inside a chunk task (shards uploaded, result not written): Ray reruns the
     task in a fresh worker and the run finishes as a clean run would. RECOLOR_FAILPOINT_ONCE makes
     the failpoint fire in one worker only (it counts per process, and every worker would die)."""
     lake_dir = tmp_path / "lake"
     fired = tmp_path / "fired"
-    args = ["ingest", "folder", kill_source, "--dataset", "photos", "--lake", lake_dir, *KILL_SHARDS]
+    args = ["ingest", "folder", kill_source, "--dataset", "photos", "--lake", lake_dir, *KILL_SHARDS,
+            "--ray-address", ray_address]  # fmt: skip
     result = recolor(*args, env={"RECOLOR_FAILPOINT": "chunk_result:1", "RECOLOR_FAILPOINT_ONCE": str(fired)})
     assert result.returncode == 0, result.stderr
     assert fired.exists()  # a worker did die

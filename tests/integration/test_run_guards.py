@@ -38,7 +38,8 @@ def tracking(tmp_path: Path) -> TrackingOptions:
     return TrackingOptions(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", model_name="colorizer")
 
 
-def test_a_second_run_of_the_same_name_is_refused_in_seconds(own_lake, tmp_path, recolor, quiet_env) -> None:
+def test_a_second_run_of_the_same_name_is_refused_in_seconds(own_lake, tmp_path, recolor, quiet_env,
+                                                             ray_address) -> None:  # fmt: skip
     """`recolor train` parked at its first step holds the run; the same command again is refused with one line
     naming the running one, before Ray starts; once the first is over its lease is gone."""
     barrier = tmp_path / "barrier"
@@ -47,7 +48,7 @@ def test_a_second_run_of_the_same_name_is_refused_in_seconds(own_lake, tmp_path,
             "model.base_filters=4", "model.num_downs=6", "data.batch_size=2", "stages=[{name: gan, epochs: 1}]",
             "max_steps=2"]  # fmt: skip
     env = {"RECOLOR_FAILPOINT": "train_step:1@0:barrier", "RECOLOR_FAILPOINT_BARRIER": f"{barrier}:2",
-           "RECOLOR_NO_PROGRESS": "1"}  # fmt: skip
+           "RECOLOR_NO_PROGRESS": "1", "RAY_ADDRESS": ray_address}  # fmt: skip
     box: dict = {}
     first = threading.Thread(target=lambda: box.setdefault("r", recolor(*args, env=env, timeout=300)))
     first.start()

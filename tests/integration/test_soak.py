@@ -1,6 +1,7 @@
 """Soak tests of long training runs (see `soak.py`): run storage in a local folder, and on S3 directly.
 
-`recolor train` runs as a real process with its own local Ray. The lake is on a test-owned `rclone serve s3`
+`recolor train` runs as a real process that joins the session's Ray (`--ray-address`: the driver is not what is
+killed here, a worker is; Ray's own start is `test_train_failures.py`'s). The lake is on a test-owned `rclone serve s3`
 in both cases, so the outage reaches the workers' shard reads; with `--storage s3://...` it reaches the
 checkpoint uploads and Ray Train's run state too.
 """
@@ -21,7 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.s3]
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_a_long_run_survives_rotation_a_killed_worker_and_an_outage_then_a_rerun_trains_nothing(
-    where, own_s3, photo_writer, tmp_path, recolor
+    where, own_s3, photo_writer, tmp_path, recolor, ray_address
 ) -> None:
     from mlflow import MlflowClient
 
@@ -39,7 +40,7 @@ def test_a_long_run_survives_rotation_a_killed_worker_and_an_outage_then_a_rerun
 
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["train", REPO / "configs" / "tiny.yaml", "--dataset", "soak", "--lake", lake, "--storage", storage,
-            "--name", "soak", "--tracking-uri", tracking, *soak.OVERRIDES]  # fmt: skip
+            "--name", "soak", "--tracking-uri", tracking, "--ray-address", ray_address, *soak.OVERRIDES]  # fmt: skip
     env = soak.failpoint_env(tmp_path)
     outage = soak.Outage(run_uri, own_s3.stop, own_s3.start)
     try:

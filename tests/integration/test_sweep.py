@@ -1,5 +1,6 @@
-"""`recolor sweep` end to end: Ray Tune over Ray Train V2 on a local Ray instance, MLflow parent and child runs,
-the ranking on the parent, early stopping by ASHA, and reruns that train nothing."""
+"""`recolor sweep` end to end: Ray Tune over Ray Train V2 on the session's Ray (`recolor sweep --ray-address`, as
+on a cluster; a local instance's start is `test_train_failures.py`'s), MLflow parent and child runs, the ranking on
+the parent, early stopping by ASHA, and reruns that train nothing."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ SMALL = ["model.num_downs=5", "stages.0.decay_epochs=0"]
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, photo_writer, cli_runner):
+def workspace(tmp_path_factory, photo_writer, cli_runner, ray_address):
     root = tmp_path_factory.mktemp("sweep")
     photo_writer(root / "photos", range(24), width=80, height=64)
     ingest = cli_runner("ingest", "folder", root / "photos", "--dataset", "sw", "--no-ray", "--size", "32",
@@ -28,8 +29,8 @@ def workspace(tmp_path_factory, photo_writer, cli_runner):
     uri = f"sqlite:///{root}/mlflow.db"
 
     def sweep(*args, timeout=420):
-        return cli_runner("sweep", DEMO, "--dataset", "sw", *SMALL, *args, cwd=root, env={"MLFLOW_TRACKING_URI": uri},
-                          timeout=timeout)  # fmt: skip
+        return cli_runner("sweep", DEMO, "--dataset", "sw", *SMALL, *args, "--ray-address", ray_address, cwd=root,
+                          env={"MLFLOW_TRACKING_URI": uri}, timeout=timeout)  # fmt: skip
 
     return SimpleNamespace(root=root, uri=uri, client=MlflowClient(uri), sweep=sweep)
 

@@ -240,7 +240,7 @@ def test_a_killed_worker_is_restarted_and_the_run_finishes_from_its_checkpoint(
 # --- the CLI ----------------------------------------------------------------------------------------
 
 
-def test_recolor_train_cli_runs_end_to_end_and_reports_validation(train_lake, tmp_path, cli_runner) -> None:
+def test_recolor_train_cli_runs_end_to_end_and_reports_validation(train_lake, tmp_path, cli_runner, ray_address) -> None:
     lake, plan = train_lake
     env = {"RECOLOR_NO_PROGRESS": "1"}
     result = cli_runner(
@@ -248,6 +248,7 @@ def test_recolor_train_cli_runs_end_to_end_and_reports_validation(train_lake, tm
         "--dataset", "photos", "--lake", lake, "--storage", tmp_path / "runs", "--name", "cli",
         "model.num_downs=6", "model.base_filters=4", "stages.0.epochs=1", "stages.0.decay_epochs=0",
         "--workers", "2", "checkpoint_every=1000", "--no-tracking",  # MLflow has its own tests
+        "--ray-address", ray_address,  # the session's Ray: a local instance's start is test_train_failures.py's
         cwd=tmp_path, env=env, timeout=240,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
