@@ -39,9 +39,9 @@ import numpy as np
 import torch
 
 from ingest.storage import StorageError, is_s3, object_stamp, open_storage, split_uri
+from pipeline.colorize.files import CHUNK_FRAMES  # noqa: F401 - defined torch-free, for the CLI's parser
 from pipeline.colorize.video import VideoOptions, VideoRefused, VideoResult, readable
 
-CHUNK_FRAMES = 240  # 10 s at 24 fps: a task's work is seconds on a GPU, minutes on a CPU
 PLAN_NAME = "plan.json"
 PLAN_FORMAT = 1  # bumped when what a chunk file holds changes: older chunks are then not reused
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 import sys
 
 from ingest.images import DEFAULT_MAX_PIXELS
-from pipeline.colorize.chunks import CHUNK_FRAMES
-from pipeline.colorize.pixels import PICTURE_FORMATS
-from pipeline.colorize.video import CODECS, DEFAULT_CRF
+from pipeline.colorize.files import CHUNK_FRAMES, CODECS, DEFAULT_CRF, PICTURE_FORMATS
 
 MODEL_HELP = (
     "models:/NAME@ALIAS (e.g. models:/colorizer@champion), models:/NAME/VERSION, runs:/ID/generator, "
@@ -21,7 +19,7 @@ TRUST_PICKLE_HELP = (
 
 def add_colorize_parser(subparsers) -> None:
     from ingest.cli import positive_int
-    from pipeline.evaluation.cli import TRACKING_HELP, cuda_available, device_arg
+    from pipeline.evaluation.cli import TRACKING_HELP, device_arg
 
     colorize = subparsers.add_parser(
         "colorize",
@@ -65,7 +63,7 @@ def add_colorize_parser(subparsers) -> None:
         default=DEFAULT_MAX_PIXELS,
         help=f"skip larger images as too_large (decompression bombs; default: {DEFAULT_MAX_PIXELS})",
     )
-    colorize.add_argument("--device", type=device_arg, default="cuda" if cuda_available() else "cpu",
+    colorize.add_argument("--device", type=device_arg, default=None,
                           help="without --ray: cpu, cuda or cuda:N (default: cuda when there is one)")  # fmt: skip
     colorize.add_argument("--ray", action="store_true", help="run as a Ray Data job (local instance or cluster)")
     colorize.add_argument("--ray-address", help="with --ray: the cluster (default: $RAY_ADDRESS, else local)")
@@ -105,6 +103,9 @@ def add_colorize_parser(subparsers) -> None:
 
 def run_colorize(args) -> int:
     from ingest.errors import ConfigError
+    from pipeline.evaluation.cli import default_device
+
+    default_device(args)
 
     if not 1 <= args.quality <= 95:
         raise ConfigError(f"--quality must be in 1..95, got {args.quality}")

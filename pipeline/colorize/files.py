@@ -17,6 +17,14 @@ from ingest.sources import SourceError, list_folder
 from ingest.storage import is_s3
 
 SIDE_BY_SIDE_ROWS = 16
+# What the command line offers, here because this module imports no torch: `recolor --help`, `recolor lake ls`
+# and every other command build the whole parser, and should not wait a second for torch.
+PICTURE_FORMATS = ("png", "jpeg")
+SUFFIXES = {"png": ".png", "jpeg": ".jpg"}
+CHUNK_FRAMES = 240  # films on Ray: frames a chunk holds at least; 10 s at 24 fps: seconds on a GPU, minutes on a CPU
+VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".mkv", ".m4v", ".avi", ".webm"})
+CODECS = {"h264": "libx264", "h265": "libx265", "vp9": "libvpx-vp9", "ffv1": "ffv1"}  # --codec: FFmpeg encoder
+DEFAULT_CRF = 18  # x264's "visually lossless"
 
 
 @dataclass(frozen=True)

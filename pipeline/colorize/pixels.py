@@ -27,10 +27,9 @@ from ingest.lab import (
     rgb8_to_lab8,
     srgb_to_linear_torch,
 )
+from pipeline.colorize.files import PICTURE_FORMATS, SUFFIXES  # noqa: E402, F401 - torch-free, for the parser
 
-PICTURE_FORMATS = ("png", "jpeg")
 MAX_ASPECT = 4  # "cover" keeps the aspect up to 4:1 (the network sees at most 4x the training area); beyond, squash
-SUFFIXES = {"png": ".png", "jpeg": ".jpg"}
 
 
 class PhotoRefused(Exception):

@@ -33,12 +33,10 @@ import torch
 from ingest.errors import ConfigError
 from ingest.sources.folder import IMAGE_EXTENSIONS
 from ingest.storage import is_s3
+from pipeline.colorize.files import CODECS, DEFAULT_CRF, VIDEO_SUFFIXES  # noqa: E402 - torch-free, for the parser
 from pipeline.colorize.pixels import compose, network_input, predict_photos
 from pipeline.colorize.temporal import FlowSmoother
 
-VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".mkv", ".m4v", ".avi", ".webm"})
-CODECS = {"h264": "libx264", "h265": "libx265", "vp9": "libvpx-vp9", "ffv1": "ffv1"}  # --codec: FFmpeg encoder
-DEFAULT_CRF = 18  # x264's "visually lossless"
 HDR_TRANSFERS = {16: "smpte2084 (PQ)", 18: "arib-std-b67 (HLG)"}  # AVColorTransferCharacteristic values
 RECOLOR_MARK = "colorized by recolor"  # the container's comment: --overwrite replaces only files that carry it
 DEFAULT_MAX_FRAME_PIXELS = 3840 * 2160 * 2  # 8K UHD is 4x 4K: refused by default (each frame is held whole)
@@ -189,7 +187,8 @@ def written_by_recolor(path: str) -> bool:
 
     try:
         with av.open(readable(path)) as container:
-            return container.metadata.get("comment") == RECOLOR_MARK
+            # Matroska keeps its tags upper-case (COMMENT), MP4 lower-case (comment)
+            return any(key.lower() == "comment" and value == RECOLOR_MARK for key, value in container.metadata.items())
     except (av.error.FFmpegError, OSError):
         return False
 

@@ -42,7 +42,7 @@ def add_model_parsers(subparsers) -> None:
         help="stop when more of the split is corrupt (default: 0.01); --promote refuses any corrupt sample",
     )
     evaluate.add_argument("--max-batches", type=positive_int, help="evaluate at most N batches (quick checks)")
-    evaluate.add_argument("--device", type=device_arg, default="cuda" if cuda_available() else "cpu",
+    evaluate.add_argument("--device", type=device_arg, default=None,
                           help="cpu, cuda or cuda:N (default: cuda when there is one)")  # fmt: skip
     evaluate.add_argument("--tracking-uri", help=TRACKING_HELP)
     evaluate.add_argument("--experiment", default="recolor-evaluation")
@@ -105,8 +105,17 @@ def cuda_available() -> bool:
         return False
 
 
+def default_device(args) -> None:
+    """`--device`'s default, decided when the command runs (not when the parser is built: that imports torch, a
+    second every `recolor` command would wait): cuda where there is one, else cpu."""
+    if args.device is None:
+        args.device = "cuda" if cuda_available() else "cpu"
+
+
 def run_evaluate(args) -> int:
     from pipeline.evaluation.promote import evaluate
+
+    default_device(args)
 
     result = evaluate(
         args.model,

@@ -7,7 +7,7 @@ def add_export_parser(subparsers) -> None:
     from ingest.cli import positive_int
     from pipeline.colorize.cli import MODEL_HELP, TRUST_PICKLE_HELP
     from pipeline.evaluation.cli import TRACKING_HELP
-    from pipeline.serving.export import EXPORT_FORMATS, TOLERANCE
+    from pipeline.serving import EXPORT_FORMATS, TOLERANCE
 
     export = subparsers.add_parser(
         "export",

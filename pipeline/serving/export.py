@@ -19,9 +19,8 @@ import torch
 from torch import nn
 
 from ingest.errors import ConfigError
+from pipeline.serving import EXPORT_FORMATS, TOLERANCE  # noqa: E402
 
-EXPORT_FORMATS = ("onnx", "pt2", "mlflow")  # mlflow: a model folder recolor wrote afresh, for `mlflow models serve`
-TOLERANCE = 1e-4  # max abs difference on the ab output, in the network's [-1, 1] units
 ONNX_OPSET = 18
 
 

@@ -121,7 +121,9 @@ def test_colorize_overwrite_replaces_only_what_its_ledger_lists(tmp_path, photo_
     _, todo, summary = plan_outputs([str(tmp_path / "photos")], str(out), "png", overwrite=True, overwrite_any=True)
     assert len(todo) == 3 and not summary.failed
     _, todo, summary = plan_outputs([str(tmp_path / "photos")], str(out), "png", overwrite=False)
-    assert [name for _, name in todo] == ["img0002.png"] and len(summary.skipped) == 2
+    assert [name for _, name in todo] == ["img0002.png"] and summary.skipped == [str(out / "img0000.png")]
+    ((uri, reason),) = summary.failed  # the user's own picture is not "already there": it is not_ours
+    assert uri == str(photos[1]) and reason.startswith("not_ours:")
 
 
 def test_evaluate_refuses_before_loading_anything() -> None:

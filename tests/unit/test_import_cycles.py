@@ -68,3 +68,16 @@ def test_no_module_imports_itself_back_through_others() -> None:
 
 def test_the_check_finds_a_cycle_hidden_in_a_function() -> None:
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_command_line_builds_without_torch_ray_or_mlflow() -> None:
+    """Every `recolor` command builds the whole parser: importing torch for it cost each command (`lake ls`,
+    `--help`, every CLI process the tests start) over a second before it did anything."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipeline.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'ray', 'mlflow') if m in sys.modules))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
