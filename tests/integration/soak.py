@@ -3,9 +3,10 @@ job through the local stack).
 
 One run of the demo preset on 60 generated photos (64 px, two CPU workers, batch 2 each): 3 epochs of about 12
 steps, a checkpoint every 3 steps and at each epoch's end, `keep_checkpoints=2`, so Ray rotates checkpoints about
-ten times (as many as with 100 photos and a checkpoint every 5 steps, in 40% fewer steps). Meanwhile rank 1 is SIGKILLed mid-epoch by a failpoint (once: the restarted worker goes on) and the S3
-server holding the lake (and the checkpoints, where they are on S3) is stopped for a few seconds. Then the same
-command is run again, with nothing left to train.
+ten times (as many as with 100 photos and a checkpoint every 5 steps, in 40% fewer steps). Meanwhile rank 1 is
+SIGKILLed mid-epoch by a failpoint (once: the restarted worker goes on) and the S3 server holding the lake (and the
+checkpoints, where they are on S3) is stopped for a few seconds. Then the same command is run again, with nothing
+left to train.
 """
 
 from __future__ import annotations

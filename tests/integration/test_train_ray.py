@@ -240,7 +240,8 @@ def test_a_killed_worker_is_restarted_and_the_run_finishes_from_its_checkpoint(
 # --- the CLI ----------------------------------------------------------------------------------------
 
 
-def test_recolor_train_cli_runs_end_to_end_and_reports_validation(train_lake, tmp_path, cli_runner, ray_address) -> None:
+def test_recolor_train_cli_runs_end_to_end_and_reports_validation(train_lake, tmp_path, cli_runner,
+                                                                  ray_address) -> None:  # fmt: skip
     lake, plan = train_lake
     env = {"RECOLOR_NO_PROGRESS": "1"}
     result = cli_runner(
