@@ -1,6 +1,7 @@
 """Does it colorize? Train a preset for a fixed budget on one dataset, score it on another, beside the gray baseline.
 
-    python bench/quality.py                         # CPU: 128 px, ResNet18-encoder U-Net, random init, <= 20 min
+    python bench/quality.py                         # CPU: 128 px, the Inception-encoder U-Net (frozen), <= 20 min
+    python bench/quality.py --arch resnet18_unet    # CPU: the ResNet18-encoder U-Net, random init
     python bench/quality.py --gpu --minutes 5       # GPU: 256 px, the full recipe's preset
     python bench/quality.py --fusion inception --grid bench/quality-samples-fusion.png   # Deep Koalarization
     python bench/quality.py --train ~/imagenet-sub --test ~/coco --annotations ~/coco/annotations/x.json --json
@@ -74,9 +75,12 @@ def step_seconds(config, size: int, device: str, batch: int, steps: int = 3) -> 
     from pipeline.models import build_discriminator, build_generator
 
     dev = torch.device(device)
-    generator = build_generator(config.model.arch, norm=config.model.norm, fusion=config.model.fusion).to(dev)
+    generator = build_generator(config.model.arch, norm=config.model.norm, fusion=config.model.fusion,
+                                freeze_encoder=config.model.encoder == "frozen").to(dev)  # fmt: skip
     discriminator = build_discriminator(base_filters=config.model.base_filters).to(dev)
-    opt_g = torch.optim.Adam(generator.parameters(), 2e-4, betas=(0.5, 0.999))
+    groups = getattr(generator, "parameter_groups", None)
+    opt_g = torch.optim.Adam(groups(2e-4, config.model.encoder_lr_scale) if groups else generator.parameters(), 2e-4,
+                             betas=(0.5, 0.999))  # fmt: skip
     opt_d = torch.optim.Adam(discriminator.parameters(), 2e-4, betas=(0.5, 0.999))
     gan = GANLoss("vanilla").to(dev)
     light = torch.rand(batch, 1, size, size, device=dev) * 2 - 1
@@ -117,7 +121,8 @@ def gpu_count() -> int:
     return max(1, torch.cuda.device_count())
 
 
-def calibrate(preset: Path, size: int, gpu: bool, workers: int, fusion: str = "none") -> tuple[float, float]:
+def calibrate(preset: Path, size: int, gpu: bool, workers: int, fusion: str = "none",
+              encoder: str = "frozen") -> tuple[float, float]:  # fmt: skip
     """Seconds of an L1 and a GAN step as the run will take them: on the CPU, `workers` processes of one thread
     each at one worker's batch, all at once (they share the machine as the DDP workers do), plus 15% for the
     gradient all-reduce; on a GPU, one process."""
@@ -133,6 +138,7 @@ def calibrate(preset: Path, size: int, gpu: bool, workers: int, fusion: str = "n
         str(per_worker),
         "cuda" if gpu else "cpu",
         fusion,
+        encoder,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     runs = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env) for _ in range(1 if gpu else workers)]
@@ -140,7 +146,11 @@ def calibrate(preset: Path, size: int, gpu: bool, workers: int, fusion: str = "n
     return max(t[0] for t in timings) * 1.15, max(t[1] for t in timings) * 1.15
 
 
-def train(lake: str, storage: str, size: int, minutes: float, gpu: bool, workers: int, fusion: str = "none") -> dict:
+PRESETS = {"resnet18_unet": "resnet18_unet.yaml", "inception_unet": "inception_unet.yaml"}  # --arch, on the CPU
+
+
+def train(lake: str, storage: str, size: int, minutes: float, gpu: bool, workers: int, fusion: str = "none",
+          arch: str = "resnet18_unet", encoder: str = "frozen") -> dict:  # fmt: skip
     """Stage 1 (L1) for about 40% of the budget, as calibrated; stage 2 (GAN + L1) until the budget is spent: the
     run is stopped then (SIGTERM, as a user's Ctrl-C) and its latest checkpoint, an epoch's end, is scored."""
     import signal
@@ -152,11 +162,12 @@ def train(lake: str, storage: str, size: int, minutes: float, gpu: bool, workers
     from pipeline.train.driver import TrackingOptions, run_training
     from pipeline.train.failures import Stopped
 
-    preset = REPO / "configs" / ("pix2pix_unet.yaml" if gpu else "resnet18_unet.yaml")
+    preset = REPO / "configs" / ("pix2pix_unet.yaml" if gpu and arch == "resnet18_unet" else PRESETS[arch])
     common = ["data.datasets=[train]", f"data.lake={lake}", f"storage={storage}", f"workers={workers}",
               f"use_gpu={str(gpu).lower()}", "name=quality", "checkpoint_every=1000000",
-              "keep_checkpoints=100000", "cpu_amp=auto", f"model.fusion={fusion}"]  # fmt: skip
-    l1_s, gan_s = calibrate(preset, size, gpu, workers, fusion)
+              "keep_checkpoints=100000", "cpu_amp=auto", f"model.fusion={fusion}",
+              f"model.encoder={encoder}"]  # fmt: skip
+    l1_s, gan_s = calibrate(preset, size, gpu, workers, fusion, encoder)
     plan = resolve_data(["train"], lake)
     steps_per_epoch = plan.count("train") // 16
     # Measured here: an epoch takes about 1.6x its steps' compute (loading, validation, the epoch's checkpoint).
@@ -192,7 +203,7 @@ def train(lake: str, storage: str, size: int, minutes: float, gpu: bool, workers
         "l1_epochs": l1_epochs, "global_step": int(metrics.get("global_step", 0)),
         "gan_epochs": max(0, int(metrics.get("global_step", 0)) // steps_per_epoch - l1_epochs),
         "steps_per_epoch": steps_per_epoch, "step_seconds": {"l1": l1_s, "gan": gan_s},
-        "train_samples": plan.count("train"), "workers": workers, "fusion": fusion,
+        "train_samples": plan.count("train"), "workers": workers, "fusion": fusion, "arch": arch, "encoder": encoder,
         "recorded": recorded_checkpoints(f"{storage}/quality"),
     }  # fmt: skip
 
@@ -320,7 +331,18 @@ def main() -> int:
     parser.add_argument("--curve", action="store_true",
                         help="also score every epoch's checkpoint on the test set (PSNR, colorfulness, AuC, L1; "
                         "no FID): the learning curve, to see how many steps the goals would take")  # fmt: skip
-    parser.add_argument("--calibrate", nargs=5, help=argparse.SUPPRESS)  # PRESET SIZE BATCH DEVICE FUSION
+    parser.add_argument("--arch", choices=sorted(PRESETS), default="inception_unet",
+                        help="the generator on the CPU (default: inception_unet, the project's best CPU recipe: "
+                        "FID's ImageNet-trained Inception-v3 as its encoder; resnet18_unet: the recipe's variant, "
+                        "its encoder from scratch); with --gpu, resnet18_unet trains the full recipe "
+                        "(pix2pix U-Net)")  # fmt: skip
+    parser.add_argument(
+        "--encoder",
+        choices=("frozen", "finetune"),
+        default="frozen",
+        help="inception_unet's encoder: frozen (default) or fine-tuned at 0.1x the learning rate",
+    )
+    parser.add_argument("--calibrate", nargs=6, help=argparse.SUPPRESS)  # PRESET SIZE BATCH DEVICE FUSION ENCODER
     args = parser.parse_args()
     if args.calibrate:
         import torch
@@ -328,8 +350,8 @@ def main() -> int:
         from pipeline.config import load_config
 
         torch.set_num_threads(1)
-        preset, size, batch, device, fusion = args.calibrate
-        config = load_config(preset, [f"model.fusion={fusion}"])
+        preset, size, batch, device, fusion, encoder = args.calibrate
+        config = load_config(preset, [f"model.fusion={fusion}", f"model.encoder={encoder}"])
         print(json.dumps(step_seconds(config, int(size), device, int(batch))))
         return 0
     train_roots = args.train or [str(SHARED / "imagenet-sample"), str(SHARED / "imagenet-more")]
@@ -347,7 +369,7 @@ def main() -> int:
         lake, storage = str(Path(temp) / "lake"), str(Path(temp) / "runs")
         counts = ingest_sets(lake, train_roots, test_root, str(annotations), size)
         workers = args.workers or (gpu_count() if args.gpu else 2)
-        trained = train(lake, storage, size, minutes, args.gpu, workers, args.fusion)
+        trained = train(lake, storage, size, minutes, args.gpu, workers, args.fusion, args.arch, args.encoder)
         scored = {"final": score(trained["checkpoint"], lake, args.gpu)}
         if trained["l1_checkpoint"]:
             scored["l1_stage"] = score(trained["l1_checkpoint"], lake, args.gpu)
@@ -381,7 +403,8 @@ def print_report(report: dict, size: int) -> None:
     print(f"machine: {report['machine']} ({report['device']})")
     print(f"trained {t['preset']} at {size} px on {t['train_samples']} samples for {t['train_seconds'] / 60:.1f} min "
           f"({t['l1_epochs']} L1 + {t['gan_epochs']} GAN epochs of {t['steps_per_epoch']} steps, {t['workers']} "
-          f"workers, fusion {t['fusion']}); scored on {report['test_images']} test images")  # fmt: skip
+          f"workers, {t['arch']}, encoder {t['encoder']}, fusion {t['fusion']}); scored on {report['test_images']} "
+          "test images")  # fmt: skip
     for stage, summary in report["metrics"].items():
         print(f"\n{stage} generator:")
         print(f"{'metric':14} {'model':>8} {'95% interval':>20} {'gray':>8} {'95% interval':>20}")
