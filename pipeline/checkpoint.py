@@ -232,12 +232,10 @@ def load_checkpoint(
         else:
             with open(handle, "rb") as file:
                 head = file.read(4)
-    except FileNotFoundError:
-        raise
     except OSError as e:
         raise CorruptCheckpoint(f"{name} is not a readable checkpoint: {e.strerror or e}") from None
     if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch's zip format, or its legacy pickle
-        raise CorruptCheckpoint(f"{name} is not a readable checkpoint: not a torch file")
+        raise CorruptCheckpoint(f"{name} is not a readable checkpoint: not a torch file of tensors")
     try:
         payload = safe_torch_load(handle, map_location)
     except ValueError as e:

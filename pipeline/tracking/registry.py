@@ -276,8 +276,15 @@ def _load_model_folder(folder: Path, uri: str, device, trust_pickle: bool) -> tu
         raise ConfigError(f"{folder / 'MLmodel'} is not readable: {str(e).splitlines()[0]}") from None
     flavors = mlmodel.get("flavors") if isinstance(mlmodel, dict) else None
     flavors = flavors if isinstance(flavors, dict) else {}
-    verify_model_code(folder, uri, flavors, trust_pickle)
     pyfunc = flavors.get("python_function") or {}
+    ours = isinstance(pyfunc, dict) and pyfunc.get("loader_module") == SERVING_MODULE
+    if "pytorch" in flavors and not ours and not trust_pickle:  # its code runs only for --trust-pickle: say that
+        raise ConfigError(
+            f"{uri} is a generator of the old pickled format: loading it runs code stored in the model. "
+            "Pass --trust-pickle only if you trust where it comes from"
+        )
+    if not trust_pickle:  # with it the user accepts the code an old pickled model brings
+        verify_model_code(folder, uri, flavors)
     if isinstance(pyfunc, dict) and pyfunc.get("loader_module") == SERVING_MODULE and pyfunc.get("data"):
         data = (folder / str(pyfunc["data"])).resolve()
         if not data.is_relative_to(folder.resolve()):

@@ -227,7 +227,7 @@ def test_a_model_that_is_some_other_file_is_named_not_a_temporary_folder(tmp_pat
     Image.new("RGB", (20, 20)).save(photo)
     assert main(["colorize", "--model", str(other), str(photo), "-o", str(tmp_path / "out"), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert f"{other} is not a readable checkpoint: not a torch file" in err and "recolor-model-" not in err
+    assert f"{other} is not a readable checkpoint: not a torch file of tensors" in err and "recolor-model-" not in err
 
 
 def test_an_unwritable_lake_or_run_storage_is_one_line_not_a_traceback(tmp_path, capsys, photo_writer) -> None:
