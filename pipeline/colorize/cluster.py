@@ -26,9 +26,13 @@ from pipeline.colorize.files import ColorizeOptions, ColorizeSummary
 WRITTEN, REFUSED = "written", "refused"
 
 
-def _decode(batch: dict, size: int, multiple: int, resize: str, max_pixels: int) -> dict:
+def _decode(batch: dict, size: int, multiple: int, resize: str, max_pixels: int, environment=None) -> dict:
     """Stage 1: each photo's bytes and network input (shapes differ with the aspect), or why it is refused."""
+    from ingest.cluster import open_environment
     from pipeline.colorize.pixels import PhotoRefused, decode_photo, network_input, read_uri_bytes
+
+    if environment is not None:
+        open_environment(environment)  # the driver's S3 settings and credentials, on any node
 
     lights, datas, errors, crops = [], [], [], []
     for uri in batch["uri"]:
@@ -89,9 +93,14 @@ class _Colorizer:
         return batch
 
 
-def _write(batch: dict, out_dir: str, picture_format: str, quality: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+def _write(batch: dict, out_dir: str, picture_format: str, quality: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+           environment=None) -> dict:  # fmt: skip
     """Stage 3: the full-resolution picture of each colorized photo, written; the outcome of every input."""
+    from ingest.cluster import open_environment
     from ingest.storage import StorageError
+
+    if environment is not None:
+        open_environment(environment)
     from pipeline.colorize.files import OutputFolder
     from pipeline.colorize.pixels import PhotoRefused, compose, decode_photo, encode_picture
 
@@ -189,17 +198,21 @@ def colorize_on_ray(
     import ray
     import ray.data
 
+    from ingest.cluster import ship_environment
+
     with ensure_ray(ray_address):
+        environment = ship_environment()  # a cluster's nodes read and write with the driver's S3 settings
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # one bar, `_collect`'s, counts pictures (and Ray need not say so)
         context.print_on_execution_start = False
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
         generator_ref = [ray.put(generator.cpu())]  # in a list: Ray passes a bare ref to the actor resolved
         max_pixels = options.max_pixels
-        decode = {"size": size, "multiple": min_side(generator), "resize": resize, "max_pixels": max_pixels}
+        decode = {"size": size, "multiple": min_side(generator), "resize": resize, "max_pixels": max_pixels,
+                  "environment": environment}  # fmt: skip
         # The photo is decoded again when written: the same pixel limit as in the first stage.
         write = {"out_dir": out_dir, "picture_format": options.picture_format, "quality": options.quality,
-                 "max_pixels": max_pixels}  # fmt: skip
+                 "max_pixels": max_pixels, "environment": environment}  # fmt: skip
         dataset = _stages(todo, decode, generator_ref, write, options.batch_size, actors, gpu, options.dropout)
         _collect(dataset, len(todo), summary, options.progress)
     return summary

@@ -1,5 +1,7 @@
 """`recolor colorize --ray`: the Ray Data job gives the single-process command's pixels and refusals, resumes,
-writes JPEG on request and writes to s3://. Each command is a real CLI process with its own local Ray instance."""
+writes JPEG on request and writes to s3://. Each command is a real CLI process that joins the session's Ray
+(`--ray-address`, as on a cluster: the S3 credentials travel from the command to the job's tasks); one starts a
+local instance of its own."""
 
 from __future__ import annotations
 
@@ -32,13 +34,13 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def both(photos, checkpoint, cli_runner, tmp_path_factory):
+def both(photos, checkpoint, cli_runner, tmp_path_factory, ray_address):
     """The same folder colorized by the single-process command and by the Ray Data job (two actors)."""
     root = tmp_path_factory.mktemp("outputs")
     common = ["--model", checkpoint, "--no-progress", "--batch-size", "3"]
     local = cli_runner("colorize", photos, "-o", root / "local", *common, cwd=root)
-    ray = cli_runner("colorize", photos, "-o", root / "ray", "--ray", "--actors", "2", *common, cwd=root,
-                     timeout=300)  # fmt: skip
+    ray = cli_runner("colorize", photos, "-o", root / "ray", "--ray", "--actors", "2", *common, "--ray-address",
+                     ray_address, cwd=root, timeout=300)  # fmt: skip
     return root, local, ray
 
 
@@ -62,6 +64,7 @@ def test_the_ray_job_gives_the_single_process_pixels_and_refusals(both) -> None:
 
 
 def test_a_rerun_of_the_ray_job_skips_the_pictures_it_wrote(both, photos, checkpoint, cli_runner) -> None:
+    """This rerun starts a local Ray of its own: the command's default."""
     root, _, _ = both
     before = {p: p.stat().st_mtime_ns for p in (root / "ray").rglob("*.png")}
     again = cli_runner("colorize", photos, "-o", root / "ray", "--ray", "--model", checkpoint, "--no-progress",
@@ -71,13 +74,13 @@ def test_a_rerun_of_the_ray_job_skips_the_pictures_it_wrote(both, photos, checkp
     assert len(skipped_lines(again)) == 2  # the bad files are refused again, with their reasons
 
 
-def test_the_ray_job_writes_jpeg_to_s3(photos, checkpoint, cli_runner, s3_env, tmp_path) -> None:
+def test_the_ray_job_writes_jpeg_to_s3(photos, checkpoint, cli_runner, s3_env, tmp_path, ray_address) -> None:
     from ingest.storage import open_storage
 
     out = f"s3://{s3_env.bucket}/colorized"
     result = cli_runner("colorize", photos / "photo0.jpg", photos / "sub", "-o", out, "--ray", "--model", checkpoint,
-                        "--format", "jpeg", "--quality", "90", "--no-progress", cwd=tmp_path, env=s3_env.env,
-                        timeout=300)  # fmt: skip
+                        "--format", "jpeg", "--quality", "90", "--no-progress", "--ray-address", ray_address,
+                        cwd=tmp_path, env=s3_env.env, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     stored = {info.key: info.size for info in open_storage(out).list()}
     assert set(stored) == {"photo0.jpg", "gray.jpg"}, stored

@@ -66,7 +66,7 @@ def test_it_registers_passes_the_champion_gate_and_serves(trained, capsys) -> No
 
     from pipeline.tracking.uri import fluent_tracking_uri
 
-    assert trained.result.model_version == "1"
+    assert str(trained.result.model_version) == "1"
     code = main(["evaluate", "--model", "models:/colorizer@candidate", "--dataset", "photos", "--lake", trained.lake,
                  "--tracking-uri", trained.uri, "--promote", "--device", "cpu"])  # fmt: skip
     assert code == 0, capsys.readouterr().err[-2000:]
