@@ -37,8 +37,10 @@ demo: $(BIN)/.installed
 	@echo "             and colorfulness above, --split train); camera.png is a gray photo it never saw"
 	@echo "MLflow UI:   $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000   then open http://127.0.0.1:5000"
 
+# Two pytest workers, a test file each at a time (module fixtures are built once): the suite waits on processes
+# (Ray starts, servers, outages) more than it computes, so two share 2 cores well (28.1 -> 24.5 min measured).
 test: $(BIN)/.installed
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
