@@ -227,11 +227,16 @@ def sha256_hex(data: bytes) -> str:
 
 
 def file_sha256(path: str | Path) -> str:
-    """The SHA-256 (hex) of a file's bytes, read in 4 MB pieces: a shard's digest, recorded beside its size."""
-    digest = hashlib.sha256()
+    """The SHA-256 (hex) of a file's bytes: a shard's digest, recorded beside its size."""
     with open(path, "rb") as file:
-        while piece := file.read(4 * 2**20):
-            digest.update(piece)
+        return stream_sha256(file)
+
+
+def stream_sha256(handle) -> str:
+    """The SHA-256 (hex) of what an open binary file holds from where it stands, read in 4 MB pieces."""
+    digest = hashlib.sha256()
+    while piece := handle.read(4 * 2**20):
+        digest.update(piece)
     return digest.hexdigest()
 
 

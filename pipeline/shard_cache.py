@@ -228,12 +228,12 @@ class ShardCache:
         key = (info.st_dev, info.st_ino, info.st_size, expected)
         if key in self._verified:
             return None
-        digest = hashlib.sha256()
-        while piece := handle.read(4 * 2**20):
-            digest.update(piece)
+        from ingest.lake import stream_sha256
+
+        digest = stream_sha256(handle)
         handle.seek(0)
-        if digest.hexdigest() != expected:
-            return f"has SHA-256 {digest.hexdigest()}, not the {expected} recorded"
+        if digest != expected:
+            return f"has SHA-256 {digest}, not the {expected} recorded"
         self._verified.add(key)
         return None
 

@@ -65,6 +65,7 @@ class ColorizeSummary:
     written: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # outputs an earlier run wrote whole: not done again
     failed: list[tuple[str, str]] = field(default_factory=list)  # (input, "reason: detail")
+    listed: list[str] = field(default_factory=list)  # every input image found, before the guard left any out
     side_by_side: str | None = None  # the comparison picture written
     side_by_side_error: str | None = None  # why it was not ("not_ours: ...", "unwritable: ...")
 

@@ -32,9 +32,10 @@ def plan_outputs(
     `overwrite` replaces only pictures an earlier run wrote (listed in the folder's ledger); a file of the same name
     that recolor did not write is refused as `not_ours` (with or without `overwrite`), unless `overwrite_any`."""
     items, failed = list_inputs(inputs, SUFFIXES[picture_format])
+    listed = [uri for uri, _ in items]
     items = guard_outputs(items, inputs, out_dir)
     out = OutputFolder(out_dir)
-    summary = ColorizeSummary(failed=failed)
+    summary = ColorizeSummary(failed=failed, listed=listed)
     todo = []
     for uri, name in items:
         if not out.holds(name):
@@ -163,15 +164,13 @@ def plan_side_by_side(options: ColorizeOptions, inputs: list[str], out: OutputFo
         ConfigError: the picture would replace an input, or one of this run's colorized pictures.
     """
     from ingest.storage import is_s3
-    from pipeline.colorize.files import list_inputs
 
     target = options.side_by_side
     folder_uri, _, name = target.rstrip("/").rpartition("/")
     if not name or name in (".", ".."):
         raise ConfigError(f"--side-by-side {target}: name a file to write the comparison picture to")
     folder = OutputFolder(folder_uri or ".")
-    listed, _ = list_inputs(inputs)
-    given = {uri for uri, _ in listed} | set(inputs)
+    given = set(summary.listed) | set(inputs)  # every image the inputs name (plan_outputs' one listing)
     if folder.target(name) in given or (not is_s3(target) and os.path.realpath(target) in {
             os.path.realpath(uri) for uri in given if not is_s3(uri)}):  # fmt: skip
         raise ConfigError(f"--side-by-side {target} is an input: the comparison picture never replaces a photo; "
@@ -208,9 +207,7 @@ def write_side_by_side(folder: OutputFolder, name: str, compared: list[tuple[str
         folder.write(name, side_by_side(compared))
     except (OSError, StorageError) as e:
         summary.side_by_side_error = (
-            f"unwritable: --side-by-side {folder.target(name)}: {e.strerror or e}"
-            if isinstance(e, OSError)
-            else f"unwritable: --side-by-side {folder.target(name)}: {e}"
+            f"unwritable: --side-by-side {folder.target(name)}: {getattr(e, 'strerror', None) or e}"
         )
     else:
         summary.side_by_side = folder.target(name)

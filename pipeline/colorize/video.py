@@ -263,9 +263,10 @@ def _open(src: str):
     except FileNotFoundError:
         raise VideoRefused("missing: no such file") from None
     except (av.error.InvalidDataError, av.error.FFmpegError, UnicodeDecodeError) as e:
-        if _container_signature(src):  # a film's header, then nothing FFmpeg can use: cut short or damaged
+        container_kind = _container_signature(src)
+        if container_kind:  # a film's header, then nothing FFmpeg can use: cut short or damaged
             raise VideoRefused(
-                f"corrupt: it begins as a {_container_signature(src)} film but FFmpeg cannot read it "
+                f"corrupt: it begins as a {container_kind} film but FFmpeg cannot read it "
                 f"({e}); a file cut before its index (an interrupted copy) reads like this"
             ) from None
         raise VideoRefused(f"not_a_video: FFmpeg cannot read it ({e})") from None

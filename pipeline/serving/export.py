@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ingest.errors import ConfigError
-from pipeline.serving import EXPORT_FORMATS, TOLERANCE  # noqa: E402
+from pipeline.serving import EXPORT_FORMATS, TOLERANCE
 
 ONNX_OPSET = 18
 
@@ -45,7 +45,7 @@ def export_generator(generator: nn.Module, side: int, export_format: str, path: 
         raise ConfigError(f"export format must be one of {EXPORT_FORMATS}, got {export_format!r}")
     if export_format == "mlflow":
         return export_model_folder(generator, side, path, overwrite)
-    if getattr(generator, "fusion", None) is not None and export_format != "mlflow":
+    if getattr(generator, "fusion", None) is not None:
         raise ConfigError(
             "this generator fuses a frozen Inception network (model.fusion: inception), which is not exported: "
             "serve it with `mlflow models serve` (its registered model) or colorize with `recolor colorize` instead"
@@ -96,12 +96,13 @@ def export_model_folder(generator: nn.Module, side: int, path: str | Path, overw
     """
     import shutil
     import tempfile
+    import warnings
 
     import mlflow.pyfunc
 
     from pipeline.models.saved import GeneratorSpec, save_generator
     from pipeline.serving.signature import serving_signature
-    from pipeline.tracking.registry import SERVING_MODULE, _requirements, load_generator
+    from pipeline.tracking.registry import SERVING_MODULE, load_generator, serving_requirements
 
     path = Path(path)
     if path.exists():
@@ -120,8 +121,6 @@ def export_model_folder(generator: nn.Module, side: int, path: str | Path, overw
         raise ConfigError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         data = save_generator(generator.cpu().float().eval(), spec, scratch / "generator")
-        import warnings
-
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*input example was not provided")
             mlflow.pyfunc.save_model(
@@ -129,7 +128,7 @@ def export_model_folder(generator: nn.Module, side: int, path: str | Path, overw
                 loader_module=SERVING_MODULE,
                 data_path=str(data),
                 signature=serving_signature(),
-                pip_requirements=_requirements(spec.fusion, spec.arch),
+                pip_requirements=serving_requirements(spec.fusion, spec.arch),
             )
         (scratch / "model" / EXPORT_MARKER).write_text("written by recolor export --format mlflow\n")
         loaded = load_generator(str(scratch / "model"))

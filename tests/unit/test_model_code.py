@@ -16,7 +16,7 @@ import yaml
 
 from ingest.errors import ConfigError
 from pipeline.models.saved import GeneratorSpec, save_generator
-from pipeline.tracking.registry import SERVING_MODULE, _requirements, load_generator
+from pipeline.tracking.registry import SERVING_MODULE, load_generator, serving_requirements
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def honest(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     data = save_generator(spec.build(), spec, root / "generator")
     mlflow.pyfunc.save_model(str(root / "honest"), loader_module=SERVING_MODULE, data_path=str(data),
-                             signature=serving_signature(), pip_requirements=_requirements())  # fmt: skip
+                             signature=serving_signature(), pip_requirements=serving_requirements())  # fmt: skip
     return root / "honest"
 
 
