@@ -1,6 +1,6 @@
 """Shared fixtures, one family a module in `tests/fixtures/`: generated photos (`images`), source trees in
 ImageNet and COCO layouts (`sources`), S3 servers on loopback (`s3`), a local Ray (`ray`), lake version checks
-(`lake`) and the CLI as a real process (`cli`).
+(`lake`), the CLI as a real process (`cli`), and what each test costs the machine (`cpu`).
 
 Every asset is generated, deterministically from a seed, so no binary is committed and each test writes only
 below its own `tmp_path`.
@@ -12,8 +12,12 @@ import os
 # that poll: in runs of a few dozen tiny steps the polls, not the steps, would set the pace. Set before the session's
 # Ray starts, so its processes and every `recolor` process the tests start inherit it.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+# Ray Train starts a preemption watcher actor (a process of its own, about 1.7 CPU seconds) with every run, for spot
+# nodes a cloud takes back; no test preempts a node (the elastic test kills one), and the suite starts dozens of runs.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 from fixtures.cli import CliResult, cli_runner, recolor, run_cli  # noqa: E402, F401
+from fixtures.cpu import pytest_runtest_protocol  # noqa: E402, F401
 from fixtures.images import (  # noqa: E402, F401
     color_photo,
     encode,
@@ -38,3 +42,4 @@ from fixtures.sources import (  # noqa: E402, F401
     imagenet_tree,
     make_imagenet,
 )
+

@@ -23,9 +23,12 @@ FEATURES = 2048  # Inception's pool features
 PROJECTED = 256  # the paper's fusion width
 
 
-@torch.compiler.disable  # a TorchScript network behind a file lookup: one clean graph break under `compile`
 def gray_features(lightness: torch.Tensor) -> torch.Tensor:
-    """Inception pool features (N, 2048, float32) of the gray images whose normalized L (N, 1, H, W) is given."""
+    """Inception pool features (N, 2048, float32) of the gray images whose normalized L (N, 1, H, W) is given.
+
+    Under `torch.compile` it is one clean graph break (a TorchScript network behind a file lookup): the fusion layer
+    calls it through `torch.compiler.disable`, applied when the layer is built, not here at import (the decorator
+    imports torch._dynamo, a second of every process that imports the models)."""
     from ingest.lab import denormalize_torch, lab_to_rgb_torch
     from pipeline.evaluation.fid import pool_features
 
@@ -33,6 +36,9 @@ def gray_features(lightness: torch.Tensor) -> torch.Tensor:
         light = lightness.detach().float()
         gray_ab = light.new_zeros(light.shape[0], 2, *light.shape[2:])
         return pool_features(lab_to_rgb_torch(denormalize_torch(light, gray_ab)))
+
+
+_compiled_around = None  # gray_features behind torch.compiler.disable, set by the first InceptionFusion
 
 
 class InceptionFusion(nn.Module):
@@ -47,6 +53,9 @@ class InceptionFusion(nn.Module):
         from pipeline.evaluation.fid import network_path
 
         network_path()  # the missing extra is named now, not at the first step
+        global _compiled_around
+        if _compiled_around is None:
+            _compiled_around = torch.compiler.disable(gray_features)
         self.project = nn.Linear(FEATURES, PROJECTED)
         self.mix = nn.Conv2d(channels + PROJECTED, channels, 1)
         with torch.no_grad():
@@ -57,6 +66,6 @@ class InceptionFusion(nn.Module):
             nn.init.zeros_(self.mix.bias)
 
     def forward(self, bottleneck: torch.Tensor, lightness: torch.Tensor) -> torch.Tensor:
-        features = self.project(gray_features(lightness).to(bottleneck.dtype))
+        features = self.project(_compiled_around(lightness).to(bottleneck.dtype))
         tiled = features[:, :, None, None].expand(-1, -1, bottleneck.shape[2], bottleneck.shape[3])
         return self.mix(torch.cat([bottleneck, tiled.to(bottleneck.dtype)], dim=1))

@@ -11,7 +11,8 @@ trial's generator is registered (alias `candidate`).
 
 Rerunning the same command resumes: each trial's run is found by its name (the sweep's name and
 its index), so finished trials train nothing, unfinished ones resume from their checkpoints, and
-stopped ones stay stopped. Tune's own state is scratch: nothing needs `Tuner.restore`.
+stopped ones stay stopped. Tune's own state is scratch: nothing needs `Tuner.restore`. When every
+trial is finished or stopped, no Tune run starts at all: the parent's ranking is made again, in seconds.
 """
 
 from __future__ import annotations
@@ -119,6 +120,15 @@ def run_sweep(preset: str | None, base_overrides: list[str], trials: list[Trial]
         tracking_uri = resolve_tracking_uri(tracking.tracking_uri)
         check_tracking_server(tracking_uri)
     parent_run_id = _open_parent(tracking_uri, tracking, options, preset, trials) if tracking_uri else None
+    # The trials' runs register nothing: the sweep registers its best at the end.
+    trial_tracking = dataclasses.replace(tracking, tracking_uri=tracking_uri, model_name=None) if tracking_uri else None
+    if trial_tracking is not None and _every_trial_done(configs, plan, options, trial_tracking):
+        log.warning("sweep %s finished earlier: every trial trained all it asks for or was stopped early; nothing "
+                    "to train, no cluster started (raise stages.N.epochs to train on, or pick another --name)",
+                    options.name)  # fmt: skip
+        result = SweepResult(options.name, parent_run_id)
+        _finish_parent(tracking_uri, tracking, options, parent_run_id, trials, result)
+        return result
 
     # The trials' Train workers, and a little for the trial drivers themselves (a local instance only).
     needed = options.max_concurrent * configs[0].workers * configs[0].cpus_per_worker + 1
@@ -130,9 +140,7 @@ def run_sweep(preset: str | None, base_overrides: list[str], trials: list[Trial]
             configs=[config.to_dict() for config in configs],
             trials=trials,
             options=options,
-            tracking=dataclasses.replace(tracking, tracking_uri=tracking_uri, model_name=None)
-            if tracking_uri
-            else None,
+            tracking=trial_tracking,
             parent_run_id=parent_run_id,
         )
         scheduler = _scheduler(options, configs[0])
@@ -166,6 +174,21 @@ def run_sweep(preset: str | None, base_overrides: list[str], trials: list[Trial]
             f"{len(errors)} of {len(trials)} trials failed; first: {describe_failure(errors[0])}", parent_run_id, True
         )
     return result
+
+
+def _every_trial_done(configs, plan, options: SweepOptions, tracking) -> bool:
+    """Whether a rerun would train nothing: every trial's run finished all its config asks for (as `recolor train`
+    judges it, `finished_earlier`) or was stopped early by an earlier run of the sweep. Then no Tune run starts
+    (each trial's actor would only find its run done)."""
+    from pipeline.train.driver import finished_earlier
+
+    for config in configs:
+        if _stopped_value(tracking, config.name, options.metric) is not None:
+            continue
+        run_uri = f"{config.storage.rstrip('/')}/{config.name}"
+        if finished_earlier(config, plan, run_uri, tracking) is None:
+            return False
+    return True
 
 
 def _check_options(trials: list[Trial], options: SweepOptions, ray_address: str | None) -> None:

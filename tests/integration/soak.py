@@ -1,5 +1,5 @@
-"""The soak of a long training run, shared by `test_soak.py` (local and S3 run storage) and `test_stack.py` (a Ray
-job through the local stack).
+"""The soak of a long training run, shared by `test_soak.py` (the run's storage in a local folder) and
+`test_stack.py` (a Ray job through the local stack, the run's storage on its S3).
 
 One run of the demo preset on 60 generated photos (64 px, two CPU workers, batch 2 each): 3 epochs of about 12
 steps, a checkpoint every 3 steps and at each epoch's end, `keep_checkpoints=2`, so Ray rotates checkpoints about

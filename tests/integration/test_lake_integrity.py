@@ -133,9 +133,11 @@ def test_gc_on_s3_deletes_only_the_lakes_own_objects(s3_env, photo_writer, tmp_p
     assert len(lake_check(lake, lake.resolve("photos"))) > 0
 
 
-def test_check_and_repair_on_s3_through_ray_tasks(s3_env, photo_writer, tmp_path, recolor, lake_check) -> None:
+def test_check_and_repair_on_s3_through_ray_tasks(s3_env, photo_writer, tmp_path, recolor, lake_check,
+                                                  ray_address) -> None:  # fmt: skip
     """A shard deleted through the S3 API and one overwritten with garbage: `check --deep` (Ray tasks) names both,
-    exit 1; `repair` writes a whole new version; `check` then passes."""
+    exit 1; `repair` writes a whole new version; `check` then passes. Both commands join the session's Ray, as on
+    a cluster (the S3 settings travel to the tasks with them)."""
     from ingest.storage import open_storage
 
     lake_uri = f"s3://{s3_env.bucket}/lake"
@@ -146,12 +148,14 @@ def test_check_and_repair_on_s3_through_ray_tasks(s3_env, photo_writer, tmp_path
     store = open_storage(lake_uri)
     store.delete(f"photos/{entries[0]['path']}")
     store.write_bytes(f"photos/{entries[1]['path']}", b"\x01" * entries[1]["bytes"])
+    on_ray = {"RAY_ADDRESS": ray_address}
     check = recolor("lake", "check", "photos", "--lake", lake_uri, "--deep", "--workers", "2", "--no-progress",
-                    timeout=300)  # fmt: skip
+                    env=on_ray, timeout=300)  # fmt: skip
     assert check.returncode == 1, check.stderr
     assert f"missing   {lake.shard_uri('photos', entries[0]['path'])}" in check.stdout
     assert f"corrupt   {lake.shard_uri('photos', entries[1]['path'])}: unreadable" in check.stdout
-    repair = recolor("lake", "repair", "photos", "--lake", lake_uri, "--workers", "2", "--no-progress", timeout=300)
+    repair = recolor("lake", "repair", "photos", "--lake", lake_uri, "--workers", "2", "--no-progress", env=on_ray,
+                     timeout=300)  # fmt: skip
     assert repair.returncode == 0, repair.stderr
     assert "into photos@2" in repair.stdout and "2 shard(s) rebuilt" in repair.stdout
     assert len(lake_check(lake, lake.resolve("photos@2"))) == sum(lake.resolve("photos@1").record["counts"].values())

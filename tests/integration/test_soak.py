@@ -1,9 +1,10 @@
-"""Soak tests of long training runs (see `soak.py`): run storage in a local folder, and on S3 directly.
+"""The soak of a long training run (see `soak.py`) with its run storage in a local folder.
 
 `recolor train` runs as a real process that joins the session's Ray (`--ray-address`: the driver is not what is
-killed here, a worker is; Ray's own start is `test_train_failures.py`'s). The lake is on a test-owned `rclone serve s3`
-in both cases, so the outage reaches the workers' shard reads; with `--storage s3://...` it reaches the
-checkpoint uploads and Ray Train's run state too.
+killed here, a worker is; Ray's own start is `test_train_failures.py`'s). The lake is on a test-owned `rclone serve s3`,
+so the outage reaches the workers' shard reads. The same soak with the run's storage on S3 (the outage reaching the
+checkpoint uploads and Ray Train's run state too) is `test_stack.py`'s main job, a Ray job through the local stack:
+the same checks, on the run the main job goes on to evaluate and colorize.
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ from ingest.lake import Lake
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
 def test_a_long_run_survives_rotation_a_killed_worker_and_an_outage_then_a_rerun_trains_nothing(
-    where, own_s3, photo_writer, tmp_path, recolor, ray_address
+    own_s3, photo_writer, tmp_path, recolor, ray_address
 ) -> None:
     from mlflow import MlflowClient
 
@@ -31,11 +31,7 @@ def test_a_long_run_survives_rotation_a_killed_worker_and_an_outage_then_a_rerun
     run_ingest(IngestConfig(kind="folder", source=str(tmp_path / "photos"), dataset="soak", lake=lake, size=64,
                             shard_size=40_000, use_ray=False, progress=False))  # fmt: skip
     train_samples = Lake(lake).resolve("soak").record["counts"]["train"]
-    if where == "local":
-        storage = str(tmp_path / "runs")
-    else:
-        own_s3.create_bucket("runs")
-        storage = "s3://runs/train"
+    storage = str(tmp_path / "runs")
     run_uri = f"{storage}/soak"
 
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -6,8 +6,8 @@ S3, MLflow answers and stores artifacts in S3, the job API refuses requests with
 listens beyond loopback, `recolor submit ingest` commits a lake version in S3, and `down` ends every
 process of the stack and nothing else. The stack is torn down after the module even when a test fails.
 
-Jobs go through the stack as a user submits them: ingest, the main job end to end (ingest, train,
-evaluate --promote), and the soak of a long training run (`soak.py`) with the stack's S3 restarted.
+Jobs go through the stack as a user submits them: ingest, and the main job end to end (ingest, train,
+evaluate --promote, colorize) on a long training run soaked on the way (`soak.py`) with the stack's S3 restarted.
 
 Long on purpose: one module-scoped stack (25 s to start) serves every test here.
 """
@@ -128,25 +128,6 @@ def registered_model_uri(train) -> str:
     match = re.search(r"registered (\S+) version (\d+)", train.stdout)
     assert match, train.stdout[-3000:]
     return f"models:/{match.group(1)}/{match.group(2)}"
-
-
-def submit_train_and_evaluate(stack: Stack, cli_runner, dataset: str, *overrides: str, workers: int = 2):
-    """The rest of the main job on the stack: `submit train` (demo preset, `workers` DDP workers), then
-    `submit evaluate --promote` of the model version it registered. Returns (train, evaluate) CliResults
-    (evaluate is None when training failed); the caller asserts on them and on `mlflow_client(stack)`.
-
-    Checked by hand on this stack (64 px samples need `model.num_downs=6`): train succeeds and
-    registers colorizer version 1, evaluate promotes it to `champion`, run metrics are in MLflow and
-    its artifacts in s3://mlflow/artifacts.
-    """
-    train = submit(
-        stack, cli_runner, "train", "configs/tiny.yaml", "--dataset", dataset, "--workers", str(workers),
-        "stages.0.epochs=1", *overrides, timeout=600,
-    )  # fmt: skip
-    if train.returncode != 0:
-        return train, None
-    model = registered_model_uri(train)
-    return train, submit(stack, cli_runner, "evaluate", "--model", model, "--dataset", dataset, "--promote")
 
 
 # --- the services -------------------------------------------------------------------------------------
@@ -316,47 +297,6 @@ def test_a_failing_job_fails_the_submit(stack, cli_runner) -> None:
     assert "FAILED" in result.stderr
 
 
-def test_main_job_end_to_end_through_the_stack(stack, cli_runner, photo_writer, tmp_path) -> None:
-    """Issue 5's end to end: submit ingest into s3://, submit train (two workers, tiny config), submit
-    evaluate --promote; the lake version is in S3, the MLflow run has its metrics and its artifacts in S3,
-    and the registered model carries alias `champion`. (A submission without the token is refused:
-    `test_job_api_requires_the_token`.)"""
-    client = stack.s3()
-    for path in photo_writer(tmp_path / "photos", range(100, 114), width=96, height=72):
-        client.upload_file(str(path), "lake", f"sources/e2e/{path.name}")
-    ingest = submit(stack, cli_runner, "ingest", "folder", "s3://lake/sources/e2e", "--dataset", "e2e", *SMALL_SHARDS)
-    assert ingest.returncode == 0, ingest.stdout + ingest.stderr + ray_logs(stack)
-    record = json.loads(client.get_object(Bucket="lake", Key="lake/e2e/versions/000001.json")["Body"].read())
-    assert record["counts"]["train"] >= 4, record["counts"]
-
-    overrides = ("model.num_downs=6", "data.batch_size=2", "--name", "e2e")
-    train, evaluate = submit_train_and_evaluate(stack, cli_runner, "e2e", *overrides)
-    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:] + ray_logs(stack)
-    assert evaluate is not None and evaluate.returncode == 0, evaluate.stdout + evaluate.stderr + ray_logs(stack)
-    assert "promotion: promoted" in evaluate.stdout
-
-    mlflow = mlflow_client(stack)
-    experiment = mlflow.get_experiment_by_name("recolor")
-    (run,) = mlflow.search_runs([experiment.experiment_id], filter_string="tags.`recolor.run_name` = 'e2e'")
-    assert {"train/loss_D", "train/loss_G", "train/loss_G_L1", "val/l1_ab", "val/gray_l1_ab"} <= set(run.data.metrics)
-    assert run.data.tags["recolor.datasets"] == "e2e@1"
-    keys = [o["Key"] for o in client.list_objects_v2(Bucket="mlflow").get("Contents", [])]
-    mine = [key for key in keys if f"/{run.info.run_id}/artifacts/" in key]
-    assert any("/samples/" in key and key.endswith(".png") for key in mine), keys
-    assert any(key.endswith("plots/loss_curves.png") for key in mine), keys
-    champion = mlflow.get_model_version_by_alias("colorizer", "champion")
-    assert champion.run_id == run.info.run_id
-    assert f"models:/colorizer/{champion.version}" == registered_model_uri(train)
-
-    # The archive colorized on the cluster: a Ray Data job from s3:// to s3:// with the champion.
-    colorize = submit(stack, cli_runner, "colorize", "s3://lake/sources/e2e", "-o", "s3://lake/colorized/e2e",
-                      "--model", "models:/colorizer@champion", "--no-progress")  # fmt: skip
-    assert colorize.returncode == 0, colorize.stdout[-3000:] + colorize.stderr[-3000:] + ray_logs(stack)
-    assert "colorized 14 image(s) into s3://lake/colorized/e2e" in colorize.stdout
-    listed = client.list_objects_v2(Bucket="lake", Prefix="colorized/e2e/").get("Contents", [])
-    assert len([o for o in listed if o["Key"].endswith(".png")]) == 14, listed
-
-
 def stack_s3_outage(stack: Stack) -> tuple:
     """(stop, start) of the stack's S3 server: the same command, environment and port again (a real outage:
     connections refused), recorded in `stack.json` so that `down` stops the new process."""
@@ -386,9 +326,17 @@ def stack_s3_outage(stack: Stack) -> tuple:
     return stop, start
 
 
-def test_soak_a_long_job_through_the_stack(stack, cli_runner, photo_writer, tmp_path, monkeypatch) -> None:
-    """Issue 15's soak as a Ray job (see `soak.py`): rotations, rank 1 killed mid-epoch, the stack's S3 down for a
-    few seconds, then the same `recolor submit train` again with nothing left to train."""
+def test_main_job_end_to_end_through_a_long_soaked_run_on_the_stack(
+    stack, cli_runner, photo_writer, tmp_path, monkeypatch
+) -> None:
+    """Issue 5's end to end and issue 15's soak, as a user runs them through the stack, on one training run:
+    `submit ingest` into s3://; `submit train` (two DDP workers) while rotations happen, rank 1 is killed mid-epoch
+    and the stack's S3 (lake, checkpoints and Ray Train's run state) is down for a few seconds (`soak.py`); the same
+    `submit train` again trains nothing; then `submit evaluate --promote` of the version the run registered and a
+    Ray Data `submit colorize` from s3:// to s3:// with the champion. One run serves both: each is a minute of
+    training through the job server, and everything the main job checks after training holds for a soaked run.
+    (The soak with the run's storage in a local folder is `test_soak.py`; a submission without the token is refused:
+    `test_job_api_requires_the_token`.)"""
     import soak
 
     client = stack.s3()
@@ -396,6 +344,8 @@ def test_soak_a_long_job_through_the_stack(stack, cli_runner, photo_writer, tmp_
         client.upload_file(str(path), "lake", f"sources/soak/{path.name}")
     ingest = submit(stack, cli_runner, "ingest", "folder", "s3://lake/sources/soak", "--dataset", "soak", *SMALL_SHARDS)
     assert ingest.returncode == 0, ingest.stdout + ingest.stderr + ray_logs(stack)
+    record = json.loads(client.get_object(Bucket="lake", Key="lake/soak/versions/000001.json")["Body"].read())
+    assert record["counts"]["train"] >= 4, record["counts"]
     for name, value in stack.exports.items():
         monkeypatch.setenv(name, value)
     train_samples = Lake("s3://lake/lake").resolve("soak").record["counts"]["train"]
@@ -414,6 +364,31 @@ def test_soak_a_long_job_through_the_stack(stack, cli_runner, photo_writer, tmp_
     marker = tmp_path / "killed-once"
     folders = soak.check_soaked_run(run_uri, train_samples, outage, finished_at, marker, mlflow, "soak")
     soak.check_rerun(submit(stack, cli_runner, "train", *args, env=env), run_uri, folders, mlflow, "soak")
+
+    # The main job's checks of the finished run: its metrics, lineage and artifacts (in S3), then evaluate --promote.
+    experiment = mlflow.get_experiment_by_name("recolor")
+    (run,) = mlflow.search_runs([experiment.experiment_id], filter_string="tags.`recolor.run_name` = 'soak'")
+    assert {"train/loss_D", "train/loss_G", "train/loss_G_L1", "val/l1_ab", "val/gray_l1_ab"} <= set(run.data.metrics)
+    assert run.data.tags["recolor.datasets"] == "soak@1"
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket="mlflow").get("Contents", [])]
+    mine = [key for key in keys if f"/{run.info.run_id}/artifacts/" in key]
+    assert any("/samples/" in key and key.endswith(".png") for key in mine), keys
+    assert any(key.endswith("plots/loss_curves.png") for key in mine), keys
+    model = registered_model_uri(train)
+    evaluate = submit(stack, cli_runner, "evaluate", "--model", model, "--dataset", "soak", "--promote")
+    assert evaluate.returncode == 0, evaluate.stdout + evaluate.stderr + ray_logs(stack)
+    assert "promotion: promoted" in evaluate.stdout
+    champion = mlflow.get_model_version_by_alias("colorizer", "champion")
+    assert champion.run_id == run.info.run_id
+    assert f"models:/colorizer/{champion.version}" == model
+
+    # The archive colorized on the cluster: a Ray Data job from s3:// to s3:// with the champion.
+    colorize = submit(stack, cli_runner, "colorize", "s3://lake/sources/soak", "-o", "s3://lake/colorized/soak",
+                      "--model", "models:/colorizer@champion", "--no-progress")  # fmt: skip
+    assert colorize.returncode == 0, colorize.stdout[-3000:] + colorize.stderr[-3000:] + ray_logs(stack)
+    assert f"colorized {soak.PHOTOS} image(s) into s3://lake/colorized/soak" in colorize.stdout
+    listed = client.list_objects_v2(Bucket="lake", Prefix="colorized/soak/").get("Contents", [])
+    assert len([o for o in listed if o["Key"].endswith(".png")]) == soak.PHOTOS, listed
 
 
 # --- down (last: it ends the module's stack) -------------------------------------------------------------

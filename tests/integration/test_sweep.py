@@ -102,6 +102,7 @@ def test_runs_compare_prints_the_sweeps_ranking(grid, workspace, cli_runner) -> 
 
 def test_rerunning_the_sweep_trains_nothing(grid, workspace) -> None:
     assert grid.again.returncode == 0, grid.again.stderr[-4000:]
+    assert "sweep grid finished earlier" in grid.again.stderr  # every trial done: no Tune run, no Train run starts
     runs = runs_of(workspace, "grid")
     assert len(runs["parent"]) == 1 and len(runs["trial"]) == 4  # no new runs
     for run in runs["trial"]:
@@ -132,6 +133,7 @@ def test_asha_stops_a_losing_trial_and_records_why(workspace) -> None:
     assert [row["name"] for row in rows] == [good.info.run_name, bad.info.run_name]
     again = workspace.sweep(*args)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert "sweep asha finished earlier" in again.stderr  # one trial finished, one stopped early: nothing to run
     assert len(workspace.client.get_metric_history(bad.info.run_id, "val/l1_ab")) == validations  # stays stopped
     assert workspace.client.get_run(bad.info.run_id).info.status == "KILLED"
 

@@ -93,14 +93,19 @@ def test_sigterm_ends_the_run_killed_with_its_checkpoints_kept_and_leaves_no_pro
     args = [
         sys.executable, "-m", "pipeline.cli", "train", REPO / "configs" / "tiny.yaml", "--dataset", "photos",
         "--lake", lake, "--storage", tmp_path / "runs", "--name", "stopped", "--tracking-uri", uri, "--workers", "2",
-        "model.num_downs=6", "model.base_filters=4", "stages.0.epochs=6", "stages.0.decay_epochs=0",
+        "model.num_downs=6", "model.base_filters=4", "stages.0.epochs=2", "stages.0.decay_epochs=0",
         "checkpoint_every=2",
     ]  # fmt: skip
     mark = uuid.uuid4().hex
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RECOLOR_FAILPOINT")}
     env |= {"RECOLOR_NO_PROGRESS": "1", "RECOLOR_TEST_MARK": mark}
-    process = subprocess.Popen([str(a) for a in args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)  # fmt: skip
+    # The workers wait before step 5 (`RECOLOR_TRAIN_PAUSE`), so the run is still going, with a checkpoint of step 2
+    # or 4 behind it, whenever the signal comes: two epochs are enough, however slow the machine.
+    pause = tmp_path / "pause"
+    pause.write_text("4")
+    process = subprocess.Popen([str(a) for a in args], env=env | {"RECOLOR_TRAIN_PAUSE": str(pause)},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 240
         snapshot = tmp_path / "runs" / "stopped" / "checkpoint_manager_snapshot.json"
@@ -110,7 +115,8 @@ def test_sigterm_ends_the_run_killed_with_its_checkpoints_kept_and_leaves_no_pro
                 return bool(json.loads(snapshot.read_text()).get("latest_checkpoint_result"))
             return False
 
-        # Stopped while it trains (and uploads), once a checkpoint is recorded: what a rerun resumes from.
+        # Stopped mid-run (its upload of step 4 maybe still going), once a checkpoint is recorded: what a rerun
+        # resumes from.
         while not recorded():
             assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
             time.sleep(0.1)
@@ -142,5 +148,5 @@ def test_sigterm_ends_the_run_killed_with_its_checkpoints_kept_and_leaves_no_pro
     rerun = subprocess.run([*map(str, args), "--ray-address", ray_address], env=env, capture_output=True, text=True,
                            timeout=300)  # fmt: skip
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "rank 0 resuming at" in rerun.stdout + rerun.stderr  # from the checkpoint of step 2, kept
+    assert "rank 0 resuming at" in rerun.stdout + rerun.stderr  # from the checkpoint of step 2 or 4, kept
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
