@@ -1,7 +1,7 @@
 """Does it colorize? Train a preset for a fixed budget on one dataset, score it on another, beside the gray baseline.
 
-    python bench/quality.py                         # CPU: 128 px, ResNet18-encoder U-Net, random init, <= 20 min
-    python bench/quality.py --arch inception_unet   # CPU: the Inception-encoder U-Net, pretrained, frozen
+    python bench/quality.py                         # CPU: 128 px, the Inception-encoder U-Net (pretrained, frozen)
+    python bench/quality.py --arch resnet18_unet    # CPU: the ResNet18-encoder U-Net from random init, <= 20 min
     python bench/quality.py --gpu --minutes 5       # GPU: 256 px, the full recipe's preset
     python bench/quality.py --fusion inception --grid bench/quality-samples-fusion.png   # Deep Koalarization
     python bench/quality.py --train ~/imagenet-sub --test ~/coco --annotations ~/coco/annotations/x.json --json
@@ -150,7 +150,7 @@ PRESETS = {"resnet18_unet": "resnet18_unet.yaml", "inception_unet": "inception_u
 
 
 def train(lake: str, storage: str, size: int, minutes: float, gpu: bool, workers: int, fusion: str = "none",
-          arch: str = "resnet18_unet", encoder: str = "frozen") -> dict:  # fmt: skip
+          arch: str = "inception_unet", encoder: str = "frozen") -> dict:  # fmt: skip
     """Stage 1 (L1) for about 40% of the budget, as calibrated; stage 2 (GAN + L1) until the budget is spent: the
     run is stopped then (SIGTERM, as a user's Ctrl-C) and its latest checkpoint, an epoch's end, is scored."""
     import signal
@@ -331,11 +331,11 @@ def main() -> int:
     parser.add_argument("--curve", action="store_true",
                         help="also score every epoch's checkpoint on the test set (PSNR, colorfulness, AuC, L1; "
                         "no FID): the learning curve, to see how many steps the goals would take")  # fmt: skip
-    parser.add_argument("--arch", choices=sorted(PRESETS), default="resnet18_unet",
-                        help="the generator on the CPU (default: resnet18_unet, the recipe's variant, its encoder "
-                        "from scratch, until the measured comparison picks the best CPU recipe; inception_unet: FID's "
-                        "ImageNet-trained Inception-v3 as its encoder); with --gpu, resnet18_unet trains the full "
-                        "recipe (pix2pix U-Net)")  # fmt: skip
+    parser.add_argument("--arch", choices=sorted(PRESETS), default="inception_unet",
+                        help="the generator (default: inception_unet, FID's ImageNet-trained Inception-v3 as its "
+                        "encoder, frozen: the best CPU recipe measured, bench/RESULTS.md; resnet18_unet: the recipe's "
+                        "ResNet18 variant, its encoder from random init here); with --gpu, resnet18_unet trains the "
+                        "full recipe (pix2pix U-Net)")  # fmt: skip
     parser.add_argument(
         "--encoder",
         choices=("frozen", "finetune"),
