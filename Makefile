@@ -21,7 +21,7 @@ install: $(BIN)/.installed
 
 # The main job on the embedded default: a lake in ./lake, MLflow in ./mlflow.db, a local Ray instance.
 demo: $(BIN)/.installed
-	$(BIN)/recolor ingest folder "$(DEMO_PHOTOS)" --dataset demo-photos --lake $(LAKE) --size 256
+	$(BIN)/recolor ingest folder "$(DEMO_PHOTOS)" --dataset demo-photos --lake $(LAKE) --size 128
 	$(BIN)/recolor lake show demo-photos --lake $(LAKE)
 	$(BIN)/recolor train configs/demo.yaml --lake $(LAKE) --workers 2
 	$(BIN)/recolor evaluate --model models:/colorizer@candidate --dataset demo-photos --lake $(LAKE) --promote

@@ -74,8 +74,10 @@ def test_resnet18_preset_pretrains_on_l1_then_adds_the_gan_loss() -> None:
 def test_the_demo_preset_learns_its_photos_on_cpus() -> None:
     config = load_config(CONFIGS / "demo.yaml")
     assert config.name == "demo" and config.use_gpu is False and config.cpu_amp == "auto"
-    assert config.data.mix == {"demo-photos": 1.0} and config.data.epoch_samples == 240  # 60 steps an epoch, not 2
+    assert config.data.mix == {"demo-photos": 1.0} and config.data.epoch_samples == 160  # 40 steps an epoch, not 2
     assert [stage.gan_mode for stage in config.stages] == [None, "vanilla"]
+    # The pretrained encoder, frozen: what colorizes camera.png (a photo it never saw) most plausibly in its time.
+    assert config.model.arch == "inception_unet" and config.model.encoder == "frozen"
 
 
 def test_tiny_preset_is_tiny_and_cpu_only() -> None:
