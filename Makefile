@@ -37,8 +37,8 @@ demo: $(BIN)/.installed
 	@echo "             and colorfulness above, --split train); camera.png is a gray photo it never saw"
 	@echo "MLflow UI:   $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000   then open http://127.0.0.1:5000"
 
-# Two pytest workers, a test file each at a time (module fixtures are built once): the suite waits on processes
-# (Ray starts, servers, outages) more than it computes, so two share 2 cores well (28.1 -> 24.5 min measured).
+# Two pytest workers, a test file each at a time (module fixtures are built once): one alone leaves a core idle
+# while it waits on Ray starts, servers and outages (28.1 -> 24.5 min measured; 23.1 with 2026-12-07's cuts).
 test: $(BIN)/.installed
 	$(BIN)/pytest -q -n 2 --dist loadfile
 
