@@ -404,7 +404,9 @@ class Lake:
         if form == "pipe":
             return [f"pipe:{shlex.join([sys.executable, '-m', 'ingest.storage.cat', uri])}" for uri in uris]
         if form == "aws":
-            endpoint = os.environ.get("AWS_ENDPOINT_URL")
+            from ingest.storage.s3 import s3_endpoint
+
+            endpoint = s3_endpoint()
             options = ["--endpoint-url", endpoint] if endpoint else []
             return [
                 f"pipe:{shlex.join(['aws', 's3', 'cp', *options, uri, '-'])}" if is_s3(uri) else uri for uri in uris

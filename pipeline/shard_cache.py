@@ -125,7 +125,9 @@ class ShardCache:
 
     def _path(self, uri: str) -> Path:
         # The endpoint too: one bucket name on two S3 servers is two shards.
-        endpoint = os.environ.get("AWS_ENDPOINT_URL", "") if uri.startswith("s3://") else ""
+        from ingest.storage.s3 import s3_endpoint
+
+        endpoint = (s3_endpoint() or "") if uri.startswith("s3://") else ""
         return self.root / f"{hashlib.sha256(f'{endpoint}|{uri}'.encode()).hexdigest()[:32]}.tar"
 
     def open(self, uri: str, size: int | None, sha256: str | None = None) -> BinaryIO:

@@ -495,6 +495,14 @@ def s3_settings() -> dict[str, str]:
     return {name: os.environ[name] for name in S3_SETTINGS if name in os.environ}
 
 
+def s3_endpoint(settings: dict[str, str] | None = None) -> str | None:
+    """The S3 endpoint these settings (default: this process's) reach: `AWS_ENDPOINT_URL_S3` before
+    `AWS_ENDPOINT_URL`, as the AWS SDKs read them; None for AWS itself. What names a server (a shard cache's keys,
+    a printed `aws s3 cp` command) comes from here, as the client's endpoint does."""
+    values = s3_settings() if settings is None else settings
+    return values.get("AWS_ENDPOINT_URL_S3") or values.get("AWS_ENDPOINT_URL") or None
+
+
 def make_s3_client(settings: dict[str, str] | None = None):
     """A boto3 S3 client from `settings` (default: the standard environment), with retries for flaky networks.
 
@@ -534,7 +542,7 @@ def _new_s3_client(settings: dict[str, str]):
         "s3",
         region_name=region,
         config=config,
-        endpoint_url=settings.get("AWS_ENDPOINT_URL_S3") or settings.get("AWS_ENDPOINT_URL"),
+        endpoint_url=s3_endpoint(settings),
         aws_access_key_id=settings.get("AWS_ACCESS_KEY_ID"),
         aws_secret_access_key=settings.get("AWS_SECRET_ACCESS_KEY"),
         aws_session_token=settings.get("AWS_SESSION_TOKEN"),

@@ -234,3 +234,26 @@ def test_the_default_cache_folder_is_each_users_own():
     from pipeline.shard_cache import default_cache_dir
 
     assert default_cache_dir().endswith(f"recolor-shard-cache-{os.geteuid()}")
+
+
+def test_one_bucket_on_two_s3_servers_is_two_cache_entries_whichever_variable_names_them(tmp_path, monkeypatch):
+    """The cache key holds the endpoint the S3 client uses: `AWS_ENDPOINT_URL_S3` before `AWS_ENDPOINT_URL`."""
+    from ingest.storage.s3 import s3_endpoint
+
+    cache = ShardCache(tmp_path / "cache", 10**7)
+    uri = "s3://lake/photos/shards/train-000000.tar"
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    keys = {}
+    for general, s3_only in (("http://a:9000", None), ("http://a:9000", "http://b:9000"), ("http://b:9000", None)):
+        monkeypatch.setenv("AWS_ENDPOINT_URL", general)
+        if s3_only:
+            monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_only)
+        else:
+            monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+        keys[(general, s3_only)] = (s3_endpoint(), cache._path(uri))
+    assert keys[("http://a:9000", None)][0] == "http://a:9000"
+    assert keys[("http://a:9000", "http://b:9000")][0] == "http://b:9000"  # the S3-only variable wins, as in boto3
+    assert keys[("http://a:9000", None)][1] != keys[("http://a:9000", "http://b:9000")][1]
+    assert keys[("http://a:9000", "http://b:9000")][1] == keys[("http://b:9000", None)][1]  # the same server
+    assert cache._path(str(tmp_path / "a.tar")) == ShardCache(tmp_path / "cache", 10**7)._path(str(tmp_path / "a.tar"))
