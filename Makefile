@@ -38,7 +38,7 @@ demo: $(BIN)/.installed
 	@echo "MLflow UI:   $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000   then open http://127.0.0.1:5000"
 
 # Two pytest workers, a test file each at a time (module fixtures are built once): one alone leaves a core idle
-# while it waits on Ray starts, servers and outages (28.1 -> 24.5 min measured; 23.1 with 2026-12-07's cuts).
+# while it waits on Ray starts, servers and outages (28.1 -> 24.5 min measured; 22.6 with 2026-12-07's cuts).
 test: $(BIN)/.installed
 	$(BIN)/pytest -q -n 2 --dist loadfile
 
