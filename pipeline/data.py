@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.config import DataConfig
 from pipeline.dataplan import DataError, DataPlan
 from pipeline.epochs import Segment, plan_mixture, plan_rank_epoch, plan_train_epoch, plan_validation, window_draws
 from pipeline.reading import BlockPool, Window, decode_sample, open_shard, read_segments, shaped
@@ -201,15 +202,16 @@ class LoaderOptions:
         owned_shards: each rank reads the shards it owns, every epoch (`pipeline.epochs.owned_ranges`).
     """
 
+    # The defaults are the `data` config's own: one place says them.
     batch_size: int = 0
     global_batch: int | None = None
-    shuffle_window: int = 256
-    flip: bool = True
-    rotate: float = 0.0
-    interleave: int = 4
+    shuffle_window: int = DataConfig.shuffle_window
+    flip: bool = DataConfig.flip
+    rotate: float = DataConfig.rotate_degrees
+    interleave: int = DataConfig.interleave
     loader_workers: int = 1
-    loader_processes: bool = True
-    max_bad_fraction: float = 0.01
+    loader_processes: bool = DataConfig.loader_processes
+    max_bad_fraction: float = DataConfig.max_bad_fraction
     owned_shards: bool = False
 
 
