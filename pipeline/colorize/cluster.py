@@ -98,12 +98,11 @@ def _write(batch: dict, out_dir: str, picture_format: str, quality: int, max_pix
     """Stage 3: the full-resolution picture of each colorized photo, written; the outcome of every input."""
     from ingest.cluster import open_environment
     from ingest.storage import StorageError
-
-    if environment is not None:
-        open_environment(environment)
     from pipeline.colorize.files import OutputFolder
     from pipeline.colorize.pixels import PhotoRefused, compose, decode_photo, encode_picture
 
+    if environment is not None:
+        open_environment(environment)  # the driver's S3 settings and credentials, on any node
     out = OutputFolder(out_dir)
     statuses, details = [], []
     for name, data, ab, error in zip(batch["name"], batch["data"], batch["ab"], batch["error"], strict=True):

@@ -38,7 +38,17 @@ def gray_features(lightness: torch.Tensor) -> torch.Tensor:
         return pool_features(lab_to_rgb_torch(denormalize_torch(light, gray_ab)))
 
 
-_compiled_around = None  # gray_features behind torch.compiler.disable, set by the first InceptionFusion
+_compiled_around = None  # gray_features behind torch.compiler.disable, made once a process (`_outside_compile`)
+
+
+def _outside_compile():
+    """`gray_features` behind `torch.compiler.disable`, made at the first use in this process: at a layer's build
+    (before any `compile` traces it), or at the first forward of a layer that came unpickled (a generator shipped
+    to Ray actors is never built there)."""
+    global _compiled_around
+    if _compiled_around is None:
+        _compiled_around = torch.compiler.disable(gray_features)
+    return _compiled_around
 
 
 class InceptionFusion(nn.Module):
@@ -53,9 +63,7 @@ class InceptionFusion(nn.Module):
         from pipeline.evaluation.fid import network_path
 
         network_path()  # the missing extra is named now, not at the first step
-        global _compiled_around
-        if _compiled_around is None:
-            _compiled_around = torch.compiler.disable(gray_features)
+        _outside_compile()
         self.project = nn.Linear(FEATURES, PROJECTED)
         self.mix = nn.Conv2d(channels + PROJECTED, channels, 1)
         with torch.no_grad():
@@ -66,6 +74,6 @@ class InceptionFusion(nn.Module):
             nn.init.zeros_(self.mix.bias)
 
     def forward(self, bottleneck: torch.Tensor, lightness: torch.Tensor) -> torch.Tensor:
-        features = self.project(_compiled_around(lightness).to(bottleneck.dtype))
+        features = self.project(_outside_compile()(lightness).to(bottleneck.dtype))
         tiled = features[:, :, None, None].expand(-1, -1, bottleneck.shape[2], bottleneck.shape[3])
         return self.mix(torch.cat([bottleneck, tiled.to(bottleneck.dtype)], dim=1))

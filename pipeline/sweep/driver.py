@@ -180,13 +180,12 @@ def _every_trial_done(configs, plan, options: SweepOptions, tracking) -> bool:
     """Whether a rerun would train nothing: every trial's run finished all its config asks for (as `recolor train`
     judges it, `finished_earlier`) or was stopped early by an earlier run of the sweep. Then no Tune run starts
     (each trial's actor would only find its run done)."""
-    from pipeline.train.driver import finished_earlier
+    from pipeline.train.driver import finished_earlier, run_location
 
     for config in configs:
         if _stopped_value(tracking, config.name, options.metric) is not None:
             continue
-        run_uri = f"{config.storage.rstrip('/')}/{config.name}"
-        if finished_earlier(config, plan, run_uri, tracking) is None:
+        if finished_earlier(config, plan, run_location(config.storage, config.name), tracking) is None:
             return False
     return True
 

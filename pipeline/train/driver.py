@@ -121,10 +121,15 @@ def run_training(
 
         tracking_uri = resolve_tracking_uri(tracking.tracking_uri)
         check_tracking_server(tracking_uri)  # seconds, not minutes of MLflow's retries
-    run_uri = f"{storage.rstrip('/')}/{config.name}"
+    run_uri = run_location(storage, config.name)
     with _run_lease(run_uri, config.name):
         return _train_holding_lease(config, plan, storage, run_uri, tracking, tracking_uri, ray_address,
                                     logger_factory, on_worker_end, callbacks)  # fmt: skip
+
+
+def run_location(storage: str, name: str) -> str:
+    """Where the run `name` keeps its checkpoints and Ray Train's record of them, in the resolved `storage`."""
+    return f"{storage.rstrip('/')}/{name}"
 
 
 RUN_LEASE = ".recolor-run.lease"

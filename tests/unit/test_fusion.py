@@ -99,6 +99,24 @@ def test_a_saved_fused_generator_loads_with_its_fusion(tmp_path) -> None:
         load_saved_generator(save_generator(generator, plain, tmp_path / "mislabelled"))
 
 
+def test_a_fused_generator_runs_where_it_arrives_pickled_as_on_a_ray_actor(monkeypatch) -> None:
+    """`colorize --ray` ships the generator to its actors by pickle: the fusion layer is never built there, so its
+    compile guard is made at its first forward."""
+    import pickle
+
+    from pipeline.models import fusion
+
+    torch.manual_seed(0)
+    generator = build_generator("unet_256", base_filters=8, num_downs=6, fusion="inception").eval()
+    light = gray(2, 64)
+    with torch.no_grad():
+        expected = generator(light)
+    shipped = pickle.loads(pickle.dumps(generator))
+    monkeypatch.setattr(fusion, "_compiled_around", None)  # a fresh process: no layer was built in it
+    with torch.no_grad():
+        torch.testing.assert_close(shipped(light), expected)
+
+
 def test_a_missing_network_and_an_unknown_fusion_are_named(monkeypatch) -> None:
     with pytest.raises(ConfigError, match="model.fusion must be one of"):
         ModelConfig(fusion="vgg")
