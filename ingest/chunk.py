@@ -20,6 +20,7 @@ from ingest.lab import rgb8_to_lab8
 from ingest.lake import (
     SPLITS,
     ManifestRow,
+    RejectRow,
     file_sha256,
     sha256_hex,
 )
@@ -121,9 +122,9 @@ def sample_metadata(item: SourceItem, key: str, sha: str, split: str, width: int
     }
 
 
-def _reject(item: SourceItem, reason: str, detail: str) -> dict:
-    return {"source_uri": item.uri, "reason": reason, "detail": detail, "source_size": item.size,
-            "source_stamp": item.stamp}  # fmt: skip
+def _reject(spec: ChunkSpec, item: SourceItem, reason: str, detail: str) -> dict:
+    return RejectRow(source_uri=item.uri, reason=reason, detail=detail, ingest_id=spec.ingest_id,
+                     source_size=item.size, source_stamp=item.stamp).to_dict()  # fmt: skip
 
 
 def process_chunk(spec: ChunkSpec, known_keys: KnownKeys | frozenset[str] | set[str]) -> dict:
@@ -152,10 +153,10 @@ def process_chunk(spec: ChunkSpec, known_keys: KnownKeys | frozenset[str] | set[
             try:
                 data = read_uri(item.uri)
             except FileNotFoundError:
-                rejects.append(_reject(item, "missing", "listed but not found"))
+                rejects.append(_reject(spec, item, "missing", "listed but not found"))
                 continue
             except (OSError, RuntimeError) as e:
-                rejects.append(_reject(item, "unreadable", f"{type(e).__name__}: {e}"))
+                rejects.append(_reject(spec, item, "unreadable", f"{type(e).__name__}: {e}"))
                 continue
             sha = sha256_hex(data)
             key = sha[:KEY_LENGTH]
@@ -166,12 +167,12 @@ def process_chunk(spec: ChunkSpec, known_keys: KnownKeys | frozenset[str] | set[
             try:
                 decoded = decode_image(data, spec.size, spec.resize, spec.max_pixels)
             except ImageRejected as e:
-                rejects.append(_reject(item, e.reason, e.detail))
+                rejects.append(_reject(spec, item, e.reason, e.detail))
                 continue
             lab8 = rgb8_to_lab8(decoded.rgb)
             if is_grayscale(decoded.source_mode, lab8):
                 detail = f"mode {decoded.source_mode}, mean chroma {mean_chroma(lab8):.2f}"
-                rejects.append(_reject(item, "grayscale", detail))
+                rejects.append(_reject(spec, item, "grayscale", detail))
                 continue
             split = split_for(sha, spec.val_fraction)
             writer = writers[split]
@@ -201,8 +202,6 @@ def process_chunk(spec: ChunkSpec, known_keys: KnownKeys | frozenset[str] | set[
             writer.close()
             writer.path.unlink(missing_ok=True)
         temp_dir.rmdir()
-    for reject in rejects:
-        reject["ingest_id"] = spec.ingest_id
     result = {"index": spec.index, "rows": rows, "rejects": rejects, "duplicates": duplicates, "shards": shards}
     faults.maybe_fail("chunk_result")
     storage.write_bytes(spec.result_key, json.dumps(result).encode())

@@ -7,7 +7,7 @@ import json
 import sys
 
 from ingest.chunk import ORDERS
-from ingest.images import DEFAULT_MAX_PIXELS, RESIZE_MODES
+from ingest.images import DEFAULT_MAX_PIXELS, DEFAULT_RESIZE, DEFAULT_SIDE, RESIZE_MODES
 from ingest.lake import LAKE_ENV, SPLITS, URL_FORMS, Lake, LakeError
 from ingest.storage.base import parse_size
 
@@ -61,11 +61,12 @@ def add_ingest_parser(subparsers) -> None:
         sub.add_argument("source", help="source root: a local folder or s3://bucket/prefix")
         sub.add_argument("--dataset", required=True, help="lake dataset to create or extend, e.g. imagenet-5k")
         sub.add_argument("--lake", help=f"lake URI: a folder or s3://bucket/prefix (default: ${LAKE_ENV}, else ./lake)")
-        sub.add_argument("--size", type=positive_int, default=256, help="output side in pixels (default: 256)")
+        sub.add_argument("--size", type=positive_int, default=DEFAULT_SIDE,
+                         help=f"output side in pixels (default: {DEFAULT_SIDE})")  # fmt: skip
         sub.add_argument(
             "--resize",
             choices=RESIZE_MODES,
-            default="cover",
+            default=DEFAULT_RESIZE,
             help="cover: shorter side to --size then center crop (default); squash: plain resize, as the recipe",
         )
         sub.add_argument(

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from ingest.chunk import ORDERS, ChunkSpec, KnownKeys, chunk_task, process_chunk, shard_order
 from ingest.commit import IngestSummary, commit
 from ingest.errors import ConfigError
-from ingest.images import DEFAULT_MAX_PIXELS, RESIZE_MODES
+from ingest.images import DEFAULT_MAX_PIXELS, DEFAULT_RESIZE, DEFAULT_SIDE, RESIZE_MODES
 from ingest.lake import (
     Lake,
     LakeError,
@@ -48,8 +48,8 @@ class IngestConfig:
     source: str  # the source root: a local path or s3://bucket/prefix
     dataset: str  # the lake dataset to create or extend
     lake: str | None = None  # lake URI; None: $RECOLOR_LAKE, else ./lake
-    size: int = 256  # output side in pixels
-    resize: str = "cover"  # "cover": shorter side to size, center crop; "squash": plain resize (the recipe's)
+    size: int = DEFAULT_SIDE  # output side in pixels
+    resize: str = DEFAULT_RESIZE  # "cover": shorter side to size, center crop; "squash": plain resize (the recipe's)
     limit: int | None = None  # take at most this many images (spread evenly across ImageNet classes)
     seed: int = 0  # seed of the --limit subset and of the shard order
     order: str = "shuffled"  # how items are laid into shards (ORDERS)

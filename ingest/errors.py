@@ -15,3 +15,14 @@ class RecolorError(RuntimeError):
 
 class ConfigError(RecolorError, ValueError):
     """A setting, option, variable or input file is wrong (a ValueError too, for callers that catch those)."""
+
+
+def one_line(error: BaseException) -> str:
+    """An error in one line of at most 300 characters, credentials masked (boto3's errors name the endpoint's URL,
+    password included). A `ValueError`'s message is shown alone: the project's refusals say what they are; anything
+    else is prefixed with its type's name, which is often all a low-level error says (`ConnectionResetError: `)."""
+    from ingest.cluster import mask_secrets
+
+    text = " ".join(str(error).split())
+    shown = text if isinstance(error, ValueError) and text else f"{type(error).__name__}: {text}".rstrip(": ")
+    return mask_secrets(shown)[:300]

@@ -22,6 +22,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own decompression-bomb limit (2x MAX_IMAGE_PIXELS)
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 RESIZE_MODES = ("cover", "squash")
+DEFAULT_RESIZE = "cover"  # how ingest cuts photos to the side unless told (and what a model that does not say used)
+DEFAULT_SIDE = 256  # the recipe's side in pixels: ingest's default, and what an old model that does not say used
 # Mean |a| + |b| (stored units) under which an RGB photo counts as gray: JPEG noise in a gray
 # photo stays well under 1, while the faintest real colour photos sit above 3.
 GRAY_CHROMA_THRESHOLD = 1.5
@@ -102,8 +104,8 @@ def _crop_box(width: int, height: int) -> tuple[float, float, float, float]:
 
 def decode_image(
     data: bytes,
-    size: int | None = 256,
-    resize: str = "cover",
+    size: int | None = DEFAULT_SIDE,
+    resize: str = DEFAULT_RESIZE,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> DecodedImage:
     """Decode bytes to an RGB array of `size` x `size` (or the original size when `size` is None).

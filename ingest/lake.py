@@ -78,16 +78,25 @@ class ManifestRow:
 
 
 MANIFEST_SCHEMA = pa.schema([(column.name, column.metadata["arrow"]) for column in fields(ManifestRow)])
-REJECTS_SCHEMA = pa.schema(
-    [
-        ("source_uri", pa.string()),
-        ("reason", pa.string()),
-        ("detail", pa.string()),
-        ("ingest_id", pa.string()),
-        ("source_size", pa.int64()),
-        ("source_stamp", pa.string()),
-    ]
-)
+
+
+@dataclass(frozen=True)
+class RejectRow:
+    """One refused source file of an ingest's rejects table: the one definition of its columns (`REJECTS_SCHEMA` is
+    made from it), built by the chunk that refused the file (`ingest.chunk`)."""
+
+    source_uri: str = _column(pa.string())
+    reason: str = _column(pa.string())  # a short word: missing, unreadable, grayscale, too_small, ...
+    detail: str = _column(pa.string())  # what was wrong, in the reader's words
+    ingest_id: str | None = _column(pa.string())
+    source_size: int | None = _column(pa.int64())  # the file as listed: a re-ingest skips it while these match
+    source_stamp: str | None = _column(pa.string())
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+REJECTS_SCHEMA = pa.schema([(column.name, column.metadata["arrow"]) for column in fields(RejectRow)])
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ingest.errors import RecolorError
-from ingest.images import RESIZE_MODES
+from ingest.images import DEFAULT_RESIZE, RESIZE_MODES
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def trained_side(payload: dict) -> int:
 def trained_resize(payload: dict) -> str:
     """How the samples a checkpoint trained on were cut ("cover" for checkpoints that do not say)."""
     resize = payload.get("data", {}).get("resize")
-    return resize if resize in RESIZE_MODES else "cover"
+    return resize if resize in RESIZE_MODES else DEFAULT_RESIZE
 
 
 def payload_config(payload: dict):

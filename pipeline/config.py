@@ -32,6 +32,8 @@ CPU_AMP_MODES = ("off", "auto", "on")
 CHECKPOINT_UPLOAD_MODES = ("async", "sync")
 CACHE_MODES = ("auto", "on", "off")
 MAX_NUM_DOWNS = 12  # 4096 px, the largest side ingest writes
+DEFAULT_L1_LAMBDA = 100.0  # the recipe's weight of the L1 term
+MAX_BAD_FRACTION = 0.01  # the share of corrupt samples past which training and evaluation stop
 
 
 @dataclass
@@ -136,7 +138,7 @@ class DataConfig:
     # "auto" (on where the shard cache is: s3:// lakes, or data.cache on), "on", "off" (every epoch drawn over all)
     shard_ownership: str = "auto"
     max_val_batches: int | None = None  # cap validation per worker (None: the whole split)
-    max_bad_fraction: float = 0.01  # stop when more than this share of samples is corrupt
+    max_bad_fraction: float = MAX_BAD_FRACTION  # stop when more than this share of samples is corrupt
 
     def __post_init__(self):
         if self.mix is not None:
@@ -207,7 +209,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     data: DataConfig = field(default_factory=DataConfig)
-    l1_lambda: float = 100.0  # weight of the L1 term
+    l1_lambda: float = DEFAULT_L1_LAMBDA  # weight of the L1 term
     beta1: float = 0.5  # Adam betas, as the recipe
     beta2: float = 0.999
     workers: int | list[int] = 2  # Ray Train workers (DDP ranks); [MIN, MAX]: an elastic group (see max_workers)

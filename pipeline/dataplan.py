@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ingest.errors import RecolorError
+from ingest.images import DEFAULT_RESIZE
 
 
 class DataError(RecolorError):
@@ -32,7 +33,7 @@ class DataPlan:
     uris: dict[str, str]  # ref -> URI of the version record
     size: int  # sample side in pixels
     train: list[ShardInfo] = field(default_factory=list)
-    resize: str = "cover"  # how ingest fit photos to the side ("cover": short side, centre crop; "squash")
+    resize: str = DEFAULT_RESIZE  # how ingest fit photos to the side ("cover": short side, centre crop; "squash")
     val: list[ShardInfo] = field(default_factory=list)
     weights: list[float] | None = None  # a mixture: each dataset's share of an epoch (by `refs`); None: all, once
     epoch_samples: int | None = None  # a mixture's epoch length (None: the datasets' training samples)
@@ -57,7 +58,7 @@ class DataPlan:
             digests=dict(values["digests"]),
             uris=dict(values["uris"]),
             size=int(values["size"]),
-            resize=str(values.get("resize", "cover")),
+            resize=str(values.get("resize", DEFAULT_RESIZE)),
             train=[_shard_info(*shard) for shard in values["train"]],
             val=[_shard_info(*shard) for shard in values["val"]],
             weights=values.get("weights"),
@@ -104,7 +105,7 @@ def resolve_data(datasets: list[str], lake_uri: str | None, weights: list[float]
         if plan.size and size != plan.size:
             raise DataError(f"{ref.ref} holds {size}px samples but {plan.refs[0]} holds {plan.size}px: mix one size")
         plan.size = size
-        plan.resize = str(ref.record.get("resize", "cover"))
+        plan.resize = str(ref.record.get("resize", DEFAULT_RESIZE))
         plan.refs.append(ref.ref)
         plan.digests[ref.ref] = ref.record["manifest_sha256"]
         plan.uris[ref.ref] = lake.storage.uri(f"{ref.dataset}/versions/{ref.version:06d}.json")

@@ -9,10 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.config import GAN_MODES
+from pipeline.config import DEFAULT_L1_LAMBDA, GAN_MODES
 
 # The recipe's weight of the L1 term in the generator loss.
-DEFAULT_L1_LAMBDA = 100.0
 
 
 class GANLoss(nn.Module):

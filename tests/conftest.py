@@ -1,12 +1,15 @@
 """Shared fixtures, one family a module in `tests/fixtures/`: generated photos (`images`), source trees in
 ImageNet and COCO layouts (`sources`), S3 servers on loopback (`s3`), a local Ray (`ray`), lake version checks
-(`lake`), the CLI as a real process (`cli`), and what each test costs the machine (`cpu`).
+(`lake`), the CLI as a real process (`cli`), the tiny Ray Train setup and the runs its tests share (`training`), and
+what each test costs the machine (`cpu`).
 
 Every asset is generated, deterministically from a seed, so no binary is committed and each test writes only
 below its own `tmp_path`.
 """
 
 import os
+
+import pytest
 
 # Ray Train's controller polls its workers every 2 s by default, and a worker's report (every checkpoint) waits for
 # that poll: in runs of a few dozen tiny steps the polls, not the steps, would set the pace. Set before the session's
@@ -43,3 +46,14 @@ from fixtures.sources import (  # noqa: E402, F401
     imagenet_tree,
     make_imagenet,
 )
+from fixtures.training import quiet_env, reference_run, train_lake  # noqa: E402, F401
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items) -> None:
+    """`make test` runs `-n 2 --dist loadgroup`: each test file is one xdist group (its module fixtures are built
+    once), unless the file names a group it shares with others (`fixtures.training.TINY_TRAIN`: the files that read
+    the session's `reference_run`, which is then trained once)."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))

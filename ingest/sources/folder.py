@@ -21,7 +21,7 @@ def list_folder(root: str) -> list[SourceItem]:
     items = [
         SourceItem(uri=storage.uri(obj.key), name=obj.key, **listed(obj))
         for obj in storage.list("")
-        if is_image_name(obj.key) and not _hidden(obj.key)
+        if is_image_name(obj.key) and not hidden(obj.key)
     ]
     if not items:
         raise SourceError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
@@ -30,5 +30,7 @@ def list_folder(root: str) -> list[SourceItem]:
     return items
 
 
-def _hidden(key: str) -> bool:
+def hidden(key: str) -> bool:
+    """Whether a relative key (`a/b/c.jpg`, `/`-separated) is hidden: a part of it starts with a dot. Hidden files
+    and folders are never inputs (ingest's sources, colorize's folders and prefixes)."""
     return any(part.startswith(".") for part in key.split("/"))

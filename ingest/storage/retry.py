@@ -8,6 +8,7 @@ import os
 import random
 import time
 
+from ingest.errors import one_line
 from ingest.storage.base import StorageError
 
 log = logging.getLogger("ingest.storage")
@@ -52,14 +53,6 @@ class Retry:
             ) from None
         time.sleep(min(self.delay * random.uniform(0.5, 1.0), self.deadline - now))
         self.delay = min(self.delay * 2, 5.0)
-
-
-def one_line(error: Exception) -> str:
-    """The error in one line of at most 300 characters, credentials masked (boto3's errors name the endpoint's URL,
-    password included)."""
-    from ingest.cluster import mask_secrets
-
-    return mask_secrets(" ".join(f"{type(error).__name__}: {error}".split()))[:300]
 
 
 _TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "RequestTimeTooSkewed"}

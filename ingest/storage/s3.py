@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ingest import faults
+from ingest.errors import one_line
 from ingest.storage.base import AlreadyExistsError, ObjectInfo, ObjectUnreadable, StorageError, join_key
-from ingest.storage.retry import Retry, http_status, one_line, retry_seconds, transient_error
+from ingest.storage.retry import Retry, http_status, retry_seconds, transient_error
 
 log = logging.getLogger("ingest.storage")
 

@@ -16,7 +16,7 @@ import io
 import numpy as np
 import torch
 
-from ingest.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
+from ingest.images import DEFAULT_MAX_PIXELS, DEFAULT_RESIZE, ImageRejected, decode_image
 from ingest.lab import (
     AB_NORM,
     XYZ_FROM_RGB,
@@ -160,7 +160,7 @@ def predict_photos(generator, inputs: list[tuple[torch.Tensor, tuple]], device: 
 
 
 def colorize_rgb(generator, photos: list[np.ndarray], size: int, device: torch.device,
-                 resize: str = "cover") -> list[np.ndarray]:  # fmt: skip
+                 resize: str = DEFAULT_RESIZE) -> list[np.ndarray]:  # fmt: skip
     """Color a batch of 8-bit RGB photos of any sizes; returns 8-bit RGB arrays of the same sizes."""
     from pipeline.models.saved import min_side
 

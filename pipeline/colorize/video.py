@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ingest.errors import ConfigError
-from ingest.sources.folder import IMAGE_EXTENSIONS
+from ingest.sources.folder import IMAGE_EXTENSIONS, hidden
 from ingest.storage import is_s3
 from pipeline.colorize.files import CODECS, DEFAULT_CRF, VIDEO_SUFFIXES  # noqa: E402 - torch-free, for the parser
 from pipeline.colorize.pixels import compose, network_input, predict_photos
@@ -154,8 +154,7 @@ def _s3_videos_below(prefix: str, out: str) -> tuple[list[tuple[str, str]], bool
     except StorageError as e:
         raise ConfigError(f"cannot list {prefix}: {e}") from None
     outputs = out.rstrip("/") + "/"
-    shown = [key for key in keys if not any(part.startswith(".") for part in key.split("/"))
-             and not storage.uri(key).startswith(outputs)]  # fmt: skip
+    shown = [key for key in keys if not hidden(key) and not storage.uri(key).startswith(outputs)]
     videos = [(storage.uri(key), key) for key in sorted(shown) if is_video(key)]
     return videos, any(Path(key).suffix.lower() in IMAGE_EXTENSIONS for key in shown)
 
@@ -235,7 +234,7 @@ def _videos_below(folder: Path, outputs: Path) -> tuple[list[Path], bool]:
     for path in folder.rglob("*"):
         suffix = path.suffix.lower()
         has_images = has_images or suffix in IMAGE_EXTENSIONS
-        if suffix not in VIDEO_SUFFIXES or any(part.startswith(".") for part in path.relative_to(folder).parts):
+        if suffix not in VIDEO_SUFFIXES or hidden(path.relative_to(folder).as_posix()):
             continue
         if path.is_file() and outputs not in path.resolve().parents:
             found.append(path)

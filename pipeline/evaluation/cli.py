@@ -7,6 +7,7 @@ import sys
 
 from ingest.cli import fraction, positive_int
 from ingest.errors import ConfigError
+from pipeline.config import MAX_BAD_FRACTION
 from pipeline.sweep.ranking import metric_name
 from pipeline.tracking.uri import DEFAULT_EXPERIMENT
 
@@ -38,8 +39,9 @@ def add_model_parsers(subparsers) -> None:
     evaluate.add_argument(
         "--max-bad-fraction",
         type=fraction,
-        default=0.01,
-        help="stop when more of the split is corrupt (default: 0.01); --promote refuses any corrupt sample",
+        default=MAX_BAD_FRACTION,
+        help=f"stop when more of the split is corrupt (default: {MAX_BAD_FRACTION}); --promote refuses any corrupt "
+        "sample",
     )
     evaluate.add_argument("--max-batches", type=positive_int, help="evaluate at most N batches (quick checks)")
     evaluate.add_argument("--device", type=device_arg, default=None,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ingest.errors import ConfigError
+from pipeline.config import MAX_BAD_FRACTION
 from pipeline.evaluation.per_image import Inspection
 
 # Lower is better for these; higher for the rest (psnr, ssim, auc, colorfulness).
@@ -24,7 +25,7 @@ EVAL_EXPERIMENT = "recolor-evaluation"
 # published numbers each matches (DDColor's answer in its issue #9): "crop", the short side resized and the centre
 # cropped (ImageNet val5k, as CT2 and DDColor); "resize", the whole photo squashed to the side (ImageNet val50k,
 # COCO-Stuff, ADE20K, as ColorFormer and DDColor). Both at 256 px in the papers.
-PROTOCOLS = {"crop": "cover", "resize": "squash"}
+PROTOCOLS = {"crop": "cover", "resize": "squash"}  # the evaluation protocols by the resize mode they read
 
 
 @dataclass
@@ -42,7 +43,8 @@ class Evaluation:
 
 
 def compute_metrics(generator, plan, split: str, batch_size: int, device: torch.device, max_batches=None,
-                    max_bad_fraction: float = 0.01, dropout: bool = False, inspection=None) -> dict:  # fmt: skip
+                    max_bad_fraction: float = MAX_BAD_FRACTION, dropout: bool = False,
+                    inspection=None) -> dict:  # fmt: skip
     """The training validation's metrics (`eval/...`, gray baseline beside them) over one split of `plan`, with
     `eval/count` (samples scored), `eval/expected` (samples the split holds) and `eval/bad_samples` (skipped);
     with an `inspection` (`pipeline.evaluation.per_image.Inspection`), FID and KID too, and its table and worst
@@ -196,7 +198,7 @@ def evaluate(
     metric: str = "l1_ab",
     max_batches: int | None = None,
     trust_pickle: bool = False,
-    max_bad_fraction: float = 0.01,
+    max_bad_fraction: float = MAX_BAD_FRACTION,
     dropout: bool = False,
     fid: bool = True,
     protocol: str | None = None,

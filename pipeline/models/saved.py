@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ingest.errors import ConfigError
-from ingest.images import RESIZE_MODES
+from ingest.images import DEFAULT_RESIZE, RESIZE_MODES
 from pipeline.config import ARCHS, FUSIONS, NORMS
 
 FORMAT = "recolor-generator"
@@ -40,7 +40,7 @@ class GeneratorSpec:
     base_filters: int  # first-layer filters of unet_256
     num_downs: int  # downsamplings of unet_256
     image_size: int  # the side of the training crops: the network's input side at inference
-    resize: str = "cover"  # how the training samples were cut: "cover" (short side, crop) or "squash"
+    resize: str = DEFAULT_RESIZE  # how the training samples were cut: "cover" (short side, crop) or "squash"
     fusion: str = "none"  # "inception": Deep Koalarization's fusion at the bottleneck (needs recolor[fid])
 
     def __post_init__(self):
@@ -58,7 +58,7 @@ class GeneratorSpec:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
     @classmethod
-    def from_config(cls, config, image_size: int, resize: str = "cover") -> GeneratorSpec:
+    def from_config(cls, config, image_size: int, resize: str = DEFAULT_RESIZE) -> GeneratorSpec:
         """The spec of a `TrainConfig`'s generator, at `image_size`, for samples cut by `resize`."""
         model = config.model
         return cls(model.arch, model.norm, model.base_filters, model.num_downs, image_size, resize, model.fusion)
@@ -118,7 +118,7 @@ def read_spec(folder: str | Path) -> GeneratorSpec:
             f"{READABLE_VERSIONS}: upgrade recolor to load it"
         )
     fields = {name: data.get(name) for name in GeneratorSpec.__dataclass_fields__}
-    fields["resize"] = fields["resize"] or "cover"  # optional: the lake's default
+    fields["resize"] = fields["resize"] or DEFAULT_RESIZE  # optional: the lake's default
     fields["fusion"] = fields["fusion"] or "none"  # optional: generators saved before fusion existed
     for name, value in fields.items():
         if value is None:

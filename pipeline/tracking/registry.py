@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ingest.errors import ConfigError
+from ingest.images import DEFAULT_RESIZE, DEFAULT_SIDE
 from pipeline.models.saved import (
     GeneratorSpec,
     generator_from_checkpoint,
@@ -300,5 +301,6 @@ def _load_model_folder(folder: Path, uri: str, device, trust_pickle: bool) -> tu
 
         print(f"recolor: warning: {uri} is of the old pickled format, loaded because --trust-pickle was given; "
               "a model registered by this recolor holds no pickle", file=sys.stderr)  # fmt: skip
-        return mlflow.pytorch.load_model(str(folder), map_location=torch.device(device)).eval(), 256, "cover"
+        model = mlflow.pytorch.load_model(str(folder), map_location=torch.device(device)).eval()
+        return model, DEFAULT_SIDE, DEFAULT_RESIZE
     raise ConfigError(f"{uri} is an MLflow model but not a recolor generator (flavors: {', '.join(flavors) or 'none'})")

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from ingest import faults
-from ingest.errors import ConfigError
+from ingest.errors import ConfigError, one_line
 from ingest.storage import StorageError
 from pipeline.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
 
@@ -156,12 +156,6 @@ def first_readable(candidates: Iterable[str], load: Callable[[str], dict]) -> tu
         return candidate, payload
     tried = "; ".join(f"{name}: {error}" for name, error in unreadable.items()) or "none found"
     raise CheckpointError(f"no readable checkpoint to resume from ({tried})")
-
-
-def one_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = lines[0] if lines else ""
-    return text if isinstance(error, ValueError) and text else f"{type(error).__name__}: {text}".rstrip(": ")
 
 
 def upload_checkpoint(checkpoint, dir_name: str):

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-from test_train_ray import train_lake  # noqa: F401, F811 - the same 40 photos at 64 px, a fixture
 
 from pipeline.checkpoint import load_checkpoint
 from pipeline.dataplan import DataPlan
@@ -170,7 +169,7 @@ def epoch_crcs(plan: DataPlan, epoch: int) -> list[int]:
 
 def test_an_elastic_group_shrinks_when_a_node_dies_grows_when_one_joins_and_finishes_exact_epochs(
     cluster,
-    train_lake,  # noqa: F811 - the imported fixture
+    train_lake,
     tmp_path,
 ) -> None:
     lake, plan = train_lake

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from fixtures.training import differing, load_rank, state_saver
 from fixtures.videos import clip_frames, read_clip, write_clip
-from test_train_ray import differing, load_rank, quiet_env, state_saver  # noqa: F401 - quiet_env is a fixture
 
 from ingest.driver import IngestConfig, run_ingest
 from pipeline.cli import main

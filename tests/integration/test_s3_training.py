@@ -1,4 +1,5 @@
-"""Training that streams its lake from a real S3 server: through an outage, and at load.
+"""Training that streams its lake from a real S3 server: at load through an outage, and when the newest checkpoint
+vanishes behind the server's back.
 
 Both use the session's local Ray with two CPU workers (gloo) and a test-owned `rclone serve s3`
 (`own_s3`) that the outage test stops and restarts. Credentials reach the workers as training
@@ -12,19 +13,15 @@ import time
 from pathlib import Path
 
 import pytest
-import test_train_ray as base
-from test_train_faults import metric_recorder, worker_log
-from test_train_ray import tiny_config
+from fixtures.training import BATCH, WORKERS, metric_recorder, tiny_config, worker_log
 
 from ingest.driver import IngestConfig, run_ingest
 from ingest.lake import Lake
-from pipeline.config import DataConfig, ModelConfig, StageConfig
+from pipeline.config import DataConfig, ModelConfig
 from pipeline.dataplan import resolve_data
 from pipeline.train.driver import run_training
 
 pytestmark = pytest.mark.slow
-
-quiet_env = base.quiet_env
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -33,18 +30,27 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_training_reads_through_an_s3_outage_and_finishes(
-    ray_local, quiet_env, own_s3, restart_later, photo_writer, tmp_path
+LOAD_IMAGES = 2000
+
+
+def test_two_thousand_images_into_s3_then_an_epoch_streamed_by_two_workers_through_an_outage(
+    ray_local, quiet_env, own_s3, photo_writer, tmp_path
 ) -> None:
-    photo_writer(tmp_path / "photos", range(700, 740), width=80, height=64)
-    lake = "s3://faults/lake"
-    run_ingest(IngestConfig(kind="folder", source=str(tmp_path / "photos"), dataset="photos", lake=lake, size=64,
-                            shard_size=40_000, use_ray=False, progress=False))  # fmt: skip
-    plan = resolve_data(["photos"], lake)
-    steps_per_epoch = plan.count("train") // (base.WORKERS * base.BATCH)
+    """Load and an outage in one run: 2000 photos ingested into S3 by Ray tasks, then one epoch streamed by two
+    workers; at its third step the server stops for 5 s, and the reads wait it out: no sample counted corrupt, every
+    step trained."""
+    photo_writer(tmp_path / "photos", range(10_000, 10_000 + LOAD_IMAGES), width=40, height=32)
+    lake_uri = "s3://faults/load"
+    summary = run_ingest(IngestConfig(kind="folder", source=str(tmp_path / "photos"), dataset="load", lake=lake_uri,
+                                      size=32, use_ray=True, progress=False))  # fmt: skip
+    assert summary.ingested == LOAD_IMAGES and summary.version == 1
+    lake = Lake(lake_uri)
+    manifest = lake.manifest(lake.resolve("load"))
+    in_train = sum(1 for split in manifest.column("split").to_pylist() if split == "train")
+
     barrier = tmp_path / "barrier"
-    # Rank 0 waits before its third step until the test has stopped the server; the rest of the first
-    # epoch, its validation and the second epoch then read shards while the server is down.
+    # Rank 0 waits before its third step until the test has stopped the server; the rest of the epoch and its
+    # validation then read shards while the server is down.
     quiet_env.setenv("RECOLOR_FAILPOINT", "train_step:3@0:barrier")
     quiet_env.setenv("RECOLOR_FAILPOINT_BARRIER", f"{barrier}:2")
 
@@ -59,37 +65,6 @@ def test_training_reads_through_an_s3_outage_and_finishes(
         time.sleep(5.0)
         own_s3.start()
 
-    thread = threading.Thread(target=outage, daemon=True)
-    thread.start()
-    try:
-        result = run_training(
-            tiny_config(lake, tmp_path / "runs", "outage", stages=[StageConfig(name="gan", epochs=2)]),
-            logger_factory=metric_recorder(tmp_path / "metrics.jsonl"),
-        )
-    finally:
-        quiet_env.delenv("RECOLOR_FAILPOINT")
-        thread.join()
-    assert result.metrics["global_step"] == 2 * steps_per_epoch
-    assert any("retrying for up to 120 s" in message for message in worker_log(ray_local))
-    epoch_ends = [m for m in read_metrics(tmp_path / "metrics.jsonl") if "data/bad_samples" in m]
-    assert [m["data/bad_samples"] for m in epoch_ends] == [0.0, 0.0]  # an outage is waited out, never a corrupt sample
-
-
-LOAD_IMAGES = 2000
-
-
-def test_load_two_thousand_images_into_s3_then_an_epoch_streamed_by_two_workers(
-    ray_local, quiet_env, own_s3, photo_writer, tmp_path
-) -> None:
-    photo_writer(tmp_path / "photos", range(10_000, 10_000 + LOAD_IMAGES), width=40, height=32)
-    lake_uri = "s3://faults/load"
-    summary = run_ingest(IngestConfig(kind="folder", source=str(tmp_path / "photos"), dataset="load", lake=lake_uri,
-                                      size=32, use_ray=True, progress=False))  # fmt: skip
-    assert summary.ingested == LOAD_IMAGES and summary.version == 1
-    lake = Lake(lake_uri)
-    manifest = lake.manifest(lake.resolve("load"))
-    in_train = sum(1 for split in manifest.column("split").to_pylist() if split == "train")
-
     batch, workers = 16, 2
     config = tiny_config(
         lake_uri,
@@ -100,15 +75,23 @@ def test_load_two_thousand_images_into_s3_then_an_epoch_streamed_by_two_workers(
         deterministic=False,
         log_every=20,
     )
-    result = run_training(config, logger_factory=metric_recorder(tmp_path / "metrics.jsonl"))
+    thread = threading.Thread(target=outage, daemon=True)
+    thread.start()
+    try:
+        result = run_training(config, logger_factory=metric_recorder(tmp_path / "metrics.jsonl"))
+    finally:
+        quiet_env.delenv("RECOLOR_FAILPOINT")
+        thread.join()
+    messages = worker_log(ray_local)
+    assert any("retrying for up to 120 s" in message for message in messages)  # the outage was met, and waited out
     remainder = in_train % (batch * workers)  # the documented remainder: less than one global batch
-    epoch_end = next(m for m in read_metrics(tmp_path / "metrics.jsonl") if "data/epoch_samples" in m)
+    [epoch_end] = [m for m in read_metrics(tmp_path / "metrics.jsonl") if "data/epoch_samples" in m]
     assert epoch_end["data/epoch_samples"] == in_train - remainder
     assert result.metrics["global_step"] == in_train // (batch * workers)
-    assert epoch_end["data/bad_samples"] == 0
+    assert epoch_end["data/bad_samples"] == 0  # an outage is waited out, never a corrupt sample
     assert any(
         f"trained on {in_train - remainder} of {in_train} training samples ({remainder} left out" in message
-        for message in worker_log(ray_local)
+        for message in messages
     )
 
 
@@ -138,7 +121,7 @@ def test_the_newest_checkpoint_deleted_behind_the_servers_back_the_first_rerun_f
     shutil.rmtree(checkpoints[-1])  # behind the server's back
     started = time.monotonic()
     result = run_training(config)
-    assert result.metrics["global_step"] == result.plan.count("train") // (base.WORKERS * base.BATCH)
+    assert result.metrics["global_step"] == result.plan.count("train") // (WORKERS * BATCH)
     assert time.monotonic() - started < 100  # well inside the 120 s an outage is waited out (a bound, not a speed test)
 
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 import soak
-from test_train_ray import REPO
+from fixtures.training import REPO
 
 from ingest.driver import IngestConfig, run_ingest
 from ingest.lake import Lake
