@@ -167,7 +167,17 @@ class Lease:
                         LeaseState(self.key, "?", "?", 0, time.time(), self.ttl, True))  # fmt: skip
 
     def _ours(self) -> bool:
-        """Whether the stored lease is still this holder's (or gone): never renew or remove a successor's."""
+        """Whether the stored lease is still this holder's (or gone), read just before each renewal and before the
+        removal on exit, so that a holder which stalled past its lifetime does not renew or remove a successor's.
+
+        The remaining risk, stated: the read and the write after it are two requests, not one conditional write
+        (the stores here offer create-exclusive writes, not compare-and-swap: rclone has no `If-Match` on PUT, a
+        local folder no atomic replace-if-unchanged). A successor can only take the lease once it expired, that is
+        after this holder missed five renewals in a row (`ttl`, renewed every `ttl / 5`). For this holder to then
+        overwrite or remove the successor's lease, the takeover must land inside the milliseconds between this read
+        and the write that follows it, after such a stall. Should it happen, both believe they hold the lease until
+        the successor's next renewal reads a foreign token and stops: one of them writes on without a lease, which
+        is what the lease exists to prevent, so the window is kept to one read and one write."""
         state = read_lease(self.storage, self.key)
         return state is None or state.token in (self.token, "")
 

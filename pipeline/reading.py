@@ -15,8 +15,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
@@ -287,26 +287,39 @@ class BlockPool:
     """Storage for window blocks, reused once nothing refers to a block: a fresh 50 MB array a window costs its
     page faults (the kernel zeroes every page), a third of a sample's time on one core (bench/loader.py).
 
-    A storage is free when its reference count says only the pool holds it. Every block and every batch cut from
-    one is a numpy view whose base is its storage (`torch.from_numpy` keeps the view, so the storage too): a batch
-    the consumer keeps, for however long, keeps its storage out of reuse, and the pool grows instead.
+    A storage is lent out as a new array over its memory (`take`). Every block and every batch cut from it is a
+    numpy view of that array (numpy makes it their base, the first array up the chain whose own base is no array;
+    `torch.from_numpy` keeps the view), so the lent array lives exactly as long as the last of them. Its finalizer
+    gives the storage back: a batch the consumer keeps, for however long, keeps its storage out of reuse, and the
+    pool grows instead. Lifetimes are the ones the language gives objects, not reference counts read off the
+    interpreter (which CPython does not promise from version to version).
     """
 
     def __init__(self, nbytes: int, allocate: Callable[[int], np.ndarray] | None = None):
         self.nbytes = nbytes
         self._allocate = allocate or (lambda n: np.empty(n, dtype=np.uint8))
         self._storages: list[np.ndarray] = []
-        self._lock = threading.Lock()
+        self._free: set[int] = set()
+        # Reentrant: a finalizer may run in this thread while it holds the lock (a garbage collection inside take).
+        self._lock = threading.RLock()
 
     def take(self) -> tuple[int, np.ndarray]:
-        """(index, storage): a 1-D uint8 storage of `nbytes` that nothing refers to, the caller's until it lets go
-        of it and of every view of it; the index names it to a loader process."""
+        """(index, storage): a 1-D uint8 array of `nbytes` over a storage nothing else refers to, the caller's until
+        it lets go of it and of every view of it; the index names the storage to a loader process."""
         with self._lock:
-            for index in range(len(self._storages)):
-                if sys.getrefcount(self._storages[index]) == 2:  # the list's reference and the call's argument
-                    return index, self._storages[index]
-            self._storages.append(self._allocate(self.nbytes))
-            return len(self._storages) - 1, self._storages[-1]
+            if self._free:
+                index = min(self._free)
+                self._free.discard(index)
+            else:
+                self._storages.append(self._allocate(self.nbytes))
+                index = len(self._storages) - 1
+            lent = np.frombuffer(memoryview(self._storages[index]), dtype=np.uint8)
+        weakref.finalize(lent, self._give_back, index)
+        return index, lent
+
+    def _give_back(self, index: int) -> None:
+        with self._lock:
+            self._free.add(index)
 
     def __len__(self) -> int:
         return len(self._storages)

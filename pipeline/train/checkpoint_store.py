@@ -300,6 +300,16 @@ def resume_payload(latest, rank: int) -> dict | None:
 
 
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
+# What this module reads and writes of that record, a private format of Ray Train (`_CheckpointManagerState` and
+# `_TrainingResultState` in ray/train/v2/_internal/execution/checkpoint/checkpoint_manager.py), checked against
+# RAY_CHECKED; `tests/unit/test_ray_internals.py` fails, naming what changed, on any other Ray.
+RAY_CHECKED = "2.60"  # pyproject.toml pins ray to this release line
+SNAPSHOT_FIELDS = frozenset({
+    "ray_version", "checkpoint_results", "checkpoint_report_indices", "latest_checkpoint_result",
+    "pending_training_results", "pending_validation_specs", "current_report_index", "validated_checkpoint_dir_names",
+    "timed_out_validation_checkpoint_dir_names", "failed_validation_checkpoint_dir_names",
+})  # fmt: skip
+RESULT_FIELDS = frozenset({"version", "checkpoint_dir_name", "metrics"})
 
 
 def repair_run_snapshot(run_uri: str) -> str | None:
@@ -402,11 +412,8 @@ def adopt_newer(store, record: dict | None) -> str | None:
     if record is None:
         import ray
 
-        empty = ("checkpoint_results", "checkpoint_report_indices", "pending_training_results",
-                 "pending_validation_specs", "validated_checkpoint_dir_names",
-                 "timed_out_validation_checkpoint_dir_names", "failed_validation_checkpoint_dir_names")  # fmt: skip
-        record = {"ray_version": ray.__version__, "latest_checkpoint_result": None, "current_report_index": 0,
-                  **{field: [] for field in empty}}  # fmt: skip
+        scalars = {"ray_version": ray.__version__, "latest_checkpoint_result": None, "current_report_index": 0}
+        record = scalars | {field: [] for field in SNAPSHOT_FIELDS - scalars.keys()}  # the rest are lists
     index = max([int(record.get("current_report_index", 0)), *(i + 1 for i in record["checkpoint_report_indices"])])
     for name, metrics in adopted:
         entry = {"version": 0, "checkpoint_dir_name": name, "metrics": metrics}

@@ -35,10 +35,13 @@ from pipeline.train.loop import ColorizerTrainer
 log = logging.getLogger(__name__)
 
 
+REPORT_LOGGER_SOURCE = ("ray", "train", "v2", "_internal", "execution", "context.py")  # Ray 2.60's (RAY_CHECKED)
+
+
 def quiet_report_log(level: str) -> None:
     """Ray Train logs every report with all its metrics at INFO, from a logger named by its source file (so not
     under `ray.train`, which `LoggingConfig` sets): the progress bar says it better."""
-    marker = os.path.join("ray", "train", "v2", "_internal", "execution", "context.py")
+    marker = os.path.join(*REPORT_LOGGER_SOURCE)
     for name in list(logging.root.manager.loggerDict):
         if name.endswith(marker):
             logging.getLogger(name).setLevel(level)

@@ -34,10 +34,10 @@ def hostile_folder(tmp_path, photo_writer):
 
 @pytest.mark.parametrize("use_ray", [False, True])
 def test_ingest_refuses_fifos_and_symlink_loops_with_a_reason_and_keeps_the_rest(
-    hostile_folder, recolor, tmp_path, use_ray
+    hostile_folder, recolor, tmp_path, use_ray, ray_address
 ) -> None:
     lake_dir = tmp_path / "lake"
-    ray = [] if use_ray else ["--no-ray"]
+    ray = ["--ray-address", ray_address] if use_ray else ["--no-ray"]  # Ray tasks of the session's Ray
     result = recolor("ingest", "folder", hostile_folder, "--dataset", "hostile", "--lake", lake_dir, *ray,
                      "--size", str(SIZE), "--no-progress", "--workers", "1", timeout=180)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

@@ -33,7 +33,7 @@ def bucket_keys(bucket: str) -> list[str]:
     return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
 
 
-def test_folder_on_s3_into_a_lake_on_s3(s3_env, photo_folder, tmp_path, recolor, lake_check) -> None:
+def test_folder_on_s3_into_a_lake_on_s3(s3_env, photo_folder, tmp_path, recolor, lake_check, ray_address) -> None:
     bucket = s3_env.bucket
     source, lake_uri = f"s3://{bucket}/sources/photos", f"s3://{bucket}/lakes/main"
     first = photo_folder(range(8), name="first", width=80, height=64)
@@ -79,7 +79,9 @@ def test_folder_on_s3_into_a_lake_on_s3(s3_env, photo_folder, tmp_path, recolor,
     second = photo_folder(range(8, 11), name="second", width=80, height=64)
     (second / "copy.jpg").write_bytes((first / "img0005.jpg").read_bytes())
     upload_tree(bucket, "sources/photos", second)
-    again = recolor("ingest", "folder", source, "--dataset", "photos", "--lake", lake_uri, *SMALL_SHARDS)
+    # The first ingest started a Ray of its own (the embedded default); this one joins the session's.
+    again = recolor("ingest", "folder", source, "--dataset", "photos", "--lake", lake_uri, *SMALL_SHARDS,
+                    env={"RAY_ADDRESS": ray_address})  # fmt: skip
     assert again.returncode == 0, again.stderr
     assert again.stdout.startswith("listed 13, unchanged 9 (not read again), ingested 3, duplicates 1, rejected: none")
     assert "committed photos@2" in again.stdout

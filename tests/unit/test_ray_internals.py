@@ -1,0 +1,61 @@
+"""The Ray internals the project leans on, checked against the installed Ray: on an upgrade this fails loudly,
+naming what changed, instead of a rerun silently losing its checkpoint record or a log going noisy.
+
+- `pipeline.train.checkpoint_store` reads and rewrites Ray Train's private checkpoint record
+  (`checkpoint_manager_snapshot.json`) to repair a run whose checkpoints went missing or to adopt a newer one.
+- `pipeline.train.worker.quiet_report_log` finds Ray Train's report logger by the path of its source file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+
+import ray
+
+from pipeline.train.checkpoint_store import RAY_CHECKED, RESULT_FIELDS, SNAPSHOT_FIELDS, SNAPSHOT_FILE
+from pipeline.train.worker import REPORT_LOGGER_SOURCE, quiet_report_log
+
+UPGRADE = (f"these Ray internals were checked against Ray {RAY_CHECKED}: read Ray's checkpoint manager and "
+           "execution context, fix pipeline.train.checkpoint_store / worker, then RAY_CHECKED and the pin in "
+           "pyproject.toml")  # fmt: skip
+
+
+def test_the_installed_ray_is_the_release_line_the_internals_were_checked_against() -> None:
+    assert ray.__version__.split(".")[:2] == RAY_CHECKED.split("."), f"Ray {ray.__version__}: {UPGRADE}"
+
+
+def test_ray_trains_checkpoint_record_has_the_fields_the_repair_reads_and_writes() -> None:
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import (
+        _CheckpointManagerState,
+        _TrainingResultState,
+    )
+
+    assert CHECKPOINT_MANAGER_SNAPSHOT_FILENAME == SNAPSHOT_FILE, UPGRADE
+    assert set(_CheckpointManagerState.model_fields) == SNAPSHOT_FIELDS, UPGRADE
+    assert set(_TrainingResultState.model_fields) == RESULT_FIELDS, UPGRADE
+
+
+def test_a_record_the_repair_writes_is_one_ray_train_reads() -> None:
+    """The record `adopt_newer` makes from nothing (a run whose driver stopped before Ray wrote one) parses as Ray
+    Train's own state."""
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _CheckpointManagerState
+
+    entry = {"version": 0, "checkpoint_dir_name": "checkpoint_2026-12-07_10-00-00.000000", "metrics": {"step": 2}}
+    scalars = {"ray_version": ray.__version__, "latest_checkpoint_result": entry, "current_report_index": 1}
+    record = scalars | {field: [] for field in SNAPSHOT_FIELDS - scalars.keys()}
+    record["checkpoint_results"], record["checkpoint_report_indices"] = [entry], [0]
+    state = _CheckpointManagerState.model_validate(record)
+    assert state.latest_checkpoint_result.checkpoint_dir_name == entry["checkpoint_dir_name"]
+
+
+def test_the_report_logger_is_named_by_a_source_file_that_exists() -> None:
+    source = Path(ray.__file__).parent.parent.joinpath(*REPORT_LOGGER_SOURCE)
+    assert source.is_file(), f"{source} is gone: {UPGRADE}"
+    importlib.import_module("ray.train.v2._internal.execution.context")
+
+    quiet_report_log("ERROR")
+    quieted = [name for name in logging.root.manager.loggerDict if name.endswith(str(Path(*REPORT_LOGGER_SOURCE)))]
+    assert quieted and all(logging.getLogger(name).level == logging.ERROR for name in quieted), UPGRADE
