@@ -396,7 +396,7 @@ def owned_items(job: dict, cache) -> Iterator[tuple[int, int, list[tuple[int, tu
     """(window number, its length, [(index in the window, item)]) of each window of the stream `read_segments`
     would give (`reading_plan`), with the items of the shards this process owns: every `count`th shard opened,
     from the `index`th. Each process reads only its own shards; all of them agree on every window's items."""
-    from pipeline.reading import _nothing, _segment_samples, open_shard, reading_plan, shard_openers
+    from pipeline.reading import no_samples, open_shard, reading_plan, segment_samples, shard_openers
 
     pending = reading_plan(job["segments"], job["skip"], job["interleave"])
     opened = [(g, j) for g, (group, _, offsets) in enumerate(pending)
@@ -408,7 +408,7 @@ def owned_items(job: dict, cache) -> Iterator[tuple[int, int, list[tuple[int, tu
     window, number, position, items = job["window"], job["first_window"], 0, []
     for g, (group, order, offsets) in enumerate(pending):
         streams = [
-            _segment_samples(segment, start, next(openers), verify=False) if (g, j) in mine else _nothing()
+            segment_samples(segment, start, next(openers), verify=False) if (g, j) in mine else no_samples()
             for j, (segment, start) in enumerate(zip(group, offsets, strict=True))
         ]
         for j in order:

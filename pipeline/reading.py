@@ -95,7 +95,7 @@ def read_segments(
     openers = shard_openers(uris, segments, opener, readahead, interleave, cache)
     for group, order, offsets in pending:
         streams = [
-            _segment_samples(segment, start, next(openers), verify) if start < segment.stop else _nothing()
+            segment_samples(segment, start, next(openers), verify) if start < segment.stop else no_samples()
             for segment, start in zip(group, offsets, strict=True)
         ]
         if len(streams) == 1:
@@ -141,11 +141,12 @@ def shard_openers(uris: list[str], segments: list[Segment], opener: Callable, re
     return _open_ahead(uris, opener, readahead, fetch)
 
 
-def _nothing() -> Iterator:
+def no_samples() -> Iterator:
+    """An iterator of no samples: a segment read to its end before a resume."""
     yield from ()
 
 
-def _segment_samples(segment: Segment, start: int, open_stream: Callable, verify: bool = True) -> Iterator[tuple]:
+def segment_samples(segment: Segment, start: int, open_stream: Callable, verify: bool = True) -> Iterator[tuple]:
     """Samples [start, segment.stop) of one shard: exactly that many items, None for each unreadable one (see
     `read_segments` for `verify`)."""
     from ingest.shards import checksum_matches, iter_samples
@@ -284,8 +285,9 @@ def rotate_lab8(array: np.ndarray, degrees: float) -> np.ndarray:
 
 
 class BlockPool:
-    """Storage for window blocks, reused once nothing refers to a block: a fresh 50 MB array a window costs its
-    page faults (the kernel zeroes every page), a third of a sample's time on one core (bench/loader.py).
+    """Storage for window blocks, reused once nothing refers to a block: a fresh 100 MB array a window (512 samples
+    at 256 px) costs its page faults (the kernel zeroes every page), a third of a sample's time on one core
+    (bench/loader.py).
 
     A storage is lent out as a new array over its memory (`take`). Every block and every batch cut from it is a
     numpy view of that array (numpy makes it their base, the first array up the chain whose own base is no array;

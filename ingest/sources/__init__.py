@@ -5,7 +5,8 @@
 - `folder ROOT`: any tree of images.
 
 ROOT may be a local path or `s3://bucket/prefix`. Listings are sorted, so every run sees the
-same order and the same subset.
+same order and the same subset. One module each (`imagenet.py`, `coco.py`, `folder.py`); `base.py` holds what
+every source yields and the seeded subset selection they share.
 """
 
 from ingest.sources.base import SourceError, SourceItem, select_subset

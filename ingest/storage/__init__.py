@@ -24,7 +24,8 @@ per process, a claim protocol on plain PUT/LIST/HEAD gives the same guarantee on
 read-after-write consistency (AWS, MinIO, rclone on a local disk): see `S3Storage.put_if_absent`.
 
 The package: `base.py` (the protocol, errors, key helpers), `local.py`, `s3.py`, `retry.py` (what is
-retried and for how long), `arrow.py` (the S3 store as a pyarrow file system, for Ray Train's run storage).
+retried and for how long), `arrow.py` (the S3 store as a pyarrow file system, for Ray Train's run storage),
+`cat.py` (one object to stdout: the `pipe:` form of a lake's shard URLs for webdataset).
 """
 
 from __future__ import annotations

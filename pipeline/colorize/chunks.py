@@ -69,12 +69,12 @@ def plan_chunks(src: str, chunk_frames: int = CHUNK_FRAMES, max_pixels: int | No
     """
     import av
 
-    from pipeline.colorize.video import DEFAULT_MAX_FRAME_PIXELS, _check, _open
+    from pipeline.colorize.video import DEFAULT_MAX_FRAME_PIXELS, check_stream, open_video
 
     stamps, keys, keyed = [], [], False
-    with _open(src) as container:
+    with open_video(src) as container:
         stream = container.streams.video[0]
-        _check(stream, max_pixels or DEFAULT_MAX_FRAME_PIXELS)
+        check_stream(stream, max_pixels or DEFAULT_MAX_FRAME_PIXELS)
         try:
             for packet in container.demux(stream):
                 if packet.pts is None or packet.size == 0:

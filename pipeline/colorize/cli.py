@@ -40,19 +40,6 @@ def add_colorize_parser(subparsers) -> None:
     colorize.add_argument("inputs", nargs="+", metavar="INPUT")
     colorize.add_argument("--model", required=True, help=MODEL_HELP)
     colorize.add_argument("-o", "--out", required=True, help="output folder or s3:// prefix")
-    colorize.add_argument("--format", dest="picture_format", choices=PICTURE_FORMATS, default="png",
-                          help="png (lossless, default) or jpeg")  # fmt: skip
-    colorize.add_argument("--quality", type=int, default=95, help="JPEG quality 1-95 (default: 95)")
-    colorize.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="colorize again pictures an earlier run wrote into the output (its ledger lists them)",
-    )
-    colorize.add_argument(
-        "--overwrite-any",
-        action="store_true",
-        help="with --overwrite: also replace files of the same name that recolor did not write",
-    )
     colorize.add_argument(
         "--size", type=positive_int, help="network input side (default: the side the model trained at)"
     )
@@ -65,10 +52,6 @@ def add_colorize_parser(subparsers) -> None:
     )
     colorize.add_argument("--device", type=device_arg, default=None,
                           help="without --ray: cpu, cuda or cuda:N (default: cuda when there is one)")  # fmt: skip
-    colorize.add_argument("--ray", action="store_true", help="run as a Ray Data job (local instance or cluster)")
-    colorize.add_argument("--ray-address", help="with --ray: the cluster (default: $RAY_ADDRESS, else local)")
-    colorize.add_argument("--actors", type=positive_int, default=1, help="with --ray: generator actors (default: 1)")
-    colorize.add_argument("--gpu", action="store_true", help="with --ray: one GPU per actor, bf16")
     colorize.add_argument("--tracking-uri", help=TRACKING_HELP)
     colorize.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE_HELP)
     colorize.add_argument(
@@ -76,29 +59,58 @@ def add_colorize_parser(subparsers) -> None:
         action="store_true",
         help="keep the generator's dropout on, as pix2pix tests (sampled colours; default: eval mode, deterministic)",
     )
-    colorize.add_argument(
+    colorize.add_argument("--no-progress", dest="progress", action="store_false")
+    _add_output_options(colorize.add_argument_group("outputs"))
+    _add_ray_options(colorize.add_argument_group("on Ray"), positive_int)
+    _add_video_options(colorize.add_argument_group("videos"), positive_int)
+    colorize.set_defaults(handler=run_colorize)
+
+
+def _add_output_options(group) -> None:
+    group.add_argument("--format", dest="picture_format", choices=PICTURE_FORMATS, default="png",
+                       help="png (lossless, default) or jpeg")  # fmt: skip
+    group.add_argument("--quality", type=int, default=95, help="JPEG quality 1-95 (default: 95)")
+    group.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="colorize again pictures an earlier run wrote into the output (its ledger lists them)",
+    )
+    group.add_argument(
+        "--overwrite-any",
+        action="store_true",
+        help="with --overwrite: also replace files of the same name that recolor did not write",
+    )
+    group.add_argument(
         "--side-by-side",
         metavar="PNG",
         help="also write one picture comparing, for each photo (at most 16), its gray input, the colorized picture "
         "and the photo itself (without --ray)",
     )
-    colorize.add_argument("--codec", choices=sorted(CODECS), default="h264",
-                          help="videos: the encoder (default: h264; ffv1 is lossless RGB)")  # fmt: skip
-    colorize.add_argument(
+
+
+def _add_ray_options(group, positive_int) -> None:
+    group.add_argument("--ray", action="store_true", help="run as a Ray Data job (local instance or cluster)")
+    group.add_argument("--ray-address", help="with --ray: the cluster (default: $RAY_ADDRESS, else local)")
+    group.add_argument("--actors", type=positive_int, default=1, help="with --ray: generator actors (default: 1)")
+    group.add_argument("--gpu", action="store_true", help="with --ray: one GPU per actor, bf16")
+
+
+def _add_video_options(group, positive_int) -> None:
+    group.add_argument("--codec", choices=sorted(CODECS), default="h264",
+                       help="videos: the encoder (default: h264; ffv1 is lossless RGB)")  # fmt: skip
+    group.add_argument(
         "--crf",
         type=int,
         default=DEFAULT_CRF,
         help=f"videos: quality, lower is better (default: {DEFAULT_CRF}; 0: lossless h264 4:4:4)",
     )
-    colorize.add_argument("--no-temporal", dest="temporal", action="store_false",
-                          help="videos: colorize each frame alone (default: carry colour along the optical flow, "
-                          "against flicker)")  # fmt: skip
-    colorize.add_argument("--chunk-frames", type=positive_int, default=CHUNK_FRAMES,
-                          help=f"videos with --ray: frames a chunk holds at least, cut at keyframes; chunks are "
-                          f"colorized in parallel, one per actor, and a rerun keeps those done (default: "
-                          f"{CHUNK_FRAMES})")  # fmt: skip
-    colorize.add_argument("--no-progress", dest="progress", action="store_false")
-    colorize.set_defaults(handler=run_colorize)
+    group.add_argument("--no-temporal", dest="temporal", action="store_false",
+                       help="videos: colorize each frame alone (default: carry colour along the optical flow, "
+                       "against flicker)")  # fmt: skip
+    group.add_argument("--chunk-frames", type=positive_int, default=CHUNK_FRAMES,
+                       help=f"videos with --ray: frames a chunk holds at least, cut at keyframes; chunks are "
+                       f"colorized in parallel, one per actor, and a rerun keeps those done (default: "
+                       f"{CHUNK_FRAMES})")  # fmt: skip
 
 
 def run_colorize(args) -> int:

@@ -251,7 +251,7 @@ def video_library():
     return av
 
 
-def _open(src: str):
+def open_video(src: str):
     """The source opened for reading (an s3:// object through a presigned URL, `readable`)."""
     import av
 
@@ -303,7 +303,7 @@ def _container_signature(src: str) -> str | None:
     return None
 
 
-def _check(stream, max_pixels: int) -> str:
+def check_stream(stream, max_pixels: int) -> str:
     """Refuse what cannot be colorized faithfully; returns a note on what the output will not keep."""
     context = stream.codec_context
     width, height = context.width, context.height
@@ -488,12 +488,12 @@ def colorize_video(generator, size: int, resize: str, device: torch.device, src:
     av = video_library()
     if options.codec not in CODECS:
         raise VideoRefused(f"bad_option: --codec must be one of {', '.join(CODECS)}, got {options.codec!r}")
-    source_file = _open(src)
+    source_file = open_video(src)
     started = time.perf_counter()
     with source_file, published(dst) as temp:
         source = source_file.streams.video[0]
         source.thread_type = "AUTO"
-        note = _check(source, options.max_pixels)
+        note = check_stream(source, options.max_pixels)
         time_base, fps = source.time_base, float(source.average_rate or 0)
         audio = source_file.streams.audio[0] if source_file.streams.audio else None
         try:

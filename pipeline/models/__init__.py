@@ -1,4 +1,10 @@
-"""Generators and discriminator of the colorizer, and the factories the training loop builds them with."""
+"""Generators and discriminator of the colorizer, and the factories the training loop builds them with.
+
+`unet.py` (the recipe's U-Net), `resnet.py` (ResNet18, torchvision's key names) and `resnet_unet.py` (the U-Net on
+its encoder), `inception.py` (FID's Inception-v3 as a module) and `inception_unet.py` (the U-Net on that pretrained
+encoder), `fusion.py` (Deep Koalarization's fusion of what a frozen classifier sees), `patchgan.py` (the 70x70
+PatchGAN), `layers.py` (their blocks and norms), `saved.py` (the generator artifact: on disk without pickle).
+"""
 
 from __future__ import annotations
 

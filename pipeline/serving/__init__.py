@@ -1,4 +1,5 @@
-"""A registered generator outside training: the MLflow serving model (`pyfunc`) and exports (`export`)."""
+"""A registered generator outside training: the MLflow serving model (`pyfunc`, its signature and defaults in
+`signature`) and exports (`export`, `recolor export` in `cli`)."""
 
 # `recolor export`'s choices, here because this package imports no torch: every `recolor` command builds the parser.
 EXPORT_FORMATS = ("onnx", "pt2", "mlflow")  # mlflow: a model folder recolor wrote afresh, for `mlflow models serve`

@@ -1,2 +1,2 @@
 """`recolor sweep`: trials of one preset (`space`), run by Ray Tune over Ray Train (`driver`), ranked in MLflow
-(`ranking`)."""
+(`ranking`); `cli` has its options."""
