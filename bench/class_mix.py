@@ -4,8 +4,8 @@
     python bench/class_mix.py --imagenet ROOT --json
 
 For each source, ingest twice (`--order sorted`, `--order shuffled`), then walk one epoch exactly as training
-orders it (`pipeline.data.epoch_keys`: the epoch's shard schedule, `data.interleave` shards at a time, the shuffle
-window) and count the distinct classes in each batch of 16. A uniform shuffle over 100 balanced classes gives
+orders it (`pipeline.data.batches.epoch_keys`: the epoch's shard schedule, `data.interleave` shards at a time, the
+shuffle window) and count the distinct classes in each batch of 16. A uniform shuffle over 100 balanced classes gives
 about 14.9; the goal (issue 10) is at least 12.
 
 The generated source keeps ImageNet's proportions, scaled down: a class holds more samples than a shard
@@ -52,8 +52,8 @@ def ingest(source: str, lake: Path, order: str, shard_samples: int) -> None:
 
 def mean_classes(lake: Path, window: int, interleave: int, world_size: int) -> float:
     from ingest.lake import Lake
-    from pipeline.data import epoch_keys
-    from pipeline.dataplan import resolve_data
+    from pipeline.data.batches import epoch_keys
+    from pipeline.data.plan import resolve_data
 
     catalog = Lake(str(lake))
     manifest = catalog.manifest(catalog.resolve("mix"))

@@ -6,12 +6,12 @@
 
 seed:  per sample, decode the JPEG, resize to 256x256, scikit-image `rgb2lab`, normalize, into a
        float tensor batch (the report's per-step loader).
-lake:  `pipeline.data.train_batches` over the same images ingested into a lake (shards small enough that
+lake:  `pipeline.data.batches.train_batches` over the same images ingested into a lake (shards small enough that
        several are read at once, `data.interleave` 4, and once 1 for its cost): read tar shards,
        decode the uint8 Lab arrays, shuffle, flip, batch, then to normalized float L and ab tensors.
        Once from a local folder, once from `rclone serve s3` on 127.0.0.1 (a real S3 server), and once
        from the local folder with the per-sample CRC-32 check switched off: the check's cost. From S3 through the
-       node-local shard cache (`pipeline.shard_cache`): epoch 1 (fills it), epoch 2 (issue 22's goal: >= 0.9x the
+       node-local shard cache (`pipeline.data.shard_cache`): epoch 1 (fills it), epoch 2 (issue 22's goal: >= 0.9x the
        local folder, 0 bytes from S3), and epoch 2 with a cache of half the lake (bytes from S3).
 zstd:  bandwidth per GPU. The same local shards rewritten with each .lab.npy member compressed by zstd
        (levels 1, 3 and 9; `zstandard` package; CRC-32 over the stored bytes), read by the same loader with
@@ -72,7 +72,7 @@ def seed_loader(paths: list[Path]) -> int:
 
 def lake_loader(plan, interleave: int = 4, loader_workers: int = 1, cache=None) -> int:
     from ingest.lab import lab8_to_network_torch
-    from pipeline.data import LoaderOptions, train_batches
+    from pipeline.data.batches import LoaderOptions, train_batches
 
     # A window of 256, as every figure of this benchmark in bench/RESULTS.md was measured (training's default is 512).
     options = LoaderOptions(batch_size=BATCH, shuffle_window=256, interleave=interleave, loader_workers=loader_workers)
@@ -93,7 +93,7 @@ def input_path(plan, loader_workers: int, repeat: int = INPUT_REPEAT, processes:
     to the next, as from epoch to epoch: `loader_start` times their start), or threads."""
     import dataclasses
 
-    from pipeline.data import LoaderOptions, train_batches
+    from pipeline.data.batches import LoaderOptions, train_batches
 
     plan = dataclasses.replace(plan, train=plan.train * repeat)
     options = LoaderOptions(batch_size=BATCH, loader_workers=loader_workers, loader_processes=processes)
@@ -104,8 +104,8 @@ def input_path(plan, loader_workers: int, repeat: int = INPUT_REPEAT, processes:
 def loader_start(plan, loader_workers: int) -> float:
     """Seconds to the first batch of an epoch whose loader processes start with it (the first epoch of a run),
     less the same with the processes already running (every later epoch)."""
-    from pipeline import loader_processes
-    from pipeline.data import LoaderOptions, train_batches
+    from pipeline.data import loader_processes
+    from pipeline.data.batches import LoaderOptions, train_batches
 
     def first_batch() -> float:
         start = time.perf_counter()
@@ -149,7 +149,7 @@ def zstd_lake(plan, level: int, folder: Path):
     import zstandard
 
     from ingest.shards import ShardWriter, iter_samples
-    from pipeline.dataplan import ShardInfo
+    from pipeline.data.plan import ShardInfo
 
     compressor = zstandard.ZstdCompressor(level=level)
     folder.mkdir(parents=True, exist_ok=True)
@@ -171,15 +171,17 @@ def zstd_loader(plan) -> int:
     """`lake_loader` with each member decompressed before it is decoded (the loader's own decode, patched)."""
     import zstandard
 
-    import pipeline.reading
+    import pipeline.data.reading
 
     decompress = zstandard.ZstdDecompressor().decompress
-    decode = pipeline.reading.decode_sample  # what `Window.fill` calls
-    pipeline.reading.decode_sample = lambda data, size: decode(decompress(data) if data is not None else None, size)
+    decode = pipeline.data.reading.decode_sample  # what `Window.fill` calls
+    pipeline.data.reading.decode_sample = lambda data, size: decode(
+        decompress(data) if data is not None else None, size
+    )
     try:
         return lake_loader(plan)
     finally:
-        pipeline.reading.decode_sample = decode
+        pipeline.data.reading.decode_sample = decode
 
 
 def warm_rate(rounds: int, fn) -> float:
@@ -200,8 +202,8 @@ def best_rate(rounds: int, fn) -> float:
 def two_node_epoch2(plan, folder: Path, owned: bool) -> list[int]:
     """4 ranks on 2 nodes (a cache each, room for the whole lake), 2 epochs: each node's bytes from S3 in epoch 2,
     with shard ownership (`data.shard_ownership`) or each epoch drawn over all ranks."""
-    from pipeline.data import LoaderOptions, train_batches
-    from pipeline.shard_cache import ShardCache
+    from pipeline.data.batches import LoaderOptions, train_batches
+    from pipeline.data.shard_cache import ShardCache
 
     lake_bytes = sum(shard.size for shard in plan.train)
     caches = [ShardCache(folder / f"node{n}", 2 * lake_bytes) for n in range(2)]
@@ -218,8 +220,8 @@ def two_node_epoch2(plan, folder: Path, owned: bool) -> list[int]:
 def s3_rows(rounds: int, lake: Path, work: Path) -> dict:
     """The lake served by `rclone serve s3` on loopback: plain reads, and reads through the node cache."""
     from infra.stack.s3_server import LocalS3Server, apply_env, restore_env
-    from pipeline.dataplan import resolve_data
-    from pipeline.shard_cache import ShardCache
+    from pipeline.data.plan import resolve_data
+    from pipeline.data.shard_cache import ShardCache
 
     server = LocalS3Server(work / "s3").start()
     previous = apply_env(server.env())
@@ -280,7 +282,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from ingest.driver import IngestConfig, run_ingest
-    from pipeline.dataplan import resolve_data
+    from pipeline.data.plan import resolve_data
 
     work = Path(tempfile.mkdtemp(prefix="recolor-bench-loader-"))
     try:

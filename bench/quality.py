@@ -157,7 +157,7 @@ def train(lake: str, storage: str, size: int, minutes: float, gpu: bool, workers
     import threading
 
     from pipeline.config import load_config
-    from pipeline.dataplan import resolve_data
+    from pipeline.data.plan import resolve_data
     from pipeline.train.checkpoint_store import latest_recorded, recorded_checkpoints
     from pipeline.train.driver import TrackingOptions, run_training
     from pipeline.train.failures import Stopped
@@ -215,8 +215,8 @@ def score(checkpoint: str, lake: str, gpu: bool, fid: bool = True) -> tuple[dict
 
     from ingest.lab import lab8_to_network_torch, network_to_lab_torch
     from pipeline.checkpoint import load_checkpoint
-    from pipeline.data import validation_batches
-    from pipeline.dataplan import resolve_data
+    from pipeline.data.batches import validation_batches
+    from pipeline.data.plan import resolve_data
     from pipeline.evaluation.fid import FidUnavailable
     from pipeline.evaluation.metrics import colorization_metrics_per_image
     from pipeline.evaluation.per_image import FidFeatures

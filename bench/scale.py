@@ -11,7 +11,7 @@ in a fresh process that reports its time and peak memory (RSS, interpreter and i
     list      list the source (`ingest.driver.list_source`)
     dedup     a +1% re-ingest's filter: the parent's manifest, the known keys, skipping unchanged files, the order
     commit    that re-ingest's commit: the 1% new rows merged with the parent, manifest and record written
-    plan      the training `DataPlan` (`pipeline.dataplan.resolve_data`)
+    plan      the training `DataPlan` (`pipeline.data.plan.resolve_data`)
     ship      the plan as the workers get it (pickled `to_dict` in the loop config) and rebuilt
     show      `recolor lake show`
     gc        `recolor lake gc` listing (what no version references)
@@ -198,8 +198,8 @@ def run_step(step: str, source: Path, lake: Path) -> dict:
         seconds = time.perf_counter() - started
         return found | {"version": summary.version, "samples": sum(summary.counts.values()), "seconds": seconds}
     if step in ("plan", "ship", "epoch"):
-        from pipeline.dataplan import DataPlan, resolve_data
-        from pipeline.epochs import plan_train_epoch
+        from pipeline.data.epochs import plan_train_epoch
+        from pipeline.data.plan import DataPlan, resolve_data
 
         plan = resolve_data([DATASET], str(lake))
         if step == "plan":
@@ -237,7 +237,7 @@ def child(step: str, source: Path, lake: Path) -> None:
     import ingest.cli  # noqa: F401 - imports are not the step's cost (they are in its peak memory)
     import ingest.commit  # noqa: F401
     import ingest.driver  # noqa: F401
-    import pipeline.data  # noqa: F401
+    import pipeline.data.batches  # noqa: F401
 
     started = time.perf_counter()
     found = run_step(step, source, lake)

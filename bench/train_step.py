@@ -91,7 +91,7 @@ def main() -> None:
 
     from ingest.lab import lab8_to_network_torch
     from pipeline.config import ModelConfig, TrainConfig
-    from pipeline.dataplan import DataPlan
+    from pipeline.data.plan import DataPlan
     from pipeline.losses import GANLoss
     from pipeline.models import build_discriminator, build_generator
     from pipeline.train.loop import ColorizerTrainer, host_batch

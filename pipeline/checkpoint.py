@@ -60,7 +60,7 @@ def build_payload(generator, discriminator, optimizers, schedulers, position: Po
     """The checkpoint dict of a run at `position`: plain modules (unwrapped from DDP), both optimizers and
     schedulers (generator's first), the config (`TrainConfig`), the data plan's versions and how the epoch in
     progress is read (`interleave`: a resumed epoch must skip samples of the order it began with; `global_batch`,
-    the run's samples a step; `splits`, the epoch's worker groups so far, `pipeline.epochs.plan_rank_epoch`;
+    the run's samples a step; `splits`, the epoch's worker groups so far, `pipeline.data.epochs.plan_rank_epoch`;
     `owned`, whether its ranks read the shards they own, `data.shard_ownership`)."""
     return {
         "format": FORMAT,

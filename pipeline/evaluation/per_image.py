@@ -22,7 +22,7 @@ WORST = 16
 
 class Inspection:
     """Per-image metrics (with `keys`: the (shard URI, sample key) of each image, in order, as
-    `pipeline.data.validation_batches` fills it), the `WORST` images by ab error, and with `fid` the Inception
+    `pipeline.data.batches.validation_batches` fills it), the `WORST` images by ab error, and with `fid` the Inception
     features (`pipeline.evaluation.fid.FeatureSets`; None when the network is not installed: said once)."""
 
     def __init__(self, keys: list, fid: bool = True, device: torch.device | str | None = None):

@@ -54,8 +54,8 @@ def compute_metrics(generator, plan, split: str, batch_size: int, device: torch.
         ConfigError: the split is empty, or the model needs larger samples than the dataset holds.
         DataError: more than `max_bad_fraction` of the split is corrupt, or nothing in it is readable.
     """
-    from pipeline.data import BadSampleCounter, validation_batches
-    from pipeline.dataplan import DataError
+    from pipeline.data.batches import BadSampleCounter, validation_batches
+    from pipeline.data.plan import DataError
     from pipeline.evaluation.validation import accumulate, finalize
     from pipeline.models.saved import min_side
 
@@ -219,7 +219,7 @@ def evaluate(
     """
     from mlflow import MlflowClient
 
-    from pipeline.dataplan import resolve_data
+    from pipeline.data.plan import resolve_data
     from pipeline.tracking.registry import load_generator
     from pipeline.tracking.uri import connect_tracking
 

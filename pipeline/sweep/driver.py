@@ -107,7 +107,7 @@ def run_sweep(preset: str | None, base_overrides: list[str], trials: list[Trial]
         LakeError, DataError: the data of the preset cannot train.
     """
     from ingest.cluster import ensure_ray
-    from pipeline.dataplan import resolve_config_data
+    from pipeline.data.plan import resolve_config_data
     from pipeline.tracking.uri import check_tracking_server, resolve_tracking_uri
     from pipeline.train.driver import check_before_start
 

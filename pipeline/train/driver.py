@@ -19,8 +19,8 @@ from pathlib import Path
 
 from ingest.errors import ConfigError
 from pipeline.config import TrainConfig
-from pipeline.dataplan import DataError, DataPlan, resolve_config_data
-from pipeline.epochs import rank_batches
+from pipeline.data.epochs import rank_batches
+from pipeline.data.plan import DataError, DataPlan, resolve_config_data
 from pipeline.tracking.uri import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME
 from pipeline.train.failures import (
     NonFiniteLoss,

@@ -41,9 +41,9 @@ from pipeline.checkpoint import (
     restore_optimizers,
 )
 from pipeline.config import StageConfig, TrainConfig
-from pipeline.data import LoaderOptions, prefetch, train_batches, validation_batches
-from pipeline.dataplan import DataPlan
-from pipeline.epochs import rank_batches
+from pipeline.data.batches import LoaderOptions, prefetch, train_batches, validation_batches
+from pipeline.data.epochs import rank_batches
+from pipeline.data.plan import DataPlan
 from pipeline.evaluation.validation import accumulate, finalize
 from pipeline.losses import GANLoss, discriminator_loss, generator_loss
 from pipeline.models import build_discriminator, build_generator
@@ -446,7 +446,7 @@ class ColorizerTrainer:
         return self._end_epoch(stage_index, stage, epoch, gan_loss, losses, opts, scheds, bad.bad, trained)
 
     def _epoch_batches(self, stage_index: int, epoch: int, start_step: int):
-        """This rank's batches of an epoch from `start_step` (`pipeline.data.train_batches`), read as the epoch
+        """This rank's batches of an epoch from `start_step` (`pipeline.data.batches.train_batches`), read as the epoch
         began (its interleave, its worker groups): (batches, the epoch's steps, the corrupt-sample counter)."""
         config = self.config
         self.interleave = config.data.interleave
@@ -666,9 +666,9 @@ def owns_shards(config: TrainConfig, plan: DataPlan) -> bool:
 
 
 def shard_cache_for(config: TrainConfig, plan: DataPlan):
-    """The node's shard cache this worker reads through (`pipeline.shard_cache`), or None (`data.cache`: "auto"
+    """The node's shard cache this worker reads through (`pipeline.data.shard_cache`), or None (`data.cache`: "auto"
     uses one for s3:// lakes only: local shards are read from disk anyway)."""
-    from pipeline.shard_cache import default_cache_dir, node_cache
+    from pipeline.data.shard_cache import default_cache_dir, node_cache
 
     mode = config.data.cache
     if mode == "off" or (mode == "auto" and not any(s.uri.startswith("s3://") for s in plan.train)):

@@ -21,7 +21,7 @@ import torch
 from ingest.cluster import open_environment
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import TrainConfig
-from pipeline.dataplan import DataPlan
+from pipeline.data.plan import DataPlan
 from pipeline.train.checkpoint_store import (
     METRICS_FILE,
     resume_payload,

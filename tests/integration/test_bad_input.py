@@ -187,7 +187,7 @@ def registered_on_lake(tmp_path, recolor, photo_writer):
     """A lake dataset `d` (32 px, half validation) and an untrained generator registered as `c` version 1."""
     from mlflow import MlflowClient
 
-    from pipeline.dataplan import resolve_data
+    from pipeline.data.plan import resolve_data
     from pipeline.models.saved import GeneratorSpec
     from pipeline.tracking.registry import log_generator
 

@@ -28,9 +28,9 @@ import psutil
 import pytest
 
 from pipeline.checkpoint import load_checkpoint
-from pipeline.dataplan import DataPlan
-from pipeline.epochs import epoch_segments
-from pipeline.reading import decode_sample, read_segments
+from pipeline.data.epochs import epoch_segments
+from pipeline.data.plan import DataPlan
+from pipeline.data.reading import decode_sample, read_segments
 
 pytestmark = pytest.mark.slow
 

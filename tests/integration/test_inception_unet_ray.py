@@ -16,7 +16,7 @@ from fixtures.videos import clip_frames, read_clip, write_clip
 from ingest.driver import IngestConfig, run_ingest
 from pipeline.cli import main
 from pipeline.config import DataConfig, ModelConfig, StageConfig, TrainConfig
-from pipeline.dataplan import resolve_data
+from pipeline.data.plan import resolve_data
 from pipeline.train.driver import TrackingOptions, run_training
 
 pytestmark = pytest.mark.slow

@@ -26,9 +26,9 @@ def lake(tmp_path_factory, photo_writer, cli_runner):
 
 def project_samples(lake_uri: str, split: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """What this project's loader reads: every sample of the split, in shard order, normalized."""
-    from pipeline.dataplan import resolve_data
-    from pipeline.epochs import plan_validation
-    from pipeline.reading import decode_sample, read_segments
+    from pipeline.data.epochs import plan_validation
+    from pipeline.data.plan import resolve_data
+    from pipeline.data.reading import decode_sample, read_segments
 
     plan = resolve_data(["d"], lake_uri)
     shards = plan.train if split == "train" else plan.val

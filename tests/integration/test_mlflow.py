@@ -43,7 +43,7 @@ from PIL import Image, ImageOps
 from infra.stack.s3_server import free_port
 from ingest.driver import IngestConfig, run_ingest
 from pipeline.config import DataConfig, ModelConfig, StageConfig, TrainConfig, flatten
-from pipeline.dataplan import resolve_data
+from pipeline.data.plan import resolve_data
 from pipeline.tracking.runs import manifest_tag
 from pipeline.tracking.uri import fluent_tracking_uri
 from pipeline.train.driver import TrackingOptions, resolve_storage, run_training

@@ -18,7 +18,7 @@ from fixtures.training import BATCH, WORKERS, metric_recorder, tiny_config, work
 from ingest.driver import IngestConfig, run_ingest
 from ingest.lake import Lake
 from pipeline.config import DataConfig, ModelConfig
-from pipeline.dataplan import resolve_data
+from pipeline.data.plan import resolve_data
 from pipeline.train.driver import run_training
 
 pytestmark = pytest.mark.slow
@@ -130,8 +130,8 @@ def test_the_shard_cache_makes_epoch_two_read_nothing_from_s3(s3_env, photo_writ
     nothing from S3, and the batches are those the uncached path gives, with 1 or 3 loader workers."""
     import numpy as np
 
-    from pipeline.data import LoaderOptions, train_batches
-    from pipeline.shard_cache import ShardCache
+    from pipeline.data.batches import LoaderOptions, train_batches
+    from pipeline.data.shard_cache import ShardCache
 
     photo_writer(tmp_path / "photos", range(800, 830), width=80, height=64)
     lake = f"s3://{s3_env.bucket}/lake"
@@ -145,7 +145,7 @@ def test_the_shard_cache_makes_epoch_two_read_nothing_from_s3(s3_env, photo_writ
         options = LoaderOptions(batch_size=4, shuffle_window=8, loader_workers=loader_workers)
         return list(train_batches(plan, number, 0, 0, 1, options, cache=cache)[0])
 
-    from pipeline.epochs import plan_train_epoch
+    from pipeline.data.epochs import plan_train_epoch
 
     seen: set[str] = set()
     for number in (0, 1, 2):
@@ -167,8 +167,8 @@ def test_a_cached_shard_damaged_on_the_nodes_disk_is_dropped_and_fetched_again(s
                                                                               tmp_path) -> None:  # fmt: skip
     """Same size, a changed byte (the node's disk, not the store): the sample is a corrupt one that epoch, the cached
     copy is dropped, and the next epoch fetches the shard again and reads it whole."""
-    from pipeline.data import LoaderOptions, train_batches
-    from pipeline.shard_cache import ShardCache
+    from pipeline.data.batches import LoaderOptions, train_batches
+    from pipeline.data.shard_cache import ShardCache
 
     photo_writer(tmp_path / "photos", range(840, 852), width=80, height=64)
     lake = f"s3://{s3_env.bucket}/lake"

@@ -15,7 +15,7 @@ from fixtures.training import BATCH, REPO, WORKERS, ingest_photos
 
 from pipeline.checkpoint import load_checkpoint
 from pipeline.cli import main as recolor
-from pipeline.dataplan import resolve_data
+from pipeline.data.plan import resolve_data
 from pipeline.tracking.runs import FAILURE_TAG, RUN_NAME_TAG
 
 pytestmark = pytest.mark.slow

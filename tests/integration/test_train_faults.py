@@ -27,7 +27,7 @@ from fixtures.training import (
 
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import DataConfig
-from pipeline.dataplan import DataError, resolve_data
+from pipeline.data.plan import DataError, resolve_data
 from pipeline.train.driver import run_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group(TINY_TRAIN)]

@@ -28,7 +28,7 @@ from fixtures.training import (
 
 from pipeline.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from pipeline.config import DataConfig
-from pipeline.dataplan import DataPlan
+from pipeline.data.plan import DataPlan
 from pipeline.models import build_generator
 from pipeline.train.driver import run_training
 
@@ -161,8 +161,8 @@ def epoch_sample_crcs(plan: DataPlan, seed: int, global_batch: int) -> list[int]
     """The CRC-32 of each sample of the first epoch's global order (what one epoch must train, each once)."""
     import zlib
 
-    from pipeline.epochs import epoch_segments
-    from pipeline.reading import decode_sample, read_segments
+    from pipeline.data.epochs import epoch_segments
+    from pipeline.data.reading import decode_sample, read_segments
 
     segments, _ = epoch_segments(plan.train, 0, seed, global_batch)
     return [zlib.crc32(decode_sample(data, plan.size).tobytes()) for _, _, data in read_segments(segments)]

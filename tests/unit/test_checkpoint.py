@@ -22,7 +22,7 @@ from ingest.driver import IngestConfig, run_ingest
 from ingest.errors import ConfigError
 from pipeline.checkpoint import CHECKPOINT_FILE, FORMAT, CheckpointError, Position, load_checkpoint, save_checkpoint
 from pipeline.config import DataConfig, ModelConfig, StageConfig, TrainConfig
-from pipeline.dataplan import DataPlan, resolve_data
+from pipeline.data.plan import DataPlan, resolve_data
 from pipeline.train.checkpoint_store import (
     UPLOAD_ATTEMPTS_ENV,
     fallback_order,

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 
 from ingest.shards import ShardWriter, TarFormatError, encode_npy, iter_members
-from pipeline.data import LoaderOptions, _window_block, prefetch, train_batches, validation_batches
-from pipeline.dataplan import DataError, DataPlan, ShardInfo
-from pipeline.epochs import plan_train_epoch, plan_validation, steps_per_epoch, window_draws
-from pipeline.reading import decode_sample, open_shard, read_segments, rotate_lab8, verified
+from pipeline.data.batches import LoaderOptions, _window_block, prefetch, train_batches, validation_batches
+from pipeline.data.epochs import plan_train_epoch, plan_validation, steps_per_epoch, window_draws
+from pipeline.data.plan import DataError, DataPlan, ShardInfo
+from pipeline.data.reading import decode_sample, open_shard, read_segments, rotate_lab8, verified
 
 SIZE = 8
 UNEVEN = [7, 1, 13, 4]  # 25 training samples
@@ -356,7 +356,7 @@ def test_each_corrupt_sample_is_a_warning_naming_its_key_and_shard(tmp_path, cap
     cut = write_shards(tmp_path, [8], prefix="cut")[0]  # a truncated tar: its lost samples count too
     Path(cut.uri).write_bytes(Path(cut.uri).read_bytes()[:5000])
     plan = make_plan([ShardInfo(str(corrupt_path), 12), cut])
-    with caplog.at_level("WARNING", logger="pipeline.data"):
+    with caplog.at_level("WARNING", logger="pipeline.data.batches"):
         _, _, counter = epoch_batches(plan, 0, 1, 4, shuffle_window=20, max_bad_fraction=1.0)
     skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping corrupt sample ")]
     assert len(skipped) == counter.bad
@@ -694,7 +694,7 @@ def test_loader_workers_count_and_replace_corrupt_samples_as_one_does(tmp_path, 
 
 
 def test_ordered_map_keeps_order_and_stops_early() -> None:
-    from pipeline.data import ordered_map
+    from pipeline.data.batches import ordered_map
 
     def slow(number: int) -> tuple[int, str]:
         time.sleep(0.01 * (5 - number % 5))  # later jobs finish first
@@ -717,7 +717,7 @@ def test_ordered_map_keeps_order_and_stops_early() -> None:
 
 
 def test_block_batches_cut_views_inside_blocks_and_join_across_them() -> None:
-    from pipeline.data import block_batches
+    from pipeline.data.batches import block_batches
 
     blocks = [np.arange(n0, n0 + n).reshape(n, 1) for n0, n in ((0, 5), (5, 2), (7, 9), (16, 3))]
     cut = list(block_batches(blocks, 4))

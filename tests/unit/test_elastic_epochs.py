@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from test_data import SIZE, ids_of, make_plan, write_shards
 
-from pipeline.data import LoaderOptions, train_batches
-from pipeline.epochs import epoch_segments, plan_rank_epoch, rank_batches, read_order, remaining_segments
+from pipeline.data.batches import LoaderOptions, train_batches
+from pipeline.data.epochs import epoch_segments, plan_rank_epoch, rank_batches, read_order, remaining_segments
 
 COUNTS = [7, 1, 13, 4, 9, 11, 3]  # 48 samples
 

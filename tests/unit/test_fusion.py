@@ -155,7 +155,7 @@ def test_training_with_fusion_checkpoints_a_generator_that_rebuilds_with_it(tiny
 
 def test_a_run_whose_fusion_has_no_network_is_refused_before_any_worker_starts(monkeypatch) -> None:
     from pipeline.config import DataConfig, TrainConfig
-    from pipeline.dataplan import DataPlan, ShardInfo
+    from pipeline.data.plan import DataPlan, ShardInfo
     from pipeline.train.driver import check_before_start
 
     plan = DataPlan(refs=["photos@3"], digests={}, uris={}, size=256, train=[ShardInfo("a.tar", 100)],

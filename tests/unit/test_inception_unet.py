@@ -11,7 +11,7 @@ from ingest.driver import IngestConfig, run_ingest
 from ingest.errors import ConfigError
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import ModelConfig
-from pipeline.dataplan import resolve_data
+from pipeline.data.plan import resolve_data
 from pipeline.evaluation import fid
 from pipeline.models import build_generator, generator_arch
 from pipeline.models.inception_unet import MIN_SIDE, InceptionUNet, gray_input, gray_levels
@@ -162,7 +162,7 @@ def test_a_saved_generator_rebuilds_it_and_exports_match(generator, tmp_path) ->
 
 def test_without_the_wheel_or_with_too_small_samples_it_is_refused_before_any_worker(monkeypatch) -> None:
     from pipeline.config import DataConfig, TrainConfig
-    from pipeline.dataplan import DataPlan, ShardInfo
+    from pipeline.data.plan import DataPlan, ShardInfo
     from pipeline.train.driver import check_before_start
 
     def plan(size):

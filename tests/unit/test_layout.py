@@ -16,7 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 MAPPED = ("pipeline", "ingest")  # README's Layout names every module below these
 PACKAGES = [  # each package's docstring names its modules
-    "pipeline/train", "pipeline/evaluation", "pipeline/colorize", "pipeline/serving", "pipeline/sweep",
+    "pipeline/data", "pipeline/train", "pipeline/evaluation", "pipeline/colorize", "pipeline/serving", "pipeline/sweep",
     "pipeline/tracking", "pipeline/remote", "pipeline/models", "ingest/storage", "ingest/sources", "jobs",
     "infra/stack",
 ]  # fmt: skip

@@ -1,4 +1,4 @@
-"""Loader processes (`pipeline.loader_processes`): the same windows as one thread, from shards each process reads
+"""Loader processes (`pipeline.data.loader_processes`): the same windows as one thread, from shards each process reads
 alone, into blocks it is lent; kept from epoch to epoch, stopped with an epoch closed early, and a dead or failing
 one named. On the id-carrying synthetic shards of test_data."""
 
@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import loader_processes
-from pipeline.data import LoaderOptions, train_batches, windows
-from pipeline.dataplan import DataError
-from pipeline.reading import BlockPool, read_segments
+from pipeline.data import loader_processes
+from pipeline.data.batches import LoaderOptions, train_batches, windows
+from pipeline.data.plan import DataError
+from pipeline.data.reading import BlockPool, read_segments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_data import epoch_batches, ids_of, make_plan, write_shards  # noqa: E402
@@ -35,7 +35,7 @@ def plan(tmp_path):
 def test_the_processes_own_shards_and_together_read_the_stream_one_reader_does(plan) -> None:
     """Each window's items, taken from the processes' parts, are the items `read_segments` gives, at the same
     places; each process opened only its own shards (every 3rd opened, from its index)."""
-    from pipeline.epochs import plan_train_epoch
+    from pipeline.data.epochs import plan_train_epoch
 
     segments, _ = plan_train_epoch(plan.train, 1, 5, 0, 1, 4)
     for skip in (0, 12):  # 12: a resume two windows of 6 in

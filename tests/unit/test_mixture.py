@@ -11,9 +11,9 @@ from test_data import SIZE, ids_of, write_shards
 
 from ingest.errors import ConfigError
 from pipeline.config import DataConfig
-from pipeline.data import LoaderOptions, train_batches
-from pipeline.dataplan import DataPlan, ShardInfo
-from pipeline.epochs import Mixture, epoch_segments, mixture_quotas, plan_rank_epoch
+from pipeline.data.batches import LoaderOptions, train_batches
+from pipeline.data.epochs import Mixture, epoch_segments, mixture_quotas, plan_rank_epoch
+from pipeline.data.plan import DataPlan, ShardInfo
 
 
 def synthetic(counts: list[list[int]]) -> list[ShardInfo]:

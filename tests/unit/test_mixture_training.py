@@ -10,7 +10,7 @@ from test_checkpoint import Recorder, new_trainer
 from ingest.driver import IngestConfig, run_ingest
 from ingest.errors import ConfigError
 from pipeline.config import DataConfig, ModelConfig, StageConfig, TrainConfig, load_config
-from pipeline.dataplan import DataError, resolve_config_data
+from pipeline.data.plan import DataError, resolve_config_data
 from pipeline.train.cli import dataset_override
 
 

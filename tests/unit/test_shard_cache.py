@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.shard_cache import CacheDiskError, ShardCache, _download
+from pipeline.data.shard_cache import CacheDiskError, ShardCache, _download
 
 
 class CountingStore:
@@ -170,7 +170,7 @@ def test_a_planted_shard_of_the_right_size_is_never_read(tmp_path, caplog):
     planted = os.urandom(100_000)  # e.g. validation samples re-labelled as training ones
     for target in (uri, old_uri):
         cache._path(target).write_bytes(planted)
-    with caplog.at_level(logging.WARNING, logger="pipeline.shard_cache"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.shard_cache"):
         with cache.open(uri, 100_000, digest) as handle:
             assert handle.read() == Path(uri).read_bytes()  # the recorded shard, fetched again
         with cache.open(old_uri, 100_000) as handle:  # a lake from before digests: no download of this cache's
@@ -198,7 +198,7 @@ def test_a_store_copy_that_is_not_the_recorded_one_is_streamed_not_cached(tmp_pa
     store = CountingStore(tmp_path / "store", {"a.tar": 50_000})
     uri = store.uris["a.tar"]
     cache = ShardCache(tmp_path / "cache", 10**7, download=store.download)
-    with caplog.at_level(logging.WARNING, logger="pipeline.shard_cache"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.shard_cache"):
         assert read_with(cache, uri, "0" * 64) == Path(uri).read_bytes()  # the reader's checks judge its samples
     assert not cache._path(uri).exists() and "not the " + "0" * 64 in caplog.text
 
@@ -208,7 +208,7 @@ def test_a_cache_folder_open_to_others_is_emptied_and_made_private(tmp_path, cap
     root.mkdir()
     (root / "0123.tar").write_bytes(b"planted")
     os.chmod(root, 0o777)
-    with caplog.at_level(logging.WARNING, logger="pipeline.shard_cache"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.shard_cache"):
         cache = ShardCache(root, 10**7)
     assert cache.enabled and (os.stat(root).st_mode & 0o777) == 0o700 and list(root.iterdir()) == []
     assert "was open to other users (mode 777)" in caplog.text
@@ -218,20 +218,20 @@ def test_a_cache_folder_of_another_user_or_a_link_is_refused(tmp_path, caplog):
     target = tmp_path / "elsewhere"
     target.mkdir(mode=0o700)
     (tmp_path / "link").symlink_to(target)
-    with caplog.at_level(logging.WARNING, logger="pipeline.shard_cache"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.shard_cache"):
         assert not ShardCache(tmp_path / "link", 10**7).enabled
     assert "is not a folder (a link, or a file): refused" in caplog.text
     if os.geteuid() == 0:  # root can give a folder away: another user's
         theirs = tmp_path / "theirs"
         theirs.mkdir(mode=0o700)
         os.chown(theirs, 12345, 12345)
-        with caplog.at_level(logging.WARNING, logger="pipeline.shard_cache"):
+        with caplog.at_level(logging.WARNING, logger="pipeline.data.shard_cache"):
             assert not ShardCache(theirs, 10**7).enabled
         assert "belongs to user id 12345, not to you" in caplog.text and "data.cache_dir" in caplog.text
 
 
 def test_the_default_cache_folder_is_each_users_own():
-    from pipeline.shard_cache import default_cache_dir
+    from pipeline.data.shard_cache import default_cache_dir
 
     assert default_cache_dir().endswith(f"recolor-shard-cache-{os.geteuid()}")
 

@@ -8,8 +8,8 @@ from fixtures.sources import build_imagenet
 
 from ingest.driver import IngestConfig, run_ingest
 from ingest.lake import Lake
-from pipeline.data import epoch_keys
-from pipeline.dataplan import resolve_data
+from pipeline.data.batches import epoch_keys
+from pipeline.data.plan import resolve_data
 
 CLASSES = 100
 PER_CLASS = 12

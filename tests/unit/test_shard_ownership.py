@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from test_data import ids_of, make_plan, write_shards
 
-from pipeline.data import LoaderOptions, train_batches
-from pipeline.dataplan import ShardInfo
-from pipeline.epochs import Mixture, mixture_quotas, owned_parts, plan_rank_epoch, rank_batches
-from pipeline.shard_cache import ShardCache
+from pipeline.data.batches import LoaderOptions, train_batches
+from pipeline.data.epochs import Mixture, mixture_quotas, owned_parts, plan_rank_epoch, rank_batches
+from pipeline.data.plan import ShardInfo
+from pipeline.data.shard_cache import ShardCache
 
 COUNTS = [64] * 30 + [17, 40, 5, 64, 33, 64, 9]  # 37 shards, 2,032 samples: the uneven last shards of ingests
 

@@ -10,7 +10,7 @@ from ingest.errors import ConfigError
 from ingest.faults import InjectedFault
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import DataConfig, ModelConfig, TrainConfig
-from pipeline.dataplan import DataError, DataPlan, ShardInfo
+from pipeline.data.plan import DataError, DataPlan, ShardInfo
 from pipeline.train.driver import check_before_start
 from pipeline.train.failures import Stopped, TrainingError, describe_failure, is_transient
 

@@ -6,7 +6,7 @@ every Nth shard the stream opens (`owned_items`), reads, checks and decodes only
 mirrored and rotated, to its shuffled row of the window's block, a block of shared memory (memfd) the training
 process lent to all N. Every process knows every window's layout without reading the others' shards (the stream's
 order and each window's draws are pure functions of the plan, the seed and the epoch), so the training process
-gets the same samples, draws and counts as from one thread (`pipeline.data.train_blocks`), in the same order,
+gets the same samples, draws and counts as from one thread (`pipeline.data.batches.train_blocks`), in the same order,
 whatever N; nothing is copied between processes. 2 processes read 1.85x what one does on 2 cores.
 
     training process                              loader process k of N
@@ -19,7 +19,7 @@ left, the pool lends it again (N + 1 blocks lent, plus those the consumer holds:
 default `shuffle_window` 512). The processes (about 0.1 s to start: numpy, not torch) and their blocks are kept
 from epoch to epoch; an epoch closed early stops them, and one that dies stops the epoch with a `DataError` naming
 it. They open the shards themselves: a local lake, or S3 through the node's shard cache (`ShardCache`), which
-`pipeline.data` checks. Linux only (memfd); elsewhere, and without a cache on S3, threads.
+`pipeline.data.batches` checks. Linux only (memfd); elsewhere, and without a cache on S3, threads.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from multiprocessing.reduction import recv_handle, send_handle
 
 import numpy as np
 
-from pipeline.dataplan import DataError
+from pipeline.data.plan import DataError
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class LoaderGroup:
     starts in about 0.1 s and maps each block once."""
 
     def __init__(self, count: int, nbytes: int):
-        from pipeline.reading import BlockPool
+        from pipeline.data.reading import BlockPool
 
         self.count = count
         self.broken = False  # out of step with a process: never reused
@@ -170,7 +170,7 @@ class LoaderGroup:
         return not self.broken and all(process.poll() is None for process in self.processes)
 
     def windows(self, job: dict, cache) -> Iterator[tuple]:
-        from pipeline.reading import shaped
+        from pipeline.data.reading import shaped
 
         lent: dict[int, tuple[int, np.ndarray]] = {}  # window number -> (block index, storage)
         stats = [0, 0]  # bytes from the store, bytes from the cache
@@ -292,7 +292,7 @@ def reread(wanted: set[int], where: dict[int, tuple[str, str]], job: dict, cache
     (uri, key)), read again by the training process, one pass a shard: the good samples that take corrupt ones'
     places (rare: `data.max_bad_fraction`). A sample no longer there comes back as (uri, key, None, None)."""
     from ingest.shards import iter_samples
-    from pipeline.reading import open_shard, shard_openers
+    from pipeline.data.reading import open_shard, shard_openers
 
     by_shard: dict[str, dict[str, list[int]]] = {}
     for index in wanted:
@@ -316,8 +316,8 @@ def reread(wanted: set[int], where: dict[int, tuple[str, str]], job: dict, cache
 def _job_window(job: dict, number: int, length: int):
     """Window `number` of a job (`length` items): the same draws in the training process and in every loader
     process."""
-    from pipeline.epochs import window_draws
-    from pipeline.reading import Window
+    from pipeline.data.epochs import window_draws
+    from pipeline.data.reading import Window
 
     start = job["skip_in_window"] if number == job["first_window"] else 0
     draws = window_draws(job["seed"], job["epoch"], job["rank"], number, length, job["rotate"], job["generation"])
@@ -333,7 +333,7 @@ def _start(index: int) -> tuple[subprocess.Popen, Connection]:
         env[name] = "1"
     try:
         process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.loader_processes", str(theirs.fileno()), str(index)],
+            [sys.executable, "-m", "pipeline.data.loader_processes", str(theirs.fileno()), str(index)],
             pass_fds=[theirs.fileno()],
             env=env,
             stdin=subprocess.DEVNULL,
@@ -352,7 +352,7 @@ def _start(index: int) -> tuple[subprocess.Popen, Connection]:
 def serve(connection: Connection) -> None:
     """One loader process: for each job (an epoch), fill its part of each window into the block it is lent, until
     the stream ends; until the connection ends."""
-    from pipeline.shard_cache import node_cache
+    from pipeline.data.shard_cache import node_cache
 
     storages: dict[int, np.ndarray] = {}  # the blocks lent so far, mapped
     while True:
@@ -365,7 +365,7 @@ def serve(connection: Connection) -> None:
 
 
 def serve_job(connection: Connection, job: dict, cache, storages: dict[int, np.ndarray]) -> None:
-    from pipeline.reading import shaped
+    from pipeline.data.reading import shaped
 
     def lent() -> int | None:
         """The block lent for the next window (None: the job is done), mapped the first time."""
@@ -396,7 +396,7 @@ def owned_items(job: dict, cache) -> Iterator[tuple[int, int, list[tuple[int, tu
     """(window number, its length, [(index in the window, item)]) of each window of the stream `read_segments`
     would give (`reading_plan`), with the items of the shards this process owns: every `count`th shard opened,
     from the `index`th. Each process reads only its own shards; all of them agree on every window's items."""
-    from pipeline.reading import no_samples, open_shard, reading_plan, segment_samples, shard_openers
+    from pipeline.data.reading import no_samples, open_shard, reading_plan, segment_samples, shard_openers
 
     pending = reading_plan(job["segments"], job["skip"], job["interleave"])
     opened = [(g, j) for g, (group, _, offsets) in enumerate(pending)

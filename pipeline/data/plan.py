@@ -1,6 +1,6 @@
 """A run's data: the dataset versions it trains on, pinned once on the driver, and their shards (`DataPlan`).
 
-What each rank reads of them, epoch by epoch, is `pipeline.epochs`'s; reading it is `pipeline.data`'s.
+What each rank reads of them, epoch by epoch, is `pipeline.data.epochs`'s; reading it is `pipeline.data.batches`'s.
 """
 
 from __future__ import annotations

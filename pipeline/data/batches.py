@@ -1,10 +1,10 @@
 """Reading training data straight from lake shards (local or S3): the stages from a rank's segments to batches.
 
-Which segments a rank reads, and in what order, is `pipeline.epochs`'s; the run's dataset versions are
-`pipeline.dataplan`'s; reading shards and filling shuffle windows is `pipeline.reading`'s. Stages are small
+Which segments a rank reads, and in what order, is `pipeline.data.epochs`'s; the run's dataset versions are
+`pipeline.data.plan`'s; reading shards and filling shuffle windows is `pipeline.data.reading`'s. Stages are small
 generator functions (read -> check -> decode -> shuffle -> flip -> batch), each testable on plain lists; with
 `data.loader_workers` N > 1, N loader processes fill each shuffle window together from the shards each reads
-(`pipeline.loader_processes`), or N threads take a window each. The stages share one contract: what
+(`pipeline.data.loader_processes`), or N threads take a window each. The stages share one contract: what
 `read_segments` yields, in an order a resume can skip exactly, whatever the number of loader workers.
 """
 
@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.config import DataConfig
-from pipeline.dataplan import DataError, DataPlan
-from pipeline.epochs import Segment, plan_mixture, plan_rank_epoch, plan_train_epoch, plan_validation, window_draws
-from pipeline.reading import BlockPool, Window, decode_sample, open_shard, read_segments, shaped
+from pipeline.data.epochs import Segment, plan_mixture, plan_rank_epoch, plan_train_epoch, plan_validation, window_draws
+from pipeline.data.plan import DataError, DataPlan
+from pipeline.data.reading import BlockPool, Window, decode_sample, open_shard, read_segments, shaped
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def train_blocks(raw: Iterator[tuple], size: int, window: int, seed: int, epoch:
     rotations, written into the window's array: zlib-ng, numpy and PIL release the GIL for that work) while this
     thread reads the next ones, and the windows come back in their order: the samples are the same, in the same
     order, whatever N. Up to N windows are in flight (N x `shuffle_window` samples in memory). The processes of
-    `pipeline.loader_processes` fill the same windows (`Window`) without sharing one interpreter's lock."""
+    `pipeline.data.loader_processes` fill the same windows (`Window`) without sharing one interpreter's lock."""
     pool = BlockPool(window * 3 * size * size)
 
     def work(number: int, items: list[tuple]):
@@ -197,9 +197,9 @@ class LoaderOptions:
         interleave: shards read at a time.
         loader_workers: processes (or threads) checking, decoding and augmenting shuffle windows.
         loader_processes: with `loader_workers` > 1, processes where they can open the shards
-            (`pipeline.loader_processes`); False: threads in this process.
+            (`pipeline.data.loader_processes`); False: threads in this process.
         max_bad_fraction: the share of corrupt samples past which the epoch stops with a `DataError`.
-        owned_shards: each rank reads the shards it owns, every epoch (`pipeline.epochs.owned_ranges`).
+        owned_shards: each rank reads the shards it owns, every epoch (`pipeline.data.epochs.owned_ranges`).
     """
 
     # The defaults are the `data` config's own: one place says them.
@@ -229,7 +229,7 @@ def train_batches(
 ) -> tuple[Iterator[np.ndarray], int, BadSampleCounter]:
     """One epoch of uint8 Lab batches (batch, 3, H, W) for this rank, from the epoch's step `start_step` on, read from
     `options.interleave` shards at a time, checked, decoded and augmented by `options.loader_workers` loader
-    processes or threads (`pipeline.loader_processes`, `train_blocks`). `splits` are the epoch's worker groups so
+    processes or threads (`pipeline.data.loader_processes`, `train_blocks`). `splits` are the epoch's worker groups so
     far (`plan_rank_epoch`; default: this one from step 0); `cache` a node-local `ShardCache` or None.
 
     Raises:
@@ -250,7 +250,7 @@ def train_batches(
     counter = BadSampleCounter(options.max_bad_fraction, (part.steps - part.first_step) * part.batch)
     processes = _loader_processes(options, part.segments, opener, cache)
     if processes:
-        from pipeline import loader_processes
+        from pipeline.data import loader_processes
 
         job = {
             "segments": part.segments, "skip": first_window * window, "interleave": options.interleave,
@@ -272,11 +272,11 @@ def train_batches(
 
 
 def _loader_processes(options: LoaderOptions, segments: list[Segment], opener: Callable, cache) -> bool:
-    """Whether `options.loader_workers` run as processes (`pipeline.loader_processes`): more than one asked for,
+    """Whether `options.loader_workers` run as processes (`pipeline.data.loader_processes`): more than one asked for,
     on Linux, each able to open the shards itself (local files, or S3 through the node's shard cache: without it
     every process would download every shard)."""
-    from pipeline import loader_processes
-    from pipeline.shard_cache import ShardCache
+    from pipeline.data import loader_processes
+    from pipeline.data.shard_cache import ShardCache
 
     if options.loader_workers <= 1 or not options.loader_processes or not loader_processes.available():
         return False

@@ -17,7 +17,7 @@ mid-epoch skips the samples already trained on without decoding them: whole shar
 opened; and an epoch resumed on another number of workers knows, without any list, which samples
 the old ranks had not reached (`plan_rank_epoch`).
 
-Everything here is arithmetic on counts: no shard is opened (`pipeline.data` reads the segments).
+Everything here is arithmetic on counts: no shard is opened (`pipeline.data.batches` reads the segments).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.dataplan import DataError, DataPlan, ShardInfo
+from pipeline.data.plan import DataError, DataPlan, ShardInfo
 
 
 @dataclass(frozen=True)

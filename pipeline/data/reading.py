@@ -1,6 +1,6 @@
 """Reading a rank's samples from lake shards (local, or S3 whole or through the node's shard cache), and making
-shuffle windows of them: the layer under `pipeline.data`'s stages, shared with the loader processes
-(`pipeline.loader_processes`), which fill windows together from the shards each reads.
+shuffle windows of them: the layer under `pipeline.data.batches`'s stages, shared with the loader processes
+(`pipeline.data.loader_processes`), which fill windows together from the shards each reads.
 
 Shards are parsed by `ingest.shards.iter_members`, a streaming USTAR reader about 3x faster than webdataset's
 tarfile-based iterator on these shards, which hands out the arrays of mapped files and downloaded shards as views,
@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 import numpy as np
 
 from ingest.storage import StorageError
-from pipeline.dataplan import DataError
-from pipeline.epochs import Segment, round_robin
+from pipeline.data.epochs import Segment, round_robin
+from pipeline.data.plan import DataError
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def read_segments(
     files, which the OS reads ahead by itself), so network time overlaps decoding and training. On S3 a rank
     then holds up to K + readahead shards in memory (8 x 64 MB with the default 4), and the shards whose samples
     windows still hold (read as views of the download: about K more). With a `cache`
-    (`pipeline.shard_cache.ShardCache`), s3:// shards are read from (and fetched ahead into) the node's cache.
+    (`pipeline.data.shard_cache.ShardCache`), s3:// shards are read from (and fetched ahead into) the node's cache.
     """
     pending = reading_plan(segments, skip, interleave)
     uris = [segment.shard.uri for group, _, offsets in pending for segment, start in zip(group, offsets, strict=True)
