@@ -40,7 +40,7 @@ demo: $(BIN)/.installed
 # Two pytest workers, a test file each at a time (module fixtures are built once): one alone leaves a core idle
 # while it waits on Ray starts, servers and outages (28.1 -> 24.5 min measured; 22.6 with 2026-12-07's cuts).
 test: $(BIN)/.installed
-	$(BIN)/pytest -q -n 2 --dist loadgroup
+	$(BIN)/pytest -q -n 2
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -1,4 +1,8 @@
-"""`recolor ingest ...` and `recolor lake ...`: argument parsing and printing, nothing else."""
+"""`recolor ingest ...` and `recolor lake ...`: argument parsing and printing, nothing else.
+
+About 470 lines on purpose: the two command families' options, help and printing, which share the lake's argument
+handling; the work itself is in the driver, lake, fsck and gc modules.
+"""
 
 from __future__ import annotations
 

@@ -10,6 +10,9 @@ samples still intact in the damaged shard are copied as they are; the others are
 source (the manifest keeps each sample's source URI and SHA-256), byte-identical when the source is unchanged;
 a sample whose source is gone, changed or no longer decodes is dropped from the new version and listed. The old
 version stays as it was (readable where it is whole), like every version.
+
+About 480 lines on purpose: check and repair walk the same records, manifests and shards and judge them the same
+way; gc is its own module.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ readers list `versions/` and never see a version whose shards or manifest are in
 A version's manifest holds every sample of its parent plus the new ones, and its record lists
 every shard it uses (shards are shared with earlier versions, never copied or rewritten).
 
-About 480 lines on purpose: the layout, the record's and the manifest's one definitions (`RECORD_FIELDS`,
+About 520 lines on purpose: the layout, the record's and the manifest's one definitions (`RECORD_FIELDS`,
 `ManifestRow`) and the `Lake` that reads them belong together; gc, check and repair are their own modules.
 """
 

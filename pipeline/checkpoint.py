@@ -1,9 +1,13 @@
 """A checkpoint is one plain dict, saved with `torch.save` and loaded with `weights_only=True`.
 
-    {"format": 1, "generator", "discriminator", "opt_g", "opt_d", "sched_g", "sched_d",
+    {"format": 2, "generator", "discriminator", "opt_g", "opt_d", "sched_g", "sched_d",
      "position": {"stage", "epoch", "step_in_epoch", "global_step"}, "rng": {"torch"},
      "config": TrainConfig as a dict, "data": {"refs", "digests", "size" (the samples' side), "resize",
-     "interleave", "global_batch", "splits" (the epoch in progress's worker groups)}}
+     "read" (how the epoch in progress is read: `pipeline.data.reader`'s versioned state, carried as it is)}}
+
+Format 1 (before 2026-12-07) kept the read state's fields ("interleave", "global_batch", "splits", "owned") in "data"
+itself, some missing in older checkpoints; `load_checkpoint` turns it into format 2 (`upgrade`), so nothing else reads
+format 1.
 
 This module is the payload's one owner: `build_payload` makes it, `restore_networks` and
 `restore_optimizers` put it back, `payload_config` reads its config. The position is where training
@@ -32,7 +36,7 @@ from ingest.images import DEFAULT_RESIZE, RESIZE_MODES
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
-FORMAT = 1
+FORMAT = 2
 
 
 class CheckpointError(RecolorError):
@@ -55,13 +59,10 @@ class Position:
 
 
 def build_payload(generator, discriminator, optimizers, schedulers, position: Position, config, plan,
-                  interleave: int | None = None, global_batch: int | None = None,
-                  splits: list[tuple[int, int]] | None = None, owned: bool = False) -> dict:  # fmt: skip
+                  read_state: dict) -> dict:  # fmt: skip
     """The checkpoint dict of a run at `position`: plain modules (unwrapped from DDP), both optimizers and
     schedulers (generator's first), the config (`TrainConfig`), the data plan's versions and how the epoch in
-    progress is read (`interleave`: a resumed epoch must skip samples of the order it began with; `global_batch`,
-    the run's samples a step; `splits`, the epoch's worker groups so far, `pipeline.data.epochs.plan_rank_epoch`;
-    `owned`, whether its ranks read the shards they own, `data.shard_ownership`)."""
+    progress is read (`read_state`: `pipeline.data.reader.EpochReader.state_dict`, kept as it is)."""
     return {
         "format": FORMAT,
         "generator": generator.state_dict(),
@@ -78,38 +79,34 @@ def build_payload(generator, discriminator, optimizers, schedulers, position: Po
             "digests": plan.digests,
             "size": plan.size,
             "resize": plan.resize,
-            "interleave": interleave if interleave is not None else config.data.interleave,
-            "global_batch": global_batch or config.global_batch,
-            "splits": [list(split) for split in splits or [(config.workers, 0)]],
-            "owned": owned,
-        },  # fmt: skip
+            "read": read_state,
+        },
     }
 
 
-def epoch_interleave(payload: dict) -> int:
-    """The read order of the epoch a checkpoint was taken in: shards read at once (1 in checkpoints written before
-    the reader interleaved shards)."""
-    return int(payload.get("data", {}).get("interleave", 1))
+def read_state(payload: dict) -> dict:
+    """How the epoch a checkpoint was taken in is read (`pipeline.data.reader.ReadState`, as a dict)."""
+    return payload["data"]["read"]
 
 
-def epoch_owned(payload: dict) -> bool | None:
-    """Whether the ranks of the epoch in progress read the shards they own (None in older checkpoints: not)."""
-    value = payload.get("data", {}).get("owned")
-    return value if isinstance(value, bool) else None
-
-
-def epoch_global_batch(payload: dict) -> int | None:
-    """The run's samples a step when the checkpoint was taken (None in checkpoints older than elastic groups)."""
-    value = payload.get("data", {}).get("global_batch")
-    return value if isinstance(value, int) and value > 0 else None
-
-
-def epoch_splits(payload: dict) -> list[tuple[int, int]] | None:
-    """The worker groups of the epoch in progress, [(workers, first step), ...] (None in older checkpoints)."""
-    splits = payload.get("data", {}).get("splits")
-    if not isinstance(splits, list) or not splits:
-        return None
-    return [(int(workers), int(step)) for workers, step in splits]
+def upgrade(payload: dict) -> dict:
+    """A format-1 checkpoint in format 2 (in place): the read state's fields gathered under "data"["read"], those a
+    checkpoint older than them lacks as they were then: one shard read at a time, the samples a step and the worker
+    groups not recorded (0, []: the resuming run's own), shards not owned."""
+    if payload.get("format") != 1:
+        return payload
+    data = payload.setdefault("data", {})
+    global_batch, splits = data.pop("global_batch", None), data.pop("splits", None)
+    owned = data.pop("owned", None)
+    data["read"] = {
+        "version": 1,
+        "interleave": int(data.pop("interleave", 1)),
+        "global_batch": global_batch if isinstance(global_batch, int) and global_batch > 0 else 0,
+        "splits": [[int(workers), int(step)] for workers, step in splits] if isinstance(splits, list) else [],
+        "owned": owned if isinstance(owned, bool) else False,
+    }
+    payload["format"] = 2
+    return payload
 
 
 def restore_networks(payload: dict, generator, discriminator) -> Position:
@@ -240,6 +237,6 @@ def load_checkpoint(
         payload = safe_torch_load(handle, map_location)
     except ValueError as e:
         raise CorruptCheckpoint(f"{name} is not a readable checkpoint: {e}") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT or "generator" not in payload:
+    if not isinstance(payload, dict) or payload.get("format") not in (1, FORMAT) or "generator" not in payload:
         raise CorruptCheckpoint(f"{name} is not a recolor checkpoint")
-    return payload
+    return upgrade(payload)

@@ -49,11 +49,19 @@ from fixtures.sources import (  # noqa: E402, F401
 from fixtures.training import quiet_env, reference_run, train_lake  # noqa: E402, F401
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: absent with -p no:xdist
+def pytest_xdist_make_scheduler(config, log):
+    """`make test`'s two xdist workers: a test file at a time, files sharing session fixtures together, the longest
+    first (`fixtures.schedule`)."""
+    from fixtures.schedule import make_scheduler
+    from fixtures.training import SHARED
+
+    return make_scheduler(config, log, SHARED)
+
+
 def pytest_collection_modifyitems(items) -> None:
-    """`make test` runs `-n 2 --dist loadgroup`: each test file is one xdist group (its module fixtures are built
-    once), unless the file names a group it shares with others (`fixtures.training.TINY_TRAIN`: the files that read
-    the session's `reference_run`, which is then trained once)."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    """The longest work units first (`fixtures.schedule`): the order `make test`'s two workers take them in."""
+    from fixtures.schedule import longest_first
+    from fixtures.training import SHARED
+
+    longest_first(items, SHARED)

@@ -290,6 +290,9 @@ def _start_services(state: StackState, num_cpus: int) -> dict[str, subprocess.Po
     processes["s3"] = _spawn("s3", [*rclone, str(s3_root)], rclone_env, state, state.s3_port)
 
     mlflow_env = base | s3_env | {"MLFLOW_S3_ENDPOINT_URL": s3_env["AWS_ENDPOINT_URL"]}
+    # MLflow 3's server also starts a job runner and three Huey consumers (GenAI judges, trace rollups) that poll
+    # the store all the time: a quarter of a core here, for jobs recolor never runs.
+    mlflow_env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     mlflow = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(state.mlflow_port)]
     mlflow += ["--backend-store-uri", f"sqlite:///{state.dir}/mlflow.db"]
     mlflow += ["--artifacts-destination", "s3://mlflow/artifacts", "--workers", "1"]

@@ -2,7 +2,7 @@
 resumable streaming reads, multipart uploads, create-exclusive writes by conditional PUT or claims, and one
 shared client per process and settings (the S3 settings' only owner: `S3_SETTINGS`, `make_s3_client`).
 
-About 570 lines on purpose: the requests, the translation of their errors and the state they share (the
+About 580 lines on purpose: the requests, the translation of their errors and the state they share (the
 client cache, the conditional-write probe, the claims) read best together.
 """
 

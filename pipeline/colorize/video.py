@@ -14,6 +14,9 @@ flow agree): still and smoothly moving regions keep their colour, occluded and n
 Refused, one line each, nothing left under the output name: a file that is no video, a video without a video
 track, HDR (PQ or HLG transfer: colorizing their code values as sRGB would be wrong; tone-map first), frames
 over `max_pixels`; a stream that breaks off mid-way is reported with the frame it reached.
+
+About 530 lines on purpose: a film's listing, refusals, decoding, colorizing and encoding (with its sound) share
+the container and stream state of one PyAV pipeline; the temporal step and the chunked Ray path are their own modules.
 """
 
 from __future__ import annotations

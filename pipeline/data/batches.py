@@ -1,11 +1,13 @@
-"""Reading training data straight from lake shards (local or S3): the stages from a rank's segments to batches.
+"""A rank's epoch as batches, read straight from lake shards (local or S3).
 
 Which segments a rank reads, and in what order, is `pipeline.data.epochs`'s; the run's dataset versions are
-`pipeline.data.plan`'s; reading shards and filling shuffle windows is `pipeline.data.reading`'s. Stages are small
-generator functions (read -> check -> decode -> shuffle -> flip -> batch), each testable on plain lists; with
-`data.loader_workers` N > 1, N loader processes fill each shuffle window together from the shards each reads
-(`pipeline.data.loader_processes`), or N threads take a window each. The stages share one contract: what
-`read_segments` yields, in an order a resume can skip exactly, whatever the number of loader workers.
+`pipeline.data.plan`'s. One shuffle window at a time is filled in one pass by `Window.fill`
+(`pipeline.data.reading`: read, check the CRC-32, decode, flip and rotate, straight into a reused block); with
+`data.loader_workers` N > 1, N loader processes fill each window together from the shards each owns
+(`pipeline.data.loader_processes`), or N threads take a window each (`train_blocks`). Here the filled blocks are
+checked for corrupt samples (`checked_blocks`, `BadSampleCounter`) and cut into batches (`block_batches`), and
+`prefetch` keeps batches ready. Every path reads what `read_segments` yields, in an order a resume can skip exactly,
+whatever the number of loader workers.
 """
 
 from __future__ import annotations

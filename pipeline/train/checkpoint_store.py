@@ -11,7 +11,7 @@ folders Ray has no record of (uploads cut short) are deleted (`delete_unrecorded
 
 The payload itself (what a checkpoint holds) is `pipeline.checkpoint`'s.
 
-About 450 lines on purpose: uploads, the resume choice, the record repair and the reading of that record
+About 550 lines on purpose: uploads, the resume choice, the record repair and the reading of that record
 (`latest_recorded`, `recorded_checkpoints`) keep one guarantee together (a resume never starts from a
 checkpoint that is not whole).
 """
@@ -449,10 +449,10 @@ def _whole_checkpoint_metrics(store, name: str) -> dict | None:
     except (FileNotFoundError, OSError, StorageError, ValueError):
         pass
     position = payload.get("position") or {}
-    data = payload.get("data") or {}
     metrics = {"global_step": float(position.get("global_step", 0)), "stage": float(position.get("stage", 0))}
-    if isinstance(data.get("global_batch"), int):
-        metrics["global_batch"] = float(data["global_batch"])
+    global_batch = ((payload.get("data") or {}).get("read") or {}).get("global_batch")
+    if isinstance(global_batch, int) and global_batch > 0:
+        metrics["global_batch"] = float(global_batch)
     return metrics
 
 

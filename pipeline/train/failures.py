@@ -23,6 +23,18 @@ class Stopped(KeyboardInterrupt):
 class NonFiniteLoss(RecolorError):
     """The losses became NaN or infinite: the run stops (no checkpoint of a diverged model is taken)."""
 
+    @classmethod
+    def at(cls, global_step: int, bad: dict[str, float], config, stage_index: int) -> NonFiniteLoss:
+        """The error of a run whose losses `bad` (this rank's; empty: another rank's) diverged at `global_step`:
+        names them and what to change."""
+        stage = config.stages[stage_index]
+        shown = ", ".join(f"{name.removeprefix('train/')}={value}" for name, value in bad.items()) or "on another rank"
+        return cls(
+            f"the losses are not finite at step {global_step} ({shown}): the run stopped, and its latest checkpoint "
+            f"(taken while they were finite) is kept. Lower stages.{stage_index}.lr (now {stage.lr:g}) or l1_lambda "
+            f"(now {config.l1_lambda:g}) and train under a new --name"
+        )
+
 
 class TrainingError(RecolorError):
     """Training failed in the workers after `max_failures` restarts; the message is one line naming the root cause."""

@@ -69,3 +69,21 @@ def step_flops_per_sample(generator: nn.Module, discriminator: nn.Module, size: 
         generator.train(was_training[0])
         discriminator.train(was_training[1])
     return float(3 * (generator_forward - frozen) + frozen + (9 * discriminator_forward if gan else 0))
+
+
+class MfuMeter:
+    """{"train/mfu": ...} of a run's steps where the device's peak is known (`peak_flops`), else {}; the model FLOPs
+    of a step are counted once for steps that train the discriminator and once for those that do not."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak = peak_flops(device)
+        self._step_flops: dict[bool, float] = {}  # model FLOPs of a step per sample, by whether D trains
+
+    def __call__(self, generator: nn.Module, discriminator: nn.Module, size: int, samples_per_s: float,
+                 gan: bool) -> dict[str, float]:  # fmt: skip
+        if self.peak is None:
+            return {}
+        if gan not in self._step_flops:
+            self._step_flops[gan] = step_flops_per_sample(generator, discriminator, size, gan, self.device)
+        return {"train/mfu": samples_per_s * self._step_flops[gan] / self.peak}

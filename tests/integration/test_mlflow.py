@@ -236,7 +236,8 @@ def mlflow_server(s3_server, secret_env, tmp_path_factory):
     make_s3_client().create_bucket(Bucket=bucket)  # through the API: rclone caches its bucket listing
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(s3_server.env(), MLFLOW_S3_ENDPOINT_URL=s3_server.endpoint)
+    # As `recolor stack up` runs it: without MLflow 3's job runner and its Huey consumers, which poll all the time.
+    env.update(s3_server.env(), MLFLOW_S3_ENDPOINT_URL=s3_server.endpoint, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     log_path = secret_env.logs / "mlflow-server.log"
     command = [
         str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
+import psutil
 import pytest
 import requests
 from botocore.exceptions import ClientError
@@ -151,6 +152,13 @@ def test_mlflow_answers_and_keeps_artifacts_in_s3(stack) -> None:
     assert any(
         key.startswith("artifacts/") and key.endswith(f"{run.info.run_id}/artifacts/notes/hello.txt") for key in keys
     ), keys
+    # Without MLflow 3's job runner and its Huey consumers (jobs recolor never runs), which poll the store all along.
+    commands = []
+    for pid in stack_processes(stack.state):
+        with contextlib.suppress(psutil.Error):
+            commands.append(" ".join(psutil.Process(pid).cmdline()))
+    assert any("mlflow" in command for command in commands), commands
+    assert not [command for command in commands if "huey" in command or "jobs._job_runner" in command], commands
 
 
 def test_state_is_private_and_logs_hold_no_secrets(stack) -> None:

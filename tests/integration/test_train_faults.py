@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 from fixtures.training import (
     BATCH,
-    TINY_TRAIN,
     WORKERS,
     checkpoint_dirs,
     metric_recorder,
@@ -30,7 +29,7 @@ from pipeline.config import DataConfig
 from pipeline.data.plan import DataError, resolve_data
 from pipeline.train.driver import run_training
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group(TINY_TRAIN)]
+pytestmark = pytest.mark.slow  # on one xdist worker with the other readers of `reference_run` (SHARED)
 
 
 # --- a checkpoint upload that fails once ----------------------------------------------------------------

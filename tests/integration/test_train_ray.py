@@ -14,7 +14,6 @@ import torch
 from fixtures.training import (
     BATCH,
     REPO,
-    TINY_TRAIN,
     WORKERS,
     checkpoint_dirs,
     differing,
@@ -32,7 +31,7 @@ from pipeline.data.plan import DataPlan
 from pipeline.models import build_generator
 from pipeline.train.driver import run_training
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group(TINY_TRAIN)]
+pytestmark = pytest.mark.slow  # on one xdist worker with the other readers of `reference_run` (SHARED)
 
 
 # --- tests -------------------------------------------------------------------------------------------
@@ -190,7 +189,7 @@ def test_an_epoch_resumed_on_another_worker_count_trains_each_sample_once(
 
     final = load_checkpoint(second.checkpoint)
     assert final["position"]["global_step"] == steps  # as many steps as an uninterrupted epoch
-    assert final["data"]["global_batch"] == global_batch
+    assert final["data"]["read"]["global_batch"] == global_batch
     if global_batch == WORKERS * BATCH:
         assert steps == reference_steps
     trained = trained_log(log_dir)

@@ -542,8 +542,10 @@ def test_trainer_stops_at_max_steps_and_its_payload_restores_a_fresh_trainer(tin
     payload = load_checkpoint(recorder.saved[2])
     assert payload["position"] == {"stage": 0, "epoch": 0, "step_in_epoch": 2, "global_step": 2}
     assert payload["config"] == config.to_dict()
+    assert payload["format"] == 2
     assert payload["data"] == {"refs": plan.refs, "digests": plan.digests, "size": plan.size, "resize": plan.resize,
-                               "interleave": 4, "global_batch": 2, "splits": [[1, 0]], "owned": False}  # fmt: skip
+                               "read": {"version": 1, "interleave": 4, "global_batch": 2, "splits": [[1, 0]],
+                                        "owned": False}}  # fmt: skip
     assert payload["opt_g"]["state"], "the generator's Adam moments are missing"
     assert payload["sched_g"]["last_epoch"] == 0
 
@@ -716,9 +718,10 @@ def test_an_epoch_resumed_under_another_read_order_finishes_in_the_order_it_bega
     new_trainer(config(began, max_steps=3), plan, first).run()
     payload = load_checkpoint(first.saved[3])
     key, value = ("interleave", 1) if setting == "interleave" else ("owned", True)
-    assert payload["data"][key] == value
-    if old_checkpoint:  # written before the reader interleaved shards: it read one shard after the other
-        del payload["data"][key]
+    assert payload["data"]["read"][key] == value
+    if old_checkpoint:  # format 1, written before the reader interleaved shards: it read one shard after the other
+        torch.save(as_format_1(payload, without=key), tmp_path / "old.pt")
+        payload = load_checkpoint(tmp_path / "old.pt")
     second = Recorder()
     ColorizerTrainer(config(resumed), plan, 0, 1, torch.device("cpu"), report=second, checkpoint_payload=payload).run()
     assert second.metrics == as_begun.metrics[3:steps]  # the epoch ends as it would have under its first setting
@@ -741,3 +744,43 @@ def test_local_checkpoint_folders_of_dead_workers_are_removed_and_live_ones_kept
         (folder / CHECKPOINT_FILE).write_bytes(b"x" * 1000)
     assert remove_orphan_checkpoints(str(tmp_path)) == [str(dead)]
     assert not dead.exists() and live.exists() and other.exists()
+
+
+def as_format_1(payload: dict, without: str | None = None) -> dict:
+    """A format-2 payload as recolor wrote it before the read state had its own section (format 1, until
+    2026-12-07): the read state's fields in "data" itself; `without` leaves one out, as checkpoints older than it."""
+    old = {**payload, "format": 1, "data": dict(payload["data"])}
+    read = old["data"].pop("read")
+    old["data"] |= {name: value for name, value in read.items() if name not in ("version", without)}
+    return old
+
+
+def test_a_checkpoint_of_the_first_format_loads_and_resumes_where_it_was_taken() -> None:
+    """tests/data/checkpoint-format1.pt was written by recolor's `build_payload` of format 1 (commit b196dfb): a U-Net
+    of base width 2, mid-epoch (stage 0, epoch 1, step 3) on a group that had shrunk from 2 workers to 1, reading one
+    shard at a time, ranks owning their shards. It loads as format 2, its read state whole, and a group of 2 resumes
+    from it: its weights, its position, its samples a step, and the resize said. (That a format-1 checkpoint's epoch
+    then reads on exactly as it began: `test_an_epoch_resumed_under_another_read_order_finishes_in_the_order_it_began`
+    [interleave-old-checkpoint].)"""
+    from pipeline.checkpoint import payload_config, read_state, restore_networks
+    from pipeline.data.plan import DataPlan
+    from pipeline.data.reader import EpochReader
+    from pipeline.models import build_discriminator, build_generator
+
+    path = Path(__file__).parents[1] / "data" / "checkpoint-format1.pt"
+    payload = load_checkpoint(path)
+    assert payload["format"] == FORMAT == 2
+    assert read_state(payload) == {"version": 1, "interleave": 1, "global_batch": 4, "splits": [[2, 0], [1, 3]],
+                                   "owned": True}  # fmt: skip
+    config = payload_config(payload)
+    generator = build_generator("unet_256", norm="batch", base_filters=2, num_downs=5)
+    discriminator = build_discriminator(base_filters=2, norm="batch")
+    assert restore_networks(payload, generator, discriminator) == Position(stage=0, epoch=1, step_in_epoch=3,
+                                                                           global_step=11)  # fmt: skip
+    assert all(torch.equal(generator.state_dict()[name], tensor) for name, tensor in payload["generator"].items())
+    plan = DataPlan(refs=["tiny@1"], digests={"tiny@1": "0" * 64}, uris={"tiny@1": "/nowhere"}, size=32)
+    reader = EpochReader(config, plan, 0, 2)
+    reader.load_state_dict(read_state(payload))
+    assert reader.global_batch == 4 and reader.resized_from() == 1  # the group of 1 that took it, now 2
+    note = reader.resize_note(Position(stage=0, epoch=1, step_in_epoch=3, global_step=11))
+    assert note == "worker group resized 1 -> 2 (stage 0, epoch 1, step 3 of the epoch); 4 samples a step, 2 a worker"

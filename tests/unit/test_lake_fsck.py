@@ -183,7 +183,7 @@ def test_a_run_pinned_to_a_damaged_version_goes_on_with_its_repair(damaged, tmp_
     from ingest.errors import ConfigError
     from pipeline.config import load_config
     from pipeline.data.plan import resolve_data
-    from pipeline.train.driver import RUN_DATA, pin_run_data
+    from pipeline.train.rerun import RUN_DATA, pin_run_data
 
     lake, ref, entries, _, photos = damaged
     run = tmp_path / "runs" / "r"

@@ -111,5 +111,5 @@ def test_validation_scores_fid_every_nth_time_with_the_truths_features_kept(two_
     assert ["val/fid" in m for m in ends] == [False, True]  # the 2nd validation of 2
     scored = ends[1]
     assert scored["val/fid"] > 0 and scored["val/gray_fid"] > 0 and scored["val/kid_std"] >= 0
-    truth, gray = trainer._fid_reference
+    truth, gray = trainer._validation._fid_reference
     assert len(truth) == len(gray) == scored["val/count"]
