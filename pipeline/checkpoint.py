@@ -92,7 +92,7 @@ def read_state(payload: dict) -> dict:
 def upgrade(payload: dict) -> dict:
     """A format-1 checkpoint in format 2 (in place): the read state's fields gathered under "data"["read"], those a
     checkpoint older than them lacks as they were then: one shard read at a time, the samples a step and the worker
-    groups not recorded (0, []: the resuming run's own), shards not owned."""
+    groups and the shuffle window not recorded (0, [], 0: the resuming run's own), shards not owned."""
     if payload.get("format") != 1:
         return payload
     data = payload.setdefault("data", {})
@@ -104,6 +104,7 @@ def upgrade(payload: dict) -> dict:
         "global_batch": global_batch if isinstance(global_batch, int) and global_batch > 0 else 0,
         "splits": [[int(workers), int(step)] for workers, step in splits] if isinstance(splits, list) else [],
         "owned": owned if isinstance(owned, bool) else False,
+        "window": 0,  # not recorded: the resuming run's data.shuffle_window
     }
     payload["format"] = 2
     return payload

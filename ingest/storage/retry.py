@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import time
 
 from ingest.errors import one_line
+from ingest.retrying import Backoff
 from ingest.storage.base import StorageError
 
 log = logging.getLogger("ingest.storage")
@@ -16,6 +16,9 @@ log = logging.getLogger("ingest.storage")
 
 def retry_seconds(settings: dict[str, str] | None = None) -> float:
     return float((os.environ if settings is None else settings).get("RECOLOR_S3_RETRY_SECONDS", "120"))
+
+
+BACKOFF = Backoff(0.2, cap_s=5.0, jitter=True)  # 0.2 s doubling to 5 s, each drawn in [half, all]
 
 
 class Retry:
@@ -28,7 +31,7 @@ class Retry:
         # Every line below names the endpoint: a password in AWS_ENDPOINT_URL is masked once, here.
         self.endpoint, self.what, self.uri, self.limit_s = mask_secrets(str(endpoint)), what, uri, limit_s
         self.deadline: float | None = None
-        self.delay = 0.2
+        self.waits = BACKOFF.waits()
         self.attempts = 0
 
     def wait(self, error: Exception) -> None:
@@ -51,8 +54,7 @@ class Retry:
                 f"to {self.what} {self.uri}: {one_line(error)}. Check that the server is up and AWS_ENDPOINT_URL; "
                 "rerunning the same command resumes where this one stopped"
             ) from None
-        time.sleep(min(self.delay * random.uniform(0.5, 1.0), self.deadline - now))
-        self.delay = min(self.delay * 2, 5.0)
+        time.sleep(min(next(self.waits), self.deadline - now))
 
 
 _TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "RequestTimeTooSkewed"}

@@ -2,11 +2,12 @@
 resumed mid-way needs to read on exactly as it began.
 
 A rank's read stream is fixed by the data plan, the seed, the epoch key and this state: how many shards are read at
-a time (`interleave`), the samples a step over all ranks (`global_batch`), the epoch's worker groups so far
-(`splits`: [(workers, first step), ...], an elastic group's re-splits) and whether ranks read the shards they own
-(`owned`). The config gives them for a fresh epoch; a checkpoint taken mid-epoch gives them for the rest of that
-epoch, whatever the config says now (the new settings apply from the next epoch, and a warning says so). The trainer
-and the checkpoint carry the state as an opaque, versioned dict (`EpochReader.state_dict`, `load_state_dict`).
+a time (`interleave`), the samples a shuffle window holds (`window`), the samples a step over all ranks
+(`global_batch`), the epoch's worker groups so far (`splits`: [(workers, first step), ...], an elastic group's
+re-splits) and whether ranks read the shards they own (`owned`). The config gives them for a fresh epoch; a
+checkpoint taken mid-epoch gives them for the rest of that epoch, whatever the config says now (the new settings
+apply from the next epoch, and a warning says so). The trainer and the checkpoint carry the state as an opaque,
+versioned dict (`EpochReader.state_dict`, `load_state_dict`).
 """
 
 from __future__ import annotations
@@ -39,17 +40,20 @@ class ReadState:
     global_batch: int  # 0: not recorded (checkpoints older than elastic groups): the config's
     splits: list[tuple[int, int]] = field(default_factory=list)  # []: not recorded, this group's from step 0
     owned: bool = False
+    window: int = 0  # samples a shuffle window holds; 0: not recorded (format-1 checkpoints): the config's
 
     def to_dict(self) -> dict:
         return {"version": STATE_VERSION, "interleave": self.interleave, "global_batch": self.global_batch,
-                "splits": [list(split) for split in self.splits], "owned": self.owned}  # fmt: skip
+                "splits": [list(split) for split in self.splits], "owned": self.owned,
+                "window": self.window}  # fmt: skip
 
     @classmethod
     def from_dict(cls, values: dict) -> ReadState:
         if values.get("version") != STATE_VERSION:
             raise ValueError(f"read state version {values.get('version')!r}: this recolor reads {STATE_VERSION}")
         splits = [(int(workers), int(step)) for workers, step in values["splits"]]
-        return cls(int(values["interleave"]), int(values["global_batch"]), splits, bool(values["owned"]))
+        return cls(int(values["interleave"]), int(values["global_batch"]), splits, bool(values["owned"]),
+                   int(values.get("window", 0)))  # fmt: skip
 
 
 def owns_shards(config: TrainConfig, plan: DataPlan) -> bool:
@@ -95,7 +99,8 @@ class EpochReader:
         # The run's samples a step, whatever the number of workers: a resume on another count keeps it (the rate
         # means the same), and each rank takes its share (`rank_batches`).
         global_batch = config.global_batch if config.elastic else config.data.batch_size * world_size
-        self.state = ReadState(config.data.interleave, global_batch, [(world_size, 0)], owns_shards(config, plan))
+        self.state = ReadState(config.data.interleave, global_batch, [(world_size, 0)], owns_shards(config, plan),
+                               config.data.shuffle_window)  # fmt: skip
         self._resumed: ReadState | None = None  # the checkpoint's, for the rest of the epoch it was taken in
 
     @property
@@ -110,7 +115,8 @@ class EpochReader:
     def state_dict(self, mid_epoch: bool) -> dict:
         """The read state for a checkpoint: the epoch's worker groups so far when it is taken mid-epoch."""
         splits = self.state.splits if mid_epoch else [(self.world_size, 0)]
-        return ReadState(self.state.interleave, self.state.global_batch, splits, self.state.owned).to_dict()
+        state = self.state
+        return ReadState(state.interleave, state.global_batch, splits, state.owned, state.window).to_dict()
 
     def resized_from(self) -> int | None:
         """The size of the worker group that took the checkpoint this group resumes from, when it differs."""
@@ -129,7 +135,7 @@ class EpochReader:
         epoch began: (batches, the epoch's steps, the corrupt-sample counter)."""
         config, resumed = self.config, self._resumed if start_step else None
         self._resumed = None
-        interleave, owned = config.data.interleave, owns_shards(config, self.plan)
+        interleave, owned, window = config.data.interleave, owns_shards(config, self.plan), config.data.shuffle_window
         if resumed is not None and resumed.interleave != interleave:
             log.warning("finishing this epoch reading %d shard(s) at a time, as it began; data.interleave=%d from "
                         "the next", resumed.interleave, interleave)  # fmt: skip
@@ -138,6 +144,10 @@ class EpochReader:
             log.warning("finishing this epoch with shard ownership %s, as it began; %s from the next",
                         "on" if resumed.owned else "off", "on" if owned else "off")  # fmt: skip
             owned = resumed.owned
+        if resumed is not None and resumed.window and resumed.window != window:
+            log.warning("finishing this epoch with shuffle windows of %d samples, as it began; data.shuffle_window=%d "
+                        "from the next", resumed.window, window)  # fmt: skip
+            window = resumed.window
         splits = [(self.world_size, 0)]
         if resumed is not None and resumed.splits:  # its groups, and this one from `start_step` when it differs
             splits = (
@@ -145,10 +155,10 @@ class EpochReader:
                 if resumed.splits[-1][0] == self.world_size
                 else [*resumed.splits, (self.world_size, start_step)]
             )
-        self.state = ReadState(interleave, self.state.global_batch, splits, owned)
+        self.state = ReadState(interleave, self.state.global_batch, splits, owned, window)
         options = LoaderOptions(
             global_batch=self.state.global_batch,
-            shuffle_window=config.data.shuffle_window,
+            shuffle_window=window,
             flip=config.data.flip,
             rotate=config.data.rotate_degrees,
             interleave=interleave,

@@ -229,19 +229,17 @@ def mixture_shares(plan) -> dict[str, float]:
 def _log_input(dataset, context: str, attempts: int = 5, tags: dict[str, str] | None = None) -> None:
     """`mlflow.log_input`, again when a concurrent run (a sweep's trials start together) created the same dataset
     row first: a SQL store then refuses the second insert (UNIQUE constraint); the retry links the existing row."""
-    import time
-
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    for attempt in range(1, attempts + 1):
-        try:
-            mlflow.log_input(dataset, context=context, tags=tags)
-            return
-        except MlflowException as e:
-            if attempt == attempts or "UNIQUE constraint" not in str(e) and "IntegrityError" not in str(e):
-                raise
-            time.sleep(0.2 * attempt)
+    from ingest.retrying import Backoff, retried
+
+    def created_meanwhile(error: BaseException) -> bool:
+        return isinstance(error, MlflowException) and (
+            "UNIQUE constraint" in str(error) or "IntegrityError" in str(error)
+        )
+
+    retried(lambda: mlflow.log_input(dataset, context=context, tags=tags), attempts, Backoff(0.2), created_meanwhile)
 
 
 def lake_dataset(ref: str, uri: str, manifest_sha256: str):

@@ -90,31 +90,31 @@ def upload_with_retries(
     Raises:
         CheckpointError: the last attempt failed too; names the destination and the last error.
     """
-    if attempts < 1:
-        raise ValueError(f"attempts must be at least 1, got {attempts}")
-    for attempt in range(1, attempts + 1):
-        try:
-            return upload()
-        except (OSError, StorageError) as error:
-            try:
-                discard()
-            except OSError as cleanup_error:
-                log.warning("could not remove the partial checkpoint at %s: %s", destination, cleanup_error)
-            if attempt == attempts:
-                raise CheckpointError(
-                    f"checkpoint upload to {destination} failed {attempts} times; last error: {error}"
-                ) from error
-            delay = backoff_s * 2 ** (attempt - 1)
-            log.warning(
-                "checkpoint upload to %s failed (attempt %d of %d): %s; retrying in %.3g s",
-                destination,
-                attempt,
-                attempts,
-                error,
-                delay,
-            )
-            sleep(delay)
-    raise AssertionError("unreachable: the last attempt returns or raises")
+    from ingest.retrying import Backoff, retried
+
+    def cleanup(error: BaseException, attempt: int, wait: float) -> None:
+        _discard(discard, destination)
+        log.warning("checkpoint upload to %s failed (attempt %d of %d): %s; retrying in %.3g s", destination, attempt,
+                    attempts, error, wait)  # fmt: skip
+
+    def storage_trouble(error: BaseException) -> bool:
+        return isinstance(error, (OSError, StorageError))
+
+    try:
+        return retried(upload, attempts, Backoff(backoff_s), storage_trouble, cleanup, sleep)
+    except (OSError, StorageError) as error:
+        _discard(discard, destination)
+        raise CheckpointError(
+            f"checkpoint upload to {destination} failed {attempts} times; last error: {error}"
+        ) from error
+
+
+def _discard(discard: Callable[[], None], destination: str) -> None:
+    """Remove a failed attempt's partial copy; a failure to is said, not raised."""
+    try:
+        discard()
+    except OSError as cleanup_error:
+        log.warning("could not remove the partial checkpoint at %s: %s", destination, cleanup_error)
 
 
 def fallback_order(latest: str, names: Iterable[str]) -> list[str]:

@@ -545,7 +545,7 @@ def test_trainer_stops_at_max_steps_and_its_payload_restores_a_fresh_trainer(tin
     assert payload["format"] == 2
     assert payload["data"] == {"refs": plan.refs, "digests": plan.digests, "size": plan.size, "resize": plan.resize,
                                "read": {"version": 1, "interleave": 4, "global_batch": 2, "splits": [[1, 0]],
-                                        "owned": False}}  # fmt: skip
+                                        "owned": False, "window": 8}}  # fmt: skip
     assert payload["opt_g"]["state"], "the generator's Adam moments are missing"
     assert payload["sched_g"]["last_epoch"] == 0
 
@@ -692,21 +692,27 @@ def sharded_lake(tmp_path_factory, photo_writer) -> tuple[str, DataPlan]:
 
 @pytest.mark.parametrize(
     "setting, began, resumed, old_checkpoint",
-    [("interleave", 1, 4, False), ("interleave", 1, 4, True), ("shard_ownership", "on", "off", False)],
-    ids=["interleave", "interleave-old-checkpoint", "shard-ownership"],
+    [
+        ("interleave", 1, 4, False),
+        ("interleave", 1, 4, True),
+        ("shard_ownership", "on", "off", False),
+        ("shuffle_window", 2, 4, False),
+    ],
+    ids=["interleave", "interleave-old-checkpoint", "shard-ownership", "shuffle-window"],
 )
 def test_an_epoch_resumed_under_another_read_order_finishes_in_the_order_it_began(sharded_lake, tmp_path, setting,
                                                                                  began, resumed,
                                                                                  old_checkpoint) -> None:  # fmt: skip
-    # data.interleave or data.shard_ownership (or data.cache, which "auto" follows) changed between a stop and its
-    # resume: the epoch in progress keeps the order it began with; the next one uses the new setting.
+    # data.interleave, data.shuffle_window or data.shard_ownership (or data.cache, which "auto" follows) changed
+    # between a stop and its resume: the epoch in progress keeps the order it began with; the next one uses the new
+    # setting.
     lake, plan = sharded_lake
     steps = plan.count("train") // 2
     one_stage = [StageConfig(name="l1", epochs=1, gan_mode=None)]
 
     def config(value, **overrides) -> TrainConfig:
-        data = DataConfig(datasets=["tiny"], lake=lake, batch_size=2, shuffle_window=2, prefetch_batches=0,
-                          flip=False, **{setting: value})  # fmt: skip
+        settings = {"shuffle_window": 2} | {setting: value}
+        data = DataConfig(datasets=["tiny"], lake=lake, batch_size=2, prefetch_batches=0, flip=False, **settings)
         return tiny_config(lake, stages=one_stage, data=data, **overrides)
 
     as_begun, other = Recorder(), Recorder()
@@ -717,7 +723,8 @@ def test_an_epoch_resumed_under_another_read_order_finishes_in_the_order_it_bega
     first = Recorder(tmp_path, save_at=(3,))
     new_trainer(config(began, max_steps=3), plan, first).run()
     payload = load_checkpoint(first.saved[3])
-    key, value = ("interleave", 1) if setting == "interleave" else ("owned", True)
+    key, value = {"interleave": ("interleave", 1), "shard_ownership": ("owned", True),
+                  "shuffle_window": ("window", 2)}[setting]  # fmt: skip
     assert payload["data"]["read"][key] == value
     if old_checkpoint:  # format 1, written before the reader interleaved shards: it read one shard after the other
         torch.save(as_format_1(payload, without=key), tmp_path / "old.pt")
@@ -771,7 +778,7 @@ def test_a_checkpoint_of_the_first_format_loads_and_resumes_where_it_was_taken()
     payload = load_checkpoint(path)
     assert payload["format"] == FORMAT == 2
     assert read_state(payload) == {"version": 1, "interleave": 1, "global_batch": 4, "splits": [[2, 0], [1, 3]],
-                                   "owned": True}  # fmt: skip
+                                   "owned": True, "window": 0}  # fmt: skip
     config = payload_config(payload)
     generator = build_generator("unet_256", norm="batch", base_filters=2, num_downs=5)
     discriminator = build_discriminator(base_filters=2, norm="batch")
