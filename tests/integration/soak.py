@@ -1,9 +1,9 @@
 """The soak of a long training run, shared by `test_soak.py` (the run's storage in a local folder) and
 `test_stack.py` (a Ray job through the local stack, the run's storage on its S3).
 
-One run of the demo preset on 60 generated photos (64 px, two CPU workers, batch 2 each): 3 epochs of about 12
-steps, a checkpoint every 3 steps and at each epoch's end, `keep_checkpoints=2`, so Ray rotates checkpoints about
-ten times (as many as with 100 photos and a checkpoint every 5 steps, in 40% fewer steps). Meanwhile rank 1 is
+One run of the demo preset on 60 generated photos (64 px, two CPU workers, batch 2 each): 2 epochs of about 11
+steps, a checkpoint every 2 steps and at each epoch's end, `keep_checkpoints=2`, so Ray rotates checkpoints about
+ten times (as many as with 100 photos and a checkpoint every 5 steps, in a third of the steps). Meanwhile rank 1 is
 SIGKILLed mid-epoch by a failpoint (once: the restarted worker goes on) and the S3 server holding the lake (and the
 checkpoints, where they are on S3) is stopped for a few seconds. Then the same command is run again, with nothing
 left to train.
@@ -23,15 +23,15 @@ from pipeline.checkpoint import load_checkpoint
 from pipeline.train.checkpoint_store import RAY_CHECKPOINT_DIR
 
 PHOTOS = 60
-EPOCHS = 3
+EPOCHS = 2
 WORKERS, BATCH = 2, 2
 KEEP = 2
-KILL_STEP = 18  # rank 1's 18th step: in the middle of the second epoch
+KILL_STEP = 17  # rank 1's 17th step: in the middle of the second epoch
 OUTAGE_S = 4.0
 
 OVERRIDES = [
     "model.num_downs=6", "data.batch_size=2", f"stages.0.epochs={EPOCHS}", "stages.0.decay_epochs=1",
-    "checkpoint_every=3", f"keep_checkpoints={KEEP}", "max_failures=3",
+    "checkpoint_every=2", f"keep_checkpoints={KEEP}", "max_failures=3",
 ]  # fmt: skip
 
 
