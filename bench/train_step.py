@@ -126,8 +126,9 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     project_img_s = timed(project_step, lambda: (pinned,), args.warmup, args.steps, device)
-    mfu = trainer._mfu(trainer.plain_generator, trainer.plain_discriminator, trainer.plan.size, project_img_s,
-                       gan=True).get("train/mfu")
+    mfu = trainer._mfu(
+        trainer.plain_generator, trainer.plain_discriminator, trainer.plan.size, project_img_s, gan=True
+    ).get("train/mfu")
 
     loader_per_core = args.loader_samples_s
     result = {
