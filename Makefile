@@ -37,8 +37,8 @@ demo: $(BIN)/.installed
 	@echo "             and colorfulness above, --split train); camera.png is a gray photo it never saw"
 	@echo "MLflow UI:   $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000   then open http://127.0.0.1:5000"
 
-# Two pytest workers, a test file each at a time (module fixtures are built once): one alone leaves a core idle
-# while it waits on Ray starts, servers and outages (28.1 -> 24.5 min measured; 22.6 with 2026-12-07's cuts).
+# Two pytest workers, a test file each at a time, the longest first (tests/fixtures/schedule.py): one alone leaves a
+# core idle while it waits on Ray starts, servers and outages, three are slower (19.0 vs 18.1 min, 2026-12-07).
 test: $(BIN)/.installed
 	$(BIN)/pytest -q -n 2
 
