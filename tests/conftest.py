@@ -1,10 +1,11 @@
 """Shared fixtures, one family a module in `tests/fixtures/`: generated photos (`images`), source trees in
 ImageNet and COCO layouts (`sources`), S3 servers on loopback (`s3`), a local Ray (`ray`), lake version checks
-(`lake`), the CLI as a real process (`cli`), the tiny Ray Train setup and the runs its tests share (`training`), and
-what each test costs the machine (`cpu`).
+(`lake`), the CLI as a real process (`cli`), the tiny Ray Train setup and the runs its tests share (`training`),
+what each test costs the machine (`cpu`), and how `make test`'s workers share the files (`schedule`).
 
-Every asset is generated, deterministically from a seed, so no binary is committed and each test writes only
-below its own `tmp_path`.
+Every asset is generated, deterministically from a seed, and each test writes only below its own `tmp_path`. One
+binary is committed, on purpose: `tests/data/checkpoint-format1.pt`, a checkpoint written by recolor before the
+checkpoint format changed, which must still resume (`test_checkpoint.py`).
 """
 
 import os
