@@ -252,3 +252,20 @@ class LocalStorage:
             raise StorageError(
                 f"{self.root} cannot be written: {existing} is not writable (permissions or a read-only file system)"
             )
+
+
+@contextlib.contextmanager
+def replaced_on_success(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """A hidden temporary path beside `path` (one folder, one file system: the rename is atomic): what the block
+    writes there replaces `path` in one rename when the block ends without an error, and is removed when it does
+    not, so no reader ever sees a half-written `path`. `suffix` ends the temporary name (writers that pick a format
+    by extension need it). `LocalStorage` writes its objects the same way, with a fault drill and a link(2) for
+    create-exclusive writes in between (`_publish`); the shard cache adds an fsync and a checksum beside the file.
+    """
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}{suffix}")
+    try:
+        yield temp
+        os.replace(temp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            temp.unlink(missing_ok=True)

@@ -22,7 +22,6 @@ the container and stream state of one PyAV pipeline; the temporal step and the c
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -216,18 +215,15 @@ def published(dst: str) -> Iterator[Path]:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         return
+    from ingest.storage.local import replaced_on_success
+
     target = Path(dst)
-    temp = target.with_name(f".{target.name}.{os.getpid()}.partial{target.suffix}")
     try:
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise VideoRefused(f"unwritable: {target}: {e}") from None
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise VideoRefused(f"unwritable: {target}: {e}") from None
+    with replaced_on_success(target, suffix=f".partial{target.suffix}") as temp:  # PyAV picks the container by name
         yield temp
-        os.replace(temp, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            temp.unlink()
 
 
 def _videos_below(folder: Path, outputs: Path) -> tuple[list[Path], bool]:

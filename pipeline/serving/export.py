@@ -8,7 +8,6 @@ the pt2 program through `torch.export.load`; a difference over `tolerance` remov
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -61,26 +60,24 @@ def export_generator(generator: nn.Module, side: int, export_format: str, path: 
         raise ConfigError(f"cannot create the folder of {path}: {e.strerror or e}") from None
     generator = generator.cpu().float().eval()
     example = torch.zeros(2, 1, side, side)
-    temp = path.with_name(f".{path.stem}.partial.{export_format}")  # torch.export.load wants the suffix
+    from ingest.storage.local import replaced_on_success
+
     try:
-        if export_format == "onnx":
-            _write_onnx(generator, example, temp, metadata or {})
-            run = _onnx_runner(temp)
-        else:
-            _write_pt2(generator, example, temp)
-            run = _pt2_runner(temp)
-        diff = _check(generator, run, side)
-        if diff > tolerance:
-            raise ConfigError(
-                f"the {export_format} export differs from PyTorch by {diff:.2e} on the ab output (tolerance "
-                f"{tolerance:.0e}): not written"
-            )
-        os.replace(temp, path)
+        with replaced_on_success(path, suffix=f".partial.{export_format}") as temp:  # torch.export.load wants it
+            if export_format == "onnx":
+                _write_onnx(generator, example, temp, metadata or {})
+                run = _onnx_runner(temp)
+            else:
+                _write_pt2(generator, example, temp)
+                run = _pt2_runner(temp)
+            diff = _check(generator, run, side)
+            if diff > tolerance:
+                raise ConfigError(
+                    f"the {export_format} export differs from PyTorch by {diff:.2e} on the ab output (tolerance "
+                    f"{tolerance:.0e}): not written"
+                )
     except OSError as e:
         raise ConfigError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        with contextlib.suppress(OSError):  # on a read-only file system this fails too: the error above is the one
-            temp.unlink(missing_ok=True)
     return ExportResult(path, export_format, side, diff)
 
 
