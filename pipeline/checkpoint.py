@@ -85,8 +85,9 @@ def build_payload(generator, discriminator, optimizers, schedulers, position: Po
 
 
 def read_state(payload: dict) -> dict:
-    """How the epoch a checkpoint was taken in is read (`pipeline.data.reader.ReadState`, as a dict)."""
-    return payload["data"]["read"]
+    """How the epoch a checkpoint was taken in is read (`pipeline.data.reader.ReadState`, as a dict; {} for a payload
+    that does not say, which `ReadState.from_dict` refuses with its reason)."""
+    return (payload.get("data") or {}).get("read") or {}
 
 
 def upgrade(payload: dict) -> dict:

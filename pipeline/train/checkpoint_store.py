@@ -31,7 +31,7 @@ from typing import TypeVar
 from ingest import faults
 from ingest.errors import ConfigError, one_line
 from ingest.storage import StorageError
-from pipeline.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
+from pipeline.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, read_state
 
 log = logging.getLogger(__name__)
 
@@ -450,7 +450,7 @@ def _whole_checkpoint_metrics(store, name: str) -> dict | None:
         pass
     position = payload.get("position") or {}
     metrics = {"global_step": float(position.get("global_step", 0)), "stage": float(position.get("stage", 0))}
-    global_batch = ((payload.get("data") or {}).get("read") or {}).get("global_batch")
+    global_batch = read_state(payload).get("global_batch")
     if isinstance(global_batch, int) and global_batch > 0:
         metrics["global_batch"] = float(global_batch)
     return metrics
