@@ -23,7 +23,16 @@ import numpy as np
 from pipeline.config import DataConfig
 from pipeline.data.epochs import Segment, plan_mixture, plan_rank_epoch, plan_train_epoch, plan_validation, window_draws
 from pipeline.data.plan import DataError, DataPlan
-from pipeline.data.reading import BlockPool, Window, decode_sample, open_shard, read_segments, shaped
+from pipeline.data.reading import (
+    BlockPool,
+    EpochStream,
+    Shuffle,
+    Window,
+    decode_sample,
+    open_shard,
+    read_segments,
+    shaped,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,28 +75,26 @@ def windows(items: Iterable, size: int) -> Iterator[list]:
         yield window
 
 
-def train_blocks(raw: Iterator[tuple], size: int, window: int, seed: int, epoch: int, rank: int, first_window: int,
-                 skip_in_window: int, flip: bool, counter: BadSampleCounter, rotate: float = 0.0,
-                 loader_workers: int = 1, cache=None, generation: int = 0) -> Iterator[np.ndarray]:  # fmt: skip
-    """Decode, shuffle within windows, flip, rotate (within +-`rotate` degrees; 0: never), a window at a time: one
-    contiguous uint8 array (n, 3, size, size) per shuffle window. Corrupt samples are replaced by a good one of the
-    same window (and counted), so the rank still yields exactly as many samples as planned. Every draw comes from
-    the window's seeded generator: a resumed epoch repeats them.
+def train_blocks(raw: Iterator[tuple], stream: EpochStream, counter: BadSampleCounter, loader_workers: int = 1,
+                 cache=None) -> Iterator[np.ndarray]:  # fmt: skip
+    """Decode, shuffle within windows, flip, rotate, a window at a time, as `stream` says (`raw`: what `read_segments`
+    yields for it): one contiguous uint8 array (n, 3, size, size) per shuffle window. Corrupt samples are replaced by
+    a good one of the same window (and counted), so the rank still yields exactly as many samples as planned. Every
+    draw comes from the window's seeded generator (`stream.shuffle`): a resumed epoch repeats them.
 
     With `loader_workers` N > 1, N threads each take a whole window (checksums, decoding, the shuffle, flips and
     rotations, written into the window's array: zlib-ng, numpy and PIL release the GIL for that work) while this
     thread reads the next ones, and the windows come back in their order: the samples are the same, in the same
     order, whatever N. Up to N windows are in flight (N x `shuffle_window` samples in memory). The processes of
     `pipeline.data.loader_processes` fill the same windows (`Window`) without sharing one interpreter's lock."""
-    pool = BlockPool(window * 3 * size * size)
+    size = stream.shuffle.size
+    pool = BlockPool(stream.window * 3 * size * size)
 
     def work(number: int, items: list[tuple]):
-        start = skip_in_window if number == first_window else 0
         _, storage = pool.take()
-        return _window_block(items, size, seed, epoch, rank, number, start, flip, rotate, generation,
-                             lambda rows: shaped(storage, rows, size))  # fmt: skip
+        return _window_block(items, stream.shuffle_window(number, len(items)), lambda rows: shaped(storage, rows, size))
 
-    jobs = enumerate(windows(raw, window), start=first_window)
+    jobs = enumerate(windows(raw, stream.window), start=stream.first_window)
     return checked_blocks(ordered_map(work, jobs, loader_workers), counter, cache)
 
 
@@ -103,19 +110,16 @@ def checked_blocks(made: Iterable[tuple], counter: BadSampleCounter, cache=None)
         yield block
 
 
-def _window_block(items: list[tuple], size: int, seed: int, epoch: int, rank: int, number: int, start: int,
-                  flip: bool, rotate: float, generation: int = 0,
-                  block_for: Callable[[int], np.ndarray] | None = None):  # fmt: skip
-    """One window's samples in training order from `start` on: ([(uri, key, ok)], one array of them or None when
-    every sample is corrupt, the first item's shard). `block_for(rows)` gives the array to fill (default: a new one).
+def _window_block(items: list[tuple], window: Window, block_for: Callable[[int], np.ndarray] | None = None):
+    """One window's samples in training order from `window.start` on: ([(uri, key, ok)], one array of them or None
+    when every sample is corrupt, the first item's shard). `block_for(rows)` gives the array to fill (default: a new
+    one).
 
     One pass in reading order: each sample is checked, decoded and written to its shuffled place while its bytes are
     still in the core's cache (the shuffle is drawn before anything is read). A corrupt sample's place is filled
     afterwards by a good one of the window (item i by the (i mod good)-th good one)."""
-    rows = len(items) - start
-    window = Window(len(items), start, size, flip, window_draws(seed, epoch, rank, number, len(items), rotate,
-                                                               generation))  # fmt: skip
-    block = block_for(rows) if block_for else np.empty((rows, 3, size, size), dtype=np.uint8)
+    rows = len(items) - window.start
+    block = block_for(rows) if block_for else np.empty((rows, 3, window.size, window.size), dtype=np.uint8)
     records = window.fill(block, enumerate(items))
     return window.finish(block, records, lambda wanted: {index: items[index] for index in wanted})
 
@@ -247,29 +251,21 @@ def train_batches(
     if not part.first_step <= start_step <= part.steps:
         raise ValueError(f"start_step {start_step} is outside this worker group's steps of the epoch, "
                          f"{part.first_step} to {part.steps}")  # fmt: skip
-    skip = (start_step - part.first_step) * part.batch
-    first_window, skip_in_window = divmod(skip, window)
+    first_window, skip_in_window = divmod((start_step - part.first_step) * part.batch, window)
+    shuffle = Shuffle(plan.size, seed, epoch, rank, options.flip, options.rotate, part.generation)
+    stream = EpochStream(part.segments, options.interleave, window, first_window, skip_in_window, shuffle)
     counter = BadSampleCounter(options.max_bad_fraction, (part.steps - part.first_step) * part.batch)
-    processes = _loader_processes(options, part.segments, opener, cache)
-    if processes:
+    if _loader_processes(options, part.segments, opener, cache):
         from pipeline.data import loader_processes
 
-        job = {
-            "segments": part.segments, "skip": first_window * window, "interleave": options.interleave,
-            "window": window, "size": plan.size, "seed": seed, "epoch": epoch, "rank": rank,
-            "first_window": first_window, "skip_in_window": skip_in_window, "flip": options.flip,
-            "rotate": options.rotate, "generation": part.generation, "nbytes": window * 3 * plan.size**2,
-            "cache": None if cache is None else (str(cache.root), cache.capacity),
-        }  # fmt: skip
+        job = {"stream": stream, "nbytes": window * 3 * plan.size**2,
+               "cache": None if cache is None else (str(cache.root), cache.capacity)}  # fmt: skip
         made = loader_processes.process_windows(job, options.loader_workers, cache)
         blocks = checked_blocks(made, counter, cache)
     else:
-        raw = read_segments(part.segments, skip=first_window * window, opener=opener, interleave=options.interleave,
+        raw = read_segments(part.segments, skip=stream.skip, opener=opener, interleave=options.interleave,
                             verify=False, cache=cache)  # fmt: skip
-        blocks = train_blocks(
-            raw, plan.size, window, seed, epoch, rank, first_window, skip_in_window, options.flip, counter,
-            options.rotate, options.loader_workers, cache, part.generation,
-        )  # fmt: skip
+        blocks = train_blocks(raw, stream, counter, options.loader_workers, cache)
     return block_batches(blocks, part.batch), part.steps, counter
 
 

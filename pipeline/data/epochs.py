@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -295,14 +296,47 @@ def _split(segments: list[Segment], lengths: list[int]) -> list[list[Segment]]:
     return [_cut(segments, int(begin), int(end)) for begin, end in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
+class ReadGroup(NamedTuple):
+    """Up to `interleave` consecutive segments of a rank, read together, a sample from each in turn."""
+
+    segments: list[Segment]
+    first: int  # the index of its first segment among the rank's segments
+    order: list[int]  # which of `segments` each sample still to read comes from, in read order
+    offsets: list[int]  # the first position still to read of each of `segments`
+
+
+def read_stream(segments: list[Segment], interleave: int, skip: int = 0) -> list[ReadGroup]:
+    """The one definition of the order a rank reads its samples in: `segments` taken `interleave` at a time, a
+    sample from each in turn (`round_robin`; a shorter segment drops out when done), the groups one after another.
+    The groups left after the first `skip` samples, with what of each is left.
+
+    The threads (`reading.read_segments`), every loader process (`loader_processes.owned_items`) and the elastic
+    re-split of an epoch (`read_order`, `remaining_segments`) all read it from here: it is a pure function of its
+    arguments, so they agree on every sample's place, and a resume skips exactly."""
+    interleave = max(1, interleave)
+    groups = []
+    for first in range(0, len(segments), interleave):
+        group = segments[first : first + interleave]
+        total = sum(segment.length for segment in group)
+        if skip >= total:
+            skip -= total
+            continue
+        order = round_robin(group)
+        offsets = [segment.start for segment in group]
+        for index in order[:skip]:
+            offsets[index] += 1
+        groups.append(ReadGroup(group, first, order[skip:], offsets))
+        skip = 0
+    return groups
+
+
 def read_order(segments: list[Segment], interleave: int) -> list[tuple[int, int]]:
-    """(segment index, position in it) of each sample in the order `read_segments` reads them."""
+    """(segment index, position in it) of each sample in the order it is read (`read_stream`)."""
     order = []
-    for first in range(0, len(segments), max(1, interleave)):
-        group = segments[first : first + max(1, interleave)]
-        positions = [segment.start for segment in group]
-        for index in round_robin(group):
-            order.append((first + index, positions[index]))
+    for group in read_stream(segments, interleave):
+        positions = list(group.offsets)
+        for index in group.order:
+            order.append((group.first + index, positions[index]))
             positions[index] += 1
     return order
 

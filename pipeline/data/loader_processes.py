@@ -174,7 +174,8 @@ class LoaderGroup:
 
         lent: dict[int, tuple[int, np.ndarray]] = {}  # window number -> (block index, storage)
         stats = [0, 0]  # bytes from the store, bytes from the cache
-        first = job["first_window"]
+        stream = job["stream"]
+        first = stream.first_window
         try:
             for index in range(self.count):
                 self._send(index, {**job, "index": index, "count": self.count})
@@ -198,9 +199,9 @@ class LoaderGroup:
                 if kinds != {"window"} or {part[1] for part in parts} != {number} or len(lengths) != 1:
                     raise DataError(f"the loader processes disagree on window {number}: {[p[:3] for p in parts]}")
                 length = lengths.pop()
-                window = _job_window(job, number, length)
+                window = stream.shuffle_window(number, length)
                 slot, storage = lent.pop(number)
-                block = shaped(storage, length - window.start, job["size"])
+                block = shaped(storage, length - window.start, window.size)
                 del storage
                 records = [record for part in parts for record in part[3]]
                 where = {index: (uri, key) for index, uri, key, _ in records}
@@ -299,7 +300,7 @@ def reread(wanted: set[int], where: dict[int, tuple[str, str]], job: dict, cache
         uri, key = where[index]
         by_shard.setdefault(uri, {}).setdefault(key, []).append(index)
     items = {index: (*where[index], None, None) for index in wanted}
-    openers = shard_openers(list(by_shard), job["segments"], open_shard, 0, 1, cache)
+    openers = shard_openers(list(by_shard), job["stream"].segments, open_shard, 0, 1, cache)
     for (uri, keys), opener in zip(by_shard.items(), openers, strict=True):
         left = set(keys)
         with opener() as stream:
@@ -311,17 +312,6 @@ def reread(wanted: set[int], where: dict[int, tuple[str, str]], job: dict, cache
                     if not left:
                         break
     return items
-
-
-def _job_window(job: dict, number: int, length: int):
-    """Window `number` of a job (`length` items): the same draws in the training process and in every loader
-    process."""
-    from pipeline.data.epochs import window_draws
-    from pipeline.data.reading import Window
-
-    start = job["skip_in_window"] if number == job["first_window"] else 0
-    draws = window_draws(job["seed"], job["epoch"], job["rank"], number, length, job["rotate"], job["generation"])
-    return Window(length, start, job["size"], job["flip"], draws)
 
 
 def _start(index: int) -> tuple[subprocess.Popen, Connection]:
@@ -381,8 +371,8 @@ def serve_job(connection: Connection, job: dict, cache, storages: dict[int, np.n
 
     for number, length, items in owned_items(job, cache):
         slot = lent()
-        window = _job_window(job, number, length)
-        records = window.fill(shaped(storages[slot], length - window.start, job["size"]), items)
+        window = job["stream"].shuffle_window(number, length)
+        records = window.fill(shaped(storages[slot], length - window.start, window.size), items)
         store, cached = cache.stats.take() if cache is not None else (0, 0)
         connection.send(("window", number, length, records, store, cached))
     store, cached = cache.stats.take() if cache is not None else (0, 0)
@@ -393,25 +383,27 @@ def serve_job(connection: Connection, job: dict, cache, storages: dict[int, np.n
 
 
 def owned_items(job: dict, cache) -> Iterator[tuple[int, int, list[tuple[int, tuple]]]]:
-    """(window number, its length, [(index in the window, item)]) of each window of the stream `read_segments`
-    would give (`reading_plan`), with the items of the shards this process owns: every `count`th shard opened,
-    from the `index`th. Each process reads only its own shards; all of them agree on every window's items."""
-    from pipeline.data.reading import no_samples, open_shard, reading_plan, segment_samples, shard_openers
+    """(window number, its length, [(index in the window, item)]) of each window of the job's stream
+    (`EpochStream.groups`, what `read_segments` reads), with the items of the shards this process owns: every
+    `count`th shard opened, from the `index`th. Each process reads only its own shards; all of them agree on every
+    window's items."""
+    from pipeline.data.reading import no_samples, open_shard, segment_samples, shard_openers
 
-    pending = reading_plan(job["segments"], job["skip"], job["interleave"])
-    opened = [(g, j) for g, (group, _, offsets) in enumerate(pending)
-              for j, (segment, start) in enumerate(zip(group, offsets, strict=True))
+    epoch = job["stream"]
+    pending = epoch.groups()
+    opened = [(g, j) for g, group in enumerate(pending)
+              for j, (segment, start) in enumerate(zip(group.segments, group.offsets, strict=True))
               if start < segment.stop]  # fmt: skip
     mine = {pair for ordinal, pair in enumerate(opened) if ordinal % job["count"] == job["index"]}
-    uris = [pending[g][0][j].shard.uri for g, j in opened if (g, j) in mine]
-    openers = shard_openers(uris, job["segments"], open_shard, None, job["interleave"], cache)
-    window, number, position, items = job["window"], job["first_window"], 0, []
-    for g, (group, order, offsets) in enumerate(pending):
+    uris = [pending[g].segments[j].shard.uri for g, j in opened if (g, j) in mine]
+    openers = shard_openers(uris, epoch.segments, open_shard, None, epoch.interleave, cache)
+    window, number, position, items = epoch.window, epoch.first_window, 0, []
+    for g, group in enumerate(pending):
         streams = [
             segment_samples(segment, start, next(openers), verify=False) if (g, j) in mine else no_samples()
-            for j, (segment, start) in enumerate(zip(group, offsets, strict=True))
+            for j, (segment, start) in enumerate(zip(group.segments, group.offsets, strict=True))
         ]
-        for j in order:
+        for j in group.order:
             if (g, j) in mine:
                 items.append((position, next(streams[j])))
             position += 1

@@ -4,10 +4,12 @@ shuffle windows of them: the layer under `pipeline.data.batches`'s stages, share
 
 Shards are parsed by `ingest.shards.iter_members`, a streaming USTAR reader about 3x faster than webdataset's
 tarfile-based iterator on these shards, which hands out the arrays of mapped files and downloaded shards as views,
-not copies. `read_segments` gives a rank's samples in an order that is a pure function of its segments
-(`reading_plan`), so a resume skips exactly and every loader process knows every window's layout. A `Window` writes
-each sample, checked and decoded, to its shuffled row of a block while its bytes are in the core's cache, mirrored
-and rotated as the window's seeded draws say; a `BlockPool` lends the blocks again once no batch refers to them.
+not copies. `read_segments` gives a rank's samples in the order `epochs.read_stream` defines, a pure function of
+its segments, so a resume skips exactly. An `EpochStream` is one rank's read of an epoch (its segments, where it
+starts, its `Shuffle`): the thread path and every loader process read by it, so they agree on every window's layout.
+A `Window` writes each sample, checked and decoded, to its shuffled row of a block while its bytes are in the core's
+cache, mirrored and rotated as the window's seeded draws say; a `BlockPool` lends the blocks again once no batch
+refers to them.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
 from ingest.storage import StorageError
-from pipeline.data.epochs import Segment, round_robin
+from pipeline.data.epochs import ReadGroup, Segment, read_stream, window_draws
 from pipeline.data.plan import DataError
 
 log = logging.getLogger(__name__)
@@ -71,13 +74,14 @@ def read_segments(
     verify: bool = True,
     cache=None,
 ) -> Iterator[tuple]:
-    """Yield (shard uri, key, lab.npy bytes or None when unreadable) for the samples of `segments`; with
-    `verify=False`, (shard uri, key, lab.npy bytes or None, json bytes or None), the checksum left to the caller
-    (`verified`), so that loader workers check samples in parallel.
+    """Yield (shard uri, key, lab.npy bytes or None when unreadable) for the samples of `segments`, in the order
+    `pipeline.data.epochs.read_stream` gives; with `verify=False`, (shard uri, key, lab.npy bytes or None, json
+    bytes or None), the checksum left to the caller (`verified`), so that loader workers check samples in parallel.
 
-    With `interleave` K > 1, segments are read K at a time, a sample from each in turn (round robin; a shorter
-    segment drops out when done), so consecutive samples come from K shards; with 1, one segment after another.
-    Either way the order is a pure function of the segments, which makes `skip` exact.
+    With `interleave` K > 1, segments are read K at a time, a sample from each in turn, so consecutive samples come
+    from K shards; with 1 (the default here: validation, tools and benchmarks; training passes
+    `data.interleave`), one segment after another. The order is a pure function of the segments, which makes
+    `skip` exact.
 
     A sample whose bytes do not match the CRC-32 its metadata recorded at ingest is unreadable (None).
 
@@ -89,43 +93,22 @@ def read_segments(
     windows still hold (read as views of the download: about K more). With a `cache`
     (`pipeline.data.shard_cache.ShardCache`), s3:// shards are read from (and fetched ahead into) the node's cache.
     """
-    pending = reading_plan(segments, skip, interleave)
-    uris = [segment.shard.uri for group, _, offsets in pending for segment, start in zip(group, offsets, strict=True)
+    pending = read_stream(segments, interleave, skip)
+    uris = [segment.shard.uri for group in pending for segment, start in zip(group.segments, group.offsets, strict=True)
             if start < segment.stop]  # fmt: skip
     openers = shard_openers(uris, segments, opener, readahead, interleave, cache)
-    for group, order, offsets in pending:
+    for group in pending:
         streams = [
             segment_samples(segment, start, next(openers), verify) if start < segment.stop else no_samples()
-            for segment, start in zip(group, offsets, strict=True)
+            for segment, start in zip(group.segments, group.offsets, strict=True)
         ]
         if len(streams) == 1:
             yield from streams[0]
             continue
-        for index in order:
+        for index in group.order:
             yield next(streams[index])
         for stream in streams:  # each is done: let its shard (a whole download on S3) go before the next group
             stream.close()
-
-
-def reading_plan(segments: list[Segment], skip: int, interleave: int) -> list[tuple[list[Segment], list, list]]:
-    """How `read_segments` reads: (group of up to `interleave` segments, which segment each of its samples comes
-    from, the first sample to read of each segment) for the groups left after the first `skip` samples. A pure
-    function of its arguments: every loader process reading an epoch sees the same stream."""
-    interleave = max(1, interleave)
-    groups = [segments[i : i + interleave] for i in range(0, len(segments), interleave)]
-    pending = []
-    for group in groups:
-        total = sum(segment.length for segment in group)
-        if skip >= total:
-            skip -= total
-            continue
-        order = round_robin(group)
-        offsets = [segment.start for segment in group]
-        for index in order[:skip]:
-            offsets[index] += 1
-        pending.append((group, order[skip:], offsets))
-        skip = 0
-    return pending
 
 
 def shard_openers(uris: list[str], segments: list[Segment], opener: Callable, readahead: int | None, interleave: int,
@@ -250,6 +233,52 @@ class Window:
                 raise DataError(f"sample {key} of shard {uri} read differently twice")
             self.put(block, index, array)
         return plain, block, records[0][1]
+
+
+@dataclass(frozen=True)
+class Shuffle:
+    """How one rank's epoch is shuffled and augmented, a window at a time: each window's draws (`window_draws`)
+    come from the seed, the epoch, the rank, the window's number and the worker group's generation alone."""
+
+    size: int  # the samples' side
+    seed: int
+    epoch: int
+    rank: int
+    flip: bool
+    rotate: float = 0.0
+    generation: int = 0
+
+    def window(self, number: int, length: int, start: int = 0) -> Window:
+        """Window `number` of `length` samples, the first `start` of which were trained before."""
+        draws = window_draws(self.seed, self.epoch, self.rank, number, length, self.rotate, self.generation)
+        return Window(length, start, self.size, self.flip, draws)
+
+
+@dataclass(frozen=True)
+class EpochStream:
+    """One rank's read of an epoch from a step on: what the thread path and every loader process go by, alike.
+
+    Its `segments` are read in `read_stream`'s order, `interleave` at a time, and cut into shuffle windows of `window`
+    samples; reading starts at window `first_window` (the ones before are passed over unread), `skip_in_window` of
+    whose samples were trained before the resume."""
+
+    segments: list[Segment]
+    interleave: int
+    window: int
+    first_window: int
+    skip_in_window: int
+    shuffle: Shuffle
+
+    @property
+    def skip(self) -> int:
+        """Samples passed over without decoding: the windows before `first_window`."""
+        return self.first_window * self.window
+
+    def groups(self) -> list[ReadGroup]:
+        return read_stream(self.segments, self.interleave, self.skip)
+
+    def shuffle_window(self, number: int, length: int) -> Window:
+        return self.shuffle.window(number, length, self.skip_in_window if number == self.first_window else 0)
 
 
 def _augment_into(out: np.ndarray, array: np.ndarray, flipped: bool, angle: float | None) -> None:

@@ -22,7 +22,7 @@ from ingest.shards import ShardWriter, TarFormatError, encode_npy, iter_members
 from pipeline.data.batches import LoaderOptions, _window_block, prefetch, train_batches, validation_batches
 from pipeline.data.epochs import plan_train_epoch, plan_validation, steps_per_epoch, window_draws
 from pipeline.data.plan import DataError, DataPlan, ShardInfo
-from pipeline.data.reading import decode_sample, open_shard, read_segments, rotate_lab8, verified
+from pipeline.data.reading import Shuffle, decode_sample, open_shard, read_segments, rotate_lab8, verified
 
 SIZE = 8
 UNEVEN = [7, 1, 13, 4]  # 25 training samples
@@ -475,7 +475,8 @@ def test_a_window_is_checked_shuffled_and_augmented_as_the_plain_way_does(tmp_pa
     assert isinstance(items[0][2], memoryview)  # the mapped file's bytes, not a copy
     items[3] = (*items[3][:2], bytes(items[3][2][:-8]) + b"garbage!", items[3][3])  # fails its checksum
     items[11] = (items[11][0], "<missing #11>", None, None)
-    records, block, first = _window_block(items, size, 7, 2, 1, 4, start, True, rotate)
+    window = Shuffle(size, seed=7, epoch=2, rank=1, flip=True, rotate=rotate).window(4, len(items), start)
+    records, block, first = _window_block(items, window)
     assert records == [(item[0], item[1], index not in (3, 11)) for index, item in enumerate(items)]
     assert first == str(path)
     np.testing.assert_array_equal(block, reference_window(items, size, 7, 2, 1, 4, start, True, rotate))

@@ -10,6 +10,7 @@ from test_data import SIZE, ids_of, make_plan, write_shards
 
 from pipeline.data.batches import LoaderOptions, train_batches
 from pipeline.data.epochs import epoch_segments, plan_rank_epoch, rank_batches, read_order, remaining_segments
+from pipeline.data.reading import read_segments
 
 COUNTS = [7, 1, 13, 4, 9, 11, 3]  # 48 samples
 
@@ -91,6 +92,19 @@ def test_the_remainder_of_a_window_is_what_its_draw_had_not_reached(plan) -> Non
         assert sum(s.length for s in left) == 48 - consumed
         picked = [(s.shard.uri, s.sample(p)) for s in left for p in range(s.start, s.stop)]
         assert len(set(picked)) == len(picked)
+
+
+@pytest.mark.parametrize("interleave", [1, 2, 3, 5])
+def test_the_read_order_the_re_split_uses_is_the_order_the_samples_are_read_in(plan, interleave) -> None:
+    """`read_order` (the elastic re-split's) and `read_segments` (the threads' and, by `EpochStream`, the loader
+    processes') both come from `read_stream`: sample for sample the same, from any skip."""
+    segments, _ = epoch_segments(plan.train, 1, 0, 8)
+    alone = [[key for _, key, _ in read_segments([segment])] for segment in segments]  # each segment by itself
+    expected = [alone[index][position - segments[index].start] for index, position in read_order(segments, interleave)]
+    assert sorted(expected) == sorted(key for keys in alone for key in keys)
+    for skip in (0, 1, 7, len(expected) - 1):
+        got = [key for _, key, _ in read_segments(segments, skip=skip, interleave=interleave)]
+        assert got == expected[skip:]
 
 
 def test_uneven_rank_batches_add_up() -> None:

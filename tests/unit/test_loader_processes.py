@@ -36,10 +36,12 @@ def test_the_processes_own_shards_and_together_read_the_stream_one_reader_does(p
     """Each window's items, taken from the processes' parts, are the items `read_segments` gives, at the same
     places; each process opened only its own shards (every 3rd opened, from its index)."""
     from pipeline.data.epochs import plan_train_epoch
+    from pipeline.data.reading import EpochStream, Shuffle
 
     segments, _ = plan_train_epoch(plan.train, 1, 5, 0, 1, 4)
     for skip in (0, 12):  # 12: a resume two windows of 6 in
-        job = {"segments": segments, "skip": skip, "interleave": 2, "window": 6, "first_window": skip // 6, "count": 3}
+        stream = EpochStream(segments, 2, 6, skip // 6, 0, Shuffle(plan.size, 5, 1, 0, True))
+        job = {"stream": stream, "count": 3}
         one = list(enumerate(windows(read_segments(segments, skip=skip, interleave=2, verify=False), 6), skip // 6))
         parts = [list(loader_processes.owned_items({**job, "index": index}, None)) for index in range(3)]
         assert all(len(part) == len(one) for part in parts)
@@ -99,8 +101,10 @@ def test_a_killed_loader_process_stops_the_epoch_with_an_error_that_names_it(tmp
 
 
 def test_an_error_in_a_loader_process_is_raised_here_with_its_traceback() -> None:
-    job = {"segments": "not segments", "skip": 0, "interleave": 2, "window": 4, "size": 8, "first_window": 0,
-           "nbytes": 4 * 3 * 64, "cache": None}  # fmt: skip
+    from pipeline.data.reading import EpochStream, Shuffle
+
+    stream = EpochStream("not segments", 2, 4, 0, 0, Shuffle(8, 0, 0, 0, False))  # type: ignore[arg-type]
+    job = {"stream": stream, "nbytes": 4 * 3 * 64, "cache": None}
     with pytest.raises(AttributeError) as caught:
         list(loader_processes.process_windows(job, 2))
     assert any("in loader process" in note and "Traceback" in note for note in caught.value.__notes__)
