@@ -1,7 +1,8 @@
 """Shared fixtures, one family a module in `tests/fixtures/`: generated photos (`images`), source trees in
 ImageNet and COCO layouts (`sources`), S3 servers on loopback (`s3`), a local Ray (`ray`), lake version checks
 (`lake`), the CLI as a real process (`cli`), the tiny Ray Train setup and the runs its tests share (`training`),
-what each test costs the machine (`cpu`), and how `make test`'s workers share the files (`schedule`).
+empty MLflow stores (`tracking`), what each test costs the machine (`cpu`), and how `make test`'s workers share the
+files (`schedule`).
 
 Every asset is generated, deterministically from a seed, and each test writes only below its own `tmp_path`. One
 binary is committed, on purpose: `tests/data/checkpoint-format1.pt`, a checkpoint written by recolor before the
@@ -47,6 +48,7 @@ from fixtures.sources import (  # noqa: E402, F401
     imagenet_tree,
     make_imagenet,
 )
+from fixtures.tracking import mlflow_store  # noqa: E402, F401
 from fixtures.training import quiet_env, reference_run, train_lake  # noqa: E402, F401
 
 

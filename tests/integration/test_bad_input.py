@@ -183,7 +183,7 @@ def corrupt_samples(shard_uri: str, count: int | None = None) -> int:
 
 
 @pytest.fixture
-def registered_on_lake(tmp_path, recolor, photo_writer):
+def registered_on_lake(tmp_path, recolor, photo_writer, mlflow_store):
     """A lake dataset `d` (32 px, half validation) and an untrained generator registered as `c` version 1."""
     from mlflow import MlflowClient
 
@@ -195,7 +195,7 @@ def registered_on_lake(tmp_path, recolor, photo_writer):
     ingest = recolor("ingest", "folder", tmp_path / "photos", "--dataset", "d", "--no-ray", "--size", "32",
                      "--val-fraction", "0.5", "--no-progress")  # fmt: skip
     assert ingest.returncode == 0, ingest.stderr[-2000:]
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_store(tmp_path)
     client = MlflowClient(uri)
     run = client.create_run(client.create_experiment("e", artifact_location=str(tmp_path / "artifacts")))
     spec = GeneratorSpec("unet_256", "batch", 4, 5, 32)

@@ -171,6 +171,7 @@ def test_an_elastic_group_shrinks_when_a_node_dies_grows_when_one_joins_and_fini
     cluster,
     train_lake,
     tmp_path,
+    mlflow_store,
 ) -> None:
     lake, plan = train_lake
     steps = plan.count("train") // GLOBAL_BATCH
@@ -178,7 +179,7 @@ def test_an_elastic_group_shrinks_when_a_node_dies_grows_when_one_joins_and_fini
     pause, trained = tmp_path / "pause", tmp_path / "trained"
     trained.mkdir()
     set_pause(pause, 3)  # the group of two stops before step 4 (a checkpoint at step 2 behind it)
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = mlflow_store(tmp_path)
     env = {k: v for k, v in cluster.env.items() if not k.startswith("RECOLOR_FAILPOINT")} | {
         "RAY_ADDRESS": cluster.address, "RECOLOR_NO_PROGRESS": "1", "RECOLOR_TRAIN_PAUSE": str(pause),
         "RECOLOR_TRAINED_LOG": str(trained), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",

@@ -25,14 +25,14 @@ SIDE = 80
 
 
 @pytest.fixture(scope="module")
-def trained(ray_local, quiet_env, tmp_path_factory, photo_writer):  # noqa: F811
+def trained(ray_local, quiet_env, tmp_path_factory, photo_writer, mlflow_store):  # noqa: F811
     """The recipe's schedule (an L1 epoch, then a GAN epoch) on two workers, tracked and registered."""
     root = tmp_path_factory.mktemp("inception")
     photo_writer(root / "photos", range(500, 524), width=100, height=SIDE)
     lake = str(root / "lake")
     run_ingest(IngestConfig(kind="folder", source=str(root / "photos"), dataset="photos", lake=lake, size=SIDE,
                             use_ray=False, progress=False, val_fraction=0.25))  # fmt: skip
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = mlflow_store(root)
     config = TrainConfig(
         name="inception", model=ModelConfig(arch="inception_unet", base_filters=4),
         stages=[StageConfig(name="l1", epochs=1, gan_mode=None), StageConfig(name="gan", epochs=1)],

@@ -7,8 +7,6 @@ finished one in its failing-worker run."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from fixtures.training import tiny_config
 from mlflow import MlflowClient
@@ -20,22 +18,19 @@ from pipeline.train.failures import NonFiniteLoss
 pytestmark = pytest.mark.slow
 
 
-def tracking(tmp_path: Path) -> TrackingOptions:
-    return TrackingOptions(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", model_name="colorizer")
-
-
 def test_diverged_losses_stop_the_run_keep_the_finite_checkpoint_and_register_nothing(
-    ray_local, quiet_env, train_lake, tmp_path, monkeypatch
+    ray_local, quiet_env, train_lake, tmp_path, monkeypatch, mlflow_store
 ) -> None:
     lake, _ = train_lake
     monkeypatch.setenv("RECOLOR_FAILPOINT", "loss_nan:3:flag")  # every rank's third step turns NaN
     config = tiny_config(lake, tmp_path / "runs", "nan", checkpoint_every=2, max_failures=0)
+    uri = mlflow_store(tmp_path)
     expected = r"not finite at step 3 \(loss_D_fake=nan, .*latest checkpoint \(taken while they were finite\) is kept"
     with pytest.raises(NonFiniteLoss, match=expected + r". Lower stages.0.lr"):
-        run_training(config, tracking=tracking(tmp_path))
+        run_training(config, tracking=TrackingOptions(tracking_uri=uri, model_name="colorizer"))
     _, metrics = latest_recorded(str(tmp_path / "runs" / "nan"))
     assert metrics["global_step"] == 2
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(uri)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FAILED" and "not finite" in run.data.tags["recolor.failure"]
     assert client.search_model_versions("name='colorizer'") == []

@@ -47,11 +47,11 @@ class RunsCode:
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory):
+def registry(tmp_path_factory, mlflow_store):
     from mlflow import MlflowClient
 
     root = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{root}/mlflow.db"
+    uri = mlflow_store(root)
     client = MlflowClient(uri)
     experiment = client.create_experiment("serving", artifact_location=str(root / "artifacts"))
     torch.manual_seed(0)

@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.s3]
 
 
 def test_a_long_run_survives_rotation_a_killed_worker_and_an_outage_then_a_rerun_trains_nothing(
-    own_s3, photo_writer, tmp_path, recolor, ray_address
+    own_s3, photo_writer, tmp_path, recolor, ray_address, mlflow_store
 ) -> None:
     from mlflow import MlflowClient
 
@@ -34,7 +34,7 @@ def test_a_long_run_survives_rotation_a_killed_worker_and_an_outage_then_a_rerun
     storage = str(tmp_path / "runs")
     run_uri = f"{storage}/soak"
 
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = mlflow_store(tmp_path)
     args = ["train", REPO / "configs" / "tiny.yaml", "--dataset", "soak", "--lake", lake, "--storage", storage,
             "--name", "soak", "--tracking-uri", tracking, "--ray-address", ray_address, *soak.OVERRIDES]  # fmt: skip
     env = soak.failpoint_env(tmp_path)

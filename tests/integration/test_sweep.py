@@ -18,7 +18,7 @@ SMALL = ["model.num_downs=5", "stages.0.decay_epochs=0"]
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, photo_writer, cli_runner, ray_address):
+def workspace(tmp_path_factory, photo_writer, cli_runner, ray_address, mlflow_store):
     root = tmp_path_factory.mktemp("sweep")
     photo_writer(root / "photos", range(24), width=80, height=64)
     ingest = cli_runner("ingest", "folder", root / "photos", "--dataset", "sw", "--no-ray", "--size", "32",
@@ -26,7 +26,7 @@ def workspace(tmp_path_factory, photo_writer, cli_runner, ray_address):
     assert ingest.returncode == 0, ingest.stderr[-2000:]
     from mlflow import MlflowClient
 
-    uri = f"sqlite:///{root}/mlflow.db"
+    uri = mlflow_store(root)
 
     def sweep(*args, timeout=420):
         return cli_runner("sweep", DEMO, "--dataset", "sw", *SMALL, *args, "--ray-address", ray_address, cwd=root,

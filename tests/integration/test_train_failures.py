@@ -24,7 +24,7 @@ FAULT = "InjectedFault: injected fault at failpoint 'train_step'"
 
 
 def test_a_failing_worker_fails_the_mlflow_run_a_rerun_finishes_it_and_more_epochs_stay_on_its_data(
-    ray_local, quiet_env, tmp_path, monkeypatch, capsys, caplog
+    ray_local, quiet_env, tmp_path, monkeypatch, capsys, caplog, mlflow_store
 ) -> None:
     """A run's life in one tracking store: its workers fail (FAILED, one line), the same command finishes it
     (FINISHED, registered), the lake grows, and a config asking for more epochs goes on from its checkpoint on the
@@ -35,7 +35,7 @@ def test_a_failing_worker_fails_the_mlflow_run_a_rerun_finishes_it_and_more_epoc
     lake = str(tmp_path / "lake")  # a lake of its own: it grows
     ingest_photos(tmp_path / "photos", lake)
     plan = resolve_data(["photos"], lake)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path)
     args = [
         "train", REPO / "configs" / "tiny.yaml", "--dataset", "photos", "--lake", lake, "--storage", tmp_path / "runs",
         "--name", "f", "--tracking-uri", uri, "--workers", "2", "model.num_downs=6", "model.base_filters=4",
@@ -99,7 +99,7 @@ def test_a_failing_worker_fails_the_mlflow_run_a_rerun_finishes_it_and_more_epoc
 
 
 def test_sigterm_ends_the_run_killed_with_its_checkpoints_kept_and_leaves_no_process(
-    train_lake, tmp_path, ray_address, cli_runner
+    train_lake, tmp_path, ray_address, cli_runner, mlflow_store
 ) -> None:
     """What a scheduler, `ray job stop` or `timeout` sends: one line, exit 143, the MLflow run KILLED, no Ray process
     left behind, and the same command resumes and finishes the run. While the run goes, the same command in another
@@ -119,7 +119,7 @@ def test_sigterm_ends_the_run_killed_with_its_checkpoints_kept_and_leaves_no_pro
     from mlflow import MlflowClient
 
     lake, plan = train_lake
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path)
     args = [
         "train", REPO / "configs" / "tiny.yaml", "--dataset", "photos", "--lake", lake, "--storage", tmp_path / "runs",
         "--name", "stopped", "--tracking-uri", uri, "--workers", "2", "model.num_downs=6", "model.base_filters=4",

@@ -59,12 +59,12 @@ def test_a_mixture_trains_its_epoch_length_and_scores_each_dataset(two_datasets,
     assert end["val/count"] == end["val/big/count"] + end["val/small/count"]
 
 
-def test_a_mixture_is_the_runs_lineage_in_mlflow(two_datasets, tmp_path) -> None:
+def test_a_mixture_is_the_runs_lineage_in_mlflow(two_datasets, tmp_path, mlflow_store) -> None:
     from mlflow import MlflowClient
 
     from pipeline.tracking.runs import start_or_resume_run
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path)
     config = mix_config(two_datasets)
     plan = resolve_config_data(config.data)
     run_id, _ = start_or_resume_run(uri, "recolor", config, plan, str(tmp_path / "runs"), "cpu")

@@ -32,14 +32,14 @@ def test_a_dataset_a_concurrent_run_created_first_is_logged_again_not_failed(mon
         runs._log_input(object(), "training")
 
 
-def test_system_metrics_of_another_node_go_under_its_name(tmp_path) -> None:
+def test_system_metrics_of_another_node_go_under_its_name(tmp_path, mlflow_store) -> None:
     import time
 
     from mlflow import MlflowClient
 
     from pipeline.tracking.loggers import start_system_metrics
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path)
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("nodes")).info.run_id
     monitor = start_system_metrics(uri, run_id, node_id="node1", sampling_interval=0.2)
