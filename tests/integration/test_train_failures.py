@@ -1,17 +1,19 @@
 """`recolor train` when the workers fail or the run is stopped: the MLflow run ends FAILED or KILLED with the reason,
 the CLI says why in one line, and a rerun of the same name takes the MLflow run up again and finishes it.
 
-The runs are `fixtures.training`'s tiny ones (two CPU workers, U-Net of base width 4, 64 px, batch 2 per worker) on
-its lake, tracked in an embedded SQLite store in tmp_path. The `train_step:2:raise` failpoint makes every rank's
-second step raise `InjectedFault` (an OSError); with `max_failures=0` Ray Train does not restart the workers.
-That CLI runs in this process (`pipeline.cli.main`), on the session's Ray: a Ray started per command would take
-more time than the training. The stopped run is a real process with a Ray of its own, as a user starts it.
+The runs are `fixtures.training`'s tiny ones (U-Net of base width 4, 64 px, batch 2) on its lake, tracked in an
+embedded SQLite store in tmp_path, on one CPU worker: what fails or stops here is the run, not DDP (a worker killed
+under DDP is `test_train_ray.py`'s and the soaks'), and a second worker would cost each of the five runs about 6 CPU
+seconds more. The `train_step:2:raise` failpoint makes the second step raise `InjectedFault` (an OSError); with
+`max_failures=0` Ray Train does not restart the worker. That CLI runs in this process (`pipeline.cli.main`), on the
+session's Ray: a Ray started per command would take more time than the training. The stopped run is a real process
+with a Ray of its own, as a user starts it.
 """
 
 from __future__ import annotations
 
 import pytest
-from fixtures.training import BATCH, REPO, WORKERS, ingest_photos
+from fixtures.training import BATCH, REPO, ingest_photos
 
 from pipeline.checkpoint import load_checkpoint
 from pipeline.cli import main as recolor
@@ -38,7 +40,7 @@ def test_a_failing_worker_fails_the_mlflow_run_a_rerun_finishes_it_and_more_epoc
     uri = mlflow_store(tmp_path)
     args = [
         "train", REPO / "configs" / "tiny.yaml", "--dataset", "photos", "--lake", lake, "--storage", tmp_path / "runs",
-        "--name", "f", "--tracking-uri", uri, "--workers", "2", "model.num_downs=6", "model.base_filters=4",
+        "--name", "f", "--tracking-uri", uri, "--workers", "1", "model.num_downs=6", "model.base_filters=4",
         "stages.0.epochs=1", "stages.0.decay_epochs=0", "checkpoint_every=1000", "max_failures=0",
     ]  # fmt: skip
     args = [str(arg) for arg in args]
@@ -66,7 +68,7 @@ def test_a_failing_worker_fails_the_mlflow_run_a_rerun_finishes_it_and_more_epoc
     assert run.info.status == "FINISHED"
     assert FAILURE_TAG not in run.data.tags  # the run did not stop for that reason in the end
     [latest] = [line for line in stdout.splitlines() if line.startswith("  latest checkpoint: ")]
-    steps = plan.count("train") // (WORKERS * BATCH)
+    steps = plan.count("train") // BATCH
     assert load_checkpoint(latest.removeprefix("  latest checkpoint: "))["position"]["global_step"] == steps
     # The failed attempt logged step 1 before it stopped; the rerun, without a checkpoint to resume from, all of them.
     logged = client.get_metric_history(run.info.run_id, "train/loss_G")
@@ -122,7 +124,7 @@ def test_sigterm_ends_the_run_killed_with_its_checkpoints_kept_and_leaves_no_pro
     uri = mlflow_store(tmp_path)
     args = [
         "train", REPO / "configs" / "tiny.yaml", "--dataset", "photos", "--lake", lake, "--storage", tmp_path / "runs",
-        "--name", "stopped", "--tracking-uri", uri, "--workers", "2", "model.num_downs=6", "model.base_filters=4",
+        "--name", "stopped", "--tracking-uri", uri, "--workers", "1", "model.num_downs=6", "model.base_filters=4",
         "stages.0.epochs=1", "stages.0.decay_epochs=0", "checkpoint_every=2",
     ]  # fmt: skip
     command = [sys.executable, "-m", "pipeline.cli", *map(str, args)]
@@ -197,5 +199,5 @@ def test_sigterm_ends_the_run_killed_with_its_checkpoints_kept_and_leaves_no_pro
     assert "val/l1_ab " in validation and "val/psnr " in validation and "val/ssim " in validation
     [latest] = [line for line in lines if line.startswith("  latest checkpoint: ")]
     checkpoint = latest.removeprefix("  latest checkpoint: ")
-    assert load_checkpoint(checkpoint)["position"]["global_step"] == plan.count("train") // (WORKERS * BATCH)
+    assert load_checkpoint(checkpoint)["position"]["global_step"] == plan.count("train") // BATCH
     assert not (tmp_path / "runs" / "stopped" / ".recolor-run.lease").exists()  # the run is over: the name is free
