@@ -6,8 +6,9 @@ S3, MLflow answers and stores artifacts in S3, the job API refuses requests with
 listens beyond loopback, `recolor submit ingest` commits a lake version in S3, and `down` ends every
 process of the stack and nothing else. The stack is torn down after the module even when a test fails.
 
-Jobs go through the stack as a user submits them: ingest, and the main job end to end (ingest, train,
-evaluate --promote, colorize) on a long training run soaked on the way (`soak.py`) with the stack's S3 restarted.
+Jobs go through the stack as a user submits them: the main job end to end (ingest, train, evaluate --promote,
+colorize) on a long training run soaked on the way (`soak.py`) with the stack's S3 restarted; its ingest is checked
+as any `submit ingest` is (`check_ingest_job`), and a job that fails fails its `submit`.
 
 Long on purpose: one module-scoped stack (25 s to start) serves every test here.
 """
@@ -261,20 +262,13 @@ def test_every_port_listens_on_loopback_only(stack) -> None:
 # --- a job through the stack ------------------------------------------------------------------------------
 
 
-def test_submit_ingest_commits_a_version_in_s3(
-    stack, cli_runner, photo_writer, tmp_path, monkeypatch, lake_check
-) -> None:
-    client = stack.s3()
-    for path in photo_writer(tmp_path / "photos", range(6), width=80, height=64):
-        client.upload_file(str(path), "lake", f"sources/photos/{path.name}")
-
-    result = submit(
-        stack, cli_runner, "ingest", "folder", "s3://lake/sources/photos", "--dataset", "photos", *SMALL_SHARDS
-    )
+def check_ingest_job(stack: Stack, result, dataset: str, photos: int, cli_runner, tmp_path: Path, lake_check) -> None:
+    """What `recolor submit ingest` into the stack's S3 leaves: the job's own output followed live, the S3 keys sealed
+    (in no log of Ray's), a version of every photo in s3://lake/lake, and the job in `recolor jobs`."""
     assert result.returncode == 0, result.stdout + result.stderr + ray_logs(stack)
     job_id = result.stdout.splitlines()[0]
     assert job_id.startswith("raysubmit_")
-    assert "committed photos@1 (train" in result.stdout  # the job's own output, followed live
+    assert f"committed {dataset}@1 (train" in result.stdout  # the job's own output, followed live
     assert f"job {job_id} SUCCEEDED" in result.stderr
     assert "forwarded variables: AWS_DEFAULT_REGION, AWS_ENDPOINT_URL" in result.stderr
     assert "sealed with the cluster token: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY" in result.stderr
@@ -286,15 +280,14 @@ def test_submit_ingest_commits_a_version_in_s3(
         if path.is_file() and not path.is_socket() and path.suffix in (".log", ".out", ".err", ".txt"):
             assert stack.state.secret_key.encode() not in path.read_bytes(), f"the S3 secret is in {path}"
 
-    record = json.loads(client.get_object(Bucket="lake", Key="lake/photos/versions/000001.json")["Body"].read())
-    assert sum(record["counts"].values()) == 6
-    for name, value in stack.exports.items():
-        monkeypatch.setenv(name, value)
+    client = stack.s3()
+    record = json.loads(client.get_object(Bucket="lake", Key=f"lake/{dataset}/versions/000001.json")["Body"].read())
+    assert sum(record["counts"].values()) == photos and record["counts"]["train"] >= 4, record["counts"]
     lake = Lake("s3://lake/lake")
-    assert len(lake_check(lake, lake.resolve("photos@1"))) == 6
+    assert len(lake_check(lake, lake.resolve(f"{dataset}@1"))) == photos
 
     logs = cli_runner("jobs", "logs", job_id, cwd=tmp_path, env=stack.exports)
-    assert logs.returncode == 0 and "committed photos@1" in logs.stdout
+    assert logs.returncode == 0 and f"committed {dataset}@1" in logs.stdout
     listed = cli_runner("jobs", "list", cwd=tmp_path, env=stack.exports)
     assert any(line.startswith(job_id) and "SUCCEEDED" in line for line in listed.stdout.splitlines()), listed.stdout
 
@@ -335,10 +328,11 @@ def stack_s3_outage(stack: Stack) -> tuple:
 
 
 def test_main_job_end_to_end_through_a_long_soaked_run_on_the_stack(
-    stack, cli_runner, photo_writer, tmp_path, monkeypatch
+    stack, cli_runner, photo_writer, tmp_path, monkeypatch, lake_check
 ) -> None:
     """Issue 5's end to end and issue 15's soak, as a user runs them through the stack, on one training run:
-    `submit ingest` into s3://; `submit train` (two DDP workers) while rotations happen, rank 1 is killed mid-epoch
+    `submit ingest` into s3:// (`check_ingest_job`: the keys sealed, every photo in the version, `recolor jobs`);
+    `submit train` (two DDP workers) while rotations happen, rank 1 is killed mid-epoch
     and the stack's S3 (lake, checkpoints and Ray Train's run state) is down for a few seconds (`soak.py`); the same
     `submit train` again trains nothing; then `submit evaluate --promote` of the version the run registered and a
     Ray Data `submit colorize` from s3:// to s3:// with the champion. One run serves both: each is a minute of
@@ -351,11 +345,9 @@ def test_main_job_end_to_end_through_a_long_soaked_run_on_the_stack(
     for path in photo_writer(tmp_path / "photos", range(4000, 4000 + soak.PHOTOS), width=80, height=64):
         client.upload_file(str(path), "lake", f"sources/soak/{path.name}")
     ingest = submit(stack, cli_runner, "ingest", "folder", "s3://lake/sources/soak", "--dataset", "soak", *SMALL_SHARDS)
-    assert ingest.returncode == 0, ingest.stdout + ingest.stderr + ray_logs(stack)
-    record = json.loads(client.get_object(Bucket="lake", Key="lake/soak/versions/000001.json")["Body"].read())
-    assert record["counts"]["train"] >= 4, record["counts"]
     for name, value in stack.exports.items():
         monkeypatch.setenv(name, value)
+    check_ingest_job(stack, ingest, "soak", soak.PHOTOS, cli_runner, tmp_path, lake_check)
     train_samples = Lake("s3://lake/lake").resolve("soak").record["counts"]["train"]
     run_uri = "s3://runs/train/soak"  # $RECOLOR_STORAGE of the stack, and the run's name
     args = ["configs/tiny.yaml", "--dataset", "soak", "--workers", str(soak.WORKERS), "--name", "soak",
