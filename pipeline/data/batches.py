@@ -6,8 +6,9 @@ Which segments a rank reads, and in what order, is `pipeline.data.epochs`'s; the
 `data.loader_workers` N > 1, N loader processes fill each window together from the shards each owns
 (`pipeline.data.loader_processes`), or N threads take a window each (`train_blocks`). Here the filled blocks are
 checked for corrupt samples (`checked_blocks`, `BadSampleCounter`) and cut into batches (`block_batches`), and
-`prefetch` keeps batches ready. Every path reads what `read_segments` yields, in an order a resume can skip exactly,
-whatever the number of loader workers.
+`prefetch` keeps batches ready. Every path reads the stream `epochs.read_stream` defines (threads through
+`read_segments`, loader processes through `EpochStream`), in an order a resume can skip exactly, whatever the number of
+loader workers.
 """
 
 from __future__ import annotations
@@ -258,12 +259,12 @@ def train_batches(
     if _loader_processes(options, part.segments, opener, cache):
         from pipeline.data import loader_processes
 
-        job = {"stream": stream, "nbytes": window * 3 * plan.size**2,
+        job = {"stream": stream, "nbytes": stream.block_bytes,
                "cache": None if cache is None else (str(cache.root), cache.capacity)}  # fmt: skip
         made = loader_processes.process_windows(job, options.loader_workers, cache)
         blocks = checked_blocks(made, counter, cache)
     else:
-        raw = read_segments(part.segments, skip=stream.skip, opener=opener, interleave=options.interleave,
+        raw = read_segments(stream.segments, skip=stream.skip, opener=opener, interleave=stream.interleave,
                             verify=False, cache=cache)  # fmt: skip
         blocks = train_blocks(raw, stream, counter, options.loader_workers, cache)
     return block_batches(blocks, part.batch), part.steps, counter

@@ -88,9 +88,11 @@ def _map(fd: int, nbytes: int) -> mmap.mmap:
 
 
 def process_windows(job: dict, count: int, cache=None) -> Iterator[tuple]:
-    """`_window_block` results ([(shard, key, ok)], block or None, first shard) of the windows `job` describes
-    (`serve`'s argument), in window order, made by `count` loader processes: an idle group of this process's, or
-    a new one. The shard cache's bytes (`cache.stats`) are added at the end."""
+    """`_window_block` results ([(shard, key, ok)], block or None, first shard) of the windows `job` describes, in
+    window order, made by `count` loader processes: an idle group of this process's, or a new one. `job` is
+    {"stream": the rank's `EpochStream`, "nbytes": its `block_bytes`, "cache": (root, capacity) of the node's shard
+    cache or None}; each process is sent it with its "index" and the "count". The shard cache's bytes
+    (`cache.stats`) are added at the end."""
     group = _acquire(count, job["nbytes"])
     ended = False
     try:

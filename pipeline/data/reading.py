@@ -259,8 +259,8 @@ class EpochStream:
     """One rank's read of an epoch from a step on: what the thread path and every loader process go by, alike.
 
     Its `segments` are read in `read_stream`'s order, `interleave` at a time, and cut into shuffle windows of `window`
-    samples; reading starts at window `first_window` (the ones before are passed over unread), `skip_in_window` of
-    whose samples were trained before the resume."""
+    samples; reading starts at window `first_window` (the ones before are passed over without decoding),
+    `skip_in_window` of whose samples were trained before the resume."""
 
     segments: list[Segment]
     interleave: int
@@ -273,6 +273,11 @@ class EpochStream:
     def skip(self) -> int:
         """Samples passed over without decoding: the windows before `first_window`."""
         return self.first_window * self.window
+
+    @property
+    def block_bytes(self) -> int:
+        """The bytes of one window's block: `window` samples of 3 x side x side uint8."""
+        return self.window * 3 * self.shuffle.size**2
 
     def groups(self) -> list[ReadGroup]:
         return read_stream(self.segments, self.interleave, self.skip)

@@ -100,8 +100,13 @@ def test_the_read_order_the_re_split_uses_is_the_order_the_samples_are_read_in(p
     processes') both come from `read_stream`: sample for sample the same, from any skip."""
     segments, _ = epoch_segments(plan.train, 1, 0, 8)
     alone = [[key for _, key, _ in read_segments([segment])] for segment in segments]  # each segment by itself
-    expected = [alone[index][position - segments[index].start] for index, position in read_order(segments, interleave)]
-    assert sorted(expected) == sorted(key for keys in alone for key in keys)
+    expected = []  # written out here: `interleave` segments at a time, a sample from each in turn
+    for first in range(0, len(segments), interleave):
+        group = alone[first : first + interleave]
+        for turn in range(max(len(keys) for keys in group)):
+            expected += [keys[turn] for keys in group if turn < len(keys)]
+    ordered = [alone[index][position - segments[index].start] for index, position in read_order(segments, interleave)]
+    assert ordered == expected
     for skip in (0, 1, 7, len(expected) - 1):
         got = [key for _, key, _ in read_segments(segments, skip=skip, interleave=interleave)]
         assert got == expected[skip:]
