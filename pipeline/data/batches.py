@@ -89,7 +89,7 @@ def train_blocks(raw: Iterator[tuple], stream: EpochStream, counter: BadSampleCo
     order, whatever N. Up to N windows are in flight (N x `shuffle_window` samples in memory). The processes of
     `pipeline.data.loader_processes` fill the same windows (`Window`) without sharing one interpreter's lock."""
     size = stream.shuffle.size
-    pool = BlockPool(stream.window * 3 * size * size)
+    pool = BlockPool(stream.block_bytes)
 
     def work(number: int, items: list[tuple]):
         _, storage = pool.take()
@@ -259,8 +259,7 @@ def train_batches(
     if _loader_processes(options, part.segments, opener, cache):
         from pipeline.data import loader_processes
 
-        job = {"stream": stream, "nbytes": stream.block_bytes,
-               "cache": None if cache is None else (str(cache.root), cache.capacity)}  # fmt: skip
+        job = {"stream": stream, "cache": None if cache is None else (str(cache.root), cache.capacity)}
         made = loader_processes.process_windows(job, options.loader_workers, cache)
         blocks = checked_blocks(made, counter, cache)
     else:

@@ -90,10 +90,9 @@ def _map(fd: int, nbytes: int) -> mmap.mmap:
 def process_windows(job: dict, count: int, cache=None) -> Iterator[tuple]:
     """`_window_block` results ([(shard, key, ok)], block or None, first shard) of the windows `job` describes, in
     window order, made by `count` loader processes: an idle group of this process's, or a new one. `job` is
-    {"stream": the rank's `EpochStream`, "nbytes": its `block_bytes`, "cache": (root, capacity) of the node's shard
-    cache or None}; each process is sent it with its "index" and the "count". The shard cache's bytes
-    (`cache.stats`) are added at the end."""
-    group = _acquire(count, job["nbytes"])
+    {"stream": the rank's `EpochStream`, "cache": (root, capacity) of the node's shard cache or None}; each process
+    is sent it with its "index" and the "count". The shard cache's bytes (`cache.stats`) are added at the end."""
+    group = _acquire(count, job["stream"].block_bytes)
     ended = False
     try:
         yield from group.windows(job, cache)
@@ -367,7 +366,7 @@ def serve_job(connection: Connection, job: dict, cache, storages: dict[int, np.n
         slot, fresh = message
         if fresh:
             fd = recv_handle(connection)
-            storages[slot] = np.frombuffer(_map(fd, job["nbytes"]), dtype=np.uint8)
+            storages[slot] = np.frombuffer(_map(fd, job["stream"].block_bytes), dtype=np.uint8)
             os.close(fd)
         return slot
 

@@ -104,7 +104,7 @@ def test_an_error_in_a_loader_process_is_raised_here_with_its_traceback() -> Non
     from pipeline.data.reading import EpochStream, Shuffle
 
     stream = EpochStream("not segments", 2, 4, 0, 0, Shuffle(8, 0, 0, 0, False))  # type: ignore[arg-type]
-    job = {"stream": stream, "nbytes": 4 * 3 * 64, "cache": None}
+    job = {"stream": stream, "cache": None}
     with pytest.raises(AttributeError) as caught:
         list(loader_processes.process_windows(job, 2))
     assert any("in loader process" in note and "Traceback" in note for note in caught.value.__notes__)
