@@ -21,6 +21,12 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 # node (the elastic test kills one), and the suite starts dozens of runs: a tiny two-worker run costs the machine 24
 # CPU seconds without it, 29 with it (measured 3 runs each, 2026-12-07).
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# One intra-op thread a process: `make test` runs two workers on two cores, and each test's `recolor` processes and
+# Ray workers beside them; a second torch thread a process only contends for a core that is already busy (OpenMP's
+# threads spin while they wait). Measured 2026-12-07 with one core kept busy, the torch-heavy unit files
+# (test_inception_unet, test_fid, test_fusion): 111 CPU-s and 103 s with two threads, 88 CPU-s and 89 s with one.
+# Ray already gives its workers one thread a CPU they hold. Set before torch is first imported here or in a child.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from fixtures.cli import CliResult, cli_runner, recolor, run_cli  # noqa: E402, F401
 from fixtures.cpu import pytest_runtest_protocol  # noqa: E402, F401
