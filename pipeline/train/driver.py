@@ -337,7 +337,7 @@ def _fit(config: TrainConfig, plan: DataPlan, storage: str, ray_address, logger_
          callbacks=None):  # fmt: skip
     """Ray Train's `TorchTrainer.fit`: its `Result`, or Ray's `TrainingFailedError` once the restarts are used up."""
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from ingest.cluster import ensure_ray, ship_environment
     from pipeline.train.worker import train_loop_per_worker
@@ -347,7 +347,7 @@ def _fit(config: TrainConfig, plan: DataPlan, storage: str, ray_address, logger_
         resources = {"CPU": config.cpus_per_worker}
         if config.use_gpu:
             resources["GPU"] = 1
-        trainer = TorchTrainer(
+        trainer = trainer_class()(
             train_loop_per_worker,
             train_loop_config={
                 "train": config.to_dict(),
@@ -377,6 +377,24 @@ def _fit(config: TrainConfig, plan: DataPlan, storage: str, ray_address, logger_
         )
         # Ray Train 2.60 raises when training fails (never a Result with `.error`).
         return _fit_until_stopped(trainer)
+
+
+def trainer_class():
+    """Ray Train's `TorchTrainer`, less its Ray Data plumbing when no Ray Dataset is given (recolor reads its lake
+    itself): Ray Train 2.60 starts a `DatasetManager` actor with every worker group, a process of its own (about
+    2 CPU seconds to start and import), whether or not there are datasets to split. `_create_default_callbacks`
+    is private: `tests/unit/test_ray_internals.py` checks it on the installed Ray."""
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list:
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:
+                return callbacks
+            return [callback for callback in callbacks if not isinstance(callback, DatasetsCallback)]
+
+    return Trainer
 
 
 def scaling_config(config: TrainConfig, resources: dict):

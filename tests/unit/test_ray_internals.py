@@ -4,6 +4,8 @@ naming what changed, instead of a rerun silently losing its checkpoint record or
 - `pipeline.train.checkpoint_store` reads and rewrites Ray Train's private checkpoint record
   (`checkpoint_manager_snapshot.json`) to repair a run whose checkpoints went missing or to adopt a newer one.
 - `pipeline.train.worker.quiet_report_log` finds Ray Train's report logger by the path of its source file.
+- `pipeline.train.driver.trainer_class` leaves Ray Train's Ray Data callback out of `_create_default_callbacks`
+  (no `DatasetManager` actor a worker group) when no Ray Dataset is given.
 """
 
 from __future__ import annotations
@@ -59,3 +61,23 @@ def test_the_report_logger_is_named_by_a_source_file_that_exists() -> None:
     quiet_report_log("ERROR")
     quieted = [name for name in logging.root.manager.loggerDict if name.endswith(str(Path(*REPORT_LOGGER_SOURCE)))]
     assert quieted and all(logging.getLogger(name).level == logging.ERROR for name in quieted), UPGRADE
+
+
+def test_the_trainer_leaves_out_only_the_ray_data_callback_and_only_without_datasets() -> None:
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    from pipeline.train.driver import trainer_class
+
+    def kinds(trainer) -> list[str]:
+        return [type(callback).__name__ for callback in trainer._create_default_callbacks()]
+
+    scaling = ray.train.ScalingConfig(num_workers=1)
+    ray_own = kinds(TorchTrainer(lambda: None, scaling_config=scaling))
+    assert DatasetsCallback.__name__ in ray_own, UPGRADE  # what the override takes out is still what Ray adds
+    ours = kinds(trainer_class()(lambda: None, scaling_config=scaling))
+    assert ours == [kind for kind in ray_own if kind != DatasetsCallback.__name__], UPGRADE
+    with_data = trainer_class()(lambda: None, scaling_config=scaling, datasets={"train": ray.data.range(1)})
+    assert kinds(with_data) == ray_own  # given Ray Datasets, Ray Train's own plumbing stays
