@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import machine  # noqa: E402
+from bench.common import add_small, machine  # noqa: E402
 
 BATCH = 16
 
@@ -75,8 +75,11 @@ def main() -> int:
     parser.add_argument("--shard-samples", type=int, default=34, help="samples a shard (default: 34)")
     parser.add_argument("--window", type=int, default=51, help="shuffle window (default: 51)")
     parser.add_argument("--json", action="store_true")
+    add_small(parser)
     args = parser.parse_args()
     roots = args.imagenet or [str(p) for p in (shared / "imagenet-sample", shared / "imagenet-more") if p.exists()]
+    if args.small:
+        args.classes, args.per_class, args.shard_samples, args.window, roots = 6, 6, 4, 8, []
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-mix-") as temp:
         sources = [("generated", str(generated_source(Path(temp) / "gen", args.classes, args.per_class)))]

@@ -1,4 +1,4 @@
-"""Shared by the benchmarks: one-core setup, sample photos, a machine description."""
+"""Shared by the benchmarks: one-core setup, sample photos, a machine description, the `--small` flag."""
 
 from __future__ import annotations
 
@@ -17,6 +17,15 @@ def one_core() -> None:
     # bench/ingest.py is named like the `ingest` package: the repository root must come first.
     if sys.path[0] != str(REPO):
         sys.path.insert(0, str(REPO))
+
+
+SMALL_HELP = ("seconds, not minutes: tiny sizes on generated data (never ../shared/data), to check that the script "
+              "runs (CI runs every script so: tests/integration/test_bench.py); its figures mean nothing")
+
+
+def add_small(parser) -> None:
+    """`--small` on a benchmark's parser: the same code paths at sizes that take seconds."""
+    parser.add_argument("--small", action="store_true", help=SMALL_HELP)
 
 
 def machine() -> str:

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, one_core  # noqa: E402
+from common import add_small, machine, one_core  # noqa: E402
 
 one_core()
 
@@ -106,7 +106,11 @@ def main() -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS + ENCODER_VARIANTS),
                         help=f"comma-separated, of {', '.join(VARIANTS + ENCODER_VARIANTS)}")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_small(parser)
     args = parser.parse_args()
+    if args.small:  # both generators, every variant but compile (its compilation alone takes minutes)
+        args.arch, args.size, args.batch, args.steps = "resnet18_unet,inception_unet", 128, 2, 1
+        args.variants = ",".join(v for v in VARIANTS + ENCODER_VARIANTS if v != "compile")
     torch.set_num_threads(1)
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     archs = args.arch.split(",")
@@ -115,10 +119,13 @@ def main() -> int:
     first = None
     for arch in archs:
         variants = [v for v in args.variants.split(",") if arch == "inception_unet" or v not in ENCODER_VARIANTS]
+        if args.small and arch == "inception_unet":  # its own variants; the others' code paths ran with resnet18_unet
+            variants = [v for v in variants if v == "fp32" or v in ENCODER_VARIANTS]
         for variant in variants:
             key = variant if len(archs) == 1 else f"{arch}/{variant}"
             try:
-                report["samples_per_s"][key] = time_variant(arch, args.size, args.batch, variant, args.steps)
+                size = 64 if args.small and arch == "resnet18_unet" else args.size  # inception_unet: >= 75 px
+                report["samples_per_s"][key] = time_variant(arch, size, args.batch, variant, args.steps)
             except Exception as e:  # noqa: BLE001 - e.g. compile without a C++ compiler: say so, time the others
                 report["samples_per_s"][key] = None
                 print(f"{key}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
