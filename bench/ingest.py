@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, one_core  # noqa: E402
+from common import add_small, machine, one_core  # noqa: E402
 
 # One core; and the repository root ahead of bench/ (this file is named like the `ingest` package).
 one_core()
@@ -81,7 +81,10 @@ def main() -> None:
     parser.add_argument("--images", help="folder of images (default: scikit-image's bundled photos)")
     parser.add_argument("--rounds", type=int, default=5, help="repeat each measurement, keep the best (default: 5)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_small(parser)
     args = parser.parse_args()
+    if args.small:  # scikit-image's photos once each
+        args.images, args.rounds = None, 1
 
     if args.images:
         source = str(Path(args.images).resolve())

@@ -41,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import machine  # noqa: E402
+from bench.common import add_small, machine  # noqa: E402
 
 STEPS = ("list", "dedup", "commit", "plan", "ship", "show", "gc", "epoch")
 CLASSES = 1000
@@ -282,7 +282,7 @@ def reingest_cost(count: int, root: Path) -> dict:
     from ingest.driver import IngestConfig, run_ingest
 
     photos = root / "photos"
-    sample_photos(photos, count + count // 100)
+    sample_photos(photos, count + max(1, count // 100))  # +1%, at least one photo
     grown = sorted(photos.iterdir())[count:]
     hold = root / "later"
     hold.mkdir()
@@ -367,7 +367,10 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--step", nargs=3, metavar=("STEP", "SOURCE", "LAKE"), help=argparse.SUPPRESS)
     parser.add_argument("--setup-lake", nargs=2, metavar=("SOURCE", "LAKE"), help=argparse.SUPPRESS)
+    add_small(parser)
     args = parser.parse_args()
+    if args.small:  # every step at 1,500 samples (an epoch needs a global batch, 1,024); re-ingest 20 photos, then 1
+        args.sizes, args.reingest = "1500", 20
     if args.step:
         child(args.step[0], Path(args.step[1]), Path(args.step[2]))
         return 0
