@@ -19,8 +19,10 @@ def one_core() -> None:
         sys.path.insert(0, str(REPO))
 
 
-SMALL_HELP = ("seconds, not minutes: tiny sizes on generated data (never ../shared/data), to check that the script "
-              "runs (CI runs every script so: tests/integration/test_bench.py); its figures mean nothing")
+SMALL_HELP = (
+    "seconds, not minutes: tiny sizes on generated data (never ../shared/data), to check that the script "
+    "runs (CI runs every script so: tests/integration/test_bench.py); its figures mean nothing"
+)
 
 
 def add_small(parser) -> None:

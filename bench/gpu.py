@@ -1,7 +1,7 @@
 """Every GPU figure in one call, for the few minutes a GPU machine is lent: one JSON and a markdown table.
 
     python bench/gpu.py                  # on the GPU: at most about 9 minutes
-    python bench/gpu.py --dry-run        # the same parts on the CPU with tiny sizes, in about a minute (a CI test)
+    python bench/gpu.py --dry-run        # the same parts on the CPU, each script's --small, in about a minute (CI)
 
 Parts (each its own process with a time limit; one that fails is reported, the others still run):
   step       bench/train_step.py at batch 16, 64 and 256: img/s of the project's step and of the seed's in the
@@ -159,11 +159,12 @@ def main() -> int:
                      "dry_run": args.dry_run}  # fmt: skip
     started = time.perf_counter()
     for batch in (16, 64, 256) if gpu else (2, 4):
-        options = ["--steps", "5", "--warmup", "2"] if gpu else ["--steps", "1", "--warmup", "0", "--base-filters", "4"]
+        options = ["--steps", "5", "--warmup", "2"] if gpu else ["--small"]  # the script's own small mode
         run_part(f"step_batch{batch}", [python, "bench/train_step.py", "--device", device, "--batch", str(batch),
                                         "--json", *options], 150 if gpu else 120, results)  # fmt: skip
-    feed_command = [python, "bench/loader.py", "--json", "--skip-zstd", "--rounds", "1", "--count",
-                    "256" if gpu else "32", "--loader-workers", *("1248" if gpu else "12")]  # fmt: skip
+    # On the CPU the loader's small mode: every row of it, zstd and S3 too, in seconds.
+    feed_command = [python, "bench/loader.py", "--json", *(("--skip-zstd", "--rounds", "1", "--count", "256",
+                    "--loader-workers", *"1248") if gpu else ("--small",))]  # fmt: skip
     if not has_rclone():
         feed_command.append("--skip-s3")  # a lent GPU host has no rclone: the S3 rows are measured on the CI machine
     feed = run_part("feed", feed_command, 240, results)

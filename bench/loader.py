@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, one_core, sample_photos  # noqa: E402
+from common import add_small, machine, one_core, sample_photos  # noqa: E402
 
 one_core()
 
@@ -279,7 +279,11 @@ def main() -> None:
         metavar="N",
         help="data.loader_workers values to time (default: 1 2 3; the first is the base)",
     )
+    add_small(parser)
     args = parser.parse_args()
+    if args.small:  # as the defaults: flags given beside --small still win
+        parser.set_defaults(images=None, count=16, rounds=1, loader_workers=[1, 2])
+        args = parser.parse_args()
 
     from ingest.driver import IngestConfig, run_ingest
     from pipeline.data.plan import resolve_data

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, machine  # noqa: E402
+from common import REPO, add_small, machine  # noqa: E402
 
 sys.path.insert(0, str(REPO))  # ahead of bench/, whose ingest.py would hide the ingest package
 
@@ -86,7 +86,11 @@ def main() -> None:
     parser.add_argument("--base-filters", type=int, default=64)
     parser.add_argument("--loader-samples-s", type=float, help="bench/loader.py's local_samples_s (one core)")
     parser.add_argument("--json", action="store_true")
+    add_small(parser)
     args = parser.parse_args()
+    if args.small:  # as the defaults: flags given beside --small still win
+        parser.set_defaults(device="cpu", batch=2, steps=1, warmup=0, base_filters=4)
+        args = parser.parse_args()
     device = torch.device(args.device)
 
     from ingest.lab import lab8_to_network_torch
