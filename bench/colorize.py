@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, machine, sample_photos  # noqa: E402
+from common import REPO, add_small, machine, sample_photos  # noqa: E402
 
 sys.path.insert(0, str(REPO))  # ahead of bench/, whose ingest.py would hide the ingest package
 
@@ -45,19 +45,24 @@ def ab_change(sequence) -> float:
     return AB_NORM * sum(steps) / len(steps)
 
 
+def local_ray(num_cpus: int | None):
+    """A local Ray instance for the block, or the cluster in $RAY_ADDRESS (CI's small run joins its tests' Ray)."""
+    from ingest.cluster import ensure_ray
+
+    return ensure_ray(None, num_cpus)
+
+
 def ray_film_rates(generator, src: Path, root: Path) -> dict:
     """The panned clip through `recolor colorize --ray`'s film path (`pipeline.colorize.chunks`: chunks of 10
     frames, the temporal step in the joining pass) on a local Ray instance with 1 and 2 CPU actors: frames/s in
     all, and the joining pass's share of the time."""
-    import ray
     import torch
 
     from pipeline.colorize.chunks import colorize_video_on_ray
     from pipeline.colorize.video import VideoOptions
 
     rates = {}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    with local_ray(2):
         for actors in (1, 2):
             started = time.perf_counter()
             done = colorize_video_on_ray(generator, "bench", 256, "cover", str(src), str(root / f"ray{actors}.mkv"),
@@ -68,13 +73,11 @@ def ray_film_rates(generator, src: Path, root: Path) -> dict:
                                          "join_seconds": done.result.elapsed, "seconds": seconds}  # fmt: skip
             print(f"ray, {actors} actor(s)   {done.result.frames / seconds:6.2f} frames/s  ({done.chunks} chunks; "
                   f"joining pass {done.result.elapsed:.1f} of {seconds:.1f} s)", flush=True)  # fmt: skip
-    finally:
-        ray.shutdown()
-        torch.set_num_threads(1)
+    torch.set_num_threads(1)
     return rates
 
 
-def video_bench(seconds: int = 5, fps: int = 10) -> dict:
+def video_bench(seconds: int = 5, fps: int = 10, base_filters: int = 64) -> dict:
     """Frames/s and flicker of the still and the panned clip, with and without the temporal step."""
     import torch
 
@@ -87,7 +90,7 @@ def video_bench(seconds: int = 5, fps: int = 10) -> dict:
     from pipeline.models.saved import GeneratorSpec, min_side
 
     torch.set_num_threads(1)
-    spec = GeneratorSpec("unet_256", "batch", 64, 8, 256)
+    spec = GeneratorSpec("unet_256", "batch", base_filters, 8, 256)
     generator = spec.build().eval()
     last = [m for m in generator.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))][-1]
     with torch.no_grad():
@@ -140,14 +143,17 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--video", action="store_true", help="films instead: frames/s and flicker (see above)")
     parser.add_argument("--json", action="store_true")
+    add_small(parser)
     args = parser.parse_args()
+    base_filters = 8 if args.small else 64  # small: a U-Net of 1/64 the full recipe's work
+    if args.small:
+        args.count, args.batch_size = 4, 2
     if args.video:
-        report = {"machine": machine(), **video_bench()}
+        report = {"machine": machine(), **video_bench(1 if args.small else 5, base_filters=base_filters)}
         if args.json:
             print(json.dumps(report, indent=2))
         return 0
 
-    import ray
     import torch
 
     from pipeline.colorize.cluster import colorize_on_ray
@@ -159,7 +165,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-colorize-") as scratch:
         root = Path(scratch)
         sample_photos(root / "photos", args.count)
-        spec = GeneratorSpec("unet_256", "batch", 64, 8, 256)
+        spec = GeneratorSpec("unet_256", "batch", base_filters, 8, 256)
         model = save_generator(spec.build(), spec, root / "model")
 
         def timed(name: str, run) -> None:
@@ -173,15 +179,12 @@ def main() -> int:
         inputs = [str(root / "photos")]
         options = ColorizeOptions(batch_size=args.batch_size, progress=False)
         timed("single_process", lambda out: colorize(str(model), inputs, out, options))
-        ray.init(num_cpus=None, include_dashboard=False, log_to_driver=False)
-        try:
+        with local_ray(None):
             for actors in (1, 2):
                 timed(f"ray_{actors}_actor", lambda out, n=actors: colorize_on_ray(str(model), inputs, out, options, n))
             if torch.cuda.is_available():
                 timed("ray_1_gpu_batch32", lambda out: colorize_on_ray(
                     str(model), inputs, out, ColorizeOptions(batch_size=32, progress=False), gpu=True))  # fmt: skip
-        finally:
-            ray.shutdown()
     base = results["single_process"]["images_per_s"]
     for name in [key for key in results if key.startswith("ray_")]:
         results[name]["vs_single_process"] = round(results[name]["images_per_s"] / base, 2)

@@ -111,7 +111,7 @@ def _write(batch: dict, out_dir: str, picture_format: str, quality: int, max_pix
             details.append(error)
             continue
         try:
-            ab = torch.from_numpy(np.asarray(ab, dtype=np.float32))
+            ab = torch.from_numpy(np.array(ab, dtype=np.float32))  # a copy: Ray's object store hands it read-only
             picture = encode_picture(compose(decode_photo(data, max_pixels), ab), picture_format, quality)
             out.write(name, picture)
         except PhotoRefused as e:
