@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, machine  # noqa: E402
+from common import REPO, add_small, machine  # noqa: E402
 
 sys.path.insert(0, str(REPO))  # ahead of bench/, whose ingest.py would hide the ingest package
 
@@ -39,7 +39,8 @@ def worker(config: dict) -> None:
     from pipeline.train.worker import ray_reporter
 
     torch.set_num_threads(1)
-    generator, discriminator = build_generator("unet_256"), build_discriminator()
+    width = config["base_filters"]  # 64: the full recipe's checkpoint
+    generator, discriminator = build_generator("unet_256", base_filters=width), build_discriminator(base_filters=width)
     optimizers = []
     for network in (generator, discriminator):
         optimizer = torch.optim.Adam(network.parameters(), lr=2e-4, betas=(0.5, 0.999))
@@ -86,7 +87,7 @@ def _tensors(value):
             yield from _tensors(item)
 
 
-def run_mode(mode: str, steps: int, every: int, work: int, storage: str, out: Path) -> dict:
+def run_mode(mode: str, steps: int, every: int, work: int, storage: str, out: Path, base_filters: int = 64) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -95,7 +96,8 @@ def run_mode(mode: str, steps: int, every: int, work: int, storage: str, out: Pa
     start = time.perf_counter()
     trainer = TorchTrainer(
         worker,
-        train_loop_config={"mode": mode, "steps": steps, "every": every, "work": work, "out": str(out)},
+        train_loop_config={"mode": mode, "steps": steps, "every": every, "work": work, "out": str(out),
+                           "base_filters": base_filters},  # fmt: skip
         scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
         run_config=ray.train.RunConfig(
             name=f"bench-{mode}-{int(time.time())}",
@@ -130,24 +132,28 @@ def main() -> int:
     parser.add_argument("--every", type=int, default=5, help="a checkpoint every N steps (default 5)")
     parser.add_argument("--work", type=int, default=200, help="matrix products per step (default 200: about 0.3 s)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_small(parser)
     args = parser.parse_args()
+    # Small: 5 steps (plain, checkpointed and after-checkpoint steps each), networks of width 4 (a 3 MB checkpoint).
+    base_filters = 4 if args.small else 64
+    if args.small:
+        args.steps, args.every, args.work = 5, 2, 2
     os.environ.setdefault("RECOLOR_NO_PROGRESS", "1")
-    import ray
-
     from infra.stack.s3_server import LocalS3Server, apply_env
+    from ingest.cluster import ensure_ray
 
     with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as root:
         server = LocalS3Server(Path(root) / "s3", log_path=Path(root) / "rclone.log").start()
         try:
             apply_env(server.env())
             server.create_bucket("bench")
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-            results = [
-                run_mode(mode, args.steps, args.every, args.work, "s3://bench/runs", Path(root) / f"{mode}.json")
-                for mode in ("sync", "async")
-            ]
+            with ensure_ray(None, 2):  # a local instance, or the cluster in $RAY_ADDRESS
+                results = [
+                    run_mode(mode, args.steps, args.every, args.work, "s3://bench/runs", Path(root) / f"{mode}.json",
+                             base_filters)  # fmt: skip
+                    for mode in ("sync", "async")
+                ]
         finally:
-            ray.shutdown()
             server.stop()
     sync, project = results
     summary = {
