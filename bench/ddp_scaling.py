@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, one_core, sample_photos  # noqa: E402
+from common import add_small, machine, one_core, sample_photos  # noqa: E402
 
 one_core()
 
@@ -80,11 +80,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="per worker (default: 8)")
     parser.add_argument("--base-filters", type=int, default=16)
     parser.add_argument("--json", action="store_true")
+    add_small(parser)
     args = parser.parse_args()
+    if args.small:  # as the defaults: flags given beside --small still win
+        parser.set_defaults(steps=3, warmup=1, batch=2, base_filters=4)
+        args = parser.parse_args()
     os.environ.setdefault("RECOLOR_NO_PROGRESS", "1")
 
-    import ray
-
+    from ingest.cluster import ensure_ray
     from ingest.driver import IngestConfig, run_ingest
 
     work = Path(tempfile.mkdtemp(prefix="recolor-bench-ddp-"))
@@ -102,12 +105,9 @@ def main() -> None:
                 progress=False,
             )
         )
-        ray.init(num_cpus=2, logging_level="warning")
-        try:
+        with ensure_ray(None, 2):  # a local instance, or the cluster in $RAY_ADDRESS
             one = run(1, lake, work, args.steps, args.batch, args.base_filters)[args.warmup :]
             two = run(2, lake, work, args.steps, args.batch, args.base_filters)[args.warmup :]
-        finally:
-            ray.shutdown()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result = {
