@@ -42,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import REPO, machine  # noqa: E402
+from bench.common import REPO, add_small, machine  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 SCORED = ("auc", "psnr", "ssim", "l1_ab", "colorfulness")
@@ -122,13 +122,13 @@ def gpu_count() -> int:
 
 
 def calibrate(preset: Path, size: int, gpu: bool, workers: int, fusion: str = "none",
-              encoder: str = "frozen") -> tuple[float, float]:  # fmt: skip
+              encoder: str = "frozen", batch: int | None = None) -> tuple[float, float]:  # fmt: skip
     """Seconds of an L1 and a GAN step as the run will take them: on the CPU, `workers` processes of one thread
     each at one worker's batch, all at once (they share the machine as the DDP workers do), plus 15% for the
     gradient all-reduce; on a GPU, one process."""
     import subprocess
 
-    per_worker = max(1, 16 // workers)
+    per_worker = batch or max(1, 16 // workers)
     command = [
         sys.executable,
         __file__,
@@ -150,9 +150,11 @@ PRESETS = {"resnet18_unet": "resnet18_unet.yaml", "inception_unet": "inception_u
 
 
 def train(lake: str, storage: str, size: int, minutes: float, gpu: bool, workers: int, fusion: str = "none",
-          arch: str = "inception_unet", encoder: str = "frozen") -> dict:  # fmt: skip
+          arch: str = "inception_unet", encoder: str = "frozen",
+          epochs: tuple[int, int] | None = None) -> dict:  # fmt: skip
     """Stage 1 (L1) for about 40% of the budget, as calibrated; stage 2 (GAN + L1) until the budget is spent: the
-    run is stopped then (SIGTERM, as a user's Ctrl-C) and its latest checkpoint, an epoch's end, is scored."""
+    run is stopped then (SIGTERM, as a user's Ctrl-C) and its latest checkpoint, an epoch's end, is scored.
+    `epochs` (L1, GAN) instead: that many epochs of each, within the budget (`--small`)."""
     import signal
     import threading
 
@@ -167,7 +169,7 @@ def train(lake: str, storage: str, size: int, minutes: float, gpu: bool, workers
               f"use_gpu={str(gpu).lower()}", "name=quality", "checkpoint_every=1000000",
               "keep_checkpoints=100000", "cpu_amp=auto", f"model.fusion={fusion}",
               f"model.encoder={encoder}"]  # fmt: skip
-    l1_s, gan_s = calibrate(preset, size, gpu, workers, fusion, encoder)
+    l1_s, gan_s = calibrate(preset, size, gpu, workers, fusion, encoder, 2 if epochs else None)  # small: batch 2
     plan = resolve_data(["train"], lake)
     steps_per_epoch = plan.count("train") // 16
     # Measured here: an epoch takes about 1.6x its steps' compute (loading, validation, the epoch's checkpoint).
@@ -175,10 +177,10 @@ def train(lake: str, storage: str, size: int, minutes: float, gpu: bool, workers
     # parameters and their optimizer states) is most of it: 2.9 s an epoch on an H200 (2026-12-04), where sizing
     # by the steps alone planned 615 L1 epochs for 52 that fitted, and the GAN stage never began.
     epoch_s = 1.6 * steps_per_epoch * l1_s + (GPU_EPOCH_OVERHEAD_S if gpu else 0.0)
-    l1_epochs = max(1, math.floor(L1_SHARE * minutes * 60 / epoch_s))
+    l1_epochs, gan_epochs = epochs or (max(1, math.floor(L1_SHARE * minutes * 60 / epoch_s)), 10_000)
     # The pix2pix preset trains with the GAN from the start; both presets get an L1 stage here, to score it.
     stages = (f"stages=[{{name: pretrain_l1, epochs: {l1_epochs}, gan_mode: null, lr: 2.0e-4}}, "
-              "{name: gan, epochs: 10000, gan_mode: vanilla, lr: 2.0e-4, decay_epochs: 0}]")  # fmt: skip
+              f"{{name: gan, epochs: {gan_epochs}, gan_mode: vanilla, lr: 2.0e-4, decay_epochs: 0}}]")  # fmt: skip
     config = load_config(preset, [*common, stages])
     started = time.perf_counter()
     deadline = threading.Timer(minutes * 60, lambda: os.kill(os.getpid(), signal.SIGTERM))
@@ -323,7 +325,8 @@ def main() -> int:
     parser.add_argument("--size", type=int, help="sample side in pixels (default: 128 on the CPU, 256 with --gpu)")
     parser.add_argument("--gpu", action="store_true", help="train and score on GPUs: the full recipe (pix2pix U-Net)")
     parser.add_argument("--workers", type=int, help="Ray Train workers (default: 2; with --gpu, 1 a GPU)")
-    parser.add_argument("--grid", default=str(REPO / "bench" / "quality-samples.png"), help="sample grid PNG path")
+    parser.add_argument("--grid", help="sample grid PNG path (default: bench/quality-samples.png; with --small a "
+                        "temporary folder's)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--fusion", choices=("none", "inception"), default="none",
                         help="model.fusion: 'inception' fuses a frozen Inception's view of the gray input at the "
@@ -343,6 +346,7 @@ def main() -> int:
         help="inception_unet's encoder: frozen (default) or fine-tuned at 0.1x the learning rate",
     )
     parser.add_argument("--calibrate", nargs=6, help=argparse.SUPPRESS)  # PRESET SIZE BATCH DEVICE FUSION ENCODER
+    add_small(parser)
     args = parser.parse_args()
     if args.calibrate:
         import torch
@@ -354,6 +358,11 @@ def main() -> int:
         config = load_config(preset, [f"model.fusion={fusion}", f"model.encoder={encoder}"])
         print(json.dumps(step_seconds(config, int(size), device, int(batch))))
         return 0
+    scratch = tempfile.TemporaryDirectory(prefix="bench-quality-small-")  # --small's sources and grid
+    if args.small:  # generated ImageNet and COCO trees, one worker, one epoch of each stage at 96 px
+        args.train, args.test, args.annotations = small_sources(Path(scratch.name))
+        args.size, args.workers, args.grid = args.size or 96, args.workers or 1, args.grid or f"{scratch.name}/grid.png"
+    args.grid = args.grid or str(REPO / "bench" / "quality-samples.png")
     train_roots = args.train or [str(SHARED / "imagenet-sample"), str(SHARED / "imagenet-more")]
     test_root = args.test or str(SHARED / "coco-sample")
     found = [p for pattern in ("instances_*.json", "panoptic_*.json", "*.json")
@@ -369,7 +378,8 @@ def main() -> int:
         lake, storage = str(Path(temp) / "lake"), str(Path(temp) / "runs")
         counts = ingest_sets(lake, train_roots, test_root, str(annotations), size)
         workers = args.workers or (gpu_count() if args.gpu else 2)
-        trained = train(lake, storage, size, minutes, args.gpu, workers, args.fusion, args.arch, args.encoder)
+        trained = train(lake, storage, size, minutes, args.gpu, workers, args.fusion, args.arch, args.encoder,
+                        (1, 1) if args.small else None)  # fmt: skip
         scored = {"final": score(trained["checkpoint"], lake, args.gpu)}
         if trained["l1_checkpoint"]:
             scored["l1_stage"] = score(trained["l1_checkpoint"], lake, args.gpu)
@@ -393,9 +403,21 @@ def main() -> int:
     }  # fmt: skip
     if args.json:
         print(json.dumps(report, indent=2))
-        return 0
-    print_report(report, size)
+    else:
+        print_report(report, size)
+    scratch.cleanup()
     return 0
+
+
+def small_sources(root: Path) -> tuple[list[str], str, str]:
+    """An ImageNet-layout tree of 24 generated photos (a global batch of 16 fits once) and a COCO-layout tree of 6,
+    as the tests build them (`tests/fixtures/sources.py`): `--train` roots, `--test` and `--annotations`."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from fixtures.sources import IMAGENET_NAMES, build_coco, build_imagenet
+
+    build_imagenet(root / "imagenet", per_class={wnid: 8 for wnid in IMAGENET_NAMES})
+    coco = build_coco(root / "coco")
+    return [str(root / "imagenet")], str(root / "coco"), str(coco.instances)
 
 
 def print_report(report: dict, size: int) -> None:
