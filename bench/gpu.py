@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, machine, sample_photos  # noqa: E402
+from common import REPO, add_small, machine, sample_photos  # noqa: E402
 
 sys.path.insert(0, str(REPO))  # ahead of bench/, whose ingest.py would hide the ingest package
 
@@ -138,7 +138,9 @@ def main() -> int:
         help="imagenet-sample/ and coco-sample/ for the quality part (default: ../shared/data)",
     )
     parser.add_argument("--part", dest="child", nargs="+", help=argparse.SUPPRESS)  # a child process's work
+    add_small(parser)
     args = parser.parse_args()
+    args.dry_run = args.dry_run or args.small  # this script's small mode is its dry run
     if args.child:
         kind, *rest = args.child
         if kind == "colorize":

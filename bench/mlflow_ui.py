@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO  # noqa: E402
+from common import REPO, add_small  # noqa: E402
 
 sys.path.insert(0, str(REPO))  # ahead of bench/, whose ingest.py would hide the ingest package
 
@@ -57,6 +57,34 @@ def last_grid(client, run_id: str) -> str:
         for item in client.list_artifacts(run_id, folders.pop()):
             (folders if item.is_dir else found).append(item.path)
     return max(found) if found else "samples"
+
+
+def small_store(root: Path) -> str:
+    """(`--small`) A store of two finished runs as training leaves them, in brief: metrics over three steps in
+    the training's sections, a sample grid per step (a file under samples/ and MLflow's image of the run), the
+    experiment's saved chart view."""
+    import io
+
+    from mlflow import MlflowClient
+    from PIL import Image
+
+    from pipeline.tracking.charts import SAMPLES_KEY, save_chart_view
+    from pipeline.tracking.loggers import MlflowLogger
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("recolor", artifact_location=(root / "artifacts").as_uri())
+    for index in range(2):
+        run_id = client.create_run(experiment_id, run_name=f"small-{index}").info.run_id
+        logger = MlflowLogger(uri, run_id, system_metrics=False)
+        for step in range(1, 4):
+            logger.log({"train/loss_G": 2.0 / step + index, "val/l1_ab": 0.1 / step + index}, step)
+            grid = io.BytesIO()
+            Image.new("RGB", (96, 32), (40 * step, 90, 160)).save(grid, format="PNG")
+            logger.log_image(grid.getvalue(), f"samples/gan/epoch_{step:03d}.png", key=SAMPLES_KEY, step=step)
+        client.set_terminated(run_id, "FINISHED")
+    save_chart_view(client, experiment_id, 3)
+    return uri
 
 
 def browser() -> str:
@@ -103,9 +131,16 @@ def main() -> int:
     parser.add_argument("--out", default="outputs/mlflow-ui", help="folder for the PNGs")
     parser.add_argument("--browser", help="Chromium's path (default: found on PATH)")
     parser.add_argument("--timeout-s", type=float, default=90, help="time a page gets to render (default: 90)")
+    add_small(parser)
     args = parser.parse_args()
+    import tempfile
 
     from mlflow import MlflowClient
+
+    scratch = tempfile.TemporaryDirectory(prefix="bench-mlflow-ui-")
+    if args.small:  # a generated store; without Chromium and Playwright, every page's address and picture over HTTP
+        args.tracking_uri = small_store(Path(scratch.name))
+        args.out = args.out if args.out != parser.get_default("out") else f"{scratch.name}/shots"
 
     from infra.stack.s3_server import free_port
 
@@ -118,7 +153,8 @@ def main() -> int:
     run_id = args.run or (runs[0].info.run_id if runs else None)
     if run_id is None:
         raise SystemExit(f"no finished run in {args.experiment!r}")
-    chrome = args.browser or browser()
+    shots = not args.small or has_browser(args.browser)
+    chrome = (args.browser or browser()) if shots else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -139,8 +175,6 @@ def main() -> int:
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit("mlflow server did not start") from None
                 time.sleep(0.5)
-        from playwright.sync_api import sync_playwright
-
         from pipeline.tracking.charts import chart_view_route
 
         other = next((run.info.run_id for run in runs if run.info.run_id != run_id), None)
@@ -152,6 +186,10 @@ def main() -> int:
             "view": view,
             "grid": last_grid(client, run_id),
         }
+        if not shots:
+            return check_over_http(base, client, names)
+        from playwright.sync_api import sync_playwright
+
         failed = []
         with sync_playwright() as playwright:
             chromium = playwright.chromium.launch(executable_path=chrome, args=["--no-sandbox", "--disable-gpu"])
@@ -174,6 +212,42 @@ def main() -> int:
     finally:
         server.terminate()
         server.wait(timeout=30)
+        scratch.cleanup()
+    return 0
+
+
+def has_browser(path: str | None) -> bool:
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        return False
+    return bool(path or any(shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")))
+
+
+def check_over_http(base: str, client, names: dict) -> int:
+    """(`--small` without a browser) The UI's page and each page's data over the server's HTTP API: the run, its
+    metric history, the sample grid it would show, the experiment's saved view and the run to compare."""
+    import json
+    import urllib.parse
+
+    from pipeline.tracking.charts import VIEW_TAG
+
+    def get(path: str) -> bytes:
+        with urllib.request.urlopen(base + path, timeout=30) as answer:
+            return answer.read()
+
+    assert b"<html" in get("").lower(), "the UI's page"
+    for name, route in ((name, PAGES[name][0].format(**names)) for name in PAGES):
+        print(f"{name}: {base}{route}")
+    run = json.loads(get(f"api/2.0/mlflow/runs/get?run_id={names['r']}"))["run"]
+    history = json.loads(get(f"api/2.0/mlflow/metrics/get-history?run_id={names['r']}&metric_key=train/loss_G"))
+    grid = get(f"get-artifact?path={urllib.parse.quote(names['grid'])}&run_uuid={names['r']}")
+    experiment = json.loads(get(f"api/2.0/mlflow/experiments/get?experiment_id={names['e']}"))["experiment"]
+    tags = {tag["key"] for tag in experiment.get("tags", [])}
+    assert run["info"]["status"] == "FINISHED" and len(history["metrics"]) == 3, (run["info"], history)
+    assert grid.startswith(b"\x89PNG") and names["r2"] is not None, names
+    assert VIEW_TAG in tags, tags  # the saved view the experiment_charts page opens
+    print(f"no browser: every page's data answered over HTTP (run {names['r']}, grid {names['grid']})")
     return 0
 
 
