@@ -89,15 +89,20 @@ def _tensors(value):
 
 def run_mode(mode: str, steps: int, every: int, work: int, storage: str, out: Path, base_filters: int = 64) -> dict:
     import ray.train
-    from ray.train.torch import TorchTrainer
 
-    from pipeline.train.driver import storage_filesystem, storage_path_for_ray
+    from pipeline.train.driver import storage_filesystem, storage_path_for_ray, trainer_class
 
     start = time.perf_counter()
-    trainer = TorchTrainer(
+    trainer = trainer_class()(  # Ray Train's TorchTrainer, as the project runs it
         worker,
-        train_loop_config={"mode": mode, "steps": steps, "every": every, "work": work, "out": str(out),
-                           "base_filters": base_filters},  # fmt: skip
+        train_loop_config={
+            "mode": mode,
+            "steps": steps,
+            "every": every,
+            "work": work,
+            "out": str(out),
+            "base_filters": base_filters,
+        },  # fmt: skip
         scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
         run_config=ray.train.RunConfig(
             name=f"bench-{mode}-{int(time.time())}",
@@ -149,8 +154,15 @@ def main() -> int:
             server.create_bucket("bench")
             with ensure_ray(None, 2):  # a local instance, or the cluster in $RAY_ADDRESS
                 results = [
-                    run_mode(mode, args.steps, args.every, args.work, "s3://bench/runs", Path(root) / f"{mode}.json",
-                             base_filters)  # fmt: skip
+                    run_mode(
+                        mode,
+                        args.steps,
+                        args.every,
+                        args.work,
+                        "s3://bench/runs",
+                        Path(root) / f"{mode}.json",
+                        base_filters,
+                    )  # fmt: skip
                     for mode in ("sync", "async")
                 ]
         finally:

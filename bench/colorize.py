@@ -52,7 +52,7 @@ def local_ray(num_cpus: int | None):
     return ensure_ray(None, num_cpus)
 
 
-def ray_film_rates(generator, src: Path, root: Path) -> dict:
+def ray_film_rates(generator, src: Path, root: Path, actors_tried: tuple[int, ...] = (1, 2)) -> dict:
     """The panned clip through `recolor colorize --ray`'s film path (`pipeline.colorize.chunks`: chunks of 10
     frames, the temporal step in the joining pass) on a local Ray instance with 1 and 2 CPU actors: frames/s in
     all, and the joining pass's share of the time."""
@@ -63,7 +63,7 @@ def ray_film_rates(generator, src: Path, root: Path) -> dict:
 
     rates = {}
     with local_ray(2):
-        for actors in (1, 2):
+        for actors in actors_tried:
             started = time.perf_counter()
             done = colorize_video_on_ray(generator, "bench", 256, "cover", str(src), str(root / f"ray{actors}.mkv"),
                                          VideoOptions(codec="ffv1"), chunk_frames=10, actors=actors,
@@ -77,7 +77,7 @@ def ray_film_rates(generator, src: Path, root: Path) -> dict:
     return rates
 
 
-def video_bench(seconds: int = 5, fps: int = 10, base_filters: int = 64) -> dict:
+def video_bench(seconds: int = 5, fps: int = 10, base_filters: int = 64, actors: tuple[int, ...] = (1, 2)) -> dict:
     """Frames/s and flicker of the still and the panned clip, with and without the temporal step."""
     import torch
 
@@ -126,7 +126,7 @@ def video_bench(seconds: int = 5, fps: int = 10, base_filters: int = 64) -> dict
                       + (f"  output flicker {row['output_flicker']:.4f}" if "output_flicker" in row else ""),
                       flush=True)  # fmt: skip
             if scene == "pan":
-                results["ray"] = ray_film_rates(generator, src, root)
+                results["ray"] = ray_film_rates(generator, src, root, actors)
         still_plain, still_smooth = results["still_plain"], results["still_temporal"]
         results["still_network_flicker_ratio"] = still_smooth["network_ab_change"] / still_plain["network_ab_change"]
         results["cost_ratio"] = still_plain["frames_per_s"] / still_smooth["frames_per_s"]
@@ -145,11 +145,12 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     add_small(parser)
     args = parser.parse_args()
-    base_filters = 8 if args.small else 64  # small: a U-Net of 1/64 the full recipe's work
+    base_filters = 8 if args.small else 64  # small: a U-Net of 1/64 the full recipe's work, one Ray actor
+    actors = (1,) if args.small else (1, 2)
     if args.small:
         args.count, args.batch_size = 4, 2
     if args.video:
-        report = {"machine": machine(), **video_bench(1 if args.small else 5, base_filters=base_filters)}
+        report = {"machine": machine(), **video_bench(1 if args.small else 5, base_filters=base_filters, actors=actors)}
         if args.json:
             print(json.dumps(report, indent=2))
         return 0
@@ -180,8 +181,8 @@ def main() -> int:
         options = ColorizeOptions(batch_size=args.batch_size, progress=False)
         timed("single_process", lambda out: colorize(str(model), inputs, out, options))
         with local_ray(None):
-            for actors in (1, 2):
-                timed(f"ray_{actors}_actor", lambda out, n=actors: colorize_on_ray(str(model), inputs, out, options, n))
+            for n in actors:
+                timed(f"ray_{n}_actor", lambda out, n=n: colorize_on_ray(str(model), inputs, out, options, n))
             if torch.cuda.is_available():
                 timed("ray_1_gpu_batch32", lambda out: colorize_on_ray(
                     str(model), inputs, out, ColorizeOptions(batch_size=32, progress=False), gpu=True))  # fmt: skip
