@@ -90,7 +90,7 @@ def _tensors(value):
 def run_mode(mode: str, steps: int, every: int, work: int, storage: str, out: Path, base_filters: int = 64) -> dict:
     import ray.train
 
-    from pipeline.train.driver import storage_filesystem, storage_path_for_ray, trainer_class
+    from pipeline.train.trainer import storage_filesystem, storage_path_for_ray, trainer_class
 
     start = time.perf_counter()
     trainer = trainer_class()(  # Ray Train's TorchTrainer, as the project runs it

@@ -4,7 +4,7 @@ naming what changed, instead of a rerun silently losing its checkpoint record or
 - `pipeline.train.checkpoint_store` reads and rewrites Ray Train's private checkpoint record
   (`checkpoint_manager_snapshot.json`) to repair a run whose checkpoints went missing or to adopt a newer one.
 - `pipeline.train.worker.quiet_report_log` finds Ray Train's report logger by the path of its source file.
-- `pipeline.train.driver.trainer_class` leaves Ray Train's Ray Data callback out of `_create_default_callbacks`
+- `pipeline.train.trainer.trainer_class` leaves Ray Train's Ray Data callback out of `_create_default_callbacks`
   (no `DatasetManager` actor a worker group) when no Ray Dataset is given.
 """
 
@@ -69,7 +69,7 @@ def test_the_trainer_leaves_out_only_the_ray_data_callback_and_only_without_data
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 
-    from pipeline.train.driver import trainer_class
+    from pipeline.train.trainer import trainer_class
 
     def kinds(trainer) -> list[str]:
         return [type(callback).__name__ for callback in trainer._create_default_callbacks()]
