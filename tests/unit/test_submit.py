@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import types
 from pathlib import Path
 
@@ -59,6 +60,8 @@ def clean_env(monkeypatch, tmp_path):
     for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_DASHBOARD_ADDRESS", "RAY_AUTH_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    for name in [name for name in os.environ if name.startswith("RECOLOR_")]:  # forwarded: e.g. a test-run's own
+        monkeypatch.delenv(name)  # RECOLOR_TEST_CPU_LOG would be one more forwarded variable
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     return monkeypatch
 
