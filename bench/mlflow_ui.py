@@ -162,7 +162,8 @@ def main() -> int:
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", args.tracking_uri, "--host", "127.0.0.1",
          "--port", str(port), "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # as `recolor stack up`: no Huey consumers polling
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}/"
     try:
