@@ -153,18 +153,9 @@ def main() -> int:
             apply_env(server.env())
             server.create_bucket("bench")
             with ensure_ray(None, 2):  # a local instance, or the cluster in $RAY_ADDRESS
-                results = [
-                    run_mode(
-                        mode,
-                        args.steps,
-                        args.every,
-                        args.work,
-                        "s3://bench/runs",
-                        Path(root) / f"{mode}.json",
-                        base_filters,
-                    )  # fmt: skip
-                    for mode in ("sync", "async")
-                ]
+                results = [run_mode(mode, args.steps, args.every, args.work, "s3://bench/runs",
+                                    Path(root) / f"{mode}.json", base_filters)
+                           for mode in ("sync", "async")]  # fmt: skip
         finally:
             server.stop()
     sync, project = results

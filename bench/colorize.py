@@ -45,24 +45,18 @@ def ab_change(sequence) -> float:
     return AB_NORM * sum(steps) / len(steps)
 
 
-def local_ray(num_cpus: int | None):
-    """A local Ray instance for the block, or the cluster in $RAY_ADDRESS (CI's small run joins its tests' Ray)."""
-    from ingest.cluster import ensure_ray
-
-    return ensure_ray(None, num_cpus)
-
-
 def ray_film_rates(generator, src: Path, root: Path, actors_tried: tuple[int, ...] = (1, 2)) -> dict:
     """The panned clip through `recolor colorize --ray`'s film path (`pipeline.colorize.chunks`: chunks of 10
     frames, the temporal step in the joining pass) on a local Ray instance with 1 and 2 CPU actors: frames/s in
     all, and the joining pass's share of the time."""
     import torch
 
+    from ingest.cluster import ensure_ray
     from pipeline.colorize.chunks import colorize_video_on_ray
     from pipeline.colorize.video import VideoOptions
 
     rates = {}
-    with local_ray(2):
+    with ensure_ray(None, 2):  # a local instance, or the cluster in $RAY_ADDRESS (CI's small run joins its tests')
         for actors in actors_tried:
             started = time.perf_counter()
             done = colorize_video_on_ray(generator, "bench", 256, "cover", str(src), str(root / f"ray{actors}.mkv"),
@@ -157,6 +151,7 @@ def main() -> int:
 
     import torch
 
+    from ingest.cluster import ensure_ray
     from pipeline.colorize.cluster import colorize_on_ray
     from pipeline.colorize.files import ColorizeOptions
     from pipeline.colorize.local import colorize
@@ -180,7 +175,7 @@ def main() -> int:
         inputs = [str(root / "photos")]
         options = ColorizeOptions(batch_size=args.batch_size, progress=False)
         timed("single_process", lambda out: colorize(str(model), inputs, out, options))
-        with local_ray(None):
+        with ensure_ray(None):  # a local instance, or the cluster in $RAY_ADDRESS
             for n in actors:
                 timed(f"ray_{n}_actor", lambda out, n=n: colorize_on_ray(str(model), inputs, out, options, n))
             if torch.cuda.is_available():
