@@ -39,7 +39,7 @@ def fit(config: TrainConfig, plan: DataPlan, storage: str, ray_address, logger_f
         resources = {"CPU": config.cpus_per_worker}
         if config.use_gpu:
             resources["GPU"] = 1
-        trainer = trainer_class()(
+        trainer = trainer_class(placement_group_cleaner=not called_by_a_driver())(
             train_loop_per_worker,
             train_loop_config={
                 "train": config.to_dict(),
@@ -71,22 +71,45 @@ def fit(config: TrainConfig, plan: DataPlan, storage: str, ray_address, logger_f
         return _fit_until_stopped(trainer)
 
 
-def trainer_class():
-    """Ray Train's `TorchTrainer`, less its Ray Data plumbing when no Ray Dataset is given (recolor reads its lake
-    itself): Ray Train 2.60 starts a `DatasetManager` actor with every worker group, a process of its own (about
-    2 CPU seconds to start and import), whether or not there are datasets to split. `_create_default_callbacks`
-    is private: `tests/unit/test_ray_internals.py` checks it on the installed Ray."""
+def trainer_class(placement_group_cleaner: bool = True):
+    """Ray Train's `TorchTrainer`, less what a recolor run has no use for. `_create_default_callbacks` is private:
+    `tests/unit/test_ray_internals.py` checks it on the installed Ray.
+
+    - Its Ray Data plumbing when no Ray Dataset is given (recolor reads its lake itself): Ray Train 2.60 starts a
+      `DatasetManager` actor with every worker group, a process of its own (about 2 CPU seconds to start and
+      import), whether or not there are datasets to split.
+    - With `placement_group_cleaner=False`, the `PlacementGroupCleaner`: a detached actor a run (about 3.5 CPU
+      seconds: a process importing Ray Train, then polling the controller every second) that removes the run's
+      placement group should the controller die while the Ray job goes on. See `called_by_a_driver`.
+    """
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
     class Trainer(TorchTrainer):
         def _create_default_callbacks(self) -> list:
-            callbacks = super()._create_default_callbacks()
-            if self.datasets:
-                return callbacks
-            return [callback for callback in callbacks if not isinstance(callback, DatasetsCallback)]
+            left_out = () if self.datasets else (DatasetsCallback,)
+            if not placement_group_cleaner:
+                left_out += (PlacementGroupCleanerCallback,)
+            return [callback for callback in super()._create_default_callbacks() if not isinstance(callback, left_out)]
 
     return Trainer
+
+
+def called_by_a_driver() -> bool:
+    """Whether `fit` runs in a Ray driver (`recolor train`, a submitted job's entrypoint, a script), not inside a
+    Ray actor or task (a sweep's trial runs in a Tune actor).
+
+    A run's placement group belongs to its Ray job, and Ray removes it when the job ends. A driver's job ends with
+    the run: `recolor train` and a job's entrypoint exit once `fit` returns or raises, the controller's death
+    included. A trial's run can die with its Tune actor (ASHA stops it) while the sweep's job goes on, and its
+    placement group would hold the trial's CPUs from the trials after it: there Ray Train's cleaner stays. (A
+    Python session that calls `run_training` and lives on after a controller died holds that run's CPUs until it
+    disconnects from Ray.)
+    """
+    import ray
+
+    return ray.get_runtime_context().worker.mode == ray.SCRIPT_MODE
 
 
 def scaling_config(config: TrainConfig, resources: dict):

@@ -1,5 +1,5 @@
-"""The soak of a long training run, shared by `test_soak.py` (the run's storage in a local folder) and
-`test_stack.py` (a Ray job through the local stack, the run's storage on its S3).
+"""The soak of a long training run: `test_stack.py`'s main job runs it as a Ray job through the local stack, with the
+lake, the run's storage and Ray Train's run state on the stack's S3, which the outage stops.
 
 One run of the demo preset on 60 generated photos (64 px, two CPU workers, batch 2 each): 2 epochs of about 11
 steps, a checkpoint every 2 steps and at each epoch's end, `keep_checkpoints=2`, so Ray rotates checkpoints about

@@ -337,8 +337,9 @@ def test_main_job_end_to_end_through_a_long_soaked_run_on_the_stack(
     `submit train` again trains nothing; then `submit evaluate --promote` of the version the run registered and a
     Ray Data `submit colorize` from s3:// to s3:// with the champion. One run serves both: each is a minute of
     training through the job server, and everything the main job checks after training holds for a soaked run.
-    (The soak with the run's storage in a local folder is `test_soak.py`; a submission without the token is refused:
-    `test_job_api_requires_the_token`.)"""
+    (A submission without the token is refused: `test_job_api_requires_the_token`.) This is the suite's one soak:
+    a second one, with the run's storage in a local folder, ran the same checks with an outage that reached the
+    lake's reads only, for 80 s of the suite; local run storage is rotated, killed and resumed in `test_train_ray`."""
     import soak
 
     client = stack.s3()

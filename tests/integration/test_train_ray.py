@@ -24,6 +24,7 @@ from fixtures.training import (
     tiny_config,
     worker_log,
 )
+from ray.util import placement_group_table
 
 from pipeline.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from pipeline.config import DataConfig
@@ -113,6 +114,7 @@ def test_a_killed_worker_is_restarted_and_the_run_finishes_from_its_checkpoint(
     monkeypatch.setenv("RECOLOR_FAILPOINT_ONCE", str(killed))
     # Synchronous uploads pin which checkpoint the restart begins from: in the background an upload may still be
     # in flight when the worker dies (the soak tests kill workers under asynchronous uploads).
+    groups_before = set(placement_group_table())
     result = run_training(
         tiny_config(lake, tmp_path / "runs", "c", checkpoint_every=2, checkpoint_upload="sync"),
         on_worker_end=state_saver(tmp_path),
@@ -126,6 +128,29 @@ def test_a_killed_worker_is_restarted_and_the_run_finishes_from_its_checkpoint(
     # Deterministic mode: the crash and the restart changed nothing in the weights.
     for network in ("generator", "discriminator"):
         assert not differing(load_rank(tmp_path, 1)[network], load_rank(reference_run.root, 0)[network]), network
+    # Both worker groups' placement groups are gone, without Ray Train's cleaner actor (a driver's run: see
+    # `pipeline.train.trainer.called_by_a_driver`).
+    groups = {key: group for key, group in placement_group_table().items() if key not in groups_before}
+    assert len(groups) == 2 and {group["state"] for group in groups.values()} == {"REMOVED"}, groups
+
+
+def test_ray_trains_placement_group_cleaner_stays_for_runs_inside_an_actor(ray_local) -> None:
+    """A sweep's trial runs in a Tune actor, which ASHA may end while the sweep's Ray job goes on: its run keeps
+    the cleaner that removes a placement group its controller leaves behind. A driver's run leaves it out."""
+    from pipeline.train.trainer import called_by_a_driver
+
+    assert called_by_a_driver()
+
+    @ray_local.remote(num_cpus=0)
+    class Trial:
+        def driven(self) -> bool:
+            from pipeline.train.trainer import called_by_a_driver
+
+            return called_by_a_driver()
+
+    trial = Trial.remote()
+    assert ray_local.get(trial.driven.remote()) is False
+    ray_local.kill(trial)
 
 
 # --- the CLI ----------------------------------------------------------------------------------------

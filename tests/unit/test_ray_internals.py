@@ -5,7 +5,8 @@ naming what changed, instead of a rerun silently losing its checkpoint record or
   (`checkpoint_manager_snapshot.json`) to repair a run whose checkpoints went missing or to adopt a newer one.
 - `pipeline.train.worker.quiet_report_log` finds Ray Train's report logger by the path of its source file.
 - `pipeline.train.trainer.trainer_class` leaves Ray Train's Ray Data callback out of `_create_default_callbacks`
-  (no `DatasetManager` actor a worker group) when no Ray Dataset is given.
+  (no `DatasetManager` actor a worker group) when no Ray Dataset is given, and its placement group cleaner when
+  asked (a run whose driver's job ends with it).
 """
 
 from __future__ import annotations
@@ -63,11 +64,12 @@ def test_the_report_logger_is_named_by_a_source_file_that_exists() -> None:
     assert quieted and all(logging.getLogger(name).level == logging.ERROR for name in quieted), UPGRADE
 
 
-def test_the_trainer_leaves_out_only_the_ray_data_callback_and_only_without_datasets() -> None:
+def test_the_trainer_leaves_out_only_the_ray_data_callback_without_datasets_and_the_cleaner_when_asked() -> None:
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
     from pipeline.train.trainer import trainer_class
 
@@ -76,8 +78,12 @@ def test_the_trainer_leaves_out_only_the_ray_data_callback_and_only_without_data
 
     scaling = ray.train.ScalingConfig(num_workers=1)
     ray_own = kinds(TorchTrainer(lambda: None, scaling_config=scaling))
-    assert DatasetsCallback.__name__ in ray_own, UPGRADE  # what the override takes out is still what Ray adds
+    # What the override takes out is still what Ray adds.
+    assert {DatasetsCallback.__name__, PlacementGroupCleanerCallback.__name__} <= set(ray_own), UPGRADE
     ours = kinds(trainer_class()(lambda: None, scaling_config=scaling))
     assert ours == [kind for kind in ray_own if kind != DatasetsCallback.__name__], UPGRADE
+    driven = kinds(trainer_class(placement_group_cleaner=False)(lambda: None, scaling_config=scaling))
+    left_out = (DatasetsCallback.__name__, PlacementGroupCleanerCallback.__name__)
+    assert driven == [kind for kind in ray_own if kind not in left_out], UPGRADE
     with_data = trainer_class()(lambda: None, scaling_config=scaling, datasets={"train": ray.data.range(1)})
     assert kinds(with_data) == ray_own  # given Ray Datasets, Ray Train's own plumbing stays
