@@ -38,8 +38,8 @@ def test_two_thousand_images_into_s3_then_an_epoch_streamed_by_two_workers_throu
     ray_local, quiet_env, own_s3, photo_writer, tmp_path
 ) -> None:
     """Load and an outage in one run: 2000 photos ingested into S3 by Ray tasks, then one epoch streamed by two
-    workers; at its third step the server stops for 5 s, and the reads wait it out: no sample counted corrupt, every
-    step trained."""
+    workers; at its third step the server stops, for at least 5 s and until a read has met the outage, and the reads
+    wait it out: no sample counted corrupt, every step trained."""
     photo_writer(tmp_path / "photos", range(10_000, 10_000 + LOAD_IMAGES), width=40, height=32)
     lake_uri = "s3://faults/load"
     summary = run_ingest(IngestConfig(kind="folder", source=str(tmp_path / "photos"), dataset="load", lake=lake_uri,
@@ -51,9 +51,16 @@ def test_two_thousand_images_into_s3_then_an_epoch_streamed_by_two_workers_throu
 
     barrier = tmp_path / "barrier"
     # Rank 0 waits before its third step until the test has stopped the server; the rest of the epoch and its
-    # validation then read shards while the server is down.
+    # validation then read shards while the server is down. It stays down until a worker has said it waits (the
+    # epoch's one training shard may be read ahead whole before the outage: then the validation's read meets it),
+    # at most 60 s, well inside the reads' 120 s.
     quiet_env.setenv("RECOLOR_FAILPOINT", "train_step:3@0:barrier")
     quiet_env.setenv("RECOLOR_FAILPOINT_BARRIER", f"{barrier}:2")
+
+    def waits() -> int:
+        return sum("retrying for up to 120 s" in message for message in worker_log(ray_local))
+
+    waits_before = waits()  # the session's earlier runs may have waited out outages of their own
 
     def outage() -> None:
         deadline = time.monotonic() + 180
@@ -63,7 +70,9 @@ def test_two_thousand_images_into_s3_then_an_epoch_streamed_by_two_workers_throu
             time.sleep(0.05)
         own_s3.stop()
         (barrier / "test").touch()
-        time.sleep(5.0)
+        stopped = time.monotonic()
+        while time.monotonic() - stopped < 5.0 or (waits() == waits_before and time.monotonic() - stopped < 60):
+            time.sleep(0.2)
         own_s3.start()
 
     batch, workers = 16, 2
@@ -84,7 +93,7 @@ def test_two_thousand_images_into_s3_then_an_epoch_streamed_by_two_workers_throu
         quiet_env.delenv("RECOLOR_FAILPOINT")
         thread.join()
     messages = worker_log(ray_local)
-    assert any("retrying for up to 120 s" in message for message in messages)  # the outage was met, and waited out
+    assert waits() > waits_before  # the outage was met, and waited out
     remainder = in_train % (batch * workers)  # the documented remainder: less than one global batch
     [epoch_end] = [m for m in read_metrics(tmp_path / "metrics.jsonl") if "data/epoch_samples" in m]
     assert epoch_end["data/epoch_samples"] == in_train - remainder
