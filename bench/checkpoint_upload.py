@@ -93,7 +93,7 @@ def run_mode(mode: str, steps: int, every: int, work: int, storage: str, out: Pa
     from pipeline.train.trainer import storage_filesystem, storage_path_for_ray, trainer_class
 
     start = time.perf_counter()
-    trainer = trainer_class()(  # Ray Train's TorchTrainer, as the project runs it
+    trainer = trainer_class(placement_group_cleaner=False)(  # Ray Train's TorchTrainer, as `recolor train` runs it
         worker,
         train_loop_config={
             "mode": mode,
