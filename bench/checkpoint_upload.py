@@ -92,17 +92,12 @@ def run_mode(mode: str, steps: int, every: int, work: int, storage: str, out: Pa
 
     from pipeline.train.trainer import storage_filesystem, storage_path_for_ray, trainer_class
 
+    loop_config = {"mode": mode, "steps": steps, "every": every, "work": work, "out": str(out),
+                   "base_filters": base_filters}  # fmt: skip
     start = time.perf_counter()
     trainer = trainer_class(placement_group_cleaner=False)(  # Ray Train's TorchTrainer, as `recolor train` runs it
         worker,
-        train_loop_config={
-            "mode": mode,
-            "steps": steps,
-            "every": every,
-            "work": work,
-            "out": str(out),
-            "base_filters": base_filters,
-        },  # fmt: skip
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
         run_config=ray.train.RunConfig(
             name=f"bench-{mode}-{int(time.time())}",

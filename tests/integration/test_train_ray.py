@@ -217,8 +217,8 @@ def test_an_epoch_resumed_on_fewer_then_more_workers_trains_each_sample_once(
     assert final["position"]["global_step"] == steps  # as many steps as an uninterrupted epoch
     assert final["data"]["read"]["global_batch"] == global_batch
     trained = trained_log(log_dir)
-    group_of = {step: 2 if step <= 2 else 1 if step <= 4 else 3 for step in range(1, steps + 1)}
-    assert {(workers, group_of[step]) for _, step, workers, _ in trained} == {(2, 2), (1, 1), (3, 3)}
+    group_of = {step: next(w for w, stop in groups if stop is None or step <= stop) for step in range(1, steps + 1)}
+    assert {(workers, group_of[step]) for _, step, workers, _ in trained} == {(w, w) for w, _ in groups}
     per_step: dict[int, int] = {}
     for _, step, _, crcs in trained:
         per_step[step] = per_step.get(step, 0) + len(crcs)
